@@ -1,0 +1,49 @@
+"""The embedded tiny model: where its weights live and how to generate videos with it."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .codec import LatentCodec
+from .prompts import PromptEncoder
+from .sampler import HUNYUAN_SHIFT, flow_sigmas, initial_noise, sample_euler
+from .weights import load_dit
+
+WEIGHTS = Path(__file__).with_name("tiny") / "tiny_dit.safetensors"
+FRAMES, SIZE = 8, 128                                # pixels: 8 frames of 128 x 128
+LATENT_SHAPE = (16, FRAMES, SIZE // 4, SIZE // 4)    # -> 8 x 16 x 16 = 2048 video tokens
+DEFAULT_STEPS = 20
+DEFAULT_GUIDANCE = 6.0
+
+
+def load_embedded(device="cpu", dtype=torch.float32):
+    """The trained tiny DiT and its header (config, training command, final loss)."""
+    if not WEIGHTS.is_file():
+        raise FileNotFoundError(f"embedded weights missing at {WEIGHTS}; reinstall QuantSparse or re-create them "
+                                "with `python -m quantsparse_core.models.train_tiny` (README)")
+    model, meta = load_dit(WEIGHTS, device=device, dtype=dtype)
+    return model, {k: (json.loads(v) if v[:1] in "{[" else v) for k, v in meta.items()}
+
+
+@dataclass
+class Generation:
+    latents: torch.Tensor   # [B, 16, F, h, w]
+    videos: torch.Tensor    # [B, 3, F, H, W] in [0, 1]
+
+
+def generate(model, prompts, seeds, steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE,
+             shift: float = HUNYUAN_SHIFT, latent_shape=LATENT_SHAPE, on_step=None) -> Generation:
+    """Text-to-video with the flow-matching Euler sampler; one seed per prompt."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    param = next(model.parameters())
+    ctx, mask, pooled = PromptEncoder().encode(list(prompts))
+    ctx, pooled = ctx.to(param), pooled.to(param)
+    mask = mask.to(param.device)
+    noise = torch.cat([initial_noise((1, *latent_shape), s, param.device, param.dtype) for s in seeds])
+    lat = sample_euler(model, noise, ctx, pooled, flow_sigmas(steps, shift), attention_mask=mask,
+                       guidance=guidance, on_step=on_step)
+    return Generation(lat, LatentCodec().decode(lat.float()))

@@ -1,0 +1,123 @@
+"""HunyuanVideo DiT with ComfyUI's state-dict key names and math.
+
+One checkpoint loads both here and in ComfyUI's stock loader. Every attention goes through
+`self.attention_fn`, which is told the block and sampling step it serves (see attention.py).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import AttentionCall, AttentionFn, StepInfo, dense_attention
+from .config import DiTConfig
+from .layers import (DoubleStreamBlock, FinalLayer, MLPEmbedder, SingleStreamBlock, TokenRefiner,
+                     rope_table, timestep_embedding)
+
+
+class HunyuanVideoDiT(nn.Module):
+    def __init__(self, config: DiTConfig, device=None, dtype=None):
+        super().__init__()
+        if config.patch_size[0] != 1 or config.patch_size[1] != config.patch_size[2]:
+            raise ValueError(f"patch_size {config.patch_size} unsupported; HunyuanVideo uses (1, p, p)")
+        self.config = c = config
+        kw = dict(device=device, dtype=dtype)
+        self.img_in = nn.Module()
+        self.img_in.proj = nn.Conv3d(c.in_channels, c.hidden_size, c.patch_size, stride=c.patch_size, **kw)
+        self.time_in = MLPEmbedder(256, c.hidden_size, **kw)
+        self.vector_in = MLPEmbedder(c.vec_in_dim, c.hidden_size, **kw) if c.vec_in_dim else None
+        self.guidance_in = MLPEmbedder(256, c.hidden_size, **kw) if c.guidance_embed else None
+        self.txt_in = TokenRefiner(c.context_in_dim, c.hidden_size, c.num_heads, c.refiner_blocks, **kw)
+        self.double_blocks = nn.ModuleList(
+            DoubleStreamBlock(c.hidden_size, c.num_heads, c.mlp_hidden, **kw) for _ in range(c.depth_double))
+        self.single_blocks = nn.ModuleList(
+            SingleStreamBlock(c.hidden_size, c.num_heads, c.mlp_hidden, **kw) for _ in range(c.depth_single))
+        patch_numel = c.patch_size[1] * c.patch_size[2]
+        self.final_layer = FinalLayer(c.hidden_size, patch_numel, c.out_channels, **kw)
+        self.attention_fn: AttentionFn = dense_attention
+
+    @contextlib.contextmanager
+    def attention(self, fn: AttentionFn):
+        """Temporarily route every attention call through `fn`."""
+        old, self.attention_fn = self.attention_fn, fn
+        try:
+            yield self
+        finally:
+            self.attention_fn = old
+
+    def token_grid(self, x: torch.Tensor) -> tuple:
+        """Video token grid (frames, rows, cols) for a latent [B, C, T, H, W]; errors if it does not fit."""
+        if x.ndim != 5:
+            raise ValueError(f"latent must be [batch, channels, frames, height, width], got shape {tuple(x.shape)}")
+        if x.shape[1] != self.config.in_channels:
+            raise ValueError(f"latent has {x.shape[1]} channels; this model takes {self.config.in_channels}")
+        _, p, q = self.config.patch_size
+        t, h, w = x.shape[2:]
+        if h % p or w % q:
+            raise ValueError(f"latent height/width {h}x{w} is not divisible by the patch size {p}x{q}; "
+                             f"use a resolution whose latent is a multiple of {p}")
+        return t, h // p, w // q
+
+    def positions(self, grid, batch: int, txt_len: int, device) -> torch.Tensor:
+        """3-D positions [B, txt_len + T*H*W, 3]: text at 0, video at (frame, row, col)."""
+        t, h, w = grid
+        axes = torch.meshgrid(*(torch.arange(n, dtype=torch.float32, device=device) for n in grid), indexing="ij")
+        vid = torch.stack(axes, dim=-1).reshape(-1, 3)
+        pos = torch.cat([torch.zeros(txt_len, 3, device=device), vid])
+        return pos.unsqueeze(0).expand(batch, -1, -1)
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
+                y: Optional[torch.Tensor] = None, guidance: Optional[torch.Tensor] = None,
+                attention_mask: Optional[torch.Tensor] = None, step: Optional[StepInfo] = None) -> torch.Tensor:
+        """Velocity prediction.
+
+        x: latent [B, C, T, H, W]; timestep: sigma * 1000, [B]; context: text tokens [B, Lt, D];
+        y: pooled text [B, 768]; guidance: embedded guidance scale [B];
+        attention_mask: [B, Lt] with 1 for real tokens and 0 for padding (or an additive float mask).
+        """
+        c = self.config
+        grid = self.token_grid(x)
+        if context.ndim != 3 or context.shape[-1] != c.context_in_dim:
+            raise ValueError(f"context must be [batch, tokens, {c.context_in_dim}], got {tuple(context.shape)}")
+        b, txt_len = x.shape[0], context.shape[1]
+
+        def call_for(kind, index, count):
+            return AttentionCall(kind, index, count, txt_len, grid, step)
+
+        img = self.img_in.proj(x).flatten(2).transpose(1, 2)
+        vec = self.time_in(timestep_embedding(timestep).to(img.dtype))
+        if self.vector_in is not None:
+            if y is None:
+                raise ValueError("this model needs the pooled text embedding y")
+            vec = vec + self.vector_in(y[:, :c.vec_in_dim])
+        if self.guidance_in is not None and guidance is not None:
+            vec = vec + self.guidance_in(timestep_embedding(guidance, time_factor=1000.0).to(img.dtype))
+
+        txt_mask = attention_mask
+        if txt_mask is not None and not torch.is_floating_point(txt_mask):
+            txt_mask = (txt_mask - 1).to(img.dtype) * torch.finfo(img.dtype).max
+        txt = self.txt_in(context, timestep, txt_mask, self.attention_fn, call_for)
+
+        rope = rope_table(self.positions(grid, b, txt_len, x.device), c.rope_axes, c.rope_theta)
+        mask = None
+        if txt_mask is not None:
+            mask = torch.zeros(1, 1, txt_len + img.shape[1], dtype=img.dtype, device=img.device)
+            mask[:, 0, :txt_len] = txt_mask
+        for i, block in enumerate(self.double_blocks):
+            img, txt = block(img, txt, vec, rope, mask, self.attention_fn, call_for("double", i, len(self.double_blocks)))
+        joint = torch.cat((txt, img), dim=1)
+        for i, block in enumerate(self.single_blocks):
+            joint = block(joint, vec, rope, mask, self.attention_fn, call_for("single", i, len(self.single_blocks)))
+        out = self.final_layer(joint[:, txt_len:], vec)
+        return self.unpatchify(out, grid)
+
+    def unpatchify(self, tokens: torch.Tensor, grid) -> torch.Tensor:
+        """[B, T*H*W, C*pt*ph*pw] -> [B, C, T*pt, H*ph, W*pw] (channel-major inside a patch)."""
+        t, h, w = grid
+        pt, ph, pw = self.config.patch_size
+        cout = self.config.out_channels
+        x = tokens.reshape(tokens.shape[0], t, h, w, cout, pt, ph, pw)
+        return x.permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(tokens.shape[0], cout, t * pt, h * ph, w * pw)

@@ -1,0 +1,51 @@
+"""HunyuanVideo's flow-matching Euler sampler (shifted sigmas, embedded guidance).
+
+x_sigma = (1 - sigma) * x0 + sigma * noise; the model predicts the velocity noise - x0, fed
+timestep = sigma * 1000 as ComfyUI does. Each model call is told its step (StepInfo), so
+attention replacements know where in the schedule they are.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from .attention import StepInfo
+
+HUNYUAN_SHIFT = 7.0  # ComfyUI's sampling shift for HunyuanVideo
+
+
+def flow_sigmas(steps: int, shift: float = HUNYUAN_SHIFT) -> torch.Tensor:
+    """steps + 1 sigmas from 1 to 0, warped by shift * t / (1 + (shift - 1) * t)."""
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    if shift <= 0:
+        raise ValueError(f"shift must be positive, got {shift}")
+    t = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    return (shift * t / (1 + (shift - 1) * t)).to(torch.float32)
+
+
+def initial_noise(shape, seed: int, device="cpu", dtype=torch.float32) -> torch.Tensor:
+    """Seeded noise drawn on the CPU, so a seed gives the same video on every device."""
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.randn(shape, generator=g, dtype=torch.float32).to(device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def sample_euler(model, noise: torch.Tensor, context: torch.Tensor, pooled: Optional[torch.Tensor],
+                 sigmas: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, guidance: float = 6.0,
+                 on_step: Optional[Callable[[StepInfo], None]] = None) -> torch.Tensor:
+    """Integrate from pure noise (sigma = sigmas[0]) to sigmas[-1]; returns the final latent."""
+    b = noise.shape[0]
+    x = noise * sigmas[0]
+    dev, dt = noise.device, noise.dtype
+    g = torch.full((b,), float(guidance), device=dev, dtype=dt)
+    for i in range(len(sigmas) - 1):
+        step = StepInfo(i, sigmas)
+        if on_step is not None:
+            on_step(step)
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        t = torch.full((b,), s * 1000.0, device=dev, dtype=dt)
+        v = model(x, t, context, pooled, guidance=g, attention_mask=attention_mask, step=step)
+        x = x + (s_next - s) * v
+    return x

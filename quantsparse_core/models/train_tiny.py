@@ -1,0 +1,131 @@
+"""Train the embedded tiny HunyuanVideo-architecture model on procedural moving-shape videos.
+
+    python -m quantsparse_core.models.train_tiny --steps 6000 --out quantsparse_core/models/tiny/tiny_dit.safetensors
+
+Runs on a CUDA GPU (bf16 autocast) or the CPU (slow). Flow-matching loss: predict noise - x0 at
+x_sigma = (1 - sigma) x0 + sigma noise. The EMA weights are saved in bf16 with the config, the
+command line and the final loss in the safetensors header.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .codec import LatentCodec
+from .config import get_preset
+from .hunyuan_video import HunyuanVideoDiT
+from .prompts import PromptEncoder
+from .sampler import HUNYUAN_SHIFT
+from .shapes import random_scenes, render
+from .weights import atomic_save_safetensors
+
+FRAMES, SIZE = 8, 128  # -> latent 16 x 8 x 32 x 32 -> 8 x 16 x 16 = 2048 video tokens
+
+
+def zero_init_modulation(model: HunyuanVideoDiT) -> None:
+    """adaLN-Zero: blocks start as identity, the output starts at zero (stable early training)."""
+    for name, mod in model.named_modules():
+        if name.endswith(("_mod.lin", "modulation.lin", "adaLN_modulation.1")) or name == "final_layer.linear":
+            torch.nn.init.zeros_(mod.weight)
+            torch.nn.init.zeros_(mod.bias)
+
+
+def sample_sigmas(n, gen, device):
+    """Half uniform, half warped by the sampling shift, so every step of the schedule is trained."""
+    u = torch.rand(n, generator=gen, device=device)
+    shifted = HUNYUAN_SHIFT * u / (1 + (HUNYUAN_SHIFT - 1) * u)
+    pick = torch.rand(n, generator=gen, device=device) < 0.5
+    return torch.where(pick, u, shifted).clamp(1e-3, 1.0)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=6000)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=4e-4)
+    ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--drop-text", type=float, default=0.1, help="fraction of empty prompts")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--minutes", type=float, default=0.0,
+                    help="if > 0, choose --steps from the measured speed to fit this budget")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+
+    dev = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    gen = torch.Generator(device=dev).manual_seed(args.seed)
+    cpu_gen = torch.Generator().manual_seed(args.seed)
+    config = get_preset("tiny")
+    model = HunyuanVideoDiT(config, device=dev)
+    zero_init_modulation(model)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
+    codec, encoder = LatentCodec(), PromptEncoder()
+    use_amp = dev.type == "cuda"
+    guidance = torch.full((args.batch,), 6.0, device=dev)
+
+    def lr_at(step, total):
+        warm = 200
+        if step < warm:
+            return args.lr * (step + 1) / warm
+        return args.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+    total, losses, t0 = args.steps, [], time.time()
+    step = 0
+    while step < total:
+        scenes = random_scenes(args.batch, cpu_gen)
+        prompts = [s.prompt() if torch.rand(1, generator=cpu_gen).item() >= args.drop_text else "" for s in scenes]
+        ctx, mask, pooled = (t.to(dev) for t in encoder.encode(prompts))
+        with torch.no_grad():
+            x0 = codec.encode(render(scenes, frames=FRAMES, size=SIZE, generator=gen, device=dev))
+        noise = torch.randn(x0.shape, generator=gen, device=dev)
+        sig = sample_sigmas(args.batch, gen, dev)
+        xt = (1 - sig.view(-1, 1, 1, 1, 1)) * x0 + sig.view(-1, 1, 1, 1, 1) * noise
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, total)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
+            v = model(xt, sig * 1000, ctx, pooled, guidance=guidance, attention_mask=mask)
+        loss = F.mse_loss(v.float(), noise - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - args.ema)
+        losses.append(loss.item())
+        step += 1
+        if args.minutes > 0 and step == 30:
+            per_step = (time.time() - t0) / 30
+            total = max(step + 1, int(args.minutes * 60 / per_step))
+            print(f"{per_step * 1000:.0f} ms/step -> {total} steps to fit {args.minutes} min", flush=True)
+        if step % 200 == 0 or step == total:
+            print(f"step {step}/{total} loss {sum(losses[-200:]) / len(losses[-200:]):.4f} "
+                  f"lr {lr_at(step, total):.2e} {time.time() - t0:.0f}s", flush=True)
+
+    final = sum(losses[-200:]) / len(losses[-200:])
+    meta = {
+        "format": "quantsparse-tiny-dit", "config": config.to_dict(), "steps": step, "batch": args.batch,
+        "final_loss": round(final, 5), "seed": args.seed, "device": torch.cuda.get_device_name(dev) if use_amp else "cpu",
+        "command": "python -m quantsparse_core.models.train_tiny " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in
+            dict(steps=step, batch=args.batch, lr=args.lr, ema=args.ema, drop_text=args.drop_text, seed=args.seed,
+                 out=args.out).items()),
+        "train_seconds": round(time.time() - t0),
+    }
+    sd = {k: v.to(torch.bfloat16).cpu() for k, v in ema.state_dict().items()}
+    atomic_save_safetensors(sd, args.out, meta)
+    print(json.dumps(meta, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Quantizers, packing and quantized linears."""

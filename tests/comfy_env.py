@@ -1,0 +1,31 @@
+"""Locating a ComfyUI checkout for the tests that need one (COMFYUI_PATH)."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
+
+
+def require_comfyui():
+    """Skip (with the reason) unless COMFYUI_PATH names a ComfyUI checkout; else make it importable."""
+    if not COMFYUI_PATH:
+        pytest.skip("COMFYUI_PATH is not set: point it at a ComfyUI checkout (>= 0.14) to run this test")
+    root = Path(COMFYUI_PATH)
+    if not (root / "comfy" / "ldm" / "hunyuan_video" / "model.py").is_file():
+        pytest.skip(f"COMFYUI_PATH={root} has no comfy/ldm/hunyuan_video/model.py: not a ComfyUI checkout")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    try:
+        import comfy.model_management  # noqa: F401  (fails without ComfyUI's requirements)
+    except ImportError as e:
+        pytest.skip(f"ComfyUI at {root} cannot be imported in this Python ({e}); "
+                    "run pytest with the interpreter ComfyUI uses")
+    return root
+
+
+def comfyui_version(root) -> str:
+    ns = {}
+    exec((Path(root) / "comfyui_version.py").read_text(), ns)
+    return ns.get("__version__", "unknown")

@@ -1,0 +1,20 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def rng():
+    """A fresh, unseeded-by-default generator: inputs differ on every run unless QS_TEST_SEED is set."""
+    seed = int(os.environ.get("QS_TEST_SEED", torch.seed() % (2**31)))
+    print(f"QS_TEST_SEED={seed}")
+    return torch.Generator().manual_seed(seed)

@@ -18,11 +18,19 @@ def require_comfyui():
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
     try:
+        from comfy.cli_args import args
+        if not _has_cuda():
+            args.cpu = True  # ComfyUI probes CUDA at import unless told to use the CPU
         import comfy.model_management  # noqa: F401  (fails without ComfyUI's requirements)
     except ImportError as e:
         pytest.skip(f"ComfyUI at {root} cannot be imported in this Python ({e}); "
                     "run pytest with the interpreter ComfyUI uses")
     return root
+
+
+def _has_cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
 
 
 def comfyui_version(root) -> str:

@@ -8,7 +8,7 @@ import torch
 
 from quantsparse_core.models import HunyuanVideoDiT, get_preset
 
-from .comfy_env import comfyui_version, require_comfyui
+from comfy_env import comfyui_version, require_comfyui
 
 
 def build_pair(rng, preset="test"):
@@ -26,7 +26,7 @@ def build_pair(rng, preset="test"):
     assert dit_config["image_model"] == "hunyuan_video"
     dit_config.pop("image_model")
     theirs = HunyuanVideo(operations=comfy.ops.disable_weight_init, **dit_config)
-    missing, unexpected = theirs.load_state_dict(sd, strict=True), None
+    theirs.load_state_dict(sd, strict=True)
     return ours.eval(), theirs.eval(), comfyui_version(root)
 
 
@@ -34,21 +34,23 @@ def build_pair(rng, preset="test"):
 def test_outputs_equal_comfyui(rng, use_mask):
     ours, theirs, version = build_pair(rng)
     print(f"ComfyUI {version}")
-    x = torch.randn(2, 16, 3, 8, 12, generator=rng)
-    ctx = torch.randn(2, 7, 32, generator=rng)
-    y = torch.randn(2, 768, generator=rng)
-    t = torch.tensor([917.0, 250.0])
-    g = torch.tensor([6.0, 3.5])
+    # ComfyUI's text mask is [1, 1, L]: one mask for the batch, so the masked case uses batch 1.
+    b = 1 if use_mask else 2
+    x = torch.randn(b, 16, 3, 8, 12, generator=rng)
+    ctx = torch.randn(b, 7, 32, generator=rng)
+    y = torch.randn(b, 768, generator=rng)
+    t = torch.tensor([917.0, 250.0])[:b]
+    g = torch.tensor([6.0, 3.5])[:b]
     mask = None
     if use_mask:
-        mask = torch.ones(2, 7, dtype=torch.long)
-        mask[0, 5:] = 0
-        mask[1, 3:] = 0
+        mask = torch.ones(1, 7, dtype=torch.long)
+        mask[0, 4:] = 0
     with torch.no_grad():
         a = ours(x, t, ctx, y, g, attention_mask=mask)
         b = theirs(x, t, ctx, y=y, guidance=g, attention_mask=mask)
     assert a.shape == b.shape
     rel = ((a - b).norm() / b.norm()).item()
+    print(f"relative difference to ComfyUI {version}: {rel:.2e}")
     assert rel < 1e-5, f"relative difference {rel:.2e} against ComfyUI {version}"
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
@@ -58,3 +60,17 @@ def test_state_dict_keys_and_shapes_equal_comfyui(rng):
     a = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
     b = {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
     assert a == b
+
+
+def test_13b_preset_keys_and_shapes_equal_comfyui_on_meta():
+    require_comfyui()
+    import comfy.model_detection
+    import comfy.ops
+    from comfy.ldm.hunyuan_video.model import HunyuanVideo
+
+    ours = HunyuanVideoDiT(get_preset("hunyuan-video-13b"), device="meta")
+    sd = ours.state_dict()
+    dit_config = comfy.model_detection.detect_unet_config(sd, "")
+    dit_config.pop("image_model")
+    theirs = HunyuanVideo(operations=comfy.ops.disable_weight_init, device="meta", **dit_config)
+    assert {k: tuple(v.shape) for k, v in sd.items()} == {k: tuple(v.shape) for k, v in theirs.state_dict().items()}

@@ -161,3 +161,18 @@ def test_unknown_preset_and_foreign_state_dict():
     sd["extra.weight"] = torch.zeros(1)
     with pytest.raises(ValueError, match="1 missing keys.*1 unexpected keys"):
         check_state_dict(model, sd)
+
+
+def test_batched_text_masks_equal_one_by_one(rng):
+    """Each batch entry may have its own padding; the batch equals running entries separately."""
+    cfg = get_preset("test")
+    model = randomize(HunyuanVideoDiT(cfg), rng)
+    x = torch.randn(2, 16, 2, 8, 8, generator=rng)
+    ctx = torch.randn(2, 6, cfg.context_in_dim, generator=rng)
+    y = torch.randn(2, 768, generator=rng)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0]])
+    t, g = torch.tensor([800.0, 120.0]), torch.tensor([6.0, 6.0])
+    both = model(x, t, ctx, y, g, attention_mask=mask)
+    for i in range(2):
+        one = model(x[i:i + 1], t[i:i + 1], ctx[i:i + 1], y[i:i + 1], g[i:i + 1], attention_mask=mask[i:i + 1])
+        torch.testing.assert_close(both[i:i + 1], one, atol=1e-5, rtol=1e-5)

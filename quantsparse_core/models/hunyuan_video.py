@@ -104,7 +104,8 @@ class HunyuanVideoDiT(nn.Module):
         rope = rope_table(self.positions(grid, b, txt_len, x.device), c.rope_axes, c.rope_theta)
         mask = None
         if txt_mask is not None:
-            mask = torch.zeros(1, 1, txt_len + img.shape[1], dtype=img.dtype, device=img.device)
+            # [B, 1, L] additive mask over keys (ComfyUI builds [1, 1, L], i.e. batch 1 only).
+            mask = torch.zeros(txt_mask.shape[0], 1, txt_len + img.shape[1], dtype=img.dtype, device=img.device)
             mask[:, 0, :txt_len] = txt_mask
         for i, block in enumerate(self.double_blocks):
             img, txt = block(img, txt, vec, rope, mask, self.attention_fn, call_for("double", i, len(self.double_blocks)))

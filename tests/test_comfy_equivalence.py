@@ -74,3 +74,31 @@ def test_13b_preset_keys_and_shapes_equal_comfyui_on_meta():
     dit_config.pop("image_model")
     theirs = HunyuanVideo(operations=comfy.ops.disable_weight_init, device="meta", **dit_config)
     assert {k: tuple(v.shape) for k, v in sd.items()} == {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+
+
+def test_comfyui_stock_loader_reads_our_file(rng, tmp_path):
+    """A file saved by us loads through comfy.sd.load_diffusion_model as a HunyuanVideo model."""
+    require_comfyui()
+    import comfy.sd
+    from comfy.ldm.hunyuan_video.model import HunyuanVideo
+
+    from quantsparse_core.models.weights import atomic_save_safetensors
+
+    ours = HunyuanVideoDiT(get_preset("test"))
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.copy_(torch.randn(p.shape, generator=rng) * 0.05)
+    path = tmp_path / "dit.safetensors"
+    atomic_save_safetensors(ours.state_dict(), path)
+    patcher = comfy.sd.load_diffusion_model(str(path), model_options={"dtype": torch.float32})
+    theirs = patcher.model.diffusion_model
+    assert isinstance(theirs, HunyuanVideo)
+    assert type(patcher.model).__name__ == "HunyuanVideo"
+    x = torch.randn(1, 16, 2, 8, 8, generator=rng)
+    ctx = torch.randn(1, 5, 32, generator=rng)
+    y = torch.randn(1, 768, generator=rng)
+    t, g = torch.tensor([600.0]), torch.tensor([6.0])
+    with torch.no_grad():
+        a = ours(x, t, ctx, y, g)
+        b = theirs(x, t, ctx, y=y, guidance=g)
+    torch.testing.assert_close(a, b.to(a.dtype), atol=1e-5, rtol=1e-4)

@@ -60,6 +60,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     dev = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = True
     torch.manual_seed(args.seed)
     gen = torch.Generator(device=dev).manual_seed(args.seed)
     cpu_gen = torch.Generator().manual_seed(args.seed)

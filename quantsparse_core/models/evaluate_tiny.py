@@ -28,7 +28,7 @@ FIXED_SCENES = [
 ]
 
 
-def prompt_agreement(model, scenes=FIXED_SCENES, steps: int = 16, seed0: int = 0, batch: int = 5):
+def prompt_agreement(model, scenes=FIXED_SCENES, steps: int = 16, seed0: int = 0, batch: int = 5, keep=None):
     """Fraction of generated videos whose analysed color and direction match the prompt, and details."""
     rows = []
     for i in range(0, len(scenes), batch):
@@ -37,6 +37,8 @@ def prompt_agreement(model, scenes=FIXED_SCENES, steps: int = 16, seed0: int = 0
         for s, video in zip(chunk, gen.videos):
             found = analyse(video)
             rows.append((s, found, agrees(video, s)))
+            if keep is not None:
+                keep.append(video)
     return sum(ok for *_, ok in rows) / len(rows), rows
 
 
@@ -46,9 +48,15 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--random", type=int, default=0, help="also score this many random scenes")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--strip", default=None, help="write the fixed set's videos as one PNG (a row each)")
     args = ap.parse_args(argv)
     model = load_dit(args.weights, device=args.device)[0] if args.weights else load_embedded(args.device)[0]
-    score, rows = prompt_agreement(model, steps=args.steps)
+    videos = []
+    score, rows = prompt_agreement(model, steps=args.steps, keep=videos)
+    if args.strip:
+        from ..png import strip, to_uint8, write_png
+        import numpy as np
+        write_png(args.strip, np.concatenate([strip(to_uint8(v.permute(1, 2, 3, 0))) for v in videos], axis=0))
     for s, found, ok in rows:
         print(f"{'ok ' if ok else 'BAD'} {s.prompt():<60} -> {found['color']:>8} {found['direction']:>6}")
     print(f"fixed set agreement: {score:.0%}")

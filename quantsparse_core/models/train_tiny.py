@@ -104,9 +104,11 @@ def main(argv=None):
                 pe.lerp_(pm, 1 - args.ema)
         losses.append(loss.item())
         step += 1
-        if args.minutes > 0 and step == 30:
-            per_step = (time.time() - t0) / 30
-            total = max(step + 1, int(args.minutes * 60 / per_step))
+        if args.minutes > 0 and step == 50:
+            t50 = time.time()
+        if args.minutes > 0 and step == 150:  # speed after warm-up
+            per_step = (time.time() - t50) / 100
+            total = max(step + 1, int((args.minutes * 60 - (time.time() - t0)) / per_step) + step)
             print(f"{per_step * 1000:.0f} ms/step -> {total} steps to fit {args.minutes} min", flush=True)
         if step % 200 == 0 or step == total:
             print(f"step {step}/{total} loss {sum(losses[-200:]) / len(losses[-200:]):.4f} "

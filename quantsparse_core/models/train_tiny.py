@@ -51,7 +51,6 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=4e-4)
     ap.add_argument("--ema", type=float, default=0.999)
-    ap.add_argument("--drop-text", type=float, default=0.1, help="fraction of empty prompts")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--minutes", type=float, default=0.0,
@@ -83,7 +82,7 @@ def main(argv=None):
     step = 0
     while step < total:
         scenes = random_scenes(args.batch, cpu_gen)
-        prompts = [s.prompt() if torch.rand(1, generator=cpu_gen).item() >= args.drop_text else "" for s in scenes]
+        prompts = [s.prompt() for s in scenes]
         ctx, mask, pooled = (t.to(dev) for t in encoder.encode(prompts))
         with torch.no_grad():
             x0 = codec.encode(render(scenes, frames=FRAMES, size=SIZE, generator=gen, device=dev))
@@ -120,7 +119,7 @@ def main(argv=None):
         "final_loss": round(final, 5), "seed": args.seed, "device": torch.cuda.get_device_name(dev) if use_amp else "cpu",
         "command": "python -m quantsparse_core.models.train_tiny " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in
-            dict(steps=step, batch=args.batch, lr=args.lr, ema=args.ema, drop_text=args.drop_text, seed=args.seed,
+            dict(steps=step, batch=args.batch, lr=args.lr, ema=args.ema, seed=args.seed,
                  out=args.out).items()),
         "train_seconds": round(time.time() - t0),
     }

@@ -25,6 +25,7 @@ from .prompts import PromptEncoder
 from .sampler import HUNYUAN_SHIFT
 from .shapes import random_scenes, render
 from .weights import atomic_save_safetensors
+from safetensors.torch import load_file
 
 FRAMES, SIZE = 8, 128  # -> latent 16 x 8 x 32 x 32 -> 8 x 16 x 16 = 2048 video tokens
 
@@ -55,6 +56,7 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--minutes", type=float, default=0.0,
                     help="if > 0, choose --steps from the measured speed to fit this budget")
+    ap.add_argument("--init", default=None, help="continue from these weights (bf16 safetensors)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
 
@@ -65,7 +67,10 @@ def main(argv=None):
     cpu_gen = torch.Generator().manual_seed(args.seed)
     config = get_preset("tiny")
     model = HunyuanVideoDiT(config, device=dev)
-    zero_init_modulation(model)
+    if args.init:
+        model.load_state_dict({k: v.float() for k, v in load_file(args.init).items()})
+    else:
+        zero_init_modulation(model)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
     codec, encoder = LatentCodec(), PromptEncoder()
@@ -120,7 +125,7 @@ def main(argv=None):
         "command": "python -m quantsparse_core.models.train_tiny " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in
             dict(steps=step, batch=args.batch, lr=args.lr, ema=args.ema, seed=args.seed,
-                 out=args.out).items()),
+                 **({"init": args.init} if args.init else {}), out=args.out).items()),
         "train_seconds": round(time.time() - t0),
     }
     sd = {k: v.to(torch.bfloat16).cpu() for k, v in ema.state_dict().items()}

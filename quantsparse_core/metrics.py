@@ -1,6 +1,8 @@
 """Quality metrics: PSNR and SSIM over videos, relative error of attention outputs."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -20,7 +22,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> float:
     if a.shape != b.shape:
         raise ValueError(f"shape mismatch {tuple(a.shape)} vs {tuple(b.shape)}")
     mse = torch.mean((a - b) ** 2).item()
-    return float("inf") if mse == 0 else 10.0 * torch.log10(torch.tensor(data_range ** 2 / mse)).item()
+    return float("inf") if mse == 0 else 10.0 * math.log10(data_range ** 2 / mse)
 
 
 def _gaussian_window(size=11, sigma=1.5, dtype=torch.float64):

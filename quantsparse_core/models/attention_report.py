@@ -24,11 +24,13 @@ PROMPTS = ["a red circle moving right slowly on a black background",
 
 
 def attention_shares(q, k, mask, txt_len, grid) -> dict:
-    """Mean attention shares over video queries, per head. q, k: [1, H, L, D] (RoPE applied)."""
+    """Mean attention shares over video queries of batch entry 0, per head. q, k: [B, H, L, D] (RoPE
+    applied); mask: additive, [B, 1, L] or None."""
     t, h, w = grid
+    mask = None if mask is None else mask[0].reshape(-1)
     scores = (q[0, :, txt_len:].double() @ k[0].double().transpose(-1, -2)) / math.sqrt(q.shape[-1])
     if mask is not None:
-        scores = scores + mask.reshape(1, 1, -1).double().clamp(min=-1e30)
+        scores = scores + mask.double().clamp(min=-1e30)
     a = torch.softmax(scores, dim=-1)                                   # [H, Lv, L]
     frame = torch.arange(t).repeat_interleave(h * w)
     row = torch.arange(h).repeat_interleave(w).repeat(t)
@@ -37,7 +39,7 @@ def attention_shares(q, k, mask, txt_len, grid) -> dict:
     same_pos = (row[:, None] == row[None, :]) & (col[:, None] == col[None, :])
     near = same_frame & ((row[:, None] - row[None, :]).abs() <= 1) & ((col[:, None] - col[None, :]).abs() <= 1)
     vid = a[:, :, txt_len:]
-    n_keys = (mask.reshape(-1) > -1).sum().item() if mask is not None else a.shape[-1]
+    n_keys = (mask > -1).sum().item() if mask is not None else a.shape[-1]
     shares = {
         "text": (a[:, :, :txt_len].sum(-1).mean(-1), (n_keys - t * h * w) / n_keys),
         "same frame": ((vid * same_frame).sum(-1).mean(-1), h * w / n_keys),

@@ -1,0 +1,110 @@
+"""QuantLinear: a linear layer with W-bit per-output-channel weights and A-bit dynamic per-token
+activations, with optional smoothing and Kronecker rotation on its input.
+
+mode "fake" (calibration): float weights, quantize-dequantize with straight-through rounding, so
+clipping, smoothing and rotation can be learned. freeze() switches to mode "real": the transformed
+weight is folded, quantized and packed; the activation transform runs online.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .packing import pack_int4, unpack_int4
+from .quantizers import absmax_scale, check_bits, fake_quant, qmax, quantize
+from .transforms import OrthogonalFactor, apply_kron, hadamard, kron_factors
+
+CLIP_MIN = 0.2  # never clip more than 80% of a row's range
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, linear: nn.Linear, w_bits: int = 4, a_bits: int = 8, smooth: bool = False,
+                 rotation: str | None = None):
+        super().__init__()
+        check_bits(w_bits, a_bits)
+        if rotation not in (None, "hadamard", "learned"):
+            raise ValueError(f"rotation must be None, 'hadamard' or 'learned', got {rotation!r}")
+        self.w_bits, self.a_bits, self.rotation = w_bits, a_bits, rotation
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        dev = linear.weight.device
+        self.weight = nn.Parameter(linear.weight.detach().float().clone(), requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float().clone(),
+                                                                 requires_grad=False)
+        self.w_clip = nn.Parameter(torch.ones(self.out_features, 1, device=dev))
+        self.a_clip = nn.Parameter(torch.ones((), device=dev))
+        self.log_smooth = nn.Parameter(torch.zeros(self.in_features, device=dev)) if smooth else None
+        self.r1 = self.r2 = None
+        if rotation:
+            n1, n2 = kron_factors(self.in_features)
+            h1, h2 = hadamard(n1).to(dev), hadamard(n2).to(dev)
+            if rotation == "learned":
+                self.r1, self.r2 = OrthogonalFactor(h1), OrthogonalFactor(h2)
+            else:
+                self.register_buffer("h1", h1.float())
+                self.register_buffer("h2", h2.float())
+        self.mode = "fake"
+
+    # -- the input transform, shared by both modes ------------------------------------------------
+    def _factors(self):
+        if self.rotation == "learned":
+            return self.r1(), self.r2()
+        if self.rotation == "hadamard":
+            return self.h1, self.h2
+        return None
+
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.log_smooth is not None:
+            x = x * torch.exp(-self.log_smooth)
+        f = self._factors()
+        return x if f is None else apply_kron(x, *f)
+
+    def transformed_weight(self) -> torch.Tensor:
+        """W diag(s) R: the weight with the smoothing and rotation folded in."""
+        w = self.weight
+        if self.log_smooth is not None:
+            w = w * torch.exp(self.log_smooth)
+        f = self._factors()
+        return w if f is None else apply_kron(w, *f)
+
+    def _act_scale(self, x):
+        return absmax_scale(x, self.a_bits, dim=-1, clip=self.a_clip.clamp(CLIP_MIN, 1.0))
+
+    # -- modes ------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        xt = self.transform_input(x.float())
+        if self.mode == "fake":
+            w = self.transformed_weight()
+            w = fake_quant(w, absmax_scale(w, self.w_bits, dim=1, clip=self.w_clip.clamp(CLIP_MIN, 1.0)), self.w_bits)
+            if self.a_bits < 16:
+                xt = fake_quant(xt, self._act_scale(xt), self.a_bits)
+            return F.linear(xt, w, self.bias).to(dtype)
+        codes = unpack_int4(self.w_packed) if self.w_bits == 4 else self.w_packed
+        if self.a_bits < 16:
+            sx = self._act_scale(xt)
+            xq = torch.clamp(torch.round(xt / sx), -qmax(self.a_bits), qmax(self.a_bits))
+            y = (xq @ codes.float().t()) * sx * self.w_scale.t()    # integer GEMM, scales in the epilogue
+        else:
+            y = xt @ (codes.float() * self.w_scale).t()
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(dtype)
+
+    @torch.no_grad()
+    def freeze(self) -> "QuantLinear":
+        """Fold transforms into the weight, quantize and pack it, drop the float weight."""
+        w = self.transformed_weight()
+        scale = absmax_scale(w, self.w_bits, dim=1, clip=self.w_clip.clamp(CLIP_MIN, 1.0))
+        codes = quantize(w, scale, self.w_bits)
+        self.register_buffer("w_packed", pack_int4(codes) if self.w_bits == 4 else codes)
+        self.register_buffer("w_scale", scale.float())
+        self.weight = None
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.mode = "real"
+        return self
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_features}, {self.out_features}, W{self.w_bits}A{self.a_bits}, mode={self.mode}, "
+                f"smooth={self.log_smooth is not None}, rotation={self.rotation}")

@@ -1,0 +1,9 @@
+"""Sparse attention: SVG block masks (spatial / temporal per head) and a reference kernel."""
+from .layout import check_layout, inverse_permutation, temporal_permutation
+from .masks import BLOCK, BlockMask, band_keep, band_width_tokens, check_density, dense_block_mask, svg_masks
+from .reference import block_sparse_attention
+
+__all__ = [
+    "BLOCK", "BlockMask", "band_keep", "band_width_tokens", "block_sparse_attention", "check_density",
+    "check_layout", "dense_block_mask", "inverse_permutation", "svg_masks", "temporal_permutation",
+]

@@ -1,0 +1,207 @@
+"""Sparse VideoGen (SVG) block masks: a diagonal band of 128-token blocks, per head either in the
+original frame-major order ("spatial": neighbours within about one frame) or in the temporal order
+("temporal": the same spatial position across frames). Text rows and columns are always kept.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+from .layout import check_layout, inverse_permutation, temporal_permutation
+
+BLOCK = 128
+KINDS = ("spatial", "temporal", "dense")
+
+
+def check_density(density: float) -> float:
+    """Density is the kept fraction of attention; 0 would keep nothing and >1 is meaningless."""
+    d = float(density)
+    if not (0.0 < d <= 1.0) or math.isnan(d):
+        raise ValueError(f"density {density!r} is outside the range (0, 1]: it is the kept fraction of attention")
+    return d
+
+
+def block_sizes(seq_len: int, block: int) -> torch.Tensor:
+    """Real token count of each block; the last block may be partial."""
+    n = -(-seq_len // block)
+    sizes = torch.full((n,), block, dtype=torch.float64)
+    sizes[-1] = seq_len - (n - 1) * block
+    return sizes
+
+
+def text_blocks(txt_len: int, block: int) -> int:
+    """Number of leading blocks that hold at least one text token."""
+    return -(-txt_len // block)
+
+
+@dataclass
+class BlockMask:
+    """Which key blocks each query block visits, per head, in that head's own token order.
+
+    keep: [H, nq, nk] bool. kinds[h]: "spatial" (original order), "temporal" (q/k/v are permuted to
+    the temporal order before the mask applies) or "dense". errors: optional [H, 2] sampled MSE of
+    the spatial and temporal masks, kept for diagnostics.
+    """
+    keep: torch.Tensor
+    kinds: List[str]
+    block: int
+    seq_len: int
+    errors: Optional[torch.Tensor] = None
+
+    def __post_init__(self):
+        n = -(-self.seq_len // self.block)
+        if self.keep.dtype != torch.bool or self.keep.ndim != 3 or tuple(self.keep.shape[1:]) != (n, n):
+            raise ValueError(f"keep must be bool [H, {n}, {n}] for seq_len {self.seq_len} and block {self.block}, "
+                             f"got {self.keep.dtype} {tuple(self.keep.shape)}")
+        if len(self.kinds) != self.keep.shape[0] or any(k not in KINDS for k in self.kinds):
+            raise ValueError(f"kinds must name one of {KINDS} for each of {self.keep.shape[0]} heads, got {self.kinds}")
+
+    @property
+    def num_heads(self) -> int:
+        return self.keep.shape[0]
+
+    def permuted(self, head: int) -> bool:
+        """Whether this head's q/k/v must be put in temporal order before the mask applies."""
+        return self.kinds[head] == "temporal"
+
+    def head_density(self) -> torch.Tensor:
+        """[H] fraction of (query token, key token) pairs kept, partial blocks counted by real size."""
+        sizes = block_sizes(self.seq_len, self.block).to(self.keep.device)
+        pairs = sizes[:, None] * sizes[None, :]
+        return (self.keep.double() * pairs).sum((1, 2)) / float(self.seq_len) ** 2
+
+    def density(self) -> float:
+        """Mean kept fraction over heads."""
+        return float(self.head_density().mean())
+
+    def to_indices(self):
+        """(kv_index [H, nq, max_k] int32, ascending, padded with -1; kv_count [H, nq] int32)."""
+        nk = self.keep.shape[-1]
+        cols = torch.arange(nk, device=self.keep.device)
+        order = torch.where(self.keep, cols, cols + nk).sort(dim=-1).values
+        count = self.keep.sum(-1)
+        max_k = max(int(count.max()), 1)
+        index = order[..., :max_k]
+        index = torch.where(index < nk, index, torch.full_like(index, -1))
+        return index.to(torch.int32), count.to(torch.int32)
+
+
+def dense_block_mask(num_heads: int, seq_len: int, block: int = BLOCK) -> BlockMask:
+    """Every head visits every key block (density 1)."""
+    n = -(-seq_len // block)
+    return BlockMask(torch.ones(num_heads, n, n, dtype=torch.bool), ["dense"] * num_heads, block, seq_len)
+
+
+def band_width_tokens(density: float, seq_len: int, txt_len: int) -> float:
+    """METHOD.md §3: half-width (tokens) of a diagonal band that, with the text rows and columns,
+    keeps about `density` of an N x N attention map."""
+    n = float(seq_len)
+    s = (check_density(density) * n * n - 2.0 * n * txt_len) / (n * n)
+    s = min(max(s, 0.0), 1.0)
+    return n * (1.0 - math.sqrt(1.0 - s))
+
+
+def _van_der_corput(k: torch.Tensor) -> torch.Tensor:
+    """Base-2 radical inverse: any prefix of 0, 1, 2, ... maps to well-spread points in [0, 1)."""
+    out = torch.zeros(k.shape, dtype=torch.float64)
+    scale = 0.5
+    k = k.clone()
+    while bool((k > 0).any()):
+        out += (k & 1).double() * scale
+        k >>= 1
+        scale /= 2
+    return out
+
+
+def band_keep(seq_len: int, txt_len: int, density: float, block: int = BLOCK) -> torch.Tensor:
+    """[n, n] bool band of blocks whose realized density (text rows/columns kept) is closest to `density`.
+
+    The band is |i - j| <= w plus part of diagonal w + 1 (pairs spread evenly along it), because whole
+    diagonals are too coarse at realistic sizes (one diagonal of 17 blocks is ~6% of the map).
+    Requests below the minimum (diagonal + text) give that minimum.
+    """
+    d = check_density(density)
+    n = -(-seq_len // block)
+    if d >= 1.0:
+        return torch.ones(n, n, dtype=torch.bool)
+    sizes = block_sizes(seq_len, block)
+    nt = text_blocks(txt_len, block)
+    keep = torch.eye(n, dtype=torch.bool)
+    keep[:nt, :] = True
+    keep[:, :nt] = True
+    base = float((keep.double() * sizes[:, None] * sizes[None, :]).sum())
+    # Candidate symmetric pairs (i, j > i) outside the text rows, ordered by diagonal, spread within it.
+    i, j = torch.triu_indices(n, n, offset=1)
+    sel = i >= nt
+    i, j = i[sel], j[sel]
+    off = j - i
+    key = off.double() + _van_der_corput(i - nt)
+    order = torch.argsort(key, stable=True)
+    i, j = i[order], j[order]
+    gain = 2.0 * sizes[i] * sizes[j]
+    realized = torch.cat([torch.tensor([base], dtype=torch.float64), base + gain.cumsum(0)]) / float(seq_len) ** 2
+    p = int(torch.argmin((realized - d).abs()))
+    keep[i[:p], j[:p]] = True
+    keep[j[:p], i[:p]] = True
+    return keep
+
+
+def key_bias(mask: Optional[torch.Tensor], batch: int, seq_len: int) -> Optional[torch.Tensor]:
+    """Additive key mask ([B|1, 1, L], [B|1, 1, 1, L] or [B|1, L]) as [B, L]; query-dependent masks are refused."""
+    if mask is None:
+        return None
+    if mask.shape[-1] != seq_len or any(s != 1 for s in mask.shape[1:-1]) or mask.shape[0] not in (1, batch):
+        raise ValueError(f"mask of shape {tuple(mask.shape)} is not an additive key mask [B, 1, {seq_len}]")
+    return mask.reshape(mask.shape[0], seq_len).expand(batch, seq_len)
+
+
+def masked_attention(scores: torch.Tensor, allowed: Optional[torch.Tensor], v: torch.Tensor) -> torch.Tensor:
+    """softmax(scores restricted to `allowed`) @ v; a row with nothing allowed gives 0, not NaN."""
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    top = scores.amax(-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    p = torch.exp(scores - top)
+    denom = p.sum(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
+    return (p @ v) / denom
+
+
+def svg_masks(q, k, v, mask, txt_len: int, grid, density: float, n_rows: int = 64, block: int = BLOCK,
+              generator: Optional[torch.Generator] = None) -> BlockMask:
+    """Per head, pick the spatial or temporal band by sampled error (SVG's online profiling).
+
+    q, k, v: [B, H, L, D]; mask: additive key mask or None. For `n_rows` random video query rows
+    per head, compare exact attention against all keys with attention restricted to the keys each
+    mask lets the row's query block visit; keep the mask with lower mean squared error.
+    """
+    d = check_density(density)
+    b, heads, seq_len, dim = q.shape
+    check_layout(seq_len, txt_len, grid)
+    if d >= 1.0:
+        return dense_block_mask(heads, seq_len, block)
+    band = band_keep(seq_len, txt_len, d, block).to(q.device)
+    n_video = seq_len - txt_len
+    n = min(n_rows, n_video)
+    rows = torch.rand(heads, n_video, generator=generator).argsort(dim=1)[:, :n].to(q.device) + txt_len
+    inv = inverse_permutation(temporal_permutation(txt_len, grid, device=q.device))
+    kb_spatial = torch.arange(seq_len, device=q.device) // block
+    kb_temporal = inv // block
+    bias = key_bias(mask, b, seq_len)
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    errors = torch.zeros(heads, 2, dtype=torch.float64)
+    for h in range(heads):
+        r = rows[h]
+        scores = (q[:, h, r].to(dtype) @ k[:, h].to(dtype).transpose(-1, -2)) / math.sqrt(dim)
+        if bias is not None:
+            scores = scores + bias[:, None, :].to(dtype)
+        vh = v[:, h].to(dtype)
+        exact = masked_attention(scores, None, vh)
+        for c, kb in enumerate((kb_spatial, kb_temporal)):
+            allowed = band[kb[r]][:, kb]
+            errors[h, c] = float(((masked_attention(scores, allowed, vh) - exact) ** 2).mean())
+    kinds = ["spatial" if float(e[0]) <= float(e[1]) else "temporal" for e in errors]
+    keep = band.unsqueeze(0).expand(heads, -1, -1).clone()
+    return BlockMask(keep, kinds, block, seq_len, errors)

@@ -1,0 +1,1 @@
+"""Block capture, block-wise calibration (MSAD and baselines)."""

@@ -1,0 +1,241 @@
+"""Block-wise post-training calibration with MSAD, and the baselines, in one loop.
+
+Each block gets FP inputs (captured), is quantized per the policy, and (for the trained methods)
+its clipping / smoothing / rotation parameters are fitted for `epochs` passes over the samples
+with AdamW + cosine: loss = block-output MSE + lambda_g * global + lambda_l * local, each MSAD term
+rescaled at the first iteration to the block loss's magnitude. Finished blocks are checkpointed, so
+an interrupted run resumes after its last finished block.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from ..models.attention import dense_attention
+from ..models.weights import atomic_save_safetensors
+from ..quant.linear import QuantLinear
+from ..quant.policy import default_policy, quantize_model
+from ..quant.quantizers import check_bits
+from . import msad
+from .capture import block_list
+
+METHODS = ("rtn", "smoothquant", "quarot", "block", "block+global", "block+local", "msad")
+
+
+@dataclass
+class CalibSettings:
+    method: str = "msad"
+    w_bits: int = 4
+    a_bits: int = 8
+    epochs: int = 15
+    lr_transform: float = 5e-3
+    lr_clip: float = 5e-2
+    lambda_g: float = 1.0        # applied after auto-balancing to the block loss
+    lambda_l: float = 1.0
+    stride: int = 128
+    top_k: int = 256
+    rotation: str | None = None  # None or "learned" for the trained methods
+    sq_alpha: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method {self.method!r} unknown; choose one of {METHODS}")
+        if self.epochs < 1 or self.stride < 1 or self.top_k < 1:
+            raise ValueError("epochs, stride and top_k must be at least 1")
+        check_bits(self.w_bits, self.a_bits)
+
+    @property
+    def trained(self) -> bool:
+        return self.method.startswith("block") or self.method == "msad"
+
+    @property
+    def uses_global(self) -> bool:
+        return self.method in ("block+global", "msad")
+
+    @property
+    def uses_local(self) -> bool:
+        return self.method in ("block+local", "msad")
+
+
+def _run_block(block, kind, inputs, record=None):
+    """Call a block on captured inputs; optionally record its attention q, k. Returns one tensor."""
+    def attn(q, k, v, mask, call):
+        if record is not None:
+            record.append((q, k, mask))
+        return dense_attention(q, k, v, mask, call)
+
+    out = block(*inputs.args, attn, inputs.call)
+    return torch.cat(out, dim=1) if kind == "double" else out
+
+
+def _sub_policy(policy, prefix):
+    return {name[len(prefix):]: rule for name, rule in policy.items() if name.startswith(prefix)}
+
+
+def _smoothquant_init(fp_block, q_block, kind, samples, alpha):
+    """log s_j = alpha log max|X_j| - (1 - alpha) log max|W_j| from FP activation statistics."""
+    stats, handles = {}, []
+    fp_mods = dict(fp_block.named_modules())
+    q_mods = {n: m for n, m in q_block.named_modules() if isinstance(m, QuantLinear) and m.log_smooth is not None}
+    for name in q_mods:
+        def hook(mod, args, name=name):
+            amax = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0)
+            stats[name] = torch.maximum(stats[name], amax) if name in stats else amax
+        handles.append(fp_mods[name].register_forward_pre_hook(hook))
+    with torch.no_grad():
+        for s in samples:
+            _run_block(fp_block, kind, s)
+    for h in handles:
+        h.remove()
+    with torch.no_grad():
+        for name, q in q_mods.items():
+            w_max = q.weight.abs().amax(0).clamp_min(1e-5)
+            q.log_smooth.copy_(alpha * stats[name].clamp_min(1e-5).log() - (1 - alpha) * w_max.log())
+
+
+def _calib_params(q_block):
+    """(clipping params, transform params) of all QuantLinears in a block."""
+    clips, transforms = [], []
+    for m in q_block.modules():
+        if isinstance(m, QuantLinear):
+            clips += [m.w_clip, m.a_clip]
+            if m.log_smooth is not None:
+                transforms.append(m.log_smooth)
+            for f in (m.r1, m.r2):
+                if f is not None:
+                    transforms.append(f.param)
+    return clips, transforms
+
+
+def _calib_state(q_block) -> dict:
+    clips, transforms = _calib_params(q_block)
+    names = {id(p): n for n, p in q_block.named_parameters()}
+    return {names[id(p)]: p.detach().cpu().contiguous() for p in clips + transforms}
+
+
+def block_output_mse(block, kind, samples) -> float:
+    with torch.no_grad():
+        return sum(F.mse_loss(_run_block(block, kind, s).float(), s.target).item() for s in samples) / len(samples)
+
+
+def calibrate(model, captured: dict, settings: CalibSettings, policy=None, checkpoint_dir=None, progress=None,
+              only=None):
+    """Quantize `model` in place block by block. captured: {(kind, i): [BlockInputs]} from capture.
+    only: optional block names ("double_blocks.0", ...) to calibrate; the rest stay as they are.
+
+    Returns a report {block name: {"quant": final block MSE, "rtn": RTN block MSE, ...}}.
+    """
+    policy = policy if policy is not None else default_policy(model, settings.w_bits, settings.a_bits)
+    ckpt = Path(checkpoint_dir) if checkpoint_dir else None
+    if ckpt:
+        ckpt.mkdir(parents=True, exist_ok=True)
+        meta_path = ckpt / "settings.json"
+        if meta_path.exists() and json.loads(meta_path.read_text()) != asdict(settings):
+            raise ValueError(f"{ckpt} holds a calibration with other settings; use another folder or delete it")
+        meta_path.write_text(json.dumps(asdict(settings)))
+    blocks = block_list(model)
+    report = {}
+    for bi, (kind, idx, fp_block) in enumerate(blocks):
+        name = f"{kind}_blocks.{idx}"
+        if only is not None and name not in only:
+            continue
+        samples = captured[(kind, idx)]
+        if not samples:
+            raise ValueError(f"no captured inputs for {name}; capture at least one sample")
+        with torch.no_grad():
+            for s in samples:
+                s.target = _run_block(fp_block, kind, s).float()
+        q_block = copy.deepcopy(fp_block)
+        quantize_model(q_block, _sub_policy(policy, name + "."), smooth=settings.method != "quarot" and
+                       settings.method != "rtn", rotation="hadamard" if settings.method == "quarot"
+                       else (settings.rotation if settings.trained else None))
+        rtn_mse = None
+        if settings.method == "smoothquant":
+            _smoothquant_init(fp_block, q_block, kind, samples, settings.sq_alpha)
+        done = ckpt / f"{name}.safetensors" if ckpt else None
+        if done is not None and done.exists():
+            q_block.load_state_dict(load_file(str(done)), strict=False)
+            entry = json.loads((ckpt / f"{name}.json").read_text())
+        else:
+            entry = {}
+            if settings.trained:
+                entry = _train_block(fp_block, q_block, kind, samples, settings, bi, len(blocks), progress)
+            elif progress:
+                progress(bi, len(blocks), settings.epochs, None)
+            entry["quant"] = block_output_mse(q_block, kind, samples)
+            if done is not None:
+                atomic_save_safetensors(_calib_state(q_block), done)
+                (ckpt / f"{name}.json").write_text(json.dumps(entry))
+        report[name] = entry
+        parent = model.double_blocks if kind == "double" else model.single_blocks
+        parent[idx] = q_block
+        for s in samples:
+            del s.target
+    return report
+
+
+def _train_block(fp_block, q_block, kind, samples, s: CalibSettings, bi, n_blocks, progress) -> dict:
+    clips, transforms = _calib_params(q_block)
+    groups = [{"params": clips, "lr": s.lr_clip}]
+    if transforms:
+        groups.append({"params": transforms, "lr": s.lr_transform})
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    total = s.epochs * len(samples)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 0.5 * (1 + math.cos(math.pi * it / total)))
+    gen = torch.Generator().manual_seed(s.seed * 100003 + bi)
+
+    # MSAD targets computed once per block before optimization (salient indices from the FP model).
+    salient = []
+    if s.uses_local:
+        with torch.no_grad():
+            for smp in samples:
+                rec = []
+                _run_block(fp_block, kind, smp, rec)
+                q, k, mask = rec[0]
+                salient.append(msad.salient_indices(q, k, mask, s.top_k))
+    balance = {}
+    last = {}
+    for epoch in range(s.epochs):
+        for j in torch.randperm(len(samples), generator=gen).tolist():
+            smp = samples[j]
+            terms = {}
+            rec_q = []
+            out = _run_block(q_block, kind, smp, rec_q if (s.uses_global or s.uses_local) else None)
+            terms["quant"] = F.mse_loss(out.float(), smp.target)
+            if rec_q:
+                with torch.no_grad():
+                    rec_fp = []
+                    _run_block(fp_block, kind, smp, rec_fp)
+                (qq, kq, mask), (qf, kf, _) = rec_q[0], rec_fp[0]
+                if s.uses_global:
+                    terms["global"] = F.mse_loss(msad.global_attention(qq, kq, mask, s.stride),
+                                                 msad.global_attention(qf, kf, mask, s.stride))
+                if s.uses_local:
+                    idx = salient[j]
+                    terms["local"] = F.mse_loss(msad.local_attention(qq, kq, mask, idx),
+                                                msad.local_attention(qf, kf, mask, idx))
+            if not balance:
+                for t in ("global", "local"):
+                    if t in terms:
+                        balance[t] = (terms["quant"] / terms[t].clamp_min(1e-20)).detach()
+            loss = terms["quant"]
+            if "global" in terms:
+                loss = loss + s.lambda_g * balance["global"] * terms["global"]
+            if "local" in terms:
+                loss = loss + s.lambda_l * balance["local"] * terms["local"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            last = {k: v.item() for k, v in terms.items()}
+        if progress:
+            progress(bi, n_blocks, epoch + 1, loss.item())
+    return {f"final_{k}": v for k, v in last.items()}

@@ -1,0 +1,81 @@
+"""Capture every block's inputs from the full-precision model along real sampling trajectories.
+
+A calibration sample is one (latent x_t, timestep, text) model call; its captured inputs are what
+each double/single block received. Block-wise calibration then feeds each block FP inputs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class BlockInputs:
+    """Positional inputs of one block call (attention_fn removed), kept on `device`."""
+    args: tuple
+    call: object
+
+
+def block_list(model):
+    """[(kind, index, module)] in execution order."""
+    return [("double", i, b) for i, b in enumerate(model.double_blocks)] + \
+           [("single", i, b) for i, b in enumerate(model.single_blocks)]
+
+
+def spread_steps(n_samples: int, steps: int) -> list:
+    """n_samples step indices spread evenly over the whole schedule (repeats allowed if n > steps)."""
+    return [int(round(x)) for x in np.linspace(0, steps - 1, n_samples)]
+
+
+def capture(model, run_trajectory, capture_steps, device="cpu") -> dict:
+    """Run `run_trajectory(on_step)` (a sampler run) and record block inputs at the listed steps.
+
+    Returns {(kind, index): [BlockInputs per captured call]}.
+    """
+    wanted = set(capture_steps)
+    state = {"on": False}
+    out = {(kind, i): [] for kind, i, _ in block_list(model)}
+    handles = []
+
+    def on_step(step):
+        state["on"] = step.index in wanted
+
+    def hook_for(key):
+        def hook(module, args):
+            if state["on"]:
+                tensors = tuple(a.detach().to(device) if torch.is_tensor(a) else a for a in args[:-2])
+                out[key].append(BlockInputs(tensors, args[-1]))
+        return hook
+
+    for kind, i, block in block_list(model):
+        handles.append(block.register_forward_pre_hook(hook_for((kind, i))))
+    try:
+        run_trajectory(on_step)
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
+def capture_embedded(model, n_samples: int = 20, steps: int = 20, per_trajectory: int = 4, seed: int = 0,
+                     device="cpu") -> dict:
+    """Calibration data for the embedded tiny model: random prompts, steps spread over the schedule."""
+    from ..models.embedded import generate
+    from ..models.shapes import random_scenes
+
+    targets = spread_steps(n_samples, steps)
+    n_traj = -(-n_samples // per_trajectory)
+    scenes = random_scenes(n_traj, torch.Generator().manual_seed(seed))
+    merged = None
+    for j in range(n_traj):
+        mine = targets[j::n_traj]
+        got = capture(model, lambda cb: generate(model, [scenes[j].prompt()], [seed * 1000 + j], steps=steps,
+                                                 on_step=cb), mine, device)
+        if merged is None:
+            merged = got
+        else:
+            for key in merged:
+                merged[key].extend(got[key])
+    return merged

@@ -1,0 +1,258 @@
+"""The compressed checkpoint: one .safetensors file with packed integer weights, per-channel
+scales, the online activation transforms, every other tensor in bf16, and a JSON header that says
+how to rebuild the model. The layout is specified in docs/FORMAT.md.
+
+The loader checks the header and every key, shape and dtype before it allocates anything, so a
+wrong or damaged file fails in one clear ValueError instead of half-way through a 13B load.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import nn
+
+from ..models.config import DiTConfig
+from ..models.hunyuan_video import HunyuanVideoDiT
+from ..models.weights import atomic_save_safetensors
+from ..quant.linear import CLIP_MIN, QuantLinear
+from ..quant.policy import policy_from_json, policy_to_json
+from ..quant.transforms import kron_factors
+
+FORMAT_NAME = "quantsparse-compressed"
+FORMAT_VERSION = 1
+MODEL_FAMILY = "hunyuan_video"
+HEADER_KEY = "quantsparse"
+ROTATIONS = (None, "hadamard", "learned")
+
+# safetensors dtype names, as reported by get_slice().get_dtype()
+_ST_DTYPE = {torch.uint8: "U8", torch.int8: "I8", torch.float32: "F32", torch.bfloat16: "BF16"}
+
+
+class _FixedFactor(nn.Module):
+    """A rotation factor read from a checkpoint: returns the stored matrix, so a loaded 'learned'
+    layer uses exactly the float32 factor the saved model evaluated (no re-solve, no drift)."""
+
+    def __init__(self, value: torch.Tensor):
+        super().__init__()
+        self.register_buffer("value", value)
+
+    def forward(self) -> torch.Tensor:
+        return self.value
+
+
+# -- what a layer stores ------------------------------------------------------------------------------
+
+def _quant_specs(name: str, out_f: int, in_f: int, has_bias: bool, info: dict) -> dict:
+    """{key: (shape, torch dtype)} of the tensors one quantized linear stores."""
+    w_bits, a_bits = info["w_bits"], info["a_bits"]
+    specs = {f"{name}.weight_packed": ((out_f, in_f // 2), torch.uint8) if w_bits == 4
+             else ((out_f, in_f), torch.int8),
+             f"{name}.weight_scale": ((out_f, 1), torch.float32)}
+    if has_bias:
+        specs[f"{name}.bias"] = ((out_f,), torch.bfloat16)
+    if a_bits < 16:
+        specs[f"{name}.act_clip"] = ((), torch.float32)
+    if info["smooth"]:
+        specs[f"{name}.smooth"] = ((in_f,), torch.float32)
+    if info["rotation"]:
+        n1, n2 = kron_factors(in_f)
+        specs[f"{name}.rot1"] = ((n1, n1), torch.float32)
+        specs[f"{name}.rot2"] = ((n2, n2), torch.float32)
+    return specs
+
+
+def _quant_tensors(name: str, q: QuantLinear) -> dict:
+    """The tensors of one frozen (mode 'real') QuantLinear, in their stored dtypes."""
+    t = {f"{name}.weight_packed": q.w_packed, f"{name}.weight_scale": q.w_scale.float()}
+    if q.bias is not None:
+        t[f"{name}.bias"] = q.bias.detach().to(torch.bfloat16)
+    if q.a_bits < 16:
+        # the clip the real forward uses (it clamps a_clip the same way), so loading is exact
+        t[f"{name}.act_clip"] = q.a_clip.detach().clamp(CLIP_MIN, 1.0).float()
+    if q.log_smooth is not None:
+        t[f"{name}.smooth"] = q.log_smooth.detach().float()
+    if q.rotation:
+        r1, r2 = q._factors()
+        t[f"{name}.rot1"], t[f"{name}.rot2"] = r1.detach().float(), r2.detach().float()
+    return {k: v.detach().cpu().contiguous() for k, v in t.items()}
+
+
+# -- save ---------------------------------------------------------------------------------------------
+
+def save_compressed(model: HunyuanVideoDiT, path, policy: dict, *, calibration: dict | None = None,
+                    source_hash: str | None = None) -> None:
+    """Write `model` (its policy's linears are QuantLinear) as one compressed .safetensors file.
+
+    Layers still in fake mode are frozen on a copy, so the caller's model is left unchanged.
+    The write is atomic: on any failure no file (and no temporary file) is left behind.
+    """
+    named = dict(model.named_modules())
+    quant_names = {n for n, m in named.items() if isinstance(m, QuantLinear)}
+    if quant_names != set(policy):
+        raise ValueError(f"the model's quantized linears do not match the policy: not in policy "
+                         f"{sorted(quant_names - set(policy))[:3]}, not quantized {sorted(set(policy) - quant_names)[:3]}")
+    tensors, layers = {}, {}
+    for name, rule in policy.items():
+        q = named[name]
+        if (q.w_bits, q.a_bits) != (rule.w_bits, rule.a_bits):
+            raise ValueError(f"{name} is W{q.w_bits}A{q.a_bits} but the policy says W{rule.w_bits}A{rule.a_bits}")
+        if q.mode != "real":
+            q = copy.deepcopy(q).freeze()
+        tensors.update(_quant_tensors(name, q))
+        layers[name] = {"w_bits": q.w_bits, "a_bits": q.a_bits, "smooth": q.log_smooth is not None,
+                        "rotation": q.rotation}
+    prefixes = tuple(n + "." for n in policy)
+    for k, v in model.state_dict().items():
+        if not k.startswith(prefixes):
+            tensors[k] = v.detach().to(torch.bfloat16).cpu()
+    header = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "model_family": MODEL_FAMILY,
+              "config": model.config.to_dict(), "policy": policy_to_json(policy), "layers": layers,
+              "calibration": calibration or {}, "source_hash": source_hash}
+    atomic_save_safetensors(tensors, path, metadata={HEADER_KEY: json.dumps(header)})
+
+
+# -- validate -----------------------------------------------------------------------------------------
+
+def _read_index(path: Path):
+    """(metadata, {key: (shape, dtype name)}) without loading any tensor data."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            index = {}
+            for k in f.keys():
+                s = f.get_slice(k)
+                index[k] = (tuple(s.get_shape()), s.get_dtype())
+    except Exception as e:  # safetensors raises several types for corrupt or truncated files
+        raise ValueError(f"{path} is not a readable safetensors file ({e}); re-create it") from e
+    return meta, index
+
+
+def _parse_header(path: Path, meta: dict):
+    not_ours = (f"{path} is not a QuantSparse compressed checkpoint (it has no '{FORMAT_NAME}' header); "
+                "quantize a HunyuanVideo model with QuantSparse to create one")
+    if HEADER_KEY not in meta:
+        raise ValueError(not_ours)
+    try:
+        h = json.loads(meta[HEADER_KEY])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} has a corrupt QuantSparse header ({e}); re-create the file") from None
+    if not isinstance(h, dict) or h.get("format") != FORMAT_NAME:
+        raise ValueError(not_ours)
+    if h.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{path} was written by format version {h.get('version')}; this QuantSparse reads "
+                         f"version {FORMAT_VERSION}: update QuantSparse")
+    if h.get("model_family") != MODEL_FAMILY:
+        raise ValueError(f"{path} holds a {h.get('model_family')!r} model; QuantSparse loads "
+                         f"{MODEL_FAMILY!r} checkpoints only")
+    try:
+        config = DiTConfig.from_dict(h["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path} has an invalid model config in its header: {e}") from None
+    if not isinstance(h.get("policy"), dict) or not isinstance(h.get("layers"), dict):
+        raise ValueError(f"{path} header lacks the 'policy' and 'layers' tables; re-create the file")
+    policy = policy_from_json(h["policy"])
+    return h, config, policy
+
+
+def _expected(path: Path, header: dict, config: DiTConfig, policy: dict) -> dict:
+    """{key: (shape, dtype)} the file must hold, from a meta-device model plus the header's layers."""
+    meta_model = HunyuanVideoDiT(config, device="meta")
+    named = dict(meta_model.named_modules())
+    layers = header["layers"]
+    if set(layers) != set(policy):
+        raise ValueError(f"{path} header: 'layers' and 'policy' name different linears; re-create the file")
+    specs = {}
+    for name, rule in policy.items():
+        lin, info = named.get(name), layers[name]
+        if not isinstance(lin, nn.Linear):
+            raise ValueError(f"{path} header: policy names {name!r}, which is not a linear layer of this model")
+        ok = (isinstance(info, dict) and info.get("w_bits") == rule.w_bits and info.get("a_bits") == rule.a_bits
+              and isinstance(info.get("smooth"), bool) and info.get("rotation") in ROTATIONS)
+        if not ok:
+            raise ValueError(f"{path} header: layer entry for {name!r} is invalid or disagrees with the policy: {info}")
+        specs.update(_quant_specs(name, lin.out_features, lin.in_features, lin.bias is not None, info))
+    prefixes = tuple(n + "." for n in policy)
+    for k, v in meta_model.state_dict().items():
+        if not k.startswith(prefixes):
+            specs[k] = (tuple(v.shape), torch.bfloat16)
+    return specs
+
+
+def _check_keys(path: Path, index: dict, specs: dict) -> None:
+    missing = sorted(set(specs) - set(index))
+    extra = sorted(set(index) - set(specs))
+    shapes = [f"{k}: file {list(index[k][0])} vs expected {list(specs[k][0])}"
+              for k in sorted(specs) if k in index and index[k][0] != tuple(specs[k][0])]
+    dtypes = [f"{k}: file {index[k][1]} vs expected {_ST_DTYPE[specs[k][1]]}"
+              for k in sorted(specs) if k in index and index[k][1] != _ST_DTYPE[specs[k][1]]]
+    problems = []
+    for label, items in (("missing keys", missing), ("unexpected keys", extra),
+                         ("wrong shapes", shapes), ("wrong dtypes", dtypes)):
+        if items:
+            problems.append(f"{len(items)} {label} (e.g. {items[:3]})")
+    if problems:
+        raise ValueError(f"{path} does not match the model its header describes: " + "; ".join(problems)
+                         + ". The file is damaged or was edited; re-create it.")
+
+
+# -- load ---------------------------------------------------------------------------------------------
+
+def _build_quant_linear(lin: nn.Linear, info: dict, t: dict, name: str, device) -> QuantLinear:
+    """A mode-'real' QuantLinear holding the stored tensors; built from the meta model's linear so
+    the float weight is never allocated."""
+    q = QuantLinear(lin, info["w_bits"], info["a_bits"], smooth=info["smooth"], rotation=info["rotation"])
+    get = lambda leaf: t[f"{name}.{leaf}"].to(device)  # noqa: E731
+    q.weight = None
+    q.w_clip = None  # only used by fake mode and freeze(), which a loaded layer no longer needs
+    q.register_buffer("w_packed", get("weight_packed"))
+    q.register_buffer("w_scale", get("weight_scale"))
+    q.bias = None if lin.bias is None else nn.Parameter(get("bias").float(), requires_grad=False)
+    q.a_clip = nn.Parameter(get("act_clip") if info["a_bits"] < 16 else torch.ones((), device=device),
+                            requires_grad=False)
+    if info["smooth"]:
+        q.log_smooth = nn.Parameter(get("smooth"), requires_grad=False)
+    if info["rotation"] == "learned":
+        q.r1, q.r2 = _FixedFactor(get("rot1")), _FixedFactor(get("rot2"))
+    elif info["rotation"] == "hadamard":
+        q.h1, q.h2 = get("rot1"), get("rot2")
+    q.mode = "real"
+    return q
+
+
+def load_compressed(path, device="cpu", dtype: torch.dtype = torch.float32):
+    """Validate, then build the model: returns (HunyuanVideoDiT with mode-'real' QuantLinears, header).
+
+    Float tensors are cast from bf16 to `dtype`; the quantized layers keep their own float32 state.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such checkpoint file: {path}")
+    meta, index = _read_index(path)
+    header, config, policy = _parse_header(path, meta)
+    specs = _expected(path, header, config, policy)
+    _check_keys(path, index, specs)
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e}); re-create it") from e
+
+    # Built on the meta device and filled by assignment: the float weights of the quantized
+    # linears are never allocated.
+    model = HunyuanVideoDiT(config, device="meta")
+    named = dict(model.named_modules())
+    for name in policy:
+        parent_name, _, child = name.rpartition(".")
+        q = _build_quant_linear(named[name], header["layers"][name], tensors, name, device)
+        setattr(named[parent_name] if parent_name else model, child, q)
+    prefixes = tuple(n + "." for n in policy)
+    floats = {k: v.to(device=device, dtype=dtype) for k, v in tensors.items() if not k.startswith(prefixes)}
+    model.load_state_dict(floats, strict=False, assign=True)
+    left = [k for k, v in model.state_dict().items() if v.is_meta]
+    if left:  # _check_keys makes this unreachable; kept so a future layout bug cannot go silent
+        raise RuntimeError(f"tensors left unloaded: {left[:3]}")
+    return model.eval(), header

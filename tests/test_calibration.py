@@ -101,3 +101,18 @@ def test_bad_settings():
         CalibSettings(method="gptq")
     with pytest.raises(ValueError, match="weight bits 3"):
         CalibSettings(w_bits=3)
+
+
+def test_calibration_latent_shape_is_checked():
+    from quantsparse_core.calib.capture import check_calibration_latent
+    from quantsparse_core.models import HunyuanVideoDiT, get_preset
+
+    model = HunyuanVideoDiT(get_preset("tiny"), device="meta")
+    assert check_calibration_latent(model, (16, 8, 32, 32)) == (8, 16, 16)
+    with pytest.raises(ValueError, match="channels"):
+        check_calibration_latent(model, (4, 8, 32, 32))
+    with pytest.raises(ValueError, match="not divisible by the patch size"):
+        check_calibration_latent(model, (16, 8, 31, 32))
+    with pytest.raises(ValueError, match="channels, frames, height, width"):
+        check_calibration_latent(model, (16, 32, 32))
+

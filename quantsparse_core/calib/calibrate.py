@@ -72,7 +72,9 @@ def _run_block(block, kind, inputs, record=None):
             record.append((q, k, mask))
         return dense_attention(q, k, v, mask, call)
 
-    out = block(*inputs.args, attn, inputs.call)
+    dev = next(block.parameters()).device
+    args = tuple(a.to(dev, non_blocking=True) if torch.is_tensor(a) else a for a in inputs.args)  # offloaded
+    out = block(*args, attn, inputs.call)
     return torch.cat(out, dim=1) if kind == "double" else out
 
 

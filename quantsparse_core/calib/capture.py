@@ -59,11 +59,28 @@ def capture(model, run_trajectory, capture_steps, device="cpu") -> dict:
     return out
 
 
+def check_calibration_latent(model, shape) -> tuple:
+    """Validate a calibration latent shape [C, T, H, W] (or with a batch dim) against the model;
+    returns the video token grid. Raises ValueError saying what to change."""
+    shape = tuple(shape)
+    if len(shape) == 5:
+        shape = shape[1:]
+    if len(shape) != 4:
+        raise ValueError(f"calibration latent must be [channels, frames, height, width], got {shape}")
+    return model.token_grid(torch.empty((1, *shape), device="meta"))
+
+
 def capture_embedded(model, n_samples: int = 20, steps: int = 20, per_trajectory: int = 4, seed: int = 0,
-                     device="cpu") -> dict:
-    """Calibration data for the embedded tiny model: random prompts, steps spread over the schedule."""
-    from ..models.embedded import generate
+                     device="cpu", latent_shape=None) -> dict:
+    """Calibration data for the embedded tiny model: random prompts, steps spread over the schedule.
+    Captured tensors are stored on `device` (e.g. "cpu" to keep accelerator memory for one block)."""
+    from ..models.embedded import LATENT_SHAPE, generate
     from ..models.shapes import random_scenes
+
+    latent_shape = tuple(latent_shape or LATENT_SHAPE)
+    check_calibration_latent(model, latent_shape)
+    if n_samples < 1 or steps < 1:
+        raise ValueError("n_samples and steps must be at least 1")
 
     targets = spread_steps(n_samples, steps)
     n_traj = -(-n_samples // per_trajectory)
@@ -72,7 +89,7 @@ def capture_embedded(model, n_samples: int = 20, steps: int = 20, per_trajectory
     for j in range(n_traj):
         mine = targets[j::n_traj]
         got = capture(model, lambda cb: generate(model, [scenes[j].prompt()], [seed * 1000 + j], steps=steps,
-                                                 on_step=cb), mine, device)
+                                                 latent_shape=latent_shape, on_step=cb), mine, device)
         if merged is None:
             merged = got
         else:

@@ -1,0 +1,189 @@
+"""Where the SSAR cache lives (METHOD.md §4, "memory the paper does not explain").
+
+One bf16 residual per joint block at 720p/129f is 119,056 x 3072 x 2 B = 0.73 GB; 60 blocks are 44 GB,
+more than a 13B model leaves free on an 80 GB GPU. The policies trade accuracy for device memory:
+
+- "gpu-bf16":   bf16 on the compute device (exact up to bf16 rounding).
+- "gpu-int8":   int8 with one fp32 absmax scale per token row, on the compute device.
+- "cpu-pinned": bf16 in host memory (pinned when CUDA is available, copied back non_blocking);
+                costs host memory and PCIe bandwidth instead of device memory.
+- "low-rank":   rank-r factors (U S, V^T) per (batch, head) in bf16; lossy, the residual is not low rank.
+- "exact":      fp32 on the compute device; for tests and tiny runs, never chosen by "auto".
+- "auto":       the most accurate of the first four whose bytes for the whole run fit the budget.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+POLICIES = ("gpu-bf16", "gpu-int8", "cpu-pinned", "low-rank", "exact")
+AUTO_ORDER = ("gpu-bf16", "gpu-int8", "cpu-pinned", "low-rank")
+
+# HunyuanVideo-13B: hidden 3072 = 24 heads x 128, 20 double + 40 single joint blocks, 256 text tokens.
+HUNYUAN_13B = dict(hidden=3072, heads=24, layers=60, txt_len=256)
+
+
+def check_policy(policy: str) -> str:
+    if policy not in POLICIES and policy != "auto":
+        raise ValueError(f"unknown cache placement {policy!r}; choose one of {POLICIES + ('auto',)}")
+    return policy
+
+
+def cache_bytes(policy: str, tokens: int, hidden: int, layers: int, batch: int = 1, rank: int = 16,
+                heads: Optional[int] = None, *, tensors: int = 1, factor_rank: int = 0) -> Tuple[int, int]:
+    """(device bytes, host bytes) to keep `tensors` residuals of [batch, tokens, hidden] per layer.
+
+    `rank` is the low-rank policy's rank; `factor_rank` > 0 adds SSAR's second-order SVD factors
+    (U S [tokens, r] and V^T [r, head_dim] per head, bf16) that live next to each layer's cache.
+    `heads` is needed for the per-head factor sizes (low-rank policy or factor_rank > 0).
+    """
+    check_policy(policy)
+    if policy == "auto":
+        raise ValueError("cache_bytes needs a concrete policy, not 'auto'")
+    per_head = (rank > 0 and policy == "low-rank") or factor_rank > 0
+    if per_head and (heads is None or hidden % heads):
+        raise ValueError(f"heads must divide hidden {hidden} to size per-head factors, got {heads}")
+    n = tokens * hidden
+    if policy == "gpu-bf16" or policy == "cpu-pinned":
+        one = 2 * n
+    elif policy == "gpu-int8":
+        one = n + 4 * tokens
+    elif policy == "exact":
+        one = 4 * n
+    else:  # low-rank
+        one = 2 * rank * (tokens + hidden // heads) * heads
+    factors = 2 * factor_rank * (tokens + hidden // heads) * heads if factor_rank > 0 else 0
+    total = layers * batch * (tensors * one + factors)
+    return (0, total) if policy == "cpu-pinned" else (total, 0)
+
+
+def choose_placement(tokens: int, hidden: int, layers: int, budget_bytes: Optional[int] = None, batch: int = 1,
+                     rank: int = 16, heads: Optional[int] = None, *, host_budget_bytes: Optional[int] = None,
+                     tensors: int = 1, factor_rank: int = 0) -> str:
+    """Most accurate policy (gpu-bf16 > gpu-int8 > cpu-pinned > low-rank) whose device bytes fit
+    `budget_bytes` (default: free CUDA memory, or unlimited without CUDA) and host bytes fit
+    `host_budget_bytes` when given. Raises ValueError when nothing fits."""
+    if budget_bytes is None:
+        budget_bytes = torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else math.inf
+    need = []
+    for policy in AUTO_ORDER:
+        dev, host = cache_bytes(policy, tokens, hidden, layers, batch, rank, heads, tensors=tensors,
+                                factor_rank=factor_rank)
+        if dev <= budget_bytes and (host_budget_bytes is None or host <= host_budget_bytes):
+            return policy
+        need.append(dev)
+    raise ValueError(f"not enough memory for the SSAR cache: need at least {min(need):,} bytes of device memory "
+                     f"(budget {budget_bytes:,}); lower the resolution or use order=0")
+
+
+def placement_table() -> List[Dict]:
+    """Cache bytes per policy for HunyuanVideo-13B, 129 frames (33 latent), at 544p and 720p."""
+    rows = []
+    for name, (h, w) in (("544p", (544, 960)), ("720p", (720, 1280))):
+        tokens = 33 * (h // 16) * (w // 16) + HUNYUAN_13B["txt_len"]
+        for policy in AUTO_ORDER:
+            dev, host = cache_bytes(policy, tokens, HUNYUAN_13B["hidden"], HUNYUAN_13B["layers"],
+                                    heads=HUNYUAN_13B["heads"])
+            total = dev + host
+            rows.append(dict(resolution=name, tokens=tokens, policy=policy, device_bytes=dev, host_bytes=host,
+                             per_layer_gb=total / HUNYUAN_13B["layers"] / 1e9, total_gb=total / 1e9))
+    return rows
+
+
+def _heads_first(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, L, H*D] -> [B, H, L, D]."""
+    b, length, hidden = x.shape
+    return x.reshape(b, length, heads, hidden // heads).transpose(1, 2)
+
+
+def _heads_last(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, L, D] -> [B, L, H*D]."""
+    b, h, length, d = x.shape
+    return x.transpose(1, 2).reshape(b, length, h * d)
+
+
+def truncated_factors(x: torch.Tensor, heads: int, rank: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Rank-`rank` SVD of each (batch, head) L x head_dim slice of x [B, L, H*D], in fp32.
+    Returns (U S [B, H, L, r], V^T [B, H, r, D])."""
+    u, s, vh = torch.linalg.svd(_heads_first(x.float(), heads), full_matrices=False)
+    r = min(rank, s.shape[-1])
+    return u[..., :r] * s[..., None, :r], vh[..., :r, :]
+
+
+def from_factors(us: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
+    """Inverse of truncated_factors: [B, L, H*D] fp32."""
+    return _heads_last(us.float() @ vh.float())
+
+
+class CacheStore:
+    """Keyed residual tensors [B, L, H*D] kept under one placement policy.
+
+    put() takes fp32 (or any float) tensors on the compute device; get() returns fp32 on `device`.
+    put_factors()/get_factors() keep small SVD factors in bf16 next to the cache (host for cpu-pinned).
+    """
+
+    def __init__(self, policy: str, rank: int = 16):
+        if check_policy(policy) == "auto":
+            raise ValueError("resolve 'auto' with choose_placement before building a CacheStore")
+        if policy == "low-rank" and rank < 1:
+            raise ValueError(f"the low-rank placement needs rank >= 1, got {rank}")
+        self.policy, self.rank = policy, rank
+        self._data: Dict = {}
+
+    def _host(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(torch.bfloat16)
+        if torch.cuda.is_available():
+            host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+            host.copy_(x, non_blocking=x.is_cuda)
+            return host
+        return x.cpu()
+
+    def put(self, key, x: torch.Tensor, heads: int) -> None:
+        x = x.detach()
+        if self.policy == "exact":
+            entry = ("raw", x.float().clone())
+        elif self.policy == "gpu-bf16":
+            entry = ("raw", x.to(torch.bfloat16))
+        elif self.policy == "cpu-pinned":
+            entry = ("raw", self._host(x))
+        elif self.policy == "gpu-int8":
+            x = x.float()
+            scale = x.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) / 127.0
+            entry = ("int8", torch.round(x / scale).clamp(-127, 127).to(torch.int8), scale)
+        else:
+            us, vh = truncated_factors(x, heads, self.rank)
+            entry = ("lowrank", us.to(torch.bfloat16), vh.to(torch.bfloat16))
+        self._data[key] = entry
+
+    def get(self, key, device) -> torch.Tensor:
+        entry = self._data[key]
+        if entry[0] == "raw":
+            return entry[1].to(device, non_blocking=True).float()
+        if entry[0] == "int8":
+            return entry[1].to(device).float() * entry[2].to(device)
+        return from_factors(entry[1].to(device), entry[2].to(device))
+
+    def put_factors(self, key, us: torch.Tensor, vh: torch.Tensor) -> None:
+        store = self._host if self.policy == "cpu-pinned" else (lambda t: t.to(torch.bfloat16))
+        if self.policy == "exact":
+            store = lambda t: t.float().clone()  # noqa: E731
+        self._data[key] = ("factors", store(us), store(vh))
+
+    def get_factors(self, key, device) -> Tuple[torch.Tensor, torch.Tensor]:
+        _, us, vh = self._data[key]
+        return us.to(device, non_blocking=True).float(), vh.to(device, non_blocking=True).float()
+
+    def __contains__(self, key) -> bool:
+        return key in self._data
+
+    def drop(self, key) -> None:
+        self._data.pop(key, None)
+
+    def clear(self) -> None:
+        self._data.clear()
+
+    def nbytes(self) -> int:
+        """Bytes actually held (device and host together)."""
+        return sum(t.numel() * t.element_size() for e in self._data.values() for t in e[1:])

@@ -1,0 +1,239 @@
+"""SSAR: second-order sparse attention reparameterization (METHOD.md §4), as a model attention_fn.
+
+Every `tau` steps (a refresh step) a joint block computes full and SVG-sparse attention, outputs the
+exact full attention and caches the residual C = D + SVD_r(D - D_prev), D = O_full - O_sparse. In
+between it outputs O_sparse(t) + C with the refresh step's block mask. Use as
+
+    ssar = SSARAttention(SparseSettings(density=0.15))
+    with model.attention(ssar):
+        sample_euler(model, ...)
+
+State is per (block_type, block_index, batch size), so cond and uncond may arrive batched together
+or as separate calls of different batch sizes. It is dropped by `reset()`, and automatically when a
+call's step index is lower than the last one seen (a new sampling run starts at step 0 again).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+import torch
+
+from ..models.attention import AttentionCall, dense_attention
+from .masks import BLOCK, BlockMask, check_density, svg_masks
+from .placement import CacheStore, check_policy, choose_placement, from_factors, truncated_factors
+from .reference import block_sparse_attention
+
+ORDERS = (0, 1, 2)
+
+
+@dataclass
+class SparseSettings:
+    """density: kept fraction of attention; tau: refresh interval in steps; svd_rank: rank of the
+    second-order denoising (0 = plain second order); order: 0 no cache, 1 first-, 2 second-order;
+    warmup_steps: dense first steps (None = round(0.1 * num_steps)); warmup_blocks: dense first joint
+    blocks, double then single; n_rows/block/seed: SVG head classification; placement: cache policy
+    ("auto" picks from budget_bytes, default free CUDA memory); placement_rank: rank of the
+    "low-rank" placement; layers: joint blocks for the auto budget (None = counted from calls)."""
+    density: float = 0.15
+    tau: int = 5
+    svd_rank: int = 16
+    order: int = 2
+    warmup_steps: Optional[int] = None
+    warmup_blocks: int = 1
+    n_rows: int = 64
+    block: int = BLOCK
+    seed: int = 0
+    placement: str = "auto"
+    budget_bytes: Optional[int] = None
+    host_budget_bytes: Optional[int] = None
+    placement_rank: int = 16
+    layers: Optional[int] = None
+
+    def __post_init__(self):
+        self.density = check_density(self.density)
+        if isinstance(self.tau, bool) or int(self.tau) != self.tau or self.tau < 1:
+            raise ValueError(f"refresh interval tau must be an integer >= 1, got {self.tau!r}")
+        if self.order not in ORDERS:
+            raise ValueError(f"unknown SSAR order {self.order!r}; use 0 (no cache), 1 (first) or 2 (second order)")
+        if int(self.svd_rank) != self.svd_rank or self.svd_rank < 0:
+            raise ValueError(f"svd_rank must be an integer >= 0 (0 = no SVD denoising), got {self.svd_rank!r}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.warmup_blocks < 0:
+            raise ValueError(f"warmup_blocks must be >= 0, got {self.warmup_blocks}")
+        if self.n_rows < 1 or self.block < 1:
+            raise ValueError(f"n_rows and block must be >= 1, got {self.n_rows} and {self.block}")
+        check_policy(self.placement)
+
+
+@dataclass
+class _BlockState:
+    """One block and batch size: the refresh step's mask, and whether D / the correction are stored."""
+    mask: Optional[BlockMask] = None
+    has_d: bool = False
+    corr: Optional[str] = None  # None, "factors" (rank-r SVD of D2) or "full" (D2 itself, rank 0)
+    stats: Dict = field(default_factory=dict)
+
+
+class SSARAttention:
+    """attention_fn(q, k, v, mask, call) -> [B, L, H*D] applying SVG sparsity with the SSAR cache."""
+
+    def __init__(self, settings: Optional[SparseSettings] = None):
+        self.settings = settings or SparseSettings()
+        self.placement: Optional[str] = None if self.settings.placement == "auto" else self.settings.placement
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget masks, caches, statistics and the chosen auto placement (start of a new video)."""
+        self._states: Dict = {}
+        self._store: Optional[CacheStore] = None
+        self._last_step: Optional[int] = None
+        self._num_blocks: Dict[str, int] = {}
+        self._step_batch: Dict = {}
+        self._max_batch = 1
+        if self.settings.placement == "auto":
+            self.placement = None
+        self.stats = dict(dense=0.0, sparse=0.0, sparse_density=0.0, refresh=0.0, mask_changed=0.0)
+
+    def _rows_generator(self, call: AttentionCall) -> torch.Generator:
+        """SVG's sampled query rows depend only on the seed and the block, so a refresh on unchanged
+        inputs reproduces the same mask, whatever order cond/uncond calls come in."""
+        kind = ("double", "single").index(call.block_type) if call.block_type in ("double", "single") else 2
+        return torch.Generator().manual_seed(int(self.settings.seed) * 1_000_003 + kind * 10_007 + call.block_index)
+
+    # ---- bookkeeping ------------------------------------------------------------------------------
+    def _warmup_steps(self, call: AttentionCall) -> int:
+        w = self.settings.warmup_steps
+        return int(round(0.1 * call.step.num_steps)) if w is None else int(w)
+
+    def _block_position(self, call: AttentionCall) -> int:
+        """Index among joint blocks, double blocks first (single blocks follow all double blocks)."""
+        return call.block_index + (self._num_blocks.get("double", 0) if call.block_type == "single" else 0)
+
+    def _observe(self, call: AttentionCall, batch: int) -> None:
+        idx = call.step.index
+        if self._last_step is not None and idx < self._last_step:
+            self.reset()  # a new sampling run: stale caches would corrupt it
+        if self._last_step != idx:
+            self._step_batch = {}
+        self._last_step = idx
+        self._num_blocks[call.block_type] = call.num_blocks
+        key = (call.block_type, call.block_index)
+        self._step_batch[key] = self._step_batch.get(key, 0) + batch
+        self._max_batch = max(self._max_batch, self._step_batch[key])
+
+    def _count(self, kind: str, batch: int, density: float = 1.0) -> None:
+        self.stats[kind] += batch
+        if kind == "sparse":
+            self.stats["sparse_density"] += batch * density
+
+    def effective_density(self) -> float:
+        """Attention cost of the joint blocks relative to all-dense: full-attention evaluations
+        (warm-up, refresh) count 1, reuse steps their mask density; weighted by batch entries."""
+        calls = self.stats["dense"] + self.stats["sparse"]
+        return 1.0 if calls == 0 else (self.stats["dense"] + self.stats["sparse_density"]) / calls
+
+    def _store_for(self, q: torch.Tensor) -> CacheStore:
+        """Resolve "auto" once, at the first cache write, from the run's size seen so far."""
+        if self._store is None:
+            s = self.settings
+            if self.placement is None:
+                b, heads, length, dim = q.shape
+                layers = s.layers or max(1, sum(self._num_blocks.values()) - s.warmup_blocks)
+                budget = s.budget_bytes
+                if budget is None and q.is_cuda:
+                    budget = torch.cuda.mem_get_info(q.device)[0]
+                self.placement = choose_placement(
+                    length, heads * dim, layers, budget, self._max_batch, s.placement_rank, heads,
+                    host_budget_bytes=s.host_budget_bytes, tensors=2 if s.order == 2 and s.svd_rank == 0 else 1,
+                    factor_rank=s.svd_rank if s.order == 2 else 0)
+            self._store = CacheStore(self.placement, s.placement_rank)
+        return self._store
+
+    # ---- public views (diagnostics and tests) -----------------------------------------------------
+    def block_mask(self, block_type: str, block_index: int, batch: int) -> Optional[BlockMask]:
+        st = self._states.get((block_type, block_index, batch))
+        return None if st is None else st.mask
+
+    def cache(self, block_type: str, block_index: int, batch: int, device=None) -> Optional[torch.Tensor]:
+        """The correction C [B, L, H*D] (fp32) added between refreshes, or None."""
+        key = (block_type, block_index, batch)
+        st = self._states.get(key)
+        if st is None or not st.has_d:
+            return None
+        c = self._store.get((key, "D"), device or "cpu")
+        if st.corr == "factors":
+            c = c + from_factors(*self._store.get_factors((key, "corr"), c.device))
+        elif st.corr == "full":
+            c = c + self._store.get((key, "corr"), c.device)
+        return c
+
+    # ---- the attention function -------------------------------------------------------------------
+    def __call__(self, q, k, v, mask, call: AttentionCall) -> torch.Tensor:
+        if call.block_type == "refiner" or call.step is None:
+            return dense_attention(q, k, v, mask, call)
+        s = self.settings
+        b, heads, length, dim = q.shape
+        if s.svd_rank > dim:
+            raise ValueError(f"svd_rank {s.svd_rank} exceeds head_dim {dim}: an L x head_dim residual has rank <= {dim}")
+        self._observe(call, b)
+        first = self._warmup_steps(call)
+        if call.step.index < first or self._block_position(call) < s.warmup_blocks:
+            self._count("dense", b)
+            return dense_attention(q, k, v, mask, call)
+
+        key = (call.block_type, call.block_index, b)
+        st = self._states.setdefault(key, _BlockState())
+        refresh = ((call.step.index - first) % s.tau == 0 or st.mask is None
+                   or (s.order > 0 and not st.has_d))
+        if not refresh:
+            out = block_sparse_attention(q, k, v, mask, st.mask, call.txt_len, call.grid)
+            self._count("sparse", b, st.mask.density())
+            if s.order == 0:
+                return out
+            return (out.float() + self.cache(*key, device=q.device)).to(q.dtype)
+
+        # Refresh: new mask from this step's q/k, exact output, new residual cache.
+        old_mask = st.mask
+        st.mask = svg_masks(q, k, v, mask, call.txt_len, call.grid, s.density, s.n_rows, s.block,
+                            self._rows_generator(call))
+        full = dense_attention(q, k, v, mask, call)
+        self._count("dense", b)
+        self.stats["refresh"] += b
+        if s.order == 0:
+            return full
+        sparse = block_sparse_attention(q, k, v, mask, st.mask, call.txt_len, call.grid)
+        d = full.float() - sparse.float()
+        store = self._store_for(q)
+        if s.order == 2 and st.has_d and not _same_mask(old_mask, st.mask):
+            # D and D_prev are residuals of different sparse operators; their difference is the mask
+            # change, not the drift over steps. Fall back to first order until two refreshes agree.
+            store.drop((key, "corr"))
+            st.corr = None
+            self.stats["mask_changed"] += b
+        elif s.order == 2 and st.has_d:
+            d2 = d - store.get((key, "D"), q.device)
+            if s.svd_rank > 0:
+                store.put_factors((key, "corr"), *truncated_factors(d2, heads, s.svd_rank))
+                st.corr = "factors"
+            else:
+                store.put((key, "corr"), d2, heads)
+                st.corr = "full"
+        store.put((key, "D"), d, heads)
+        st.has_d = True
+        return full
+
+
+def _same_mask(a: Optional[BlockMask], b: BlockMask) -> bool:
+    return a is not None and a.kinds == b.kinds and torch.equal(a.keep, b.keep)
+
+
+def svd_truncate(x: torch.Tensor, heads: int, rank: int) -> torch.Tensor:
+    """Rank-`rank` truncation per (batch, head) of x [B, L, H*D] in fp32; rank 0 returns x (no truncation)."""
+    if rank == 0:
+        return x.float()
+    return from_factors(*truncated_factors(x, heads, rank))
+
+
+__all__ = ["SparseSettings", "SSARAttention", "svd_truncate"]

@@ -139,6 +139,24 @@ def render_sparse(rows, device, steps) -> str:
     return "\n".join(lines) + "\n"
 
 
+def replace_section(path, section: str) -> None:
+    """Put `section` (starting with '## Title') into the markdown file at `path`, replacing the
+    section of the same title (and its old commentary) and keeping the others."""
+    from pathlib import Path
+
+    title = section.split("\n", 1)[0]
+    p = Path(path)
+    old = p.read_text() if p.exists() else "# Fidelity results\n"
+    head, *parts = old.split("\n## ")
+    parts = ["## " + x for x in parts]
+    kept = [x.rstrip("\n") + "\n" for x in parts if x.split("\n", 1)[0] != title]
+    body = [x for x in kept if x.split("\n", 1)[0] < title] + [section] + \
+        [x for x in kept if x.split("\n", 1)[0] > title]
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text(head.rstrip("\n") + "\n\n" + "\n".join(body))
+    tmp.replace(p)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("table", choices=["quant", "sparse"])
@@ -151,12 +169,11 @@ def main(argv=None):
     log = lambda m: print(m, flush=True)  # noqa: E731
     if args.table == "quant":
         rows = quant_table(args.device, args.steps, args.samples, args.epochs, log=log)
-        text = "# Fidelity results\n\n" + render_quant(rows, args.device, args.steps, args.samples, args.epochs)
+        text = render_quant(rows, args.device, args.steps, args.samples, args.epochs)
     else:
         rows = sparse_table(args.device, args.steps, samples=args.samples, epochs=args.epochs, log=log)
         text = render_sparse(rows, args.device, args.steps)
-    with open(args.out, "w") as f:
-        f.write(text)
+    replace_section(args.out, text)
     print(text)
     return 0
 

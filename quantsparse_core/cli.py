@@ -53,7 +53,7 @@ def cmd_demo(args) -> int:
     except ValueError:
         asked = "(prompt outside the demo grammar)"
     rows = [("model", "steps", "seconds", "asked color / direction", "analyser found", "outputs"),
-            (f"tiny DiT ({meta.get('steps', '?')} training steps)", args.steps, f"{seconds:.1f}", asked,
+            (f"tiny DiT (training loss {meta.get('final_loss', '?')})", args.steps, f"{seconds:.1f}", asked,
              f"{found['color']} / {found['direction']}", f"{out / 'demo.png'}, {out / 'demo_strip.png'}")]
     print(f"prompt: {args.prompt!r}  seed: {args.seed}  device: {device}")
     print(_table(rows))

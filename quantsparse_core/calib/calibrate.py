@@ -159,7 +159,6 @@ def calibrate(model, captured: dict, settings: CalibSettings, policy=None, check
         quantize_model(q_block, _sub_policy(policy, name + "."), smooth=settings.method != "quarot" and
                        settings.method != "rtn", rotation="hadamard" if settings.method == "quarot"
                        else (settings.rotation if settings.trained else None))
-        rtn_mse = None
         if settings.method == "smoothquant":
             _smoothquant_init(fp_block, q_block, kind, samples, settings.sq_alpha)
         done = ckpt / f"{name}.safetensors" if ckpt else None

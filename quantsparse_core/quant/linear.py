@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .packing import pack_int4, unpack_int4
-from .quantizers import absmax_scale, check_bits, fake_quant, qmax, quantize
+from .quantizers import absmax_scale, check_bits, fake_quant, quantize
 from .transforms import OrthogonalFactor, apply_kron, hadamard, kron_factors
 
 CLIP_MIN = 0.2  # never clip more than 80% of a row's range
@@ -83,7 +83,7 @@ class QuantLinear(nn.Module):
         codes = unpack_int4(self.w_packed) if self.w_bits == 4 else self.w_packed
         if self.a_bits < 16:
             sx = self._act_scale(xt)
-            xq = torch.clamp(torch.round(xt / sx), -qmax(self.a_bits), qmax(self.a_bits))
+            xq = quantize(xt, sx, self.a_bits).float()
             y = (xq @ codes.float().t()) * sx * self.w_scale.t()    # integer GEMM, scales in the epilogue
         else:
             y = xt @ (codes.float() * self.w_scale).t()

@@ -19,7 +19,7 @@ from torch import nn
 from ..models.config import DiTConfig
 from ..models.hunyuan_video import HunyuanVideoDiT
 from ..models.weights import atomic_save_safetensors
-from ..quant.linear import CLIP_MIN, QuantLinear
+from ..quant.linear import QuantLinear
 from ..quant.policy import policy_from_json, policy_to_json
 from ..quant.transforms import kron_factors
 
@@ -31,18 +31,6 @@ ROTATIONS = (None, "hadamard", "learned")
 
 # safetensors dtype names, as reported by get_slice().get_dtype()
 _ST_DTYPE = {torch.uint8: "U8", torch.int8: "I8", torch.float32: "F32", torch.bfloat16: "BF16"}
-
-
-class _FixedFactor(nn.Module):
-    """A rotation factor read from a checkpoint: returns the stored matrix, so a loaded 'learned'
-    layer uses exactly the float32 factor the saved model evaluated (no re-solve, no drift)."""
-
-    def __init__(self, value: torch.Tensor):
-        super().__init__()
-        self.register_buffer("value", value)
-
-    def forward(self) -> torch.Tensor:
-        return self.value
 
 
 # -- what a layer stores ------------------------------------------------------------------------------
@@ -67,19 +55,7 @@ def _quant_specs(name: str, out_f: int, in_f: int, has_bias: bool, info: dict) -
 
 
 def _quant_tensors(name: str, q: QuantLinear) -> dict:
-    """The tensors of one frozen (mode 'real') QuantLinear, in their stored dtypes."""
-    t = {f"{name}.weight_packed": q.w_packed, f"{name}.weight_scale": q.w_scale.float()}
-    if q.bias is not None:
-        t[f"{name}.bias"] = q.bias.detach().to(torch.bfloat16)
-    if q.a_bits < 16:
-        # the clip the real forward uses (it clamps a_clip the same way), so loading is exact
-        t[f"{name}.act_clip"] = q.a_clip.detach().clamp(CLIP_MIN, 1.0).float()
-    if q.log_smooth is not None:
-        t[f"{name}.smooth"] = q.log_smooth.detach().float()
-    if q.rotation:
-        r1, r2 = q._factors()
-        t[f"{name}.rot1"], t[f"{name}.rot2"] = r1.detach().float(), r2.detach().float()
-    return {k: v.detach().cpu().contiguous() for k, v in t.items()}
+    return {f"{name}.{leaf}": t for leaf, t in q.packed_tensors().items()}
 
 
 # -- save ---------------------------------------------------------------------------------------------
@@ -203,25 +179,10 @@ def _check_keys(path: Path, index: dict, specs: dict) -> None:
 # -- load ---------------------------------------------------------------------------------------------
 
 def _build_quant_linear(lin: nn.Linear, info: dict, t: dict, name: str, device) -> QuantLinear:
-    """A mode-'real' QuantLinear holding the stored tensors; built from the meta model's linear so
-    the float weight is never allocated."""
-    q = QuantLinear(lin, info["w_bits"], info["a_bits"], smooth=info["smooth"], rotation=info["rotation"])
-    get = lambda leaf: t[f"{name}.{leaf}"].to(device)  # noqa: E731
-    q.weight = None
-    q.w_clip = None  # only used by fake mode and freeze(), which a loaded layer no longer needs
-    q.register_buffer("w_packed", get("weight_packed"))
-    q.register_buffer("w_scale", get("weight_scale"))
-    q.bias = None if lin.bias is None else nn.Parameter(get("bias").float(), requires_grad=False)
-    q.a_clip = nn.Parameter(get("act_clip") if info["a_bits"] < 16 else torch.ones((), device=device),
-                            requires_grad=False)
-    if info["smooth"]:
-        q.log_smooth = nn.Parameter(get("smooth"), requires_grad=False)
-    if info["rotation"] == "learned":
-        q.r1, q.r2 = _FixedFactor(get("rot1")), _FixedFactor(get("rot2"))
-    elif info["rotation"] == "hadamard":
-        q.h1, q.h2 = get("rot1"), get("rot2")
-    q.mode = "real"
-    return q
+    prefix = name + "."
+    leaves = {k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)}
+    return QuantLinear.from_packed(lin.in_features, lin.out_features, info["w_bits"], info["a_bits"],
+                                   info["smooth"], info["rotation"], leaves, device)
 
 
 def load_compressed(path, device="cpu", dtype: torch.dtype = torch.float32):

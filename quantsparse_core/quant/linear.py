@@ -47,9 +47,11 @@ class QuantLinear(nn.Module):
 
     # -- the input transform, shared by both modes ------------------------------------------------
     def _factors(self):
-        if self.rotation == "learned":
+        """The rotation's two factors: trained ones while learnable, else fixed buffers (Hadamard, or
+        the evaluated factors of a loaded layer)."""
+        if self.r1 is not None:
             return self.r1(), self.r2()
-        if self.rotation == "hadamard":
+        if self.rotation:
             return self.h1, self.h2
         return None
 
@@ -104,6 +106,44 @@ class QuantLinear(nn.Module):
             p.requires_grad_(False)
         self.mode = "real"
         return self
+
+    def packed_tensors(self) -> dict:
+        """What a frozen layer stores: {leaf: tensor} in storage dtypes (see docs/FORMAT.md)."""
+        if self.mode != "real":
+            raise ValueError("packed_tensors() needs a frozen layer: call freeze() first")
+        t = {"weight_packed": self.w_packed, "weight_scale": self.w_scale.float()}
+        if self.bias is not None:
+            t["bias"] = self.bias.to(torch.bfloat16)
+        if self.a_bits < 16:
+            t["act_clip"] = self.a_clip.clamp(CLIP_MIN, 1.0).float()  # the clip real mode uses
+        if self.log_smooth is not None:
+            t["smooth"] = self.log_smooth.float()
+        if self.rotation:
+            t["rot1"], t["rot2"] = (f.float() for f in self._factors())
+        return {k: v.detach().cpu().contiguous() for k, v in t.items()}
+
+    @classmethod
+    def from_packed(cls, in_features: int, out_features: int, w_bits: int, a_bits: int, smooth: bool,
+                    rotation: str | None, tensors: dict, device="cpu") -> "QuantLinear":
+        """A frozen layer rebuilt from packed_tensors() output; no float weight is ever allocated."""
+        check_bits(w_bits, a_bits)
+        q = cls.__new__(cls)
+        nn.Module.__init__(q)
+        q.w_bits, q.a_bits, q.rotation = w_bits, a_bits, rotation
+        q.in_features, q.out_features = in_features, out_features
+        get = lambda leaf: tensors[leaf].to(device)  # noqa: E731
+        q.weight, q.w_clip, q.r1, q.r2 = None, None, None, None
+        q.register_buffer("w_packed", get("weight_packed"))
+        q.register_buffer("w_scale", get("weight_scale"))
+        q.bias = nn.Parameter(get("bias").float(), requires_grad=False) if "bias" in tensors else None
+        q.a_clip = nn.Parameter(get("act_clip") if a_bits < 16 else torch.ones((), device=device),
+                                requires_grad=False)
+        q.log_smooth = nn.Parameter(get("smooth"), requires_grad=False) if smooth else None
+        if rotation:
+            q.register_buffer("h1", get("rot1"))
+            q.register_buffer("h2", get("rot2"))
+        q.mode = "real"
+        return q
 
     def extra_repr(self) -> str:
         return (f"{self.in_features}, {self.out_features}, W{self.w_bits}A{self.a_bits}, mode={self.mode}, "

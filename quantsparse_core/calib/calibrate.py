@@ -193,15 +193,24 @@ def _train_block(fp_block, q_block, kind, samples, s: CalibSettings, bi, n_block
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 0.5 * (1 + math.cos(math.pi * it / total)))
     gen = torch.Generator().manual_seed(s.seed * 100003 + bi)
 
-    # MSAD targets computed once per block before optimization (salient indices from the FP model).
-    salient = []
-    if s.uses_local:
+    # MSAD targets from the FP block, computed once per block before optimization (the FP block and
+    # its inputs do not change while this block trains). Kept where the captured inputs live.
+    targets = []
+    if s.uses_global or s.uses_local:
         with torch.no_grad():
             for smp in samples:
                 rec = []
                 _run_block(fp_block, kind, smp, rec)
                 q, k, mask = rec[0]
-                salient.append(msad.salient_indices(q, k, mask, s.top_k))
+                store = smp.args[0].device
+                t = {}
+                if s.uses_global:
+                    t["global"] = msad.global_attention(q, k, mask, s.stride).to(store)
+                if s.uses_local:
+                    t["idx"] = msad.salient_indices(q, k, mask, s.top_k)
+                    t["local"] = msad.local_attention(q, k, mask, t["idx"]).to(store)
+                    t["idx"] = t["idx"].to(store)
+                targets.append(t)
     balance = {}
     last = {}
     for epoch in range(s.epochs):
@@ -212,17 +221,13 @@ def _train_block(fp_block, q_block, kind, samples, s: CalibSettings, bi, n_block
             out = _run_block(q_block, kind, smp, rec_q if (s.uses_global or s.uses_local) else None)
             terms["quant"] = F.mse_loss(out.float(), smp.target)
             if rec_q:
-                with torch.no_grad():
-                    rec_fp = []
-                    _run_block(fp_block, kind, smp, rec_fp)
-                (qq, kq, mask), (qf, kf, _) = rec_q[0], rec_fp[0]
+                (qq, kq, mask), tgt = rec_q[0], targets[j]
                 if s.uses_global:
                     terms["global"] = F.mse_loss(msad.global_attention(qq, kq, mask, s.stride),
-                                                 msad.global_attention(qf, kf, mask, s.stride))
+                                                 tgt["global"].to(qq.device))
                 if s.uses_local:
-                    idx = salient[j]
-                    terms["local"] = F.mse_loss(msad.local_attention(qq, kq, mask, idx),
-                                                msad.local_attention(qf, kf, mask, idx))
+                    terms["local"] = F.mse_loss(msad.local_attention(qq, kq, mask, tgt["idx"].to(qq.device)),
+                                                tgt["local"].to(qq.device))
             if not balance:
                 for t in ("global", "local"):
                     if t in terms:

@@ -132,7 +132,8 @@ def render_sparse(rows, device, steps) -> str:
     lines = ["## Sparse attention + SSAR (embedded tiny model)", "",
              f"`python -m quantsparse_core.results sparse --device {device}`; same prompts, seeds and "
              f"{steps} steps as above; PSNR/SSIM against the dense full-precision model. Effective density = "
-             "attention cost relative to dense over the run (refresh steps, warm-up and refiner count as 1).", "",
+             "attention cost of the joint blocks relative to dense over the run (refresh and warm-up calls count "
+             "as 1; the token refiner is not counted).", "",
              "| setting | PSNR (dB) | SSIM | effective density | seconds |", "|---|---|---|---|---|"]
     for label, p, s, eff, sec in rows:
         lines.append(f"| {label} | {p:.2f} | {s:.4f} | {eff:.3f} | {sec:.0f} |")

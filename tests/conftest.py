@@ -5,6 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# Without a GPU the Triton kernels are tested in Triton's interpreter; the switch is read when a
+# kernel module is imported, so it must be set before any test imports `kernels`.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))

@@ -185,10 +185,11 @@ def _build_quant_linear(lin: nn.Linear, info: dict, t: dict, name: str, device) 
                                    info["smooth"], info["rotation"], leaves, device)
 
 
-def load_compressed(path, device="cpu", dtype: torch.dtype = torch.float32):
-    """Validate, then build the model: returns (HunyuanVideoDiT with mode-'real' QuantLinears, header).
+def read_compressed(path):
+    """Validate a compressed checkpoint and read it: (header, DiTConfig, policy, {key: tensor} on CPU).
 
-    Float tensors are cast from bf16 to `dtype`; the quantized layers keep their own float32 state.
+    Everything is checked (header, keys, shapes, dtypes) before any tensor is read, so both loaders
+    (ours below, and the ComfyUI node's) fail the same clear way on a foreign or damaged file.
     """
     path = Path(path)
     if not path.is_file():
@@ -201,6 +202,15 @@ def load_compressed(path, device="cpu", dtype: torch.dtype = torch.float32):
         tensors = load_file(str(path), device="cpu")
     except Exception as e:
         raise ValueError(f"{path} is not a readable safetensors file ({e}); re-create it") from e
+    return header, config, policy, tensors
+
+
+def load_compressed(path, device="cpu", dtype: torch.dtype = torch.float32):
+    """Validate, then build the model: returns (HunyuanVideoDiT with mode-'real' QuantLinears, header).
+
+    Float tensors are cast from bf16 to `dtype`; the quantized layers keep their own float32 state.
+    """
+    header, config, policy, tensors = read_compressed(path)
 
     # Built on the meta device and filled by assignment: the float weights of the quantized
     # linears are never allocated.

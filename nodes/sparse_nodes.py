@@ -1,0 +1,103 @@
+"""Sparse Sampler (a KSampler with sparse attention + SSAR for its own run) and the MODEL patch
+node for other samplers. Both share one set of settings inputs and nodes/sparse_patch.py."""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from quantsparse_core.sparse.placement import AUTO_ORDER
+from quantsparse_core.sparse.ssar import SparseSettings
+
+from .sparse_patch import apply_sparse
+
+CATEGORY = "QuantSparse"
+PLACEMENTS = ["auto", *AUTO_ORDER]
+
+
+def sparse_inputs() -> list:
+    """The sparse-attention settings, defaults from the paper (METHOD.md §3-4)."""
+    d = SparseSettings()
+    return [
+        io.Float.Input("density", default=d.density, min=0.01, max=1.0, step=0.01,
+                       tooltip="Fraction of attention kept per head (0.15 = 15%, the paper's HunyuanVideo setting). "
+                               "Lower is faster and less faithful; 1.0 is dense."),
+        io.Int.Input("refresh_interval", default=d.tau, min=1, max=100,
+                     tooltip="Every this many steps, full attention is computed and the SSAR correction refreshed "
+                             "(paper: 5). Shorter is more faithful and slower."),
+        io.Int.Input("svd_rank", default=d.svd_rank, min=0, max=128,
+                     tooltip="Rank of the SVD that denoises the second-order correction (paper: 16; 0 = no SVD). "
+                             "At most the head dimension (128)."),
+        io.Int.Input("warmup_steps", default=-1, min=-1, max=1000,
+                     tooltip="Dense attention for the first steps. -1 = the first 10% of the run's steps "
+                             "(Sparse VideoGen's HunyuanVideo setting)."),
+        io.Int.Input("warmup_blocks", default=d.warmup_blocks, min=0, max=100,
+                     tooltip="Dense attention in the first transformer blocks (double blocks first)."),
+        io.Combo.Input("cache_placement", options=PLACEMENTS, default="auto",
+                       tooltip="Where the SSAR correction cache lives. auto: the most accurate option that fits in "
+                               "free VRAM. gpu-bf16 / gpu-int8: on the GPU; cpu-pinned: in RAM, copied each step; "
+                               "low-rank: compressed, lossy. 720p x 129 frames needs 44 GB in bf16."),
+    ]
+
+
+def sparse_settings(density, refresh_interval, svd_rank, warmup_steps, warmup_blocks, cache_placement) -> SparseSettings:
+    """Node inputs -> SparseSettings; out-of-range values raise a ValueError naming the input."""
+    if svd_rank > 128:
+        raise ValueError(f"svd_rank {svd_rank} exceeds HunyuanVideo's head dimension 128; use 0-128")
+    return SparseSettings(density=density, tau=refresh_interval, svd_rank=svd_rank,
+                          warmup_steps=None if warmup_steps < 0 else warmup_steps,
+                          warmup_blocks=warmup_blocks, placement=cache_placement)
+
+
+class SparseAttentionPatch(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="QuantSparseSparseAttention", display_name="QuantSparse Sparse Attention", category=CATEGORY,
+            description="Sparse attention with second-order residual reuse (SSAR) for HunyuanVideo, as a MODEL "
+                        "patch for any sampler (e.g. SamplerCustomAdvanced). The input MODEL stays dense.",
+            inputs=[io.Model.Input("model", tooltip="A HunyuanVideo MODEL (full precision or QuantSparse compressed)"),
+                    *sparse_inputs()],
+            outputs=[io.Model.Output(tooltip="The same model with sparse attention active while it samples")],
+        )
+
+    @classmethod
+    def execute(cls, model, **settings) -> io.NodeOutput:
+        return io.NodeOutput(apply_sparse(model, sparse_settings(**settings)))
+
+
+class SparseSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        import comfy.samplers
+        return io.Schema(
+            node_id="QuantSparseSparseSampler", display_name="Sparse Sampler (QuantSparse)", category=CATEGORY,
+            description="KSampler with sparse attention + SSAR active for this run only.",
+            inputs=[
+                io.Model.Input("model", tooltip="A HunyuanVideo MODEL (full precision or QuantSparse compressed)"),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
+                             tooltip="The random seed of the initial noise"),
+                io.Int.Input("steps", default=30, min=1, max=10000, tooltip="Denoising steps"),
+                io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance scale; HunyuanVideo uses embedded guidance "
+                                       "(FluxGuidance) with cfg 1.0"),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler",
+                               tooltip="The sampling algorithm"),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="simple",
+                               tooltip="The noise schedule"),
+                io.Conditioning.Input("positive", tooltip="What the video should show"),
+                io.Conditioning.Input("negative", tooltip="What to avoid (used only when cfg > 1)"),
+                io.Latent.Input("latent_image", tooltip="The latent to denoise (e.g. EmptyHunyuanLatentVideo)"),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="How much of the schedule to run; 1.0 for text-to-video"),
+                *sparse_inputs(),
+            ],
+            outputs=[io.Latent.Output(tooltip="The denoised latent")],
+        )
+
+    @classmethod
+    def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
+                denoise, **settings) -> io.NodeOutput:
+        import nodes as comfy_nodes  # ComfyUI's own KSampler implementation
+        patched = apply_sparse(model, sparse_settings(**settings))
+        (out,) = comfy_nodes.common_ksampler(patched, seed, steps, cfg, sampler_name, scheduler, positive, negative,
+                                             latent_image, denoise=denoise)
+        return io.NodeOutput(out)

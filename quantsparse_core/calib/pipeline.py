@@ -1,0 +1,127 @@
+"""Compress a HunyuanVideo state dict end to end: capture block inputs along sampling trajectories
+of the user's own conditioning, calibrate block by block, save the compressed checkpoint.
+
+This is what the "QuantSparse Calibrate" node runs; it needs no ComfyUI, so it is tested here and
+the node stays a thin adapter. Interrupted runs resume from the last finished block, because the
+per-block results live in a folder named after the output, the source weights and the settings.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from ..io.checkpoint import save_compressed
+from ..models.config import config_from_state_dict
+from ..models.hunyuan_video import HunyuanVideoDiT
+from ..models.sampler import flow_sigmas, initial_noise, sample_euler
+from ..quant.policy import default_policy
+from .calibrate import CalibSettings, calibrate
+from .capture import capture, check_calibration_latent, spread_steps
+
+
+@dataclass
+class Conditioning:
+    """One prompt as the DiT consumes it: context [1, Lt, C], pooled [1, 768] or None, text mask
+    [1, Lt] (1 = real token) or None, embedded guidance."""
+    context: torch.Tensor
+    pooled: Optional[torch.Tensor]
+    mask: Optional[torch.Tensor]
+    guidance: float = 6.0
+
+
+def state_dict_hash(sd: dict) -> str:
+    """sha256 over key names, shapes, dtypes and bytes, in sorted key order: identifies the source
+    weights in the checkpoint header and keys the resume folder."""
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        t = sd[k].detach().cpu().contiguous()
+        h.update(f"{k}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def dit_from_state_dict(sd: dict, device="cpu", dtype=torch.float32) -> HunyuanVideoDiT:
+    """Our HunyuanVideoDiT with the given ComfyUI-format weights (ValueError if they are not HunyuanVideo's)."""
+    model = HunyuanVideoDiT(config_from_state_dict(sd), device="meta")
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in sd.items()}, strict=True, assign=True)
+    return model.eval()
+
+
+def capture_conditioned(model, cond: Conditioning, latent_shape, n_samples: int = 20, steps: int = 20,
+                        per_trajectory: int = 4, seed: int = 0, device="cpu",
+                        on_step: Optional[Callable[[int, int, int], None]] = None) -> dict:
+    """Block inputs at `n_samples` steps spread over the whole schedule, from trajectories of the
+    user's prompt with seeds seed, seed+1, ... (per_trajectory captured steps each).
+    on_step(trajectory, n_trajectories, step) reports progress (and may raise to stop)."""
+    check_calibration_latent(model, latent_shape)
+    if n_samples < 1 or steps < 1 or per_trajectory < 1:
+        raise ValueError("samples, steps and samples per trajectory must all be at least 1")
+    param = next(model.parameters())
+    ctx = cond.context.to(param)
+    pooled = None if cond.pooled is None else cond.pooled.to(param)
+    mask = None if cond.mask is None else cond.mask.to(param.device)
+    targets = spread_steps(n_samples, steps)
+    n_traj = -(-n_samples // per_trajectory)
+    merged = None
+    for j in range(n_traj):
+        noise = initial_noise((1, *latent_shape[-4:]), seed + j, param.device, param.dtype)
+
+        def run(cb, noise=noise, j=j):
+            def both(step):
+                cb(step)
+                if on_step is not None:
+                    on_step(j, n_traj, step.index)
+            return sample_euler(model, noise, ctx, pooled, flow_sigmas(steps), attention_mask=mask,
+                                guidance=cond.guidance, on_step=both)
+        got = capture(model, run, targets[j::n_traj], device)
+        if merged is None:
+            merged = got
+        else:
+            for key in merged:
+                merged[key].extend(got[key])
+    return merged
+
+
+def resume_folder(out_path: Path, source_hash: str, settings: CalibSettings, extra: dict) -> Path:
+    """Where per-block results of this exact job live (same output, weights, settings, data)."""
+    key = hashlib.sha256(json.dumps([source_hash, asdict(settings), extra], sort_keys=True).encode()).hexdigest()[:16]
+    return out_path.parent / ".quantsparse-partial" / f"{out_path.stem}-{key}"
+
+
+def compress(sd: dict, cond: Conditioning, latent_shape, out_path, settings: CalibSettings, *,
+             n_samples: int = 20, steps: int = 20, seed: int = 0, device="cpu",
+             progress: Optional[Callable] = None, capture_progress: Optional[Callable] = None):
+    """Calibrate and save. Returns (the compressed model, its policy, the calibration report).
+
+    `capture_progress(trajectory, n_trajectories, step)` is called while block inputs are captured and
+    `progress(block, n_blocks, epoch, loss)` during calibration; either may raise to stop the job:
+    finished blocks are kept and the next call with the same arguments resumes after them.
+    """
+    out_path = Path(out_path)
+    if out_path.suffix != ".safetensors":
+        raise ValueError(f"output name must end in .safetensors, got {out_path.name!r}")
+    source_hash = state_dict_hash(sd)
+    model = dit_from_state_dict(sd, device=device)
+    check_calibration_latent(model, latent_shape)
+    data = {"n_samples": n_samples, "steps": steps, "seed": seed, "latent": list(latent_shape[-4:]),
+            "context": state_dict_hash({"c": cond.context}), "guidance": cond.guidance}
+    partial = resume_folder(out_path, source_hash, settings, data)
+    captured = capture_conditioned(model, cond, latent_shape, n_samples, steps, seed=seed, device=device,
+                                   on_step=capture_progress)
+    policy = default_policy(model, settings.w_bits, settings.a_bits)
+    report = calibrate(model, captured, settings, policy, checkpoint_dir=partial, progress=progress)
+    calibration = {"settings": asdict(settings), "data": data, "final_losses": report}
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    save_compressed(model, out_path, policy, calibration=calibration, source_hash=source_hash)
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        partial.parent.rmdir()  # only if no other job is pending
+    except OSError:
+        pass
+    return model, policy, report

@@ -18,8 +18,12 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\- ]{0,120}$")
 
 
 def compressed_folder() -> Path:
+    """models/diffusion_models/quantsparse (ComfyUI lists models/unet first, its legacy name; we prefer
+    the current one when it is configured)."""
     import folder_paths
-    return Path(folder_paths.get_folder_paths("diffusion_models")[0]) / SUBFOLDER
+    paths = [Path(p) for p in folder_paths.get_folder_paths("diffusion_models")]
+    preferred = [p for p in paths if p.name == "diffusion_models"]
+    return (preferred or paths)[0] / SUBFOLDER
 
 
 def compressed_files() -> list:
@@ -48,9 +52,9 @@ def conditioning_tensors(positive) -> Conditioning:
     tensor, extra = positive[0][0], positive[0][1]
     mask = extra.get("attention_mask")
     guidance = extra.get("guidance", 6.0)
-    return Conditioning(tensor[:1].float().cpu(), None if extra.get("pooled_output") is None
-                        else extra["pooled_output"][:1].float().cpu(),
-                        None if mask is None else mask[:1].cpu(), 6.0 if guidance is None else float(guidance))
+    return Conditioning(tensor[:1].float().cpu().clone(), None if extra.get("pooled_output") is None
+                        else extra["pooled_output"][:1].float().cpu().clone(),
+                        None if mask is None else mask[:1].cpu().clone(), 6.0 if guidance is None else float(guidance))
 
 
 def diffusion_state_dict(model) -> dict:
@@ -128,6 +132,7 @@ class Calibrate(io.ComfyNode):
                                 tooltip="File name under models/diffusion_models/quantsparse/ (.safetensors added)"),
             ],
             outputs=[io.Model.Output(tooltip="The compressed model, loaded like Load Compressed DiT would")],
+            is_output_node=True,  # saving the checkpoint is the point: the node runs with nothing connected
         )
 
     @classmethod
@@ -140,18 +145,20 @@ class Calibrate(io.ComfyNode):
                                  lambda_g=lambda_global, lambda_l=lambda_local, stride=pool_stride,
                                  top_k=salient_tokens, seed=seed % (2**31))
         lat = latent["samples"]
-        cond = conditioning_tensors(positive)
-        sd = diffusion_state_dict(model)
-        n_blocks = sum(1 for k in sd if k.endswith(".img_attn.qkv.weight") or k.endswith(".linear1.weight"))
-        per_traj = 4
-        n_traj = -(-samples // per_traj)
-        bar = ProgressReporter(n_traj * steps, n_blocks * epochs)
-        device = comfy.model_management.get_torch_device()
-        compress(sd, cond, tuple(lat.shape[1:]), out, settings, n_samples=samples, steps=steps, seed=seed % (2**31),
-                 device=device,
-                 capture_progress=lambda j, n, s: bar.capture(j, n, s, steps),
-                 progress=lambda b, n, e, loss: bar.calibration(b, n, e, epochs))
-        del sd
+        # ComfyUI executes nodes under torch.inference_mode(); calibration trains (autograd), and
+        # tensors created in inference mode cannot take part, so everything is copied in here.
+        with torch.inference_mode(False), torch.enable_grad():
+            cond = conditioning_tensors(positive)
+            sd = diffusion_state_dict(model)
+            n_blocks = sum(1 for k in sd if k.endswith(".img_attn.qkv.weight") or k.endswith(".linear1.weight"))
+            n_traj = -(-samples // 4)  # compress() takes 4 samples per trajectory
+            bar = ProgressReporter(n_traj * steps, n_blocks * epochs)
+            device = comfy.model_management.get_torch_device()
+            compress(sd, cond, tuple(lat.shape[1:]), out, settings, n_samples=samples, steps=steps,
+                     seed=seed % (2**31), device=device,
+                     capture_progress=lambda j, n, s: bar.capture(j, n, s, steps),
+                     progress=lambda b, n, e, loss: bar.calibration(b, n, e, epochs))
+            del sd
         comfy.model_management.soft_empty_cache()
         return io.NodeOutput(load_compressed_patcher(out))
 

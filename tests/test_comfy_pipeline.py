@@ -31,6 +31,11 @@ def _empty_latent(**kw):
 
 
 def _calibrate(nodes, model, cond, name):
+    with torch.inference_mode():  # as ComfyUI runs every node
+        return _calibrate_node(nodes, model, cond, name)
+
+
+def _calibrate_node(nodes, model, cond, name):
     return nodes["QuantSparseCalibrate"].execute(
         model=model, positive=cond, latent=_empty_latent(**CALIB_LATENT), weight_bits="4", activation_bits="8",
         method="block", samples=2, steps=4, epochs=1, lambda_global=1.0, lambda_local=1.0, pool_stride=16,

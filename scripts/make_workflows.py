@@ -1,0 +1,185 @@
+"""Write the example workflows in workflows/ (ComfyUI's UI format), so they are reviewed as code.
+
+    python scripts/make_workflows.py
+
+Each graph is a few lines below; sockets and widget orders follow ComfyUI's /object_info, which
+tests/test_comfy_server.py checks every shipped workflow against. Model file names are those of
+ComfyUI's own HunyuanVideo example (README says where to get them).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parents[1] / "workflows"
+
+DIT = "hunyuan_video_t2v_720p_bf16.safetensors"
+CLIP_L = "clip_l.safetensors"
+LLAVA = "llava_llama3_fp8_scaled.safetensors"
+VAE = "hunyuan_video_vae_bf16.safetensors"
+COMPRESSED = "quantsparse/hunyuan_video_quantsparse_w4a8.safetensors"
+PROMPT = ("anime style anime girl with massive fennec ears and one big fluffy tail, she has blonde hair long hair "
+          "blue eyes wearing a pink sweater and a long blue skirt walking in a beautiful outdoor scenery with snow "
+          "mountains in the background")
+
+# type -> (socket inputs [(name, type)], outputs [(name, type)])
+SOCKETS = {
+    "UNETLoader": ([], [("MODEL", "MODEL")]),
+    "DualCLIPLoader": ([], [("CLIP", "CLIP")]),
+    "CLIPTextEncode": ([("clip", "CLIP")], [("CONDITIONING", "CONDITIONING")]),
+    "FluxGuidance": ([("conditioning", "CONDITIONING")], [("CONDITIONING", "CONDITIONING")]),
+    "ConditioningZeroOut": ([("conditioning", "CONDITIONING")], [("CONDITIONING", "CONDITIONING")]),
+    "EmptyHunyuanLatentVideo": ([], [("LATENT", "LATENT")]),
+    "VAELoader": ([], [("VAE", "VAE")]),
+    "VAEDecodeTiled": ([("samples", "LATENT"), ("vae", "VAE")], [("IMAGE", "IMAGE")]),
+    "CreateVideo": ([("images", "IMAGE"), ("audio", "AUDIO")], [("VIDEO", "VIDEO")]),
+    "SaveVideo": ([("video", "VIDEO")], []),
+    "KSampler": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                  ("latent_image", "LATENT")], [("LATENT", "LATENT")]),
+    "ImageStitch": ([("image1", "IMAGE"), ("image2", "IMAGE")], [("IMAGE", "IMAGE")]),
+    "SaveAnimatedWEBP": ([("images", "IMAGE")], []),
+    "QuantSparseCalibrate": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("latent", "LATENT")],
+                             [("MODEL", "MODEL")]),
+    "QuantSparseLoadCompressedDiT": ([], [("MODEL", "MODEL")]),
+    "QuantSparseSparseSampler": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                                  ("latent_image", "LATENT")], [("LATENT", "LATENT")]),
+    "QuantSparseLoadEmbeddedTinyDiT": ([], [("MODEL", "MODEL")]),
+    "QuantSparseTinyPromptEncode": ([], [("CONDITIONING", "CONDITIONING")]),
+    "QuantSparseTinyDecode": ([("samples", "LATENT")], [("IMAGE", "IMAGE")]),
+}
+SPARSE = [0.15, 5, 16, -1, 1, "auto"]  # density, refresh, svd rank, warm-up steps (-1 = 10%), warm-up blocks, placement
+
+
+class Graph:
+    def __init__(self):
+        self.nodes, self.links = [], []
+
+    def add(self, type_, widgets=(), col=0, row=0, title=None, **inputs):
+        sockets, outputs = SOCKETS[type_]
+        node = {"id": len(self.nodes) + 1, "type": type_, "pos": [60 + 380 * col, 80 + 260 * row],
+                "size": [340, 200], "flags": {}, "order": len(self.nodes), "mode": 0,
+                "inputs": [{"name": n, "type": t, "link": None} for n, t in sockets],
+                "outputs": [{"name": n, "type": t, "links": [], "slot_index": i} for i, (n, t) in enumerate(outputs)],
+                "properties": {"Node name for S&R": type_}, "widgets_values": list(widgets)}
+        if title:
+            node["title"] = title
+        self.nodes.append(node)
+        for name, (src, slot) in inputs.items():
+            self.connect(src, slot, node, name)
+        return node
+
+    def connect(self, src, slot, dst, name):
+        link_id = len(self.links) + 1
+        inp = next(i for i in dst["inputs"] if i["name"] == name)
+        out = src["outputs"][slot]
+        inp["link"] = link_id
+        out["links"].append(link_id)
+        self.links.append([link_id, src["id"], slot, dst["id"], dst["inputs"].index(inp), out["type"]])
+
+    def to_json(self):
+        for n in self.nodes:  # optional sockets left unconnected are dropped, as the editor does
+            n["inputs"] = [i for i in n["inputs"] if i["link"] is not None or i["name"] not in ("audio", "image2")]
+        return {"last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
+                "links": self.links, "groups": [], "config": {}, "extra": {}, "version": 0.4}
+
+
+def text_encoders(g, row=1):
+    clip = g.add("DualCLIPLoader", [CLIP_L, LLAVA, "hunyuan_video", "default"], 0, row)
+    text = g.add("CLIPTextEncode", [PROMPT], 1, row, clip=(clip, 0))
+    pos = g.add("FluxGuidance", [6.0], 2, row, conditioning=(text, 0))
+    return pos
+
+
+def calibrate_and_save():
+    g = Graph()
+    model = g.add("UNETLoader", [DIT, "default"], 0, 0)
+    pos = text_encoders(g)
+    latent = g.add("EmptyHunyuanLatentVideo", [848, 480, 73, 1], 0, 2, title="Calibration size")
+    g.add("QuantSparseCalibrate", ["4", "8", "msad", 20, 20, 15, 1.0, 1.0, 128, 256, 0,
+                                   "hunyuan_video_quantsparse_w4a8"], 3, 1,
+          model=(model, 0), positive=(pos, 0), latent=(latent, 0))
+    return g
+
+
+def decode_and_save(g, samples, col, row, prefix):
+    vae = g.add("VAELoader", [VAE], col, row + 1)
+    images = g.add("VAEDecodeTiled", [256, 64, 64, 8], col + 1, row, samples=(samples, 0), vae=(vae, 0))
+    video = g.add("CreateVideo", [24.0, 8], col + 2, row, images=(images, 0))
+    g.add("SaveVideo", [prefix, "auto", "auto"], col + 3, row, video=(video, 0))
+    return images
+
+
+def text_to_video_compressed_sparse():
+    g = Graph()
+    model = g.add("QuantSparseLoadCompressedDiT", [COMPRESSED], 0, 0)
+    pos = text_encoders(g)
+    neg = g.add("ConditioningZeroOut", [], 3, 2, conditioning=(pos, 0))
+    latent = g.add("EmptyHunyuanLatentVideo", [848, 480, 73, 1], 0, 2)
+    samples = g.add("QuantSparseSparseSampler", [0, "fixed", 30, 1.0, "euler", "simple", 1.0, *SPARSE], 4, 0,
+                    model=(model, 0), positive=(pos, 0), negative=(neg, 0), latent_image=(latent, 0))
+    decode_and_save(g, samples, 5, 0, "video/quantsparse")
+    return g
+
+
+def dense_vs_quantsparse():
+    g = Graph()
+    dense = g.add("UNETLoader", [DIT, "default"], 0, 0, title="Dense bf16")
+    compressed = g.add("QuantSparseLoadCompressedDiT", [COMPRESSED], 0, 3)
+    pos = text_encoders(g, row=1)
+    neg = g.add("ConditioningZeroOut", [], 3, 2, conditioning=(pos, 0))
+    latent = g.add("EmptyHunyuanLatentVideo", [848, 480, 73, 1], 0, 2)
+    a = g.add("KSampler", [0, "fixed", 30, 1.0, "euler", "simple", 1.0], 4, 0, title="Dense",
+              model=(dense, 0), positive=(pos, 0), negative=(neg, 0), latent_image=(latent, 0))
+    b = g.add("QuantSparseSparseSampler", [0, "fixed", 30, 1.0, "euler", "simple", 1.0, *SPARSE], 4, 3,
+              title="QuantSparse W4A8 + 15%", model=(compressed, 0), positive=(pos, 0), negative=(neg, 0),
+              latent_image=(latent, 0))
+    ia = decode_and_save(g, a, 5, 0, "video/dense")
+    ib = decode_and_save(g, b, 5, 3, "video/quantsparse")
+    both = g.add("ImageStitch", ["right", True, 8, "black"], 8, 2, image1=(ia, 0), image2=(ib, 0))
+    video = g.add("CreateVideo", [24.0, 8], 9, 2, images=(both, 0))
+    g.add("SaveVideo", ["video/dense_vs_quantsparse", "auto", "auto"], 10, 2, video=(video, 0))
+    return g
+
+
+def tiny_model_demo():
+    """Runs anywhere (CPU, no downloads): the embedded tiny model, calibrated, dense vs QuantSparse."""
+    g = Graph()
+    model = g.add("QuantSparseLoadEmbeddedTinyDiT", [], 0, 0)
+    cond = g.add("QuantSparseTinyPromptEncode", ["a red circle moving right slowly on a black background"], 0, 1)
+    calib = g.add("EmptyHunyuanLatentVideo", [256, 256, 29, 1], 0, 2, title="Calibration size")
+    latent = g.add("EmptyHunyuanLatentVideo", [256, 256, 29, 1], 0, 3, title="Video size (8 frames, 128x128)")
+    compressed = g.add("QuantSparseCalibrate", ["4", "8", "msad", 8, 20, 5, 1.0, 1.0, 128, 256, 0,
+                                                "tiny_quantsparse_w4a8"], 1, 0,
+                       model=(model, 0), positive=(cond, 0), latent=(calib, 0))
+    dense = g.add("KSampler", [0, "fixed", 20, 1.0, "euler", "simple", 1.0], 2, 0, title="Dense",
+                  model=(model, 0), positive=(cond, 0), negative=(cond, 0), latent_image=(latent, 0))
+    sparse = g.add("QuantSparseSparseSampler", [0, "fixed", 20, 1.0, "euler", "simple", 1.0, 0.25, 5, 16, -1, 1,
+                                                "auto"], 2, 2, title="QuantSparse W4A8 + 25%",
+                   model=(compressed, 0), positive=(cond, 0), negative=(cond, 0), latent_image=(latent, 0))
+    da = g.add("QuantSparseTinyDecode", [], 3, 0, samples=(dense, 0))
+    db = g.add("QuantSparseTinyDecode", [], 3, 2, samples=(sparse, 0))
+    both = g.add("ImageStitch", ["right", True, 4, "black"], 4, 1, image1=(da, 0), image2=(db, 0))
+    g.add("SaveAnimatedWEBP", ["quantsparse/tiny_dense_vs_quantsparse", 8.0, True, 80, "default"], 5, 1,
+          images=(both, 0))
+    return g
+
+
+WORKFLOWS = {
+    "quantsparse_calibrate_and_save.json": calibrate_and_save,
+    "quantsparse_text_to_video.json": text_to_video_compressed_sparse,
+    "quantsparse_dense_vs_quantsparse.json": dense_vs_quantsparse,
+    "quantsparse_tiny_model_demo.json": tiny_model_demo,
+}
+
+
+def main():
+    OUT.mkdir(exist_ok=True)
+    for name, build in WORKFLOWS.items():
+        tmp = OUT / (name + ".tmp")
+        tmp.write_text(json.dumps(build().to_json(), indent=1) + "\n")
+        tmp.replace(OUT / name)
+        print("wrote", OUT / name)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Check UI-format workflows against a server's /object_info, and convert them to API format
+(what ComfyUI's frontend does before queueing), for the server tests."""
+from __future__ import annotations
+
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+
+def _inputs(info: dict) -> list:
+    """[(name, type, options)] in the order the editor lays them out: required, then optional."""
+    order = info.get("input_order") or {sec: list(info["input"].get(sec, {})) for sec in ("required", "optional")}
+    out = []
+    for sec in ("required", "optional"):
+        spec = info["input"].get(sec, {})
+        for name in order.get(sec, []):
+            t, opts = spec[name][0], (spec[name][1] if len(spec[name]) > 1 else {})
+            if isinstance(t, list):
+                t, opts = "COMBO", {**opts, "options": t}
+            out.append((name, t, opts))
+    return out
+
+
+def widget_inputs(info: dict) -> list:
+    return [(n, t, o) for n, t, o in _inputs(info) if t in WIDGET_TYPES and not o.get("forceInput")]
+
+
+def socket_type(info: dict, name: str):
+    for n, t, _ in _inputs(info):
+        if n == name:
+            return t
+    return None
+
+
+def _widget_values(node: dict, info: dict) -> dict:
+    """{input name: value}, skipping the editor's extra 'control after generate' entries."""
+    values = list(node.get("widgets_values") or [])
+    out, i = {}, 0
+    for name, _, opts in widget_inputs(info):
+        if i >= len(values):
+            raise ValueError(f"node {node['id']} ({node['type']}): no widget value for {name!r}")
+        out[name] = values[i]
+        i += 2 if opts.get("control_after_generate") else 1
+    if i != len(values):
+        raise ValueError(f"node {node['id']} ({node['type']}): {len(values)} widget values, expected {i}")
+    return out
+
+
+def _check_value(where: str, t: str, opts: dict, v) -> list:
+    if t == "COMBO":
+        return [] if v in opts.get("options", []) else [f"{where}: {v!r} is not one of the options"]
+    if t == "INT":
+        ok = isinstance(v, int) and not isinstance(v, bool)
+    elif t == "FLOAT":
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+    elif t == "BOOLEAN":
+        ok = isinstance(v, bool)
+    else:
+        ok = isinstance(v, str)
+    if not ok:
+        return [f"{where}: {v!r} is not a {t}"]
+    if t in ("INT", "FLOAT") and (v < opts.get("min", v) or v > opts.get("max", v)):
+        return [f"{where}: {v} outside [{opts.get('min')}, {opts.get('max')}]"]
+    return []
+
+
+def validate(workflow: dict, object_info: dict) -> list:
+    """Problems found (empty = valid): node types, link types, widget values."""
+    problems = []
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    for n in workflow["nodes"]:
+        info = object_info.get(n["type"])
+        if info is None:
+            problems.append(f"node {n['id']}: unknown type {n['type']}")
+            continue
+        try:
+            values = _widget_values(n, info)
+        except ValueError as e:
+            problems.append(str(e))
+            continue
+        for name, t, opts in widget_inputs(info):
+            problems += _check_value(f"node {n['id']} ({n['type']}).{name}", t, opts, values[name])
+        required = info["input"].get("required", {})
+        linked = {i["name"] for i in n.get("inputs", []) if i.get("link") is not None}
+        for name, t, _ in _inputs(info):
+            if name in required and t not in WIDGET_TYPES and name not in linked:
+                problems.append(f"node {n['id']} ({n['type']}): required input {name!r} is not connected")
+    for link_id, src, slot, dst, dst_slot, t in workflow["links"]:
+        s, d = nodes.get(src), nodes.get(dst)
+        if s is None or d is None:
+            problems.append(f"link {link_id}: missing node")
+            continue
+        outs = object_info.get(s["type"], {}).get("output", [])
+        if slot >= len(outs) or outs[slot] != t:
+            problems.append(f"link {link_id}: {s['type']} output {slot} is {outs[slot:slot + 1]}, link says {t}")
+        name = d["inputs"][dst_slot]["name"]
+        want = socket_type(object_info.get(d["type"], {"input": {}}), name)
+        if want != t:
+            problems.append(f"link {link_id}: {d['type']}.{name} takes {want}, gets {t}")
+    return problems
+
+
+def to_api(workflow: dict, object_info: dict) -> dict:
+    """API-format prompt {id: {class_type, inputs}} from a UI workflow."""
+    links = {l[0]: l for l in workflow["links"]}
+    prompt = {}
+    for n in workflow["nodes"]:
+        if n.get("mode", 0) != 0:
+            continue
+        inputs = dict(_widget_values(n, object_info[n["type"]]))
+        for i in n.get("inputs", []):
+            if i.get("link") is not None:
+                _, src, slot, _, _, _ = links[i["link"]]
+                inputs[i["name"]] = [str(src), slot]
+        prompt[str(n["id"])] = {"class_type": n["type"], "inputs": inputs}
+    return prompt

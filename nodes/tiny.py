@@ -59,7 +59,7 @@ class TinyDecode(io.ComfyNode):
         return io.Schema(
             node_id="QuantSparseTinyDecode", display_name="Tiny Decode (QuantSparse)", category=CATEGORY,
             inputs=[io.Latent.Input("samples", tooltip="Latent from sampling the embedded tiny model "
-                                                       "(EmptyHunyuanLatentVideo 128x128, length 29 = 8 frames)")],
+                                                       "(EmptyHunyuanLatentVideo 256 x 256, length 29: a 32 x 32 x 8 latent, decoded to 8 frames of 128 x 128)")],
             outputs=[io.Image.Output(tooltip="The frames of every batch entry, one after another")],
         )
 

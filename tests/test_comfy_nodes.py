@@ -25,7 +25,9 @@ def load_pack():
 
 def test_nodes_register_with_category_and_tooltips():
     nodes = load_pack()
-    assert set(nodes) == {"QuantSparseLoadEmbeddedTinyDiT", "QuantSparseTinyPromptEncode", "QuantSparseTinyDecode"}
+    assert set(nodes) == {"QuantSparseCalibrate", "QuantSparseLoadCompressedDiT", "QuantSparseSparseSampler",
+                          "QuantSparseSparseAttention", "QuantSparseLoadEmbeddedTinyDiT", "QuantSparseTinyPromptEncode",
+                          "QuantSparseTinyDecode"}
     for cls in nodes.values():
         schema = cls.define_schema()
         assert schema.category == "QuantSparse"

@@ -20,7 +20,8 @@ STEPS, SEED = 8, 11
 def pack(tmp_path_factory):
     require_comfyui()
     import folder_paths
-    models = tmp_path_factory.mktemp("models")
+    models = tmp_path_factory.mktemp("models") / "diffusion_models"
+    models.mkdir()
     folder_paths.add_model_folder_path("diffusion_models", str(models), is_default=True)
     return load_pack(), models
 

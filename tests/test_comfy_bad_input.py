@@ -52,3 +52,44 @@ def test_sparse_nodes_refuse_bad_settings_and_models(pack):
     (patched,) = patch.execute(model=model, **ok).result
     assert patched is not model and "optimized_attention_override" not in \
         model.model_options.get("transformer_options", {})
+
+
+def test_calibrate_honours_cancel_and_resumes(pack, monkeypatch):
+    """Cancel (ComfyUI's interrupt) stops calibration between epochs; running the node again resumes
+    after the last finished block and writes the same file as an uninterrupted run."""
+    import sys
+
+    import comfy.model_management
+    from safetensors.torch import load_file
+
+    nodes, models = pack
+    model_nodes = sys.modules[nodes["QuantSparseCalibrate"].__module__]
+    (model,) = nodes["QuantSparseLoadEmbeddedTinyDiT"].execute().result
+    (cond,) = nodes["QuantSparseTinyPromptEncode"].execute("a blue square moving up quickly on a white background").result
+    kw = dict(model=model, positive=cond, latent=_empty_latent(width=64, height=64, length=5),
+              **{**CALIB, "method": "block", "epochs": 2})
+    nodes["QuantSparseCalibrate"].execute(output_name="whole", **kw)
+
+    original = model_nodes.ProgressReporter.calibration
+    blocks, cancelled = [], []
+
+    def cancel_in_third_block(self, block, n_blocks, epoch, epochs):
+        blocks.append(block)
+        if block == 2 and not cancelled:
+            cancelled.append(True)
+            comfy.model_management.interrupt_current_processing(True)
+        return original(self, block, n_blocks, epoch, epochs)
+
+    monkeypatch.setattr(model_nodes.ProgressReporter, "calibration", cancel_in_third_block)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            nodes["QuantSparseCalibrate"].execute(output_name="resumed", **kw)
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+    assert not (models / "quantsparse" / "resumed.safetensors").exists()
+    blocks.clear()
+    nodes["QuantSparseCalibrate"].execute(output_name="resumed", **kw)
+    assert min(blocks) == 2                                    # blocks 0 and 1 were not trained again
+    a = load_file(str(models / "quantsparse" / "whole.safetensors"))
+    b = load_file(str(models / "quantsparse" / "resumed.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -131,6 +131,8 @@ class CacheStore:
             raise ValueError(f"the low-rank placement needs rank >= 1, got {rank}")
         self.policy, self.rank = policy, rank
         self._data: Dict = {}
+        self._ready: Dict = {}        # cpu-pinned entries already on their way to the GPU
+        self._copy_stream = None
 
     def _host(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(torch.bfloat16)
@@ -148,6 +150,7 @@ class CacheStore:
             entry = ("raw", x.to(torch.bfloat16))
         elif self.policy == "cpu-pinned":
             entry = ("raw", self._host(x))
+            self._ready.pop(key, None)  # a prefetched copy of the old value is stale
         elif self.policy == "gpu-int8":
             x = x.float()
             scale = x.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) / 127.0
@@ -157,7 +160,32 @@ class CacheStore:
             entry = ("lowrank", us.to(torch.bfloat16), vh.to(torch.bfloat16))
         self._data[key] = entry
 
+    def prefetch(self, key, device) -> None:
+        """cpu-pinned only: start copying `key` to a CUDA `device` on a side stream, so the transfer
+        overlaps the compute of the layers before the one that needs it; get() then only waits
+        for the copy's event. A no-op for other placements, missing keys and non-CUDA devices."""
+        device = torch.device(device)
+        if (self.policy != "cpu-pinned" or device.type != "cuda" or key not in self._data
+                or key in self._ready or self._data[key][0] != "raw"):
+            return
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(device)
+        compute = torch.cuda.current_stream(device)
+        self._copy_stream.wait_stream(compute)   # the host copy was written by work queued on compute
+        with torch.cuda.stream(self._copy_stream):
+            on_device = self._data[key][1].to(device, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self._copy_stream)
+        self._ready[key] = (on_device, done)
+
     def get(self, key, device) -> torch.Tensor:
+        if key in self._ready:
+            on_device, done = self._ready.pop(key)
+            if on_device.device == torch.device(device):
+                stream = torch.cuda.current_stream(on_device.device)
+                stream.wait_event(done)
+                on_device.record_stream(stream)  # allocated on the copy stream, used on this one
+                return on_device.float()
         entry = self._data[key]
         if entry[0] == "raw":
             return entry[1].to(device, non_blocking=True).float()
@@ -180,9 +208,11 @@ class CacheStore:
 
     def drop(self, key) -> None:
         self._data.pop(key, None)
+        self._ready.pop(key, None)
 
     def clear(self) -> None:
         self._data.clear()
+        self._ready.clear()
 
     def nbytes(self) -> int:
         """Bytes actually held (device and host together)."""

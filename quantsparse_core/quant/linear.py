@@ -4,6 +4,11 @@ activations, with optional smoothing and Kronecker rotation on its input.
 mode "fake" (calibration): float weights, quantize-dequantize with straight-through rounding, so
 clipping, smoothing and rotation can be learned. freeze() switches to mode "real": the transformed
 weight is folded, quantized and packed; the activation transform runs online.
+
+Real mode on CUDA (kernels.dispatch.use_triton) runs the fused Triton path: kernels.act_quant
+(smoothing + clip + per-token quantization in one pass) then kernels.int_gemm (int8 x int8/int4,
+scales and bias in the epilogue). The kernel weight layout is made once, on the first such forward
+(or by prepare_kernels()), kept as a plain attribute: never saved, dropped when the module moves.
 """
 from __future__ import annotations
 
@@ -16,6 +21,18 @@ from .quantizers import absmax_scale, check_bits, fake_quant, quantize
 from .transforms import OrthogonalFactor, apply_kron, hadamard, kron_factors
 
 CLIP_MIN = 0.2  # never clip more than 80% of a row's range
+
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _kernels_on(device: torch.device) -> bool:
+    """Whether the fused Triton kernels should run for tensors on `device` (kernels.dispatch)."""
+    try:
+        from kernels import dispatch
+    except ImportError:  # the kernels package is not importable: stay on the PyTorch path
+        return False
+    return dispatch.use_triton(device)
 
 
 class QuantLinear(nn.Module):
@@ -82,6 +99,8 @@ class QuantLinear(nn.Module):
             if self.a_bits < 16:
                 xt = fake_quant(xt, self._act_scale(xt), self.a_bits)
             return F.linear(xt, w, self.bias).to(dtype)
+        if self.a_bits < 16 and x.dtype in _KERNEL_DTYPES and _kernels_on(x.device):
+            return self._triton_forward(x)
         codes = unpack_int4(self.w_packed) if self.w_bits == 4 else self.w_packed
         if self.a_bits < 16:
             sx = self._act_scale(xt)
@@ -92,6 +111,38 @@ class QuantLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.to(dtype)
+
+    # -- the Triton path (real mode, quantized activations) -----------------------------------------
+    def _apply(self, fn, *args, **kwargs):
+        self._kernel_state = None  # the prepared layout belongs to the old device / dtype
+        return super()._apply(fn, *args, **kwargs)
+
+    @torch.no_grad()
+    def prepare_kernels(self) -> dict:
+        """Lay the weight out for kernels.int_gemm (once) and cache the per-call constants."""
+        if self.mode != "real":
+            raise ValueError("prepare_kernels() needs a frozen layer: call freeze() first")
+        key = (self.w_packed.device, self.w_packed.data_ptr(), self.w_packed._version)
+        st = getattr(self, "_kernel_state", None)
+        if st is None or st["key"] != key:
+            from kernels.int_gemm import prepare_weight
+            st = {"key": key, "weight": prepare_weight(self.w_packed, self.w_bits, self.w_scale),
+                  "clip": float(self.a_clip.clamp(CLIP_MIN, 1.0)),
+                  "inv_smooth": None if self.log_smooth is None else torch.exp(-self.log_smooth).float(),
+                  "bias": None if self.bias is None else self.bias.float().contiguous()}
+            self._kernel_state = st
+        return st
+
+    def _triton_forward(self, x: torch.Tensor) -> torch.Tensor:
+        from kernels.act_quant import act_quant
+        from kernels.int_gemm import OUT_DTYPES, int_gemm
+        st = self.prepare_kernels()
+        f = self._factors()
+        r1, r2 = (None, None) if f is None else f
+        codes, sx = act_quant(x, self.a_bits, st["inv_smooth"], st["clip"], r1, r2)
+        out = x.dtype if x.dtype in OUT_DTYPES else torch.float32
+        y = int_gemm(codes, sx, st["weight"], st["bias"], out_dtype=out)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     @torch.no_grad()
     def freeze(self) -> "QuantLinear":

@@ -1,0 +1,217 @@
+"""W8A8 and W4A8 GEMMs (Triton): int8 activations x int8 / packed-int4 weights, int32 accumulation,
+per-token x per-output-channel scales and bias in the epilogue, bf16 (or given dtype) out.
+
+Weight layout (prepare_weight, done once at load time):
+- 8/6-bit: int8 codes [N, K], K contiguous. int8 tensor-core MMAs on Hopper take both operands
+  K-major, so the [N, K] storage is already the layout the MMA wants; no transpose is made.
+- 4-bit: int8 bytes [N, K/2] where byte j holds code k=j in its low nibble and code k=j+K/2 in its
+  high nibble ("split halves"). The kernel loads one byte tile, sign-extends both nibbles with two
+  shifts, and multiplies them against the activation tiles at k and k + K/2: two MMAs, no in-register
+  interleave. Checkpoints keep packing.pack_int4's interleaved format; this is a runtime layout only.
+
+4-bit execution ("unpack"): at the video token counts (M ~ 1e5) the GEMM is compute bound, and the
+in-kernel nibble unpack costs ~45% of the int8 MMA rate on H100 (575 vs 1,030 TOPS measured: Hopper
+MMAs read B from shared memory, so unpacked nibbles make a shared -> register -> shared round trip).
+So for large M ("separate", the default above SEPARATE_MIN_M rows) a small kernel expands the 4-bit
+weight into a transient int8 [N, K] buffer (N*K bytes, ~1% of the GEMM's time) and the W8A8 kernel
+runs; the stored weight stays 4-bit. Small M ("fused") unpacks inside the GEMM, where bytes matter.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import dispatch
+from quantsparse_core.quant.packing import unpack_int4
+
+OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+class PreparedWeight:
+    """A weight laid out for int_gemm: `data` (int8), w_bits, in/out features, scales [N] fp32."""
+
+    def __init__(self, data: torch.Tensor, w_bits: int, in_features: int, scale: torch.Tensor):
+        self.data, self.w_bits, self.in_features = data, w_bits, in_features
+        self.out_features = data.shape[0]
+        self.scale = scale
+
+    def to(self, device) -> "PreparedWeight":
+        return PreparedWeight(self.data.to(device), self.w_bits, self.in_features, self.scale.to(device))
+
+
+def prepare_weight(w: torch.Tensor, w_bits: int, scale: torch.Tensor) -> PreparedWeight:
+    """QuantLinear storage (int8 codes [N, K], or uint8 pack_int4 [N, K/2]) + scale [N, 1] -> kernel layout."""
+    if w_bits not in (4, 6, 8):
+        raise ValueError(f"w_bits must be 4, 6 or 8, got {w_bits}")
+    if w.dim() != 2:
+        raise ValueError(f"weight must be 2-D [N, K] (or [N, K/2] packed), got shape {tuple(w.shape)}")
+    n = w.shape[0]
+    if scale.numel() != n:
+        raise ValueError(f"weight scale has {scale.numel()} entries, expected one per output channel ({n})")
+    scale = scale.reshape(n).float().contiguous()
+    if w_bits == 4:
+        if w.dtype != torch.uint8:
+            raise ValueError(f"4-bit weights must be uint8 packed by packing.pack_int4, got {w.dtype}")
+        codes = unpack_int4(w)
+        k = codes.shape[1]
+        lo, hi = codes[:, : k // 2].to(torch.int16), codes[:, k // 2:].to(torch.int16)
+        data = ((lo & 0xF) | ((hi & 0xF) << 4)).to(torch.uint8).view(torch.int8).contiguous()
+        return PreparedWeight(data, 4, k, scale)
+    if w.dtype != torch.int8:
+        raise ValueError(f"{w_bits}-bit weights must be int8 codes, got {w.dtype}")
+    return PreparedWeight(w.contiguous(), w_bits, w.shape[1], scale)
+
+
+@triton.jit
+def _int_gemm_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, c_ptr, M, N, K_ITER, HALF,
+                     stride_am, stride_bn, stride_cm,
+                     W4: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    # grouped order: GROUP_M row-tiles share each weight tile while it is in L2
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    rm = (offs_m % M).to(tl.int64)  # wrapped rows/cols: loads stay in bounds, stores are masked
+    rn = (offs_n % N).to(tl.int64)
+    a_ptrs = a_ptr + rm[:, None] * stride_am + offs_k[None, :]
+    b_ptrs = b_ptr + rn[None, :] * stride_bn + offs_k[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k in range(0, K_ITER, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            km = offs_k < K_ITER - k
+            a = tl.load(a_ptrs, mask=km[None, :], other=0)
+            b = tl.load(b_ptrs, mask=km[:, None], other=0)
+        if W4:
+            if EVEN_K:
+                a2 = tl.load(a_ptrs + HALF)
+            else:
+                a2 = tl.load(a_ptrs + HALF, mask=km[None, :], other=0)
+            lo = (b << 4) >> 4  # arithmetic shifts on int8 sign-extend each nibble
+            hi = b >> 4
+            acc = tl.dot(a, lo, acc, out_dtype=tl.int32)
+            acc = tl.dot(a2, hi, acc, out_dtype=tl.int32)
+        else:
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+
+    mmask = offs_m < M
+    nmask = offs_n < N
+    sa = tl.load(sa_ptr + offs_m, mask=mmask, other=0.0)
+    sb = tl.load(sb_ptr + offs_n, mask=nmask, other=0.0)
+    y = acc.to(tl.float32) * sa[:, None] * sb[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + offs_n, mask=nmask, other=0.0)[None, :]
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _unpack_w4_kernel(p_ptr, c_ptr, HALF, BLOCK: tl.constexpr):
+    """Split-halves bytes [N, K/2] -> int8 codes [N, K] (low nibble -> k, high nibble -> k + K/2)."""
+    n = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < HALF
+    b = tl.load(p_ptr + n * HALF + offs, mask=m, other=0)
+    tl.store(c_ptr + n * 2 * HALF + offs, (b << 4) >> 4, mask=m)
+    tl.store(c_ptr + n * 2 * HALF + HALF + offs, b >> 4, mask=m)
+
+
+def unpack_prepared_w4(w: "PreparedWeight") -> "PreparedWeight":
+    """The int8 [N, K] (W8A8-layout) twin of a prepared 4-bit weight, made on the fly."""
+    n, half = w.data.shape
+    codes = torch.empty((n, 2 * half), dtype=torch.int8, device=w.data.device)
+    blk = 1024
+    _unpack_w4_kernel[(n, triton.cdiv(half, blk))](w.data, codes, half, BLOCK=blk, num_warps=4)
+    return PreparedWeight(codes, 8, w.in_features, w.scale)
+
+
+SEPARATE_MIN_M = 1024  # at or above this many rows, 4-bit weights are expanded to int8 per call
+
+
+def _cfg(bm, bn, bk, warps, stages, group=8):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group},
+                         num_warps=warps, num_stages=stages)
+
+
+# H100 candidates (BLOCK_K counts K per MMA; a 4-bit step covers 2 * BLOCK_K of K).
+_CONFIGS = [
+    _cfg(128, 256, 128, 8, 3),
+    _cfg(256, 128, 128, 8, 3),
+    _cfg(128, 128, 128, 8, 4),
+    _cfg(128, 256, 64, 8, 4),
+    _cfg(128, 256, 128, 8, 4),
+    _cfg(256, 128, 128, 8, 4),
+    _cfg(256, 128, 64, 8, 4),
+    _cfg(128, 128, 128, 4, 4),
+]
+_tuned = triton.autotune(configs=_CONFIGS, key=["N", "K_ITER", "W4", "HAS_BIAS", "EVEN_K"])(_int_gemm_kernel)
+_INTERP = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)  # small tiles for the CPU interpreter
+
+
+def int_gemm(a: torch.Tensor, sa: torch.Tensor, w: PreparedWeight, bias: torch.Tensor | None = None,
+             out_dtype: torch.dtype = torch.bfloat16, config: dict | None = None,
+             unpack: str = "auto") -> torch.Tensor:
+    """a int8 [M, K] codes, sa fp32 [M, 1] per-token scales, w from prepare_weight -> [M, N] out_dtype.
+
+    config: optional fixed {BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages} (skips autotune).
+    unpack (4-bit only): "fused" in the GEMM, "separate" to a transient int8 buffer, "auto" by M.
+    """
+    if not isinstance(w, PreparedWeight):
+        raise ValueError("w must come from kernels.int_gemm.prepare_weight(codes_or_packed, w_bits, scale)")
+    if a.dtype != torch.int8 or a.dim() != 2:
+        raise ValueError(f"activations must be 2-D int8 codes [M, K], got {a.dtype} {tuple(a.shape)}")
+    M, K = a.shape
+    if K != w.in_features:
+        raise ValueError(f"activation K={K} does not match the weight's in_features={w.in_features}")
+    if w.w_bits == 4 and K % 2:
+        raise ValueError(f"4-bit weights need an even K, got {K}")
+    if sa.numel() != M or sa.dtype != torch.float32:
+        raise ValueError(f"activation scale must be fp32 with one entry per row ({M}), got {sa.dtype} {tuple(sa.shape)}")
+    if out_dtype not in OUT_DTYPES:
+        raise ValueError(f"out_dtype must be one of {OUT_DTYPES}, got {out_dtype}")
+    if unpack not in ("auto", "fused", "separate"):
+        raise ValueError(f"unpack must be 'auto', 'fused' or 'separate', got {unpack!r}")
+    if w.w_bits == 4 and (unpack == "separate" or (unpack == "auto" and M >= SEPARATE_MIN_M)):
+        w = unpack_prepared_w4(w)
+    N = w.out_features
+    if bias is not None:
+        if bias.numel() != N:
+            raise ValueError(f"bias has {bias.numel()} entries, expected {N}")
+        bias = bias.reshape(N).float().contiguous()
+    if a.stride(1) != 1:
+        a = a.contiguous()
+    sa = sa.reshape(M).contiguous()
+    c = torch.empty((M, N), dtype=out_dtype, device=a.device)
+    if M == 0:
+        return c
+    k_iter = K // 2 if w.w_bits == 4 else K
+    args = (a, w.data, sa, w.scale, bias if bias is not None else w.scale, c, M, N, k_iter, K // 2,
+            a.stride(0), w.data.stride(0), c.stride(0))
+    W4, HAS_BIAS = w.w_bits == 4, bias is not None
+    if config is None and dispatch.interpreting():
+        config = _INTERP
+    if config is not None:
+        cfg = dict(config)
+        warps, stages = cfg.pop("num_warps", 4), cfg.pop("num_stages", 2)
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+        _int_gemm_kernel[grid](*args, W4=W4, HAS_BIAS=HAS_BIAS, EVEN_K=k_iter % cfg["BLOCK_K"] == 0,
+                               num_warps=warps, num_stages=stages, **cfg)
+    else:
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+        _tuned[grid](*args, W4=W4, HAS_BIAS=HAS_BIAS, EVEN_K=k_iter % 128 == 0)
+    return c

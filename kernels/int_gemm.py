@@ -15,6 +15,10 @@ MMAs read B from shared memory, so unpacked nibbles make a shared -> register ->
 So for large M ("separate", the default above SEPARATE_MIN_M rows) a small kernel expands the 4-bit
 weight into a transient int8 [N, K] buffer (N*K bytes, ~1% of the GEMM's time) and the W8A8 kernel
 runs; the stored weight stays 4-bit. Small M ("fused") unpacks inside the GEMM, where bytes matter.
+
+Kernels: for M >= TMA_MIN_M on Hopper a persistent kernel with TMA tile loads and hand-picked tiles
+(TMA_CONFIGS) runs: 1.47-1.68x bf16 torch.matmul at the six HunyuanVideo shapes on H100 (vs 1.31-1.49x
+for the autotuned pointer kernel, which serves small M, older GPUs and the CPU interpreter).
 """
 from __future__ import annotations
 
@@ -65,7 +69,7 @@ def prepare_weight(w: torch.Tensor, w_bits: int, scale: torch.Tensor) -> Prepare
 
 @triton.jit
 def _int_gemm_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, c_ptr, M, N, K_ITER, HALF,
-                     stride_am, stride_bn, stride_cm,
+                     stride_am, stride_bn, stride_cm, M_BUCKET,
                      W4: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      GROUP_M: tl.constexpr):
@@ -143,6 +147,81 @@ def unpack_prepared_w4(w: "PreparedWeight") -> "PreparedWeight":
 SEPARATE_MIN_M = 1024  # at or above this many rows, 4-bit weights are expanded to int8 per call
 
 
+@triton.jit
+def _int_gemm_tma_kernel(a_desc, b_desc, sa_ptr, sb_ptr, bias_ptr, c_ptr, M, N, K, stride_cm,
+                         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_PROGS: tl.constexpr):
+    """Persistent W8A8 variant: TMA tile loads (out-of-bounds rows read as zero), one program per SM
+    walking the output tiles in grouped order."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    group = GROUP_M * num_n
+    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGS):
+        first_m = (tile // group) * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (tile % group) % size_m
+        pid_n = (tile % group) // size_m
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for kt in range(k_tiles):
+            a = a_desc.load([pid_m * BLOCK_M, kt * BLOCK_K])
+            b = b_desc.load([pid_n * BLOCK_N, kt * BLOCK_K])
+            acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mmask = offs_m < M
+        nmask = offs_n < N
+        sa = tl.load(sa_ptr + offs_m, mask=mmask, other=0.0)
+        sb = tl.load(sb_ptr + offs_n, mask=nmask, other=0.0)
+        y = acc.to(tl.float32) * sa[:, None] * sb[None, :]
+        if HAS_BIAS:
+            y = y + tl.load(bias_ptr + offs_n, mask=nmask, other=0.0)[None, :]
+        c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+        tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+
+
+# Hand-picked persistent-TMA tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) measured on H100 at
+# M = 119,056 (benchmarks/dev_quant_kernels.py, 2026-11-25): 1.47-1.68x bf16 torch.matmul.
+TMA_CONFIGS = {
+    (3072, 9216): (256, 128, 128, 8, 3),     # qkv        5.97 ms
+    (3072, 3072): (256, 128, 128, 8, 3),     # proj       1.99 ms
+    (3072, 12288): (128, 256, 128, 8, 3),    # mlp up     8.10 ms
+    (12288, 3072): (128, 256, 128, 8, 3),    # mlp down   7.03 ms
+    (3072, 21504): (256, 128, 128, 8, 3),    # linear1   14.17 ms
+    (15360, 3072): (128, 256, 128, 8, 3),    # linear2    9.04 ms
+}
+TMA_MIN_M = 8192  # persistent tiles pay off once there are many output tiles per SM
+
+
+def _tma_config(K: int, N: int) -> tuple:
+    return TMA_CONFIGS.get((K, N), (128, 256, 128, 8, 3) if K >= 8192 else (256, 128, 128, 8, 3))
+
+
+def _use_tma(a: torch.Tensor, w: "PreparedWeight", tile: tuple | None) -> bool:
+    """Hopper or newer, big M, 16-byte aligned rows (TMA's rules), not the CPU interpreter."""
+    if not a.is_cuda or dispatch.interpreting() or w.w_bits == 4:
+        return False
+    if torch.cuda.get_device_capability(a.device) < (9, 0):
+        return False
+    K = a.shape[1]
+    return (tile is not None or a.shape[0] >= TMA_MIN_M) and K % 16 == 0 and a.stride(0) % 16 == 0 \
+        and a.data_ptr() % 16 == 0 and w.data.data_ptr() % 16 == 0
+
+
+def _launch_tma(a, sa, w, bias, c, tile):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    bm, bn, bk, warps, stages = tile
+    M, K = a.shape
+    N = w.out_features
+    a_desc = TensorDescriptor.from_tensor(a, [bm, bk])
+    b_desc = TensorDescriptor.from_tensor(w.data, [bn, bk])
+    sms = torch.cuda.get_device_properties(a.device).multi_processor_count if a.is_cuda else 4
+    progs = min(sms, triton.cdiv(M, bm) * triton.cdiv(N, bn))
+    _int_gemm_tma_kernel[(progs,)](a_desc, b_desc, sa, w.scale, bias if bias is not None else w.scale, c,
+                                   M, N, K, c.stride(0), HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn,
+                                   BLOCK_K=bk, GROUP_M=8, NUM_PROGS=progs, num_warps=warps, num_stages=stages)
+
+
 def _cfg(bm, bn, bk, warps, stages, group=8):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group},
                          num_warps=warps, num_stages=stages)
@@ -159,16 +238,18 @@ _CONFIGS = [
     _cfg(256, 128, 64, 8, 4),
     _cfg(128, 128, 128, 4, 4),
 ]
-_tuned = triton.autotune(configs=_CONFIGS, key=["N", "K_ITER", "W4", "HAS_BIAS", "EVEN_K"])(_int_gemm_kernel)
+_tuned = triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "N", "K_ITER", "W4", "HAS_BIAS", "EVEN_K"])(_int_gemm_kernel)
 _INTERP = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)  # small tiles for the CPU interpreter
 
 
 def int_gemm(a: torch.Tensor, sa: torch.Tensor, w: PreparedWeight, bias: torch.Tensor | None = None,
              out_dtype: torch.dtype = torch.bfloat16, config: dict | None = None,
-             unpack: str = "auto") -> torch.Tensor:
+             unpack: str = "auto", tma_tile: tuple | None = None) -> torch.Tensor:
     """a int8 [M, K] codes, sa fp32 [M, 1] per-token scales, w from prepare_weight -> [M, N] out_dtype.
 
-    config: optional fixed {BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages} (skips autotune).
+    Large M on Hopper (8/6-bit, or 4-bit expanded): persistent TMA kernel, tiles from TMA_CONFIGS
+    (tma_tile=(BM, BN, BK, warps, stages) overrides). Otherwise the pointer kernel, autotuned, or
+    config: a fixed {BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages}.
     unpack (4-bit only): "fused" in the GEMM, "separate" to a transient int8 buffer, "auto" by M.
     """
     if not isinstance(w, PreparedWeight):
@@ -199,9 +280,12 @@ def int_gemm(a: torch.Tensor, sa: torch.Tensor, w: PreparedWeight, bias: torch.T
     c = torch.empty((M, N), dtype=out_dtype, device=a.device)
     if M == 0:
         return c
+    if config is None and _use_tma(a, w, tma_tile):
+        _launch_tma(a, sa, w, bias, c, tma_tile or _tma_config(K, N))
+        return c
     k_iter = K // 2 if w.w_bits == 4 else K
     args = (a, w.data, sa, w.scale, bias if bias is not None else w.scale, c, M, N, k_iter, K // 2,
-            a.stride(0), w.data.stride(0), c.stride(0))
+            a.stride(0), w.data.stride(0), c.stride(0), min(triton.next_power_of_2(M), 65536))
     W4, HAS_BIAS = w.w_bits == 4, bias is not None
     if config is None and dispatch.interpreting():
         config = _INTERP

@@ -91,6 +91,8 @@ class QuantLinear(nn.Module):
 
     # -- modes ------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "real" and self.a_bits < 16 and x.dtype in _KERNEL_DTYPES and _kernels_on(x.device):
+            return self._triton_forward(x)  # fused: no fp32 copy of x is made
         dtype = x.dtype
         xt = self.transform_input(x.float())
         if self.mode == "fake":
@@ -99,8 +101,6 @@ class QuantLinear(nn.Module):
             if self.a_bits < 16:
                 xt = fake_quant(xt, self._act_scale(xt), self.a_bits)
             return F.linear(xt, w, self.bias).to(dtype)
-        if self.a_bits < 16 and x.dtype in _KERNEL_DTYPES and _kernels_on(x.device):
-            return self._triton_forward(x)
         codes = unpack_int4(self.w_packed) if self.w_bits == 4 else self.w_packed
         if self.a_bits < 16:
             sx = self._act_scale(xt)

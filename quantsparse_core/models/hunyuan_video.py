@@ -15,7 +15,7 @@ from torch import nn
 from .attention import AttentionCall, AttentionFn, StepInfo, dense_attention
 from .config import DiTConfig
 from .layers import (DoubleStreamBlock, FinalLayer, MLPEmbedder, SingleStreamBlock, TokenRefiner,
-                     rope_table, timestep_embedding)
+                     rope_table, small_ops, timestep_embedding)
 
 
 class HunyuanVideoDiT(nn.Module):
@@ -47,6 +47,17 @@ class HunyuanVideoDiT(nn.Module):
             yield self
         finally:
             self.attention_fn = old
+
+    def fuse_small_ops(self, enable: bool = True, compile: bool = True) -> "HunyuanVideoDiT":
+        """Opt in to grouped small ops in the double and single blocks (layers.SmallOps): norm +
+        modulation, q/k norm + RoPE, gated residuals, GELU + concat, each group torch.compile'd into
+        few kernels (compile=False runs the same grouping eagerly). Attention and linears stay
+        outside the compiled regions, so attention hooks and QuantLinear work unchanged.
+        Off by default: the eager path is the one proven equal to ComfyUI."""
+        ops = small_ops(compile) if enable else None
+        for block in (*self.double_blocks, *self.single_blocks):
+            block.ops = ops
+        return self
 
     def token_grid(self, x: torch.Tensor) -> tuple:
         """Video token grid (frames, rows, cols) for a latent [B, C, T, H, W]; errors if it does not fit."""

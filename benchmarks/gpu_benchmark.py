@@ -1,0 +1,757 @@
+#!/usr/bin/env python
+"""The one GPU benchmark of QuantSparse: HunyuanVideo-13B architecture, random weights, 129 frames.
+
+    python benchmarks/gpu_benchmark.py [--resolutions 720p,544p] [--out FILE] [--budget-s 540]
+
+Checks correctness first (kernels against their references on small slices, density 1.0 against
+dense, quantized and fused steps finite and close), then times, in one run so every ratio compares
+numbers measured together:
+  - kernels alone at 720p sizes: block-sparse attention vs d x dense cuDNN, W4A8/W8A8 GEMMs and
+    linears vs bf16 matmul and fp8 _scaled_mm at the six linear shapes, activation quantization vs
+    its bandwidth floor (a measured device copy);
+  - one denoising step (all 60 blocks) per configuration: (a) dense bf16 as ComfyUI calls attention
+    (SDPA with the additive text mask: not cuDNN), (b) dense bf16 unmasked cuDNN SDPA, eager and
+    with fused small ops, (c) W4A8, (d) sparse 15% / 25% + SSAR, (e) W4A8 + sparse 15% + SSAR; the
+    sparse configurations time their first refresh, a reuse step and a second-order refresh, and
+    the 50-step cost is computed from those times over the exact schedule SparseSettings implies.
+Configurations that do not fit the time budget are reported as skipped, never estimated.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import importlib
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from quantsparse_core.models import HunyuanVideoDiT, StepInfo, get_preset  # noqa: E402
+from quantsparse_core.models.config import DiTConfig  # noqa: E402
+from quantsparse_core.quant.linear import QuantLinear  # noqa: E402
+from quantsparse_core.quant.packing import pack_int4  # noqa: E402
+from quantsparse_core.quant.policy import default_policy, storage_bytes  # noqa: E402
+from quantsparse_core.quant.quantizers import absmax_scale, quantize  # noqa: E402
+from quantsparse_core.sparse.masks import BlockMask, band_keep  # noqa: E402
+from quantsparse_core.sparse.placement import choose_placement  # noqa: E402
+from quantsparse_core.sparse.ssar import SparseSettings, SSARAttention  # noqa: E402
+
+RESOLUTIONS = {"720p": (33, 45, 80), "544p": (33, 34, 60)}  # video token grid after 1x2x2 patchify
+TXT_LEN, TXT_REAL = 256, 200          # text tokens; real (unpadded) ones for ComfyUI's mask in (a)
+STEPS = 50
+HIDDEN, HEADS, HEAD_DIM = 3072, 24, 128
+# (K, N) of HunyuanVideo-13B's linears: qkv, attention proj, MLP fc1, MLP fc2, single linear1, linear2.
+GEMM_SHAPES = [(3072, 9216, "qkv"), (3072, 3072, "proj"), (3072, 12288, "mlp fc1"), (12288, 3072, "mlp fc2"),
+               (3072, 21504, "single linear1"), (15360, 3072, "single linear2")]
+DENSITIES = (0.10, 0.15, 0.25, 0.40)
+GB = 1e9
+
+
+# ---- small utilities ---------------------------------------------------------------------------
+def log(*a):
+    print(*a, flush=True)
+
+
+def free_cuda():
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+
+
+def kernel_ms(fn, reps=5, warmup=1) -> float:
+    """Median CUDA-event time of fn() in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def rel_err(a, b) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def try_import(name):
+    try:
+        return importlib.import_module(name), None
+    except Exception as e:  # a kernel module that is missing or broken is reported, not faked
+        return None, f"{type(e).__name__}: {e}"
+
+
+def cudnn_context():
+    """Prefer cuDNN SDPA (the fastest dense attention on H100) for unmasked attention; fall back to
+    the other fused backends only where cuDNN refuses an input (check_cudnn_layouts reports it)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+    try:
+        return sdpa_kernel(order, set_priority=True)
+    except TypeError:  # older torch: no priority order, cuDNN only
+        return sdpa_kernel([SDPBackend.CUDNN_ATTENTION])
+
+
+def check_cudnn_layouts(rep):
+    """Whether cuDNN alone accepts the q/k/v layouts the blocks pass (strided views of the qkv output)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    qkv = torch.randn(1, 1280, 3, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
+    try:
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v)
+        rep.note("cuDNN SDPA accepts the blocks' strided v layout")
+    except Exception as e:
+        rep.note(f"cuDNN SDPA refuses the blocks' strided v layout ({type(e).__name__}); those calls fall back")
+
+
+class Budget:
+    def __init__(self, seconds):
+        self.t0, self.seconds = time.perf_counter(), seconds
+
+    def elapsed(self):
+        return time.perf_counter() - self.t0
+
+    def allows(self, need_s) -> bool:
+        return self.elapsed() + need_s <= self.seconds
+
+
+class Report:
+    """Everything measured, printed as it comes and written as markdown + JSON."""
+
+    def __init__(self, out):
+        self.out = out
+        self.data = {"env": {}, "checks": [], "attention": [], "gemm": [], "act_quant": [], "steps": {},
+                     "amortized": {}, "notes": []}
+
+    def note(self, msg):
+        log("NOTE:", msg)
+        self.data["notes"].append(msg)
+
+    def check(self, name, value, tol, ok=None, info=""):
+        ok = (value <= tol) if ok is None else ok
+        row = dict(check=name, value=value, tolerance=tol, ok=bool(ok), info=info)
+        log(f"CHECK {'PASS' if ok else 'FAIL'}: {name}: {value:.3g} (tolerance {tol:g}) {info}")
+        self.data["checks"].append(row)
+
+    def save(self):
+        if not self.out:
+            return
+        Path(self.out).write_text(self.markdown())
+        Path(str(self.out) + ".json").write_text(json.dumps(self.data, indent=1, default=str))
+
+    def markdown(self) -> str:
+        d, L = self.data, []
+        e = d["env"]
+        L += [f"Measured by `python benchmarks/gpu_benchmark.py {e.get('argv', '')}` on {e.get('gpu')}, "
+              f"torch {e.get('torch')}, Triton {e.get('triton')}, CUDA {e.get('cuda')}, {e.get('date')}.", ""]
+        L += ["### Correctness checks (before timing)", "", "| check | value | tolerance | result |", "|---|---|---|---|"]
+        L += [f"| {c['check']} | {c['value']:.3g} | {c['tolerance']:g} | {'pass' if c['ok'] else 'FAIL'} {c['info']} |"
+              for c in d["checks"]]
+        if d["attention"]:
+            L += ["", "### Block-sparse attention, one layer (N = 119,056, 24 heads x 128, bf16)", "",
+                  "| kernel | requested d | realized d | ms | d x dense cuDNN ms | ratio (target <= 1.15) |",
+                  "|---|---|---|---|---|---|"]
+            for r in d["attention"]:
+                L.append(f"| {r['name']} | {r.get('density', '')} | {_f(r.get('realized'), 4)} | {_f(r.get('ms'), 1)} | "
+                         f"{_f(r.get('d_dense_ms'), 1)} | {_f(r.get('ratio'), 3)} |")
+        if d["gemm"]:
+            L += ["", "### Linears at M = 119,056 tokens (ms; speed-up vs bf16 F.linear in brackets)", "",
+                  "| layer (K, N) | bf16 | fp8 _scaled_mm | W8A8 GEMM | W4A8 GEMM | W8A8 linear | W4A8 linear |",
+                  "|---|---|---|---|---|---|---|"]
+            for r in d["gemm"]:
+                base = r.get("bf16")
+                cells = []
+                for k in ("bf16", "fp8", "w8a8_gemm", "w4a8_gemm", "w8a8_linear", "w4a8_linear"):
+                    v = r.get(k)
+                    if isinstance(v, (int, float)):
+                        cells.append(f"{v:.2f} ({base / v:.2f}x)" if base and k != "bf16" else
+                                     f"{v:.2f} ({2 * 119056 * r['K'] * r['N'] / v / 1e9:.0f} TFLOP/s)")
+                    else:
+                        cells.append(str(v))
+                L.append(f"| {r['name']} ({r['K']}, {r['N']}) | " + " | ".join(cells) + " |")
+            L += ["", "GEMM = the kernel on already-quantized int8 activations; linear = QuantLinear.forward "
+                  "(activation quantization + GEMM + epilogue), what the model runs. fp8 = the GEMM alone."]
+        if d["act_quant"]:
+            L += ["", "### Activation quantization (M = 119,056 tokens, bf16 in, int8 + fp32 scale out)", "",
+                  "| K | Triton ms | bandwidth floor ms | ratio (target <= 1.2) | eager torch ms |", "|---|---|---|---|---|"]
+            for r in d["act_quant"]:
+                L.append(f"| {r['K']} | {_f(r.get('ms'), 3)} | {_f(r.get('floor_ms'), 3)} | {_f(r.get('ratio'), 2)} | "
+                         f"{_f(r.get('eager_ms'), 2)} |")
+        for res, rows in d["steps"].items():
+            L += ["", f"### One denoising step at {res} ({rows[0].get('tokens', '')} tokens), all 60 blocks", "",
+                  "| configuration | step | seconds | peak GPU GB | notes |", "|---|---|---|---|---|"]
+            for r in rows:
+                L.append(f"| {r['config']} | {r['step']} | {_f(r.get('s'), 2)} | {_f(r.get('peak_gb'), 1)} | "
+                         f"{r.get('notes', '')} |")
+        for res, rows in d["amortized"].items():
+            L += ["", f"### 50-step cost at {res} (computed from the measured step times above)", "",
+                  "| configuration | schedule (dense / refresh-1 / refresh-2 / reuse) | s per step | 50 steps s | "
+                  "vs (a) | vs (b) eager | vs (b) fused |", "|---|---|---|---|---|---|---|"]
+            for r in rows:
+                L.append(f"| {r['config']} | {r['schedule']} | {_f(r['per_step'], 2)} | {_f(r['total'], 0)} | "
+                         f"{_f(r.get('vs_a'), 2)}x | {_f(r.get('vs_b'), 2)}x | {_f(r.get('vs_b_fused'), 2)}x |")
+        if d["notes"]:
+            L += ["", "### Notes", ""] + [f"- {n}" for n in d["notes"]]
+        return "\n".join(L) + "\n"
+
+
+def _f(v, digits):
+    return f"{v:.{digits}f}" if isinstance(v, (int, float)) else ("" if v is None else str(v))
+
+
+# ---- environment -------------------------------------------------------------------------------
+def environment(rep, argv):
+    try:
+        import triton
+        tv = triton.__version__
+    except Exception:
+        tv = "not importable"
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout.strip()
+    except Exception:
+        smi = torch.cuda.get_device_name()
+    rep.data["env"] = dict(gpu=smi, torch=torch.__version__, triton=tv, cuda=torch.version.cuda,
+                           python=platform.python_version(), argv=" ".join(argv),
+                           date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+    log("ENV", rep.data["env"])
+
+
+# ---- correctness checks ------------------------------------------------------------------------
+def check_kernels(rep, mods):
+    aq, ig, sa = mods["act_quant"], mods["int_gemm"], mods["sparse_attention"]
+    g = torch.Generator(device="cuda").manual_seed(1)
+    if aq:
+        from kernels.act_quant_ref import act_quant_ref
+        x = torch.randn(2048, 3072, device="cuda", generator=g, dtype=torch.bfloat16) * 3
+        c, s = aq.act_quant(x, 8)
+        cr, sr = act_quant_ref(x, 8)
+        rep.check("act_quant codes differing from the reference (fraction)", float((c != cr).float().mean()), 1e-4)
+        rep.check("act_quant scale rel. error", rel_err(s, sr), 1e-6)
+    if ig and aq:
+        from kernels.int_gemm_ref import int_gemm_ref
+        x = torch.randn(1000, 3072, device="cuda", generator=g, dtype=torch.bfloat16)
+        w = torch.randn(1536, 3072, device="cuda", generator=g) * 0.02
+        bias = torch.randn(1536, device="cuda", generator=g)
+        codes, sx = aq.act_quant(x, 8)
+        for bits in (8, 4):
+            sw = absmax_scale(w, bits, dim=1)
+            wq = quantize(w, sw, bits)
+            stored = pack_int4(wq) if bits == 4 else wq
+            got = ig.int_gemm(codes, sx, ig.prepare_weight(stored, bits, sw), bias, out_dtype=torch.float32)
+            ref = int_gemm_ref(codes, sx, stored, sw, bits, bias)
+            rep.check(f"W{bits}A8 int_gemm vs int64/float64 reference (M=1000, K=3072, N=1536)", rel_err(got, ref), 1e-5)
+            lin = QuantLinear.from_packed(3072, 1536, bits, 8, False, None,
+                                          {"weight_packed": stored, "weight_scale": sw, "bias": bias,
+                                           "act_clip": torch.ones((), device="cuda")}, device="cuda")
+            from kernels import dispatch
+            with torch.no_grad():
+                fast = lin(x)
+                with dispatch.forced("torch"):
+                    slow = lin(x)
+            rep.check(f"W{bits}A8 QuantLinear Triton path vs PyTorch path", rel_err(fast, slow), 1e-2)
+    if sa:
+        from kernels.sparse_attention_ref import block_sparse_attention_ref
+        grid, heads = (6, 12, 20), 4
+        n = TXT_LEN + math.prod(grid)
+        q, k, v = (torch.randn(1, heads, n, HEAD_DIM, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
+        keep = band_keep(n, TXT_LEN, 0.25).expand(heads, -1, -1).clone()
+        bm = BlockMask(keep, ["spatial", "temporal"] * (heads // 2), 128, n)
+        mask = torch.zeros(1, 1, n, device="cuda", dtype=torch.bfloat16)
+        mask[..., TXT_REAL:TXT_LEN] = -torch.finfo(torch.bfloat16).max
+        corr = torch.randn(1, n, heads * HEAD_DIM, device="cuda", generator=g, dtype=torch.bfloat16) * 0.1
+        got = sa.block_sparse_attention(q, k, v, mask, bm, TXT_LEN, grid, correction=corr)
+        ref = block_sparse_attention_ref(q, k, v, mask, bm, TXT_LEN, grid, corr)
+        rep.check("sparse attention kernel vs reference (25%, spatial+temporal heads, text mask, SSAR correction, "
+                  f"N={n})", rel_err(got, ref), 1e-2)
+
+
+def check_ssar_density_one(rep):
+    """Sparse at density 1.0 (kernel + SSAR reuse path) equals dense on a 2+2-block model of real width."""
+    cfg = DiTConfig(depth_double=2, depth_single=2)
+    torch.manual_seed(3)
+    model = HunyuanVideoDiT(cfg, device="cuda", dtype=torch.bfloat16).eval().requires_grad_(False)
+    inp = make_inputs((4, 16, 16))
+    with torch.inference_mode(), cudnn_context():
+        dense = run_model(model, inp, None)
+        ssar = SSARAttention(SparseSettings(density=1.0, warmup_steps=0, warmup_blocks=0, placement="gpu-bf16"))
+        with model.attention(ssar):
+            run_model(model, inp, 0)            # refresh: exact attention, cache D = full - sparse
+            reuse = run_model(model, inp, 1)    # reuse: sparse(all blocks) + C
+    rep.check("SSAR reuse step at density 1.0 vs dense (2+2 blocks, hidden 3072, 1,280 tokens)",
+              rel_err(reuse, dense), 2e-2, info=f"reuse calls: {int(ssar.stats['sparse'])}")
+    del model
+    free_cuda()
+
+
+# ---- kernels alone -----------------------------------------------------------------------------
+def bench_attention(rep, sa):
+    grid = RESOLUTIONS["720p"]
+    n = TXT_LEN + math.prod(grid)
+    g = torch.Generator(device="cuda").manual_seed(2)
+    q, k, v = (torch.randn(1, HEADS, n, HEAD_DIM, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
+    with cudnn_context():
+        dense_out = F.scaled_dot_product_attention(q, k, v)
+        dense_ms = kernel_ms(lambda: F.scaled_dot_product_attention(q, k, v), reps=3)
+    mask = torch.zeros(1, 1, 1, n, device="cuda", dtype=torch.bfloat16)
+    mask[..., TXT_REAL:TXT_LEN] = -torch.finfo(torch.bfloat16).max
+    masked_ms = kernel_ms(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), reps=3)
+    rep.data["attention"].append(dict(name="dense cuDNN SDPA (unmasked)", ms=dense_ms))
+    rep.data["attention"].append(dict(name="dense SDPA with ComfyUI's [1,1,L] text mask (default backend)", ms=masked_ms))
+    log(f"attention: dense cuDNN {dense_ms:.1f} ms, masked default SDPA {masked_ms:.1f} ms")
+    if sa is None:
+        rep.data["attention"].append(dict(name="block-sparse Triton kernel", ms="not available"))
+        return dense_ms
+    kinds = ["spatial", "temporal"] * (HEADS // 2)
+    full = BlockMask(torch.ones(HEADS, -(-n // 128), -(-n // 128), dtype=torch.bool), kinds, 128, n)
+    out1 = sa.block_sparse_attention(q, k, v, None, full, TXT_LEN, grid)
+    rep.check("sparse kernel at density 1.0 (half the heads permuted) vs dense cuDNN, N=119,056",
+              rel_err(out1, dense_out.transpose(1, 2).reshape(1, n, -1)), 1e-2)
+    del out1, dense_out
+    for d in DENSITIES:
+        keep = band_keep(n, TXT_LEN, d).expand(HEADS, -1, -1).clone()
+        bm = BlockMask(keep, kinds, 128, n)
+        real = bm.density()
+        ms = kernel_ms(lambda: sa.block_sparse_attention(q, k, v, None, bm, TXT_LEN, grid), reps=3)
+        row = dict(name="block-sparse Triton kernel", density=d, realized=real, ms=ms, d_dense_ms=real * dense_ms,
+                   ratio=ms / (real * dense_ms))
+        rep.data["attention"].append(row)
+        log(f"attention: sparse {d:.0%} (realized {real:.4f}) {ms:.1f} ms = {row['ratio']:.3f} x d x dense")
+        if d == 0.15:
+            corr = torch.randn(1, n, HIDDEN, device="cuda", generator=g, dtype=torch.bfloat16)
+            ms_c = kernel_ms(lambda: sa.block_sparse_attention(q, k, v, None, bm, TXT_LEN, grid, correction=corr), reps=3)
+            rep.data["attention"].append(dict(name="block-sparse + SSAR correction in the epilogue", density=d,
+                                              realized=real, ms=ms_c, d_dense_ms=real * dense_ms,
+                                              ratio=ms_c / (real * dense_ms)))
+            del corr
+    del q, k, v
+    free_cuda()
+    return dense_ms
+
+
+def bench_linears(rep, aq, ig):
+    m = 119056
+    g = torch.Generator(device="cuda").manual_seed(4)
+    # Bandwidth floor for activation quantization: a measured device copy (read + write).
+    src = torch.empty(2 ** 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    bw = 2 * src.numel() / (kernel_ms(lambda: dst.copy_(src), reps=5) / 1e3)
+    del src, dst
+    rep.note(f"measured device copy bandwidth {bw / 1e12:.2f} TB/s (1 GiB read + 1 GiB write); the activation "
+             "quantization floor is (2 MK + MK + 4 M bytes) at this bandwidth")
+    for kdim in sorted({k for k, _, _ in GEMM_SHAPES}):
+        x = torch.randn(m, kdim, device="cuda", generator=g, dtype=torch.bfloat16)
+        floor = (3 * m * kdim + 4 * m) / bw * 1e3
+        row = dict(K=kdim, floor_ms=floor)
+        if aq:
+            row["ms"] = kernel_ms(lambda: aq.act_quant(x, 8), reps=10)
+            row["ratio"] = row["ms"] / floor
+        else:
+            row["ms"] = "not available"
+        if kdim == 3072:
+            from kernels.act_quant_ref import act_quant_ref
+            row["eager_ms"] = kernel_ms(lambda: act_quant_ref(x, 8), reps=3)
+        rep.data["act_quant"].append(row)
+        log("act_quant", row)
+        del x
+        free_cuda()
+    for kdim, ndim, name in GEMM_SHAPES:
+        x = torch.randn(m, kdim, device="cuda", generator=g, dtype=torch.bfloat16)
+        w = torch.randn(ndim, kdim, device="cuda", generator=g, dtype=torch.bfloat16) * kdim ** -0.5
+        bias = torch.randn(ndim, device="cuda", generator=g, dtype=torch.bfloat16) * 0.1
+        row = dict(name=name, K=kdim, N=ndim)
+        row["bf16"] = kernel_ms(lambda: F.linear(x, w, bias), reps=5)
+        try:
+            f8 = torch.float8_e4m3fn
+            xs = (x.abs().amax(1, keepdim=True).float() / 448).clamp_min(1e-12)
+            ws = (w.abs().amax(1, keepdim=True).float() / 448).clamp_min(1e-12)
+            x8, w8 = (x / xs).to(f8), (w / ws).to(f8)
+            row["fp8"] = kernel_ms(lambda: torch._scaled_mm(x8, w8.t(), scale_a=xs, scale_b=ws.t(), bias=bias,
+                                                            out_dtype=torch.bfloat16), reps=5)
+            del x8, w8
+        except Exception as e:
+            row["fp8"] = f"failed: {type(e).__name__}"
+        if aq and ig:
+            codes, sx = aq.act_quant(x, 8)
+            x3 = x.view(1, m, kdim)
+            for bits in (8, 4):
+                sw = absmax_scale(w.float(), bits, dim=1)
+                wq = quantize(w.float(), sw, bits)
+                stored = pack_int4(wq) if bits == 4 else wq
+                pw = ig.prepare_weight(stored, bits, sw)
+                bf = bias.float()
+                row[f"w{bits}a8_gemm"] = kernel_ms(lambda: ig.int_gemm(codes, sx, pw, bf, out_dtype=torch.bfloat16), reps=5)
+                lin = QuantLinear.from_packed(kdim, ndim, bits, 8, False, None,
+                                              {"weight_packed": stored, "weight_scale": sw, "bias": bias,
+                                               "act_clip": torch.ones((), device="cuda")}, device="cuda")
+                with torch.inference_mode():
+                    row[f"w{bits}a8_linear"] = kernel_ms(lambda: lin(x3), reps=5)
+                del lin, pw, wq, stored
+            del codes, sx
+        else:
+            for k in ("w8a8_gemm", "w4a8_gemm", "w8a8_linear", "w4a8_linear"):
+                row[k] = "not available"
+        rep.data["gemm"].append(row)
+        log("gemm", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()})
+        del x, w, bias
+        free_cuda()
+
+
+# ---- the full model ----------------------------------------------------------------------------
+class Inputs:
+    def __init__(self, grid):
+        t, h, w = grid
+        g = torch.Generator(device="cuda").manual_seed(5)
+        bf = torch.bfloat16
+        self.grid = grid
+        self.x = torch.randn(1, 16, t, 2 * h, 2 * w, device="cuda", generator=g, dtype=bf)
+        self.ctx = torch.randn(1, TXT_LEN, 4096, device="cuda", generator=g, dtype=bf)
+        self.y = torch.randn(1, 768, device="cuda", generator=g, dtype=bf)
+        self.t = torch.tensor([900.0], device="cuda")
+        self.guidance = torch.tensor([6.0], device="cuda")
+        self.mask = torch.ones(1, TXT_LEN, dtype=torch.long, device="cuda")
+        self.mask[:, TXT_REAL:] = 0   # padded text, as ComfyUI's text encoders leave it
+        self.tokens = TXT_LEN + t * h * w
+
+
+def make_inputs(grid):
+    return Inputs(grid)
+
+
+SIGMAS = torch.linspace(1.0, 0.0, STEPS + 1)
+
+
+def run_model(model, inp, step_index, masked=False):
+    step = None if step_index is None else StepInfo(step_index, SIGMAS)
+    return model(inp.x, inp.t, inp.ctx, inp.y, inp.guidance, attention_mask=inp.mask if masked else None, step=step)
+
+
+def timed_step(model, inp, step_index=None, masked=False):
+    """One full forward; (seconds, output). (a) runs SDPA's default choice with the mask; the others cuDNN."""
+    ctx = contextlib.nullcontext() if masked else cudnn_context()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with torch.inference_mode(), ctx:
+        out = run_model(model, inp, step_index, masked)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0, out
+
+
+@contextlib.contextmanager
+def truncated(model, n=1):
+    """The model with only its first n double and n single blocks: warms up every kernel and shape
+    (compiles, autotunes, cuDNN plans) at a fraction of a step's cost."""
+    d, s = model.double_blocks, model.single_blocks
+    model.double_blocks, model.single_blocks = nn.ModuleList(list(d)[:n]), nn.ModuleList(list(s)[:n])
+    try:
+        yield model
+    finally:
+        model.double_blocks, model.single_blocks = d, s
+
+
+def warm(model, inp, steps=(None,), masked=False):
+    with truncated(model):
+        for idx in steps:
+            timed_step(model, inp, idx, masked)
+
+
+def build_bf16(seed=0):
+    torch.manual_seed(seed)
+    model = HunyuanVideoDiT(get_preset("hunyuan-video-13b"), device="cuda", dtype=torch.bfloat16)
+    return model.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def to_w4a8(model):
+    """Swap every linear default_policy names for a frozen QuantLinear, one layer at a time: the bf16
+    weight is quantized per output channel on the GPU (fp32 only for that one layer), packed, and freed.
+    Modulation linears become weight-only W4 (default_policy)."""
+    policy = default_policy(model)
+    for name, rule in policy.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        lin = getattr(parent, child)
+        w = lin.weight.float()
+        sw = absmax_scale(w, rule.w_bits, dim=1)
+        codes = quantize(w, sw, rule.w_bits)
+        del w
+        tensors = {"weight_packed": pack_int4(codes) if rule.w_bits == 4 else codes, "weight_scale": sw}
+        if lin.bias is not None:
+            tensors["bias"] = lin.bias
+        if rule.a_bits < 16:
+            tensors["act_clip"] = torch.ones((), device="cuda")
+        setattr(parent, child, QuantLinear.from_packed(lin.in_features, lin.out_features, rule.w_bits, rule.a_bits,
+                                                       False, None, tensors, device="cuda"))
+        del lin, codes, tensors
+    free_cuda()
+    return policy
+
+
+def schedule(settings: SparseSettings, steps=STEPS):
+    """Kinds of the `steps` steps SSARAttention runs: dense warm-up, refreshes (the first has only the
+    first-order residual; later ones add the second-order SVD), reuse steps."""
+    warm_steps = int(round(0.1 * steps)) if settings.warmup_steps is None else int(settings.warmup_steps)
+    kinds, refreshes = [], 0
+    for i in range(steps):
+        if i < warm_steps:
+            kinds.append("dense")
+        elif (i - warm_steps) % settings.tau == 0:
+            kinds.append("refresh1" if refreshes == 0 or settings.order < 2 else "refresh2")
+            refreshes += 1
+        else:
+            kinds.append("reuse")
+    return kinds, warm_steps
+
+
+class ResolutionRun:
+    """All step configurations at one resolution."""
+
+    def __init__(self, rep, budget, res, fuse_ok):
+        self.rep, self.budget, self.res = rep, budget, res
+        self.inp = make_inputs(RESOLUTIONS[res])
+        self.rows = rep.data["steps"].setdefault(res, [])
+        self.amort = rep.data["amortized"].setdefault(res, [])
+        self.t = {}          # measured step seconds by key
+        self.fuse_ok = fuse_ok
+        self.dense_guess = 26.0 * (self.inp.tokens / 119056) ** 1.7
+
+    def est(self, steps):
+        return steps * self.t.get("b", self.dense_guess) * 1.1 + 3
+
+    def row(self, config, step, s, peak, notes=""):
+        r = dict(config=config, step=step, s=s, peak_gb=peak, notes=notes, tokens=f"{self.inp.tokens:,}")
+        self.rows.append(r)
+        log(f"[{self.res}] {config} | {step} | {s if isinstance(s, str) else f'{s:.2f} s'} | "
+            f"peak {peak if isinstance(peak, str) else f'{peak:.1f} GB'} | {notes}")
+        self.rep.save()
+
+    def skip(self, config, why):
+        self.row(config, "-", "skipped", "-", why)
+
+    def dense(self, model, key, config, masked=False, ref=None):
+        if not self.budget.allows(self.est(1.6 if masked else 1.2)):
+            return self.skip(config, "time budget"), None
+        free_cuda()
+        warm(model, self.inp, masked=masked)
+        torch.cuda.reset_peak_memory_stats()
+        s, out = timed_step(model, self.inp, None, masked)
+        self.t[key] = s
+        notes = ""
+        finite = bool(torch.isfinite(out).all())
+        if ref is not None:
+            notes = f"output rel. diff vs (b) eager {rel_err(out, ref):.3g}"
+        self.rep.check(f"[{self.res}] {config}: step output finite", 0.0 if finite else 1.0, 0.0)
+        self.row(config, "dense", s, torch.cuda.max_memory_allocated() / GB, notes)
+        return s, out
+
+    def placement(self, model_act_peak):
+        free_cuda()
+        free = torch.cuda.mem_get_info()[0]
+        headroom = model_act_peak + 4 * 2 ** 30
+        budget = max(0, free - headroom)
+        layers = 60 - SparseSettings().warmup_blocks
+        chosen = choose_placement(self.inp.tokens, HIDDEN, layers, budget, 1, 16, HEADS, tensors=1, factor_rank=16)
+        return chosen, free, budget
+
+    def sparse(self, model, config, density, dense_key, act_peak, ref=None):
+        if not self.budget.allows(self.est(3.6)):
+            return self.skip(config, "time budget")
+        try:
+            chosen, free, budget = self.placement(act_peak)
+        except ValueError as e:
+            return self.skip(config, f"no cache placement fits: {e}")
+        settings = SparseSettings(density=density, placement=chosen)
+        ssar = SSARAttention(settings)
+        kinds, warm_steps = schedule(settings)
+        first = kinds.index("refresh1")
+        second = kinds.index("refresh2") if "refresh2" in kinds else None
+        reuse = kinds.index("reuse")
+        probes = [(first, "refresh1"), (reuse, "reuse")] + ([(second, "refresh2")] if second is not None else [])
+        times = {}
+        with model.attention(ssar):
+            warm(model, self.inp, [i for i, _ in probes])
+            ssar.reset()
+            free_cuda()
+            torch.cuda.reset_peak_memory_stats()
+            for idx, kind in probes:
+                s, out = timed_step(model, self.inp, idx)
+                times[kind] = s
+                note = ""
+                if kind == "reuse" and ref is not None:
+                    note = f"output rel. diff vs dense {rel_err(out, ref):.3g}"
+                if kind == "refresh2":
+                    note = (f"cache placement {chosen} (free {free / GB:.1f} GB, budget {budget / GB:.1f} GB after "
+                            f"{act_peak / GB + 4.3:.1f} GB headroom), cache holds {ssar._store.nbytes() / GB:.1f} GB, "
+                            f"mask density {ssar.stats['sparse_density'] / max(ssar.stats['sparse'], 1):.3f}")
+                self.row(config, f"{kind} (step {idx})", s, torch.cuda.max_memory_allocated() / GB, note)
+                del out
+        peak = torch.cuda.max_memory_allocated() / GB
+        ssar.reset()
+        del ssar
+        free_cuda()
+        times["dense"] = self.t[dense_key]
+        per_step = sum(times[k] for k in kinds) / len(kinds)
+        counts = {k: kinds.count(k) for k in ("dense", "refresh1", "refresh2", "reuse")}
+        self.amort.append(dict(config=config, per_step=per_step, total=per_step * len(kinds), peak_gb=peak,
+                               schedule=f"{counts['dense']} / {counts['refresh1']} / {counts['refresh2']} / {counts['reuse']}",
+                               vs_a=_ratio(self.t.get("a"), per_step), vs_b=_ratio(self.t.get("b"), per_step),
+                               vs_b_fused=_ratio(self.t.get("b_fused"), per_step), dense_from=dense_key))
+        self.rep.save()
+
+    def dense_amortized(self):
+        rows = []
+        for key, name in (("a", "(a) dense bf16, ComfyUI-style masked SDPA"), ("b", "(b) dense bf16 cuDNN, eager"),
+                          ("b_fused", "(b') dense bf16 cuDNN, fused small ops"), ("c", "(c) W4A8, cuDNN")):
+            if key in self.t and (key != "b_fused" or self.t["b_fused"] is not self.t.get("b")):
+                s = self.t[key]
+                rows.append(dict(config=name, per_step=s, total=s * STEPS, schedule="50 dense",
+                                 vs_a=_ratio(self.t.get("a"), s), vs_b=_ratio(self.t.get("b"), s),
+                                 vs_b_fused=_ratio(self.t.get("b_fused"), s)))
+        self.amort[:0] = rows
+
+    def run(self):
+        rep, res = self.rep, self.res
+        log(f"==== {res}: {self.inp.tokens:,} tokens ====")
+        free_cuda()
+        model = build_bf16()
+        weights = torch.cuda.memory_allocated()
+        rep.note(f"[{res}] bf16 model resident: {weights / GB:.1f} GB")
+        _, out_a = self.dense(model, "a", "(a) dense bf16, SDPA with ComfyUI's text mask", masked=True)
+        del out_a
+        _, ref = self.dense(model, "b", "(b) dense bf16, cuDNN SDPA, eager small ops")
+        act_peak = (self.rows[-1]["peak_gb"] * GB - weights) if "b" in self.t else 12 * GB
+        fused = False
+        if self.fuse_ok[0]:
+            model.fuse_small_ops()
+            try:
+                warm(model, self.inp)
+                fused = True
+            except Exception as e:
+                self.fuse_ok[0] = False
+                model.fuse_small_ops(False)
+                rep.note(f"fused small ops failed, running eager: {type(e).__name__}: {str(e)[:300]}")
+        if fused:
+            self.dense(model, "b_fused", "(b') dense bf16, cuDNN SDPA, fused small ops", ref=ref)
+        else:
+            self.t["b_fused"] = self.t.get("b")
+        dkey = "b_fused" if fused else "b"
+        tag = "fused" if fused else "eager"
+        self.sparse(model, f"(d) bf16 + sparse 15% + SSAR, {tag}", 0.15, dkey, act_peak, ref)
+        # Leave room for the W4A8 configurations, which carry the issue's main target.
+        if self.budget.allows(self.est(3.6) + self.est(1.2) + self.est(3.6) + 15):
+            self.sparse(model, f"(d) bf16 + sparse 25% + SSAR, {tag}", 0.25, dkey, act_peak, ref)
+        else:
+            self.skip(f"(d) bf16 + sparse 25% + SSAR, {tag}", "time budget (kept for W4A8 configurations)")
+        if not self.budget.allows(self.est(1.2) + 15):
+            self.skip("(c) W4A8", "time budget")
+            self.skip("(e) W4A8 + sparse 15% + SSAR", "time budget")
+        else:
+            t0 = time.perf_counter()
+            policy = to_w4a8(model)
+            meta = HunyuanVideoDiT(get_preset("hunyuan-video-13b"), device="meta")
+            sb = storage_bytes(meta, default_policy(meta))
+            rep.note(f"[{res}] W4A8 conversion {time.perf_counter() - t0:.1f} s ({len(policy)} linears): resident "
+                     f"{torch.cuda.memory_allocated() / GB:.1f} GB on the GPU; checkpoint payload "
+                     f"{sb['total'] / GB:.2f} GB vs bf16 {sb['bf16_total'] / GB:.2f} GB")
+            _, qout = self.dense(model, "c", f"(c) W4A8, cuDNN SDPA, {tag}", ref=ref)
+            if qout is not None:
+                del qout
+            if "c" in self.t:
+                self.sparse(model, f"(e) W4A8 + sparse 15% + SSAR, {tag}", 0.15, "c", act_peak, ref)
+        self.dense_amortized()
+        del model, ref
+        free_cuda()
+        rep.save()
+
+
+def _ratio(base, x):
+    return None if base is None or not x else base / x
+
+
+# ---- main --------------------------------------------------------------------------------------
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--resolutions", default="720p,544p", help="comma list of 720p, 544p")
+    ap.add_argument("--out", default=None, help="markdown file for the tables (a .json with raw numbers beside it)")
+    ap.add_argument("--budget-s", type=float, default=540.0,
+                    help="wall-clock budget; configurations that would not fit are reported as skipped")
+    ap.add_argument("--no-kernels", action="store_true", help="skip the kernels-alone section")
+    ap.add_argument("--no-fuse", action="store_true", help="run the model's small ops eagerly only")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("gpu_benchmark.py needs a CUDA GPU (H100/H200 class, >= 80 GB): none is visible to torch "
+                 f"{torch.__version__}. Run it on a GPU machine; the CPU tests are `./run tests`.")
+    res_list = [r.strip() for r in args.resolutions.split(",") if r.strip()]
+    bad = [r for r in res_list if r not in RESOLUTIONS]
+    if bad:
+        sys.exit(f"unknown resolution(s) {bad}; choose from {sorted(RESOLUTIONS)}")
+    budget = Budget(args.budget_s)
+    rep = Report(args.out)
+    environment(rep, sys.argv[1:] if argv is None else argv)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    mods = {}
+    for name in ("act_quant", "int_gemm", "sparse_attention"):
+        mods[name], err = try_import(f"kernels.{name}")
+        if err:
+            rep.note(f"kernels.{name} not available: {err}")
+    if mods["sparse_attention"] is None:
+        rep.note("SSARAttention falls back to the PyTorch reference for sparse attention")
+    try:
+        check_cudnn_layouts(rep)
+        check_kernels(rep, mods)
+        check_ssar_density_one(rep)
+    except Exception as e:
+        rep.note(f"correctness checks raised {type(e).__name__}: {e}")
+        traceback.print_exc()
+    rep.save()
+    if not args.no_kernels:
+        for fn, a in ((bench_attention, (rep, mods["sparse_attention"])),
+                      (bench_linears, (rep, mods["act_quant"], mods["int_gemm"]))):
+            try:
+                fn(*a)
+            except Exception as e:
+                rep.note(f"{fn.__name__} raised {type(e).__name__}: {e}")
+                traceback.print_exc()
+            free_cuda()
+            rep.save()
+    log(f"kernels done at {budget.elapsed():.0f} s")
+    fuse_ok = [not args.no_fuse]
+    for res in res_list:
+        try:
+            ResolutionRun(rep, budget, res, fuse_ok).run()
+        except Exception as e:
+            rep.note(f"[{res}] step benchmark raised {type(e).__name__}: {str(e)[:500]}")
+            traceback.print_exc()
+            free_cuda()
+        rep.save()
+    failed = [c["check"] for c in rep.data["checks"] if not c["ok"]]
+    rep.save()
+    log("\n" + rep.markdown())
+    log(f"total {budget.elapsed():.0f} s; failed checks: {failed or 'none'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

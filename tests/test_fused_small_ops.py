@@ -1,0 +1,100 @@
+"""The opt-in grouped small ops (HunyuanVideoDiT.fuse_small_ops) compute the same block outputs as
+the default eager path: checked eagerly on the CPU in fp32 (the grouping's math), and through
+torch.compile where a GPU is present (the benchmark also compares fused and eager steps)."""
+import pytest
+import torch
+
+from quantsparse_core.models import HunyuanVideoDiT, get_preset
+from quantsparse_core.models import layers
+
+
+def randomize(model, rng):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=rng) * 0.05)
+    return model
+
+
+def inputs(cfg, rng, frames=2, hw=8, txt=6, pad=2):
+    x = torch.randn(1, cfg.in_channels, frames, hw, hw, generator=rng)
+    ctx = torch.randn(1, txt, cfg.context_in_dim, generator=rng)
+    y = torch.randn(1, 768, generator=rng)
+    mask = torch.ones(1, txt, dtype=torch.long)
+    mask[:, txt - pad:] = 0
+    return x, ctx, y, mask
+
+
+@pytest.mark.parametrize("use_mask", [False, True], ids=["no-text-mask", "text-mask"])
+def test_grouped_ops_equal_eager_model_fp32(rng, use_mask):
+    cfg = get_preset("test")
+    model = randomize(HunyuanVideoDiT(cfg), rng).eval()
+    x, ctx, y, mask = inputs(cfg, rng)
+    args = (x, torch.tensor([640.0]), ctx, y, torch.tensor([6.0]))
+    kw = dict(attention_mask=mask if use_mask else None)
+    with torch.no_grad():
+        eager = model(*args, **kw)
+        model.fuse_small_ops(compile=False)
+        grouped = model(*args, **kw)
+        model.fuse_small_ops(False)
+        again = model(*args, **kw)
+    assert all(b.ops is None for b in (*model.double_blocks, *model.single_blocks))
+    torch.testing.assert_close(again, eager, atol=0, rtol=0)  # switching off restores the eager path
+    torch.testing.assert_close(grouped, eager, atol=1e-5, rtol=1e-5)
+
+
+def test_grouped_ops_match_float64_reference(rng):
+    """Each group against a float64 composition of the eager modules' own math."""
+    b, l, c, heads = 1, 9, 256, 2
+    x, y = (torch.randn(b, l, c, generator=rng) for _ in range(2))
+    shift, scale, gate = (torch.randn(b, 1, c, generator=rng) for _ in range(3))
+    ln = torch.nn.functional.layer_norm(x.double(), (c,), eps=1e-6)
+    torch.testing.assert_close(layers.norm_modulate(x, shift, scale).double(),
+                               shift.double() + ln * (1 + scale.double()), atol=1e-5, rtol=1e-5)
+    xr, h = layers.gated_residual_norm_modulate(x, y, gate, shift, scale)
+    ref_x = x.double() + y.double() * gate.double()
+    torch.testing.assert_close(xr.double(), ref_x, atol=1e-5, rtol=1e-5)
+    ref_h = shift.double() + torch.nn.functional.layer_norm(ref_x, (c,), eps=1e-6) * (1 + scale.double())
+    torch.testing.assert_close(h.double(), ref_h, atol=1e-5, rtol=1e-5)
+    hid = torch.randn(b, l, 4 * c, generator=rng)
+    got = layers.concat_gelu(x, hid).double()
+    hd = hid.double()
+    gelu = 0.5 * hd * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (hd + 0.044715 * hd ** 3)))
+    torch.testing.assert_close(got, torch.cat((x.double(), gelu), 2), atol=1e-5, rtol=1e-5)
+
+
+def test_double_qkv_equals_block_eager_steps(rng):
+    """double_qkv == the eager block's per-stream QKNorm modules, concat and apply_rope."""
+    cfg = get_preset("test")
+    block = randomize(layers.DoubleStreamBlock(cfg.hidden_size, cfg.num_heads, cfg.mlp_hidden), rng)
+    lt, li, heads = 5, 12, cfg.num_heads
+    t_qkv = torch.randn(1, lt, 3 * cfg.hidden_size, generator=rng)
+    i_qkv = torch.randn(1, li, 3 * cfg.hidden_size, generator=rng)
+    pos = torch.randint(0, 9, (1, lt + li, 3), generator=rng).float()
+    table = layers.rope_table(pos, cfg.rope_axes, cfg.rope_theta)
+    tq, tk, tv = layers.split_heads(t_qkv, heads)
+    iq, ik, iv = layers.split_heads(i_qkv, heads)
+    tq, tk = block.txt_attn.norm(tq, tk, tv)
+    iq, ik = block.img_attn.norm(iq, ik, iv)
+    ref = (layers.apply_rope(torch.cat((tq, iq), 2), table), layers.apply_rope(torch.cat((tk, ik), 2), table),
+           torch.cat((tv, iv), 2))
+    n = block.txt_attn.norm, block.img_attn.norm
+    got = layers.double_qkv(t_qkv, i_qkv, heads, n[0].query_norm.weight, n[0].key_norm.weight,
+                            n[1].query_norm.weight, n[1].key_norm.weight, table)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-6)
+
+
+def test_compiled_groups_equal_eager(rng):
+    """The torch.compile'd groups (what fuse_small_ops() runs) against the eager model: on the GPU
+    when there is one, else on the CPU (~40 s of compilation on 2 cores)."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = get_preset("test")
+    model = randomize(HunyuanVideoDiT(cfg), rng).eval().to(dev)
+    x, ctx, y, mask = (t.to(dev) for t in inputs(cfg, rng))
+    args = (x, torch.tensor([640.0], device=dev), ctx, y, torch.tensor([6.0], device=dev))
+    with torch.no_grad():
+        eager = model(*args, attention_mask=mask)
+        fused = model.fuse_small_ops()(*args, attention_mask=mask)
+    model.fuse_small_ops(False)
+    assert model.double_blocks[0].ops is None
+    torch.testing.assert_close(fused, eager, atol=1e-4, rtol=1e-4)

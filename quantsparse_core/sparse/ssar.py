@@ -22,7 +22,7 @@ import torch
 from ..models.attention import AttentionCall, dense_attention
 from .masks import BLOCK, BlockMask, check_density, svg_masks
 from .placement import CacheStore, check_policy, choose_placement, from_factors, truncated_factors
-from .reference import block_sparse_attention
+from .reference import block_sparse_attention as reference_block_sparse_attention
 
 ORDERS = (0, 1, 2)
 
@@ -188,11 +188,10 @@ class SSARAttention:
         refresh = ((call.step.index - first) % s.tau == 0 or st.mask is None
                    or (s.order > 0 and not st.has_d))
         if not refresh:
-            out = block_sparse_attention(q, k, v, mask, st.mask, call.txt_len, call.grid)
+            # Between refreshes: O_sparse + C, the correction added in the kernel's epilogue.
+            corr = None if s.order == 0 else self.cache(*key, device=q.device)
             self._count("sparse", b, st.mask.density())
-            if s.order == 0:
-                return out
-            return (out.float() + self.cache(*key, device=q.device)).to(q.dtype)
+            return block_sparse_attention(q, k, v, mask, st.mask, call.txt_len, call.grid, correction=corr)
 
         # Refresh: new mask from this step's q/k, exact output, new residual cache.
         old_mask = st.mask
@@ -223,6 +222,19 @@ class SSARAttention:
         store.put((key, "D"), d, heads)
         st.has_d = True
         return full
+
+
+def block_sparse_attention(q, k, v, mask, block_mask: BlockMask, txt_len: int, grid,
+                           correction: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """O_sparse (+ correction): the Triton kernel with the correction in its epilogue where
+    kernels.dispatch picks it; the PyTorch reference (correction added in fp32) when the kernels
+    package or Triton is missing."""
+    try:
+        from kernels.sparse_attention import block_sparse_attention as kernel
+    except ImportError:  # no Triton (e.g. macOS/Windows without it): the reference path
+        out = reference_block_sparse_attention(q, k, v, mask, block_mask, txt_len, grid)
+        return out if correction is None else (out.float() + correction.float()).to(q.dtype)
+    return kernel(q, k, v, mask, block_mask, txt_len, grid, correction=correction)
 
 
 def _same_mask(a: Optional[BlockMask], b: BlockMask) -> bool:

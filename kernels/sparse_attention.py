@@ -1,0 +1,350 @@
+"""Block-sparse attention forward (Triton): flash-style online softmax over listed key blocks only.
+
+Each program owns one (batch, head, BLOCK_M query rows) tile and visits only the key blocks that
+kv_index/kv_count list for its query block, with fp32 accumulation and exp2 (log2e folded into the
+scale). Heads in temporal order read their q/k/v rows through the permutation (gather loads) and
+write their output rows back through it (scatter), so no permuted copy of q/k/v/out exists. An
+additive per-key bias (ComfyUI's padded-text mask, -inf allowed) and an SSAR correction
+(added in the epilogue: out_sparse + C in one pass) are optional.
+
+Programs of text query tiles (which visit every key block) are launched first, then each head's
+query tiles in order, so neighbouring programs share their key window in L2.
+The PyTorch references are in kernels/sparse_attention_ref.py.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from . import dispatch
+from .sparse_attention_ref import block_sparse_attention_ref
+
+_FLOAT = (torch.float16, torch.bfloat16, torch.float32)
+LOG2E = 1.4426950408889634
+
+# H100 configs: head_dim -> (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_N divides the mask block.
+_CONFIGS = {16: (128, 128, 4, 3), 32: (128, 128, 4, 3), 64: (128, 128, 4, 3), 128: (128, 128, 8, 4),
+            256: (64, 64, 8, 2)}
+
+
+@triton.jit
+def _tiles(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, j0, j1, L, skl, svl, qk_scale,
+           HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr, PERMUTED: tl.constexpr,
+           MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, ROW64: tl.constexpr):
+    """Key tiles j0 <= j < j1 of the listed blocks. MASKED: bounds check + additive bias; otherwise
+    every key is valid and unbiased (the fast path)."""
+    offs_d = tl.arange(0, HEAD_D)
+    for j in range(j0, j1):
+        kb = tl.load(idx_base + j // SUB)
+        offs_n = kb * (BLOCK_N * SUB) + (j % SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
+        if MASKED:
+            n_ok = offs_n < L
+            if PERMUTED:
+                k_rows = tl.load(PERM + offs_n, mask=n_ok, other=0)
+            else:
+                k_rows = offs_n
+            if ROW64:
+                k_rows = k_rows.to(tl.int64)
+            kt = tl.load(k_base + k_rows[None, :] * skl + offs_d[:, None], mask=n_ok[None, :], other=0.0)
+            v = tl.load(v_base + k_rows[:, None] * svl + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+            if HAS_BIAS:
+                bias = tl.load(bias_base + k_rows, mask=n_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+                add = tl.where(n_ok, bias, float("-inf"))
+            else:
+                add = tl.where(n_ok, 0.0, float("-inf"))
+        else:
+            if PERMUTED:
+                k_rows = tl.load(PERM + offs_n)
+            else:
+                k_rows = offs_n
+            if ROW64:
+                k_rows = k_rows.to(tl.int64)
+            kt = tl.load(k_base + k_rows[None, :] * skl + offs_d[:, None])
+            v = tl.load(v_base + k_rows[:, None] * svl + offs_d[None, :])
+        if IEEE:  # fp32 inputs, or the CPU interpreter (its bf16 tl.dot is wrong): exact fp32 products
+            qk = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee")
+        else:
+            qk = tl.dot(q, kt)
+        if MASKED:
+            qk = qk * qk_scale + add[None, :]
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no allowed key so far
+            p = tl.math.exp2(qk - m_use[:, None])
+        else:  # all keys valid: m_new is finite
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            m_use = m_new
+            p = tl.math.exp2(qk * qk_scale - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if IEEE:  # p rounded to v's dtype as on the GPU path, then multiplied in fp32
+            acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _sparse_attn_fwd(Q, K, V, O, C, BIAS, PERM, HEADS, KV_IDX, KV_CNT,
+                     sqb, sqh, sql, skb, skh, skl, svb, svh, svl,
+                     sob, sol, scb, scl, sbb, sih, siq, sch,
+                     L, NH, BH, T, NM, NB_BIAS, qk_scale,
+                     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr,
+                     PERMUTED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CORR: tl.constexpr,
+                     IEEE: tl.constexpr, ROW64: tl.constexpr):
+    pid = tl.program_id(0)
+    heavy = BH * T
+    if pid < heavy:  # text query tiles first: they visit every key block
+        bh = pid % BH
+        mb = pid // BH
+    else:
+        r = pid - heavy
+        bh = r // (NM - T)
+        mb = T + r % (NM - T)
+    b = (bh // NH).to(tl.int64)
+    h = tl.load(HEADS + bh % NH).to(tl.int64)
+    qblk = (mb * BLOCK_M) // (BLOCK_N * SUB)
+
+    offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_D)
+    m_ok = offs_m < L
+    if PERMUTED:
+        q_rows = tl.load(PERM + offs_m, mask=m_ok, other=0)
+    else:
+        q_rows = offs_m
+    if ROW64:
+        q_rows = q_rows.to(tl.int64)
+    q = tl.load(Q + b * sqb + h * sqh + q_rows[:, None] * sql + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    bias_base = BIAS + b * sbb
+    idx_base = KV_IDX + h * sih + qblk * siq
+    cnt = tl.load(KV_CNT + h * sch + qblk)
+
+    # Phases over the ascending block list: [0, ja) blocks below NB_BIAS (biased, masked),
+    # [ja, jc) the fast unmasked path, [jc, end) a last block that runs past L (masked).
+    ja = cnt * 0
+    if HAS_BIAS:
+        for jj in range(0, tl.minimum(cnt, NB_BIAS)):
+            ja += (tl.load(idx_base + jj) < NB_BIAS).to(tl.int32)
+    jc = cnt
+    if cnt > 0:
+        last = tl.load(idx_base + cnt - 1)
+        if (last + 1) * (BLOCK_N * SUB) > L:
+            jc = cnt - 1
+    ja = tl.minimum(ja, jc)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
+    acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, 0, ja * SUB, L, skl, svl,
+                           qk_scale, HEAD_D, BLOCK_N, SUB, PERMUTED, True, HAS_BIAS, IEEE, ROW64)
+    acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, ja * SUB, jc * SUB, L,
+                           skl, svl, qk_scale, HEAD_D, BLOCK_N, SUB, PERMUTED, False, HAS_BIAS, IEEE, ROW64)
+    acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, jc * SUB, cnt * SUB, L,
+                           skl, svl, qk_scale, HEAD_D, BLOCK_N, SUB, PERMUTED, True, HAS_BIAS, IEEE, ROW64)
+
+    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # nothing allowed -> 0, as the reference
+    o_off = b * sob + h * HEAD_D + q_rows[:, None] * sol + offs_d[None, :]
+    if HAS_CORR:
+        c = tl.load(C + b * scb + h * HEAD_D + q_rows[:, None] * scl + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+        out = out + c.to(tl.float32)
+    tl.store(O + o_off, out.to(O.dtype.element_ty), mask=m_ok[:, None])
+
+
+def _check(q, k, v, kv_index, kv_count, block, key_bias, perm, permuted, correction, out):
+    if not (q.ndim == 4 and q.shape == k.shape == v.shape):
+        raise ValueError(f"q, k, v must all be [B, H, L, D] of one shape, got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if q.dtype not in _FLOAT or not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share one dtype among fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device == kv_index.device == kv_count.device):
+        raise ValueError("q, k, v, kv_index and kv_count must be on one device")
+    b, heads, length, d = q.shape
+    if d < 16 or d > 256 or d & (d - 1):
+        raise ValueError(f"head_dim {d} is not supported by the Triton kernel: use a power of two in 16..256 "
+                         "(or the reference, QUANTSPARSE_KERNELS=torch)")
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"block {block} is not supported by the Triton kernel: use a power of two >= 16")
+    nq = -(-length // block)
+    if kv_index.dtype != torch.int32 or kv_count.dtype != torch.int32:
+        raise ValueError(f"kv_index and kv_count must be int32 (BlockMask.to_indices()), got {kv_index.dtype}, "
+                         f"{kv_count.dtype}")
+    if kv_index.ndim != 3 or tuple(kv_index.shape[:2]) != (heads, nq) or tuple(kv_count.shape) != (heads, nq):
+        raise ValueError(f"kv_index must be [H={heads}, nq={nq}, max_k] and kv_count [{heads}, {nq}] for L={length} "
+                         f"and block {block}, got {tuple(kv_index.shape)} and {tuple(kv_count.shape)}: "
+                         "was the block mask built for another sequence length or head count?")
+    if key_bias is not None:
+        if key_bias.ndim != 2 or key_bias.shape[1] != length or key_bias.shape[0] not in (1, b):
+            raise ValueError(f"key_bias must be [B or 1, L={length}], got {tuple(key_bias.shape)}")
+        if key_bias.device != q.device or not key_bias.is_floating_point():
+            raise ValueError("key_bias must be a floating tensor on q's device")
+    if any(permuted):
+        if perm is None:
+            raise ValueError("permuted_heads names heads but no perm [L] was given")
+        if perm.ndim != 1 or perm.numel() != length or perm.device != q.device:
+            raise ValueError(f"perm must be a [L={length}] index on q's device, got {tuple(perm.shape)} on {perm.device}")
+    if correction is not None:
+        if tuple(correction.shape) != (b, length, heads * d) or correction.dtype not in _FLOAT:
+            raise ValueError(f"correction must be a float [B, L, H*D] = {(b, length, heads * d)} tensor, "
+                             f"got {correction.dtype} {tuple(correction.shape)}")
+        if correction.device != q.device:
+            raise ValueError("correction must be on q's device")
+    if out is not None and (tuple(out.shape) != (b, length, heads * d) or out.dtype != q.dtype
+                            or out.device != q.device or out.stride(-1) != 1):
+        raise ValueError(f"out must be a {q.dtype} [B, L, H*D] = {(b, length, heads * d)} tensor on q's device "
+                         "with a contiguous last dim")
+
+
+def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index: torch.Tensor,
+                     kv_count: torch.Tensor, *, block: int = 128, key_bias: Optional[torch.Tensor] = None,
+                     perm: Optional[torch.Tensor] = None, permuted_heads: Optional[Sequence[bool]] = None,
+                     correction: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
+                     config: Optional[tuple] = None) -> torch.Tensor:
+    """Block-sparse attention. q, k, v: [B, H, L, D] (any strides with a contiguous last dim);
+    kv_index [H, nq, max_k] int32 / kv_count [H, nq] int32 list the key blocks (in each head's own
+    order) that each query block visits; key_bias [B|1, L] additive, original order; perm [L]: the
+    temporal order (x[perm] is x permuted) used by heads with permuted_heads[h] true; correction
+    [B, L, H*D] added to the output. Returns [B, L, H*D] in q's dtype (written into `out` if given).
+    config: (BLOCK_M, BLOCK_N, num_warps, num_stages) override, for tuning.
+    """
+    heads = q.shape[1] if q.ndim == 4 else 0
+    permuted = [bool(x) for x in (permuted_heads if permuted_heads is not None else [False] * heads)]
+    if len(permuted) != heads:
+        raise ValueError(f"permuted_heads must give one flag per head ({heads}), got {len(permuted)}")
+    _check(q, k, v, kv_index, kv_count, block, key_bias, perm, permuted, correction, out)
+    b, heads, length, d = q.shape
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    if out is None:
+        out = torch.empty(b, length, heads * d, dtype=q.dtype, device=q.device)
+    if length == 0 or b == 0:
+        return out
+    kv_index = kv_index.contiguous()
+    kv_count = kv_count.contiguous()
+    block_m, block_n, warps, stages = config or _CONFIGS[d]
+    block_n = min(block, block_n)
+    block_m = min(block_m, block)
+    if q.dtype == torch.float32:
+        block_m, block_n = min(block_m, 64), min(block_n, 64)  # fp32 tiles: shared memory
+    sub = block // block_n
+    nm = -(-length // block_m)
+    if key_bias is not None:
+        key_bias = key_bias if key_bias.stride(-1) == 1 else key_bias.contiguous()
+        sbb = 0 if key_bias.shape[0] == 1 else key_bias.stride(0)
+    else:
+        sbb = 0
+    if correction is not None:
+        correction = correction if correction.stride(-1) == 1 else correction.contiguous()
+    if any(permuted):
+        perm = perm.to(torch.int32).contiguous()
+    nb_bias = _bias_blocks(key_bias, perm if any(permuted) else None, block)
+    strides = [x.stride(2) for x in (q, k, v)] + [out.stride(1)] + ([correction.stride(1)] if correction is not None else [])
+    row64 = length * max(strides) >= 2 ** 31
+    dummy = kv_count
+    scale = LOG2E / math.sqrt(d)
+    for flag in (True, False):
+        heads_list = [h for h in range(heads) if permuted[h] == flag]
+        if not heads_list:
+            continue
+        hl = torch.tensor(heads_list, dtype=torch.int32, device=q.device)
+        bh = b * len(heads_list)
+        t = min(-(-_text_rows(kv_count, heads_list, block) // block_m), nm)
+        grid = (bh * nm,)
+        _sparse_attn_fwd[grid](
+            q, k, v, out, correction if correction is not None else dummy,
+            key_bias if key_bias is not None else dummy, perm if flag else dummy, hl, kv_index, kv_count,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
+            correction.stride(0) if correction is not None else 0, correction.stride(1) if correction is not None else 0,
+            sbb, kv_index.stride(0), kv_index.stride(1), kv_count.stride(0),
+            length, len(heads_list), bh, t, nm, nb_bias[flag], scale,
+            HEAD_D=d, BLOCK_M=block_m, BLOCK_N=block_n, SUB=sub, PERMUTED=flag,
+            HAS_BIAS=key_bias is not None, HAS_CORR=correction is not None, IEEE=q.dtype == torch.float32 or dispatch.interpreting(),
+            ROW64=row64, num_warps=warps, num_stages=stages)
+    return out
+
+
+def _bias_blocks(key_bias, perm, block: int) -> dict:
+    """{permuted?: number of leading key blocks (in that order) holding a nonzero bias}. Keys past
+    them take the kernel's unmasked fast path. ComfyUI's mask covers padded text only."""
+    if key_bias is None:
+        return {False: 0, True: 0}
+    nz = (key_bias != 0).any(0)
+    res = {}
+    for flag in (False, True):
+        x = nz if not flag or perm is None else nz[perm.long()]
+        pos = torch.nonzero(x)
+        res[flag] = 0 if pos.numel() == 0 else int(pos.max()) // block + 1
+    return res
+
+
+def _text_rows(kv_count: torch.Tensor, heads: list, block: int) -> int:
+    """Rows of the leading query blocks that visit the most key blocks (the text rows), scheduled first.
+    Read on the host from the counts of the first head: 0 when no leading block is heavier."""
+    c = _host_counts(kv_count)[heads[0]]
+    n = 0
+    while n < len(c) and c[n] == max(c) and max(c) > min(c):
+        n += 1
+    return n * block
+
+
+def _host_counts(kv_count: torch.Tensor):
+    cached = getattr(_host_counts, "cache", None)
+    if cached is not None and cached[0] is kv_count and cached[1] == kv_count._version:
+        return cached[2]
+    counts = kv_count.tolist()
+    _host_counts.cache = (kv_count, kv_count._version, counts)
+    return counts
+
+
+# ---- the wrapper with the reference's signature ---------------------------------------------------
+def _indices(block_mask, device):
+    """kv_index / kv_count on `device`, cached on the mask (masks are not mutated after creation)."""
+    key = (str(device), block_mask.keep._version, id(block_mask.keep))
+    cached = block_mask.__dict__.get("_qs_kernel_indices")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    index, count = block_mask.to_indices()
+    val = (index.to(device), count.to(device))
+    block_mask.__dict__["_qs_kernel_indices"] = (key, val)
+    return val
+
+
+def block_sparse_attention(q, k, v, mask, block_mask, txt_len: int, grid,
+                           correction: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """quantsparse_core.sparse.reference.block_sparse_attention's contract, plus `correction`
+    [B, L, H*D] added to the result (SSAR). Runs the Triton kernel where kernels.dispatch says so
+    (and the kernel supports the shape), else the reference with the correction added in fp32."""
+    from quantsparse_core.sparse.layout import check_layout, temporal_permutation
+    from quantsparse_core.sparse.masks import key_bias as to_key_bias
+
+    b, heads, length, d = q.shape
+    check_layout(length, txt_len, grid)
+    if block_mask.seq_len != length or block_mask.num_heads != heads:
+        raise ValueError(f"block mask is for {block_mask.num_heads} heads x {block_mask.seq_len} tokens, "
+                         f"attention has {heads} heads x {length} tokens")
+    if correction is not None and tuple(correction.shape) != (b, length, heads * d):
+        raise ValueError(f"correction must be [B, L, H*D] = {(b, length, heads * d)}, got {tuple(correction.shape)}")
+    blk = block_mask.block
+    supported = (q.dtype in _FLOAT and 16 <= d <= 256 and not d & (d - 1) and blk >= 16 and not blk & (blk - 1))
+    if supported and dispatch.use_triton(q.device):
+        index, count = _indices(block_mask, q.device)
+        permuted = [block_mask.permuted(h) for h in range(heads)]
+        perm = temporal_permutation(txt_len, grid, device=q.device) if any(permuted) else None
+        bias = to_key_bias(mask, b, length)
+        if bias is not None:
+            bias = bias.to(q.device)
+        if correction is not None:
+            correction = correction.to(q.device)
+        return sparse_attention(q, k, v, index, count, block=blk, key_bias=bias, perm=perm,
+                                permuted_heads=permuted, correction=correction)
+    return block_sparse_attention_ref(q, k, v, mask, block_mask, txt_len, grid, correction)
+
+
+__all__ = ["sparse_attention", "block_sparse_attention"]

@@ -1,0 +1,141 @@
+"""kernels.sparse_attention (Triton, run in the interpreter on CPU) against the float64 dense-masked
+reference: odd lengths, partial blocks, key bias with -inf, temporal heads, correction epilogue."""
+import pytest
+import torch
+
+from kernels import dispatch
+from kernels.sparse_attention import block_sparse_attention, sparse_attention
+from kernels.sparse_attention_ref import dense_masked_attention_f64
+from quantsparse_core.models.attention import AttentionCall, StepInfo
+from quantsparse_core.sparse.layout import temporal_permutation
+from quantsparse_core.sparse.masks import BlockMask, band_keep
+from quantsparse_core.sparse.ssar import SparseSettings, SSARAttention
+
+pytestmark = pytest.mark.skipif(not dispatch.triton_available(), reason="triton not installed")
+
+TXT, GRID = 7, (3, 4, 5)  # L = 67: partial last block for block 16 (and 32)
+L = TXT + 60
+
+
+def strided_qkv(rng, b, h, length, d, dtype):
+    """[B, H, L, D] views of [B, L, H, D] storage, as attention code often passes them."""
+    return [torch.randn(b, length, h, d, generator=rng).to(dtype).transpose(1, 2) for _ in range(3)]
+
+
+def random_keep(rng, heads, n, p=0.5):
+    keep = torch.rand(heads, n, n, generator=rng) < p
+    keep[:, 1, :] = False  # one query block visits nothing: its rows must come out 0 (+ correction)
+    return keep
+
+
+def text_bias(rng, b, length):
+    bias = torch.randn(b, length, generator=rng)
+    bias[0, 4:TXT] = float("-inf")  # ComfyUI's padded text tokens
+    return bias
+
+
+def rel_err(out, ref):
+    return float((out.double() - ref).norm() / ref.norm())
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2), (torch.float16, 5e-3)])
+def test_mixed_heads_bias_correction_match_float64(rng, dtype, tol):
+    b, h, d, block = 2, 3, 32, 16
+    q, k, v = strided_qkv(rng, b, h, L, d, dtype)
+    n = -(-L // block)
+    keep = random_keep(rng, h, n)
+    keep[2] = True  # a dense head
+    index, count = BlockMask(keep, ["spatial", "temporal", "dense"], block, L).to_indices()
+    perm = temporal_permutation(TXT, GRID)
+    permuted = [False, True, False]
+    bias = text_bias(rng, b, L)
+    corr = torch.randn(b, L, h * d, generator=rng)
+    out = torch.full((b, L, h * d), float("nan"), dtype=dtype)
+    res = sparse_attention(q, k, v, index, count, block=block, key_bias=bias, perm=perm, permuted_heads=permuted,
+                           correction=corr, out=out)
+    assert res is out and res.dtype == dtype and bool(torch.isfinite(res).all())
+    ref = dense_masked_attention_f64(q, k, v, keep, block, key_bias=bias, perm=perm, permuted_heads=permuted,
+                                     correction=corr)
+    assert rel_err(res, ref) < tol
+    assert float((res.double() - ref).abs().max()) < 10 * tol * float(ref.abs().max())
+    # rows of the empty query block are the correction alone (within one rounding to dtype: the
+    # CPU interpreter truncates fp32 -> bf16 where the GPU rounds to nearest)
+    rows = torch.arange(L)[(torch.arange(L) // block) == 1]
+    ulp = 0.0 if dtype == torch.float32 else torch.finfo(dtype).eps
+    assert torch.allclose(res[:, rows, :d].float(), corr[:, rows, :d], rtol=ulp, atol=1e-30)
+
+
+def test_no_bias_no_correction_and_block_128(rng):
+    """A 128-token mask block (two 64-key sub-tiles for fp32), odd L = 20 + 2*8*10 = 180."""
+    txt, grid, block, b, h, d = 20, (2, 8, 10), 128, 1, 2, 32
+    length = txt + 160
+    q, k, v = (torch.randn(b, h, length, d, generator=rng) for _ in range(3))
+    keep = torch.ones(h, 2, 2, dtype=torch.bool)
+    keep[0, 1, 0] = False
+    index, count = BlockMask(keep, ["spatial", "temporal"], block, length).to_indices()
+    perm = temporal_permutation(txt, grid)
+    out = sparse_attention(q, k, v, index, count, block=block, perm=perm, permuted_heads=[False, True])
+    ref = dense_masked_attention_f64(q, k, v, keep, block, perm=perm, permuted_heads=[False, True])
+    assert rel_err(out, ref) < 1e-4
+
+
+def test_svg_band_masks_through_the_wrapper_match_float64_and_dispatch_agrees(rng):
+    b, h, d, block = 2, 2, 64, 16
+    q, k, v = (torch.randn(b, h, L, d, generator=rng) for _ in range(3))
+    keep = band_keep(L, TXT, 0.4, block).unsqueeze(0).expand(h, -1, -1).clone()
+    bm = BlockMask(keep, ["temporal", "spatial"], block, L)
+    mask = torch.zeros(1, 1, L)
+    mask[..., 5:TXT] = float("-inf")
+    corr = torch.randn(b, L, h * d, generator=rng)
+    with dispatch.forced("triton"):
+        tri = block_sparse_attention(q, k, v, mask, bm, TXT, GRID, correction=corr)
+    with dispatch.forced("torch"):
+        ref_path = block_sparse_attention(q, k, v, mask, bm, TXT, GRID, correction=corr)
+    ref = dense_masked_attention_f64(q, k, v, keep, block, key_bias=mask.reshape(1, L).expand(b, L),
+                                     perm=temporal_permutation(TXT, GRID), permuted_heads=[True, False],
+                                     correction=corr)
+    assert rel_err(tri, ref) < 1e-4 and rel_err(ref_path, ref) < 1e-4
+    assert torch.allclose(tri, ref_path, atol=2e-5, rtol=0)
+
+
+def test_ssar_between_refreshes_equals_reference_path(rng):
+    """SSARAttention through the kernel (correction in the epilogue) = through the reference."""
+    txt, grid, h, d = 8, (4, 4, 4), 2, 16
+    length = txt + 64
+    s = dict(density=0.3, tau=3, svd_rank=2, order=2, warmup_steps=0, warmup_blocks=0, block=16, n_rows=16,
+             placement="exact")
+    sigmas = torch.linspace(1, 0, 7)
+    xs = [[torch.randn(2, h, length, d, generator=rng) for _ in range(3)] for _ in range(5)]
+    outs = {}
+    for m in ("torch", "triton"):
+        fn = SSARAttention(SparseSettings(**s))
+        with dispatch.forced(m):
+            outs[m] = [fn(*x, None, AttentionCall("double", 0, 1, txt, grid, StepInfo(i, sigmas)))
+                       for i, x in enumerate(xs)]
+    for i, (a, c) in enumerate(zip(outs["torch"], outs["triton"])):
+        assert torch.allclose(a, c, atol=2e-5, rtol=0), i
+
+
+def test_bad_input_is_refused_clearly(rng):
+    b, h, d, block = 1, 2, 32, 16
+    q, k, v = (torch.randn(b, h, L, d, generator=rng) for _ in range(3))
+    keep = torch.ones(h, 5, 5, dtype=torch.bool)
+    index, count = BlockMask(keep, ["spatial"] * h, block, L).to_indices()
+    with pytest.raises(ValueError, match="one shape"):
+        sparse_attention(q, k[:, :, :-1], v, index, count, block=block)
+    short = torch.ones(h, 4, 4, dtype=torch.bool)
+    i2, c2 = BlockMask(short, ["spatial"] * h, block, 60).to_indices()
+    with pytest.raises(ValueError, match="another sequence length"):
+        sparse_attention(q, k, v, i2, c2, block=block)
+    with pytest.raises(ValueError, match="dtype"):
+        sparse_attention(q.double(), k.double(), v.double(), index, count, block=block)
+    with pytest.raises(ValueError, match="int32"):
+        sparse_attention(q, k, v, index.long(), count, block=block)
+    with pytest.raises(ValueError, match="correction"):
+        sparse_attention(q, k, v, index, count, block=block, correction=torch.zeros(b, L, h * d + 1))
+    with pytest.raises(ValueError, match="perm"):
+        sparse_attention(q, k, v, index, count, block=block, permuted_heads=[True, False])
+    with pytest.raises(ValueError, match="key_bias"):
+        sparse_attention(q, k, v, index, count, block=block, key_bias=torch.zeros(b, L + 1))
+    with pytest.raises(ValueError, match="block mask is for"):
+        block_sparse_attention(q, k, v, None, BlockMask(short, ["spatial"] * h, block, 60), TXT, GRID)

@@ -224,6 +224,9 @@ class DoubleStreamBlock(nn.Module):
     def _forward_fused(self, img, txt, vec, rope, mask, attention_fn, call: AttentionCall):
         """forward() with the small ops grouped into SmallOps calls (same math)."""
         ops = self.ops
+        # One memory layout for every block (the first block gets the patch embedding's transposed
+        # view), so the compiled groups see a single stride pattern and never recompile mid-step.
+        img, txt = img.contiguous(), txt.contiguous()
         img_mod, txt_mod = self.img_mod(vec), self.txt_mod(vec)
         ia, ta = self.img_attn, self.txt_attn
         i_qkv = ia.qkv(ops.norm_modulate(img, img_mod[0], img_mod[1]))

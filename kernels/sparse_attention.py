@@ -27,65 +27,81 @@ _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634
 
 # H100 configs: head_dim -> (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_N divides the mask block.
-_CONFIGS = {16: (128, 128, 4, 3), 32: (128, 128, 4, 3), 64: (128, 128, 4, 3), 128: (128, 128, 8, 4),
+_CONFIGS = {16: (128, 128, 4, 3), 32: (128, 128, 4, 3), 64: (128, 128, 4, 3), 128: (128, 128, 8, 5),
             256: (64, 64, 8, 2)}
 
 
 @triton.jit
 def _tiles(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, j0, j1, L, skl, svl, qk_scale,
            HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr, PERMUTED: tl.constexpr,
-           MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, ROW64: tl.constexpr):
+           MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, ROW64: tl.constexpr,
+           WS: tl.constexpr):
     """Key tiles j0 <= j < j1 of the listed blocks. MASKED: bounds check + additive bias; otherwise
-    every key is valid and unbiased (the fast path)."""
+    every key is valid and unbiased (the fast path). WS: Triton's automatic warp specialization."""
+    if WS:
+        for j in tl.range(j0, j1, warp_specialize=True):
+            acc, l_i, m_i = _tile(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, j, L, skl, svl,
+                                  qk_scale, HEAD_D, BLOCK_N, SUB, PERMUTED, MASKED, HAS_BIAS, IEEE, ROW64)
+    else:
+        for j in range(j0, j1):
+            acc, l_i, m_i = _tile(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, j, L, skl, svl,
+                                  qk_scale, HEAD_D, BLOCK_N, SUB, PERMUTED, MASKED, HAS_BIAS, IEEE, ROW64)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _tile(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, j, L, skl, svl, qk_scale,
+          HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr, PERMUTED: tl.constexpr,
+          MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, ROW64: tl.constexpr):
+    """One key tile: online-softmax update of (acc, l_i, m_i)."""
     offs_d = tl.arange(0, HEAD_D)
-    for j in range(j0, j1):
-        kb = tl.load(idx_base + j // SUB)
-        offs_n = kb * (BLOCK_N * SUB) + (j % SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
-        if MASKED:
-            n_ok = offs_n < L
-            if PERMUTED:
-                k_rows = tl.load(PERM + offs_n, mask=n_ok, other=0)
-            else:
-                k_rows = offs_n
-            if ROW64:
-                k_rows = k_rows.to(tl.int64)
-            kt = tl.load(k_base + k_rows[None, :] * skl + offs_d[:, None], mask=n_ok[None, :], other=0.0)
-            v = tl.load(v_base + k_rows[:, None] * svl + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-            if HAS_BIAS:
-                bias = tl.load(bias_base + k_rows, mask=n_ok, other=0.0).to(tl.float32) * 1.4426950408889634
-                add = tl.where(n_ok, bias, float("-inf"))
-            else:
-                add = tl.where(n_ok, 0.0, float("-inf"))
+    kb = tl.load(idx_base + j // SUB)
+    offs_n = kb * (BLOCK_N * SUB) + (j % SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if MASKED:
+        n_ok = offs_n < L
+        if PERMUTED:
+            k_rows = tl.load(PERM + offs_n, mask=n_ok, other=0)
         else:
-            if PERMUTED:
-                k_rows = tl.load(PERM + offs_n)
-            else:
-                k_rows = offs_n
-            if ROW64:
-                k_rows = k_rows.to(tl.int64)
-            kt = tl.load(k_base + k_rows[None, :] * skl + offs_d[:, None])
-            v = tl.load(v_base + k_rows[:, None] * svl + offs_d[None, :])
-        if IEEE:  # fp32 inputs, or the CPU interpreter (its bf16 tl.dot is wrong): exact fp32 products
-            qk = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee")
+            k_rows = offs_n
+        if ROW64:
+            k_rows = k_rows.to(tl.int64)
+        kt = tl.load(k_base + k_rows[None, :] * skl + offs_d[:, None], mask=n_ok[None, :], other=0.0)
+        v = tl.load(v_base + k_rows[:, None] * svl + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+        if HAS_BIAS:
+            bias = tl.load(bias_base + k_rows, mask=n_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+            add = tl.where(n_ok, bias, float("-inf"))
         else:
-            qk = tl.dot(q, kt)
-        if MASKED:
-            qk = qk * qk_scale + add[None, :]
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no allowed key so far
-            p = tl.math.exp2(qk - m_use[:, None])
-        else:  # all keys valid: m_new is finite
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            m_use = m_new
-            p = tl.math.exp2(qk * qk_scale - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        if IEEE:  # p rounded to v's dtype as on the GPU path, then multiplied in fp32
-            acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc, input_precision="ieee")
+            add = tl.where(n_ok, 0.0, float("-inf"))
+    else:
+        if PERMUTED:
+            k_rows = tl.load(PERM + offs_n)
         else:
-            acc = tl.dot(p.to(v.dtype), v, acc)
-        m_i = m_new
+            k_rows = offs_n
+        if ROW64:
+            k_rows = k_rows.to(tl.int64)
+        kt = tl.load(k_base + k_rows[None, :] * skl + offs_d[:, None])
+        v = tl.load(v_base + k_rows[:, None] * svl + offs_d[None, :])
+    if IEEE:  # fp32 inputs, or the CPU interpreter (its bf16 tl.dot is wrong): exact fp32 products
+        qk = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee")
+    else:
+        qk = tl.dot(q, kt)
+    if MASKED:
+        qk = qk * qk_scale + add[None, :]
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no allowed key so far
+        p = tl.math.exp2(qk - m_use[:, None])
+    else:  # all keys valid: m_new is finite
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        m_use = m_new
+        p = tl.math.exp2(qk * qk_scale - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if IEEE:  # p rounded to v's dtype as on the GPU path, then multiplied in fp32
+        acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc)
+    m_i = m_new
     return acc, l_i, m_i
 
 
@@ -96,7 +112,7 @@ def _sparse_attn_fwd(Q, K, V, O, C, BIAS, PERM, HEADS, KV_IDX, KV_CNT,
                      L, NH, BH, T, NM, NB_BIAS, qk_scale,
                      HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr,
                      PERMUTED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CORR: tl.constexpr,
-                     IEEE: tl.constexpr, ROW64: tl.constexpr):
+                     IEEE: tl.constexpr, ROW64: tl.constexpr, WS: tl.constexpr):
     pid = tl.program_id(0)
     heavy = BH * T
     if pid < heavy:  # text query tiles first: they visit every key block
@@ -144,11 +160,11 @@ def _sparse_attn_fwd(Q, K, V, O, C, BIAS, PERM, HEADS, KV_IDX, KV_CNT,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
     acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, 0, ja * SUB, L, skl, svl,
-                           qk_scale, HEAD_D, BLOCK_N, SUB, PERMUTED, True, HAS_BIAS, IEEE, ROW64)
+                           qk_scale, HEAD_D, BLOCK_N, SUB, PERMUTED, True, HAS_BIAS, IEEE, ROW64, WS)
     acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, ja * SUB, jc * SUB, L,
-                           skl, svl, qk_scale, HEAD_D, BLOCK_N, SUB, PERMUTED, False, HAS_BIAS, IEEE, ROW64)
+                           skl, svl, qk_scale, HEAD_D, BLOCK_N, SUB, PERMUTED, False, HAS_BIAS, IEEE, ROW64, WS)
     acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, jc * SUB, cnt * SUB, L,
-                           skl, svl, qk_scale, HEAD_D, BLOCK_N, SUB, PERMUTED, True, HAS_BIAS, IEEE, ROW64)
+                           skl, svl, qk_scale, HEAD_D, BLOCK_N, SUB, PERMUTED, True, HAS_BIAS, IEEE, ROW64, WS)
 
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # nothing allowed -> 0, as the reference
     o_off = b * sob + h * HEAD_D + q_rows[:, None] * sol + offs_d[None, :]
@@ -212,7 +228,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index
     order) that each query block visits; key_bias [B|1, L] additive, original order; perm [L]: the
     temporal order (x[perm] is x permuted) used by heads with permuted_heads[h] true; correction
     [B, L, H*D] added to the output. Returns [B, L, H*D] in q's dtype (written into `out` if given).
-    config: (BLOCK_M, BLOCK_N, num_warps, num_stages) override, for tuning.
+    config: (BLOCK_M, BLOCK_N, num_warps, num_stages[, warp_specialize]) override, for tuning.
     """
     heads = q.shape[1] if q.ndim == 4 else 0
     permuted = [bool(x) for x in (permuted_heads if permuted_heads is not None else [False] * heads)]
@@ -227,11 +243,12 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index
         return out
     kv_index = kv_index.contiguous()
     kv_count = kv_count.contiguous()
-    block_m, block_n, warps, stages = config or _CONFIGS[d]
+    block_m, block_n, warps, stages, *rest = config or _CONFIGS[d]
+    ws = bool(rest and rest[0]) and not dispatch.interpreting()
     block_n = min(block, block_n)
     block_m = min(block_m, block)
     if q.dtype == torch.float32:
-        block_m, block_n = min(block_m, 64), min(block_n, 64)  # fp32 tiles: shared memory
+        block_m, block_n, stages = min(block_m, 64), min(block_n, 64), min(stages, 2)  # fp32 tiles: shared memory
     sub = block // block_n
     nm = -(-length // block_m)
     if key_bias is not None:
@@ -266,7 +283,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index
             length, len(heads_list), bh, t, nm, nb_bias[flag], scale,
             HEAD_D=d, BLOCK_M=block_m, BLOCK_N=block_n, SUB=sub, PERMUTED=flag,
             HAS_BIAS=key_bias is not None, HAS_CORR=correction is not None, IEEE=q.dtype == torch.float32 or dispatch.interpreting(),
-            ROW64=row64, num_warps=warps, num_stages=stages)
+            ROW64=row64, WS=ws, num_warps=warps, num_stages=stages)
     return out
 
 

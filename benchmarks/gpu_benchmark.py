@@ -25,7 +25,6 @@ import gc
 import importlib
 import json
 import math
-import os
 import platform
 import subprocess
 import sys
@@ -432,45 +431,53 @@ def bench_linears(rep, aq, ig):
         del x
         free_cuda()
     for kdim, ndim, name in GEMM_SHAPES:
-        x = torch.randn(m, kdim, device="cuda", generator=g, dtype=torch.bfloat16)
-        w = torch.randn(ndim, kdim, device="cuda", generator=g, dtype=torch.bfloat16) * kdim ** -0.5
-        bias = torch.randn(ndim, device="cuda", generator=g, dtype=torch.bfloat16) * 0.1
-        row = dict(name=name, K=kdim, N=ndim)
-        row["bf16"] = kernel_ms(lambda: F.linear(x, w, bias), reps=5)
         try:
-            f8 = torch.float8_e4m3fn
-            xs = (x.abs().amax(1, keepdim=True).float() / 448).clamp_min(1e-12)
-            ws = (w.abs().amax(1, keepdim=True).float() / 448).clamp_min(1e-12)
-            x8, w8 = (x / xs).to(f8), (w / ws).to(f8)
-            row["fp8"] = kernel_ms(lambda: torch._scaled_mm(x8, w8.t(), scale_a=xs, scale_b=ws.t(), bias=bias,
-                                                            out_dtype=torch.bfloat16), reps=5)
-            del x8, w8
+            _bench_shape(rep, aq, ig, m, kdim, ndim, name, g)
         except Exception as e:
-            row["fp8"] = f"failed: {type(e).__name__}"
-        if aq and ig:
-            codes, sx = aq.act_quant(x, 8)
-            x3 = x.view(1, m, kdim)
-            for bits in (8, 4):
-                sw = absmax_scale(w.float(), bits, dim=1)
-                wq = quantize(w.float(), sw, bits)
-                stored = pack_int4(wq) if bits == 4 else wq
-                pw = ig.prepare_weight(stored, bits, sw)
-                bf = bias.float()
-                row[f"w{bits}a8_gemm"] = kernel_ms(lambda: ig.int_gemm(codes, sx, pw, bf, out_dtype=torch.bfloat16), reps=5)
-                lin = QuantLinear.from_packed(kdim, ndim, bits, 8, False, None,
-                                              {"weight_packed": stored, "weight_scale": sw, "bias": bias,
-                                               "act_clip": torch.ones((), device="cuda")}, device="cuda")
-                with torch.no_grad():
-                    row[f"w{bits}a8_linear"] = kernel_ms(lambda: lin(x3), reps=5)
-                del lin, pw, wq, stored
-            del codes, sx
-        else:
-            for k in ("w8a8_gemm", "w4a8_gemm", "w8a8_linear", "w4a8_linear"):
-                row[k] = "not available"
-        rep.data["gemm"].append(row)
-        log("gemm", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()})
-        del x, w, bias
+            traceback.print_exc()
+            rep.data["gemm"].append(dict(name=name, K=kdim, N=ndim, bf16=f"failed: {type(e).__name__}: {str(e)[:100]}"))
         free_cuda()
+
+
+def _bench_shape(rep, aq, ig, m, kdim, ndim, name, g):
+    x = torch.randn(m, kdim, device="cuda", generator=g, dtype=torch.bfloat16)
+    w = torch.randn(ndim, kdim, device="cuda", generator=g, dtype=torch.bfloat16) * kdim ** -0.5
+    bias = torch.randn(ndim, device="cuda", generator=g, dtype=torch.bfloat16) * 0.1
+    row = dict(name=name, K=kdim, N=ndim)
+    row["bf16"] = kernel_ms(lambda: F.linear(x, w, bias), reps=5)
+    try:
+        f8 = torch.float8_e4m3fn
+        xs = (x.abs().amax(1, keepdim=True).float() / 448).clamp_min(1e-12)
+        ws = (w.abs().amax(1, keepdim=True).float() / 448).clamp_min(1e-12)
+        x8, w8 = (x / xs).to(f8), (w / ws).to(f8)
+        row["fp8"] = kernel_ms(lambda: torch._scaled_mm(x8, w8.t(), scale_a=xs, scale_b=ws.t(), bias=bias,
+                                                        out_dtype=torch.bfloat16), reps=5)
+        del x8, w8
+    except Exception as e:
+        row["fp8"] = f"failed: {type(e).__name__}"
+    if aq and ig:
+        codes, sx = aq.act_quant(x, 8)
+        x3 = x.view(1, m, kdim)
+        for bits in (8, 4):
+            sw = absmax_scale(w.float(), bits, dim=1)
+            wq = quantize(w.float(), sw, bits)
+            stored = pack_int4(wq) if bits == 4 else wq
+            pw = ig.prepare_weight(stored, bits, sw)
+            bf = bias.float()
+            row[f"w{bits}a8_gemm"] = kernel_ms(lambda: ig.int_gemm(codes, sx, pw, bf, out_dtype=torch.bfloat16), reps=5)
+            lin = QuantLinear.from_packed(kdim, ndim, bits, 8, False, None,
+                                          {"weight_packed": stored, "weight_scale": sw, "bias": bias,
+                                           "act_clip": torch.ones((), device="cuda")}, device="cuda")
+            with torch.no_grad():
+                row[f"w{bits}a8_linear"] = kernel_ms(lambda: lin(x3), reps=5)
+            del lin, pw, wq, stored
+        del codes, sx
+    else:
+        for k in ("w8a8_gemm", "w4a8_gemm", "w8a8_linear", "w4a8_linear"):
+            row[k] = "not available"
+    rep.data["gemm"].append(row)
+    log("gemm", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()})
+    del x, w, bias
 
 
 # ---- the full model ----------------------------------------------------------------------------
@@ -607,6 +614,15 @@ class ResolutionRun:
         self.row(config, "-", "skipped", "-", why)
 
     def dense(self, model, key, config, masked=False, ref=None):
+        try:
+            return self._dense(model, key, config, masked, ref)
+        except Exception as e:
+            traceback.print_exc()
+            self.row(config, "-", "failed", "-", f"{type(e).__name__}: {str(e)[:200]}")
+            free_cuda()
+            return None, None
+
+    def _dense(self, model, key, config, masked=False, ref=None):
         if not self.budget.allows(self.est(1.6 if masked else 1.2)):
             return self.skip(config, "time budget"), None
         free_cuda()
@@ -632,6 +648,14 @@ class ResolutionRun:
         return chosen, free, budget
 
     def sparse(self, model, config, density, dense_key, act_peak, ref=None):
+        try:
+            return self._sparse(model, config, density, dense_key, act_peak, ref)
+        except Exception as e:  # e.g. out of memory: report it and go on with the next configuration
+            traceback.print_exc()
+            self.row(config, "-", "failed", "-", f"{type(e).__name__}: {str(e)[:200]}")
+            free_cuda()
+
+    def _sparse(self, model, config, density, dense_key, act_peak, ref=None):
         if not self.budget.allows(self.est(SPARSE_STEPS)):
             return self.skip(config, "time budget")
         try:

@@ -211,10 +211,13 @@ class Report:
         for res, rows in d["amortized"].items():
             L += ["", f"### 50-step cost at {res} (computed from the measured step times above)", "",
                   "| configuration | schedule (dense / refresh-1 / refresh-2 / reuse) | s per step | 50 steps s | "
-                  "vs (a) | vs (b) eager | vs (b) fused |", "|---|---|---|---|---|---|---|"]
+                  "vs (a) | vs (b) eager | vs (b) fused | time share | vs (a) if reuse steps were free |",
+                  "|---|---|---|---|---|---|---|---|---|"]
             for r in rows:
+                ceil = r.get("ceiling_vs_a")
                 L.append(f"| {r['config']} | {r['schedule']} | {_f(r['per_step'], 2)} | {_f(r['total'], 0)} | "
-                         f"{_f(r.get('vs_a'), 2)}x | {_f(r.get('vs_b'), 2)}x | {_f(r.get('vs_b_fused'), 2)}x |")
+                         f"{_f(r.get('vs_a'), 2)}x | {_f(r.get('vs_b'), 2)}x | {_f(r.get('vs_b_fused'), 2)}x | "
+                         f"{r.get('shares', '')} | {'' if ceil is None else f'{ceil:.2f}x'} |")
         L += ["", "### Issue targets (from the numbers above)", "", "| target | measured | met |", "|---|---|---|"]
         L += [f"| {t} | {m} | {ok} |" for t, m, ok in self.targets()]
         if d["notes"]:
@@ -698,6 +701,13 @@ class ResolutionRun:
                                schedule=f"{counts['dense']} / {counts['refresh1']} / {counts['refresh2']} / {counts['reuse']}",
                                vs_a=_ratio(self.t.get("a"), per_step), vs_b=_ratio(self.t.get("b"), per_step),
                                vs_b_fused=_ratio(self.t.get("b_fused"), per_step), dense_from=dense_key))
+        # Where the 50 steps' time goes, and the ceiling if reuse steps cost nothing (Amdahl).
+        total = per_step * len(kinds)
+        parts = {k: counts[k] * times.get(k, 0.0) for k in counts}
+        floor = total - parts["reuse"]
+        self.amort[-1]["shares"] = (f"dense {parts['dense'] / total:.0%}, refresh "
+                                    f"{(parts['refresh1'] + parts['refresh2']) / total:.0%}, reuse {parts['reuse'] / total:.0%}")
+        self.amort[-1]["ceiling_vs_a"] = _ratio(self.t.get("a"), floor / len(kinds))
         self.rep.save()
 
     def dense_amortized(self):

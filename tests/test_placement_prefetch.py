@@ -30,3 +30,27 @@ def test_prefetch_is_exact_on_cpu(rng):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_prefetch_is_exact_on_cuda(rng):
     _check("cuda", rng)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_ssar_with_prefetched_cpu_cache_equals_gpu_cache(rng):
+    """Over several blocks and steps, the cpu-pinned placement (with prefetch) gives exactly what
+    the bf16 GPU placement gives: both round the cache to bf16, only where it lives differs."""
+    from quantsparse_core.models.attention import AttentionCall, StepInfo
+    from quantsparse_core.sparse.ssar import SparseSettings, SSARAttention
+
+    grid, txt = (4, 8, 8), 8
+    length = txt + 256
+    base = dict(density=0.3, tau=3, svd_rank=4, order=2, warmup_steps=0, warmup_blocks=0, block=32, n_rows=16)
+    outs = {}
+    for placement in ("gpu-bf16", "cpu-pinned"):
+        fn = SSARAttention(SparseSettings(placement=placement, **base))
+        g = torch.Generator().manual_seed(1234)
+        got = []
+        for step in range(7):
+            for block in range(3):
+                q, k, v = (torch.randn(1, 2, length, 64, generator=g).cuda() for _ in range(3))
+                c = AttentionCall("double", block, 3, txt, grid, StepInfo(step, torch.linspace(1, 0, 11)))
+                got.append(fn(q, k, v, None, c))
+        outs[placement] = torch.stack(got)
+    torch.testing.assert_close(outs["cpu-pinned"], outs["gpu-bf16"], rtol=0, atol=0)

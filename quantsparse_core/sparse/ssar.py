@@ -87,6 +87,7 @@ class SSARAttention:
     def reset(self) -> None:
         """Forget masks, caches, statistics and the chosen auto placement (start of a new video)."""
         self._states: Dict = {}
+        self._order: list = []  # block keys in the order the model calls them
         self._store: Optional[CacheStore] = None
         self._last_step: Optional[int] = None
         self._num_blocks: Dict[str, int] = {}
@@ -151,6 +152,14 @@ class SSARAttention:
             self._store = CacheStore(self.placement, s.placement_rank)
         return self._store
 
+    def _prefetch_after(self, key, device) -> None:
+        """Start moving the next block's cached residual towards `device` (cpu-pinned placement), so
+        its copy overlaps this block's attention instead of stalling the next one."""
+        if self._store is None or len(self._order) < 2:
+            return
+        nxt = self._order[(self._order.index(key) + 1) % len(self._order)]
+        self._store.prefetch((nxt, "D"), device)
+
     # ---- public views (diagnostics and tests) -----------------------------------------------------
     def block_mask(self, block_type: str, block_index: int, batch: int) -> Optional[BlockMask]:
         st = self._states.get((block_type, block_index, batch))
@@ -184,11 +193,15 @@ class SSARAttention:
             return dense_attention(q, k, v, mask, call)
 
         key = (call.block_type, call.block_index, b)
+        if key not in self._states:
+            self._order.append(key)
         st = self._states.setdefault(key, _BlockState())
         refresh = ((call.step.index - first) % s.tau == 0 or st.mask is None
                    or (s.order > 0 and not st.has_d))
         if not refresh:
             # Between refreshes: O_sparse + C, the correction added in the kernel's epilogue.
+            if s.order > 0:
+                self._prefetch_after(key, q.device)
             corr = None if s.order == 0 else self.cache(*key, device=q.device)
             self._count("sparse", b, st.mask.density())
             return block_sparse_attention(q, k, v, mask, st.mask, call.txt_len, call.grid, correction=corr)

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import dispatch
+from . import dispatch
 from quantsparse_core.quant.packing import unpack_int4
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernel_link import kernel_module
 from .packing import pack_int4, unpack_int4
 from .quantizers import absmax_scale, check_bits, fake_quant, quantize
 from .transforms import OrthogonalFactor, apply_kron, hadamard, kron_factors
@@ -28,9 +29,8 @@ _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def _kernels_on(device: torch.device) -> bool:
     """Whether the fused Triton kernels should run for tensors on `device` (kernels.dispatch)."""
-    try:
-        from kernels import dispatch
-    except ImportError:  # the kernels package is not importable: stay on the PyTorch path
+    dispatch = kernel_module("dispatch")
+    if dispatch is None:  # the kernels package is not importable: stay on the PyTorch path
         return False
     return dispatch.use_triton(device)
 
@@ -125,8 +125,7 @@ class QuantLinear(nn.Module):
         key = (self.w_packed.device, self.w_packed.data_ptr(), self.w_packed._version)
         st = getattr(self, "_kernel_state", None)
         if st is None or st["key"] != key:
-            from kernels.int_gemm import prepare_weight
-            st = {"key": key, "weight": prepare_weight(self.w_packed, self.w_bits, self.w_scale),
+            st = {"key": key, "weight": kernel_module("int_gemm").prepare_weight(self.w_packed, self.w_bits, self.w_scale),
                   "clip": float(self.a_clip.clamp(CLIP_MIN, 1.0)),
                   "inv_smooth": None if self.log_smooth is None else torch.exp(-self.log_smooth).float(),
                   "bias": None if self.bias is None else self.bias.float().contiguous()}
@@ -134,8 +133,9 @@ class QuantLinear(nn.Module):
         return st
 
     def _triton_forward(self, x: torch.Tensor) -> torch.Tensor:
-        from kernels.act_quant import act_quant
-        from kernels.int_gemm import OUT_DTYPES, int_gemm
+        act_quant = kernel_module("act_quant").act_quant
+        gemm = kernel_module("int_gemm")
+        int_gemm, OUT_DTYPES = gemm.int_gemm, gemm.OUT_DTYPES
         st = self.prepare_kernels()
         f = self._factors()
         r1, r2 = (None, None) if f is None else f

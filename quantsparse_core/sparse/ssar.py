@@ -19,6 +19,7 @@ from typing import Dict, Optional
 
 import torch
 
+from ..kernel_link import kernel_module
 from ..models.attention import AttentionCall, dense_attention
 from .masks import BLOCK, BlockMask, check_density, svg_masks
 from .placement import CacheStore, check_policy, choose_placement, from_factors, truncated_factors
@@ -242,12 +243,11 @@ def block_sparse_attention(q, k, v, mask, block_mask: BlockMask, txt_len: int, g
     """O_sparse (+ correction): the Triton kernel with the correction in its epilogue where
     kernels.dispatch picks it; the PyTorch reference (correction added in fp32) when the kernels
     package or Triton is missing."""
-    try:
-        from kernels.sparse_attention import block_sparse_attention as kernel
-    except ImportError:  # no Triton (e.g. macOS/Windows without it): the reference path
+    module = kernel_module("sparse_attention")
+    if module is None:  # no Triton (e.g. macOS/Windows without it): the reference path
         out = reference_block_sparse_attention(q, k, v, mask, block_mask, txt_len, grid)
         return out if correction is None else (out.float() + correction.float()).to(q.dtype)
-    return kernel(q, k, v, mask, block_mask, txt_len, grid, correction=correction)
+    return module.block_sparse_attention(q, k, v, mask, block_mask, txt_len, grid, correction=correction)
 
 
 def _same_mask(a: Optional[BlockMask], b: BlockMask) -> bool:

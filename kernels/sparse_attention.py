@@ -311,19 +311,25 @@ def _text_rows(kv_count: torch.Tensor, heads: list, block: int) -> int:
     return n * block
 
 
+def tensor_version(t: torch.Tensor) -> int:
+    """In-place modification counter; inference tensors (ComfyUI runs nodes under
+    torch.inference_mode) have none and cannot be modified outside inference mode, so -1."""
+    return -1 if t.is_inference() else t._version
+
+
 def _host_counts(kv_count: torch.Tensor):
     cached = getattr(_host_counts, "cache", None)
-    if cached is not None and cached[0] is kv_count and cached[1] == kv_count._version:
+    if cached is not None and cached[0] is kv_count and cached[1] == tensor_version(kv_count):
         return cached[2]
     counts = kv_count.tolist()
-    _host_counts.cache = (kv_count, kv_count._version, counts)
+    _host_counts.cache = (kv_count, tensor_version(kv_count), counts)
     return counts
 
 
 # ---- the wrapper with the reference's signature ---------------------------------------------------
 def _indices(block_mask, device):
     """kv_index / kv_count on `device`, cached on the mask (masks are not mutated after creation)."""
-    key = (str(device), block_mask.keep._version, id(block_mask.keep))
+    key = (str(device), tensor_version(block_mask.keep), id(block_mask.keep))
     cached = block_mask.__dict__.get("_qs_kernel_indices")
     if cached is not None and cached[0] == key:
         return cached[1]

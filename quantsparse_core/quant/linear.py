@@ -122,7 +122,10 @@ class QuantLinear(nn.Module):
         """Lay the weight out for kernels.int_gemm (once) and cache the per-call constants."""
         if self.mode != "real":
             raise ValueError("prepare_kernels() needs a frozen layer: call freeze() first")
-        key = (self.w_packed.device, self.w_packed.data_ptr(), self.w_packed._version)
+        # Inference tensors (ComfyUI loads and runs under torch.inference_mode) have no version
+        # counter; the packed weight is never modified in place, so its storage identifies it.
+        version = -1 if self.w_packed.is_inference() else self.w_packed._version
+        key = (self.w_packed.device, self.w_packed.data_ptr(), version)
         st = getattr(self, "_kernel_state", None)
         if st is None or st["key"] != key:
             st = {"key": key, "weight": kernel_module("int_gemm").prepare_weight(self.w_packed, self.w_bits, self.w_scale),

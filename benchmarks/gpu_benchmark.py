@@ -399,7 +399,7 @@ def bench_attention(rep, sa):
     free_cuda()
     d2 = torch.randn(1, n, HIDDEN, device="cuda", generator=g)
     svd_ms = kernel_ms(lambda: truncated_factors(d2, HEADS, 16), reps=2)
-    rep.data["attention"].append(dict(name="SSAR refresh: rank-16 SVD of D2 (torch.linalg.svd, fp32, 24 x [N x 128])",
+    rep.data["attention"].append(dict(name="SSAR refresh: rank-16 truncation of D2 (placement.truncated_factors, 24 heads x [N x 128])",
                                       ms=svd_ms))
     log(f"attention: svg_masks {mask_ms:.1f} ms, SVD {svd_ms:.1f} ms per layer")
     del d2

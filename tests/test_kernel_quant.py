@@ -12,7 +12,11 @@ from quantsparse_core.quant.linear import QuantLinear
 from quantsparse_core.quant.packing import pack_int4, unpack_int4
 from quantsparse_core.quant.transforms import hadamard, kron_factors
 
-pytestmark = pytest.mark.skipif(not dispatch.triton_available(), reason="triton not installed")
+pytestmark = [
+    pytest.mark.skipif(not dispatch.triton_available(), reason="triton not installed"),
+    pytest.mark.skipif(torch.cuda.is_available() and not dispatch.interpreting(),
+                       reason="runs the kernels in Triton's CPU interpreter; on a GPU see test_kernels_cuda.py"),
+]
 
 
 def _check_act(x, bits, inv_s, clip, r1=None, r2=None, variant="auto"):

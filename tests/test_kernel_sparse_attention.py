@@ -11,7 +11,11 @@ from quantsparse_core.sparse.layout import temporal_permutation
 from quantsparse_core.sparse.masks import BlockMask, band_keep
 from quantsparse_core.sparse.ssar import SparseSettings, SSARAttention
 
-pytestmark = pytest.mark.skipif(not dispatch.triton_available(), reason="triton not installed")
+pytestmark = [
+    pytest.mark.skipif(not dispatch.triton_available(), reason="triton not installed"),
+    pytest.mark.skipif(torch.cuda.is_available() and not dispatch.interpreting(),
+                       reason="runs the kernels in Triton's CPU interpreter; on a GPU see test_kernels_cuda.py"),
+]
 
 TXT, GRID = 7, (3, 4, 5)  # L = 67: partial last block for block 16 (and 32)
 L = TXT + 60

@@ -8,7 +8,11 @@ from quantsparse_core.quant.linear import QuantLinear
 from quantsparse_core.sparse.masks import BlockMask, band_keep
 from quantsparse_core.sparse.ssar import block_sparse_attention
 
-pytestmark = pytest.mark.skipif(not dispatch.triton_available(), reason="triton not installed")
+pytestmark = [
+    pytest.mark.skipif(not dispatch.triton_available(), reason="triton not installed"),
+    pytest.mark.skipif(torch.cuda.is_available() and not dispatch.interpreting(),
+                       reason="runs the kernels in Triton's CPU interpreter; on a GPU see test_kernels_cuda.py"),
+]
 
 
 def test_quant_linear_kernel_path_under_inference_mode(rng):

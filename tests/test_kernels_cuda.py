@@ -1,0 +1,93 @@
+"""The Triton kernels compiled on a real GPU, against their references (skipped without CUDA).
+The interpreter tests (test_kernel_*.py) cover the same code on the CPU at tiny shapes; here the
+shapes are large enough for the GPU code paths (persistent TMA GEMM at large M, many key blocks)."""
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+DEV = "cuda"
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def test_act_quant_on_gpu_equals_reference(rng):
+    from kernels.act_quant import act_quant
+    from kernels.act_quant_ref import act_quant_ref
+    for k in (3072, 1000):
+        x = (torch.randn(4099, k, generator=rng) * 2).to(torch.bfloat16).to(DEV)
+        inv_s = (torch.rand(k, generator=rng) + 0.5).to(DEV)
+        q, s = act_quant(x, 8, inv_s, 0.9)
+        qr, sr = act_quant_ref(x, 8, inv_s, 0.9)
+        assert (q.int() - qr.int()).abs().max() <= 1 and (q != qr).float().mean() < 1e-4
+        torch.testing.assert_close(s, sr, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("m", [37, 4096])
+def test_int_gemm_on_gpu_equals_exact_reference(rng, bits, m):
+    from kernels.int_gemm import int_gemm, prepare_weight
+    from kernels.int_gemm_ref import int_gemm_ref
+    from quantsparse_core.quant.packing import pack_int4
+    k, n = 3072, 1536
+    a = torch.randint(-127, 128, (m, k), generator=rng, dtype=torch.int8)
+    sa = torch.rand(m, 1, generator=rng) * 1e-3 + 1e-4
+    sw = torch.rand(n, 1, generator=rng) * 1e-3 + 1e-4
+    lo = -8 if bits == 4 else -127
+    codes = torch.randint(lo, -lo + (bits == 8), (n, k), generator=rng, dtype=torch.int8)
+    stored = pack_int4(codes) if bits == 4 else codes
+    bias = torch.randn(n, generator=rng)
+    w = prepare_weight(stored.to(DEV), bits, sw.to(DEV))
+    y = int_gemm(a.to(DEV), sa.to(DEV), w, bias.to(DEV), out_dtype=torch.float32)
+    ref = int_gemm_ref(a, sa, stored, sw, bits, bias, torch.float64)
+    assert torch.isfinite(y).all() and rel(y.cpu(), ref) < 1e-6
+
+
+@pytest.mark.parametrize("rotation", [None, "hadamard"])
+def test_quant_linear_triton_path_on_gpu_equals_torch_path(rng, rotation):
+    from kernels import dispatch
+    from quantsparse_core.quant.linear import QuantLinear
+    lin = torch.nn.Linear(3072, 1024)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(1024, 3072, generator=rng) * 0.02)
+    q = QuantLinear(lin, 4, 8, smooth=True, rotation=rotation)
+    with torch.no_grad():
+        q.log_smooth.copy_(torch.randn(3072, generator=rng) * 0.3)
+    q = q.freeze().to(DEV)
+    x = torch.randn(2, 2500, 3072, generator=rng).to(DEV)
+    with dispatch.forced("torch"):
+        ref = q(x)
+    with dispatch.forced("triton"):
+        got = q(x)
+    assert rel(got, ref) < 1e-5
+    with torch.inference_mode(), dispatch.forced("triton"):   # as inside ComfyUI
+        loaded = QuantLinear.from_packed(3072, 1024, 4, 8, True, rotation, q.packed_tensors(), device=DEV)
+        got_inf = loaded(x)
+    with dispatch.forced("torch"):
+        ref_inf = loaded(x)
+    assert rel(got_inf, ref_inf) < 1e-5
+
+
+@pytest.mark.parametrize("inference", [False, True])  # ComfyUI runs nodes under torch.inference_mode
+def test_sparse_attention_on_gpu_equals_float64(rng, inference):
+    from kernels.sparse_attention import block_sparse_attention
+    from kernels.sparse_attention_ref import dense_masked_attention_f64
+    from quantsparse_core.sparse.layout import temporal_permutation
+    from quantsparse_core.sparse.masks import BlockMask, band_keep
+    txt, grid, h, d = 77, (5, 12, 20), 4, 128
+    length = txt + 5 * 12 * 20                       # 1,277 tokens: a partial last block of 128
+    q, k, v = ((torch.randn(1, h, length, d, generator=rng)).to(torch.bfloat16).to(DEV) for _ in range(3))
+    keep = band_keep(length, txt, 0.3, 128).unsqueeze(0).expand(h, -1, -1).clone()
+    kinds = ["spatial", "temporal", "temporal", "dense"]
+    keep[3] = True
+    mask = torch.zeros(1, 1, length)
+    mask[..., 60:txt] = float("-inf")                # padded text
+    corr = torch.randn(1, length, h * d, generator=rng)
+    with torch.inference_mode(inference):
+        out = block_sparse_attention(q, k, v, mask.to(DEV), BlockMask(keep.clone(), kinds, 128, length), txt, grid,
+                                     correction=corr.to(DEV))
+    ref = dense_masked_attention_f64(q, k, v, keep, 128, key_bias=mask.reshape(1, length),
+                                     perm=temporal_permutation(txt, grid), permuted_heads=[k == "temporal" for k in kinds],
+                                     correction=corr)
+    assert out.dtype == torch.bfloat16 and rel(out.cpu(), ref) < 1e-2

@@ -5,6 +5,14 @@ its clipping / smoothing / rotation parameters are fitted for `epochs` passes ov
 with AdamW + cosine: loss = block-output MSE + lambda_g * global + lambda_l * local, each MSAD term
 rescaled at the first iteration to the block loss's magnitude. Finished blocks are checkpointed, so
 an interrupted run resumes after its last finished block.
+
+Memory (`device=`): the model stays where it is (CPU); only the block being calibrated (its FP copy
+and its quantized copy) moves to `device`, and goes back to the CPU when finished. Captured inputs
+and FP block-output targets stay on the CPU (pin them with `pin_captured`) and move per sample.
+MSAD targets (`msad_targets=`): "store" (default) computes the FP global map / salient indices /
+local map once per block and keeps them on the CPU, moved per step; "recompute" keeps nothing and
+reruns the FP block each step (one extra FP forward per step, no host memory: for 13B, where the
+local map is ~2.9 GB per sample). Both give the same result (same computation, same order).
 """
 from __future__ import annotations
 
@@ -125,16 +133,39 @@ def _calib_state(q_block) -> dict:
 
 def block_output_mse(block, kind, samples) -> float:
     with torch.no_grad():
-        return sum(F.mse_loss(_run_block(block, kind, s).float(), s.target).item() for s in samples) / len(samples)
+        return sum(F.mse_loss(_run_block(block, kind, s).float(), _on(s.target, block)).item()
+                   for s in samples) / len(samples)
+
+
+def _on(t, block):
+    return t.to(next(block.parameters()).device, non_blocking=True)
+
+
+def pin_captured(captured: dict) -> dict:
+    """Page-lock captured CPU tensors (faster, asynchronous copies to CUDA); in place, returns it."""
+    if torch.cuda.is_available():
+        for samples in captured.values():
+            for s in samples:
+                s.args = tuple(a.pin_memory() if torch.is_tensor(a) and a.device.type == "cpu" else a
+                               for a in s.args)
+    return captured
+
+
+MSAD_TARGETS = ("store", "recompute")
 
 
 def calibrate(model, captured: dict, settings: CalibSettings, policy=None, checkpoint_dir=None, progress=None,
-              only=None):
+              only=None, device=None, msad_targets: str = "store"):
     """Quantize `model` in place block by block. captured: {(kind, i): [BlockInputs]} from capture.
     only: optional block names ("double_blocks.0", ...) to calibrate; the rest stay as they are.
+    device: None = calibrate each block where it is; else move only the current block there (the
+    rest of the model never leaves its device) and return the finished block to where it was.
+    msad_targets: "store" or "recompute" (see the module docstring).
 
     Returns a report {block name: {"quant": final block MSE, "rtn": RTN block MSE, ...}}.
     """
+    if msad_targets not in MSAD_TARGETS:
+        raise ValueError(f"msad_targets {msad_targets!r} unknown; choose one of {MSAD_TARGETS}")
     policy = policy if policy is not None else default_policy(model, settings.w_bits, settings.a_bits)
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
     if ckpt:
@@ -152,9 +183,12 @@ def calibrate(model, captured: dict, settings: CalibSettings, policy=None, check
         samples = captured[(kind, idx)]
         if not samples:
             raise ValueError(f"no captured inputs for {name}; capture at least one sample")
+        home = next(fp_block.parameters()).device
+        if device is not None:
+            fp_block = copy.deepcopy(fp_block).to(device)   # the model's own copy stays home
         with torch.no_grad():
             for s in samples:
-                s.target = _run_block(fp_block, kind, s).float()
+                s.target = _run_block(fp_block, kind, s).float().to(s.args[0].device)
         q_block = copy.deepcopy(fp_block)
         quantize_model(q_block, _sub_policy(policy, name + "."), smooth=settings.method != "quarot" and
                        settings.method != "rtn", rotation="hadamard" if settings.method == "quarot"
@@ -168,7 +202,8 @@ def calibrate(model, captured: dict, settings: CalibSettings, policy=None, check
         else:
             entry = {}
             if settings.trained:
-                entry = _train_block(fp_block, q_block, kind, samples, settings, bi, len(blocks), progress)
+                entry = _train_block(fp_block, q_block, kind, samples, settings, bi, len(blocks), progress,
+                                     msad_targets)
             elif progress:
                 progress(bi, len(blocks), settings.epochs, None)
             entry["quant"] = block_output_mse(q_block, kind, samples)
@@ -177,13 +212,31 @@ def calibrate(model, captured: dict, settings: CalibSettings, policy=None, check
                 (ckpt / f"{name}.json").write_text(json.dumps(entry))
         report[name] = entry
         parent = model.double_blocks if kind == "double" else model.single_blocks
-        parent[idx] = q_block
+        parent[idx] = q_block.to(home) if device is not None else q_block
+        del fp_block
         for s in samples:
             del s.target
     return report
 
 
-def _train_block(fp_block, q_block, kind, samples, s: CalibSettings, bi, n_blocks, progress) -> dict:
+def _msad_targets(fp_block, kind, smp, s: CalibSettings, store) -> dict:
+    """FP global map / salient indices / local map of one sample, placed on `store`."""
+    with torch.no_grad():
+        rec = []
+        _run_block(fp_block, kind, smp, rec)
+        q, k, mask = rec[0]
+        t = {}
+        if s.uses_global:
+            t["global"] = msad.global_attention(q, k, mask, s.stride).to(store)
+        if s.uses_local:
+            idx = msad.salient_indices(q, k, mask, s.top_k)
+            t["local"] = msad.local_attention(q, k, mask, idx).to(store)
+            t["idx"] = idx.to(store)
+        return t
+
+
+def _train_block(fp_block, q_block, kind, samples, s: CalibSettings, bi, n_blocks, progress,
+                 msad_targets="store") -> dict:
     clips, transforms = _calib_params(q_block)
     groups = [{"params": clips, "lr": s.lr_clip}]
     if transforms:
@@ -193,24 +246,11 @@ def _train_block(fp_block, q_block, kind, samples, s: CalibSettings, bi, n_block
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 0.5 * (1 + math.cos(math.pi * it / total)))
     gen = torch.Generator().manual_seed(s.seed * 100003 + bi)
 
-    # MSAD targets from the FP block, computed once per block before optimization (the FP block and
-    # its inputs do not change while this block trains). Kept where the captured inputs live.
+    # MSAD targets from the FP block (which, with its inputs, does not change while this block
+    # trains): computed once and kept where the captured inputs live, or recomputed per step.
     targets = []
-    if s.uses_global or s.uses_local:
-        with torch.no_grad():
-            for smp in samples:
-                rec = []
-                _run_block(fp_block, kind, smp, rec)
-                q, k, mask = rec[0]
-                store = smp.args[0].device
-                t = {}
-                if s.uses_global:
-                    t["global"] = msad.global_attention(q, k, mask, s.stride).to(store)
-                if s.uses_local:
-                    t["idx"] = msad.salient_indices(q, k, mask, s.top_k)
-                    t["local"] = msad.local_attention(q, k, mask, t["idx"]).to(store)
-                    t["idx"] = t["idx"].to(store)
-                targets.append(t)
+    if (s.uses_global or s.uses_local) and msad_targets == "store":
+        targets = [_msad_targets(fp_block, kind, smp, s, smp.args[0].device) for smp in samples]
     balance = {}
     last = {}
     for epoch in range(s.epochs):
@@ -219,9 +259,10 @@ def _train_block(fp_block, q_block, kind, samples, s: CalibSettings, bi, n_block
             terms = {}
             rec_q = []
             out = _run_block(q_block, kind, smp, rec_q if (s.uses_global or s.uses_local) else None)
-            terms["quant"] = F.mse_loss(out.float(), smp.target)
+            terms["quant"] = F.mse_loss(out.float(), smp.target.to(out.device, non_blocking=True))
             if rec_q:
-                (qq, kq, mask), tgt = rec_q[0], targets[j]
+                qq, kq, mask = rec_q[0]
+                tgt = targets[j] if targets else _msad_targets(fp_block, kind, smp, s, qq.device)
                 if s.uses_global:
                     terms["global"] = F.mse_loss(msad.global_attention(qq, kq, mask, s.stride),
                                                  tgt["global"].to(qq.device))

@@ -73,6 +73,41 @@ def quant_table(device, steps=16, samples=20, epochs=15, methods=METHODS, bits=B
     return rows
 
 
+LAMBDAS = (0.01, 0.03, 0.1, 0.3, 1.0)
+
+
+def lambda_table(device, steps=16, samples=20, epochs=15, lambdas=LAMBDAS, bits=(4, 8), log=print):
+    """MSAD with lambda_g = lambda_l swept, against block-loss-only, at one bit width."""
+    model, _ = load_embedded(device=device)
+    ref, calls = record_calls(model, steps)
+    cap = capture_embedded(model, n_samples=samples, steps=20, device=device)
+    rows = []
+    for method, lam in [("block", None)] + [("msad", x) for x in lambdas]:
+        t0 = time.time()
+        qm = copy.deepcopy(model)
+        extra = {} if lam is None else {"lambda_g": lam, "lambda_l": lam}
+        report = calibrate(qm, cap, CalibSettings(method=method, w_bits=bits[0], a_bits=bits[1], epochs=epochs,
+                                                  **extra))
+        for mod in qm.modules():
+            if isinstance(mod, QuantLinear):
+                mod.freeze()
+        vids = videos_of(qm, steps)
+        block_mse = sum(r["quant"] for r in report.values()) / len(report)
+        label = method if lam is None else f"msad lambda={lam:g}"
+        rows.append((f"W{bits[0]}A{bits[1]}", label, psnr(vids, ref), ssim(vids, ref),
+                     velocity_error(qm, model, calls), block_mse, time.time() - t0))
+        log(f"{label:<20} PSNR {rows[-1][2]:6.2f} vel.err {rows[-1][4]:.4f} block MSE {block_mse:.2e}")
+    return rows
+
+
+def render_lambda(rows, device, steps, samples, epochs) -> str:
+    table = render_quant(rows, device, steps, samples, epochs).split("\n", 2)[2]
+    return ("## Quantization: MSAD lambda sweep (embedded tiny model)\n\n"
+            f"`python -m quantsparse_core.results lambda --device {device}`; lambda_g = lambda_l, applied "
+            "after auto-balancing each MSAD term to the block loss; same protocol as the quantization "
+            "table:" + table.split(";", 1)[1])
+
+
 def render_quant(rows, device, steps, samples, epochs) -> str:
     lines = ["## Quantization (embedded tiny model)", "",
              f"`python -m quantsparse_core.results quant --device {device}`; {len(FIXED_SCENES)} fixed prompts, "
@@ -160,7 +195,7 @@ def replace_section(path, section: str) -> None:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("table", choices=["quant", "sparse"])
+    ap.add_argument("table", choices=["quant", "sparse", "lambda"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--samples", type=int, default=20)
@@ -171,6 +206,9 @@ def main(argv=None):
     if args.table == "quant":
         rows = quant_table(args.device, args.steps, args.samples, args.epochs, log=log)
         text = render_quant(rows, args.device, args.steps, args.samples, args.epochs)
+    elif args.table == "lambda":
+        rows = lambda_table(args.device, args.steps, args.samples, args.epochs, log=log)
+        text = render_lambda(rows, args.device, args.steps, args.samples, args.epochs)
     else:
         rows = sparse_table(args.device, args.steps, samples=args.samples, epochs=args.epochs, log=log)
         text = render_sparse(rows, args.device, args.steps)

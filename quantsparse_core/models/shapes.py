@@ -13,7 +13,10 @@ from .prompts import BACKGROUNDS_RGB, CHOICES, COLORS_RGB, SHAPES, Scene
 SPEED_PX = {"slowly": 3.0, "quickly": 7.0}                # pixels per frame
 DIRECTION_XY = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}  # row 0 = top
 SIZE_RANGE = (14.0, 22.0)                                  # circle radius / square half-side / triangle half-size
-_MARGIN = 1.0                                              # px between the shape's box and the frame edge
+# px between the shape's box and the frame edge. 2, not 1: the triangle's distance is a lower bound
+# outside its base corners, which at 1 px let its anti-aliased edge reach the border pixels (up to
+# 19% coverage); at 2 px the bound is > 0.5 px there, so no edge reaches the border.
+_MARGIN = 2.0
 
 
 def random_scenes(n: int, generator: torch.Generator) -> list[Scene]:

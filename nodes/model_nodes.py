@@ -154,6 +154,8 @@ class Calibrate(io.ComfyNode):
             n_traj = -(-samples // 4)  # compress() takes 4 samples per trajectory
             bar = ProgressReporter(n_traj * steps, n_blocks * epochs)
             device = comfy.model_management.get_torch_device()
+            comfy.model_management.unload_all_models()  # calibration needs the VRAM ComfyUI's models hold
+            comfy.model_management.soft_empty_cache()
             compress(sd, cond, tuple(lat.shape[1:]), out, settings, n_samples=samples, steps=steps,
                      seed=seed % (2**31), device=device,
                      capture_progress=lambda j, n, s: bar.capture(j, n, s, steps),

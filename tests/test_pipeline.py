@@ -74,3 +74,13 @@ def test_compress_refuses_bad_settings_before_work(rng, tmp_path):
     with pytest.raises(ValueError):
         compress(bad, cond, LATENT, tmp_path / "m.safetensors", CalibSettings(method="rtn"))
     assert not any(tmp_path.iterdir())
+
+
+def test_not_enough_vram_is_refused_before_any_work(rng, tmp_path, monkeypatch):
+    from quantsparse_core.calib import pipeline
+    sd, cond = _job(rng)
+    params = sum(t.numel() for t in sd.values())
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (params * 4, 80 * 2**30))  # < 1.25 x fp32
+    with pytest.raises(MemoryError, match="GB are free"):
+        pipeline.compress(sd, cond, LATENT, tmp_path / "m.safetensors", CalibSettings(method="rtn"), device="cuda")
+    assert not any(tmp_path.iterdir())

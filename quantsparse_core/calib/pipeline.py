@@ -46,6 +46,19 @@ def state_dict_hash(sd: dict) -> str:
     return h.hexdigest()
 
 
+def check_memory(sd: dict, device, dtype=torch.float32, headroom: float = 1.25) -> None:
+    """Refuse, before any work, a calibration whose float32 model cannot fit on a CUDA device."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return
+    need = headroom * sum(t.numel() for t in sd.values()) * torch.empty((), dtype=dtype).element_size()
+    free, _ = torch.cuda.mem_get_info(device)
+    if need > free:
+        raise MemoryError(f"calibrating this model needs about {need / 2**30:.1f} GB of GPU memory "
+                          f"({dtype} weights plus activations) but {free / 2**30:.1f} GB are free on {device}: "
+                          "free VRAM (close other models or programs) or calibrate on a larger GPU")
+
+
 def dit_from_state_dict(sd: dict, device="cpu", dtype=torch.float32) -> HunyuanVideoDiT:
     """Our HunyuanVideoDiT with the given ComfyUI-format weights (ValueError if they are not HunyuanVideo's)."""
     model = HunyuanVideoDiT(config_from_state_dict(sd), device="meta")
@@ -106,6 +119,7 @@ def compress(sd: dict, cond: Conditioning, latent_shape, out_path, settings: Cal
     out_path = Path(out_path)
     if out_path.suffix != ".safetensors":
         raise ValueError(f"output name must end in .safetensors, got {out_path.name!r}")
+    check_memory(sd, device)
     source_hash = state_dict_hash(sd)
     model = dit_from_state_dict(sd, device=device)
     check_calibration_latent(model, latent_shape)

@@ -25,6 +25,7 @@ import gc
 import importlib
 import json
 import math
+import os
 import platform
 import subprocess
 import sys
@@ -35,6 +36,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+# Fewer fragmentation failures when the SSAR cache fills most of the GPU (set before CUDA starts).
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -168,7 +172,8 @@ class Report:
         d, L = self.data, []
         e = d["env"]
         L += [f"Measured by `python benchmarks/gpu_benchmark.py {e.get('argv', '')}` on {e.get('gpu')}, "
-              f"torch {e.get('torch')}, Triton {e.get('triton')}, CUDA {e.get('cuda')}, {e.get('date')}.", ""]
+              f"torch {e.get('torch')}, Triton {e.get('triton')}, CUDA {e.get('cuda')}, "
+              f"PYTORCH_CUDA_ALLOC_CONF={e.get('alloc')}, {e.get('date')}.", ""]
         L += ["### Correctness checks (before timing)", "", "| check | value | tolerance | result |", "|---|---|---|---|"]
         L += [f"| {c['check']} | {c['value']:.3g} | {c['tolerance']:g} | {'pass' if c['ok'] else 'FAIL'} {c['info']} |"
               for c in d["checks"]]
@@ -270,6 +275,7 @@ def environment(rep, argv):
         smi = torch.cuda.get_device_name()
     rep.data["env"] = dict(gpu=smi, torch=torch.__version__, triton=tv, cuda=torch.version.cuda,
                            python=platform.python_version(), argv=" ".join(argv),
+                           alloc=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
                            date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
     log("ENV", rep.data["env"])
 
@@ -601,6 +607,7 @@ class ResolutionRun:
         self.amort = rep.data["amortized"].setdefault(res, [])
         self.t = {}          # measured step seconds by key
         self.fuse_ok = fuse_ok
+        self.sparse_act = 0       # bytes a sparse run needed besides weights and cache (measured)
         self.dense_guess = 26.0 * (self.inp.tokens / 119056) ** 1.7
 
     def est(self, steps):
@@ -642,9 +649,12 @@ class ResolutionRun:
         return s, out
 
     def placement(self, model_act_peak):
+        """Cache placement from free memory minus the step's working memory: the dense step's
+        activation peak at first, then what a sparse run needed on top of weights and cache (refresh
+        steps hold full, sparse and residual tensors at once), whichever is larger, + 4 GiB."""
         free_cuda()
         free = torch.cuda.mem_get_info()[0]
-        headroom = model_act_peak + 4 * 2 ** 30
+        headroom = max(model_act_peak, self.sparse_act) + 4 * 2 ** 30
         budget = max(0, free - headroom)
         layers = 60 - SparseSettings().warmup_blocks
         chosen = choose_placement(self.inp.tokens, HIDDEN, layers, budget, 1, 16, HEADS, tensors=1, factor_rank=16)
@@ -673,6 +683,7 @@ class ResolutionRun:
         reuse = kinds.index("reuse")
         probes = [(first, "refresh1"), (reuse, "reuse")] + ([(second, "refresh2")] if second is not None else [])
         times = {}
+        weights = torch.cuda.memory_allocated()
         with model.attention(ssar):
             warm(model, self.inp, [i for i, _ in probes])
             ssar.reset()
@@ -691,6 +702,7 @@ class ResolutionRun:
                 self.row(config, f"{kind} (step {idx})", s, torch.cuda.max_memory_allocated() / GB, note)
                 del out
         peak = torch.cuda.max_memory_allocated() / GB
+        self.sparse_act = max(self.sparse_act, torch.cuda.max_memory_allocated() - weights - ssar._store.nbytes())
         ssar.reset()
         del ssar
         free_cuda()

@@ -697,7 +697,7 @@ class ResolutionRun:
                     note = f"output rel. diff vs dense {rel_err(out, ref):.3g}"
                 if kind == "refresh2":
                     note = (f"cache placement {chosen} (free {free / GB:.1f} GB, budget {budget / GB:.1f} GB after "
-                            f"{act_peak / GB + 4.3:.1f} GB headroom), cache holds {ssar._store.nbytes() / GB:.1f} GB, "
+                            f"{(free - budget) / GB:.1f} GB headroom), cache holds {ssar._store.nbytes() / GB:.1f} GB, "
                             f"mask density {ssar.stats['sparse_density'] / max(ssar.stats['sparse'], 1):.3f}")
                 self.row(config, f"{kind} (step {idx})", s, torch.cuda.max_memory_allocated() / GB, note)
                 del out

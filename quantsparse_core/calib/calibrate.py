@@ -45,8 +45,8 @@ class CalibSettings:
     epochs: int = 15
     lr_transform: float = 5e-3
     lr_clip: float = 5e-2
-    lambda_g: float = 1.0        # applied after auto-balancing to the block loss
-    lambda_l: float = 1.0
+    lambda_g: float = 0.1        # applied after auto-balancing to the block loss (sweep: docs/RESULTS.md)
+    lambda_l: float = 0.1
     stride: int = 128
     top_k: int = 256
     rotation: str | None = None  # None or "learned" for the trained methods

@@ -162,7 +162,11 @@ def apply_sparse(model, settings: SparseSettings):
     # Re-patching an already patched MODEL replaces our settings instead of stacking two of us.
     previous = getattr(previous, "quantsparse_previous", previous)
     to["optimized_attention_override"] = make_override(previous)
-    to[KEY] = SparseRun(settings, model.model.diffusion_model.patch_size)
+    dit = model.model.diffusion_model
+    if settings.layers is None:  # the auto cache placement must budget for every sparse block, not those seen so far
+        joint = len(getattr(dit, "double_blocks", [])) + len(getattr(dit, "single_blocks", []))
+        settings = replace(settings, layers=max(1, joint - settings.warmup_blocks))
+    to[KEY] = SparseRun(settings, dit.patch_size)
     for kind, wrapper in ((comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, outer_sample_wrapper),
                           (comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, diffusion_model_wrapper)):
         patched.remove_wrappers_with_key(kind, KEY)

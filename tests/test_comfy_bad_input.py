@@ -52,6 +52,8 @@ def test_sparse_nodes_refuse_bad_settings_and_models(pack):
     (patched,) = patch.execute(model=model, **ok).result
     assert patched is not model and "optimized_attention_override" not in \
         model.model_options.get("transformer_options", {})
+    run = patched.model_options["transformer_options"]["quantsparse_sparse"]
+    assert run.settings.layers == 2 + 2 - 1   # every joint block of the tiny model but the dense warm-up one
 
 
 def test_calibrate_honours_cancel_and_resumes(pack, monkeypatch):

@@ -42,6 +42,7 @@ class SparseRun:
         self.settings = settings
         self.patch_size = tuple(int(p) for p in patch_size)
         self.latent_shape: Optional[tuple] = None
+        self.step: Optional[StepInfo] = None  # of the current model call; None outside the run's schedule
         self.by_group: Dict[tuple, SSARAttention] = {}
 
     def fresh(self) -> "SparseRun":
@@ -71,7 +72,7 @@ class SparseRun:
 def step_index(sigma: torch.Tensor, sample_sigmas: torch.Tensor) -> Optional[int]:
     """Index of the current sigma in the run's schedule, or None if it is not in it."""
     s = float(sigma.flatten()[0])
-    sched = sample_sigmas.detach().float().cpu().flatten()
+    sched = sample_sigmas.detach().float().cpu().flatten()  # a no-op when already on the CPU
     i = int(torch.argmin((sched - s).abs()))
     return i if math.isclose(float(sched[i]), s, rel_tol=1e-4, abs_tol=1e-6) else None
 
@@ -87,12 +88,8 @@ def make_override(previous=None):
         to = kwargs.get("transformer_options") or {}
         run: Optional[SparseRun] = to.get(KEY)
         block_type = to.get("block_type")
-        sample = to.get("sample_sigmas")
-        if (run is None or run.latent_shape is None or block_type not in ("double", "single")
-                or sample is None or to.get("sigmas") is None or not kwargs.get("skip_reshape", False)):
-            return _fall_through(previous, func, args, kwargs)
-        idx = step_index(to["sigmas"], sample)
-        if idx is None:
+        if (run is None or run.latent_shape is None or run.step is None or block_type not in ("double", "single")
+                or not kwargs.get("skip_reshape", False)):
             return _fall_through(previous, func, args, kwargs)
         q, k, v = args[0], args[1], args[2]
         grid = run.grid()
@@ -101,7 +98,7 @@ def make_override(previous=None):
             raise ValueError(f"attention sequence of {q.shape[2]} tokens is shorter than the latent's video grid "
                              f"{grid}: this model's token layout is not HunyuanVideo's [text, video]")
         call = AttentionCall(block_type, int(to.get("block_index", 0)), int(to.get("total_blocks", 1)),
-                             txt_len, grid, StepInfo(idx, sample.detach().cpu()))
+                             txt_len, grid, run.step)
         group = tuple(int(c) for c in to.get("cond_or_uncond", ()))
         out = run.attention_for(group)(q, k, v, kwargs.get("mask"), call)
         if kwargs.get("skip_output_reshape", False):
@@ -124,12 +121,20 @@ def _transformer_options(args, kwargs) -> dict:
 
 
 def diffusion_model_wrapper(executor, *args, **kwargs):
-    run = _transformer_options(args, kwargs).get(KEY)
+    """Once per model call: the latent's token grid and the step (one host sync here, none per attention)."""
+    to = _transformer_options(args, kwargs)
+    run = to.get(KEY)
     if run is not None and torch.is_tensor(args[0]):
         x = args[0]
         if x.ndim != 5:
             raise ValueError(f"QuantSparse sparse attention needs a video latent [B, C, T, H, W], got {tuple(x.shape)}")
         run.latent_shape = tuple(x.shape)
+        run.step = None
+        sample, sigma = to.get("sample_sigmas"), to.get("sigmas")
+        if sample is not None and sigma is not None:
+            sample = sample.detach().float().cpu()
+            idx = step_index(sigma, sample)
+            run.step = None if idx is None else StepInfo(idx, sample)
     return executor(*args, **kwargs)
 
 

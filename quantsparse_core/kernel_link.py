@@ -6,6 +6,7 @@ on its own), and callers keep to their PyTorch references.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import sys
@@ -17,6 +18,7 @@ _OURS = Path(__file__).resolve().parents[1] / "kernels"
 _ALIAS = "quantsparse_kernels"
 
 
+@functools.lru_cache(maxsize=None)  # called on hot paths (every quantized linear): resolve once
 def _package() -> Optional[str]:
     """The importable name under which our kernels package lives, loading it if needed."""
     init = _OURS / "__init__.py"

@@ -54,3 +54,21 @@ def test_ssar_with_prefetched_cpu_cache_equals_gpu_cache(rng):
                 got.append(fn(q, k, v, None, c))
         outs[placement] = torch.stack(got)
     torch.testing.assert_close(outs["cpu-pinned"], outs["gpu-bf16"], rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_auto_placement_keeps_working_memory_free(rng, monkeypatch):
+    """'auto' budgets free memory minus what the step itself still needs: with only that much free,
+    no device placement fits and the cache goes to host memory or low rank."""
+    from quantsparse_core.models.attention import AttentionCall, StepInfo
+    from quantsparse_core.sparse.ssar import SparseSettings, SSARAttention, working_bytes
+
+    grid, txt, heads, d = (4, 8, 8), 8, 2, 64
+    length = txt + 256
+    monkeypatch.setattr(torch.cuda, "mem_get_info",
+                        lambda device=None: (working_bytes(1, length, heads * d) + 1000, 80 * 2**30))
+    fn = SSARAttention(SparseSettings(placement="auto", density=0.3, tau=2, warmup_steps=0, warmup_blocks=0,
+                                      block=32, n_rows=16, layers=1))
+    q, k, v = (torch.randn(1, heads, length, d, generator=rng).cuda() for _ in range(3))
+    fn(q, k, v, None, AttentionCall("double", 0, 1, txt, grid, StepInfo(0, torch.linspace(1, 0, 5))))
+    assert fn.placement in ("cpu-pinned", "low-rank")

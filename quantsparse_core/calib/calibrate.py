@@ -154,6 +154,13 @@ def pin_captured(captured: dict) -> dict:
 MSAD_TARGETS = ("store", "recompute")
 
 
+def _atomic_write_text(path: Path, text: str) -> None:
+    """A killed process leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def calibrate(model, captured: dict, settings: CalibSettings, policy=None, checkpoint_dir=None, progress=None,
               only=None, device=None, msad_targets: str = "store"):
     """Quantize `model` in place block by block. captured: {(kind, i): [BlockInputs]} from capture.
@@ -173,7 +180,7 @@ def calibrate(model, captured: dict, settings: CalibSettings, policy=None, check
         meta_path = ckpt / "settings.json"
         if meta_path.exists() and json.loads(meta_path.read_text()) != asdict(settings):
             raise ValueError(f"{ckpt} holds a calibration with other settings; use another folder or delete it")
-        meta_path.write_text(json.dumps(asdict(settings)))
+        _atomic_write_text(meta_path, json.dumps(asdict(settings)))
     blocks = block_list(model)
     report = {}
     for bi, (kind, idx, fp_block) in enumerate(blocks):
@@ -207,9 +214,9 @@ def calibrate(model, captured: dict, settings: CalibSettings, policy=None, check
             elif progress:
                 progress(bi, len(blocks), settings.epochs, None)
             entry["quant"] = block_output_mse(q_block, kind, samples)
-            if done is not None:
+            if done is not None:  # the .safetensors is the completion marker, so it is written last
+                _atomic_write_text(ckpt / f"{name}.json", json.dumps(entry))
                 atomic_save_safetensors(_calib_state(q_block), done)
-                (ckpt / f"{name}.json").write_text(json.dumps(entry))
         report[name] = entry
         parent = model.double_blocks if kind == "double" else model.single_blocks
         parent[idx] = q_block.to(home) if device is not None else q_block

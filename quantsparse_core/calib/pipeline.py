@@ -21,7 +21,7 @@ from ..models.config import config_from_state_dict
 from ..models.hunyuan_video import HunyuanVideoDiT
 from ..models.sampler import flow_sigmas, initial_noise, sample_euler
 from ..quant.policy import default_policy
-from .calibrate import CalibSettings, calibrate
+from .calibrate import CalibSettings, calibrate, pin_captured
 from .capture import capture, check_calibration_latent, spread_steps
 
 
@@ -126,10 +126,15 @@ def compress(sd: dict, cond: Conditioning, latent_shape, out_path, settings: Cal
     data = {"n_samples": n_samples, "steps": steps, "seed": seed, "latent": list(latent_shape[-4:]),
             "context": state_dict_hash({"c": cond.context}), "guidance": cond.guidance}
     partial = resume_folder(out_path, source_hash, settings, data)
-    captured = capture_conditioned(model, cond, latent_shape, n_samples, steps, seed=seed, device=device,
+    # Block inputs go to host memory as they are captured; then the model leaves the accelerator and
+    # calibration moves one block at a time onto it (calibrate(device=...)).
+    captured = capture_conditioned(model, cond, latent_shape, n_samples, steps, seed=seed, device="cpu",
                                    on_step=capture_progress)
+    if torch.device(device).type == "cuda":
+        pin_captured(captured)
+    model.to("cpu")
     policy = default_policy(model, settings.w_bits, settings.a_bits)
-    report = calibrate(model, captured, settings, policy, checkpoint_dir=partial, progress=progress)
+    report = calibrate(model, captured, settings, policy, checkpoint_dir=partial, progress=progress, device=device)
     calibration = {"settings": asdict(settings), "data": data, "final_losses": report}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     save_compressed(model, out_path, policy, calibration=calibration, source_hash=source_hash)

@@ -20,6 +20,7 @@ from ..io.checkpoint import save_compressed
 from ..models.config import config_from_state_dict
 from ..models.hunyuan_video import HunyuanVideoDiT
 from ..models.sampler import flow_sigmas, initial_noise, sample_euler
+from ..models.weights import check_state_dict
 from ..quant.policy import default_policy
 from .calibrate import CalibSettings, calibrate, pin_captured
 from .capture import capture, check_calibration_latent, spread_steps
@@ -42,7 +43,8 @@ def state_dict_hash(sd: dict) -> str:
     for k in sorted(sd):
         t = sd[k].detach().cpu().contiguous()
         h.update(f"{k}|{tuple(t.shape)}|{t.dtype}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():  # hashed in place (no bytes copy of a 25 GB model); reshape also covers 0-dim tensors
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
     return h.hexdigest()
 
 
@@ -62,6 +64,7 @@ def check_memory(sd: dict, device, dtype=torch.float32, headroom: float = 1.25) 
 def dit_from_state_dict(sd: dict, device="cpu", dtype=torch.float32) -> HunyuanVideoDiT:
     """Our HunyuanVideoDiT with the given ComfyUI-format weights (ValueError if they are not HunyuanVideo's)."""
     model = HunyuanVideoDiT(config_from_state_dict(sd), device="meta")
+    check_state_dict(model, sd)
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in sd.items()}, strict=True, assign=True)
     return model.eval()
 
@@ -124,7 +127,9 @@ def compress(sd: dict, cond: Conditioning, latent_shape, out_path, settings: Cal
     model = dit_from_state_dict(sd, device=device)
     check_calibration_latent(model, latent_shape)
     data = {"n_samples": n_samples, "steps": steps, "seed": seed, "latent": list(latent_shape[-4:]),
-            "context": state_dict_hash({"c": cond.context}), "guidance": cond.guidance}
+            "prompt": state_dict_hash({k: v for k, v in (("context", cond.context), ("pooled", cond.pooled),
+                                                         ("mask", cond.mask)) if v is not None}),
+            "guidance": cond.guidance}
     partial = resume_folder(out_path, source_hash, settings, data)
     # Block inputs go to host memory as they are captured; then the model leaves the accelerator and
     # calibration moves one block at a time onto it (calibrate(device=...)).

@@ -173,8 +173,8 @@ class SSARAttention:
         if st is None or not st.has_d:
             return None
         c = self._store.get((key, "D"), device or "cpu")
-        if st.corr == "factors":
-            c = c + from_factors(*self._store.get_factors((key, "corr"), c.device))
+        if st.corr == "factors":  # from_factors returns a fresh tensor: add D into it, no third L x hidden buffer
+            c = from_factors(*self._store.get_factors((key, "corr"), c.device)).add_(c)
         elif st.corr == "full":
             c = c + self._store.get((key, "corr"), c.device)
         return c

@@ -68,6 +68,20 @@ def prepare_weight(w: torch.Tensor, w_bits: int, scale: torch.Tensor) -> Prepare
 
 
 @triton.jit
+def _epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sb_ptr, bias_ptr, c_ptr, stride_cm, HAS_BIAS: tl.constexpr):
+    """Shared by both GEMM kernels: int32 tile -> per-token x per-channel scales (+ bias) -> output dtype."""
+    mmask = offs_m < M
+    nmask = offs_n < N
+    sa = tl.load(sa_ptr + offs_m, mask=mmask, other=0.0)
+    sb = tl.load(sb_ptr + offs_n, mask=nmask, other=0.0)
+    y = acc.to(tl.float32) * sa[:, None] * sb[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + offs_n, mask=nmask, other=0.0)[None, :]
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+
+
+@triton.jit
 def _int_gemm_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, c_ptr, M, N, K_ITER, HALF,
                      stride_am, stride_bn, stride_cm, M_BUCKET,
                      W4: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
@@ -113,15 +127,7 @@ def _int_gemm_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, c_ptr, M, N, K_ITER
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
 
-    mmask = offs_m < M
-    nmask = offs_n < N
-    sa = tl.load(sa_ptr + offs_m, mask=mmask, other=0.0)
-    sb = tl.load(sb_ptr + offs_n, mask=nmask, other=0.0)
-    y = acc.to(tl.float32) * sa[:, None] * sb[None, :]
-    if HAS_BIAS:
-        y = y + tl.load(bias_ptr + offs_n, mask=nmask, other=0.0)[None, :]
-    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-    tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+    _epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sb_ptr, bias_ptr, c_ptr, stride_cm, HAS_BIAS)
 
 
 @triton.jit
@@ -169,15 +175,7 @@ def _int_gemm_tma_kernel(a_desc, b_desc, sa_ptr, sb_ptr, bias_ptr, c_ptr, M, N, 
             acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mmask = offs_m < M
-        nmask = offs_n < N
-        sa = tl.load(sa_ptr + offs_m, mask=mmask, other=0.0)
-        sb = tl.load(sb_ptr + offs_n, mask=nmask, other=0.0)
-        y = acc.to(tl.float32) * sa[:, None] * sb[None, :]
-        if HAS_BIAS:
-            y = y + tl.load(bias_ptr + offs_n, mask=nmask, other=0.0)[None, :]
-        c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-        tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+        _epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sb_ptr, bias_ptr, c_ptr, stride_cm, HAS_BIAS)
 
 
 # Hand-picked persistent-TMA tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) measured on H100 at

@@ -32,6 +32,19 @@ _CONFIGS = {16: (128, 128, 4, 3), 32: (128, 128, 4, 3), 64: (128, 128, 4, 3), 12
 
 
 @triton.jit
+def _rows(PERM, offs, ok, PERMUTED: tl.constexpr, ROW64: tl.constexpr):
+    """Storage rows of sequence positions `offs`: through the temporal permutation for permuted heads
+    (a gather, no permuted copy), widened to int64 when rows x stride may exceed int32."""
+    if PERMUTED:
+        rows = tl.load(PERM + offs, mask=ok, other=0)
+    else:
+        rows = offs
+    if ROW64:
+        rows = rows.to(tl.int64)
+    return rows
+
+
+@triton.jit
 def _tiles(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, j0, j1, L, skl, svl, qk_scale,
            HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr, PERMUTED: tl.constexpr,
            MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, ROW64: tl.constexpr,
@@ -59,12 +72,7 @@ def _tile(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, j, L, skl
     offs_n = kb * (BLOCK_N * SUB) + (j % SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
     if MASKED:
         n_ok = offs_n < L
-        if PERMUTED:
-            k_rows = tl.load(PERM + offs_n, mask=n_ok, other=0)
-        else:
-            k_rows = offs_n
-        if ROW64:
-            k_rows = k_rows.to(tl.int64)
+        k_rows = _rows(PERM, offs_n, n_ok, PERMUTED, ROW64)
         kt = tl.load(k_base + k_rows[None, :] * skl + offs_d[:, None], mask=n_ok[None, :], other=0.0)
         v = tl.load(v_base + k_rows[:, None] * svl + offs_d[None, :], mask=n_ok[:, None], other=0.0)
         if HAS_BIAS:
@@ -129,12 +137,7 @@ def _sparse_attn_fwd(Q, K, V, O, C, BIAS, PERM, HEADS, KV_IDX, KV_CNT,
     offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_D)
     m_ok = offs_m < L
-    if PERMUTED:
-        q_rows = tl.load(PERM + offs_m, mask=m_ok, other=0)
-    else:
-        q_rows = offs_m
-    if ROW64:
-        q_rows = q_rows.to(tl.int64)
+    q_rows = _rows(PERM, offs_m, m_ok, PERMUTED, ROW64)
     q = tl.load(Q + b * sqb + h * sqh + q_rows[:, None] * sql + offs_d[None, :], mask=m_ok[:, None], other=0.0)
 
     k_base = K + b * skb + h * skh

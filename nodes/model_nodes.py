@@ -8,7 +8,8 @@ import torch
 from comfy_api.latest import io
 
 from quantsparse_core.calib.calibrate import METHODS, CalibSettings
-from quantsparse_core.calib.pipeline import Conditioning, compress
+from quantsparse_core.calib.capture import n_trajectories
+from quantsparse_core.calib.pipeline import SAMPLES_PER_TRAJECTORY, Conditioning, compress
 
 from .comfy_ops import SUBFOLDER, load_compressed_patcher
 from .sparse_patch import check_hunyuan_video
@@ -151,7 +152,7 @@ class Calibrate(io.ComfyNode):
             cond = conditioning_tensors(positive)
             sd = diffusion_state_dict(model)
             n_blocks = sum(1 for k in sd if k.endswith(".img_attn.qkv.weight") or k.endswith(".linear1.weight"))
-            n_traj = -(-samples // 4)  # compress() takes 4 samples per trajectory
+            n_traj = n_trajectories(samples, SAMPLES_PER_TRAJECTORY)
             bar = ProgressReporter(n_traj * steps, n_blocks * epochs)
             device = comfy.model_management.get_torch_device()
             comfy.model_management.unload_all_models()  # calibration needs the VRAM ComfyUI's models hold

@@ -6,6 +6,7 @@ import torch
 
 from quantsparse_core.models import HunyuanVideoDiT, get_preset
 from quantsparse_core.models import layers
+from test_model import small_inputs
 
 
 def randomize(model, rng):
@@ -15,13 +16,7 @@ def randomize(model, rng):
     return model
 
 
-def inputs(cfg, rng, frames=2, hw=8, txt=6, pad=2):
-    x = torch.randn(1, cfg.in_channels, frames, hw, hw, generator=rng)
-    ctx = torch.randn(1, txt, cfg.context_in_dim, generator=rng)
-    y = torch.randn(1, 768, generator=rng)
-    mask = torch.ones(1, txt, dtype=torch.long)
-    mask[:, txt - pad:] = 0
-    return x, ctx, y, mask
+inputs = small_inputs  # the model tests' inputs: latent, text, pooled text, text mask with padding
 
 
 @pytest.mark.parametrize("use_mask", [False, True], ids=["no-text-mask", "text-mask"])

@@ -59,6 +59,24 @@ def capture(model, run_trajectory, capture_steps, device="cpu") -> dict:
     return out
 
 
+def n_trajectories(n_samples: int, per_trajectory: int) -> int:
+    return -(-n_samples // per_trajectory)
+
+
+def capture_trajectories(model, run_trajectory, n_samples: int, steps: int, per_trajectory: int,
+                         device="cpu") -> dict:
+    """Block inputs at n_samples steps spread over the whole schedule, per_trajectory of them from each
+    sampling run; run_trajectory(j, on_step) runs trajectory j. Returns {(kind, index): [BlockInputs]}."""
+    targets = spread_steps(n_samples, steps)
+    n_traj = n_trajectories(n_samples, per_trajectory)
+    merged = {}
+    for j in range(n_traj):
+        got = capture(model, lambda cb: run_trajectory(j, cb), targets[j::n_traj], device)
+        for key, items in got.items():
+            merged.setdefault(key, []).extend(items)
+    return merged
+
+
 def check_calibration_latent(model, shape) -> tuple:
     """Validate a calibration latent shape [C, T, H, W] (or with a batch dim) against the model;
     returns the video token grid. Raises ValueError saying what to change."""
@@ -82,17 +100,9 @@ def capture_embedded(model, n_samples: int = 20, steps: int = 20, per_trajectory
     if n_samples < 1 or steps < 1:
         raise ValueError("n_samples and steps must be at least 1")
 
-    targets = spread_steps(n_samples, steps)
-    n_traj = -(-n_samples // per_trajectory)
-    scenes = random_scenes(n_traj, torch.Generator().manual_seed(seed))
-    merged = None
-    for j in range(n_traj):
-        mine = targets[j::n_traj]
-        got = capture(model, lambda cb: generate(model, [scenes[j].prompt()], [seed * 1000 + j], steps=steps,
-                                                 latent_shape=latent_shape, on_step=cb), mine, device)
-        if merged is None:
-            merged = got
-        else:
-            for key in merged:
-                merged[key].extend(got[key])
-    return merged
+    scenes = random_scenes(n_trajectories(n_samples, per_trajectory), torch.Generator().manual_seed(seed))
+
+    def run(j, on_step):
+        return generate(model, [scenes[j].prompt()], [seed * 1000 + j], steps=steps, latent_shape=latent_shape,
+                        on_step=on_step)
+    return capture_trajectories(model, run, n_samples, steps, per_trajectory, device)

@@ -23,7 +23,10 @@ from ..models.sampler import flow_sigmas, initial_noise, sample_euler
 from ..models.weights import check_state_dict
 from ..quant.policy import default_policy
 from .calibrate import CalibSettings, calibrate, pin_captured
-from .capture import capture, check_calibration_latent, spread_steps
+from .capture import capture_trajectories, check_calibration_latent, n_trajectories
+
+
+SAMPLES_PER_TRAJECTORY = 4  # calibration samples taken from each sampling run
 
 
 @dataclass
@@ -70,7 +73,7 @@ def dit_from_state_dict(sd: dict, device="cpu", dtype=torch.float32) -> HunyuanV
 
 
 def capture_conditioned(model, cond: Conditioning, latent_shape, n_samples: int = 20, steps: int = 20,
-                        per_trajectory: int = 4, seed: int = 0, device="cpu",
+                        per_trajectory: int = SAMPLES_PER_TRAJECTORY, seed: int = 0, device="cpu",
                         on_step: Optional[Callable[[int, int, int], None]] = None) -> dict:
     """Block inputs at `n_samples` steps spread over the whole schedule, from trajectories of the
     user's prompt with seeds seed, seed+1, ... (per_trajectory captured steps each).
@@ -82,26 +85,18 @@ def capture_conditioned(model, cond: Conditioning, latent_shape, n_samples: int 
     ctx = cond.context.to(param)
     pooled = None if cond.pooled is None else cond.pooled.to(param)
     mask = None if cond.mask is None else cond.mask.to(param.device)
-    targets = spread_steps(n_samples, steps)
-    n_traj = -(-n_samples // per_trajectory)
-    merged = None
-    for j in range(n_traj):
+    n_traj = n_trajectories(n_samples, per_trajectory)
+
+    def run(j, cb):
         noise = initial_noise((1, *latent_shape[-4:]), seed + j, param.device, param.dtype)
 
-        def run(cb, noise=noise, j=j):
-            def both(step):
-                cb(step)
-                if on_step is not None:
-                    on_step(j, n_traj, step.index)
-            return sample_euler(model, noise, ctx, pooled, flow_sigmas(steps), attention_mask=mask,
-                                guidance=cond.guidance, on_step=both)
-        got = capture(model, run, targets[j::n_traj], device)
-        if merged is None:
-            merged = got
-        else:
-            for key in merged:
-                merged[key].extend(got[key])
-    return merged
+        def both(step):
+            cb(step)
+            if on_step is not None:
+                on_step(j, n_traj, step.index)
+        return sample_euler(model, noise, ctx, pooled, flow_sigmas(steps), attention_mask=mask,
+                            guidance=cond.guidance, on_step=both)
+    return capture_trajectories(model, run, n_samples, steps, per_trajectory, device)
 
 
 def resume_folder(out_path: Path, source_hash: str, settings: CalibSettings, extra: dict) -> Path:

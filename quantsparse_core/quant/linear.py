@@ -138,14 +138,12 @@ class QuantLinear(nn.Module):
     def _triton_forward(self, x: torch.Tensor) -> torch.Tensor:
         act_quant = kernel_module("act_quant").act_quant
         gemm = kernel_module("int_gemm")
-        int_gemm, OUT_DTYPES = gemm.int_gemm, gemm.OUT_DTYPES
         st = self.prepare_kernels()
         f = self._factors()
         r1, r2 = (None, None) if f is None else f
         codes, sx = act_quant(x, self.a_bits, st["inv_smooth"], st["clip"], r1, r2)
-        out = x.dtype if x.dtype in OUT_DTYPES else torch.float32
-        y = int_gemm(codes, sx, st["weight"], st["bias"], out_dtype=out)
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        y = gemm.int_gemm(codes, sx, st["weight"], st["bias"], out_dtype=x.dtype)  # x.dtype is a kernel dtype
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     @torch.no_grad()
     def freeze(self) -> "QuantLinear":

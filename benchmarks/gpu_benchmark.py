@@ -223,6 +223,14 @@ class Report:
                 L.append(f"| {r['config']} | {r['schedule']} | {_f(r['per_step'], 2)} | {_f(r['total'], 0)} | "
                          f"{_f(r.get('vs_a'), 2)}x | {_f(r.get('vs_b'), 2)}x | {_f(r.get('vs_b_fused'), 2)}x | "
                          f"{r.get('shares', '')} | {'' if ceil is None else f'{ceil:.2f}x'} |")
+        for res, rows in d["amortized"].items():
+            for r in rows:
+                if r.get("whatif"):
+                    L += ["", f"### {r['config']} at {res} under other schedules (computed from its measured steps)",
+                          "", "| refresh interval tau | dense warm-up steps | s per step | vs (a) | vs (b) eager |",
+                          "|---|---|---|---|---|"]
+                    L += [f"| {w['tau']} | {w['warmup']} | {_f(w['per_step'], 2)} | {_f(w.get('vs_a'), 2)}x | "
+                          f"{_f(w.get('vs_b'), 2)}x |" for w in r["whatif"]]
         L += ["", "### Issue targets (from the numbers above)", "", "| target | measured | met |", "|---|---|---|"]
         L += [f"| {t} | {m} | {ok} |" for t, m, ok in self.targets()]
         if d["notes"]:
@@ -355,6 +363,28 @@ def check_ssar_density_one(rep):
     free_cuda()
 
 
+def ssar_layer_ms(q, k, v, grid, steps=(0, 1, 5, 6, 10)):
+    """Wall ms of one joint block's SSARAttention calls (refresh-1, reuse, refresh-2) at 15%, after a
+    warm-up run of the same steps (kernel compiles); compare with dense + sparse attention alone."""
+    from quantsparse_core.models.attention import AttentionCall, StepInfo
+    sig = torch.linspace(1, 0, STEPS + 1)
+    names = {0: "refresh-1", 1: "reuse", 5: "refresh-2", 6: "reuse", 10: "refresh-2"}
+    out = {}
+    for rep_i in range(2):
+        ssar = SSARAttention(SparseSettings(density=0.15, warmup_steps=0, warmup_blocks=0, placement="gpu-int8"))
+        for step in steps:
+            call = AttentionCall("double", 3, 20, TXT_LEN, grid, StepInfo(step, sig))
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with cudnn_context():
+                ssar(q, k, v, None, call)
+            torch.cuda.synchronize()
+            if rep_i == 1:
+                out[f"{names[step]} (step {step})"] = (time.perf_counter() - t0) * 1e3
+        del ssar
+    return out
+
+
 # ---- kernels alone -----------------------------------------------------------------------------
 def bench_attention(rep, sa):
     grid = RESOLUTIONS["720p"]
@@ -401,13 +431,16 @@ def bench_attention(rep, sa):
     mask_ms = kernel_ms(lambda: svg_masks(q, k, v, None, TXT_LEN, grid, 0.15, 64, 128,
                                           torch.Generator().manual_seed(0)), reps=2)
     rep.data["attention"].append(dict(name="SSAR refresh: svg_masks head classification (64 rows/head)", ms=mask_ms))
+    ssar_calls = ssar_layer_ms(q, k, v, grid)
+    for kind, ms in ssar_calls.items():
+        rep.data["attention"].append(dict(name=f"SSARAttention call, one layer, 15%, gpu-int8 cache: {kind}", ms=ms))
     del q, k, v
     free_cuda()
     d2 = torch.randn(1, n, HIDDEN, device="cuda", generator=g)
     svd_ms = kernel_ms(lambda: truncated_factors(d2, HEADS, 16), reps=2)
-    rep.data["attention"].append(dict(name="SSAR refresh: rank-16 truncation of D2 (placement.truncated_factors, 24 heads x [N x 128])",
-                                      ms=svd_ms))
-    log(f"attention: svg_masks {mask_ms:.1f} ms, SVD {svd_ms:.1f} ms per layer")
+    rep.data["attention"].append(dict(name="SSAR refresh: rank-16 truncation of D2 inline (placement.truncated_factors, "
+                                      "24 heads x [N x 128]; SSAR runs its eigh on a host thread instead)", ms=svd_ms))
+    log(f"attention: svg_masks {mask_ms:.1f} ms, SVD {svd_ms:.1f} ms per layer, SSAR calls {ssar_calls}")
     del d2
     free_cuda()
     return dense_ms
@@ -581,6 +614,9 @@ def to_w4a8(model):
     return policy
 
 
+WHATIF_TAUS, WHATIF_WARMUPS = (5, 6, 8, 10), (5, 2)
+
+
 def schedule(settings: SparseSettings, steps=STEPS):
     """Kinds of the `steps` steps SSARAttention runs: dense warm-up, refreshes (the first has only the
     first-order residual; later ones add the second-order SVD), reuse steps."""
@@ -720,6 +756,16 @@ class ResolutionRun:
         self.amort[-1]["shares"] = (f"dense {parts['dense'] / total:.0%}, refresh "
                                     f"{(parts['refresh1'] + parts['refresh2']) / total:.0%}, reuse {parts['reuse'] / total:.0%}")
         self.amort[-1]["ceiling_vs_a"] = _ratio(self.t.get("a"), floor / len(kinds))
+        # The same measured step kinds under other refresh intervals / warm-up lengths (what a user
+        # trading fidelity for speed would get; their fidelity on the tiny model is in docs/RESULTS.md).
+        whatif = []
+        for tau in WHATIF_TAUS:
+            for warm_n in WHATIF_WARMUPS:
+                k2, _ = schedule(SparseSettings(density=density, tau=tau, warmup_steps=warm_n))
+                ps = sum(times[k] for k in k2) / len(k2)
+                whatif.append(dict(tau=tau, warmup=warm_n, per_step=ps, vs_a=_ratio(self.t.get("a"), ps),
+                                   vs_b=_ratio(self.t.get("b"), ps)))
+        self.amort[-1]["whatif"] = whatif
         self.rep.save()
 
     def dense_amortized(self):

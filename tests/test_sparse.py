@@ -213,3 +213,57 @@ def test_head_classification(rng):
     bm = svg_masks(q, k, v, None, txt_len, (t, h, w), 0.3, block=block, generator=rng)
     assert bm.kinds == ["spatial", "temporal"], bm.errors
     assert bool(bm.errors[0, 0] < bm.errors[0, 1]) and bool(bm.errors[1, 1] < bm.errors[1, 0])
+
+
+@pytest.mark.parametrize("n_video,n", [(2048, 64), (100, 64), (64, 64), (10, 64)])
+def test_sample_rows_distinct_stratified(rng, n_video, n):
+    from quantsparse_core.sparse.masks import sample_rows
+    txt_len, heads = 7, 5
+    rows = sample_rows(heads, txt_len, n_video, n, rng)
+    m = min(n, n_video)
+    assert rows.shape == (heads, m)
+    assert bool((rows >= txt_len).all()) and bool((rows < txt_len + n_video).all())
+    for r in rows:
+        assert len(set(r.tolist())) == m  # distinct
+        # stratified: the i-th row lies in the i-th of m equal slices of the video rows
+        edges = [(i * n_video) // m for i in range(m + 1)]
+        assert all(edges[i] <= int(x) - txt_len < edges[i + 1] for i, x in enumerate(r))
+
+
+def test_svg_errors_match_per_head_float64(rng, monkeypatch):
+    """The chunked, vectorized classification computes, per head, the sampled-row MSE of the spatial
+    and temporal masks exactly as a plain per-head float64 computation does (chunks of 2 heads)."""
+    import quantsparse_core.sparse.masks as masks
+    txt_len, grid, block = 9, (4, 5, 6), 16
+    n = txt_len + 120
+    b, heads, d = 2, 5, 8
+    q, k, v = qkv(rng, b, heads, n, d)
+    q = q * 2.0
+    mask = padding_mask(rng, b, txt_len, n)
+    seed = int(torch.randint(0, 2 ** 31, (1,), generator=rng))
+    monkeypatch.setattr(masks, "HEAD_CHUNK_ELEMENTS", 2 * b * 64 * n)
+    bm = svg_masks(q.double(), k.double(), v.double(), mask.double(), txt_len, grid, 0.35, 64, block,
+                   torch.Generator().manual_seed(seed))
+    rows = masks.sample_rows(heads, txt_len, n - txt_len, 64, torch.Generator().manual_seed(seed))
+    band = band_keep(n, txt_len, 0.35, block)
+    for h in range(heads):
+        scores = (q[:, h, rows[h]].double() @ k[:, h].double().mT) / math.sqrt(d) + mask.double()
+        exact = torch.softmax(scores, -1) @ v[:, h].double()
+        for c, kind in enumerate(("spatial", "temporal")):
+            allowed = token_allowed(BlockMask(band[None], [kind], block, n), 0, txt_len, grid)[rows[h]]
+            approx = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1) @ v[:, h].double()
+            want = float(((approx - exact) ** 2).mean())
+            assert abs(float(bm.errors[h, c]) - want) <= 1e-9 * max(want, 1e-12), (h, kind)
+        assert bm.kinds[h] == ("spatial" if bm.errors[h, 0] <= bm.errors[h, 1] else "temporal")
+
+
+@pytest.mark.parametrize("length,piece", [(1000, 64), (1024, 256), (300, 256)])
+def test_split_k_matmul_matches_float64(rng, length, piece):
+    """The piecewise reduction used by the head classification equals one matmul (odd L: padding)."""
+    from quantsparse_core.sparse.masks import split_k_matmul
+    p = torch.rand(2, 3, 5, length, generator=rng)
+    v = torch.randn(2, 3, length, 7, generator=rng)
+    out = split_k_matmul(p, v, piece)
+    ref = p.double() @ v.double()
+    assert out.shape == ref.shape
+    assert float((out.double() - ref).abs().max() / ref.abs().max()) < 1e-5

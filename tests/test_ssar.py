@@ -292,3 +292,41 @@ def test_auto_placement_follows_the_budget(rng):
     fn = SSARAttention(settings(placement="auto", budget_bytes=100, host_budget_bytes=0))
     with pytest.raises(ValueError, match="not enough memory"):
         fn(*qkv(rng), None, call(0))
+
+
+def test_deferred_factors_on_a_thread_match_inline(rng):
+    """The host-thread eigendecomposition gives the same factors as the inline one, and the rank-r
+    reconstruction equals torch's truncated SVD (float64 reference)."""
+    from quantsparse_core.sparse.placement import DeferredFactors
+    x = torch.randn(2, 50, 32, generator=rng) + torch.randn(2, 50, 1, generator=rng) * torch.randn(32, generator=rng)
+    job = DeferredFactors(x, 2, 3, background=True)
+    us, vh = job.result()
+    us0, vh0 = truncated_factors(x, 2, 3)
+    got = (us @ vh).double()
+    assert torch.allclose(got, (us0 @ vh0).double(), atol=1e-6, rtol=0)
+    xh = x.double().view(2, 50, 2, 16).transpose(1, 2)
+    u, sv, v = torch.linalg.svd(xh, full_matrices=False)
+    ref = u[..., :3] @ torch.diag_embed(sv[..., :3]) @ v[..., :3, :]
+    assert float((got - ref).abs().max() / ref.abs().max()) < 1e-5
+    with pytest.raises(RuntimeError, match="already taken"):
+        job.result()
+
+
+def test_ssar_with_threaded_truncation_matches_inline(rng, monkeypatch):
+    """SSAR's refresh defers the D2 truncation to a worker thread (as on CUDA): caches and outputs
+    over a run equal those of the inline computation."""
+    import functools
+
+    import quantsparse_core.sparse.ssar as ssar_mod
+    from quantsparse_core.sparse.placement import DeferredFactors
+    q, k, v = framewise_qkv(rng)
+    xs = [[q, k, v * c] for c in (1.0, 1.3, 1.7, 2.2, 2.5)]
+    runs = []
+    for background in (False, True):
+        monkeypatch.setattr(ssar_mod, "DeferredFactors", functools.partial(DeferredFactors, background=background))
+        fn = SSARAttention(settings(order=2, svd_rank=3, tau=2))
+        outs = [fn(*xs[i], None, call(i)) for i in range(5)]
+        runs.append((outs, fn.cache("double", 1, B)))
+    for a, b in zip(runs[0][0], runs[1][0]):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0)
+    assert torch.allclose(runs[0][1], runs[1][1], atol=1e-6, rtol=0)

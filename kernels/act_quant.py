@@ -1,8 +1,10 @@
-"""Fused per-token dynamic activation quantization (Triton): one pass over each token's row.
+"""Fused per-token dynamic activation quantization (Triton).
 
-Loads the row once (bf16/fp16/fp32), multiplies by the inverse smoothing factors, takes the absmax,
-forms scale = max(clip * absmax, 1e-8) / qmax and writes int8 codes + the fp32 scale. The
-arithmetic (fp32, IEEE division, round-half-to-even) equals QuantLinear's real mode bit for bit.
+Loads each row (bf16/fp16/fp32), multiplies by the inverse smoothing factors, takes the absmax,
+forms scale = max(clip * absmax, 1e-8) / qmax and writes int8 codes + the fp32 scale. The result
+(fp32, correctly rounded x / scale, round-half-to-even) equals QuantLinear's real mode bit for bit.
+Default "rows" kernel: several rows per program, one read for K <= 4096, and the codes without a
+division per element (_quant_codes_fast); the older one-row kernels stay for comparison.
 
 Rotation: when Kronecker factors are given the rotation runs as two batched torch matmuls in fp32
 (after the smoothing), then this kernel quantizes without smoothing (documented fallback; the
@@ -17,7 +19,7 @@ import triton.language as tl
 from .act_quant_ref import EPS
 
 _FLOAT = (torch.float32, torch.float16, torch.bfloat16)
-AUTO_VARIANT = "chunked"  # faster on H100 at K = 3072 / 12288 / 15360 (benchmarks/dev_quant_kernels.py)
+AUTO_VARIANT = "rows"  # fastest on H100 at K = 3072 / 12288 / 15360 (benchmarks/dev_kernel_sweep.py)
 
 
 @triton.jit
@@ -72,6 +74,108 @@ def _act_quant_kernel(x_ptr, s_ptr, q_ptr, scale_ptr, clip, K, stride_x, stride_
     tl.store(scale_ptr + row, scale)
 
 
+@triton.jit
+def _quant_codes_fast(x, scale, inv, QMAX: tl.constexpr):
+    """The codes of _quant_codes in ~1/3 of the instructions (the chunked kernels were compute-bound).
+    x / scale correctly rounded without a division (Markstein): with inv = RN(1/scale) and
+    y0 = RN(x * inv) (within 1 ulp), e = x - y0 * scale is exact in an fma and RN(y0 + e * inv) =
+    RN(x / scale). Clamping before rounding gives the same integers (the bounds are integers);
+    adding and subtracting 1.5 * 2^23 rounds |y| < 2^22 half to even in fp32 (1 ulp = 1 there)."""
+    y0 = x * inv
+    e = tl.fma(-y0, scale, x)
+    y = tl.fma(e, inv, y0)
+    y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
+    return ((y + 12582912.0) - 12582912.0).to(tl.int8)
+
+
+@triton.jit
+def _act_quant_rows_kernel(x_ptr, s_ptr, q_ptr, scale_ptr, clip, M, K, stride_x, stride_q,
+                           QMAX: tl.constexpr, HAS_SMOOTH: tl.constexpr, ROWS: tl.constexpr,
+                           CHUNK: tl.constexpr, CHUNK2: tl.constexpr, ONEPASS: tl.constexpr,
+                           FAST: tl.constexpr):
+    """ROWS rows per program as a [ROWS, CHUNK] tile, absmax reduced per row. ONEPASS (CHUNK + CHUNK2
+    >= K): the rows stay in registers between the absmax and the codes (one read); a second tile of
+    CHUNK2 columns (0: none) avoids padding K to a power of two (3072 = 2048 + 1024). Otherwise two
+    passes over CHUNK pieces, the second from L2. FAST: _quant_codes_fast instead of _quant_codes."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    r_ok = rows < M
+    rows = rows.to(tl.int64)
+    offs = tl.arange(0, CHUNK)
+    xp = x_ptr + rows[:, None] * stride_x + offs[None, :]
+    qp = q_ptr + rows[:, None] * stride_q + offs[None, :]
+    if ONEPASS:
+        c_ok = offs < K
+        m = r_ok[:, None] & c_ok[None, :]
+        x = tl.load(xp, mask=m, other=0.0, eviction_policy="evict_first").to(tl.float32)
+        if HAS_SMOOTH:
+            x = x * tl.load(s_ptr + offs, mask=c_ok, other=0.0)[None, :]
+        amax = tl.max(tl.abs(x), axis=1)
+        if CHUNK2 > 0:
+            offs2 = CHUNK + tl.arange(0, CHUNK2)
+            c2_ok = offs2 < K
+            m2 = r_ok[:, None] & c2_ok[None, :]
+            x2 = tl.load(x_ptr + rows[:, None] * stride_x + offs2[None, :], mask=m2, other=0.0,
+                         eviction_policy="evict_first").to(tl.float32)
+            if HAS_SMOOTH:
+                x2 = x2 * tl.load(s_ptr + offs2, mask=c2_ok, other=0.0)[None, :]
+            amax = tl.maximum(amax, tl.max(tl.abs(x2), axis=1))
+        scale = tl.maximum(amax * clip, 1e-8) / QMAX
+        inv = tl.math.div_rn(tl.full([ROWS], 1.0, tl.float32), scale)
+        if FAST:
+            codes = _quant_codes_fast(x, scale[:, None], inv[:, None], QMAX)
+        else:
+            codes = _quant_codes(x, scale[:, None], QMAX)
+        tl.store(qp, codes, mask=m)
+        if CHUNK2 > 0:
+            if FAST:
+                codes2 = _quant_codes_fast(x2, scale[:, None], inv[:, None], QMAX)
+            else:
+                codes2 = _quant_codes(x2, scale[:, None], QMAX)
+            tl.store(q_ptr + rows[:, None] * stride_q + offs2[None, :], codes2, mask=m2)
+    else:
+        amax = tl.zeros((ROWS, CHUNK), dtype=tl.float32)
+        for k in range(0, K, CHUNK):
+            c_ok = offs < K - k
+            m = r_ok[:, None] & c_ok[None, :]
+            x = tl.load(xp + k, mask=m, other=0.0, eviction_policy="evict_last").to(tl.float32)
+            if HAS_SMOOTH:
+                x = x * tl.load(s_ptr + k + offs, mask=c_ok, other=0.0)[None, :]
+            amax = tl.maximum(amax, tl.abs(x))
+        scale = tl.maximum(tl.max(amax, axis=1) * clip, 1e-8) / QMAX
+        inv = tl.math.div_rn(tl.full([ROWS], 1.0, tl.float32), scale)
+        for k in range(0, K, CHUNK):
+            c_ok = offs < K - k
+            m = r_ok[:, None] & c_ok[None, :]
+            x = tl.load(xp + k, mask=m, other=0.0, eviction_policy="evict_first").to(tl.float32)
+            if HAS_SMOOTH:
+                x = x * tl.load(s_ptr + k + offs, mask=c_ok, other=0.0)[None, :]
+            if FAST:
+                codes = _quant_codes_fast(x, scale[:, None], inv[:, None], QMAX)
+            else:
+                codes = _quant_codes(x, scale[:, None], QMAX)
+            tl.store(qp + k, codes, mask=m)
+    tl.store(scale_ptr + rows, scale, mask=r_ok)
+
+
+def _rows_config(K: int) -> dict:
+    """Default launch of the rows kernel (H100 sweep, benchmarks/dev_kernel_sweep.py, M = 119,056):
+    one pass with the rows in registers up to K = 4096 (K = 3072: 1.21x the copy floor; was 1.55x),
+    else two passes over 4096-column pieces, 2 rows per program (K = 12288: 1.09x, 15360: 1.13x;
+    were 1.43x / 1.52x). SPLIT (two unpadded tiles, 3072 = 2048 + 1024) is not yet measured on a GPU."""
+    block = max(16, triton.next_power_of_2(K))
+    if block <= 4096:
+        rows = max(1, min(4, 4096 // block))
+        return dict(ROWS=rows, CHUNK=block, num_warps=4, SPLIT=False)
+    return dict(ROWS=2, CHUNK=4096, num_warps=8, SPLIT=False)
+
+
+def _split(K: int) -> tuple:
+    """(CHUNK, CHUNK2): the largest power of two <= K and the power of two covering the rest (0 if none)."""
+    c = 1 << (K.bit_length() - 1)
+    rest = K - c
+    return (c, 0) if rest == 0 else (c, max(16, triton.next_power_of_2(rest)))
+
+
 def _chunk(K: int) -> int:
     """Largest power of two dividing K, at most 2048 (0 if below 256: then the one-pass kernel)."""
     c = K & -K
@@ -81,11 +185,15 @@ def _chunk(K: int) -> int:
 
 def act_quant(x: torch.Tensor, bits: int = 8, inv_smooth: torch.Tensor | None = None,
               clip: torch.Tensor | float = 1.0, r1: torch.Tensor | None = None,
-              r2: torch.Tensor | None = None, variant: str = "auto"):
+              r2: torch.Tensor | None = None, variant: str = "auto", config: dict | None = None):
     """Per-token quantization of x [..., K] -> (codes int8 [M, K], scale fp32 [M, 1]), M = prod(...).
 
     inv_smooth: fp32 [K] = exp(-log_smooth), multiplied in before the absmax. clip: scalar factor on
     the absmax (python float or 0-d tensor). r1, r2: Kronecker rotation factors (n1 * n2 = K).
+    variant: "auto" (= "rows"), "rows" (several rows per program, one pass for K <= 16384), or the
+    older "chunked" / "onepass" (one row per program), kept for comparison. config (tuning, "rows"
+    only): overrides of ROWS, CHUNK (a power of two; >= K means one pass), num_warps, FAST, SPLIT
+    (one pass as two power-of-two tiles instead of one padded tile).
     """
     if bits not in (6, 8):
         raise ValueError(f"act_quant supports 6 or 8 activation bits, got {bits}")
@@ -116,13 +224,29 @@ def act_quant(x: torch.Tensor, bits: int = 8, inv_smooth: torch.Tensor | None = 
     clip_f = float(clip)
     s = inv_smooth.float().contiguous() if inv_smooth is not None else scale  # dummy pointer when unused
     common = dict(QMAX=2 ** (bits - 1) - 1, HAS_SMOOTH=inv_smooth is not None)
-    if variant not in ("auto", "onepass", "chunked"):
-        raise ValueError(f"variant must be 'auto', 'onepass' or 'chunked', got {variant!r}")
-    chunk = _chunk(K)
+    if variant not in ("auto", "rows", "onepass", "chunked"):
+        raise ValueError(f"variant must be 'auto', 'rows', 'onepass' or 'chunked', got {variant!r}")
+    if config is not None and variant not in ("auto", "rows"):
+        raise ValueError(f"config applies to the 'rows' variant only, got variant={variant!r}")
     if variant == "auto":
-        variant = AUTO_VARIANT if chunk else "onepass"
-    if variant == "chunked":
-        chunk = chunk or min(1024, triton.next_power_of_2(K))
+        variant = AUTO_VARIANT
+    if variant == "rows":
+        cfg = dict(_rows_config(K), FAST=True)
+        unknown = set(config or {}) - set(cfg)
+        if unknown:
+            raise ValueError(f"unknown act_quant config keys {sorted(unknown)}; use {sorted(cfg)}")
+        cfg.update(config or {})
+        rows, chunk, chunk2 = cfg["ROWS"], cfg["CHUNK"], 0
+        if rows < 1 or rows & (rows - 1) or chunk < 16 or chunk & (chunk - 1):
+            raise ValueError(f"ROWS and CHUNK must be powers of two (CHUNK >= 16), got {rows}, {chunk}")
+        if cfg["SPLIT"] and K >= 16 and chunk >= K:  # one pass without padding K to a power of two
+            chunk, chunk2 = _split(K)
+        _act_quant_rows_kernel[(triton.cdiv(M, rows),)](
+            x2, s, codes, scale, clip_f, M, K, x2.stride(0), codes.stride(0), ROWS=rows, CHUNK=chunk,
+            CHUNK2=chunk2, ONEPASS=chunk + chunk2 >= K, FAST=bool(cfg["FAST"]), num_warps=cfg["num_warps"],
+            **common)
+    elif variant == "chunked":
+        chunk = _chunk(K) or min(1024, triton.next_power_of_2(K))
         _act_quant_chunked_kernel[(M,)](x2, s, codes, scale, clip_f, K, x2.stride(0), codes.stride(0),
                                         CHUNK=chunk, num_warps=4 if chunk <= 1024 else 8, **common)
     else:

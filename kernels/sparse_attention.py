@@ -3,7 +3,8 @@
 Each program owns one (batch, head, BLOCK_M query rows) tile and visits only the key blocks that
 kv_index/kv_count list for its query block, with fp32 accumulation and exp2 (log2e folded into the
 scale). Heads in temporal order read their q/k/v rows through the permutation (gather loads) and
-write their output rows back through it (scatter), so no permuted copy of q/k/v/out exists. An
+write their output rows back through it (scatter); with KV_COPY their k/v are first gathered into a
+head-ordered copy (bounded in size), so the key loop reads contiguous rows as for spatial heads. An
 additive per-key bias (ComfyUI's padded-text mask, -inf allowed) and an SSAR correction
 (added in the epilogue: out_sparse + C in one pass) are optional.
 
@@ -27,6 +28,12 @@ _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634
 
 # H100 configs: head_dim -> (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_N divides the mask block.
+# Temporal heads: read k/v from a head-ordered copy made first (bounded per launch) instead of gathering
+# through the permutation in the loop. On H100 the in-loop gather makes temporal-only heads 1.33 x d x
+# dense cuDNN vs 1.10 for spatial-only (benchmarks/dev_kernel_sweep.py); the copy path is checked in the
+# interpreter tests but not yet timed on a GPU, so it is off by default.
+KV_COPY = False
+KV_COPY_BYTES = 512 * 2 ** 20
 _CONFIGS = {16: (128, 128, 4, 3), 32: (128, 128, 4, 3), 64: (128, 128, 4, 3), 128: (128, 128, 8, 5),
             256: (64, 64, 8, 2)}
 
@@ -48,40 +55,49 @@ def _rows(PERM, offs, ok, PERMUTED: tl.constexpr, ROW64: tl.constexpr):
 def _tiles(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, j0, j1, L, skl, svl, qk_scale,
            HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr, PERMUTED: tl.constexpr,
            MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, ROW64: tl.constexpr,
-           WS: tl.constexpr):
+           WS: tl.constexpr, KV_COPY: tl.constexpr):
     """Key tiles j0 <= j < j1 of the listed blocks. MASKED: bounds check + additive bias; otherwise
     every key is valid and unbiased (the fast path). WS: Triton's automatic warp specialization."""
     if WS:
         for j in tl.range(j0, j1, warp_specialize=True):
             acc, l_i, m_i = _tile(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, j, L, skl, svl,
-                                  qk_scale, HEAD_D, BLOCK_N, SUB, PERMUTED, MASKED, HAS_BIAS, IEEE, ROW64)
+                                  qk_scale, HEAD_D, BLOCK_N, SUB, PERMUTED, MASKED, HAS_BIAS, IEEE, ROW64, KV_COPY)
     else:
         for j in range(j0, j1):
             acc, l_i, m_i = _tile(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, j, L, skl, svl,
-                                  qk_scale, HEAD_D, BLOCK_N, SUB, PERMUTED, MASKED, HAS_BIAS, IEEE, ROW64)
+                                  qk_scale, HEAD_D, BLOCK_N, SUB, PERMUTED, MASKED, HAS_BIAS, IEEE, ROW64, KV_COPY)
     return acc, l_i, m_i
 
 
 @triton.jit
 def _tile(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, j, L, skl, svl, qk_scale,
           HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr, PERMUTED: tl.constexpr,
-          MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, ROW64: tl.constexpr):
-    """One key tile: online-softmax update of (acc, l_i, m_i)."""
+          MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, ROW64: tl.constexpr,
+          KV_COPY: tl.constexpr):
+    """One key tile: online-softmax update of (acc, l_i, m_i). KV_COPY: k/v are already in this head's
+    order (a permuted copy), so their rows are contiguous; only the bias goes through PERM."""
     offs_d = tl.arange(0, HEAD_D)
     kb = tl.load(idx_base + j // SUB)
     offs_n = kb * (BLOCK_N * SUB) + (j % SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
     if MASKED:
         n_ok = offs_n < L
-        k_rows = _rows(PERM, offs_n, n_ok, PERMUTED, ROW64)
+        if KV_COPY:
+            k_rows = _rows(PERM, offs_n, n_ok, False, ROW64)
+        else:
+            k_rows = _rows(PERM, offs_n, n_ok, PERMUTED, ROW64)
         kt = tl.load(k_base + k_rows[None, :] * skl + offs_d[:, None], mask=n_ok[None, :], other=0.0)
         v = tl.load(v_base + k_rows[:, None] * svl + offs_d[None, :], mask=n_ok[:, None], other=0.0)
         if HAS_BIAS:
-            bias = tl.load(bias_base + k_rows, mask=n_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+            if KV_COPY:  # the bias stays in the original order
+                b_rows = _rows(PERM, offs_n, n_ok, PERMUTED, ROW64)
+            else:
+                b_rows = k_rows
+            bias = tl.load(bias_base + b_rows, mask=n_ok, other=0.0).to(tl.float32) * 1.4426950408889634
             add = tl.where(n_ok, bias, float("-inf"))
         else:
             add = tl.where(n_ok, 0.0, float("-inf"))
     else:
-        if PERMUTED:
+        if PERMUTED and not KV_COPY:
             k_rows = tl.load(PERM + offs_n)
         else:
             k_rows = offs_n
@@ -120,7 +136,7 @@ def _sparse_attn_fwd(Q, K, V, O, C, BIAS, PERM, HEADS, KV_IDX, KV_CNT,
                      L, NH, BH, T, NM, NB_BIAS, qk_scale,
                      HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr,
                      PERMUTED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CORR: tl.constexpr,
-                     IEEE: tl.constexpr, ROW64: tl.constexpr, WS: tl.constexpr):
+                     IEEE: tl.constexpr, ROW64: tl.constexpr, WS: tl.constexpr, KV_COPY: tl.constexpr):
     pid = tl.program_id(0)
     heavy = BH * T
     if pid < heavy:  # text query tiles first: they visit every key block
@@ -140,8 +156,12 @@ def _sparse_attn_fwd(Q, K, V, O, C, BIAS, PERM, HEADS, KV_IDX, KV_CNT,
     q_rows = _rows(PERM, offs_m, m_ok, PERMUTED, ROW64)
     q = tl.load(Q + b * sqb + h * sqh + q_rows[:, None] * sql + offs_d[None, :], mask=m_ok[:, None], other=0.0)
 
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
+    if KV_COPY:  # the copy holds this launch's heads in order
+        k_base = K + b * skb + (bh % NH).to(tl.int64) * skh
+        v_base = V + b * svb + (bh % NH).to(tl.int64) * svh
+    else:
+        k_base = K + b * skb + h * skh
+        v_base = V + b * svb + h * svh
     bias_base = BIAS + b * sbb
     idx_base = KV_IDX + h * sih + qblk * siq
     cnt = tl.load(KV_CNT + h * sch + qblk)
@@ -163,11 +183,11 @@ def _sparse_attn_fwd(Q, K, V, O, C, BIAS, PERM, HEADS, KV_IDX, KV_CNT,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
     acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, 0, ja * SUB, L, skl, svl,
-                           qk_scale, HEAD_D, BLOCK_N, SUB, PERMUTED, True, HAS_BIAS, IEEE, ROW64, WS)
+                           qk_scale, HEAD_D, BLOCK_N, SUB, PERMUTED, True, HAS_BIAS, IEEE, ROW64, WS, KV_COPY)
     acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, ja * SUB, jc * SUB, L,
-                           skl, svl, qk_scale, HEAD_D, BLOCK_N, SUB, PERMUTED, False, HAS_BIAS, IEEE, ROW64, WS)
+                           skl, svl, qk_scale, HEAD_D, BLOCK_N, SUB, PERMUTED, False, HAS_BIAS, IEEE, ROW64, WS, KV_COPY)
     acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, jc * SUB, cnt * SUB, L,
-                           skl, svl, qk_scale, HEAD_D, BLOCK_N, SUB, PERMUTED, True, HAS_BIAS, IEEE, ROW64, WS)
+                           skl, svl, qk_scale, HEAD_D, BLOCK_N, SUB, PERMUTED, True, HAS_BIAS, IEEE, ROW64, WS, KV_COPY)
 
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # nothing allowed -> 0, as the reference
     o_off = b * sob + h * HEAD_D + q_rows[:, None] * sol + offs_d[None, :]
@@ -175,6 +195,25 @@ def _sparse_attn_fwd(Q, K, V, O, C, BIAS, PERM, HEADS, KV_IDX, KV_CNT,
         c = tl.load(C + b * scb + h * HEAD_D + q_rows[:, None] * scl + offs_d[None, :], mask=m_ok[:, None], other=0.0)
         out = out + c.to(tl.float32)
     tl.store(O + o_off, out.to(O.dtype.element_ty), mask=m_ok[:, None])
+
+
+@triton.jit
+def _gather_rows(K, V, KC, VC, PERM, HEADS, L, NH, skb, skh, skl, svb, svh, svl, scb, sch, scl,
+                 HEAD_D: tl.constexpr, BLOCK_R: tl.constexpr):
+    """kc[b, i, r] = k[b, heads[i], perm[r]] (and v): the temporal heads' keys/values in their own order."""
+    bi = tl.program_id(0)
+    b = (bi // NH).to(tl.int64)
+    i = bi % NH
+    h = tl.load(HEADS + i).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ok = offs < L
+    src = tl.load(PERM + offs, mask=ok, other=0).to(tl.int64)
+    d = tl.arange(0, HEAD_D)
+    dst = b * scb + i.to(tl.int64) * sch + offs.to(tl.int64)[:, None] * scl + d[None, :]
+    x = tl.load(K + b * skb + h * skh + src[:, None] * skl + d[None, :], mask=ok[:, None])
+    tl.store(KC + dst, x, mask=ok[:, None])
+    x = tl.load(V + b * svb + h * svh + src[:, None] * svl + d[None, :], mask=ok[:, None])
+    tl.store(VC + dst, x, mask=ok[:, None])
 
 
 def _check(q, k, v, kv_index, kv_count, block, key_bias, perm, permuted, correction, out):
@@ -231,7 +270,10 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index
     order) that each query block visits; key_bias [B|1, L] additive, original order; perm [L]: the
     temporal order (x[perm] is x permuted) used by heads with permuted_heads[h] true; correction
     [B, L, H*D] added to the output. Returns [B, L, H*D] in q's dtype (written into `out` if given).
-    config: (BLOCK_M, BLOCK_N, num_warps, num_stages[, warp_specialize]) override, for tuning.
+    config: (BLOCK_M, BLOCK_N, num_warps, num_stages[, warp_specialize[, kv_copy]]) override, for
+    tuning. kv_copy (default KV_COPY): temporal heads read k/v from a permuted copy made per group of
+    heads (at most KV_COPY_BYTES), not through the permutation inside the loop (which makes them 21%
+    slower than spatial heads on H100).
     """
     heads = q.shape[1] if q.ndim == 4 else 0
     permuted = [bool(x) for x in (permuted_heads if permuted_heads is not None else [False] * heads)]
@@ -248,6 +290,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index
     kv_count = kv_count.contiguous()
     block_m, block_n, warps, stages, *rest = config or _CONFIGS[d]
     ws = bool(rest and rest[0]) and not dispatch.interpreting()
+    kv_copy = bool(rest[1]) if len(rest) > 1 else KV_COPY
     block_n = min(block, block_n)
     block_m = min(block_m, block)
     if q.dtype == torch.float32:
@@ -269,24 +312,37 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index
     dummy = kv_count
     scale = LOG2E / math.sqrt(d)
     for flag in (True, False):
-        heads_list = [h for h in range(heads) if permuted[h] == flag]
-        if not heads_list:
+        heads_all = [h for h in range(heads) if permuted[h] == flag]
+        if not heads_all:
             continue
-        hl = torch.tensor(heads_list, dtype=torch.int32, device=q.device)
-        bh = b * len(heads_list)
-        t = min(-(-_text_rows(kv_count, heads_list, block) // block_m), nm)
-        grid = (bh * nm,)
-        _sparse_attn_fwd[grid](
-            q, k, v, out, correction if correction is not None else dummy,
-            key_bias if key_bias is not None else dummy, perm if flag else dummy, hl, kv_index, kv_count,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
-            correction.stride(0) if correction is not None else 0, correction.stride(1) if correction is not None else 0,
-            sbb, kv_index.stride(0), kv_index.stride(1), kv_count.stride(0),
-            length, len(heads_list), bh, t, nm, nb_bias[flag], scale,
-            HEAD_D=d, BLOCK_M=block_m, BLOCK_N=block_n, SUB=sub, PERMUTED=flag,
-            HAS_BIAS=key_bias is not None, HAS_CORR=correction is not None, IEEE=q.dtype == torch.float32 or dispatch.interpreting(),
-            ROW64=row64, WS=ws, num_warps=warps, num_stages=stages)
+        copy = flag and kv_copy
+        group = max(1, KV_COPY_BYTES // (2 * b * length * d * k.element_size())) if copy else len(heads_all)
+        t = min(-(-_text_rows(kv_count, heads_all, block) // block_m), nm)
+        for g0 in range(0, len(heads_all), group):
+            heads_list = heads_all[g0:g0 + group]
+            hl = torch.tensor(heads_list, dtype=torch.int32, device=q.device)
+            bh = b * len(heads_list)
+            kk, vv = k, v
+            if copy:
+                kk = torch.empty(b, len(heads_list), length, d, dtype=k.dtype, device=k.device)
+                vv = torch.empty_like(kk)
+                _gather_rows[(bh, triton.cdiv(length, 64))](
+                    k, v, kk, vv, perm, hl, length, len(heads_list), k.stride(0), k.stride(1), k.stride(2),
+                    v.stride(0), v.stride(1), v.stride(2), kk.stride(0), kk.stride(1), kk.stride(2),
+                    HEAD_D=d, BLOCK_R=64)
+            _sparse_attn_fwd[(bh * nm,)](
+                q, kk, vv, out, correction if correction is not None else dummy,
+                key_bias if key_bias is not None else dummy, perm if flag else dummy, hl, kv_index, kv_count,
+                q.stride(0), q.stride(1), q.stride(2), kk.stride(0), kk.stride(1), kk.stride(2),
+                vv.stride(0), vv.stride(1), vv.stride(2), out.stride(0), out.stride(1),
+                correction.stride(0) if correction is not None else 0,
+                correction.stride(1) if correction is not None else 0,
+                sbb, kv_index.stride(0), kv_index.stride(1), kv_count.stride(0),
+                length, len(heads_list), bh, t, nm, nb_bias[flag], scale,
+                HEAD_D=d, BLOCK_M=block_m, BLOCK_N=block_n, SUB=sub, PERMUTED=flag,
+                HAS_BIAS=key_bias is not None, HAS_CORR=correction is not None,
+                IEEE=q.dtype == torch.float32 or dispatch.interpreting(),
+                ROW64=row64, WS=ws, KV_COPY=copy, num_warps=warps, num_stages=stages)
     return out
 
 

@@ -33,7 +33,7 @@ def _check_act(x, bits, inv_s, clip, r1=None, r2=None, variant="auto"):
 
 
 @pytest.mark.parametrize("bits", [8, 6])
-@pytest.mark.parametrize("variant", ["onepass", "chunked"])
+@pytest.mark.parametrize("variant", ["rows", "onepass", "chunked"])
 def test_act_quant_matches_reference_with_smoothing_and_clip(rng, bits, variant):
     for K, dtype in ((96, torch.float32), (256, torch.bfloat16), (200, torch.float16)):
         x = (torch.randn(37, K, generator=rng) * 3).to(dtype)
@@ -45,6 +45,42 @@ def test_act_quant_matches_reference_with_smoothing_and_clip(rng, bits, variant)
         xs = x.float() * inv_s
         torch.testing.assert_close(s[:, 0], xs.abs().amax(1) * clip / (2 ** (bits - 1) - 1), rtol=1e-6, atol=0)
         _check_act(x, bits, None, 1.0, variant=variant)
+
+
+@pytest.mark.parametrize("config", [None, dict(SPLIT=True), dict(ROWS=4, CHUNK=32, num_warps=4),
+                                    dict(ROWS=2, CHUNK=512, num_warps=4, SPLIT=True), dict(FAST=False)])
+def test_act_quant_rows_variant_is_bit_exact(rng, config):
+    """The rows kernel (several rows per program; one pass as a split or padded tile, or two passes in
+    CHUNK pieces; fast or IEEE-division codes) gives the reference's codes and scales exactly. Odd M
+    (not a multiple of ROWS) and K (a split tile 256 + 64, a padded one, two-pass remainders)."""
+    for M, K, dtype in ((37, 300, torch.bfloat16), (5, 96, torch.float32), (19, 17, torch.float16)):
+        x = (torch.randn(M, K, generator=rng) * 3).to(dtype)
+        x[M // 2, K // 3] = 50.0
+        inv_s = torch.rand(K, generator=rng) + 0.5
+        clip = float(torch.rand((), generator=rng) * 0.5 + 0.5)
+        for bits in (8, 6):
+            for smooth, c in ((inv_s, clip), (None, 1.0)):
+                q, s = act_quant(x, bits, smooth, c, variant="rows", config=config)
+                qr, sr = act_quant_ref(x, bits, smooth, c)
+                assert torch.equal(s, sr), (M, K, bits)
+                assert torch.equal(q, qr), (M, K, bits, int((q != qr).sum()))
+
+
+def test_act_quant_rows_division_near_rounding_boundaries(rng):
+    """x / scale without a division (reciprocal + fma correction) must round like IEEE division even
+    where the quotient lies within an ulp of a half-integer: probe exactly those inputs."""
+    rows, K = 64, 256
+    amax = torch.rand(rows, 1, generator=rng) * 10 + 0.1
+    scale = amax / 127  # the kernel's scale for these rows (clip 1): fp32 division, as in the reference
+    k = torch.randint(-126, 126, (rows, K), generator=rng).float() + 0.5
+    x = k * scale  # fp32 products: near (often at) ties of x / scale
+    step = torch.randint(-2, 3, (rows, K), generator=rng).float()
+    x = x + step * torch.finfo(torch.float32).eps * x.abs()  # a few ulps either side
+    x[:, 0] = amax[:, 0]
+    q, s = act_quant(x, 8, variant="rows")
+    qr, sr = act_quant_ref(x, 8)
+    assert torch.equal(s, sr)
+    assert torch.equal(q, qr), int((q != qr).sum())
 
 
 @pytest.mark.parametrize("rot", ["hadamard", "dct"])

@@ -69,6 +69,28 @@ def test_mixed_heads_bias_correction_match_float64(rng, dtype, tol):
     assert torch.allclose(res[:, rows, :d].float(), corr[:, rows, :d], rtol=ulp, atol=1e-30)
 
 
+@pytest.mark.parametrize("kv_copy", [True, False])
+def test_temporal_heads_kv_copy_and_in_loop_gather_match_float64(rng, monkeypatch, kv_copy):
+    """Temporal heads reading a permuted k/v copy (made per group of heads: the byte bound here forces
+    one head per group) or gathering through the permutation in the loop: same float64 result."""
+    import kernels.sparse_attention as sa
+    monkeypatch.setattr(sa, "KV_COPY_BYTES", 1)
+    b, h, d, block = 2, 4, 16, 16
+    q, k, v = strided_qkv(rng, b, h, L, d, torch.float32)
+    keep = random_keep(rng, h, -(-L // block), p=0.6)
+    kinds = ["temporal", "spatial", "temporal", "temporal"]
+    index, count = BlockMask(keep, kinds, block, L).to_indices()
+    perm = temporal_permutation(TXT, GRID)
+    permuted = [x == "temporal" for x in kinds]
+    bias = text_bias(rng, b, L)
+    corr = torch.randn(b, L, h * d, generator=rng)
+    out = sparse_attention(q, k, v, index, count, block=block, key_bias=bias, perm=perm, permuted_heads=permuted,
+                           correction=corr, config=(64, 16, 4, 2, False, kv_copy))
+    ref = dense_masked_attention_f64(q, k, v, keep, block, key_bias=bias, perm=perm, permuted_heads=permuted,
+                                     correction=corr)
+    assert rel_err(out, ref) < 1e-4
+
+
 def test_no_bias_no_correction_and_block_128(rng):
     """A 128-token mask block (two 64-key sub-tiles for fp32), odd L = 20 + 2*8*10 = 180."""
     txt, grid, block, b, h, d = 20, (2, 8, 10), 128, 1, 2, 32

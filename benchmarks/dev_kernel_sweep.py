@@ -159,7 +159,7 @@ def sweep_sparse(cands, densities, budget, lines):
 
     dev = torch.device("cuda")
     kinds = ["spatial", "temporal"] * (HEADS // 2)
-    # small case: partial last block (976 = 7 x 128 + 80), padded-text bias with -inf
+    # small case: partial last block (976 = 7 x 128 + 80), padded-text bias (-bf16 max, as ComfyUI)
     sgrid, stxt = (5, 9, 16), 256
     sn = stxt + math.prod(sgrid)
     g = torch.Generator(device="cuda").manual_seed(7)

@@ -439,7 +439,7 @@ def bench_attention(rep, sa):
     d2 = torch.randn(1, n, HIDDEN, device="cuda", generator=g)
     svd_ms = kernel_ms(lambda: truncated_factors(d2, HEADS, 16), reps=2)
     rep.data["attention"].append(dict(name="SSAR refresh: rank-16 truncation of D2 inline (placement.truncated_factors, "
-                                      "24 heads x [N x 128]; SSAR runs its eigh on a host thread instead)", ms=svd_ms))
+                                      "24 heads x [N x 128])", ms=svd_ms))
     log(f"attention: svg_masks {mask_ms:.1f} ms, SVD {svd_ms:.1f} ms per layer, SSAR calls {ssar_calls}")
     del d2
     free_cuda()
@@ -853,7 +853,9 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="markdown file for the tables (a .json with raw numbers beside it)")
     ap.add_argument("--budget-s", type=float, default=540.0,
                     help="wall-clock budget; configurations that would not fit are reported as skipped")
-    ap.add_argument("--no-kernels", action="store_true", help="skip the kernels-alone section")
+    ap.add_argument("--no-kernels", action="store_true", help="skip the kernels-alone section (= --kernels none)")
+    ap.add_argument("--kernels", choices=("all", "attention", "none"), default="all",
+                    help="kernels-alone sections to run: all, attention only (sparse kernel + SSAR refresh pieces), none")
     ap.add_argument("--no-fuse", action="store_true", help="run the model's small ops eagerly only")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -882,16 +884,19 @@ def main(argv=None):
         rep.note(f"correctness checks raised {type(e).__name__}: {e}")
         traceback.print_exc()
     rep.save()
-    if not args.no_kernels:
-        for fn, a in ((bench_attention, (rep, mods["sparse_attention"])),
-                      (bench_linears, (rep, mods["act_quant"], mods["int_gemm"]))):
-            try:
-                fn(*a)
-            except Exception as e:
-                rep.note(f"{fn.__name__} raised {type(e).__name__}: {e}")
-                traceback.print_exc()
-            free_cuda()
-            rep.save()
+    sections = {"all": ("attention", "linears"), "attention": ("attention",), "none": ()}[
+        "none" if args.no_kernels else args.kernels]
+    for name, fn, a in (("attention", bench_attention, (rep, mods["sparse_attention"])),
+                        ("linears", bench_linears, (rep, mods["act_quant"], mods["int_gemm"]))):
+        if name not in sections:
+            continue
+        try:
+            fn(*a)
+        except Exception as e:
+            rep.note(f"{fn.__name__} raised {type(e).__name__}: {e}")
+            traceback.print_exc()
+        free_cuda()
+        rep.save()
     log(f"kernels done at {budget.elapsed():.0f} s")
     fuse_ok = [not args.no_fuse]
     for res in res_list:

@@ -14,7 +14,6 @@ more than a 13B model leaves free on an 80 GB GPU. The policies trade accuracy f
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -105,24 +104,6 @@ def _heads_last(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, length, h * d)
 
 
-def _gram(xh: torch.Tensor) -> torch.Tensor:
-    """X^T X per (batch, head) of xh [B, H, L, D] in float64, one head at a time: a float64 copy of
-    the whole x would be 2.9 GB at 720p."""
-    b, h, _, d = xh.shape
-    gram = torch.empty(b, h, d, d, dtype=torch.float64, device=xh.device)
-    for i in range(b):
-        for j in range(h):
-            xd = xh[i, j].double()
-            gram[i, j] = xd.T @ xd
-    return gram
-
-
-def _top_vectors(gram: torch.Tensor, rank: int) -> torch.Tensor:
-    """[..., D, rank] fp32 eigenvectors of the `rank` largest eigenvalues, largest first."""
-    _, vecs = torch.linalg.eigh(gram)                                # ascending eigenvalues
-    return vecs[..., -rank:].flip(-1).to(torch.float32)
-
-
 def truncated_factors(x: torch.Tensor, heads: int, rank: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Rank-`rank` truncated SVD of each (batch, head) L x head_dim slice of x [B, L, H*D].
     Returns (U S [B, H, L, r], V^T [B, H, r, D]) in fp32.
@@ -131,63 +112,17 @@ def truncated_factors(x: torch.Tensor, heads: int, rank: int) -> Tuple[torch.Ten
     right singular vectors V_r, and X V_r = U_r S_r. A direct SVD of the tall L x 128 matrices was
     most of a refresh step at 13B size (L ~ 10^5, 24 heads x 60 blocks); this is one thin GEMM.
     """
-    return DeferredFactors(x, heads, rank, background=False).result()
-
-
-_EIGH_WORKER: Optional[ThreadPoolExecutor] = None
-
-
-def _eigh_worker() -> ThreadPoolExecutor:
-    global _EIGH_WORKER
-    if _EIGH_WORKER is None:
-        _EIGH_WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantsparse-eigh")
-    return _EIGH_WORKER
-
-
-class DeferredFactors:
-    """truncated_factors(x, heads, rank) with the small eigendecompositions done on a host thread.
-
-    On an H100 the 24 float64 eigh of 128 x 128 per 720p layer take ~40 ms as cuSOLVER calls on the
-    stream (most of the rank-r truncation), stalling it. Here the Gram matrices go to pinned host
-    memory asynchronously and a worker thread decomposes them while Python keeps queueing GPU work;
-    result() (called when the factors are needed) finishes the projection X V_r. Holds x until then.
-    background=None: on a thread when x is on CUDA, inline otherwise.
-    """
-
-    def __init__(self, x: torch.Tensor, heads: int, rank: int, background: Optional[bool] = None):
-        self._xh = _heads_first(x.float(), heads)                     # [B, H, L, D]
-        r = min(rank, self._xh.shape[-1], self._xh.shape[-2])
-        gram = _gram(self._xh)
-        if background is None:
-            background = gram.is_cuda
-        self._v: Optional[torch.Tensor] = None
-        self._future = None
-        if not background:
-            self._v = _top_vectors(gram, r)
-            return
-        if gram.is_cuda:
-            host = torch.empty(gram.shape, dtype=gram.dtype, pin_memory=True)
-            host.copy_(gram, non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record()
-        else:
-            host, ready = gram, None
-
-        def decompose():
-            if ready is not None:
-                ready.synchronize()
-            return _top_vectors(host, r)
-
-        self._future = _eigh_worker().submit(decompose)
-
-    def result(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(U S [B, H, L, r], V^T [B, H, r, D]) in fp32 on x's device."""
-        if self._v is None:
-            self._v = self._future.result().to(self._xh.device)
-        xh, self._xh = self._xh, None
-        if xh is None:
-            raise RuntimeError("DeferredFactors.result() was already taken")
-        return xh @ self._v, self._v.transpose(-1, -2).contiguous()
+    xh = _heads_first(x.float(), heads)                              # [B, H, L, D]
+    r = min(rank, xh.shape[-1], xh.shape[-2])
+    b, h, _, d = xh.shape
+    gram = torch.empty(b, h, d, d, dtype=torch.float64, device=xh.device)
+    for i in range(b):          # one head at a time: a float64 copy of the whole x would be 2.9 GB at 720p
+        for j in range(h):
+            xd = xh[i, j].double()
+            gram[i, j] = xd.T @ xd
+    _, vecs = torch.linalg.eigh(gram)                                # ascending eigenvalues
+    v = vecs[..., -r:].flip(-1).to(torch.float32)                     # [B, H, D, r], largest first
+    return xh @ v, v.transpose(-1, -2).contiguous()
 
 
 def from_factors(us: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch
 from ..kernel_link import kernel_module
 from ..models.attention import AttentionCall, dense_attention
 from .masks import BLOCK, BlockMask, check_density, svg_masks
-from .placement import CacheStore, DeferredFactors, check_policy, choose_placement, from_factors, truncated_factors
+from .placement import CacheStore, check_policy, choose_placement, from_factors, truncated_factors
 from .reference import block_sparse_attention as reference_block_sparse_attention
 
 ORDERS = (0, 1, 2)
@@ -96,7 +96,6 @@ class SSARAttention:
         self._max_batch = 1
         if self.settings.placement == "auto":
             self.placement = None
-        self._pending = None  # (key, DeferredFactors): a refresh's D2 factors still being computed
         self.stats = dict(dense=0.0, sparse=0.0, sparse_density=0.0, refresh=0.0, mask_changed=0.0)
 
     def _rows_generator(self, call: AttentionCall) -> torch.Generator:
@@ -154,14 +153,6 @@ class SSARAttention:
             self._store = CacheStore(self.placement, s.placement_rank)
         return self._store
 
-    def _settle(self) -> None:
-        """Store the previous refresh's rank-r factors of D2. Deferred to the next attention call so
-        that their host-side eigendecomposition overlaps the rest of that block on the GPU."""
-        if self._pending is not None:
-            key, job = self._pending
-            self._pending = None
-            self._store.put_factors((key, "corr"), *job.result())
-
     def _prefetch_after(self, key, device) -> None:
         """Start moving the next block's cached residual towards `device` (cpu-pinned placement), so
         its copy overlaps this block's attention instead of stalling the next one."""
@@ -181,7 +172,6 @@ class SSARAttention:
         st = self._states.get(key)
         if st is None or not st.has_d:
             return None
-        self._settle()
         c = self._store.get((key, "D"), device or "cpu")
         if st.corr == "factors":  # from_factors returns a fresh tensor: add D into it, no third L x hidden buffer
             c = from_factors(*self._store.get_factors((key, "corr"), c.device)).add_(c)
@@ -197,7 +187,6 @@ class SSARAttention:
         b, heads, length, dim = q.shape
         if s.svd_rank > dim:
             raise ValueError(f"svd_rank {s.svd_rank} exceeds head_dim {dim}: an L x head_dim residual has rank <= {dim}")
-        self._settle()
         self._observe(call, b)
         first = self._warmup_steps(call)
         if call.step.index < first or self._block_position(call) < s.warmup_blocks:
@@ -239,7 +228,7 @@ class SSARAttention:
         elif s.order == 2 and st.has_d:
             d2 = d - store.get((key, "D"), q.device)
             if s.svd_rank > 0:
-                self._pending = (key, DeferredFactors(d2, heads, s.svd_rank))
+                store.put_factors((key, "corr"), *truncated_factors(d2, heads, s.svd_rank))
                 st.corr = "factors"
             else:
                 store.put((key, "corr"), d2, heads)

@@ -175,8 +175,8 @@ def split_k_matmul(p: torch.Tensor, v: torch.Tensor, piece: int = 4096) -> torch
     """p [..., n, L] @ v [..., L, D] with the long L cut into pieces whose products are summed.
 
     SVG's sampled rows give a 64 x 128 output per head reduced over L ~ 10^5 keys; as one batched
-    GEMM that runs on a handful of SMs (about 5 ms per chunk of heads on an H100); as pieces it is a
-    batch of many small GEMMs that fills the GPU."""
+    GEMM that runs on a handful of SMs, as pieces it is a batch of many small GEMMs that fills the
+    GPU (svg_masks at 720p on an H100: 54.5 ms per layer with one GEMM, 27.5 ms with pieces)."""
     length = p.shape[-1]
     if length <= 2 * piece:
         return p @ v

@@ -292,4 +292,3 @@ def test_auto_placement_follows_the_budget(rng):
     fn = SSARAttention(settings(placement="auto", budget_bytes=100, host_budget_bytes=0))
     with pytest.raises(ValueError, match="not enough memory"):
         fn(*qkv(rng), None, call(0))
-

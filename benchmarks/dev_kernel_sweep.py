@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,6 +24,9 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_benchmark import Budget, copy_bandwidth, kernel_ms, log, rel_err  # noqa: E402  (the main benchmark's helpers)
 
 M_TOKENS = 119056
 KS = (3072, 12288, 15360)
@@ -37,39 +39,6 @@ QUANT_CANDS = ("chunked", "rows", "rows:1/4096/4/split", "rows:1/4096/4/slow", "
 # otherwise they read a permuted copy (KV_COPY)
 SPARSE_CANDS = ("128/128/8/5/gather", "128/128/8/5", "128/128/8/4", "128/128/8/4/ws", "128/128/8/3",
                 "128/64/4/4")
-
-
-def log(*a):
-    print(*a, flush=True)
-
-
-def event_ms(fn, reps=10, warmup=2) -> float:
-    """Median CUDA-event time of fn() in milliseconds."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e))
-    return sorted(times)[len(times) // 2]
-
-
-def rel_err(a, b) -> float:
-    a, b = a.float(), b.float()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
-class Budget:
-    def __init__(self, seconds):
-        self.t0, self.seconds = time.time(), seconds
-
-    def left(self) -> float:
-        return self.seconds - (time.time() - self.t0)
 
 
 def parse_quant(c: str):
@@ -92,17 +61,14 @@ def sweep_quant(cands, budget, lines):
     from kernels.act_quant import act_quant
     from kernels.act_quant_ref import act_quant_ref
     g = torch.Generator(device="cuda").manual_seed(4)
-    src = torch.empty(2 ** 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    bw = 2 * src.numel() / (event_ms(lambda: dst.copy_(src), reps=10) / 1e3)
-    del src, dst
+    bw = copy_bandwidth(reps=10)
     lines.append(f"\nmeasured device copy bandwidth {bw / 1e12:.3f} TB/s (1 GiB read + 1 GiB write); floor = "
                  f"(3 MK + 4 M) bytes at it; 'clone' = a bf16 copy of x (4 MK bytes) scaled to 3 MK + 4 M bytes\n")
     lines.append("| K | candidate | codes differing (no smooth / smooth+clip) | scale max abs diff | ms | floor ms | "
                  "ratio vs floor | clone-scaled ms | ratio vs clone-scaled |")
     lines.append("|---|---|---|---|---|---|---|---|---|")
     for K in KS:
-        if budget.left() < 20:
+        if not budget.allows(20):
             lines.append(f"| {K} | skipped: time budget | | | | | | | |")
             continue
         m = M_TOKENS
@@ -112,10 +78,10 @@ def sweep_quant(cands, budget, lines):
         clip = 0.9
         refs = (act_quant_ref(x, 8), act_quant_ref(x, 8, inv_s, clip))
         floor = (3 * m * K + 4 * m) / bw * 1e3
-        clone_ms = event_ms(lambda: x.clone(), reps=10)
+        clone_ms = kernel_ms(lambda: x.clone(), reps=10)
         clone_scaled = clone_ms * (3 * m * K + 4 * m) / (4 * m * K)
         for c in cands:
-            if budget.left() < 10:
+            if not budget.allows(10):
                 lines.append(f"| {K} | {c}: skipped (time budget) | | | | | | | |")
                 continue
             variant, cfg = parse_quant(c)
@@ -126,7 +92,7 @@ def sweep_quant(cands, budget, lines):
                     diffs.append(int((q != qr).sum()))
                     sdiff = max(sdiff, float((s - sr).abs().max()))
                     del q, s
-                ms = event_ms(lambda: act_quant(x, 8, variant=variant, config=cfg), reps=15, warmup=3)
+                ms = kernel_ms(lambda: act_quant(x, 8, variant=variant, config=cfg), reps=15, warmup=3)
                 ok = "" if diffs == [0, 0] and sdiff == 0 else " **MISMATCH**"
                 lines.append(f"| {K} | {c}{ok} | {diffs[0]} / {diffs[1]} | {sdiff:.3g} | {ms:.3f} | {floor:.3f} | "
                              f"{ms / floor:.3f} | {clone_scaled:.3f} | {ms / clone_scaled:.3f} |")
@@ -174,7 +140,7 @@ def sweep_sparse(cands, densities, budget, lines):
     q, k, v = (torch.randn(1, HEADS, n, HEAD_DIM, device=dev, generator=g, dtype=torch.bfloat16) for _ in range(3))
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
         dense = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(1, n, -1)
-        dense_ms = event_ms(lambda: F.scaled_dot_product_attention(q, k, v), reps=5, warmup=1)
+        dense_ms = kernel_ms(lambda: F.scaled_dot_product_attention(q, k, v), reps=5, warmup=1)
     full = BlockMask(torch.ones(HEADS, -(-n // 128), -(-n // 128), dtype=torch.bool), kinds, 128, n)
     fargs = _kernel_args(full, TXT_LEN, GRID_720P, n, dev)
     masks = {}
@@ -187,7 +153,7 @@ def sweep_sparse(cands, densities, budget, lines):
     lines.append("|---|---|---|" + "---|---|" * len(densities))
     best = {}
     for c in cands:
-        if budget.left() < 25:
+        if not budget.allows(25):
             lines.append(f"| {c}: skipped (time budget) | |")
             log(lines[-1])
             continue
@@ -199,7 +165,7 @@ def sweep_sparse(cands, densities, budget, lines):
             cells = []
             for d in densities:
                 bm, real, args = masks[d]
-                ms = event_ms(lambda: sparse_attention(q, k, v, config=cfg, **args), reps=5, warmup=1)
+                ms = kernel_ms(lambda: sparse_attention(q, k, v, config=cfg, **args), reps=5, warmup=1)
                 ratio = ms / (real * dense_ms)
                 cells.append(f"{ms:.2f} | {ratio:.3f}")
                 if ok and (d not in best or ratio < best[d][1]):
@@ -213,7 +179,7 @@ def sweep_sparse(cands, densities, budget, lines):
     # Final round, interleaved so clock drift hits all alike: dense cuDNN, the old kernel, the new
     # default, and the screening winners, one call each per round; medians.
     final = [c for c in dict.fromkeys([cands[0], "default"] + [c for c, _ in best.values()])]
-    if budget.left() > 40:
+    if budget.allows(40):
         rounds = 7
         fns = {"dense": lambda: F.scaled_dot_product_attention(q, k, v)}
         for c in final:
@@ -244,7 +210,7 @@ def sweep_sparse(cands, densities, budget, lines):
     else:
         lines.append("final interleaved round skipped (time budget)")
     # where the time goes: spatial-only vs temporal-only heads, and the Python wrapper's overhead
-    if budget.left() > 20 and densities:
+    if budget.allows(20) and densities:
         d = densities[0]
         bm, real, args = masks[d]
         base = tuple(_default_cfg()[:4])
@@ -253,12 +219,12 @@ def sweep_sparse(cands, densities, budget, lines):
                                   ("all heads temporal, k/v from the permuted copy", [True] * HEADS, True)):
             a = dict(args, permuted_heads=flags, perm=masks[d][2]["perm"])
             cfg = base + (False, copy)
-            ms = event_ms(lambda: sparse_attention(q, k, v, config=cfg, **a), reps=5)
+            ms = kernel_ms(lambda: sparse_attention(q, k, v, config=cfg, **a), reps=5)
             lines.append(f"- {d:.0%}, config {'/'.join(map(str, base))}: {name}: {ms:.2f} ms "
                          f"({ms / (real * dense_ms):.3f} x d x dense)")
             log(lines[-1])
-        ms_k = event_ms(lambda: sparse_attention(q, k, v, **args), reps=5)
-        ms_w = event_ms(lambda: block_sparse_attention(q, k, v, None, bm, TXT_LEN, GRID_720P), reps=5)
+        ms_k = kernel_ms(lambda: sparse_attention(q, k, v, **args), reps=5)
+        ms_w = kernel_ms(lambda: block_sparse_attention(q, k, v, None, bm, TXT_LEN, GRID_720P), reps=5)
         lines.append(f"- {d:.0%} default config: sparse_attention with prepared args {ms_k:.2f} ms, the "
                      f"block_sparse_attention wrapper (perm, indices cache, checks) {ms_w:.2f} ms")
         log(lines[-1])
@@ -289,7 +255,7 @@ def main(argv=None):
         sweep_quant([c for c in a.quant.split(",") if c], budget, lines)
     if "sparse" in parts:
         sweep_sparse([c for c in a.sparse.split(",") if c], [float(d) for d in a.densities.split(",") if d], budget, lines)
-    lines.append(f"\nsweep took {time.time() - budget.t0:.0f} s (budget {a.budget_s:.0f} s)")
+    lines.append(f"\nsweep took {budget.elapsed():.0f} s (budget {a.budget_s:.0f} s)")
     text = "\n".join(lines)
     print("\n" + text)
     if a.out:

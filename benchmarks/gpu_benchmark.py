@@ -94,6 +94,13 @@ def kernel_ms(fn, reps=5, warmup=1) -> float:
     return times[len(times) // 2]
 
 
+def copy_bandwidth(reps=5) -> float:
+    """Measured device copy bandwidth in bytes/s (1 GiB read + 1 GiB write)."""
+    src = torch.empty(2 ** 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / (kernel_ms(lambda: dst.copy_(src), reps=reps) / 1e3)
+
+
 def rel_err(a, b) -> float:
     a, b = a.float(), b.float()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
@@ -450,10 +457,7 @@ def bench_linears(rep, aq, ig):
     m = 119056
     g = torch.Generator(device="cuda").manual_seed(4)
     # Bandwidth floor for activation quantization: a measured device copy (read + write).
-    src = torch.empty(2 ** 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    bw = 2 * src.numel() / (kernel_ms(lambda: dst.copy_(src), reps=5) / 1e3)
-    del src, dst
+    bw = copy_bandwidth()
     rep.note(f"measured device copy bandwidth {bw / 1e12:.2f} TB/s (1 GiB read + 1 GiB write); the activation "
              "quantization floor is (2 MK + MK + 4 M bytes) at this bandwidth")
     for kdim in sorted({k for k, _, _ in GEMM_SHAPES}):

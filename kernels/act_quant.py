@@ -16,7 +16,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .act_quant_ref import EPS
 
 _FLOAT = (torch.float32, torch.float16, torch.bfloat16)
 AUTO_VARIANT = "rows"  # fastest on H100 at K = 3072 / 12288 / 15360 (benchmarks/dev_kernel_sweep.py)
@@ -89,6 +88,16 @@ def _quant_codes_fast(x, scale, inv, QMAX: tl.constexpr):
 
 
 @triton.jit
+def _codes(x, scale, inv, QMAX: tl.constexpr, FAST: tl.constexpr):
+    """_quant_codes_fast (FAST) or the IEEE-division _quant_codes: the same integers."""
+    if FAST:
+        codes = _quant_codes_fast(x, scale, inv, QMAX)
+    else:
+        codes = _quant_codes(x, scale, QMAX)
+    return codes
+
+
+@triton.jit
 def _act_quant_rows_kernel(x_ptr, s_ptr, q_ptr, scale_ptr, clip, M, K, stride_x, stride_q,
                            QMAX: tl.constexpr, HAS_SMOOTH: tl.constexpr, ROWS: tl.constexpr,
                            CHUNK: tl.constexpr, CHUNK2: tl.constexpr, ONEPASS: tl.constexpr,
@@ -121,16 +130,10 @@ def _act_quant_rows_kernel(x_ptr, s_ptr, q_ptr, scale_ptr, clip, M, K, stride_x,
             amax = tl.maximum(amax, tl.max(tl.abs(x2), axis=1))
         scale = tl.maximum(amax * clip, 1e-8) / QMAX
         inv = tl.math.div_rn(tl.full([ROWS], 1.0, tl.float32), scale)
-        if FAST:
-            codes = _quant_codes_fast(x, scale[:, None], inv[:, None], QMAX)
-        else:
-            codes = _quant_codes(x, scale[:, None], QMAX)
+        codes = _codes(x, scale[:, None], inv[:, None], QMAX, FAST)
         tl.store(qp, codes, mask=m)
         if CHUNK2 > 0:
-            if FAST:
-                codes2 = _quant_codes_fast(x2, scale[:, None], inv[:, None], QMAX)
-            else:
-                codes2 = _quant_codes(x2, scale[:, None], QMAX)
+            codes2 = _codes(x2, scale[:, None], inv[:, None], QMAX, FAST)
             tl.store(q_ptr + rows[:, None] * stride_q + offs2[None, :], codes2, mask=m2)
     else:
         amax = tl.zeros((ROWS, CHUNK), dtype=tl.float32)
@@ -149,10 +152,7 @@ def _act_quant_rows_kernel(x_ptr, s_ptr, q_ptr, scale_ptr, clip, M, K, stride_x,
             x = tl.load(xp + k, mask=m, other=0.0, eviction_policy="evict_first").to(tl.float32)
             if HAS_SMOOTH:
                 x = x * tl.load(s_ptr + k + offs, mask=c_ok, other=0.0)[None, :]
-            if FAST:
-                codes = _quant_codes_fast(x, scale[:, None], inv[:, None], QMAX)
-            else:
-                codes = _quant_codes(x, scale[:, None], QMAX)
+            codes = _codes(x, scale[:, None], inv[:, None], QMAX, FAST)
             tl.store(qp + k, codes, mask=m)
     tl.store(scale_ptr + rows, scale, mask=r_ok)
 
@@ -161,7 +161,8 @@ def _rows_config(K: int) -> dict:
     """Default launch of the rows kernel (H100 sweep, benchmarks/dev_kernel_sweep.py, M = 119,056):
     one pass with the rows in registers up to K = 4096 (K = 3072: 1.21x the copy floor; was 1.55x),
     else two passes over 4096-column pieces, 2 rows per program (K = 12288: 1.09x, 15360: 1.13x;
-    were 1.43x / 1.52x). SPLIT (two unpadded tiles, 3072 = 2048 + 1024) is not yet measured on a GPU."""
+    were 1.43x / 1.52x). SPLIT (two unpadded tiles, 3072 = 2048 + 1024) measured slower at K = 3072
+    (1.17x vs 1.09x in the same sweep), so it stays off."""
     block = max(16, triton.next_power_of_2(K))
     if block <= 4096:
         rows = max(1, min(4, 4096 // block))
@@ -190,9 +191,9 @@ def act_quant(x: torch.Tensor, bits: int = 8, inv_smooth: torch.Tensor | None = 
 
     inv_smooth: fp32 [K] = exp(-log_smooth), multiplied in before the absmax. clip: scalar factor on
     the absmax (python float or 0-d tensor). r1, r2: Kronecker rotation factors (n1 * n2 = K).
-    variant: "auto" (= "rows"), "rows" (several rows per program, one pass for K <= 16384), or the
-    older "chunked" / "onepass" (one row per program), kept for comparison. config (tuning, "rows"
-    only): overrides of ROWS, CHUNK (a power of two; >= K means one pass), num_warps, FAST, SPLIT
+    variant: "auto" (= "rows"), "rows" (several rows per program; by default one pass for K <= 4096,
+    two above), or the older "chunked" / "onepass" (one row per program), kept for comparison.
+    config (tuning, "rows" only): overrides of ROWS, CHUNK (a power of two; >= K means one pass), num_warps, FAST, SPLIT
     (one pass as two power-of-two tiles instead of one padded tile).
     """
     if bits not in (6, 8):

@@ -1,14 +1,17 @@
-"""Tuning sweep for the activation-quantization and block-sparse attention kernels: one GPU call.
+"""Tuning sweep for the activation-quantization, block-sparse attention and W8A8 GEMM kernels: one GPU call.
 
-    python benchmarks/dev_kernel_sweep.py [--parts quant,sparse] [--budget-s 330] [--out FILE]
-        [--quant CANDS] [--sparse CANDS] [--densities 0.15,0.25]
+    python benchmarks/dev_kernel_sweep.py [--parts quant,sparse,gemm] [--budget-s 330] [--out FILE]
+        [--quant CANDS] [--sparse CANDS] [--densities 0.15,0.25] [--gemm CANDS]
 
 Every candidate is checked before it is timed (act quant: codes identical to act_quant_ref and
 scales equal, with and without smoothing + clip; sparse: relative error vs the reference at a small
 N with a partial last block and a text bias, and vs dense cuDNN SDPA at density 1.0 at full N).
 Timings are CUDA-event medians against baselines measured in the same run: the copy-bandwidth floor
 (3 MK + 4 M bytes; a 1 GiB device copy, and a bf16 clone of x) and d x dense cuDNN SDPA.
-Candidates: quant "variant" or "rows:ROWS/CHUNK/WARPS[/slow]"; sparse "BM/BN/WARPS/STAGES[/ws]".
+Candidates: quant "variant" or "rows:ROWS/CHUNK/WARPS[/slow]"; sparse "BM/BN/WARPS/STAGES[/ws]";
+gemm "default" (TMA_CONFIGS) or "BM/BN/BK/WARPS/STAGES[/OPTS]" for the persistent TMA kernel, OPTS a
+"+"-joined subset of kernels.int_gemm.TMA_OPTIONS; GEMMs are checked against the float64 dequantized
+reference on 512 rows (a partial last tile included) and timed interleaved with bf16 F.linear.
 The script skips what its --budget-s cannot fit and says so.
 """
 from __future__ import annotations
@@ -37,6 +40,12 @@ QUANT_CANDS = ("chunked", "rows", "rows:1/4096/4/split", "rows:1/4096/4/slow", "
                "rows:1/16384/32/split", "rows:1/16384/16/split", "rows:4/2048/8")
 # "gather": temporal heads gather k/v through the permutation in the loop (the old kernel);
 # otherwise they read a permuted copy (KV_COPY)
+# (run of 2026-11-25: the TMA-store + subtile + flatten epilogue gained 3-7% at K = 3072; BK = 64 with
+# 5 stages lost 10-15%; warp specialization compiled on Hopper and matched the pointer epilogue)
+GEMM_CANDS = ("default", "256/128/128/8/3/store+subtile+flatten", "128/256/128/8/3/store+subtile+flatten",
+              "256/256/128/16/2/store+subtile+flatten", "256/256/128/16/3/flatten", "256/128/128/8/4/flatten",
+              "256/256/64/16/4/flatten", "256/128/128/8/3/store+subtile+flatten+ws",
+              "128/256/128/8/3/ws", "128/256/128/8/3/store+subtile")
 SPARSE_CANDS = ("128/128/8/5/gather", "128/128/8/5", "128/128/8/4", "128/128/8/4/ws", "128/128/8/3",
                 "128/64/4/4")
 
@@ -229,6 +238,68 @@ def sweep_sparse(cands, densities, budget, lines):
                      f"block_sparse_attention wrapper (perm, indices cache, checks) {ms_w:.2f} ms")
         log(lines[-1])
 
+# ---- W8A8 GEMM (the W4A8 path expands the int4 weight and runs the same kernel) --------------------
+def parse_gemm(c: str):
+    if c == "default":
+        return None
+    p = c.split("/")
+    return tuple(int(x) for x in p[:5]) + (p[5] if len(p) > 5 else "",)
+
+
+def sweep_gemm(cands, budget, lines, rounds=5):
+    from kernels import int_gemm as ig
+    from kernels.int_gemm_ref import int_gemm_ref
+    from gpu_benchmark import GEMM_SHAPES
+
+    g = torch.Generator(device="cuda").manual_seed(11)
+    m = M_TOKENS
+    lines.append(f"\nW8A8 GEMM at M = {m} (bf16 out, bias), ms medians of {rounds} interleaved rounds; "
+                 "ratio = bf16 F.linear ms / candidate ms\n")
+    lines.append("| layer (K, N) | candidate | rel. err vs float64 (512 rows) | ms | speed-up vs bf16 |")
+    lines.append("|---|---|---|---|---|")
+    for K, N, name in GEMM_SHAPES:
+        if not budget.allows(30):
+            lines.append(f"| {name} ({K}, {N}) | skipped: time budget | | | |")
+            continue
+        x = torch.randn(m, K, device="cuda", generator=g, dtype=torch.bfloat16)
+        w = torch.randn(N, K, device="cuda", generator=g, dtype=torch.bfloat16) * K ** -0.5
+        bias = torch.randn(N, device="cuda", generator=g, dtype=torch.bfloat16) * 0.1
+        a = torch.randint(-127, 128, (m, K), device="cuda", generator=g, dtype=torch.int8)
+        sa = torch.rand(m, 1, device="cuda", generator=g) * 1e-3 + 1e-4
+        codes = torch.randint(-127, 128, (N, K), device="cuda", generator=g, dtype=torch.int8)
+        sw = torch.rand(N, 1, device="cuda", generator=g) * 1e-3 + 1e-4
+        pw, bf = ig.prepare_weight(codes, 8, sw), bias.float()
+        rows = torch.cat((torch.arange(256, device="cuda"), torch.arange(m - 256, m, device="cuda")))
+        ref = int_gemm_ref(a[rows].cpu(), sa[rows].cpu(), codes.cpu(), sw.cpu(), 8, bf.cpu(), torch.float64)
+        fns = {"bf16": lambda: F.linear(x, w, bias)}
+        errs = {}
+        for c in cands:
+            tile = parse_gemm(c)
+            fn = (lambda tile=tile: ig.int_gemm(a, sa, pw, bf, out_dtype=torch.bfloat16, tma_tile=tile))
+            try:
+                errs[c] = rel_err(fn()[rows].cpu().double(), ref)
+                fns[c] = fn
+            except Exception as e:
+                errs[c] = f"failed {type(e).__name__}: {str(e)[:140]}"
+        times = {k: [] for k in fns}
+        for fn in fns.values():
+            fn()
+        for _ in range(rounds):
+            for k, fn in fns.items():
+                times[k].append(kernel_ms(fn, reps=1, warmup=0))
+        med = {k: sorted(t)[len(t) // 2] for k, t in times.items()}
+        lines.append(f"| {name} ({K}, {N}) | bf16 F.linear | | {med['bf16']:.3f} | 1.000 |")
+        for c in cands:
+            if c not in med:
+                lines.append(f"| | {c} | {errs[c]} | | |")
+                continue
+            bad = "" if errs[c] < 4e-3 else " **WRONG**"  # bf16 output rounding is ~1.7e-3 (rms)
+            label = c if c != "default" else "default " + "/".join(map(str, ig._tma_config(K, N)))
+            lines.append(f"| | {label}{bad} | {errs[c]:.1e} | {med[c]:.3f} | {med['bf16'] / med[c]:.3f} |")
+        log("\n".join(lines[-len(cands) - 1:]))
+        del x, w, bias, a, codes, pw
+        torch.cuda.empty_cache()
+
 
 def _default_cfg():
     from kernels import sparse_attention as sa
@@ -237,12 +308,13 @@ def _default_cfg():
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--parts", default="quant,sparse")
+    ap.add_argument("--parts", default="quant,sparse,gemm")
     ap.add_argument("--budget-s", type=float, default=330)
     ap.add_argument("--out", default=None)
     ap.add_argument("--quant", default=",".join(QUANT_CANDS))
     ap.add_argument("--sparse", default=",".join(SPARSE_CANDS))
     ap.add_argument("--densities", default="0.15,0.25")
+    ap.add_argument("--gemm", default=",".join(GEMM_CANDS))
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("dev_kernel_sweep needs a CUDA device")
@@ -255,6 +327,8 @@ def main(argv=None):
         sweep_quant([c for c in a.quant.split(",") if c], budget, lines)
     if "sparse" in parts:
         sweep_sparse([c for c in a.sparse.split(",") if c], [float(d) for d in a.densities.split(",") if d], budget, lines)
+    if "gemm" in parts:
+        sweep_gemm([c for c in a.gemm.split(",") if c], budget, lines)
     lines.append(f"\nsweep took {budget.elapsed():.0f} s (budget {a.budget_s:.0f} s)")
     text = "\n".join(lines)
     print("\n" + text)

@@ -193,12 +193,13 @@ class Report:
                          f"{_f(r.get('d_dense_ms'), 1)} | {_f(r.get('ratio'), 3)} |")
         if d["gemm"]:
             L += ["", "### Linears at M = 119,056 tokens (ms; speed-up vs bf16 F.linear in brackets)", "",
-                  "| layer (K, N) | bf16 | fp8 _scaled_mm | W8A8 GEMM | W4A8 GEMM | W8A8 linear | W4A8 linear |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| layer (K, N) | bf16 | fp8 _scaled_mm | W8A8 GEMM | W4A8 GEMM | W8A8 linear | W4A8 linear | "
+                  "W4A8 linear, input quantized by its producer |",
+                  "|---|---|---|---|---|---|---|---|"]
             for r in d["gemm"]:
                 base = r.get("bf16")
                 cells = []
-                for k in ("bf16", "fp8", "w8a8_gemm", "w4a8_gemm", "w8a8_linear", "w4a8_linear"):
+                for k in ("bf16", "fp8", "w8a8_gemm", "w4a8_gemm", "w8a8_linear", "w4a8_linear", "w4a8_fused"):
                     v = r.get(k)
                     if isinstance(v, (int, float)):
                         cells.append(f"{v:.2f} ({base / v:.2f}x)" if base and k != "bf16" else
@@ -207,7 +208,17 @@ class Report:
                         cells.append(str(v))
                 L.append(f"| {r['name']} ({r['K']}, {r['N']}) | " + " | ".join(cells) + " |")
             L += ["", "GEMM = the kernel on already-quantized int8 activations; linear = QuantLinear.forward "
-                  "(activation quantization + GEMM + epilogue), what the model runs. fp8 = the GEMM alone."]
+                  "(activation quantization + GEMM + epilogue) on a bf16 input. fp8 = the GEMM alone. Input "
+                  "quantized by its producer = what the fused model runs (fuse_small_ops): W4A8 GEMM + (the "
+                  "kernels.producer_quant kernel emitting int8 codes - the compiled group emitting bf16); producers: "
+                  "modulated LayerNorm (qkv, linear1), gated residual + modulated LayerNorm (fc1), GELU (fc2; "
+                  "its bf16 baseline is the eager GELU the block runs), GELU + concat (linear2); proj's input "
+                  "is the attention output, quantized by act_quant."]
+            prod = [r for r in d["gemm"] if isinstance(r.get("producer_bf16_ms"), float)]
+            if prod:
+                L += ["", "| layer | producer | compiled group, bf16 out ms | producer_quant kernel, int8 codes out ms |", "|---|---|---|---|"]
+                L += [f"| {r['name']} | {r['producer']} | {r['producer_bf16_ms']:.3f} | {_f(r.get('producer_q_ms'), 3)} |"
+                      for r in prod]
         if d["act_quant"]:
             L += ["", "### Activation quantization (M = 119,056 tokens, bf16 in, int8 + fp32 scale out)", "",
                   "| K | Triton ms | bandwidth floor ms | ratio (target <= 1.2) | eager torch ms |", "|---|---|---|---|---|"]
@@ -259,12 +270,16 @@ def _targets(d):
                   and isinstance(r.get("ratio"), float)), None)
         out.append((f"sparse attention {dens:.0%} <= 1.15 x d x dense cuDNN", "not measured" if r is None else
                     f"{r['ratio']:.3f}", "-" if r is None else ("yes" if r["ratio"] <= 1.15 else "no")))
-    sp = [(r["name"], r["bf16"] / r["w4a8_linear"]) for r in d["gemm"] if isinstance(r.get("w4a8_linear"), float)]
-    if sp:
-        worst = min(sp, key=lambda t: t[1])
-        out.append(("W4A8 linear (act quant + GEMM) >= 1.4x bf16 at all six shapes",
-                    f"{min(v for _, v in sp):.2f}x-{max(v for _, v in sp):.2f}x (lowest: {worst[0]})",
-                    "yes" if worst[1] >= 1.4 and len(sp) == 6 else "no"))
+    for key, label in (("w4a8_linear", "W4A8 linear (act quant + GEMM, bf16 input)"),
+                       ("w4a8_fused", "W4A8 linear as the fused model runs it (input quantized by its producer; "
+                                      "proj: act quant + GEMM)"),
+                       ("w4a8_gemm", "W4A8 GEMM alone")):
+        sp = [(r["name"], r["bf16"] / r[key]) for r in d["gemm"] if isinstance(r.get(key), float)]
+        if sp:
+            worst = min(sp, key=lambda t: t[1])
+            out.append((f"{label} >= 1.4x bf16 at all six shapes",
+                        f"{min(v for _, v in sp):.2f}x-{max(v for _, v in sp):.2f}x (lowest: {worst[0]})",
+                        "yes" if worst[1] >= 1.4 and len(sp) == 6 else "no"))
     aq = [r["ratio"] for r in d["act_quant"] if isinstance(r.get("ratio"), float)]
     if aq:
         out.append(("activation quantization <= 1.2x bandwidth floor", f"{min(aq):.2f}x-{max(aq):.2f}x",
@@ -516,6 +531,8 @@ def _bench_shape(rep, aq, ig, m, kdim, ndim, name, g):
                                            "act_clip": torch.ones((), device="cuda")}, device="cuda")
             with torch.no_grad():
                 row[f"w{bits}a8_linear"] = kernel_ms(lambda: lin(x3), reps=5)
+            if bits == 4:
+                _bench_producer(rep, row, lin, m, kdim, name, g)
             del lin, pw, wq, stored
         del codes, sx
     else:
@@ -524,6 +541,54 @@ def _bench_shape(rep, aq, ig, m, kdim, ndim, name, g):
     rep.data["gemm"].append(row)
     log("gemm", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()})
     del x, w, bias
+
+
+def _bench_producer(rep, row, lin, m, kdim, name, g):
+    """The linear as the fused model runs it: its input made by the op before it, either in bf16 by
+    the compiled small-op group (then QuantLinear quantizes it in act_quant), or as int8 codes by the
+    kernels.producer_quant kernel (what fuse_small_ops runs for a W4A8 model)."""
+    from kernels import producer_quant_ref as ref
+    from quantsparse_core.models import layers
+    ops = layers.small_ops(True)
+    spec = lin.input_quant_spec(torch.empty(1, device="cuda", dtype=torch.bfloat16))
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    if name == "proj" or spec is None:
+        row["w4a8_fused"] = row["w4a8_linear"]  # attention output: quantized by act_quant in QuantLinear
+        return
+    x = torch.randn(1, m, 3072, generator=g, **bf)
+    mod = [torch.randn(1, 1, 3072, generator=g, **bf) * 0.1 for _ in range(3)]
+    if name in ("qkv", "single linear1"):
+        row["producer"] = "norm_modulate"
+        plain, quant = (lambda: ops.norm_modulate(x, mod[0], mod[1])), (lambda: layers.norm_modulate_q(x, mod[0], mod[1], *spec))
+        check = lambda: ref.norm_modulate_quant_ref(x, mod[0], mod[1], *spec)[1:]  # noqa: E731
+    elif name == "mlp fc1":
+        y = torch.randn(1, m, 3072, generator=g, **bf)
+        row["producer"] = "gated_residual_norm_modulate"
+        plain = lambda: ops.gated_residual_norm_modulate(x, y, mod[2], mod[0], mod[1])  # noqa: E731
+        quant = lambda: layers.gated_residual_norm_modulate_q(x, y, mod[2], mod[0], mod[1], *spec)[1:]  # noqa: E731
+        check = lambda: ref.norm_modulate_quant_ref(x, mod[0], mod[1], *spec, residual=y, gate=mod[2])[1:]  # noqa: E731
+    elif name == "mlp fc2":
+        hid = torch.randn(1, m, kdim, generator=g, **bf)
+        row["producer"] = "GELU (bf16: the eager nn.GELU the block runs)"
+        act = nn.GELU(approximate="tanh")
+        plain, quant = (lambda: act(hid)), (lambda: layers.gelu_q(hid, *spec))
+        check = lambda: ref.gelu_quant_ref(hid, *spec)  # noqa: E731
+    else:  # single linear2
+        hid = torch.randn(1, m, kdim - 3072, generator=g, **bf)
+        row["producer"] = "concat_gelu"
+        plain, quant = (lambda: ops.concat_gelu(x, hid)), (lambda: layers.concat_gelu_q(x, hid, *spec))
+        check = lambda: ref.gelu_quant_ref(hid, *spec, prefix=x)  # noqa: E731
+    with torch.no_grad():
+        (codes, sx), (rc, rs) = quant(), check()
+        diff = (codes.int() - rc.int()).abs()
+        rep.check(f"{name}: producer_quant ({row['producer']}) vs its PyTorch reference: codes differing (fraction)",
+                  float((diff > 0).float().mean()), 1e-3, ok=bool(diff.max() <= 1 and (diff > 0).float().mean() <= 1e-3),
+                  info=f"max code difference {int(diff.max())}")
+        rep.check(f"{name}: same, scale rel. error", rel_err(sx, rs), 1e-3)
+        del codes, sx, rc, rs, diff
+        row["producer_bf16_ms"] = kernel_ms(plain, reps=5)
+        row["producer_q_ms"] = kernel_ms(quant, reps=5)
+    row["w4a8_fused"] = row["w4a8_gemm"] + row["producer_q_ms"] - row["producer_bf16_ms"]
 
 
 # ---- the full model ----------------------------------------------------------------------------
@@ -858,8 +923,8 @@ def main(argv=None):
     ap.add_argument("--budget-s", type=float, default=540.0,
                     help="wall-clock budget; configurations that would not fit are reported as skipped")
     ap.add_argument("--no-kernels", action="store_true", help="skip the kernels-alone section (= --kernels none)")
-    ap.add_argument("--kernels", choices=("all", "attention", "none"), default="all",
-                    help="kernels-alone sections to run: all, attention only (sparse kernel + SSAR refresh pieces), none")
+    ap.add_argument("--kernels", choices=("all", "attention", "linears", "none"), default="all",
+                    help="kernels-alone sections to run: all, attention only (sparse kernel + SSAR refresh pieces), linears only (GEMMs, linears, activation quantization), none")
     ap.add_argument("--no-fuse", action="store_true", help="run the model's small ops eagerly only")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -888,7 +953,7 @@ def main(argv=None):
         rep.note(f"correctness checks raised {type(e).__name__}: {e}")
         traceback.print_exc()
     rep.save()
-    sections = {"all": ("attention", "linears"), "attention": ("attention",), "none": ()}[
+    sections = {"all": ("attention", "linears"), "attention": ("attention",), "linears": ("linears",), "none": ()}[
         "none" if args.no_kernels else args.kernels]
     for name, fn, a in (("attention", bench_attention, (rep, mods["sparse_attention"])),
                         ("linears", bench_linears, (rep, mods["act_quant"], mods["int_gemm"]))):

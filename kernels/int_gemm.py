@@ -17,8 +17,9 @@ weight into a transient int8 [N, K] buffer (N*K bytes, ~1% of the GEMM's time) a
 runs; the stored weight stays 4-bit. Small M ("fused") unpacks inside the GEMM, where bytes matter.
 
 Kernels: for M >= TMA_MIN_M on Hopper a persistent kernel with TMA tile loads and hand-picked tiles
-(TMA_CONFIGS) runs: 1.47-1.68x bf16 torch.matmul at the six HunyuanVideo shapes on H100 (vs 1.31-1.49x
-for the autotuned pointer kernel, which serves small M, older GPUs and the CPU interpreter).
+and epilogues (TMA_CONFIGS) runs: 1.42-1.60x bf16 F.linear at the six HunyuanVideo shapes on H100 in
+the sweep that picked them (the autotuned pointer kernel serves small M, older GPUs and the CPU
+interpreter). The 8-bit MMA rate bounds it: cuBLAS fp8 (torch._scaled_mm) measures 1.31-1.49x.
 """
 from __future__ import annotations
 
@@ -154,52 +155,107 @@ SEPARATE_MIN_M = 1024  # at or above this many rows, 4-bit weights are expanded 
 
 
 @triton.jit
-def _int_gemm_tma_kernel(a_desc, b_desc, sa_ptr, sb_ptr, bias_ptr, c_ptr, M, N, K, stride_cm,
+def _tma_tile_coords(tile, num_m, num_n, GROUP_M: tl.constexpr):
+    """Grouped order: GROUP_M row-tiles share each weight tile while it is in L2."""
+    group = GROUP_M * num_n
+    first_m = (tile // group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (tile % group) % size_m, (tile % group) // size_m
+
+
+@triton.jit
+def _scaled_tile(acc, offs_m, offs_n, M, N, sa_ptr, sb_ptr, bias_ptr, HAS_BIAS: tl.constexpr):
+    """int32 tile -> fp32 with the per-token x per-channel scales (+ bias), as _epilogue computes it."""
+    sa = tl.load(sa_ptr + offs_m, mask=offs_m < M, other=0.0)
+    sb = tl.load(sb_ptr + offs_n, mask=offs_n < N, other=0.0)
+    y = acc.to(tl.float32) * sa[:, None] * sb[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
+    return y
+
+
+@triton.jit
+def _int_gemm_tma_kernel(a_desc, b_desc, c_desc, sa_ptr, sb_ptr, bias_ptr, c_ptr, M, N, K, stride_cm,
                          HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_PROGS: tl.constexpr):
+                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_PROGS: tl.constexpr,
+                         TMA_STORE: tl.constexpr, SUBTILE: tl.constexpr, FLATTEN: tl.constexpr,
+                         WARP_SPEC: tl.constexpr):
     """Persistent W8A8 variant: TMA tile loads (out-of-bounds rows read as zero), one program per SM
-    walking the output tiles in grouped order."""
+    walking the output tiles in grouped order. TMA_STORE: the output tile leaves through a TMA store
+    (asynchronous, rows past M clipped by the hardware) instead of masked pointer stores; SUBTILE: in
+    two [BLOCK_M, BLOCK_N / 2] halves (half the staging shared memory). FLATTEN / WARP_SPEC: Triton's
+    loop flattening (the next tile's loads pipeline under this tile's epilogue) / warp specialization."""
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
-    group = GROUP_M * num_n
-    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGS):
-        first_m = (tile // group) * GROUP_M
-        size_m = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (tile % group) % size_m
-        pid_n = (tile % group) // size_m
+    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGS, flatten=FLATTEN, warp_specialize=WARP_SPEC):
+        pid_m, pid_n = _tma_tile_coords(tile, num_m, num_n, GROUP_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         for kt in range(k_tiles):
             a = a_desc.load([pid_m * BLOCK_M, kt * BLOCK_K])
             b = b_desc.load([pid_n * BLOCK_N, kt * BLOCK_K])
             acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        _epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sb_ptr, bias_ptr, c_ptr, stride_cm, HAS_BIAS)
+        if TMA_STORE:
+            if SUBTILE:
+                HALF_N: tl.constexpr = BLOCK_N // 2
+                acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF_N)), (0, 2, 1)))
+                offs_n = pid_n * BLOCK_N + tl.arange(0, HALF_N)
+                y0 = _scaled_tile(acc0, offs_m, offs_n, M, N, sa_ptr, sb_ptr, bias_ptr, HAS_BIAS)
+                c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], y0.to(c_desc.dtype))
+                y1 = _scaled_tile(acc1, offs_m, offs_n + HALF_N, M, N, sa_ptr, sb_ptr, bias_ptr, HAS_BIAS)
+                c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N + HALF_N], y1.to(c_desc.dtype))
+            else:
+                offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+                y = _scaled_tile(acc, offs_m, offs_n, M, N, sa_ptr, sb_ptr, bias_ptr, HAS_BIAS)
+                c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], y.to(c_desc.dtype))
+        else:
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            _epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sb_ptr, bias_ptr, c_ptr, stride_cm, HAS_BIAS)
 
 
-# Hand-picked persistent-TMA tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) measured on H100 at
-# M = 119,056 (benchmarks/dev_quant_kernels.py, 2026-11-25): 1.47-1.68x bf16 torch.matmul.
+# Persistent-TMA launches: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages[, options]) where options is a
+# "+"-joined subset of TMA_OPTIONS. Picked on H100 at M = 119,056 from two sweeps of
+# benchmarks/dev_kernel_sweep.py --parts gemm (2026-11-25, docs/BENCHMARKS.md run 6; speed-up vs bf16
+# F.linear, interleaved timing, run-to-run noise ~5%): the TMA-store epilogue in halves with a
+# flattened tile loop at K = 3072 (qkv 1.36 -> 1.42-1.46x, proj 1.35 -> 1.46-1.48x), and 4 stages
+# with a flattened loop for fc1 / fc2 / linear1 / linear2 (1.44 / 1.57 / 1.52 / 1.60x in the second).
+TMA_OPTIONS = ("store", "subtile", "flatten", "ws")
 TMA_CONFIGS = {
-    (3072, 9216): (256, 128, 128, 8, 3),     # qkv        5.97 ms
-    (3072, 3072): (256, 128, 128, 8, 3),     # proj       1.99 ms
-    (3072, 12288): (128, 256, 128, 8, 3),    # mlp up     8.10 ms
-    (12288, 3072): (128, 256, 128, 8, 3),    # mlp down   7.03 ms
-    (3072, 21504): (256, 128, 128, 8, 3),    # linear1   14.17 ms
-    (15360, 3072): (128, 256, 128, 8, 3),    # linear2    9.04 ms
+    (3072, 9216): (256, 128, 128, 8, 3, "store+subtile+flatten"),    # qkv
+    (3072, 3072): (128, 256, 128, 8, 3, "store+subtile+flatten"),    # proj
+    (3072, 12288): (256, 128, 128, 8, 4, "flatten"),                 # mlp fc1
+    (12288, 3072): (256, 128, 128, 8, 4, "flatten"),                 # mlp fc2
+    (3072, 21504): (256, 128, 128, 8, 4, "flatten"),                 # single linear1
+    (15360, 3072): (256, 128, 128, 8, 4, "flatten"),                 # single linear2
 }
 TMA_MIN_M = 8192  # persistent tiles pay off once there are many output tiles per SM
 
 
 def _tma_config(K: int, N: int) -> tuple:
-    return TMA_CONFIGS.get((K, N), (128, 256, 128, 8, 3) if K >= 8192 else (256, 128, 128, 8, 3))
+    return TMA_CONFIGS.get((K, N), (256, 128, 128, 8, 4, "flatten") if K >= 8192 or N >= 12288
+                           else (256, 128, 128, 8, 3, "store+subtile+flatten"))
+
+
+def _tma_options(tile: tuple) -> set:
+    opts = set(o for o in (tile[5].split("+") if len(tile) > 5 and tile[5] else ()) if o)
+    unknown = opts - set(TMA_OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown TMA tile options {sorted(unknown)}; use a '+'-joined subset of {TMA_OPTIONS}")
+    if "subtile" in opts and "store" not in opts:
+        raise ValueError("TMA tile option 'subtile' needs 'store' (it splits the TMA store)")
+    return opts
 
 
 def _use_tma(a: torch.Tensor, w: "PreparedWeight", tile: tuple | None) -> bool:
-    """Hopper or newer, big M, 16-byte aligned rows (TMA's rules), not the CPU interpreter."""
-    if not a.is_cuda or dispatch.interpreting() or w.w_bits == 4:
+    """Hopper or newer, big M, 16-byte aligned rows (TMA's rules). In the CPU interpreter only when a
+    tile is given (tests of the kernel's logic at small shapes)."""
+    if w.w_bits == 4:
         return False
-    if torch.cuda.get_device_capability(a.device) < (9, 0):
+    if dispatch.interpreting():
+        if tile is None:
+            return False
+    elif not a.is_cuda or torch.cuda.get_device_capability(a.device) < (9, 0):
         return False
     K = a.shape[1]
     return (tile is not None or a.shape[0] >= TMA_MIN_M) and K % 16 == 0 and a.stride(0) % 16 == 0 \
@@ -208,16 +264,21 @@ def _use_tma(a: torch.Tensor, w: "PreparedWeight", tile: tuple | None) -> bool:
 
 def _launch_tma(a, sa, w, bias, c, tile):
     from triton.tools.tensor_descriptor import TensorDescriptor
-    bm, bn, bk, warps, stages = tile
+    bm, bn, bk, warps, stages = tile[:5]
+    opts = _tma_options(tile)
     M, K = a.shape
     N = w.out_features
     a_desc = TensorDescriptor.from_tensor(a, [bm, bk])
     b_desc = TensorDescriptor.from_tensor(w.data, [bn, bk])
+    store = "store" in opts and (N * c.element_size()) % 16 == 0 and c.data_ptr() % 16 == 0
+    c_desc = TensorDescriptor.from_tensor(c, [bm, bn // 2 if "subtile" in opts else bn]) if store else a_desc
     sms = torch.cuda.get_device_properties(a.device).multi_processor_count if a.is_cuda else 4
     progs = min(sms, triton.cdiv(M, bm) * triton.cdiv(N, bn))
-    _int_gemm_tma_kernel[(progs,)](a_desc, b_desc, sa, w.scale, bias if bias is not None else w.scale, c,
+    _int_gemm_tma_kernel[(progs,)](a_desc, b_desc, c_desc, sa, w.scale, bias if bias is not None else w.scale, c,
                                    M, N, K, c.stride(0), HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn,
-                                   BLOCK_K=bk, GROUP_M=8, NUM_PROGS=progs, num_warps=warps, num_stages=stages)
+                                   BLOCK_K=bk, GROUP_M=8, NUM_PROGS=progs, TMA_STORE=store,
+                                   SUBTILE=store and "subtile" in opts, FLATTEN="flatten" in opts,
+                                   WARP_SPEC="ws" in opts, num_warps=warps, num_stages=stages)
 
 
 def _cfg(bm, bn, bk, warps, stages, group=8):
@@ -246,7 +307,7 @@ def int_gemm(a: torch.Tensor, sa: torch.Tensor, w: PreparedWeight, bias: torch.T
     """a int8 [M, K] codes, sa fp32 [M, 1] per-token scales, w from prepare_weight -> [M, N] out_dtype.
 
     Large M on Hopper (8/6-bit, or 4-bit expanded): persistent TMA kernel, tiles from TMA_CONFIGS
-    (tma_tile=(BM, BN, BK, warps, stages) overrides). Otherwise the pointer kernel, autotuned, or
+    (tma_tile=(BM, BN, BK, warps, stages[, "+"-joined TMA_OPTIONS]) overrides). Otherwise the pointer kernel, autotuned, or
     config: a fixed {BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages}.
     unpack (4-bit only): "fused" in the GEMM, "separate" to a transient int8 buffer, "auto" by M.
     """

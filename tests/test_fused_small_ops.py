@@ -93,3 +93,82 @@ def test_compiled_groups_equal_eager(rng):
     model.fuse_small_ops(False)
     assert model.double_blocks[0].ops is None
     torch.testing.assert_close(fused, eager, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rotation", [None, "hadamard"])
+def test_producer_quantized_inputs_equal_separate_quantization(rng, monkeypatch, rotation):
+    """A W4A8 model (smoothing on) whose producers quantize for the next linear (kernels.producer_quant)
+    gives the output of the same model quantizing in kernels.act_quant, on the Triton path (CPU
+    interpreter here, fp32). Every block linear but the attention output projection takes the
+    producer's codes; with a rotation (not fused) none does."""
+    from kernels import dispatch
+    from quantsparse_core.quant.linear import QuantLinear
+    from quantsparse_core.quant.policy import default_policy, quantize_model
+    cfg = get_preset("test")
+    model = randomize(HunyuanVideoDiT(cfg), rng).eval()
+    quantize_model(model, default_policy(model), smooth=True, rotation=rotation)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, QuantLinear):
+                if mod.log_smooth is not None:
+                    mod.log_smooth.copy_(torch.randn(mod.in_features, generator=rng) * 0.3)
+                mod.a_clip.fill_(0.9)
+                mod.freeze()
+    x, ctx, y, mask = inputs(cfg, rng)
+    args = (x, torch.tensor([640.0]), ctx, y, torch.tensor([6.0]))
+    calls = []
+    real = QuantLinear._forward_quantized
+    monkeypatch.setattr(QuantLinear, "_forward_quantized", lambda self, q: calls.append(q) or real(self, q))
+    with torch.no_grad(), dispatch.forced("triton"):
+        separate = model.fuse_small_ops(compile=False, quantize_inputs=False)(*args, attention_mask=mask)
+        assert not calls
+        fused = model.fuse_small_ops(compile=False)(*args, attention_mask=mask)
+    model.fuse_small_ops(False)
+    assert len(calls) == (0 if rotation else 2 * 3 * cfg.depth_double + 2 * cfg.depth_single)
+    assert torch.isfinite(fused).all() and fused.abs().max() > 0
+    # fp32: the producer kernels' LayerNorm / GELU differ from PyTorch's in the last bits, which can
+    # move a rare code by one step; the output moves far less than W4A8's own error (~1e-2)
+    assert float((fused - separate).norm() / separate.norm()) < 1e-3
+
+
+def test_quantized_input_gives_the_layer_output_on_both_paths(rng):
+    """QuantLinear(QuantizedInput of x) == QuantLinear(x), through int_gemm (interpreter) and the
+    PyTorch integer GEMM alike, against a float64 dequantized product."""
+    from kernels import dispatch
+    from kernels.act_quant_ref import act_quant_ref
+    from quantsparse_core.quant.linear import QuantizedInput, QuantLinear
+    from quantsparse_core.quant.packing import unpack_int4
+    lin = torch.nn.Linear(96, 40)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(40, 96, generator=rng) * 0.1)
+    layer = QuantLinear(lin, 4, 8, smooth=True)
+    with torch.no_grad():
+        layer.log_smooth.copy_(torch.randn(96, generator=rng) * 0.3)
+        layer.a_clip.fill_(0.85)
+    layer.freeze()
+    x = torch.randn(2, 7, 96, generator=rng)
+    codes, s = act_quant_ref(x, 8, torch.exp(-layer.log_smooth), 0.85)
+    q = QuantizedInput(codes, s, (2, 7), torch.float32)
+    ref = ((codes.double() @ unpack_int4(layer.w_packed).double().t()) * s.double() * layer.w_scale.double().t()
+           + layer.bias.double()).reshape(2, 7, 40)
+    with torch.no_grad():
+        for mode in ("torch", "triton"):
+            with dispatch.forced(mode):
+                got, plain = layer(q), layer(x)
+            assert got.shape == (2, 7, 40)
+            torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_quantized_input_is_refused_where_it_cannot_apply(rng):
+    from quantsparse_core.quant.linear import QuantizedInput, QuantLinear
+    lin = torch.nn.Linear(64, 32)
+    q = QuantizedInput(torch.ones(3, 64, dtype=torch.int8), torch.ones(3, 1), (3,), torch.float32)
+    with pytest.raises(ValueError, match="frozen layer"):
+        QuantLinear(lin, 4, 8)(q)  # fake mode (calibration)
+    with pytest.raises(ValueError, match="frozen layer"):
+        QuantLinear(lin, 4, 8, rotation="hadamard").freeze()(q)
+    with pytest.raises(ValueError, match="K=48"):
+        QuantLinear(lin, 4, 8).freeze()(QuantizedInput(torch.ones(3, 48, dtype=torch.int8), torch.ones(3, 1), (3,),
+                                                       torch.float32))
+    assert QuantLinear(lin, 4, 8).freeze().input_quant_spec(torch.randn(3, 64)) is None  # CPU, no kernels

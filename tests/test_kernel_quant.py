@@ -126,9 +126,10 @@ def test_int_gemm_matches_exact_reference(rng, bits, unpack):
         assert err < tol, (M, K, N, float(err))
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_persistent_tma_gemm_matches_exact_reference(rng, bits):
-    """The large-M Hopper kernel (TMA tile loads, persistent tile loop), run at small tiles."""
+@pytest.mark.parametrize("bits,opts", [(8, ""), (4, ""), (8, "store"), (8, "store+subtile+flatten"), (4, "flatten")])
+def test_persistent_tma_gemm_matches_exact_reference(rng, bits, opts):
+    """The large-M Hopper kernel (TMA tile loads, persistent tile loop; TMA_OPTIONS: TMA-store epilogue,
+    split in halves, flattened loop), run at small tiles, a partial last row tile included."""
     M, K, N = 37, 96, 80
     a = torch.randint(-127, 128, (M, K), generator=rng, dtype=torch.int8)
     sa = torch.rand(M, 1, generator=rng) * 0.01 + 1e-3
@@ -139,9 +140,21 @@ def test_persistent_tma_gemm_matches_exact_reference(rng, bits):
     if bits == 4:
         w = unpack_prepared_w4(w)
     c = torch.full((M, N), float("nan"))
-    _launch_tma(a, sa.reshape(M), w, b, c, (32, 32, 32, 4, 2))
+    _launch_tma(a, sa.reshape(M), w, b, c, (32, 32, 32, 4, 2, opts))
     ref = int_gemm_ref(a, sa, stored, sw, bits, b, torch.float64)
     assert ((c.double() - ref).abs().max() / ref.abs().max()) < 1e-6
+    c16 = torch.full((M, N), float("nan"), dtype=torch.bfloat16)   # the dtype the model runs in
+    _launch_tma(a, sa.reshape(M), w, b, c16, (32, 32, 32, 4, 2, opts))
+    assert ((c16.double() - ref).abs().max() / ref.abs().max()) < 8e-3  # bf16 output rounding
+
+
+def test_tma_tile_options_are_checked():
+    w = prepare_weight(torch.ones(32, 32, dtype=torch.int8), 8, torch.ones(32, 1))
+    a, sa, c = torch.ones(32, 32, dtype=torch.int8), torch.ones(32), torch.empty(32, 32)
+    with pytest.raises(ValueError, match="unknown TMA tile options"):
+        _launch_tma(a, sa, w, None, c, (32, 32, 32, 4, 2, "store+fast"))
+    with pytest.raises(ValueError, match="'subtile' needs 'store'"):
+        _launch_tma(a, sa, w, None, c, (32, 32, 32, 4, 2, "subtile"))
 
 
 def test_int_gemm_overwrites_poisoned_output(rng, monkeypatch):

@@ -44,6 +44,25 @@ def test_int_gemm_on_gpu_equals_exact_reference(rng, bits, m):
     assert torch.isfinite(y).all() and rel(y.cpu(), ref) < 1e-6
 
 
+@pytest.mark.parametrize("tile", [None, (256, 128, 128, 8, 3, "store"), (256, 128, 128, 8, 3, "store+subtile+flatten"),
+                                  (128, 256, 128, 8, 3, "store+subtile")])
+def test_persistent_tma_gemm_on_gpu(rng, tile):
+    """The large-M path (M >= TMA_MIN_M, odd M: a partial last row tile), bf16 out as the model runs it,
+    default tiles and the TMA-store epilogues, against the exact float64 reference."""
+    from kernels.int_gemm import TMA_MIN_M, int_gemm, prepare_weight
+    from kernels.int_gemm_ref import int_gemm_ref
+    m, k, n = TMA_MIN_M + 1001, 3072, 1280
+    a = torch.randint(-127, 128, (m, k), generator=rng, dtype=torch.int8)
+    sa = torch.rand(m, 1, generator=rng) * 1e-3 + 1e-4
+    sw = torch.rand(n, 1, generator=rng) * 1e-3 + 1e-4
+    codes = torch.randint(-127, 128, (n, k), generator=rng, dtype=torch.int8)
+    bias = torch.randn(n, generator=rng)
+    w = prepare_weight(codes.to(DEV), 8, sw.to(DEV))
+    y = int_gemm(a.to(DEV), sa.to(DEV), w, bias.to(DEV), out_dtype=torch.bfloat16, tma_tile=tile)
+    ref = int_gemm_ref(a, sa, codes, sw, 8, bias, torch.float64)
+    assert torch.isfinite(y).all() and rel(y.cpu(), ref) < 4e-3  # bf16 output rounding (2^-9 relative)
+
+
 @pytest.mark.parametrize("rotation", [None, "hadamard"])
 def test_quant_linear_triton_path_on_gpu_equals_torch_path(rng, rotation):
     from kernels import dispatch
@@ -91,3 +110,28 @@ def test_sparse_attention_on_gpu_equals_float64(rng, inference):
                                      perm=temporal_permutation(txt, grid), permuted_heads=[k == "temporal" for k in kinds],
                                      correction=corr)
     assert out.dtype == torch.bfloat16 and rel(out.cpu(), ref) < 1e-2
+
+
+def test_producer_quant_on_gpu_equals_reference(rng):
+    """kernels.producer_quant at HunyuanVideo widths (C = 3072, GELU 12288, [attention | GELU] 15360),
+    bf16, against its PyTorch reference: codes at most one step apart on at most 0.1% of entries."""
+    from kernels.producer_quant import gelu_quant, norm_modulate_quant
+    from kernels.producer_quant_ref import gelu_quant_ref, norm_modulate_quant_ref
+    m, c = 4099, 3072
+    bf = dict(device=DEV, dtype=torch.bfloat16)
+    x, y = ((torch.randn(1, m, c, generator=rng) * 2).to(**bf) for _ in range(2))
+    shift, scale, gate = ((torch.randn(1, 1, c, generator=rng) * 0.3).to(**bf) for _ in range(3))
+    lin1 = torch.randn(1, m, 3 * c + 4 * c, generator=rng).to(**bf)
+    hid = lin1[..., 3 * c:]                                   # the single block's strided split
+    inv = (torch.rand(5 * c, generator=rng) + 0.5).to(DEV)
+    xo, *a = norm_modulate_quant(x, shift, scale, inv[:c], 0.9, 8, residual=y, gate=gate)
+    xr, *ar = norm_modulate_quant_ref(x, shift, scale, inv[:c], 0.9, 8, residual=y, gate=gate)
+    assert rel(xo, xr) < 1e-3
+    cases = ((a, ar), (norm_modulate_quant(x, shift, scale, None, 1.0, 8)[1:],
+                       norm_modulate_quant_ref(x, shift, scale, None, 1.0, 8)[1:]),
+             (gelu_quant(hid, inv[:4 * c], 0.9, 8), gelu_quant_ref(hid, inv[:4 * c], 0.9, 8)),
+             (gelu_quant(hid, inv, 0.9, 6, prefix=x), gelu_quant_ref(hid, inv, 0.9, 6, prefix=x)))
+    for (codes, s), (rc, rs) in cases:
+        diff = (codes.int() - rc.int()).abs()
+        assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
+        assert rel(s, rs) < 2e-4  # a row whose largest entry rounds the other way moves its scale by 2^-8

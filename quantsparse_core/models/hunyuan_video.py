@@ -48,15 +48,19 @@ class HunyuanVideoDiT(nn.Module):
         finally:
             self.attention_fn = old
 
-    def fuse_small_ops(self, enable: bool = True, compile: bool = True) -> "HunyuanVideoDiT":
+    def fuse_small_ops(self, enable: bool = True, compile: bool = True,
+                       quantize_inputs: bool = True) -> "HunyuanVideoDiT":
         """Opt in to grouped small ops in the double and single blocks (layers.SmallOps): norm +
         modulation, q/k norm + RoPE, gated residuals, GELU + concat, each group torch.compile'd into
         few kernels (compile=False runs the same grouping eagerly). Attention and linears stay
         outside the compiled regions, so attention hooks and QuantLinear work unchanged.
+        quantize_inputs: where the next linear is a QuantLinear on the kernel path (no rotation), the
+        group also quantizes its output for it (qkv, MLP fc1/fc2, single linear1/linear2 inputs), so
+        no separate activation-quantization pass runs; the attention output projection keeps it.
         Off by default: the eager path is the one proven equal to ComfyUI."""
         ops = small_ops(compile) if enable else None
         for block in (*self.double_blocks, *self.single_blocks):
-            block.ops = ops
+            block.ops, block.quantize_inputs = ops, bool(enable and quantize_inputs)
         return self
 
     def token_grid(self, x: torch.Tensor) -> tuple:

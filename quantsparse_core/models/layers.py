@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernel_link import kernel_module
+from ..quant.linear import QuantizedInput
 from .attention import AttentionCall
 
 
@@ -151,6 +153,52 @@ def concat_gelu(attn_out, hid):
     return torch.cat((attn_out, F.gelu(hid, approximate="tanh")), dim=2)
 
 
+# ---- the same groups ending in the next linear's activation quantization ----------------------------
+# When the consumer is a QuantLinear on the kernel path (QuantLinear.input_quant_spec), the group runs
+# as a kernels.producer_quant Triton kernel that emits the consumer's per-token int8 codes + scales
+# (QuantLinear's real-mode math: smoothing, clipped absmax, round half to even) instead of bf16, so no
+# separate quantization pass reads the activation back. spec = (inv_smooth or None, clip, bits).
+# (torch.compile'd versions of these groups measured 1.6-3x slower than the bf16 group + act_quant on
+# an H100; benchmarks/gpu_benchmark.py times the kernels.)
+
+def _producers():
+    return kernel_module("producer_quant")
+
+
+def norm_modulate_q(x, shift, scale, inv_smooth, clip, bits: int):
+    return _producers().norm_modulate_quant(x, shift, scale, inv_smooth, clip, bits)[1:]
+
+
+def gated_residual_norm_modulate_q(x, y, gate, shift, scale, inv_smooth, clip, bits: int):
+    """(x + y * gate, and the codes + scales of its modulated LayerNorm)."""
+    return _producers().norm_modulate_quant(x, shift, scale, inv_smooth, clip, bits, residual=y, gate=gate)
+
+
+def gelu_q(hid, inv_smooth, clip, bits: int):
+    """The double blocks' MLP activation (GELU-tanh) quantized for fc2."""
+    return _producers().gelu_quant(hid, inv_smooth, clip, bits)
+
+
+def concat_gelu_q(attn_out, hid, inv_smooth, clip, bits: int):
+    """[attention output | GELU-tanh(hid)] quantized for the single block's linear2."""
+    return _producers().gelu_quant(hid, inv_smooth, clip, bits, prefix=attn_out)
+
+
+def _spec(linear, x, row_limit: bool = False):
+    """The consumer's input quantization (QuantLinear.input_quant_spec), or None for a plain input
+    (also when the row is too wide for the one-pass LayerNorm kernel: row_limit)."""
+    spec = getattr(linear, "input_quant_spec", None)
+    if spec is None or _producers() is None:
+        return None
+    if row_limit and x.shape[-1] > _producers().MAX_ONEPASS_K:
+        return None
+    return spec(x)
+
+
+def _as_input(codes_scale, like):
+    return QuantizedInput(codes_scale[0], codes_scale[1], tuple(like.shape[:-1]), like.dtype)
+
+
 class SmallOps:
     """The fusable groups as plain functions (compile=False) or torch.compile'd ones."""
 
@@ -178,6 +226,15 @@ def small_ops(compile: bool = True) -> SmallOps:
     return _SMALL_OPS[compile]
 
 
+def _norm_modulate_for(block, linear, x, shift, scale):
+    """The modulated LayerNorm of x as `linear` wants it: bf16, or already quantized for it."""
+    ops = block.ops
+    spec = _spec(linear, x, row_limit=True) if block.quantize_inputs else None
+    if spec is None:
+        return ops.norm_modulate(x, shift, scale)
+    return _as_input(norm_modulate_q(x, shift, scale, *spec), x)
+
+
 class DoubleStreamBlock(nn.Module):
     """Separate weights for text and video tokens, one joint attention over [text, video]."""
 
@@ -192,6 +249,7 @@ class DoubleStreamBlock(nn.Module):
             setattr(self, f"{s}_norm2", _no_affine_ln(hidden, **kw))
             setattr(self, f"{s}_mlp", mlp(hidden, mlp_hidden, nn.GELU(approximate="tanh"), **kw))
         self.ops = None  # SmallOps after HunyuanVideoDiT.fuse_small_ops(); None = eager
+        self.quantize_inputs = False  # fused path: groups quantize for the next QuantLinear (fuse_small_ops)
 
     def _qkv(self, stream, x, shift, scale):
         attn = getattr(self, f"{stream}_attn")
@@ -229,16 +287,26 @@ class DoubleStreamBlock(nn.Module):
         img, txt = img.contiguous(), txt.contiguous()
         img_mod, txt_mod = self.img_mod(vec), self.txt_mod(vec)
         ia, ta = self.img_attn, self.txt_attn
-        i_qkv = ia.qkv(ops.norm_modulate(img, img_mod[0], img_mod[1]))
-        t_qkv = ta.qkv(ops.norm_modulate(txt, txt_mod[0], txt_mod[1]))
+        i_qkv = ia.qkv(_norm_modulate_for(self, ia.qkv, img, img_mod[0], img_mod[1]))
+        t_qkv = ta.qkv(_norm_modulate_for(self, ta.qkv, txt, txt_mod[0], txt_mod[1]))
         q, k, v = ops.double_qkv(t_qkv, i_qkv, self.heads, ta.norm.query_norm.weight, ta.norm.key_norm.weight,
                                  ia.norm.query_norm.weight, ia.norm.key_norm.weight, rope)
         out = attention_fn(q, k, v, mask, call)
         n_txt = txt.shape[1]
         streams = []
         for stream, x, o, mod in (("img", img, out[:, n_txt:], img_mod), ("txt", txt, out[:, :n_txt], txt_mod)):
-            x, h = ops.gated_residual_norm_modulate(x, getattr(self, f"{stream}_attn").proj(o), mod[2], mod[3], mod[4])
-            streams.append(ops.gated_residual(x, getattr(self, f"{stream}_mlp")(h), mod[5]))
+            fc1, act, fc2 = getattr(self, f"{stream}_mlp")
+            y = getattr(self, f"{stream}_attn").proj(o)
+            spec = _spec(fc1, x, row_limit=True) if self.quantize_inputs else None
+            if spec is None:
+                x, h = ops.gated_residual_norm_modulate(x, y, mod[2], mod[3], mod[4])
+            else:
+                x, *q = gated_residual_norm_modulate_q(x, y, mod[2], mod[3], mod[4], *spec)
+                h = _as_input(q, x)
+            hid = fc1(h)
+            spec = _spec(fc2, hid) if self.quantize_inputs else None
+            z = act(hid) if spec is None else _as_input(gelu_q(hid, *spec), hid)
+            streams.append(ops.gated_residual(x, fc2(z), mod[5]))
         img, txt = streams
         if txt.dtype == torch.float16:
             txt = torch.nan_to_num(txt, nan=0.0, posinf=65504, neginf=-65504)
@@ -259,6 +327,7 @@ class SingleStreamBlock(nn.Module):
         self.modulation = Modulation(hidden, 3, **kw)
         self.mlp_act = nn.GELU(approximate="tanh")
         self.ops = None  # SmallOps after HunyuanVideoDiT.fuse_small_ops(); None = eager
+        self.quantize_inputs = False  # fused path: groups quantize for the next QuantLinear (fuse_small_ops)
 
     def forward(self, x, vec, rope, mask, attention_fn, call: AttentionCall):
         if self.ops is not None:
@@ -278,10 +347,13 @@ class SingleStreamBlock(nn.Module):
         """forward() with the small ops grouped into SmallOps calls (same math)."""
         ops = self.ops
         shift, scale, gate = self.modulation(vec)
-        qkv, hid = self.linear1(ops.norm_modulate(x, shift, scale)).split([3 * self.hidden, self.mlp_hidden], dim=-1)
+        h = _norm_modulate_for(self, self.linear1, x, shift, scale)
+        qkv, hid = self.linear1(h).split([3 * self.hidden, self.mlp_hidden], dim=-1)
         q, k, v = ops.single_qkv(qkv, self.heads, self.norm.query_norm.weight, self.norm.key_norm.weight, rope)
         out = attention_fn(q, k, v, mask, call)
-        x = ops.gated_residual(x, self.linear2(ops.concat_gelu(out, hid)), gate)
+        spec = _spec(self.linear2, hid) if self.quantize_inputs else None
+        z = ops.concat_gelu(out, hid) if spec is None else _as_input(concat_gelu_q(out, hid, *spec), out)
+        x = ops.gated_residual(x, self.linear2(z), gate)
         if x.dtype == torch.float16:
             x = torch.nan_to_num(x, nan=0.0, posinf=65504, neginf=-65504)
         return x

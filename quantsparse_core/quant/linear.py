@@ -12,6 +12,8 @@ scales and bias in the epilogue). The kernel weight layout is made once, on the 
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,6 +27,16 @@ CLIP_MIN = 0.2  # never clip more than 80% of a row's range
 
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class QuantizedInput(NamedTuple):
+    """A QuantLinear input already quantized by its producer (e.g. a compiled norm + modulation group
+    that emits int8 codes instead of bf16, so no separate quantization pass reads it again).
+    codes int8 [M, K], scale fp32 [M, 1], lead: the input's leading dims, dtype: the output dtype."""
+    codes: torch.Tensor
+    scale: torch.Tensor
+    lead: tuple
+    dtype: torch.dtype
 
 
 def _kernels_on(device: torch.device) -> bool:
@@ -91,6 +103,8 @@ class QuantLinear(nn.Module):
 
     # -- modes ------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, QuantizedInput):
+            return self._forward_quantized(x)
         if self.mode == "real" and self.a_bits < 16 and x.dtype in _KERNEL_DTYPES and _kernels_on(x.device):
             return self._triton_forward(x)  # fused: no fp32 copy of x is made
         dtype = x.dtype
@@ -101,16 +115,44 @@ class QuantLinear(nn.Module):
             if self.a_bits < 16:
                 xt = fake_quant(xt, self._act_scale(xt), self.a_bits)
             return F.linear(xt, w, self.bias).to(dtype)
-        codes = unpack_int4(self.w_packed) if self.w_bits == 4 else self.w_packed
         if self.a_bits < 16:
             sx = self._act_scale(xt)
-            xq = quantize(xt, sx, self.a_bits).float()
-            y = (xq @ codes.float().t()) * sx * self.w_scale.t()    # integer GEMM, scales in the epilogue
-        else:
-            y = xt @ (codes.float() * self.w_scale).t()
+            return self._int_gemm_torch(quantize(xt, sx, self.a_bits), sx).to(dtype)
+        codes = unpack_int4(self.w_packed) if self.w_bits == 4 else self.w_packed
+        y = xt @ (codes.float() * self.w_scale).t()
         if self.bias is not None:
             y = y + self.bias
         return y.to(dtype)
+
+    def _int_gemm_torch(self, xq: torch.Tensor, sx: torch.Tensor) -> torch.Tensor:
+        """Integer GEMM of activation codes with the weight codes, scales (and bias) in the epilogue, fp32."""
+        codes = unpack_int4(self.w_packed) if self.w_bits == 4 else self.w_packed
+        y = (xq.float() @ codes.float().t()) * sx * self.w_scale.t()
+        return y if self.bias is None else y + self.bias
+
+    # -- inputs quantized by their producer ------------------------------------------------------------
+    def input_quant_spec(self, x: torch.Tensor) -> tuple | None:
+        """(inv_smooth or None, clip (float), a_bits) when a producer may hand this layer
+        a QuantizedInput for x instead of x: a frozen layer with quantized activations, no rotation (the
+        rotation stays in kernels.act_quant), on the kernel path. None otherwise: pass x as it is."""
+        if self.mode != "real" or self.a_bits >= 16 or self.rotation or x.dtype not in _KERNEL_DTYPES \
+                or not _kernels_on(x.device):
+            return None
+        st = self.prepare_kernels()
+        return st["inv_smooth"], st["clip"], self.a_bits
+
+    def _forward_quantized(self, q: QuantizedInput) -> torch.Tensor:
+        if self.mode != "real" or self.a_bits >= 16 or self.rotation:
+            raise ValueError(f"a QuantizedInput needs a frozen layer with quantized activations and no rotation; "
+                             f"this one is {self.extra_repr()}: pass the float input instead")
+        if q.codes.shape[-1] != self.in_features:
+            raise ValueError(f"QuantizedInput has K={q.codes.shape[-1]}, this layer takes {self.in_features}")
+        if q.dtype in _KERNEL_DTYPES and _kernels_on(q.codes.device):
+            st = self.prepare_kernels()
+            y = kernel_module("int_gemm").int_gemm(q.codes, q.scale, st["weight"], st["bias"], out_dtype=q.dtype)
+        else:
+            y = self._int_gemm_torch(q.codes, q.scale).to(q.dtype)
+        return y.reshape(*q.lead, self.out_features)
 
     # -- the Triton path (real mode, quantized activations) -----------------------------------------
     def _apply(self, fn, *args, **kwargs):

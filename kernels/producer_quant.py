@@ -1,0 +1,222 @@
+"""Activation quantization fused into the op that produces the activation (Triton).
+
+In a W4A8 block most quantized linears read the output of a small elementwise/row op: the modulated
+LayerNorm (qkv, linear1, and after the gated residual, MLP fc1), GELU (MLP fc2) and [attention
+output | GELU] (single-block linear2). Writing that output in bf16 and then quantizing it in
+kernels.act_quant reads it back from memory; these kernels compute the op and quantize its output per
+token in the same pass (smoothing and clip as act_quant), writing only int8 codes + fp32 scales (and,
+for the gated residual, the updated residual stream). The op's output is rounded to the model dtype
+before quantization, as the unfused model holds it; references in producer_quant_ref.
+
+- norm_modulate_quant: [x (+ y * gate)] -> LayerNorm (no affine, eps 1e-6) -> shift + h (1 + scale);
+  one pass with ROWS rows in registers (K <= MAX_ONEPASS_K).
+- gelu_quant: [prefix | GELU-tanh(hid)] (prefix optional): absmax pass, then codes pass re-reading the
+  rows from L2, CHUNK columns at a time (any K).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .act_quant import _codes
+
+MAX_ONEPASS_K = 4096
+_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _round_to_model_dtype(h, ROUND: tl.constexpr):
+    """fp32 -> the model dtype -> fp32, round to nearest even. ROUND: 0 fp32 (none), 1 bf16, 2 fp16.
+    bf16 by bit arithmetic: the CPU interpreter's float -> bf16 cast truncates."""
+    if ROUND == 1:
+        u = h.to(tl.uint32, bitcast=True)
+        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+        h = u.to(tl.float32, bitcast=True)
+    elif ROUND == 2:
+        h = h.to(tl.float16).to(tl.float32)
+    return h
+
+
+def _round_code(dtype: torch.dtype) -> int:
+    return {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[dtype]
+
+
+@triton.jit
+def _scale_inv(amax, clip, QMAX: tl.constexpr):
+    scale = tl.maximum(amax * clip, 1e-8) / QMAX
+    return scale, tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
+
+
+@triton.jit
+def _norm_modulate_quant_kernel(x_ptr, y_ptr, g_ptr, xo_ptr, sh_ptr, sc_ptr, s_ptr, q_ptr, scale_ptr, clip,
+                                M, K, L, stride_x, stride_y, stride_xo, stride_mod, eps,
+                                QMAX: tl.constexpr, RESIDUAL: tl.constexpr, HAS_SMOOTH: tl.constexpr,
+                                ROWS: tl.constexpr, BLOCK: tl.constexpr, ROUND: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    r_ok = rows < M
+    rows = rows.to(tl.int64)
+    b = rows // L                                   # batch of each row: its modulation vectors
+    cols = tl.arange(0, BLOCK)
+    c_ok = cols < K
+    m = r_ok[:, None] & c_ok[None, :]
+    dt = xo_ptr.dtype.element_ty
+    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    mod = b[:, None] * stride_mod + cols[None, :]
+    if RESIDUAL:
+        y = tl.load(y_ptr + rows[:, None] * stride_y + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        gate = tl.load(g_ptr + mod, mask=m, other=0.0).to(tl.float32)
+        x = _round_to_model_dtype(x + y * gate, ROUND)   # the residual stream, in the model dtype
+        tl.store(xo_ptr + rows[:, None] * stride_xo + cols[None, :], x.to(dt), mask=m)
+    mean = tl.sum(x, axis=1) / K
+    d = tl.where(m, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / K + eps)
+    shift = tl.load(sh_ptr + mod, mask=m, other=0.0).to(tl.float32)
+    scale1 = 1.0 + tl.load(sc_ptr + mod, mask=m, other=0.0).to(tl.float32)
+    h = _round_to_model_dtype(shift + d * rstd[:, None] * scale1, ROUND)  # the activation as the model holds it
+    if HAS_SMOOTH:
+        h = h * tl.load(s_ptr + cols, mask=c_ok, other=0.0)[None, :]
+    h = tl.where(m, h, 0.0)
+    scale, inv = _scale_inv(tl.max(tl.abs(h), axis=1), clip, QMAX)
+    tl.store(q_ptr + rows[:, None] * K + cols[None, :], _codes(h, scale[:, None], inv[:, None], QMAX, True), mask=m)
+    tl.store(scale_ptr + rows, scale, mask=r_ok)
+
+
+@triton.jit
+def _gelu_tanh(x):
+    """GELU, tanh approximation; tanh(u) = 1 - 2 / (1 + e^(2u)) (saturates correctly at +-inf)."""
+    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+    return 0.5 * x * (2.0 - 2.0 / (1.0 + tl.exp(2.0 * u)))
+
+
+@triton.jit
+def _segment(ptr, stride, rows, r_ok, k, offs, KSEG, s_ptr, s_off, GELU: tl.constexpr, HAS_SMOOTH: tl.constexpr,
+             ROUND: tl.constexpr):
+    """Columns [k, k + CHUNK) of one input segment: loaded, GELU'd if asked, rounded to the model
+    dtype, smoothed. Returns the fp32 tile and its mask."""
+    c_ok = offs < KSEG - k
+    m = r_ok[:, None] & c_ok[None, :]
+    v = tl.load(ptr + rows[:, None] * stride + (k + offs)[None, :], mask=m, other=0.0)
+    h = v.to(tl.float32)
+    if GELU:
+        h = _round_to_model_dtype(_gelu_tanh(h), ROUND)
+    if HAS_SMOOTH:
+        h = h * tl.load(s_ptr + s_off + k + offs, mask=c_ok, other=0.0)[None, :]
+    return tl.where(m, h, 0.0), m
+
+
+@triton.jit
+def _gelu_quant_kernel(a_ptr, b_ptr, s_ptr, q_ptr, scale_ptr, clip, M, KA, KB, stride_a, stride_b,
+                       QMAX: tl.constexpr, HAS_SMOOTH: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr,
+                       ROUND: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    r_ok = rows < M
+    rows = rows.to(tl.int64)
+    offs = tl.arange(0, CHUNK)
+    K = KA + KB
+    amax = tl.zeros((ROWS,), dtype=tl.float32)
+    for k in range(0, KA, CHUNK):
+        h, m = _segment(a_ptr, stride_a, rows, r_ok, k, offs, KA, s_ptr, 0, False, HAS_SMOOTH, ROUND)
+        amax = tl.maximum(amax, tl.max(tl.abs(h), axis=1))
+    for k in range(0, KB, CHUNK):
+        h, m = _segment(b_ptr, stride_b, rows, r_ok, k, offs, KB, s_ptr, KA, True, HAS_SMOOTH, ROUND)
+        amax = tl.maximum(amax, tl.max(tl.abs(h), axis=1))
+    scale, inv = _scale_inv(amax, clip, QMAX)
+    for k in range(0, KA, CHUNK):
+        h, m = _segment(a_ptr, stride_a, rows, r_ok, k, offs, KA, s_ptr, 0, False, HAS_SMOOTH, ROUND)
+        tl.store(q_ptr + rows[:, None] * K + (k + offs)[None, :], _codes(h, scale[:, None], inv[:, None], QMAX, True), mask=m)
+    for k in range(0, KB, CHUNK):
+        h, m = _segment(b_ptr, stride_b, rows, r_ok, k, offs, KB, s_ptr, KA, True, HAS_SMOOTH, ROUND)
+        tl.store(q_ptr + rows[:, None] * K + (KA + k + offs)[None, :],
+                 _codes(h, scale[:, None], inv[:, None], QMAX, True), mask=m)
+    tl.store(scale_ptr + rows, scale, mask=r_ok)
+
+
+def _rows2d(t: torch.Tensor, name: str) -> torch.Tensor:
+    """[..., K] -> [M, K] with unit column stride, without a copy when the layout allows."""
+    if t.dtype not in _FLOAT:
+        raise ValueError(f"{name} must be fp32/fp16/bf16, got {t.dtype}")
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _check_quant(bits, inv_smooth, K):
+    if bits not in (6, 8):
+        raise ValueError(f"activation bits must be 6 or 8, got {bits}")
+    if inv_smooth is not None and inv_smooth.shape != (K,):
+        raise ValueError(f"inv_smooth must have shape ({K},), got {tuple(inv_smooth.shape)}")
+
+
+def _mod_vector(v: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+    """A modulation vector [B, 1, C] (or [B, C]) as a contiguous [B, C] for x [B, L, C]."""
+    B, C = x.shape[0], x.shape[-1]
+    v2 = v.reshape(v.shape[0], -1)
+    if v2.shape != (B, C) and v2.shape != (1, C):
+        raise ValueError(f"{name} must be [B, 1, C] = [{B}, 1, {C}] for x {tuple(x.shape)}, got {tuple(v.shape)}")
+    return v2.expand(B, C).contiguous()
+
+
+def norm_modulate_quant(x, shift, scale, inv_smooth, clip, bits: int, residual=None, gate=None):
+    """LayerNorm(x') (1 + scale) + shift quantized per token, x' = x (+ residual * gate).
+
+    x, residual [B, L, C]; shift, scale, gate [B, 1, C]. Returns (x' or None, codes int8 [B*L, C],
+    scale fp32 [B*L, 1]); x' (the updated residual stream, x's dtype) only when residual is given."""
+    if x.dim() != 3:
+        raise ValueError(f"x must be [B, L, C], got {tuple(x.shape)}")
+    B, L, C = x.shape
+    if C > MAX_ONEPASS_K:
+        raise ValueError(f"norm_modulate_quant holds a row in registers: C <= {MAX_ONEPASS_K}, got {C}")
+    _check_quant(bits, inv_smooth, C)
+    if (residual is None) != (gate is None):
+        raise ValueError("give both residual and gate, or neither")
+    x2 = _rows2d(x, "x")
+    M = x2.shape[0]
+    codes = torch.empty((M, C), dtype=torch.int8, device=x.device)
+    qscale = torch.empty((M, 1), dtype=torch.float32, device=x.device)
+    xo = None
+    y2 = g = x2
+    if residual is not None:
+        if residual.shape != x.shape:
+            raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+        y2, g = _rows2d(residual, "residual"), _mod_vector(gate, x, "gate")
+        xo = torch.empty((B, L, C), dtype=x.dtype, device=x.device)
+    if M == 0:
+        return xo, codes, qscale
+    sh, sc = _mod_vector(shift, x, "shift"), _mod_vector(scale, x, "scale")
+    s = inv_smooth.float().contiguous() if inv_smooth is not None else qscale
+    block = max(16, triton.next_power_of_2(C))
+    rows = max(1, min(4, 4096 // block))
+    xo2 = xo.view(M, C) if xo is not None else x2
+    _norm_modulate_quant_kernel[(triton.cdiv(M, rows),)](
+        x2, y2, g, xo2, sh, sc, s, codes, qscale, float(clip), M, C, L, x2.stride(0), y2.stride(0), xo2.stride(0),
+        sh.stride(0), 1e-6, QMAX=2 ** (bits - 1) - 1, RESIDUAL=residual is not None, HAS_SMOOTH=inv_smooth is not None,
+        ROWS=rows, BLOCK=block, ROUND=_round_code(x.dtype), num_warps=4 if block <= 2048 else 8)
+    return xo, codes, qscale
+
+
+def gelu_quant(hid, inv_smooth, clip, bits: int, prefix=None):
+    """[prefix | GELU-tanh(hid)] quantized per token (prefix: e.g. the attention output; optional).
+    hid [..., KB], prefix [..., KA] with the same leading dims. Returns (codes [M, KA + KB], scale [M, 1])."""
+    b2 = _rows2d(hid, "hid")
+    M, KB = b2.shape
+    a2, KA = b2, 0
+    if prefix is not None:
+        if prefix.shape[:-1] != hid.shape[:-1]:
+            raise ValueError(f"prefix {tuple(prefix.shape)} and hid {tuple(hid.shape)} differ in leading dims")
+        if prefix.dtype != hid.dtype:
+            raise ValueError(f"prefix ({prefix.dtype}) and hid ({hid.dtype}) must share a dtype")
+        a2 = _rows2d(prefix, "prefix")
+        KA = a2.shape[1]
+    K = KA + KB
+    _check_quant(bits, inv_smooth, K)
+    codes = torch.empty((M, K), dtype=torch.int8, device=hid.device)
+    qscale = torch.empty((M, 1), dtype=torch.float32, device=hid.device)
+    if M == 0:
+        return codes, qscale
+    s = inv_smooth.float().contiguous() if inv_smooth is not None else qscale
+    chunk = min(2048, max(16, triton.next_power_of_2(K)))
+    _gelu_quant_kernel[(triton.cdiv(M, 2),)](
+        a2, b2, s, codes, qscale, float(clip), M, KA, KB, a2.stride(0), b2.stride(0), QMAX=2 ** (bits - 1) - 1,
+        HAS_SMOOTH=inv_smooth is not None, ROWS=2, CHUNK=chunk, ROUND=_round_code(hid.dtype),
+        num_warps=8 if chunk >= 2048 else 4)
+    return codes, qscale

@@ -98,6 +98,25 @@ def _codes(x, scale, inv, QMAX: tl.constexpr, FAST: tl.constexpr):
 
 
 @triton.jit
+def _scale_inv(amax, clip, QMAX: tl.constexpr):
+    """Per-row scale max(clip * absmax, 1e-8) / qmax (QuantLinear's real mode) and its correctly
+    rounded reciprocal for _quant_codes_fast."""
+    scale = tl.maximum(amax * clip, 1e-8) / QMAX
+    return scale, tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
+
+
+@triton.jit
+def _smoothed_chunk(xp, s_ptr, k, offs, K, r_ok, HAS_SMOOTH: tl.constexpr, EVICT: tl.constexpr):
+    """Columns [k, k + CHUNK) of ROWS rows as fp32, times the inverse smoothing; and their mask."""
+    c_ok = offs < K - k
+    m = r_ok[:, None] & c_ok[None, :]
+    x = tl.load(xp + k, mask=m, other=0.0, eviction_policy=EVICT).to(tl.float32)
+    if HAS_SMOOTH:
+        x = x * tl.load(s_ptr + k + offs, mask=c_ok, other=0.0)[None, :]
+    return x, m
+
+
+@triton.jit
 def _act_quant_rows_kernel(x_ptr, s_ptr, q_ptr, scale_ptr, clip, M, K, stride_x, stride_q,
                            QMAX: tl.constexpr, HAS_SMOOTH: tl.constexpr, ROWS: tl.constexpr,
                            CHUNK: tl.constexpr, CHUNK2: tl.constexpr, ONEPASS: tl.constexpr,
@@ -113,11 +132,7 @@ def _act_quant_rows_kernel(x_ptr, s_ptr, q_ptr, scale_ptr, clip, M, K, stride_x,
     xp = x_ptr + rows[:, None] * stride_x + offs[None, :]
     qp = q_ptr + rows[:, None] * stride_q + offs[None, :]
     if ONEPASS:
-        c_ok = offs < K
-        m = r_ok[:, None] & c_ok[None, :]
-        x = tl.load(xp, mask=m, other=0.0, eviction_policy="evict_first").to(tl.float32)
-        if HAS_SMOOTH:
-            x = x * tl.load(s_ptr + offs, mask=c_ok, other=0.0)[None, :]
+        x, m = _smoothed_chunk(xp, s_ptr, 0, offs, K, r_ok, HAS_SMOOTH, "evict_first")
         amax = tl.max(tl.abs(x), axis=1)
         if CHUNK2 > 0:
             offs2 = CHUNK + tl.arange(0, CHUNK2)
@@ -128,8 +143,7 @@ def _act_quant_rows_kernel(x_ptr, s_ptr, q_ptr, scale_ptr, clip, M, K, stride_x,
             if HAS_SMOOTH:
                 x2 = x2 * tl.load(s_ptr + offs2, mask=c2_ok, other=0.0)[None, :]
             amax = tl.maximum(amax, tl.max(tl.abs(x2), axis=1))
-        scale = tl.maximum(amax * clip, 1e-8) / QMAX
-        inv = tl.math.div_rn(tl.full([ROWS], 1.0, tl.float32), scale)
+        scale, inv = _scale_inv(amax, clip, QMAX)
         codes = _codes(x, scale[:, None], inv[:, None], QMAX, FAST)
         tl.store(qp, codes, mask=m)
         if CHUNK2 > 0:
@@ -138,20 +152,11 @@ def _act_quant_rows_kernel(x_ptr, s_ptr, q_ptr, scale_ptr, clip, M, K, stride_x,
     else:
         amax = tl.zeros((ROWS, CHUNK), dtype=tl.float32)
         for k in range(0, K, CHUNK):
-            c_ok = offs < K - k
-            m = r_ok[:, None] & c_ok[None, :]
-            x = tl.load(xp + k, mask=m, other=0.0, eviction_policy="evict_last").to(tl.float32)
-            if HAS_SMOOTH:
-                x = x * tl.load(s_ptr + k + offs, mask=c_ok, other=0.0)[None, :]
+            x, m = _smoothed_chunk(xp, s_ptr, k, offs, K, r_ok, HAS_SMOOTH, "evict_last")
             amax = tl.maximum(amax, tl.abs(x))
-        scale = tl.maximum(tl.max(amax, axis=1) * clip, 1e-8) / QMAX
-        inv = tl.math.div_rn(tl.full([ROWS], 1.0, tl.float32), scale)
+        scale, inv = _scale_inv(tl.max(amax, axis=1), clip, QMAX)
         for k in range(0, K, CHUNK):
-            c_ok = offs < K - k
-            m = r_ok[:, None] & c_ok[None, :]
-            x = tl.load(xp + k, mask=m, other=0.0, eviction_policy="evict_first").to(tl.float32)
-            if HAS_SMOOTH:
-                x = x * tl.load(s_ptr + k + offs, mask=c_ok, other=0.0)[None, :]
+            x, m = _smoothed_chunk(xp, s_ptr, k, offs, K, r_ok, HAS_SMOOTH, "evict_first")
             codes = _codes(x, scale[:, None], inv[:, None], QMAX, FAST)
             tl.store(qp + k, codes, mask=m)
     tl.store(scale_ptr + rows, scale, mask=r_ok)

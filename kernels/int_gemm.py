@@ -17,9 +17,10 @@ weight into a transient int8 [N, K] buffer (N*K bytes, ~1% of the GEMM's time) a
 runs; the stored weight stays 4-bit. Small M ("fused") unpacks inside the GEMM, where bytes matter.
 
 Kernels: for M >= TMA_MIN_M on Hopper a persistent kernel with TMA tile loads and hand-picked tiles
-and epilogues (TMA_CONFIGS) runs: 1.42-1.60x bf16 F.linear at the six HunyuanVideo shapes on H100 in
-the sweep that picked them (the autotuned pointer kernel serves small M, older GPUs and the CPU
-interpreter). The 8-bit MMA rate bounds it: cuBLAS fp8 (torch._scaled_mm) measures 1.31-1.49x.
+and epilogues (TMA_CONFIGS) runs: 1.44-1.60x bf16 F.linear at the six HunyuanVideo shapes on H100 in
+the sweep that picked them, 1.39-1.70x in the benchmark run after (the autotuned pointer kernel serves
+small M, older GPUs and the CPU interpreter). The 8-bit MMA rate bounds it: cuBLAS fp8
+(torch._scaled_mm) measured 1.31-1.45x in that run.
 """
 from __future__ import annotations
 

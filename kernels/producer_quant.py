@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .act_quant import _codes
+from .act_quant import _codes, _scale_inv
 
 MAX_ONEPASS_K = 4096
 _FLOAT = (torch.float32, torch.float16, torch.bfloat16)
@@ -40,12 +40,6 @@ def _round_to_model_dtype(h, ROUND: tl.constexpr):
 
 def _round_code(dtype: torch.dtype) -> int:
     return {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[dtype]
-
-
-@triton.jit
-def _scale_inv(amax, clip, QMAX: tl.constexpr):
-    scale = tl.maximum(amax * clip, 1e-8) / QMAX
-    return scale, tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
 
 
 @triton.jit

@@ -158,8 +158,8 @@ def concat_gelu(attn_out, hid):
 # as a kernels.producer_quant Triton kernel that emits the consumer's per-token int8 codes + scales
 # (QuantLinear's real-mode math: smoothing, clipped absmax, round half to even) instead of bf16, so no
 # separate quantization pass reads the activation back. spec = (inv_smooth or None, clip, bits).
-# (torch.compile'd versions of these groups measured 1.6-3x slower than the bf16 group + act_quant on
-# an H100; benchmarks/gpu_benchmark.py times the kernels.)
+# (torch.compile'd versions of these groups measured 1.3-2.0x slower than the bf16 group + act_quant
+# on an H100, docs/BENCHMARKS.md; benchmarks/gpu_benchmark.py times the kernels.)
 
 def _producers():
     return kernel_module("producer_quant")

@@ -11,6 +11,7 @@ from typing import List, Optional
 
 import torch
 
+from ..kernel_link import kernel_module
 from .layout import check_layout, inverse_permutation, temporal_permutation
 
 BLOCK = 128
@@ -215,21 +216,47 @@ def svg_masks(q, k, v, mask, txt_len: int, grid, density: float, n_rows: int = 6
 
     q, k, v: [B, H, L, D]; mask: additive key mask or None. For `n_rows` sampled video query rows
     per head, compare exact attention against all keys with attention restricted to the keys each
-    mask lets the row's query block visit; keep the mask with lower mean squared error. Heads are
-    processed in chunks with one host sync at the end (a per-head loop synced 48 times per layer).
+    mask lets the row's query block visit; keep the mask with lower mean squared error. The errors
+    come from kernels.svg_profile where kernels.dispatch picks Triton, else from the PyTorch path
+    (heads in chunks); either way one host sync at the end (a per-head loop synced 48 times per layer).
     """
     d = check_density(density)
-    b, heads, seq_len, dim = q.shape
+    b, heads, seq_len, _ = q.shape
     check_layout(seq_len, txt_len, grid)
     if d >= 1.0:
         return dense_block_mask(heads, seq_len, block)
     band = _cached_band(seq_len, txt_len, d, block).to(q.device)
     rows = sample_rows(heads, txt_len, seq_len - txt_len, n_rows, generator).to(q.device)
-    n = rows.shape[1]
     inv = inverse_permutation(temporal_permutation(txt_len, grid, device=q.device))
+    bias = key_bias(mask, b, seq_len)
+    kernel = _svg_kernel(q, k, v, block)
+    if kernel is not None:
+        errors = kernel.svg_errors(q, k, v, rows, band, inv, block, None if bias is None else bias.to(q.device))
+    else:
+        errors = _svg_errors_torch(q, k, v, rows, band, inv, block, bias)
+    errors = errors.cpu()
+    kinds = ["spatial" if float(e[0]) <= float(e[1]) else "temporal" for e in errors]
+    keep = band.unsqueeze(0).expand(heads, -1, -1).clone()
+    return BlockMask(keep, kinds, block, seq_len, errors)
+
+
+def _svg_kernel(q, k, v, block: int):
+    """kernels.svg_profile where kernels.dispatch picks Triton for q's device and the kernel takes
+    these inputs (27.5 -> a few ms per 720p layer on an H100), else None: the PyTorch path."""
+    dispatch = kernel_module("dispatch")
+    if dispatch is None or not dispatch.use_triton(q.device):
+        return None
+    module = kernel_module("svg_profile")
+    return module if module is not None and module.supports(q, k, v, block) else None
+
+
+def _svg_errors_torch(q, k, v, rows, band, inv, block: int, bias) -> torch.Tensor:
+    """[H, 2] sampled-row MSE of the spatial / temporal band vs exact attention, in chunks of heads
+    whose fp32 scores fit HEAD_CHUNK_ELEMENTS. No host sync."""
+    b, heads, seq_len, dim = q.shape
+    n = rows.shape[1]
     kb_spatial = torch.arange(seq_len, device=q.device) // block
     kb_temporal = inv // block
-    bias = key_bias(mask, b, seq_len)
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     errors = torch.zeros(heads, 2, dtype=torch.float64, device=q.device)
     chunk = max(1, HEAD_CHUNK_ELEMENTS // max(1, b * n * seq_len))
@@ -245,7 +272,4 @@ def svg_masks(q, k, v, mask, txt_len: int, grid, density: float, n_rows: int = 6
         for c, kb in enumerate((kb_spatial, kb_temporal)):
             allowed = band[kb[r]][..., kb]  # [hc, n, L]: keys the row's query block may visit
             errors[h0:h0 + hc, c] = ((masked_attention(scores, allowed, vh, split_k_matmul) - exact) ** 2).mean((0, 2, 3)).double()
-    errors = errors.cpu()
-    kinds = ["spatial" if float(e[0]) <= float(e[1]) else "temporal" for e in errors]
-    keep = band.unsqueeze(0).expand(heads, -1, -1).clone()
-    return BlockMask(keep, kinds, block, seq_len, errors)
+    return errors

@@ -390,7 +390,8 @@ def ssar_layer_ms(q, k, v, grid, steps=(0, 1, 5, 6, 10)):
     warm-up run of the same steps (kernel compiles); compare with dense + sparse attention alone."""
     from quantsparse_core.models.attention import AttentionCall, StepInfo
     sig = torch.linspace(1, 0, STEPS + 1)
-    names = {0: "refresh-1", 1: "reuse", 5: "refresh-2", 6: "reuse", 10: "refresh-2"}
+    names = {0: "refresh-1", 1: "reuse", 5: "refresh-2", 10: "refresh-2",
+             6: "reuse, waiting for step 5's host eigh (in the model the other layers' work hides it)"}
     out = {}
     for rep_i in range(2):
         ssar = SSARAttention(SparseSettings(density=0.15, warmup_steps=0, warmup_blocks=0, placement="gpu-int8"))
@@ -405,6 +406,32 @@ def ssar_layer_ms(q, k, v, grid, steps=(0, 1, 5, 6, 10)):
                 out[f"{names[step]} (step {step})"] = (time.perf_counter() - t0) * 1e3
         del ssar
     return out
+
+
+def bench_refresh_attention(rep, sa, q, k, v, bm, grid, dense_ms):
+    """A refresh's O_full and D = O_full - O_sparse: dense cuDNN + a sparse pass (as without the
+    kernel) against the kernel over the mask and its complement merged by log-sum-exp."""
+    from kernels.refresh_attention import refresh_attention
+    n = q.shape[2]
+
+    def unmerged():
+        with cudnn_context():
+            full = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(1, n, -1)
+        sparse = sa.block_sparse_attention(q, k, v, None, bm, TXT_LEN, grid)
+        return full, full.float() - sparse.float()
+
+    full_u, d_u = unmerged()
+    full_m, d_m = refresh_attention(q, k, v, None, bm, TXT_LEN, grid)
+    rep.check("merged refresh attention O_full vs dense cuDNN (15%, N=119,056)", rel_err(full_m, full_u), 1e-2)
+    rep.check("merged refresh attention D vs dense cuDNN - sparse kernel (15%, N=119,056)", rel_err(d_m, d_u), 2e-2)
+    del full_u, d_u, full_m, d_m
+    for name, fn in (("SSAR refresh attention: dense cuDNN + sparse pass, D in fp32", unmerged),
+                     ("SSAR refresh attention: kernel over mask + complement, merged by log-sum-exp",
+                      lambda: refresh_attention(q, k, v, None, bm, TXT_LEN, grid))):
+        ms = kernel_ms(fn, reps=3)
+        rep.data["attention"].append(dict(name=f"{name} ({ms / dense_ms:.3f} x dense cuDNN)", density=0.15, ms=ms))
+        log(f"attention: {name} {ms:.1f} ms = {ms / dense_ms:.3f} x dense")
+        free_cuda()
 
 
 # ---- kernels alone -----------------------------------------------------------------------------
@@ -446,7 +473,19 @@ def bench_attention(rep, sa):
             rep.data["attention"].append(dict(name="block-sparse + SSAR correction in the epilogue", density=d,
                                               realized=real, ms=ms_c, d_dense_ms=real * dense_ms,
                                               ratio=ms_c / (real * dense_ms)))
-            del corr
+            # As SSAR hands it over with the gpu-int8 cache: int8 D x row scale + rank-16 factors.
+            from quantsparse_core.sparse.correction import Correction
+            scale = corr.float().abs().amax(-1, keepdim=True) / 127
+            parts = Correction(codes=torch.round(corr.float() / scale).to(torch.int8), scale=scale,
+                               us=torch.randn(1, HEADS, n, 16, device="cuda", generator=g, dtype=torch.bfloat16),
+                               vh=torch.randn(1, HEADS, 16, HEAD_DIM, device="cuda", generator=g, dtype=torch.bfloat16))
+            ms_p = kernel_ms(lambda: sa.block_sparse_attention(q, k, v, None, bm, TXT_LEN, grid, correction=parts), reps=3)
+            rep.data["attention"].append(dict(name="block-sparse + SSAR correction rebuilt in the epilogue "
+                                                   "(int8 D x row scale + rank-16 factors)", density=d,
+                                              realized=real, ms=ms_p, d_dense_ms=real * dense_ms,
+                                              ratio=ms_p / (real * dense_ms)))
+            del corr, parts
+            bench_refresh_attention(rep, sa, q, k, v, bm, grid, dense_ms)
     # What a refresh adds per layer besides dense + sparse attention (SSARAttention's own calls).
     from quantsparse_core.sparse.masks import svg_masks
     from quantsparse_core.sparse.placement import truncated_factors

@@ -23,8 +23,10 @@ import triton.language as tl
 
 from . import dispatch
 from .sparse_attention_ref import block_sparse_attention_ref
+from quantsparse_core.sparse.correction import Correction, as_correction
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
+MAX_CORRECTION_RANK = 128  # the epilogue's [rows, r] x [r, D] factor product holds r (padded) in registers
 LOG2E = 1.4426950408889634
 
 # H100 configs: head_dim -> (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_N divides the mask block.
@@ -130,13 +132,14 @@ def _tile(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, j, L, skl
 
 
 @triton.jit
-def _sparse_attn_fwd(Q, K, V, O, C, BIAS, PERM, HEADS, KV_IDX, KV_CNT,
+def _sparse_attn_fwd(Q, K, V, O, LSE, C, CS, US, VH, BIAS, PERM, HEADS, KV_IDX, KV_CNT,
                      sqb, sqh, sql, skb, skh, skl, svb, svh, svl,
-                     sob, sol, scb, scl, sbb, sih, siq, sch,
+                     sob, sol, slb, slh, scb, scl, ssb, ssl, sub, suh, sul, svhb, svhh, svhr, R, sbb, sih, siq, sch,
                      L, NH, BH, T, NM, NB_BIAS, qk_scale,
                      HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr,
-                     PERMUTED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CORR: tl.constexpr,
-                     IEEE: tl.constexpr, ROW64: tl.constexpr, WS: tl.constexpr, KV_COPY: tl.constexpr):
+                     PERMUTED: tl.constexpr, HAS_BIAS: tl.constexpr, CORR: tl.constexpr, HAS_LR: tl.constexpr,
+                     R_PAD: tl.constexpr, IEEE: tl.constexpr, ROW64: tl.constexpr, WS: tl.constexpr,
+                     KV_COPY: tl.constexpr, HAS_LSE: tl.constexpr):
     pid = tl.program_id(0)
     heavy = BH * T
     if pid < heavy:  # text query tiles first: they visit every key block
@@ -190,11 +193,36 @@ def _sparse_attn_fwd(Q, K, V, O, C, BIAS, PERM, HEADS, KV_IDX, KV_CNT,
                            skl, svl, qk_scale, HEAD_D, BLOCK_N, SUB, PERMUTED, True, HAS_BIAS, IEEE, ROW64, WS, KV_COPY)
 
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # nothing allowed -> 0, as the reference
+    if HAS_LSE:  # base-2 log-sum-exp of the row's scaled scores; -inf where nothing was allowed
+        lse = tl.where(l_i > 0.0, m_i + tl.math.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
+        tl.store(LSE + b * slb + h * slh + q_rows, lse, mask=m_ok)
     o_off = b * sob + h * HEAD_D + q_rows[:, None] * sol + offs_d[None, :]
-    if HAS_CORR:
-        c = tl.load(C + b * scb + h * HEAD_D + q_rows[:, None] * scl + offs_d[None, :], mask=m_ok[:, None], other=0.0)
-        out = out + c.to(tl.float32)
+    if CORR > 0:
+        out = _add_correction(out, C, CS, US, VH, b, h, q_rows, m_ok, offs_d, scb, scl, ssb, ssl, sub, suh, sul,
+                              svhb, svhh, svhr, R, HEAD_D, CORR, HAS_LR, R_PAD)
     tl.store(O + o_off, out.to(O.dtype.element_ty), mask=m_ok[:, None])
+
+
+@triton.jit
+def _add_correction(out, C, CS, US, VH, b, h, q_rows, m_ok, offs_d, scb, scl, ssb, ssl, sub, suh, sul,
+                    svhb, svhh, svhr, R, HEAD_D: tl.constexpr, CORR: tl.constexpr, HAS_LR: tl.constexpr,
+                    R_PAD: tl.constexpr):
+    """out + C for this tile, C rebuilt from the cache's parts (quantsparse_core.sparse.correction):
+    D dense (CORR 1) or int8 codes x row scale (CORR 2), plus us[rows, :R] @ vh[:R, :] (HAS_LR)."""
+    c = tl.load(C + b * scb + h * HEAD_D + q_rows[:, None] * scl + offs_d[None, :], mask=m_ok[:, None], other=0)
+    c = c.to(tl.float32)
+    if CORR == 2:
+        c = c * tl.load(CS + b * ssb + q_rows * ssl, mask=m_ok, other=0.0)[:, None]
+    out = out + c
+    if HAS_LR:
+        offs_r = tl.arange(0, R_PAD)
+        r_ok = offs_r < R
+        us = tl.load(US + b * sub + h * suh + q_rows[:, None] * sul + offs_r[None, :],
+                     mask=m_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
+        vh = tl.load(VH + b * svhb + h * svhh + offs_r[:, None] * svhr + offs_d[None, :],
+                     mask=r_ok[:, None], other=0.0).to(tl.float32)
+        out = tl.dot(us, vh, out, input_precision="ieee")
+    return out
 
 
 @triton.jit
@@ -249,27 +277,67 @@ def _check(q, k, v, kv_index, kv_count, block, key_bias, perm, permuted, correct
         if perm.ndim != 1 or perm.numel() != length or perm.device != q.device:
             raise ValueError(f"perm must be a [L={length}] index on q's device, got {tuple(perm.shape)} on {perm.device}")
     if correction is not None:
-        if tuple(correction.shape) != (b, length, heads * d) or correction.dtype not in _FLOAT:
-            raise ValueError(f"correction must be a float [B, L, H*D] = {(b, length, heads * d)} tensor, "
-                             f"got {correction.dtype} {tuple(correction.shape)}")
-        if correction.device != q.device:
-            raise ValueError("correction must be on q's device")
+        _check_correction(correction, q, b, length, heads, d)
     if out is not None and (tuple(out.shape) != (b, length, heads * d) or out.dtype != q.dtype
                             or out.device != q.device or out.stride(-1) != 1):
         raise ValueError(f"out must be a {q.dtype} [B, L, H*D] = {(b, length, heads * d)} tensor on q's device "
                          "with a contiguous last dim")
 
 
+def _check_correction(c: Correction, q, b: int, length: int, heads: int, d: int) -> None:
+    if tuple(c.shape) != (b, length, heads * d):
+        raise ValueError(f"correction must be [B, L, H*D] = {(b, length, heads * d)}, got {tuple(c.shape)}")
+    if c.dense is not None and c.dense.dtype not in _FLOAT:
+        raise ValueError(f"a dense correction must be fp16/bf16/fp32, got {c.dense.dtype}")
+    if c.codes is not None and c.scale.dtype != torch.float32:
+        raise ValueError(f"int8 correction codes need an fp32 row scale, got {c.scale.dtype}")
+    if c.us is not None:
+        if c.vh.shape[-1] != d or c.us.shape[1] != heads:
+            raise ValueError(f"correction factors must be [B, H={heads}, L, r] and [B, H, r, D={d}], "
+                             f"got {tuple(c.us.shape)} and {tuple(c.vh.shape)}")
+        if c.rank > MAX_CORRECTION_RANK or c.us.dtype not in _FLOAT or c.vh.dtype not in _FLOAT:
+            raise ValueError(f"correction factors must be float with rank <= {MAX_CORRECTION_RANK}, "
+                             f"got {c.us.dtype} / {c.vh.dtype} of rank {c.rank}")
+    if any(t is not None and t.device != q.device for t in (c.dense, c.codes, c.scale, c.us, c.vh)):
+        raise ValueError("correction must be on q's device")
+
+
+def _correction_args(c: Optional[Correction], dummy: torch.Tensor) -> tuple:
+    """The kernel's correction pointers, strides and flags (CORR 0 none / 1 dense / 2 int8; HAS_LR; R_PAD)."""
+    if c is None:
+        return (dummy,) * 4 + (0,) * 11, dict(CORR=0, HAS_LR=False, R_PAD=16)
+    lead = c.dense if c.dense is not None else c.codes
+    scale = c.scale.reshape(c.scale.shape[0], c.scale.shape[1]) if c.scale is not None else dummy
+    args = [lead, scale, c.us if c.us is not None else dummy, c.vh if c.vh is not None else dummy,
+            lead.stride(0), lead.stride(1)]
+    args += [scale.stride(0), scale.stride(1)] if c.scale is not None else [0, 0]
+    args += [c.us.stride(0), c.us.stride(1), c.us.stride(2)] if c.us is not None else [0, 0, 0]
+    args += [c.vh.stride(0), c.vh.stride(1), c.vh.stride(2), c.rank] if c.vh is not None else [0, 0, 0, 0]
+    r_pad = max(16, triton.next_power_of_2(max(c.rank, 1)))
+    return tuple(args), dict(CORR=1 if c.dense is not None else 2, HAS_LR=c.us is not None, R_PAD=r_pad)
+
+
+def _contiguous_last(c: Optional[Correction]) -> Optional[Correction]:
+    if c is None:
+        return None
+    fix = (lambda t: t if t is None or t.stride(-1) == 1 else t.contiguous())  # noqa: E731
+    return Correction(fix(c.dense), fix(c.codes), fix(c.scale), fix(c.us), fix(c.vh))
+
+
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index: torch.Tensor,
                      kv_count: torch.Tensor, *, block: int = 128, key_bias: Optional[torch.Tensor] = None,
                      perm: Optional[torch.Tensor] = None, permuted_heads: Optional[Sequence[bool]] = None,
-                     correction: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
+                     correction=None, out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None,
                      config: Optional[tuple] = None) -> torch.Tensor:
     """Block-sparse attention. q, k, v: [B, H, L, D] (any strides with a contiguous last dim);
     kv_index [H, nq, max_k] int32 / kv_count [H, nq] int32 list the key blocks (in each head's own
     order) that each query block visits; key_bias [B|1, L] additive, original order; perm [L]: the
     temporal order (x[perm] is x permuted) used by heads with permuted_heads[h] true; correction
-    [B, L, H*D] added to the output. Returns [B, L, H*D] in q's dtype (written into `out` if given).
+    (a [B, L, H*D] tensor or a quantsparse_core.sparse.correction.Correction) added to the output.
+    Returns [B, L, H*D] in q's dtype (written into `out` if given). lse: an fp32 [B, H, L] tensor
+    (contiguous last dim) to receive each row's base-2 log-sum-exp of its scaled scores
+    log2(sum 2^(s * log2 e)), s = q.k / sqrt(D) + bias, over the keys it visits (-inf if none), in
+    the original token order: two runs over disjoint key sets merge exactly (kernels/refresh_attention.py).
     config: (BLOCK_M, BLOCK_N, num_warps, num_stages[, warp_specialize[, kv_copy]]) override, for
     tuning. kv_copy (default KV_COPY): temporal heads read k/v from a permuted copy made per group of
     heads (at most KV_COPY_BYTES), not through the permutation inside the loop (which makes them 21%
@@ -279,8 +347,13 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index
     permuted = [bool(x) for x in (permuted_heads if permuted_heads is not None else [False] * heads)]
     if len(permuted) != heads:
         raise ValueError(f"permuted_heads must give one flag per head ({heads}), got {len(permuted)}")
+    correction = as_correction(correction)
     _check(q, k, v, kv_index, kv_count, block, key_bias, perm, permuted, correction, out)
     b, heads, length, d = q.shape
+    if lse is not None and (tuple(lse.shape) != (b, heads, length) or lse.dtype != torch.float32
+                            or lse.device != q.device or lse.stride(-1) != 1):
+        raise ValueError(f"lse must be a float32 [B, H, L] = {(b, heads, length)} tensor on q's device with a "
+                         f"contiguous last dim, got {lse.dtype} {tuple(lse.shape)} on {lse.device}")
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     if out is None:
         out = torch.empty(b, length, heads * d, dtype=q.dtype, device=q.device)
@@ -302,14 +375,17 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index
         sbb = 0 if key_bias.shape[0] == 1 else key_bias.stride(0)
     else:
         sbb = 0
-    if correction is not None:
-        correction = correction if correction.stride(-1) == 1 else correction.contiguous()
+    correction = _contiguous_last(correction)
     if any(permuted):
         perm = perm.to(torch.int32).contiguous()
     nb_bias = _bias_blocks(key_bias, perm if any(permuted) else None, block)
-    strides = [x.stride(2) for x in (q, k, v)] + [out.stride(1)] + ([correction.stride(1)] if correction is not None else [])
+    strides = [x.stride(2) for x in (q, k, v)] + [out.stride(1)] + ([lse.stride(1)] if lse is not None else [])
+    if correction is not None:
+        strides += [t.stride(-2) for t in (correction.dense, correction.codes, correction.scale, correction.us)
+                    if t is not None and t.ndim >= 2]
     row64 = length * max(strides) >= 2 ** 31
     dummy = kv_count
+    corr_args, corr_flags = _correction_args(correction, dummy)
     scale = LOG2E / math.sqrt(d)
     for flag in (True, False):
         heads_all = [h for h in range(heads) if permuted[h] == flag]
@@ -331,18 +407,17 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index
                     v.stride(0), v.stride(1), v.stride(2), kk.stride(0), kk.stride(1), kk.stride(2),
                     HEAD_D=d, BLOCK_R=64)
             _sparse_attn_fwd[(bh * nm,)](
-                q, kk, vv, out, correction if correction is not None else dummy,
+                q, kk, vv, out, lse if lse is not None else dummy, *corr_args[:4],
                 key_bias if key_bias is not None else dummy, perm if flag else dummy, hl, kv_index, kv_count,
                 q.stride(0), q.stride(1), q.stride(2), kk.stride(0), kk.stride(1), kk.stride(2),
                 vv.stride(0), vv.stride(1), vv.stride(2), out.stride(0), out.stride(1),
-                correction.stride(0) if correction is not None else 0,
-                correction.stride(1) if correction is not None else 0,
+                lse.stride(0) if lse is not None else 0, lse.stride(1) if lse is not None else 0, *corr_args[4:],
                 sbb, kv_index.stride(0), kv_index.stride(1), kv_count.stride(0),
                 length, len(heads_list), bh, t, nm, nb_bias[flag], scale,
                 HEAD_D=d, BLOCK_M=block_m, BLOCK_N=block_n, SUB=sub, PERMUTED=flag,
-                HAS_BIAS=key_bias is not None, HAS_CORR=correction is not None,
+                HAS_BIAS=key_bias is not None, **corr_flags,
                 IEEE=q.dtype == torch.float32 or dispatch.interpreting(),
-                ROW64=row64, WS=ws, KV_COPY=copy, num_warps=warps, num_stages=stages)
+                ROW64=row64, WS=ws, KV_COPY=copy, HAS_LSE=lse is not None, num_warps=warps, num_stages=stages)
     return out
 
 
@@ -398,35 +473,53 @@ def _indices(block_mask, device):
     return val
 
 
-def block_sparse_attention(q, k, v, mask, block_mask, txt_len: int, grid,
-                           correction: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """quantsparse_core.sparse.reference.block_sparse_attention's contract, plus `correction`
-    [B, L, H*D] added to the result (SSAR). Runs the Triton kernel where kernels.dispatch says so
-    (and the kernel supports the shape), else the reference with the correction added in fp32."""
-    from quantsparse_core.sparse.layout import check_layout, temporal_permutation
+def supports(q: torch.Tensor, block: int) -> bool:
+    """Whether the kernel takes q's dtype / head_dim and this mask block (else: the reference)."""
+    d = q.shape[-1]
+    return q.dtype in _FLOAT and 16 <= d <= 256 and not d & (d - 1) and block >= 16 and not block & (block - 1)
+
+
+def mask_arguments(q, mask, block_mask, txt_len: int, grid) -> dict:
+    """sparse_attention's mask keywords (kv_index, kv_count, block, key_bias, perm, permuted_heads)
+    for a BlockMask and the model's additive mask, on q's device."""
+    from quantsparse_core.sparse.layout import temporal_permutation
     from quantsparse_core.sparse.masks import key_bias as to_key_bias
 
-    b, heads, length, d = q.shape
+    b, heads, length, _ = q.shape
+    index, count = _indices(block_mask, q.device)
+    permuted = [block_mask.permuted(h) for h in range(heads)]
+    perm = temporal_permutation(txt_len, grid, device=q.device) if any(permuted) else None
+    bias = to_key_bias(mask, b, length)
+    return dict(kv_index=index, kv_count=count, block=block_mask.block, perm=perm, permuted_heads=permuted,
+                key_bias=None if bias is None else bias.to(q.device))
+
+
+def check_call(q, block_mask, txt_len: int, grid) -> None:
+    """The model's layout and the mask agree with q [B, H, L, D]."""
+    from quantsparse_core.sparse.layout import check_layout
+
+    _, heads, length, _ = q.shape
     check_layout(length, txt_len, grid)
     if block_mask.seq_len != length or block_mask.num_heads != heads:
         raise ValueError(f"block mask is for {block_mask.num_heads} heads x {block_mask.seq_len} tokens, "
                          f"attention has {heads} heads x {length} tokens")
+
+
+def block_sparse_attention(q, k, v, mask, block_mask, txt_len: int, grid, correction=None) -> torch.Tensor:
+    """quantsparse_core.sparse.reference.block_sparse_attention's contract, plus `correction`
+    (a [B, L, H*D] tensor or a Correction) added to the result (SSAR). Runs the Triton kernel where
+    kernels.dispatch says so (and the kernel supports the shape), else the reference with the
+    correction materialised and added in fp32."""
+    b, heads, length, d = q.shape
+    check_call(q, block_mask, txt_len, grid)
+    correction = as_correction(correction)
     if correction is not None and tuple(correction.shape) != (b, length, heads * d):
         raise ValueError(f"correction must be [B, L, H*D] = {(b, length, heads * d)}, got {tuple(correction.shape)}")
-    blk = block_mask.block
-    supported = (q.dtype in _FLOAT and 16 <= d <= 256 and not d & (d - 1) and blk >= 16 and not blk & (blk - 1))
-    if supported and dispatch.use_triton(q.device):
-        index, count = _indices(block_mask, q.device)
-        permuted = [block_mask.permuted(h) for h in range(heads)]
-        perm = temporal_permutation(txt_len, grid, device=q.device) if any(permuted) else None
-        bias = to_key_bias(mask, b, length)
-        if bias is not None:
-            bias = bias.to(q.device)
+    if supports(q, block_mask.block) and dispatch.use_triton(q.device):
         if correction is not None:
             correction = correction.to(q.device)
-        return sparse_attention(q, k, v, index, count, block=blk, key_bias=bias, perm=perm,
-                                permuted_heads=permuted, correction=correction)
+        return sparse_attention(q, k, v, correction=correction, **mask_arguments(q, mask, block_mask, txt_len, grid))
     return block_sparse_attention_ref(q, k, v, mask, block_mask, txt_len, grid, correction)
 
 
-__all__ = ["sparse_attention", "block_sparse_attention"]
+__all__ = ["sparse_attention", "block_sparse_attention", "mask_arguments", "supports", "check_call"]

@@ -12,16 +12,18 @@ from typing import Optional, Sequence
 
 import torch
 
+from quantsparse_core.sparse.correction import as_correction
 from quantsparse_core.sparse.reference import block_sparse_attention as core_block_sparse_attention
 
 
-def block_sparse_attention_ref(q, k, v, mask, block_mask, txt_len: int, grid,
-                               correction: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The core reference's output (q's dtype), plus `correction` [B, L, H*D] added in fp32."""
+def block_sparse_attention_ref(q, k, v, mask, block_mask, txt_len: int, grid, correction=None) -> torch.Tensor:
+    """The core reference's output (q's dtype), plus `correction` ([B, L, H*D] tensor or Correction)
+    materialised and added in fp32."""
     out = core_block_sparse_attention(q, k, v, mask, block_mask, txt_len, grid)
+    correction = as_correction(correction)
     if correction is None:
         return out
-    return (out.float() + correction.to(out.device).float()).to(q.dtype)
+    return (out.float() + correction.to(out.device).materialize()).to(q.dtype)
 
 
 def dense_masked_attention_f64(q, k, v, keep: torch.Tensor, block: int, *, key_bias=None, perm=None,
@@ -47,8 +49,9 @@ def dense_masked_attention_f64(q, k, v, keep: torch.Tensor, block: int, *, key_b
         oh = (p @ vh) / p.sum(-1, keepdim=True).clamp_min(1e-300)
         out[:, order, h] = oh
     out = out.reshape(b, length, heads * d)
+    correction = as_correction(correction)
     if correction is not None:
-        out = out + correction.double().cpu()
+        out = out + correction.to("cpu").materialize().double()
     return out
 
 

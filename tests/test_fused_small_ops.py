@@ -127,8 +127,9 @@ def test_producer_quantized_inputs_equal_separate_quantization(rng, monkeypatch,
     assert len(calls) == (0 if rotation else 2 * 3 * cfg.depth_double + 2 * cfg.depth_single)
     assert torch.isfinite(fused).all() and fused.abs().max() > 0
     # fp32: the producer kernels' LayerNorm / GELU differ from PyTorch's in the last bits, which can
-    # move a rare code by one step; the output moves far less than W4A8's own error (~1e-2)
-    assert float((fused - separate).norm() / separate.norm()) < 1e-3
+    # move a rare code by one step. In this tiny model one such step moves the output by up to ~2e-3
+    # (seen on fresh draws); W4A8's own error is ~1e-2, a wrong code path gives O(1)
+    assert float((fused - separate).norm() / separate.norm()) < 5e-3
 
 
 def test_quantized_input_gives_the_layer_output_on_both_paths(rng):

@@ -7,6 +7,7 @@ from kernels import dispatch
 from kernels.sparse_attention import block_sparse_attention, sparse_attention
 from kernels.sparse_attention_ref import dense_masked_attention_f64
 from quantsparse_core.models.attention import AttentionCall, StepInfo
+from quantsparse_core.sparse.correction import Correction
 from quantsparse_core.sparse.layout import temporal_permutation
 from quantsparse_core.sparse.masks import BlockMask, band_keep
 from quantsparse_core.sparse.ssar import SparseSettings, SSARAttention
@@ -63,10 +64,11 @@ def test_mixed_heads_bias_correction_match_float64(rng, dtype, tol):
     assert rel_err(res, ref) < tol
     assert float((res.double() - ref).abs().max()) < 10 * tol * float(ref.abs().max())
     # rows of the empty query block are the correction alone (within one rounding to dtype: the
-    # CPU interpreter truncates fp32 -> bf16 where the GPU rounds to nearest)
+    # CPU interpreter truncates fp32 -> bf16 where the GPU rounds to nearest; below the smallest
+    # normal number the step is absolute, at most finfo.tiny)
     rows = torch.arange(L)[(torch.arange(L) // block) == 1]
-    ulp = 0.0 if dtype == torch.float32 else torch.finfo(dtype).eps
-    assert torch.allclose(res[:, rows, :d].float(), corr[:, rows, :d], rtol=ulp, atol=1e-30)
+    ulp, tiny = (0.0, 1e-30) if dtype == torch.float32 else (torch.finfo(dtype).eps, torch.finfo(dtype).tiny)
+    assert torch.allclose(res[:, rows, :d].float(), corr[:, rows, :d], rtol=ulp, atol=tiny)
 
 
 @pytest.mark.parametrize("kv_copy", [True, False])
@@ -89,6 +91,66 @@ def test_temporal_heads_kv_copy_and_in_loop_gather_match_float64(rng, monkeypatc
     ref = dense_masked_attention_f64(q, k, v, keep, block, key_bias=bias, perm=perm, permuted_heads=permuted,
                                      correction=corr)
     assert rel_err(out, ref) < 1e-4
+
+
+def int8_rows(x):
+    """x [B, L, H*D] as int8 codes + fp32 row scales (the gpu-int8 cache's format)."""
+    scale = x.abs().amax(-1, keepdim=True) / 127.0
+    return torch.round(x / scale).clamp(-127, 127).to(torch.int8), scale
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("form,rank", [("int8", 3), ("int8", 16), ("dense", 5), ("int8", 0)])
+def test_correction_parts_rebuilt_in_the_epilogue_match_float64(rng, dtype, tol, form, rank):
+    """SSAR's correction handed over as the cache keeps it (int8 codes x row scale or dense D, plus
+    rank-r factors in bf16): the kernel's epilogue = the float64 reference of the materialised C,
+    for spatial and temporal (permuted) heads, partial last block, rank below the 16-wide tile."""
+    b, h, d, block = 2, 3, 32, 16
+    q, k, v = strided_qkv(rng, b, h, L, d, dtype)
+    keep = random_keep(rng, h, -(-L // block))
+    kinds = ["spatial", "temporal", "temporal"]
+    index, count = BlockMask(keep, kinds, block, L).to_indices()
+    perm, permuted = temporal_permutation(TXT, GRID), [x == "temporal" for x in kinds]
+    dmat = torch.randn(b, L, h * d, generator=rng) * torch.rand(b, L, 1, generator=rng)
+    parts = dict(zip(("codes", "scale"), int8_rows(dmat))) if form == "int8" else dict(dense=dmat.to(dtype))
+    if rank:
+        parts["us"] = torch.randn(b, h, L, rank, generator=rng).to(torch.bfloat16)
+        parts["vh"] = torch.randn(b, h, rank, d, generator=rng).to(torch.bfloat16)
+    corr = Correction(**parts)
+    out = torch.full((b, L, h * d), float("nan"), dtype=dtype)
+    sparse_attention(q, k, v, index, count, block=block, perm=perm, permuted_heads=permuted, correction=corr, out=out)
+    ref = dense_masked_attention_f64(q, k, v, keep, block, perm=perm, permuted_heads=permuted, correction=corr)
+    assert bool(torch.isfinite(out).all()) and rel_err(out, ref) < tol
+    manual = dmat.to(dtype).double()
+    if form == "int8":  # D as codes x scale, within half a step of D
+        manual = Correction(codes=parts["codes"], scale=parts["scale"]).materialize().double()
+        assert float(((manual - dmat) / parts["scale"]).abs().max()) <= 0.5 + 1e-4
+    if rank:
+        manual = manual + (parts["us"].double() @ parts["vh"].double()).transpose(1, 2).reshape(b, L, h * d)
+    assert torch.allclose(corr.materialize().double(), manual, atol=1e-5, rtol=1e-6)
+
+
+def test_bad_corrections_are_refused(rng):
+    b, h, d, block = 1, 2, 32, 16
+    q, k, v = (torch.randn(b, h, L, d, generator=rng) for _ in range(3))
+    index, count = BlockMask(torch.ones(h, 5, 5, dtype=torch.bool), ["spatial"] * h, block, L).to_indices()
+    dmat = torch.randn(b, L, h * d, generator=rng)
+    codes, scale = int8_rows(dmat)
+    with pytest.raises(ValueError, match="exactly one"):
+        Correction(dense=dmat, codes=codes, scale=scale)
+    with pytest.raises(ValueError, match="row scale"):
+        Correction(codes=codes)
+    with pytest.raises(ValueError, match="come together"):
+        Correction(dense=dmat, us=torch.randn(b, h, L, 2, generator=rng))
+    with pytest.raises(ValueError, match="do not fit"):
+        Correction(dense=dmat, us=torch.randn(b, h, L - 1, 2, generator=rng), vh=torch.randn(b, h, 2, d, generator=rng))
+    with pytest.raises(ValueError, match="fp32 row scale"):
+        sparse_attention(q, k, v, index, count, block=block, correction=Correction(codes=codes, scale=scale.double()))
+    big = Correction(dense=dmat, us=torch.randn(b, h, L, 130, generator=rng), vh=torch.randn(b, h, 130, d, generator=rng))
+    with pytest.raises(ValueError, match="rank <= 128"):
+        sparse_attention(q, k, v, index, count, block=block, correction=big)
+    with pytest.raises(TypeError, match="Correction or"):
+        sparse_attention(q, k, v, index, count, block=block, correction=[dmat])
 
 
 def test_no_bias_no_correction_and_block_128(rng):

@@ -88,10 +88,13 @@ def test_quant_linear_triton_path_on_gpu_equals_torch_path(rng, rotation):
     assert rel(got_inf, ref_inf) < 1e-5
 
 
-@pytest.mark.parametrize("inference", [False, True])  # ComfyUI runs nodes under torch.inference_mode
-def test_sparse_attention_on_gpu_equals_float64(rng, inference):
+@pytest.mark.parametrize("inference,form", [(False, "dense"), (True, "dense"), (False, "int8+factors")])
+def test_sparse_attention_on_gpu_equals_float64(rng, inference, form):
+    """inference: ComfyUI runs nodes under torch.inference_mode. form: the SSAR correction as a dense
+    tensor, or as the int8 cache keeps it (codes x row scale + rank-16 bf16 factors) for the epilogue."""
     from kernels.sparse_attention import block_sparse_attention
     from kernels.sparse_attention_ref import dense_masked_attention_f64
+    from quantsparse_core.sparse.correction import Correction
     from quantsparse_core.sparse.layout import temporal_permutation
     from quantsparse_core.sparse.masks import BlockMask, band_keep
     txt, grid, h, d = 77, (5, 12, 20), 4, 128
@@ -103,6 +106,11 @@ def test_sparse_attention_on_gpu_equals_float64(rng, inference):
     mask = torch.zeros(1, 1, length)
     mask[..., 60:txt] = float("-inf")                # padded text
     corr = torch.randn(1, length, h * d, generator=rng)
+    if form != "dense":
+        scale = corr.abs().amax(-1, keepdim=True) / 127
+        corr = Correction(codes=torch.round(corr / scale).to(torch.int8), scale=scale,
+                          us=torch.randn(1, h, length, 16, generator=rng).to(torch.bfloat16),
+                          vh=(torch.randn(1, h, 16, d, generator=rng) * 0.1).to(torch.bfloat16))
     with torch.inference_mode(inference):
         out = block_sparse_attention(q, k, v, mask.to(DEV), BlockMask(keep.clone(), kinds, 128, length), txt, grid,
                                      correction=corr.to(DEV))
@@ -110,6 +118,31 @@ def test_sparse_attention_on_gpu_equals_float64(rng, inference):
                                      perm=temporal_permutation(txt, grid), permuted_heads=[k == "temporal" for k in kinds],
                                      correction=corr)
     assert out.dtype == torch.bfloat16 and rel(out.cpu(), ref) < 1e-2
+
+
+def test_merged_refresh_attention_on_gpu_equals_float64(rng):
+    """The SSAR refresh's O_full and D = O_full - O_sparse from the kernel over the mask and its
+    complement (kernels.refresh_attention), bf16 at 1,277 tokens, against float64 dense and sparse."""
+    from kernels.refresh_attention import refresh_attention
+    from kernels.sparse_attention_ref import dense_masked_attention_f64
+    from quantsparse_core.sparse.layout import temporal_permutation
+    from quantsparse_core.sparse.masks import BlockMask, band_keep
+    txt, grid, h, d = 77, (5, 12, 20), 4, 128
+    length = txt + 5 * 12 * 20
+    q, k, v = ((torch.randn(1, h, length, d, generator=rng)).to(torch.bfloat16).to(DEV) for _ in range(3))
+    keep = band_keep(length, txt, 0.3, 128).unsqueeze(0).expand(h, -1, -1).clone()
+    keep[3] = True                                   # a dense head: nothing left for the complement
+    kinds = ["spatial", "temporal", "temporal", "dense"]
+    mask = torch.zeros(1, 1, length)
+    mask[..., 60:txt] = float("-inf")
+    with torch.inference_mode():
+        full, res = refresh_attention(q, k, v, mask.to(DEV), BlockMask(keep.clone(), kinds, 128, length), txt, grid)
+    ref = dict(key_bias=mask.reshape(1, length), perm=temporal_permutation(txt, grid),
+               permuted_heads=[k == "temporal" for k in kinds])
+    full_ref = dense_masked_attention_f64(q, k, v, torch.ones_like(keep), 128, **ref)
+    res_ref = full_ref - dense_masked_attention_f64(q, k, v, keep, 128, **ref)
+    assert full.dtype == torch.bfloat16 and res.dtype == torch.float32
+    assert rel(full.cpu(), full_ref) < 1e-2 and rel(res.cpu(), res_ref) < 2e-2
 
 
 def test_producer_quant_on_gpu_equals_reference(rng):

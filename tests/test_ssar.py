@@ -114,9 +114,11 @@ def test_new_run_does_not_reuse_old_cache(rng):
     assert fn.effective_density() == 1.0
 
 
-@pytest.mark.parametrize("rank", [0, 3])
-def test_cache_is_d_plus_truncated_d2(rng, rank):
-    fn = SSARAttention(settings(order=2, svd_rank=rank, tau=2))
+@pytest.mark.parametrize("rank,host_eigh", [(0, False), (3, False), (3, True)])
+def test_cache_is_d_plus_truncated_d2(rng, rank, host_eigh):
+    """host_eigh: the factors' eigendecomposition on the host thread (as on CUDA), D2 kept in the
+    cache until cache() or the next call collects it: the same C."""
+    fn = SSARAttention(settings(order=2, svd_rank=rank, tau=2, host_eigh=host_eigh))
     # q, k fixed and v only rescaled: every head's sampled mask errors scale alike, so both refreshes
     # choose the same masks (a mask change falls back to first order, tested separately), while D
     # changes with the scale, so D2 is not zero
@@ -135,9 +137,41 @@ def test_cache_is_d_plus_truncated_d2(rng, rank):
         d2 = u[..., :rank] @ torch.diag_embed(sv[..., :rank]) @ vh[..., :rank, :]
     expected = d1 + d2.transpose(1, 2).reshape(B, L, H * D)
     assert fn.stats["mask_changed"] == 0
+    assert bool(fn._pending) == host_eigh  # collected by cache() below
     assert torch.allclose(fn.cache("double", 1, B), expected, atol=1e-5, rtol=0)
     out = fn(*xs[3], None, c[3])
     assert torch.allclose(out, sparse_of(fn, xs[3], c[3]) + expected, atol=1e-5, rtol=0)
+
+
+def test_host_eigh_matches_inline_over_a_run(rng):
+    """Deferred factors collected at later calls, superseded by the next refresh (tau 2 and 1), or
+    left pending across a reset: every output and the final cache equal the inline computation."""
+    for tau in (2, 1):
+        xs = [[x * (1 + 0.2 * i) if j == 2 else x for j, x in enumerate(framewise_qkv(rng))] for i in range(7)]
+        runs = {}
+        for host in (False, True):
+            fn = SSARAttention(settings(order=2, svd_rank=2, tau=tau, host_eigh=host))
+            outs = [fn(*x, None, call(i, block_index=bi)) for i, x in enumerate(xs) for bi in (0, 1)]
+            runs[host] = (outs, fn.cache("double", 1, B))
+            fn.reset()
+            assert not fn._pending
+        for a, b in zip(runs[False][0], runs[True][0]):
+            assert torch.allclose(a, b, atol=1e-5, rtol=0)
+        assert torch.allclose(runs[False][1], runs[True][1], atol=1e-5, rtol=0)
+
+
+def test_host_eigh_with_an_int8_cache_is_within_its_rounding(rng):
+    """With the gpu-int8 placement the pending D2 is stored as int8 too: C differs from the inline
+    one by at most the rounding of D2 (half a step of its row scale, through an orthogonal projection)."""
+    xs = [[q, k, v * c] for q, k, v in [framewise_qkv(rng)] for c in (1.0, 1.4, 1.9)]
+    caches = {}
+    for host in (False, True):
+        fn = SSARAttention(settings(order=2, svd_rank=3, tau=2, placement="gpu-int8", host_eigh=host))
+        for i, x in enumerate(xs):
+            fn(*x, None, call(i))
+        caches[host] = fn.cache("double", 1, B)
+    d2_step = caches[False].abs().amax(-1).max() / 127  # bound on the row scale of D2 (|D2| <= 2 max|C|)
+    assert float((caches[True] - caches[False]).abs().max()) <= 2 * float(d2_step) * (D ** 0.5)
 
 
 def test_batch_sizes_keep_separate_state(rng):
@@ -292,3 +326,16 @@ def test_auto_placement_follows_the_budget(rng):
     fn = SSARAttention(settings(placement="auto", budget_bytes=100, host_budget_bytes=0))
     with pytest.raises(ValueError, match="not enough memory"):
         fn(*qkv(rng), None, call(0))
+
+
+def test_host_eigh_under_inference_mode(rng):
+    """ComfyUI runs nodes under torch.inference_mode, which is thread-local: the worker thread that
+    decomposes the Gram matrices runs outside it, on inference tensors. Same numbers as inline."""
+    xs = [[x * (1 + 0.3 * i) if j == 2 else x for j, x in enumerate(framewise_qkv(rng))] for i in range(4)]
+    outs = {}
+    for host in (False, True):
+        fn = SSARAttention(settings(order=2, svd_rank=2, tau=2, host_eigh=host))
+        with torch.inference_mode():
+            outs[host] = [fn(*x, None, call(i)) for i, x in enumerate(xs)] + [fn.cache("double", 1, B)]
+    for a, b in zip(outs[False], outs[True]):
+        assert torch.allclose(a, b, atol=1e-5, rtol=0)

@@ -92,16 +92,39 @@ def placement_table() -> List[Dict]:
     return rows
 
 
-def _heads_first(x: torch.Tensor, heads: int) -> torch.Tensor:
+def heads_first(x: torch.Tensor, heads: int) -> torch.Tensor:
     """[B, L, H*D] -> [B, H, L, D]."""
     b, length, hidden = x.shape
     return x.reshape(b, length, heads, hidden // heads).transpose(1, 2)
 
 
-def _heads_last(x: torch.Tensor) -> torch.Tensor:
+def heads_last(x: torch.Tensor) -> torch.Tensor:
     """[B, H, L, D] -> [B, L, H*D]."""
     b, h, length, d = x.shape
     return x.transpose(1, 2).reshape(b, length, h * d)
+
+
+def gram_matrices(xh: torch.Tensor) -> torch.Tensor:
+    """X^T X of each (batch, head) slice of xh [B, H, L, D], float64 [B, H, D, D]. One head at a time:
+    a float64 copy of the whole residual would be 2.9 GB at 720p."""
+    b, h, _, d = xh.shape
+    gram = torch.empty(b, h, d, d, dtype=torch.float64, device=xh.device)
+    for i in range(b):
+        for j in range(h):
+            xd = xh[i, j].double()
+            gram[i, j] = xd.T @ xd
+    return gram
+
+
+def top_vectors(gram: torch.Tensor, rank: int) -> torch.Tensor:
+    """The top-`rank` eigenvectors of each Gram matrix [..., D, D], largest first, fp32 [..., D, r]."""
+    _, vecs = torch.linalg.eigh(gram)                                # ascending eigenvalues
+    return vecs[..., -rank:].flip(-1).to(torch.float32)
+
+
+def factor_rank(rank: int, length: int, dim: int) -> int:
+    """The rank a truncation of an L x D slice can have."""
+    return min(rank, dim, length)
 
 
 def truncated_factors(x: torch.Tensor, heads: int, rank: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -112,22 +135,19 @@ def truncated_factors(x: torch.Tensor, heads: int, rank: int) -> Tuple[torch.Ten
     right singular vectors V_r, and X V_r = U_r S_r. A direct SVD of the tall L x 128 matrices was
     most of a refresh step at 13B size (L ~ 10^5, 24 heads x 60 blocks); this is one thin GEMM.
     """
-    xh = _heads_first(x.float(), heads)                              # [B, H, L, D]
-    r = min(rank, xh.shape[-1], xh.shape[-2])
-    b, h, _, d = xh.shape
-    gram = torch.empty(b, h, d, d, dtype=torch.float64, device=xh.device)
-    for i in range(b):          # one head at a time: a float64 copy of the whole x would be 2.9 GB at 720p
-        for j in range(h):
-            xd = xh[i, j].double()
-            gram[i, j] = xd.T @ xd
-    _, vecs = torch.linalg.eigh(gram)                                # ascending eigenvalues
-    v = vecs[..., -r:].flip(-1).to(torch.float32)                     # [B, H, D, r], largest first
-    return xh @ v, v.transpose(-1, -2).contiguous()
+    xh = heads_first(x.float(), heads)                               # [B, H, L, D]
+    v = top_vectors(gram_matrices(xh), factor_rank(rank, xh.shape[-2], xh.shape[-1]))
+    return project(xh, v)
+
+
+def project(xh: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(X V, V^T) for X [B, H, L, D] and orthonormal V [B, H, D, r]: the truncation's factors."""
+    return xh.float() @ v, v.transpose(-1, -2).contiguous()
 
 
 def from_factors(us: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
     """Inverse of truncated_factors: [B, L, H*D] fp32."""
-    return _heads_last(us.float() @ vh.float())
+    return heads_last(us.float() @ vh.float())
 
 
 class CacheStore:
@@ -192,19 +212,29 @@ class CacheStore:
         self._ready[key] = (on_device, done)
 
     def get(self, key, device) -> torch.Tensor:
+        """The residual as fp32 on `device`."""
+        parts = self.get_parts(key, device)
+        if "codes" in parts:
+            return parts["codes"].float() * parts["scale"]
+        return parts["dense"].float()
+
+    def get_parts(self, key, device) -> Dict[str, torch.Tensor]:
+        """The residual on `device` as stored, not expanded: {"dense": t} (bf16 / fp32) or
+        {"codes": int8 [B, L, H*D], "scale": fp32 [B, L, 1]}; the low-rank policy's factors are
+        expanded to dense. The sparse kernel adds either form in its epilogue."""
         if key in self._ready:
             on_device, done = self._ready.pop(key)
             if on_device.device == torch.device(device):
                 stream = torch.cuda.current_stream(on_device.device)
                 stream.wait_event(done)
                 on_device.record_stream(stream)  # allocated on the copy stream, used on this one
-                return on_device.float()
+                return {"dense": on_device}
         entry = self._data[key]
         if entry[0] == "raw":
-            return entry[1].to(device, non_blocking=True).float()
+            return {"dense": entry[1].to(device, non_blocking=True)}
         if entry[0] == "int8":
-            return entry[1].to(device).float() * entry[2].to(device)
-        return from_factors(entry[1].to(device), entry[2].to(device))
+            return {"codes": entry[1].to(device), "scale": entry[2].to(device)}
+        return {"dense": from_factors(entry[1].to(device), entry[2].to(device))}
 
     def put_factors(self, key, us: torch.Tensor, vh: torch.Tensor) -> None:
         store = self._host if self.policy == "cpu-pinned" else (lambda t: t.to(torch.bfloat16))

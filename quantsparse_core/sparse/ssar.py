@@ -21,8 +21,11 @@ import torch
 
 from ..kernel_link import kernel_module
 from ..models.attention import AttentionCall, dense_attention
+from .correction import Correction, as_correction
+from .host_eigh import TopVectorsJob
 from .masks import BLOCK, BlockMask, check_density, svg_masks
-from .placement import CacheStore, check_policy, choose_placement, from_factors, truncated_factors
+from .placement import (CacheStore, check_policy, choose_placement, factor_rank, from_factors, gram_matrices,
+                        heads_first, project, truncated_factors)
 from .reference import block_sparse_attention as reference_block_sparse_attention
 
 ORDERS = (0, 1, 2)
@@ -35,7 +38,14 @@ class SparseSettings:
     warmup_steps: dense first steps (None = round(0.1 * num_steps)); warmup_blocks: dense first joint
     blocks, double then single; n_rows/block/seed: SVG head classification; placement: cache policy
     ("auto" picks from budget_bytes, default free CUDA memory); placement_rank: rank of the
-    "low-rank" placement; layers: joint blocks for the auto budget (None = counted from calls)."""
+    "low-rank" placement; layers: joint blocks for the auto budget (None = counted from calls);
+    host_eigh: the rank-r truncation's eigendecompositions on a host thread, overlapped with the GPU
+    (None = when the residual is on CUDA; see host_eigh.py), its D2 kept in the cache meanwhile;
+    merged_refresh: a refresh's full attention as the sparse kernel over the mask and over its
+    complement merged by log-sum-exp, one read of the keys (kernels/refresh_attention.py), instead of
+    dense SDPA plus a second sparse pass. Off by default: on an H200 at 720p / 15% it took 367 ms per
+    layer against 361 for cuDNN + the sparse pass (docs/BENCHMARKS.md, run 10); it can pay where
+    SDPA has no fast dense kernel. Needs the Triton kernel."""
     density: float = 0.15
     tau: int = 5
     svd_rank: int = 16
@@ -50,6 +60,8 @@ class SparseSettings:
     host_budget_bytes: Optional[int] = None
     placement_rank: int = 16
     layers: Optional[int] = None
+    host_eigh: Optional[bool] = None
+    merged_refresh: bool = False
 
     def __post_init__(self):
         self.density = check_density(self.density)
@@ -73,7 +85,8 @@ class _BlockState:
     """One block and batch size: the refresh step's mask, and whether D / the correction are stored."""
     mask: Optional[BlockMask] = None
     has_d: bool = False
-    corr: Optional[str] = None  # None, "factors" (rank-r SVD of D2) or "full" (D2 itself, rank 0)
+    corr: Optional[str] = None  # None, "factors" (rank-r SVD of D2), "full" (D2 itself, rank 0) or
+    # "pending" (D2 stored, its factors' eigenvectors being computed on the host thread)
     stats: Dict = field(default_factory=dict)
 
 
@@ -94,6 +107,7 @@ class SSARAttention:
         self._num_blocks: Dict[str, int] = {}
         self._step_batch: Dict = {}
         self._max_batch = 1
+        self._pending: Dict = {}  # block key -> TopVectorsJob of its D2 (host_eigh)
         if self.settings.placement == "auto":
             self.placement = None
         self.stats = dict(dense=0.0, sparse=0.0, sparse_density=0.0, refresh=0.0, mask_changed=0.0)
@@ -161,6 +175,46 @@ class SSARAttention:
         nxt = self._order[(self._order.index(key) + 1) % len(self._order)]
         self._store.prefetch((nxt, "D"), device)
 
+    # ---- deferred rank-r factors (host_eigh) --------------------------------------------------------
+    def _defer(self, key, d2: torch.Tensor, heads: int) -> None:
+        """Queue D2's eigendecomposition on the host thread; keep D2 in the cache until it is back."""
+        xh = heads_first(d2, heads)
+        job = TopVectorsJob(gram_matrices(xh), factor_rank(self.settings.svd_rank, xh.shape[-2], xh.shape[-1]))
+        self._store.put((key, "D2"), d2, heads)
+        self._pending[key] = job
+
+    def _settle(self, key=None) -> None:
+        """Turn finished jobs (or, with `key`, that block's job, waiting for it) into stored factors."""
+        for k in list(self._pending):
+            job = self._pending[k]
+            if k != key and (key is not None or not job.done()):
+                continue
+            del self._pending[k]
+            v = job.result()
+            d2 = heads_first(self._store.get((k, "D2"), v.device), v.shape[1])
+            self._store.put_factors((k, "corr"), *project(d2, v))
+            self._store.drop((k, "D2"))
+            self._states[k].corr = "factors"
+
+    def _cancel(self, key) -> None:
+        if self._pending.pop(key, None) is not None:
+            self._store.drop((key, "D2"))
+
+    def correction(self, key, device) -> Optional[Correction]:
+        """The correction C of block `key` on `device`, in the parts the cache holds (see correction.py)."""
+        st = self._states.get(key)
+        if st is None or not st.has_d:
+            return None
+        if st.corr == "pending":
+            self._settle(key)
+        parts = self._store.get_parts((key, "D"), device)
+        if st.corr == "factors":
+            us, vh = self._store.get_factors((key, "corr"), device)
+            return Correction(**parts, us=us, vh=vh)
+        if st.corr == "full":  # rank 0: D + D2 as one dense tensor
+            return Correction(dense=Correction(**parts).materialize() + self._store.get((key, "corr"), device))
+        return Correction(**parts)
+
     # ---- public views (diagnostics and tests) -----------------------------------------------------
     def block_mask(self, block_type: str, block_index: int, batch: int) -> Optional[BlockMask]:
         st = self._states.get((block_type, block_index, batch))
@@ -168,16 +222,8 @@ class SSARAttention:
 
     def cache(self, block_type: str, block_index: int, batch: int, device=None) -> Optional[torch.Tensor]:
         """The correction C [B, L, H*D] (fp32) added between refreshes, or None."""
-        key = (block_type, block_index, batch)
-        st = self._states.get(key)
-        if st is None or not st.has_d:
-            return None
-        c = self._store.get((key, "D"), device or "cpu")
-        if st.corr == "factors":  # from_factors returns a fresh tensor: add D into it, no third L x hidden buffer
-            c = from_factors(*self._store.get_factors((key, "corr"), c.device)).add_(c)
-        elif st.corr == "full":
-            c = c + self._store.get((key, "corr"), c.device)
-        return c
+        c = self.correction((block_type, block_index, batch), device or "cpu")
+        return None if c is None else c.materialize()
 
     # ---- the attention function -------------------------------------------------------------------
     def __call__(self, q, k, v, mask, call: AttentionCall) -> torch.Tensor:
@@ -188,6 +234,8 @@ class SSARAttention:
         if s.svd_rank > dim:
             raise ValueError(f"svd_rank {s.svd_rank} exceeds head_dim {dim}: an L x head_dim residual has rank <= {dim}")
         self._observe(call, b)
+        if self._pending:
+            self._settle()
         first = self._warmup_steps(call)
         if call.step.index < first or self._block_position(call) < s.warmup_blocks:
             self._count("dense", b)
@@ -203,21 +251,20 @@ class SSARAttention:
             # Between refreshes: O_sparse + C, the correction added in the kernel's epilogue.
             if s.order > 0:
                 self._prefetch_after(key, q.device)
-            corr = None if s.order == 0 else self.cache(*key, device=q.device)
+            corr = None if s.order == 0 else self.correction(key, q.device)
             self._count("sparse", b, st.mask.density())
             return block_sparse_attention(q, k, v, mask, st.mask, call.txt_len, call.grid, correction=corr)
 
         # Refresh: new mask from this step's q/k, exact output, new residual cache.
         old_mask = st.mask
+        self._cancel(key)  # a refresh supersedes factors still being computed
         st.mask = svg_masks(q, k, v, mask, call.txt_len, call.grid, s.density, s.n_rows, s.block,
                             self._rows_generator(call))
-        full = dense_attention(q, k, v, mask, call)
         self._count("dense", b)
         self.stats["refresh"] += b
         if s.order == 0:
-            return full
-        sparse = block_sparse_attention(q, k, v, mask, st.mask, call.txt_len, call.grid)
-        d = full.float() - sparse.float()
+            return dense_attention(q, k, v, mask, call)
+        full, d = self._full_and_residual(q, k, v, mask, st.mask, call)
         store = self._store_for(q)
         if s.order == 2 and st.has_d and not _same_mask(old_mask, st.mask):
             # D and D_prev are residuals of different sparse operators; their difference is the mask
@@ -227,7 +274,10 @@ class SSARAttention:
             self.stats["mask_changed"] += b
         elif s.order == 2 and st.has_d:
             d2 = d - store.get((key, "D"), q.device)
-            if s.svd_rank > 0:
+            if s.svd_rank > 0 and (d2.is_cuda if s.host_eigh is None else s.host_eigh):
+                self._defer(key, d2, heads)
+                st.corr = "pending"
+            elif s.svd_rank > 0:
                 store.put_factors((key, "corr"), *truncated_factors(d2, heads, s.svd_rank))
                 st.corr = "factors"
             else:
@@ -238,15 +288,31 @@ class SSARAttention:
         return full
 
 
+    def _full_and_residual(self, q, k, v, mask, block_mask: BlockMask, call: AttentionCall):
+        """(O_full, D = O_full - O_sparse in fp32) of a refresh: merged from the kernel's runs over the
+        mask and its complement with merged_refresh, else dense SDPA and a sparse pass."""
+        if self.settings.merged_refresh:
+            module = kernel_module("refresh_attention")
+            if (module is None or not kernel_module("dispatch").use_triton(q.device)
+                    or not kernel_module("sparse_attention").supports(q, block_mask.block)):
+                raise ValueError("merged_refresh=True needs the Triton sparse-attention kernel for these inputs "
+                                 "(a CUDA GPU with Triton, a power-of-two head_dim and block): set it to False")
+            return module.refresh_attention(q, k, v, mask, block_mask, call.txt_len, call.grid)
+        full = dense_attention(q, k, v, mask, call)
+        sparse = block_sparse_attention(q, k, v, mask, block_mask, call.txt_len, call.grid)
+        return full, full.float() - sparse.float()
+
+
 def block_sparse_attention(q, k, v, mask, block_mask: BlockMask, txt_len: int, grid,
-                           correction: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """O_sparse (+ correction): the Triton kernel with the correction in its epilogue where
-    kernels.dispatch picks it; the PyTorch reference (correction added in fp32) when the kernels
-    package or Triton is missing."""
+                           correction: Optional[Correction] = None) -> torch.Tensor:
+    """O_sparse (+ correction): the Triton kernel with the correction rebuilt in its epilogue where
+    kernels.dispatch picks it; the PyTorch reference (correction materialised, added in fp32) when
+    the kernels package or Triton is missing."""
+    correction = as_correction(correction)
     module = kernel_module("sparse_attention")
     if module is None:  # no Triton (e.g. macOS/Windows without it): the reference path
         out = reference_block_sparse_attention(q, k, v, mask, block_mask, txt_len, grid)
-        return out if correction is None else (out.float() + correction.float()).to(q.dtype)
+        return out if correction is None else (out.float() + correction.to(out.device).materialize()).to(q.dtype)
     return module.block_sparse_attention(q, k, v, mask, block_mask, txt_len, grid, correction=correction)
 
 

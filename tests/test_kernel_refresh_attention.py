@@ -1,0 +1,132 @@
+"""kernels.refresh_attention (the SSAR refresh's full attention as the sparse kernel over the mask
+and its complement, merged by log-sum-exp) and the kernel's lse output, in Triton's CPU
+interpreter, against float64 references: odd lengths, partial blocks, -inf key bias, temporal and
+dense heads, a query block the mask leaves empty."""
+import math
+
+import pytest
+import torch
+
+from kernels import dispatch
+from kernels.refresh_attention import complement, refresh_attention
+from kernels.refresh_attention_ref import refresh_attention_ref
+from kernels.sparse_attention import sparse_attention
+from kernels.sparse_attention_ref import dense_masked_attention_f64
+from quantsparse_core.models.attention import AttentionCall, StepInfo
+from quantsparse_core.sparse.layout import temporal_permutation
+from quantsparse_core.sparse.masks import BlockMask
+from quantsparse_core.sparse.ssar import SparseSettings, SSARAttention
+
+pytestmark = [
+    pytest.mark.skipif(not dispatch.triton_available(), reason="triton not installed"),
+    pytest.mark.skipif(torch.cuda.is_available() and not dispatch.interpreting(),
+                       reason="runs the kernels in Triton's CPU interpreter; on a GPU see test_kernels_cuda.py"),
+]
+
+TXT, GRID = 7, (3, 4, 5)  # L = 67: a partial last block of 16
+L = TXT + 60
+KINDS = ["spatial", "temporal", "dense"]
+
+
+def inputs(rng, dtype, b=2, h=3, d=32, block=16):
+    q, k, v = (torch.randn(b, L, h, d, generator=rng).to(dtype).transpose(1, 2) for _ in range(3))
+    n = -(-L // block)
+    keep = torch.rand(h, n, n, generator=rng) < 0.4
+    keep[:, 1, :] = False                    # a query block the mask leaves empty: all of it is the rest
+    keep[2] = True                           # a dense head: its complement is empty
+    mask = torch.zeros(1, 1, L)
+    mask[..., 4:TXT] = float("-inf")         # ComfyUI's padded text tokens
+    return q, k, v, mask, BlockMask(keep, list(KINDS), block, L)
+
+
+def lse2_f64(q, k, keep, block, bias, perm, permuted):
+    """[B, H, L] float64 base-2 log-sum-exp of each row's allowed scaled scores (-inf if none)."""
+    b, heads, length, d = q.shape
+    out = torch.empty(b, heads, length, dtype=torch.float64)
+    tok = torch.arange(length) // block
+    for h in range(heads):
+        order = perm.long() if permuted[h] else torch.arange(length)
+        s = q[:, h].double()[:, order] @ k[:, h].double()[:, order].transpose(-1, -2) / math.sqrt(d)
+        s = s + bias.double()[:, order][:, None, :]
+        s = s.masked_fill(~keep[h][tok][:, tok], float("-inf"))
+        out[:, h, order] = torch.logsumexp(s, -1) / math.log(2)
+    return out
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-4)])
+def test_lse_output_matches_float64(rng, dtype, atol):
+    q, k, v, mask, bm = inputs(rng, dtype)
+    perm = temporal_permutation(TXT, GRID)
+    permuted = [bm.permuted(h) for h in range(3)]
+    bias = mask.reshape(1, L).expand(2, L).contiguous()
+    bias[1] += torch.randn(L, generator=rng)  # a per-batch bias too
+    index, count = bm.to_indices()
+    lse = torch.full((2, 3, L), float("nan"))
+    sparse_attention(q, k, v, index, count, block=16, key_bias=bias, perm=perm, permuted_heads=permuted, lse=lse)
+    ref = lse2_f64(q, k, bm.keep, 16, bias, perm, permuted)
+    empty = torch.isinf(ref)
+    assert bool(empty.any()) and bool(torch.equal(torch.isinf(lse), empty))
+    assert float((lse.double() - ref)[~empty].abs().max()) < atol * float(ref[~empty].abs().max())
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 1.5e-2)])
+def test_refresh_attention_matches_float64(rng, dtype, tol):
+    """O_full and D = O_full - O_sparse against float64 dense and sparse attention; the D of the
+    dense head is 0 (nothing left out) and the empty query block's D is all of O_full."""
+    q, k, v, mask, bm = inputs(rng, dtype)
+    perm = temporal_permutation(TXT, GRID)
+    permuted = [bm.permuted(h) for h in range(3)]
+    bias = mask.reshape(1, L)
+    with dispatch.forced("triton"):
+        full, d = refresh_attention(q, k, v, mask, bm, TXT, GRID)
+    every = torch.ones_like(bm.keep)
+    full_ref = dense_masked_attention_f64(q, k, v, every, 16, key_bias=bias, perm=perm, permuted_heads=permuted)
+    d_ref = full_ref - dense_masked_attention_f64(q, k, v, bm.keep, 16, key_bias=bias, perm=perm,
+                                                  permuted_heads=permuted)
+    assert full.dtype == dtype and d.dtype == torch.float32
+    rel = lambda a, r: float((a.double() - r).norm() / r.norm())  # noqa: E731
+    assert rel(full, full_ref) < tol and rel(d, d_ref) < tol
+    assert float(d.view(2, L, 3, 32)[:, :, 2].abs().max()) == 0.0
+    with dispatch.forced("torch"):
+        full_t, d_t = refresh_attention_ref(q, k, v, mask, bm, TXT, GRID)
+    assert rel(full_t, full_ref) < tol and rel(d_t, d_ref) < tol
+
+
+def test_complement_is_disjoint_cached_and_keeps_kinds(rng):
+    *_, bm = inputs(rng, torch.float32)
+    c = complement(bm)
+    assert c is complement(bm) and c.kinds == bm.kinds
+    assert not bool((c.keep & bm.keep).any()) and bool((c.keep | bm.keep).all())
+
+
+def test_merged_refresh_in_ssar_equals_dense_plus_sparse(rng):
+    """SSARAttention with the merged refresh = with dense SDPA + a sparse pass, over refresh and
+    reuse steps (the cache built from D must agree too); merged_refresh=True off the kernel is refused."""
+    txt, grid, h, d = 8, (4, 4, 4), 2, 16
+    length = txt + 64
+    s = dict(density=0.3, tau=2, svd_rank=2, order=2, warmup_steps=0, warmup_blocks=0, block=16, n_rows=16,
+             placement="exact")
+    sigmas = torch.linspace(1, 0, 7)
+    xs = [[torch.randn(2, h, length, d, generator=rng) for _ in range(3)] for _ in range(5)]
+    mask = torch.zeros(1, 1, length)
+    mask[..., 6:txt] = float("-inf")
+    outs = {}
+    for merged in (False, True):
+        fn = SSARAttention(SparseSettings(merged_refresh=merged, **s))
+        with dispatch.forced("triton"):
+            outs[merged] = [fn(*x, mask, AttentionCall("double", 0, 1, txt, grid, StepInfo(i, sigmas)))
+                            for i, x in enumerate(xs)]
+    for i, (a, c) in enumerate(zip(outs[False], outs[True])):
+        assert torch.allclose(a, c, atol=2e-5, rtol=0), i
+    fn = SSARAttention(SparseSettings(merged_refresh=True, **s))
+    with dispatch.forced("torch"), pytest.raises(ValueError, match="merged_refresh=True needs"):
+        fn(*xs[0], mask, AttentionCall("double", 0, 1, txt, grid, StepInfo(0, sigmas)))
+
+
+def test_bad_lse_buffer_is_refused(rng):
+    q, k, v, _, bm = inputs(rng, torch.float32)
+    index, count = bm.to_indices()
+    perm = temporal_permutation(TXT, GRID)
+    for bad in (torch.empty(2, 3, L + 1), torch.empty(2, 3, L, dtype=torch.float64)):
+        with pytest.raises(ValueError, match="lse must be a float32"):
+            sparse_attention(q, k, v, index, count, block=16, perm=perm, permuted_heads=[False, True, False], lse=bad)

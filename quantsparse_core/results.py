@@ -125,7 +125,7 @@ def render_quant(rows, device, steps, samples, epochs) -> str:
 
 ORDERS = (("no cache", 0, 0), ("1st order", 1, 0), ("2nd order", 2, 0), ("2nd + SVD r16", 2, 16))
 ABLATION_STEPS = 50  # the paper's schedule: ~9 refreshes per block at tau 5, not 3 as at 16 steps
-SCHEDULES = ((5, 2), (8, 2), (10, 5))  # (tau, dense warm-up steps) besides the default (5, 10% = 5)
+SCHEDULES = ((5, 2), (6, 2), (8, 2), (10, 5))  # (tau, dense warm-up steps) besides the default (5, 10% = 5)
 
 
 def _block_for(density: float) -> int:

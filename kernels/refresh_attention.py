@@ -22,15 +22,11 @@ from .sparse_attention import check_call, mask_arguments, sparse_attention
 
 
 def complement(block_mask):
-    """The key blocks the mask leaves out, per head and in each head's own order (same kinds);
-    cached on the mask, which is not mutated after creation."""
+    """The key blocks the mask leaves out, per head and in each head's own order (same kinds). Not
+    cached: a refresh uses it once, and its ~85%-dense index would otherwise live as long as the mask."""
     from quantsparse_core.sparse.masks import BlockMask
 
-    cached = block_mask.__dict__.get("_qs_complement")
-    if cached is None:
-        cached = BlockMask(~block_mask.keep, list(block_mask.kinds), block_mask.block, block_mask.seq_len)
-        block_mask.__dict__["_qs_complement"] = cached
-    return cached
+    return BlockMask(~block_mask.keep, list(block_mask.kinds), block_mask.block, block_mask.seq_len)
 
 
 def merge(sparse: torch.Tensor, lse_sparse: torch.Tensor, rest: torch.Tensor,
@@ -43,7 +39,7 @@ def merge(sparse: torch.Tensor, lse_sparse: torch.Tensor, rest: torch.Tensor,
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     e_rest = torch.exp2(lse_rest - top)
     w = e_rest / (torch.exp2(lse_sparse - top) + e_rest).clamp_min(torch.finfo(torch.float32).tiny)
-    d = rest.float()
+    d = rest.to(torch.float32, copy=True)  # the caller's tensors stay as they are
     d -= sparse
     d.view(b, length, heads, hd // heads).mul_(w.transpose(1, 2).unsqueeze(-1))
     full = (d + sparse).to(sparse.dtype)

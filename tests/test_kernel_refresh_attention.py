@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kernels import dispatch
-from kernels.refresh_attention import complement, refresh_attention
+from kernels.refresh_attention import complement, merge, refresh_attention
 from kernels.refresh_attention_ref import refresh_attention_ref
 from kernels.sparse_attention import sparse_attention
 from kernels.sparse_attention_ref import dense_masked_attention_f64
@@ -92,11 +92,33 @@ def test_refresh_attention_matches_float64(rng, dtype, tol):
     assert rel(full_t, full_ref) < tol and rel(d_t, d_ref) < tol
 
 
-def test_complement_is_disjoint_cached_and_keeps_kinds(rng):
+def test_complement_is_disjoint_and_keeps_kinds(rng):
     *_, bm = inputs(rng, torch.float32)
     c = complement(bm)
-    assert c is complement(bm) and c.kinds == bm.kinds
+    assert c.kinds == bm.kinds and "_qs_complement" not in bm.__dict__
     assert not bool((c.keep & bm.keep).any()) and bool((c.keep | bm.keep).all())
+
+
+def test_merge_matches_a_softmax_over_the_union_and_leaves_its_inputs_alone(rng):
+    """merge() of two attentions over disjoint key sets, from their outputs and base-2 lse, equals
+    attention over all keys (float64); an empty set (lse -inf) on either side is handled."""
+    b, h, n, d, keys = 1, 2, 5, 4, 9
+    s = torch.randn(b, h, n, keys, generator=rng, dtype=torch.float64) * 2
+    v = torch.randn(b, h, keys, d, generator=rng, dtype=torch.float64)
+    part = torch.rand(keys, generator=rng) < 0.5
+    part[0], part[1] = True, False
+    sides = []
+    for first, keep in ((True, part), (False, ~part)):
+        m = s.masked_fill(~keep, float("-inf"))
+        m[:, :, 0] = s[:, :, 0] if first else float("-inf")  # query row 0: all its keys on the first side
+        o = torch.nan_to_num(torch.softmax(m, -1) @ v).transpose(1, 2).reshape(b, n, h * d)
+        sides += [o.float(), (torch.logsumexp(m, -1) / math.log(2)).float()]
+    exact = (torch.softmax(s, -1) @ v).transpose(1, 2).reshape(b, n, h * d)
+    rest_before = sides[2].clone()
+    full, res = merge(*sides)
+    assert torch.equal(sides[2], rest_before)
+    assert float((full.double() - exact).abs().max()) < 1e-5
+    assert float((res.double() - (exact - sides[0].double())).abs().max()) < 1e-5
 
 
 def test_merged_refresh_in_ssar_equals_dense_plus_sparse(rng):

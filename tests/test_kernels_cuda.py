@@ -145,6 +145,29 @@ def test_merged_refresh_attention_on_gpu_equals_float64(rng):
     assert rel(full.cpu(), full_ref) < 1e-2 and rel(res.cpu(), res_ref) < 2e-2
 
 
+@pytest.mark.parametrize("placement", ["exact", "gpu-int8"])
+def test_host_eigh_on_gpu_matches_inline(rng, placement):
+    """SSAR's deferred truncation on CUDA (pinned copy + event, CPU eigh on the worker thread) under
+    torch.inference_mode gives the inline result: every output and the final correction."""
+    from quantsparse_core.models.attention import AttentionCall, StepInfo
+    from quantsparse_core.sparse.ssar import SparseSettings, SSARAttention
+    txt, grid, h, d = 16, (4, 8, 8), 2, 64
+    length = txt + 256
+    sig = torch.linspace(1, 0, 11)
+    base = [torch.randn(1, h, length, d, generator=rng) for _ in range(3)]
+    xs = [[x.to(DEV) * (1 + 0.1 * i) if j == 2 else x.to(DEV) for j, x in enumerate(base)] for i in range(6)]
+    runs = {}
+    for host in (False, True):
+        fn = SSARAttention(SparseSettings(density=0.3, tau=2, svd_rank=4, warmup_steps=0, warmup_blocks=0, block=64,
+                                          n_rows=16, placement=placement, host_eigh=host))
+        with torch.inference_mode():
+            outs = [fn(*x, None, AttentionCall("double", 0, 1, txt, grid, StepInfo(i, sig))) for i, x in enumerate(xs)]
+            runs[host] = [o.float().cpu() for o in outs] + [fn.cache("double", 0, 1)]
+    tol = 1e-5 if placement == "exact" else 2e-2  # int8: the pending D2 is held in int8 too
+    for a, b in zip(runs[False], runs[True]):
+        assert rel(b, a) < tol
+
+
 def test_producer_quant_on_gpu_equals_reference(rng):
     """kernels.producer_quant at HunyuanVideo widths (C = 3072, GELU 12288, [attention | GELU] 15360),
     bf16, against its PyTorch reference: codes at most one step apart on at most 0.1% of entries."""

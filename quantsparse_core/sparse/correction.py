@@ -31,7 +31,7 @@ class Correction:
         if self.codes is not None:
             if self.codes.dtype != torch.int8 or self.scale is None:
                 raise ValueError("int8 codes need their fp32 row scale")
-            if self.scale.shape[:2] != self.codes.shape[:2]:
+            if self.scale.shape[:2] != self.codes.shape[:2] or self.scale.numel() != self.codes[..., 0].numel():
                 raise ValueError(f"scale {tuple(self.scale.shape)} does not match codes {tuple(self.codes.shape)}")
         if (self.us is None) != (self.vh is None):
             raise ValueError("the factors us and vh come together")
@@ -55,7 +55,8 @@ class Correction:
         return 0 if self.us is None else self.us.shape[-1]
 
     def to(self, device) -> "Correction":
-        move = (lambda t: None if t is None else t.to(device, non_blocking=True))  # noqa: E731
+        from .placement import to_device
+        move = (lambda t: None if t is None else to_device(t, device))  # noqa: E731
         return Correction(move(self.dense), move(self.codes), move(self.scale), move(self.us), move(self.vh))
 
     def materialize(self) -> torch.Tensor:

@@ -50,7 +50,7 @@ class TopVectorsJob:
         if gram.is_cuda:
             host = torch.empty(gram.shape, dtype=gram.dtype, pin_memory=True)
             host.copy_(gram, non_blocking=True)
-            ready = torch.cuda.Event()
+            ready = torch.cuda.Event(blocking=True)  # the worker sleeps on it instead of spinning a core
             ready.record(torch.cuda.current_stream(gram.device))
         else:
             host = gram.detach().clone()  # the caller may reuse its buffer
@@ -58,6 +58,10 @@ class TopVectorsJob:
 
     def done(self) -> bool:
         return self._future.done()
+
+    def cancel(self) -> None:
+        """Drop the job if the worker has not started it (a new run no longer needs it)."""
+        self._future.cancel()
 
     def result(self) -> torch.Tensor:
         return self._future.result().to(self.device, non_blocking=True)

@@ -150,6 +150,13 @@ def from_factors(us: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
     return heads_last(us.float() @ vh.float())
 
 
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """t on `device`; asynchronous only towards a CUDA device (stream-ordered there). A non-blocking
+    copy to the host returns before the data has arrived, so those wait."""
+    device = torch.device(device)
+    return t.to(device, non_blocking=device.type == "cuda")
+
+
 class CacheStore:
     """Keyed residual tensors [B, L, H*D] kept under one placement policy.
 
@@ -231,7 +238,7 @@ class CacheStore:
                 return {"dense": on_device}
         entry = self._data[key]
         if entry[0] == "raw":
-            return {"dense": entry[1].to(device, non_blocking=True)}
+            return {"dense": to_device(entry[1], device)}
         if entry[0] == "int8":
             return {"codes": entry[1].to(device), "scale": entry[2].to(device)}
         return {"dense": from_factors(entry[1].to(device), entry[2].to(device))}
@@ -244,7 +251,7 @@ class CacheStore:
 
     def get_factors(self, key, device) -> Tuple[torch.Tensor, torch.Tensor]:
         _, us, vh = self._data[key]
-        return us.to(device, non_blocking=True).float(), vh.to(device, non_blocking=True).float()
+        return to_device(us, device).float(), to_device(vh, device).float()
 
     def __contains__(self, key) -> bool:
         return key in self._data

@@ -100,6 +100,8 @@ class SSARAttention:
 
     def reset(self) -> None:
         """Forget masks, caches, statistics and the chosen auto placement (start of a new video)."""
+        for job in getattr(self, "_pending", {}).values():
+            job.cancel()  # queued jobs of the old run would delay the new run's
         self._states: Dict = {}
         self._order: list = []  # block keys in the order the model calls them
         self._store: Optional[CacheStore] = None
@@ -190,7 +192,14 @@ class SSARAttention:
             if k != key and (key is not None or not job.done()):
                 continue
             del self._pending[k]
-            v = job.result()
+            try:
+                v = job.result()
+            except Exception as e:
+                self._store.drop((k, "D2"))   # the block keeps D (first order) until its next refresh
+                self._states[k].corr = None
+                raise RuntimeError(f"SSAR: the rank-{self.settings.svd_rank} truncation of block {k[:2]}'s "
+                                   f"second-order residual failed on the host thread ({e}); set host_eigh=False "
+                                   "to run it inline, or svd_rank=0") from e
             d2 = heads_first(self._store.get((k, "D2"), v.device), v.shape[1])
             self._store.put_factors((k, "corr"), *project(d2, v))
             self._store.drop((k, "D2"))
@@ -206,6 +215,8 @@ class SSARAttention:
         if st is None or not st.has_d:
             return None
         if st.corr == "pending":
+            if key not in self._pending:
+                raise RuntimeError(f"SSAR internal state: block {key[:2]} waits for factors no job computes")
             self._settle(key)
         parts = self._store.get_parts((key, "D"), device)
         if st.corr == "factors":
@@ -274,7 +285,9 @@ class SSARAttention:
             self.stats["mask_changed"] += b
         elif s.order == 2 and st.has_d:
             d2 = d - store.get((key, "D"), q.device)
-            if s.svd_rank > 0 and (d2.is_cuda if s.host_eigh is None else s.host_eigh):
+            # The low-rank placement would truncate the pending D2 itself, on this thread: no gain.
+            deferred = d2.is_cuda if s.host_eigh is None else s.host_eigh
+            if s.svd_rank > 0 and deferred and store.policy != "low-rank":
                 self._defer(key, d2, heads)
                 st.corr = "pending"
             elif s.svd_rank > 0:

@@ -62,7 +62,7 @@ class Correction:
     def materialize(self) -> torch.Tensor:
         """C as fp32 [B, L, H*D]: the reference the kernel's epilogue is checked against."""
         if self.dense is not None:
-            c = self.dense.float().clone()
+            c = self.dense.to(torch.float32, copy=True)
         else:
             c = self.codes.float() * self.scale.float().reshape(*self.scale.shape[:2], 1)
         if self.us is not None:

@@ -84,6 +84,7 @@ class SparseSettings:
 class _BlockState:
     """One block and batch size: the refresh step's mask, and whether D / the correction are stored."""
     mask: Optional[BlockMask] = None
+    density: float = 1.0  # the mask's, read once per refresh: on a GPU mask each read syncs the host
     has_d: bool = False
     corr: Optional[str] = None  # None, "factors" (rank-r SVD of D2), "full" (D2 itself, rank 0) or
     # "pending" (D2 stored, its factors' eigenvectors being computed on the host thread)
@@ -263,7 +264,7 @@ class SSARAttention:
             if s.order > 0:
                 self._prefetch_after(key, q.device)
             corr = None if s.order == 0 else self.correction(key, q.device)
-            self._count("sparse", b, st.mask.density())
+            self._count("sparse", b, st.density)
             return block_sparse_attention(q, k, v, mask, st.mask, call.txt_len, call.grid, correction=corr)
 
         # Refresh: new mask from this step's q/k, exact output, new residual cache.
@@ -271,6 +272,7 @@ class SSARAttention:
         self._cancel(key)  # a refresh supersedes factors still being computed
         st.mask = svg_masks(q, k, v, mask, call.txt_len, call.grid, s.density, s.n_rows, s.block,
                             self._rows_generator(call))
+        st.density = st.mask.density()
         self._count("dense", b)
         self.stats["refresh"] += b
         if s.order == 0:
@@ -299,7 +301,6 @@ class SSARAttention:
         store.put((key, "D"), d, heads)
         st.has_d = True
         return full
-
 
     def _full_and_residual(self, q, k, v, mask, block_mask: BlockMask, call: AttentionCall):
         """(O_full, D = O_full - O_sparse in fp32) of a refresh: merged from the kernel's runs over the

@@ -1,14 +1,18 @@
 """Tuning sweep for the activation-quantization, block-sparse attention and W8A8 GEMM kernels: one GPU call.
 
-    python benchmarks/dev_kernel_sweep.py [--parts quant,sparse,gemm] [--budget-s 330] [--out FILE]
-        [--quant CANDS] [--sparse CANDS] [--densities 0.15,0.25] [--gemm CANDS]
+    python benchmarks/dev_kernel_sweep.py [--parts quant,gelu,sparse,gemm] [--budget-s 330] [--out FILE]
+        [--quant CANDS] [--gelu CANDS] [--sparse CANDS] [--densities 0.15,0.25] [--gemm CANDS]
 
 Every candidate is checked before it is timed (act quant: codes identical to act_quant_ref and
 scales equal, with and without smoothing + clip; sparse: relative error vs the reference at a small
 N with a partial last block and a text bias, and vs dense cuDNN SDPA at density 1.0 at full N).
 Timings are CUDA-event medians against baselines measured in the same run: the copy-bandwidth floor
 (3 MK + 4 M bytes; a 1 GiB device copy, and a bf16 clone of x) and d x dense cuDNN SDPA.
-Candidates: quant "variant" or "rows:ROWS/CHUNK/WARPS[/slow]"; sparse "BM/BN/WARPS/STAGES[/ws]";
+gelu (kernels.producer_quant.gelu_quant at fc2's [M, 12288] and linear2's [M, 3072 | 12288]): codes
+against gelu_quant_ref (at most one step apart on <= 1e-3 of entries), timed against the eager bf16
+GELU the unfused block runs and the copy floor (read 2 MK + write MK + 4 M bytes).
+Candidates: quant "variant" or "rows:ROWS/CHUNK/WARPS[/slow]"; gelu "two:ROWS/CHUNK/WARPS" or
+"one:ROWS/WARPS"; sparse "BM/BN/WARPS/STAGES[/ws]";
 gemm "default" (TMA_CONFIGS) or "BM/BN/BK/WARPS/STAGES[/OPTS]" for the persistent TMA kernel, OPTS a
 "+"-joined subset of kernels.int_gemm.TMA_OPTIONS; GEMMs are checked against the float64 dequantized
 reference on 512 rows (a partial last tile included) and timed interleaved with bf16 F.linear.
@@ -38,6 +42,8 @@ GRID_720P, TXT_LEN, HEADS, HEAD_DIM = (33, 45, 80), 256, 24, 128
 QUANT_CANDS = ("chunked", "rows", "rows:1/4096/4/split", "rows:1/4096/4/slow", "rows:1/4096/8/split",
                "rows:2/4096/8/split", "rows:4/4096/16/split", "rows:1/16384/32",
                "rows:1/16384/32/split", "rows:1/16384/16/split", "rows:4/2048/8")
+GELU_CANDS = ("default", "one:1/16", "one:1/8", "one:2/16", "two:1/4096/8", "two:2/4096/8", "two:4/2048/8",
+              "two:1/2048/4", "one:1/32")
 # "gather": temporal heads gather k/v through the permutation in the loop (the old kernel);
 # otherwise they read a permuted copy (KV_COPY)
 # (run of 2026-11-25: the TMA-store + subtile + flatten epilogue gained 3-7% at K = 3072; BK = 64 with
@@ -109,6 +115,61 @@ def sweep_quant(cands, budget, lines):
                 lines.append(f"| {K} | {c}: failed {type(e).__name__}: {str(e)[:120]} | | | | | | | |")
             log(lines[-1])
         del x, refs
+        torch.cuda.empty_cache()
+
+
+def parse_gelu(c: str):
+    if c == "default":
+        return None
+    kind, rest = c.split(":")
+    p = [int(x) for x in rest.split("/")]
+    if kind == "one":
+        return dict(ONEPASS=True, ROWS=p[0], num_warps=p[1])
+    return dict(ONEPASS=False, ROWS=p[0], CHUNK=p[1], num_warps=p[2])
+
+
+def sweep_gelu(cands, budget, lines):
+    import torch.nn as nn
+    from kernels.producer_quant import gelu_quant
+    from kernels.producer_quant_ref import gelu_quant_ref
+    g = torch.Generator(device="cuda").manual_seed(6)
+    bw = copy_bandwidth(reps=10)
+    lines.append(f"\nGELU producer (gelu_quant); copy bandwidth {bw / 1e12:.3f} TB/s; floor = (2 MK + MK + 4 M) bytes at it\n")
+    lines.append("| shape | candidate | codes differing (fraction, max step) | scale max rel diff | ms | eager GELU ms "
+                 "(bf16 out) | floor ms | ratio vs floor |")
+    lines.append("|---|---|---|---|---|---|---|---|")
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    act = nn.GELU(approximate="tanh")
+    for name, ka, kb in (("fc2 [M, 12288]", 0, 12288), ("linear2 [M, 3072 | 12288]", 3072, 12288)):
+        if not budget.allows(20):
+            lines.append(f"| {name} | skipped: time budget | | | | | | |")
+            continue
+        m = M_TOKENS
+        hid = torch.randn(1, m, kb, generator=g, **bf) * 2
+        pre = torch.randn(1, m, ka, generator=g, **bf) if ka else None
+        inv = torch.rand(ka + kb, device="cuda", generator=g) + 0.5
+        rc, rs = gelu_quant_ref(hid, inv, 0.9, 8, prefix=pre)
+        eager = kernel_ms(lambda: act(hid), reps=10)  # GELU of hid alone (linear2's prefix not included)
+        floor = (3 * m * (ka + kb) + 4 * m) / bw * 1e3
+        for c in cands:
+            if not budget.allows(10):
+                lines.append(f"| {name} | {c}: skipped (time budget) | | | | | | |")
+                continue
+            cfg = parse_gelu(c)
+            try:
+                q, sc = gelu_quant(hid, inv, 0.9, 8, prefix=pre, config=cfg)
+                d = (q.int() - rc.int()).abs()
+                frac, big = float((d > 0).float().mean()), int(d.max())
+                srel = float(((sc - rs).abs() / rs).max())
+                del q, sc, d
+                ms = kernel_ms(lambda: gelu_quant(hid, inv, 0.9, 8, prefix=pre, config=cfg), reps=15, warmup=3)
+                ok = "" if big <= 1 and frac <= 1e-3 and srel <= 1e-5 else " **MISMATCH**"
+                lines.append(f"| {name} | {c}{ok} | {frac:.2g}, {big} | {srel:.2g} | {ms:.3f} | {eager:.3f} | "
+                             f"{floor:.3f} | {ms / floor:.2f} |")
+            except Exception as e:
+                lines.append(f"| {name} | {c}: failed {type(e).__name__}: {str(e)[:120]} | | | | | | |")
+            log(lines[-1])
+        del hid, pre, rc, rs
         torch.cuda.empty_cache()
 
 
@@ -312,6 +373,7 @@ def main(argv=None):
     ap.add_argument("--budget-s", type=float, default=330)
     ap.add_argument("--out", default=None)
     ap.add_argument("--quant", default=",".join(QUANT_CANDS))
+    ap.add_argument("--gelu", default=",".join(GELU_CANDS))
     ap.add_argument("--sparse", default=",".join(SPARSE_CANDS))
     ap.add_argument("--densities", default="0.15,0.25")
     ap.add_argument("--gemm", default=",".join(GEMM_CANDS))
@@ -325,6 +387,8 @@ def main(argv=None):
     parts = a.parts.split(",")
     if "quant" in parts:
         sweep_quant([c for c in a.quant.split(",") if c], budget, lines)
+    if "gelu" in parts:
+        sweep_gelu([c for c in a.gelu.split(",") if c], budget, lines)
     if "sparse" in parts:
         sweep_sparse([c for c in a.sparse.split(",") if c], [float(d) for d in a.densities.split(",") if d], budget, lines)
     if "gemm" in parts:

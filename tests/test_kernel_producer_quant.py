@@ -42,14 +42,16 @@ def test_norm_modulate_quant(rng, dtype, frac, bits):
 
 
 @pytest.mark.parametrize("dtype,frac", [(torch.float32, 2e-3), (torch.bfloat16, 2e-2)])
-def test_gelu_quant_with_and_without_prefix(rng, dtype, frac):
+@pytest.mark.parametrize("config", [None, dict(ONEPASS=True, ROWS=4)], ids=["two-pass", "one-pass"])
+def test_gelu_quant_with_and_without_prefix(rng, dtype, frac, config):
     m, ka, kb = 9, 96, 2500                                # several CHUNK pieces, a partial last one
     hid = (torch.randn(3, m, kb + 7, generator=rng) * 3).to(dtype)[..., 7:]   # strided view, as split() gives
     pre = torch.randn(3, m, ka, generator=rng).to(dtype)
     for bits in (8, 6):
-        agree(gelu_quant(hid, None, 1.0, bits), gelu_quant_ref(hid, None, 1.0, bits), frac)
+        agree(gelu_quant(hid, None, 1.0, bits, config=config), gelu_quant_ref(hid, None, 1.0, bits), frac)
         inv = _smooth(rng, ka + kb)
-        agree(gelu_quant(hid, inv, 0.9, bits, prefix=pre), gelu_quant_ref(hid, inv, 0.9, bits, prefix=pre), frac)
+        agree(gelu_quant(hid, inv, 0.9, bits, prefix=pre, config=config),
+              gelu_quant_ref(hid, inv, 0.9, bits, prefix=pre), frac)
 
 
 def test_references_equal_the_model_ops_then_act_quant(rng):
@@ -85,3 +87,5 @@ def test_bad_input_gets_clear_errors(rng):
         gelu_quant(x, torch.ones(10), 1.0, 8)
     with pytest.raises(ValueError, match="leading dims"):
         gelu_quant(x, None, 1.0, 8, prefix=torch.randn(1, 5, 8))
+    with pytest.raises(ValueError, match="unknown gelu_quant config keys"):
+        gelu_quant(x, None, 1.0, 8, config=dict(BLOCK=64))

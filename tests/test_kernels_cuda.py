@@ -191,3 +191,38 @@ def test_producer_quant_on_gpu_equals_reference(rng):
         diff = (codes.int() - rc.int()).abs()
         assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
         assert rel(s, rs) < 2e-4  # a row whose largest entry rounds the other way moves its scale by 2^-8
+    for config in (dict(ONEPASS=True, ROWS=1), dict(ROWS=4, CHUNK=2048, num_warps=8)):   # the tuning variants
+        codes, s = gelu_quant(hid, inv, 0.9, 8, prefix=x, config=config)
+        rc, rs = gelu_quant_ref(hid, inv, 0.9, 8, prefix=x)
+        diff = (codes.int() - rc.int()).abs()
+        assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
+
+
+def test_qk_norm_rope_on_gpu_equals_reference(rng):
+    """kernels.qk_norm_rope at HunyuanVideo's widths (24 heads x 128, a 720p-length video stream and
+    256 text tokens, batch 2), bf16, outputs poisoned first (the caching allocator hands the kernel
+    back the NaN-filled blocks): within one bf16 unit of the reference (test_kernel_qk_norm_rope.unit_bound)."""
+    from kernels import qk_norm_rope as kern
+    from kernels.qk_norm_rope_ref import double_qkv_ref, single_qkv_ref
+    from quantsparse_core.models import layers
+    from test_kernel_qk_norm_rope import unit_bound
+    heads, d, lt, li = 24, 128, 256, 33 * 45 * 80 // 4 + 3
+    bf = dict(device=DEV, dtype=torch.bfloat16)
+    txt = (torch.randn(2, lt, 3 * heads * d, generator=rng) * 2).to(**bf)
+    img = (torch.randn(2, li, 3 * heads * d + 64, generator=rng) * 2).to(**bf)[..., 64:]
+    ws = [(torch.rand(d, generator=rng) + 0.5).to(**bf) for _ in range(4)]
+    pos = torch.cat((torch.zeros(2, lt, 3), torch.randint(0, 80, (2, li, 3), generator=rng).float()), 1)
+    table = layers.rope_table(pos.to(DEV), (16, 56, 56), 256.0)
+    for got_fn, ref_fn in ((lambda: kern.double_qkv(txt, img, heads, *ws, table),
+                            lambda: double_qkv_ref(txt, img, heads, *ws, table)),
+                           (lambda: kern.single_qkv(img, heads, ws[0], ws[1], table[:, :, lt:]),
+                            lambda: single_qkv_ref(img, heads, ws[0], ws[1], table[:, :, lt:]))):
+        poison = torch.full((3, 2, heads, lt + li, d), float("nan"), **bf)
+        del poison
+        got, ref = got_fn(), ref_fn()
+        for g, r in zip(got, ref):
+            off = (g.float() - r.float()).abs()
+            bound = unit_bound(r, torch.bfloat16)
+            assert bool(torch.isfinite(g).all())
+            assert bool((off <= bound).all()), float((off / bound).max())
+            assert float((off > 0).float().mean()) < 1e-3

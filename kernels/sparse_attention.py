@@ -14,6 +14,7 @@ The PyTorch references are in kernels/sparse_attention_ref.py.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence
 
@@ -396,7 +397,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index
         t = min(-(-_text_rows(kv_count, heads_all, block) // block_m), nm)
         for g0 in range(0, len(heads_all), group):
             heads_list = heads_all[g0:g0 + group]
-            hl = torch.tensor(heads_list, dtype=torch.int32, device=q.device)
+            hl = _head_list(tuple(heads_list), q.device)
             bh = b * len(heads_list)
             kk, vv = k, v
             if copy:
@@ -419,6 +420,13 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index
                 IEEE=q.dtype == torch.float32 or dispatch.interpreting(),
                 ROW64=row64, WS=ws, KV_COPY=copy, HAS_LSE=lse is not None, num_warps=warps, num_stages=stages)
     return out
+
+
+@functools.lru_cache(maxsize=256)
+def _head_list(heads: tuple, device: torch.device) -> torch.Tensor:
+    """The launch's head indices as an int32 tensor on `device`, made once: torch.tensor(list,
+    device=cuda) copies from pageable memory and syncs the host with the GPU queue on every call."""
+    return torch.tensor(heads, dtype=torch.int32, device=device)
 
 
 def _bias_blocks(key_bias, perm, block: int) -> dict:

@@ -135,6 +135,25 @@ def test_svg_mask_density_text_and_indices(rng):
             assert bool((index[h, i, count[h, i]:] == -1).all())
 
 
+def test_svg_masks_share_one_band_and_its_indices(rng):
+    """Refreshes of different layers get masks viewing one shared band, whose precomputed indices and
+    density (computed once, no per-layer host sync) equal what a fresh mask computes from keep."""
+    from quantsparse_core.sparse.ssar import _same_mask
+    txt_len, grid = 24, (8, 16, 16)
+    n = 2072
+    a = svg_masks(*qkv(rng, 1, 3, n, 8), None, txt_len, grid, 0.25, generator=rng)
+    b = svg_masks(*qkv(rng, 1, 3, n, 8), None, txt_len, grid, 0.25, generator=rng)
+    assert a.keep.data_ptr() == b.keep.data_ptr() and a.to_indices()[0] is b.to_indices()[0]
+    fresh = BlockMask(a.keep.clone(), list(a.kinds), a.block, a.seq_len)
+    for got, ref in zip(a.to_indices(), fresh.to_indices()):
+        assert torch.equal(got, ref)
+    assert a.density() == fresh.density()
+    b.kinds = list(a.kinds)
+    assert _same_mask(a, b) and _same_mask(a, fresh)
+    b.kinds[0] = "temporal" if a.kinds[0] == "spatial" else "spatial"
+    assert not _same_mask(a, b)
+
+
 @pytest.mark.parametrize("txt_len,grid,block,density", [(10, (4, 6, 5), 16, 0.3), (3, (5, 4, 4), 32, 0.5), (40, (2, 3, 4), 16, 0.2)])
 def test_text_rows_and_columns_always_kept(txt_len, grid, block, density):
     n = txt_len + grid[0] * grid[1] * grid[2]

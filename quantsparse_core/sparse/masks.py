@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
-from typing import List, Optional
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -45,13 +45,17 @@ class BlockMask:
 
     keep: [H, nq, nk] bool. kinds[h]: "spatial" (original order), "temporal" (q/k/v are permuted to
     the temporal order before the mask applies) or "dense". errors: optional [H, 2] sampled MSE of
-    the spatial and temporal masks, kept for diagnostics.
+    the spatial and temporal masks, kept for diagnostics. known: (kv_index, kv_count, density) already
+    computed for this `keep` (svg_masks shares them between the layers whose band is the same), so
+    that to_indices() and density() need no GPU work and no host sync. Masks are never modified in
+    place: those from svg_masks view one shared band.
     """
     keep: torch.Tensor
     kinds: List[str]
     block: int
     seq_len: int
     errors: Optional[torch.Tensor] = None
+    known: Optional[Tuple[torch.Tensor, torch.Tensor, float]] = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         n = -(-self.seq_len // self.block)
@@ -77,10 +81,14 @@ class BlockMask:
 
     def density(self) -> float:
         """Mean kept fraction over heads."""
+        if self.known is not None:
+            return self.known[2]
         return float(self.head_density().mean())
 
     def to_indices(self):
         """(kv_index [H, nq, max_k] int32, ascending, padded with -1; kv_count [H, nq] int32)."""
+        if self.known is not None:
+            return self.known[0], self.known[1]
         nk = self.keep.shape[-1]
         cols = torch.arange(nk, device=self.keep.device)
         order = torch.where(self.keep, cols, cols + nk).sort(dim=-1).values
@@ -207,6 +215,17 @@ def _cached_band(seq_len: int, txt_len: int, density: float, block: int) -> torc
     return band_keep(seq_len, txt_len, density, block)
 
 
+@functools.lru_cache(maxsize=16)
+def _band_for_heads(seq_len: int, txt_len: int, density: float, block: int, heads: int, device: str):
+    """(keep [H, n, n] (one band, expanded), kv_index, kv_count, density) on `device`, computed once.
+    Every refresh of every layer uses the same band (only the heads' kinds differ), so its upload,
+    index sort and density (each a host sync) run once instead of per layer and step."""
+    keep = _cached_band(seq_len, txt_len, density, block).to(device).unsqueeze(0).expand(heads, -1, -1)
+    proto = BlockMask(keep, ["spatial"] * heads, block, seq_len)
+    index, count = proto.to_indices()
+    return keep, index.contiguous(), count.contiguous(), proto.density()
+
+
 HEAD_CHUNK_ELEMENTS = 1 << 26  # float32 score elements per head chunk (256 MB): bounds svg_masks' memory
 
 
@@ -225,8 +244,12 @@ def svg_masks(q, k, v, mask, txt_len: int, grid, density: float, n_rows: int = 6
     check_layout(seq_len, txt_len, grid)
     if d >= 1.0:
         return dense_block_mask(heads, seq_len, block)
-    band = _cached_band(seq_len, txt_len, d, block).to(q.device)
-    rows = sample_rows(heads, txt_len, seq_len - txt_len, n_rows, generator).to(q.device)
+    keep, index, count, realized = _band_for_heads(seq_len, txt_len, d, block, heads, str(q.device))
+    band = keep[0]
+    rows = sample_rows(heads, txt_len, seq_len - txt_len, n_rows, generator)
+    if q.is_cuda:  # a pageable copy would make the host wait for the GPU queue
+        rows = rows.pin_memory()
+    rows = rows.to(q.device, non_blocking=True)
     inv = inverse_permutation(temporal_permutation(txt_len, grid, device=q.device))
     bias = key_bias(mask, b, seq_len)
     kernel = _svg_kernel(q, k, v, block)
@@ -236,8 +259,7 @@ def svg_masks(q, k, v, mask, txt_len: int, grid, density: float, n_rows: int = 6
         errors = _svg_errors_torch(q, k, v, rows, band, inv, block, bias)
     errors = errors.cpu()
     kinds = ["spatial" if float(e[0]) <= float(e[1]) else "temporal" for e in errors]
-    keep = band.unsqueeze(0).expand(heads, -1, -1).clone()
-    return BlockMask(keep, kinds, block, seq_len, errors)
+    return BlockMask(keep, kinds, block, seq_len, errors, known=(index, count, realized))
 
 
 def _svg_kernel(q, k, v, block: int):

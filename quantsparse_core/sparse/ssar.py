@@ -286,7 +286,8 @@ class SSARAttention:
             st.corr = None
             self.stats["mask_changed"] += b
         elif s.order == 2 and st.has_d:
-            d2 = d - store.get((key, "D"), q.device)
+            prev = store.get_parts((key, "D"), q.device)   # promoted inside the subtraction, not copied first
+            d2 = d - (prev["dense"] if "dense" in prev else prev["codes"].float() * prev["scale"])
             # The low-rank placement would truncate the pending D2 itself, on this thread: no gain.
             deferred = d2.is_cuda if s.host_eigh is None else s.host_eigh
             if s.svd_rank > 0 and deferred and store.policy != "low-rank":
@@ -314,7 +315,7 @@ class SSARAttention:
             return module.refresh_attention(q, k, v, mask, block_mask, call.txt_len, call.grid)
         full = dense_attention(q, k, v, mask, call)
         sparse = block_sparse_attention(q, k, v, mask, block_mask, call.txt_len, call.grid)
-        return full, full.float() - sparse.float()
+        return full, full.to(torch.float32, copy=True).sub_(sparse)  # = full.float() - sparse.float(), one temporary fewer
 
 
 def block_sparse_attention(q, k, v, mask, block_mask: BlockMask, txt_len: int, grid,
@@ -338,7 +339,11 @@ def working_bytes(batch: int, tokens: int, hidden: int) -> int:
 
 
 def _same_mask(a: Optional[BlockMask], b: BlockMask) -> bool:
-    return a is not None and a.kinds == b.kinds and torch.equal(a.keep, b.keep)
+    if a is None or a.kinds != b.kinds:
+        return False
+    same_view = a.keep is b.keep or (a.keep.data_ptr() == b.keep.data_ptr() and a.keep.shape == b.keep.shape
+                                     and a.keep.stride() == b.keep.stride() and a.keep.device == b.keep.device)
+    return same_view or torch.equal(a.keep, b.keep)  # svg_masks' masks share one band: no GPU compare, no sync
 
 
 def svd_truncate(x: torch.Tensor, heads: int, rank: int) -> torch.Tensor:

@@ -10,7 +10,8 @@ q and k (and copies v's heads, when asked), so the table is read once per token.
 
 Math (kernels/qk_norm_rope_ref.py): F.rms_norm as torch >= 2.8 computes it (fp32, eps = fp32 machine
 epsilon, x * rstd * w rounded once to the model dtype), then out_j = t[j,0] x_even + t[j,1] x_odd in
-fp32, rounded to the model dtype.
+fp32, rounded to the model dtype. Bit-equal to the reference in the interpreter; on a GPU the
+approximate rsqrt and the fused multiply-add can move a value by one unit of the model dtype.
 """
 from __future__ import annotations
 
@@ -100,9 +101,30 @@ def supports(qkv: torch.Tensor, heads: int) -> bool:
     return 16 <= d <= 256 and not d & (d - 1)
 
 
+def _table_ok(table: torch.Tensor, b: int, length: int, d: int) -> bool:
+    return (table.dim() == 6 and table.shape[0] in (1, b) and table.shape[1] == 1 and table.shape[2] == length
+            and tuple(table.shape[3:]) == (d // 2, 2, 2) and table.dtype == torch.float32)
+
+
+def applicable(qkvs, weights, table: torch.Tensor, heads: int) -> bool:
+    """Whether single_qkv (one qkv) / double_qkv (text, video) takes these inputs as they are, so the
+    model can fall back to its PyTorch/compiled group instead of raising: supported dtypes and head_dim,
+    one batch/width/dtype/device, [D] weights, an fp32 [B|1, 1, L, D/2, 2, 2] table; and no autograd
+    (the kernel has no backward)."""
+    first = qkvs[0]
+    if not all(supports(x, heads) and x.shape[0] == first.shape[0] and x.shape[2] == first.shape[2]
+               and x.dtype == first.dtype and x.device == first.device for x in qkvs):
+        return False
+    d = first.shape[-1] // (3 * heads)
+    if any(w.shape != (d,) or w.device != first.device for w in weights) or table.device != first.device:
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (*qkvs, *weights, table)):
+        return False
+    return _table_ok(table, first.shape[0], sum(x.shape[1] for x in qkvs), d)
+
+
 def _check_table(table: torch.Tensor, b: int, length: int, d: int) -> torch.Tensor:
-    if (table.dim() != 6 or table.shape[0] not in (1, b) or table.shape[2] != length
-            or tuple(table.shape[3:]) != (d // 2, 2, 2) or table.dtype != torch.float32):
+    if not _table_ok(table, b, length, d):
         raise ValueError(f"RoPE table must be fp32 [B, 1, L={length}, {d // 2}, 2, 2], got {table.dtype} "
                          f"{tuple(table.shape)}")
     if table.stride(-1) != 1 or table.stride(-2) != 2 or table.stride(-3) != 4:
@@ -172,4 +194,4 @@ def double_qkv(txt_qkv, img_qkv, heads: int, txt_wq, txt_wk, img_wq, img_wk, tab
     return qo, ko, vo
 
 
-__all__ = ["single_qkv", "double_qkv", "supports"]
+__all__ = ["single_qkv", "double_qkv", "supports", "applicable"]

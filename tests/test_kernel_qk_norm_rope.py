@@ -113,3 +113,19 @@ def test_bad_input_gets_clear_errors(rng):
         kern.single_qkv(iq, 2, ws[0][:16], ws[1], table[:, :, :10])
     with pytest.raises(ValueError, match="share batch"):
         kern.double_qkv(tq, iq.to(torch.float16), 2, *ws, table)
+
+
+def test_applicable_sends_other_inputs_to_the_fallback(rng):
+    """The model asks `applicable` before taking the kernel: inputs the PyTorch group accepts but the
+    kernel does not (mixed dtypes, a 16-bit or per-head table, autograd) go to the fallback, not an error."""
+    (tq, iq), ws, table = make(rng, 1, (4, 10), 2, 32, torch.float32)
+    assert kern.applicable([tq, iq], ws, table, 2) and kern.applicable([iq], ws[:2], table[:, :, 4:], 2)
+    assert not kern.applicable([tq, iq.double()], ws, table, 2)
+    assert not kern.applicable([tq, iq], ws, table.half(), 2)
+    assert not kern.applicable([tq, iq], ws, table.expand(1, 2, -1, -1, -1, -1), 2)
+    assert not kern.applicable([tq, iq], [ws[0][:16]] + ws[1:], table, 2)
+    assert not kern.applicable([iq], ws[:2], table, 2)            # table for 14 tokens, qkv has 10
+    grad_w = ws[0].clone().requires_grad_()
+    assert not kern.applicable([tq, iq], [grad_w] + ws[1:], table, 2)
+    with torch.no_grad():
+        assert kern.applicable([tq, iq], [grad_w] + ws[1:], table, 2)

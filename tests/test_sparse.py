@@ -1,4 +1,5 @@
 """Sparse attention: layouts, SVG block masks, head classification, reference block-sparse kernel."""
+import dataclasses
 import math
 
 import pytest
@@ -152,6 +153,8 @@ def test_svg_masks_share_one_band_and_its_indices(rng):
     assert _same_mask(a, b) and _same_mask(a, fresh)
     b.kinds[0] = "temporal" if a.kinds[0] == "spatial" else "spatial"
     assert not _same_mask(a, b)
+    other = dataclasses.replace(a, keep=~a.keep)   # a mask built from another keep starts without them
+    assert other.known is None and other.density() == pytest.approx(1.0 - a.density())
 
 
 @pytest.mark.parametrize("txt_len,grid,block,density", [(10, (4, 6, 5), 16, 0.3), (3, (5, 4, 4), 32, 0.5), (40, (2, 3, 4), 16, 0.2)])

@@ -195,24 +195,25 @@ def _spec(linear, x, row_limit: bool = False):
     return spec(x)
 
 
-def _qk_kernels(qkv, heads: int):
-    """kernels.qk_norm_rope where the Triton path applies to qkv (kernels.dispatch), else None: the
-    q/k RMSNorm + RoPE group then runs as one kernel that reads the RoPE table once per token (the
-    compiled group re-read it for every head: ~5x its traffic at 720p)."""
+def _qk_kernels(qkvs, weights, table, heads: int):
+    """kernels.qk_norm_rope where the Triton path applies to these inputs (kernels.dispatch, and the
+    kernel takes them as they are), else None: the q/k RMSNorm + RoPE group then runs as one kernel
+    that reads the RoPE table once per token (the compiled group re-read it for every head: ~5x its
+    traffic at 720p)."""
     module, dispatch = kernel_module("qk_norm_rope"), kernel_module("dispatch")
-    if module is None or dispatch is None or not dispatch.use_triton(qkv.device) or not module.supports(qkv, heads):
+    if module is None or dispatch is None or not dispatch.use_triton(qkvs[0].device):
         return None
-    return module
+    return module if module.applicable(qkvs, weights, table, heads) else None
 
 
 def _single_qkv(ops, qkv, heads: int, wq, wk, table):
-    kern = _qk_kernels(qkv, heads)
+    kern = _qk_kernels([qkv], [wq, wk], table, heads)
     return (kern or ops).single_qkv(qkv, heads, wq, wk, table)
 
 
-def _double_qkv(ops, txt_qkv, img_qkv, heads: int, *weights_and_table):
-    kern = _qk_kernels(img_qkv, heads) if _qk_kernels(txt_qkv, heads) is not None else None
-    return (kern or ops).double_qkv(txt_qkv, img_qkv, heads, *weights_and_table)
+def _double_qkv(ops, txt_qkv, img_qkv, heads: int, txt_wq, txt_wk, img_wq, img_wk, table):
+    kern = _qk_kernels([txt_qkv, img_qkv], [txt_wq, txt_wk, img_wq, img_wk], table, heads)
+    return (kern or ops).double_qkv(txt_qkv, img_qkv, heads, txt_wq, txt_wk, img_wq, img_wk, table)
 
 
 def _as_input(codes_scale, like):

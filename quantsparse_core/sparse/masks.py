@@ -55,7 +55,9 @@ class BlockMask:
     block: int
     seq_len: int
     errors: Optional[torch.Tensor] = None
-    known: Optional[Tuple[torch.Tensor, torch.Tensor, float]] = field(default=None, repr=False, compare=False)
+    # Not an init field: dataclasses.replace(mask, keep=...) starts without it; set by svg_masks only.
+    known: Optional[Tuple[torch.Tensor, torch.Tensor, float]] = field(default=None, init=False, repr=False,
+                                                                      compare=False)
 
     def __post_init__(self):
         n = -(-self.seq_len // self.block)
@@ -259,7 +261,9 @@ def svg_masks(q, k, v, mask, txt_len: int, grid, density: float, n_rows: int = 6
         errors = _svg_errors_torch(q, k, v, rows, band, inv, block, bias)
     errors = errors.cpu()
     kinds = ["spatial" if float(e[0]) <= float(e[1]) else "temporal" for e in errors]
-    return BlockMask(keep, kinds, block, seq_len, errors, known=(index, count, realized))
+    result = BlockMask(keep, kinds, block, seq_len, errors)
+    result.known = (index, count, realized)
+    return result
 
 
 def _svg_kernel(q, k, v, block: int):

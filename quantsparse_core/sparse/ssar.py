@@ -286,7 +286,7 @@ class SSARAttention:
             st.corr = None
             self.stats["mask_changed"] += b
         elif s.order == 2 and st.has_d:
-            prev = store.get_parts((key, "D"), q.device)   # promoted inside the subtraction, not copied first
+            prev = store.get_parts((key, "D"), q.device)   # a stored dense D is promoted inside the subtraction
             d2 = d - (prev["dense"] if "dense" in prev else prev["codes"].float() * prev["scale"])
             # The low-rank placement would truncate the pending D2 itself, on this thread: no gain.
             deferred = d2.is_cuda if s.host_eigh is None else s.host_eigh

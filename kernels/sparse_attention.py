@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from typing import Optional, Sequence
 
 import torch
@@ -431,15 +432,25 @@ def _head_list(heads: tuple, device: torch.device) -> torch.Tensor:
 
 def _bias_blocks(key_bias, perm, block: int) -> dict:
     """{permuted?: number of leading key blocks (in that order) holding a nonzero bias}. Keys past
-    them take the kernel's unmasked fast path. ComfyUI's mask covers padded text only."""
+    them take the kernel's unmasked fast path. ComfyUI's mask covers padded text only. Reading it
+    syncs the host (nonzero, max), so the answer is kept for the last mask seen: every layer of a
+    step passes a view of the same mask tensor (a weak reference checks it is the same, unmodified one)."""
     if key_bias is None:
         return {False: 0, True: 0}
+    root = key_bias._base if key_bias._base is not None else key_bias
+    key = (key_bias.data_ptr(), tuple(key_bias.shape), key_bias.stride(), tensor_version(root), block,
+           None if perm is None else (perm.data_ptr(), perm.numel(), tensor_version(perm)))
+    cached = getattr(_bias_blocks, "cache", None)
+    if cached is not None and cached[0] == key and cached[1]() is root and (
+            perm is None or cached[2]() is perm):
+        return dict(cached[3])
     nz = (key_bias != 0).any(0)
     res = {}
     for flag in (False, True):
         x = nz if not flag or perm is None else nz[perm.long()]
         pos = torch.nonzero(x)
         res[flag] = 0 if pos.numel() == 0 else int(pos.max()) // block + 1
+    _bias_blocks.cache = (key, weakref.ref(root), weakref.ref(perm) if perm is not None else None, dict(res))
     return res
 
 
@@ -487,16 +498,23 @@ def supports(q: torch.Tensor, block: int) -> bool:
     return q.dtype in _FLOAT and 16 <= d <= 256 and not d & (d - 1) and block >= 16 and not block & (block - 1)
 
 
+@functools.lru_cache(maxsize=16)
+def _temporal_perm(txt_len: int, grid: tuple, device: torch.device) -> torch.Tensor:
+    """The temporal permutation as the kernel reads it (int32, contiguous), made once per layout: one
+    tensor object for every layer, so per-call caches keyed on it (_bias_blocks) hit."""
+    from quantsparse_core.sparse.layout import temporal_permutation
+    return temporal_permutation(txt_len, grid, device=device).to(torch.int32).contiguous()
+
+
 def mask_arguments(q, mask, block_mask, txt_len: int, grid) -> dict:
     """sparse_attention's mask keywords (kv_index, kv_count, block, key_bias, perm, permuted_heads)
     for a BlockMask and the model's additive mask, on q's device."""
-    from quantsparse_core.sparse.layout import temporal_permutation
     from quantsparse_core.sparse.masks import key_bias as to_key_bias
 
     b, heads, length, _ = q.shape
     index, count = _indices(block_mask, q.device)
     permuted = [block_mask.permuted(h) for h in range(heads)]
-    perm = temporal_permutation(txt_len, grid, device=q.device) if any(permuted) else None
+    perm = _temporal_perm(txt_len, tuple(int(n) for n in grid), q.device) if any(permuted) else None
     bias = to_key_bias(mask, b, length)
     return dict(kv_index=index, kv_count=count, block=block_mask.block, perm=perm, permuted_heads=permuted,
                 key_bias=None if bias is None else bias.to(q.device))

@@ -227,3 +227,28 @@ def test_bad_input_is_refused_clearly(rng):
         sparse_attention(q, k, v, index, count, block=block, key_bias=torch.zeros(b, L + 1))
     with pytest.raises(ValueError, match="block mask is for"):
         block_sparse_attention(q, k, v, None, BlockMask(short, ["spatial"] * h, block, 60), TXT, GRID)
+
+
+def test_bias_blocks_answer_is_reused_only_for_the_same_unmodified_mask(rng, monkeypatch):
+    """_bias_blocks reads the mask on the host (a sync per call); every layer passes a view of one mask,
+    so the answer is kept, and recomputed when the mask is another tensor or was modified in place."""
+    from kernels import sparse_attention as sa
+    from quantsparse_core.sparse.masks import key_bias
+    length, block, txt = 300, 16, 40
+    mask = torch.zeros(2, 1, length)
+    mask[:, :, 25:txt] = float("-inf")                 # padded text, as ComfyUI's mask
+    perm = sa._temporal_perm(txt, (4, 5, 13), torch.device("cpu"))
+    calls = []
+    real = torch.nonzero
+    monkeypatch.setattr(torch, "nonzero", lambda x: calls.append(1) or real(x))
+    first = sa._bias_blocks(key_bias(mask, 2, length), perm, block)
+    assert first == {False: 3, True: 3} and len(calls) == 2
+    assert sa._bias_blocks(key_bias(mask, 2, length), perm, block) == first and len(calls) == 2   # reused
+    mask[:, :, 100] = float("-inf")                     # modified in place: recomputed
+    second = sa._bias_blocks(key_bias(mask, 2, length), perm, block)
+    assert second[False] == 100 // block + 1 and len(calls) == 4
+    inv = torch.argsort(perm.long())
+    assert second[True] == int(inv[100]) // block + 1
+    other = torch.zeros(2, 1, length)
+    other[:, :, 30:txt] = -1e4
+    assert sa._bias_blocks(key_bias(other, 2, length), perm, block) == {False: 3, True: 3} and len(calls) == 6

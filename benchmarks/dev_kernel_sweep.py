@@ -11,8 +11,8 @@ Timings are CUDA-event medians against baselines measured in the same run: the c
 gelu (kernels.producer_quant.gelu_quant at fc2's [M, 12288] and linear2's [M, 3072 | 12288]): codes
 against gelu_quant_ref (at most one step apart on <= 1e-3 of entries), timed against the eager bf16
 GELU the unfused block runs and the copy floor (read 2 MK + write MK + 4 M bytes).
-Candidates: quant "variant" or "rows:ROWS/CHUNK/WARPS[/slow]"; gelu "two:ROWS/CHUNK/WARPS" or
-"one:ROWS/WARPS"; sparse "BM/BN/WARPS/STAGES[/ws]";
+Candidates: quant "variant" or "rows:ROWS/CHUNK/WARPS[/slow]"; gelu "default" or "ROWS/CHUNK/WARPS";
+sparse "BM/BN/WARPS/STAGES[/ws]";
 gemm "default" (TMA_CONFIGS) or "BM/BN/BK/WARPS/STAGES[/OPTS]" for the persistent TMA kernel, OPTS a
 "+"-joined subset of kernels.int_gemm.TMA_OPTIONS; GEMMs are checked against the float64 dequantized
 reference on 512 rows (a partial last tile included) and timed interleaved with bf16 F.linear.
@@ -33,7 +33,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_benchmark import Budget, copy_bandwidth, kernel_ms, log, rel_err  # noqa: E402  (the main benchmark's helpers)
+from gpu_benchmark import Budget, copy_bandwidth, emit, kernel_ms, log, rel_err  # noqa: E402  (the main benchmark's helpers)
 
 M_TOKENS = 119056
 KS = (3072, 12288, 15360)
@@ -42,8 +42,7 @@ GRID_720P, TXT_LEN, HEADS, HEAD_DIM = (33, 45, 80), 256, 24, 128
 QUANT_CANDS = ("chunked", "rows", "rows:1/4096/4/split", "rows:1/4096/4/slow", "rows:1/4096/8/split",
                "rows:2/4096/8/split", "rows:4/4096/16/split", "rows:1/16384/32",
                "rows:1/16384/32/split", "rows:1/16384/16/split", "rows:4/2048/8")
-GELU_CANDS = ("default", "one:1/16", "one:1/8", "one:2/16", "two:1/4096/8", "two:2/4096/8", "two:4/2048/8",
-              "two:1/2048/4", "one:1/32")
+GELU_CANDS = ("default", "1/4096/8", "2/4096/8", "4/2048/8", "1/2048/4")
 # "gather": temporal heads gather k/v through the permutation in the loop (the old kernel);
 # otherwise they read a permuted copy (KV_COPY)
 # (run of 2026-11-25: the TMA-store + subtile + flatten epilogue gained 3-7% at K = 3072; BK = 64 with
@@ -121,11 +120,8 @@ def sweep_quant(cands, budget, lines):
 def parse_gelu(c: str):
     if c == "default":
         return None
-    kind, rest = c.split(":")
-    p = [int(x) for x in rest.split("/")]
-    if kind == "one":
-        return dict(ONEPASS=True, ROWS=p[0], num_warps=p[1])
-    return dict(ONEPASS=False, ROWS=p[0], CHUNK=p[1], num_warps=p[2])
+    rows, chunk, warps = (int(x) for x in c.split("/"))
+    return dict(ROWS=rows, CHUNK=chunk, num_warps=warps)
 
 
 def sweep_gelu(cands, budget, lines):
@@ -394,10 +390,7 @@ def main(argv=None):
     if "gemm" in parts:
         sweep_gemm([c for c in a.gemm.split(",") if c], budget, lines)
     lines.append(f"\nsweep took {budget.elapsed():.0f} s (budget {a.budget_s:.0f} s)")
-    text = "\n".join(lines)
-    print("\n" + text)
-    if a.out:
-        Path(a.out).write_text(text + "\n")
+    emit(lines, a.out)
 
 
 if __name__ == "__main__":

@@ -80,7 +80,7 @@ def report(lines, title, wall, kern, count, top):
     lines.append("|---|---|---|")
     for f, ms in sorted(fam.items(), key=lambda x: -x[1]):
         lines.append(f"| {f} | {ms:.0f} | {ms / max(busy * 1e3, 1e-9):.1%} |")
-    lines.append(f"\n| top kernel | calls | ms | ms/call |")
+    lines.append("\n| top kernel | calls | ms | ms/call |")
     lines.append("|---|---|---|---|")
     for n, ms in sorted(kern.items(), key=lambda x: -x[1])[:top]:
         lines.append(f"| `{n[:110]}` | {count[n]} | {ms:.1f} | {ms / count[n]:.3f} |")
@@ -127,10 +127,7 @@ def main(argv=None):
         s, _ = gb.timed_step(model, inp, second + 3)
         lines.append(f"\nunprofiled reuse (step {second + 3}): {s:.2f} s")
     lines.append(f"\ntotal {time.perf_counter() - t_start:.0f} s")
-    text = "\n".join(lines)
-    print("\n" + text)
-    if a.out:
-        Path(a.out).write_text(text + "\n")
+    gb.emit(lines, a.out)
 
 
 if __name__ == "__main__":

@@ -77,6 +77,14 @@ def free_cuda():
     torch.cuda.empty_cache()
 
 
+def emit(lines, out=None) -> None:
+    """Print a development script's report and write it to `out` (if given)."""
+    text = "\n".join(lines)
+    print("\n" + text)
+    if out:
+        Path(out).write_text(text + "\n")
+
+
 def kernel_ms(fn, reps=5, warmup=1) -> float:
     """Median CUDA-event time of fn() in milliseconds."""
     for _ in range(warmup):

@@ -136,30 +136,6 @@ def _gelu_quant_kernel(a_ptr, b_ptr, s_ptr, q_ptr, scale_ptr, clip, M, KA, KB, s
     tl.store(scale_ptr + rows, scale, mask=r_ok)
 
 
-@triton.jit
-def _gelu_quant_onepass_kernel(a_ptr, b_ptr, s_ptr, q_ptr, scale_ptr, clip, M, KA, KB, stride_a, stride_b,
-                               QMAX: tl.constexpr, HAS_SMOOTH: tl.constexpr, ROWS: tl.constexpr,
-                               BA: tl.constexpr, BB: tl.constexpr, ROUND: tl.constexpr):
-    """One read: ROWS whole rows ([prefix | GELU(hid)], BA + BB padded columns) stay in registers
-    between the absmax and the codes, and GELU runs once per element."""
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    r_ok = rows < M
-    rows = rows.to(tl.int64)
-    K = KA + KB
-    hb, mb = _segment(b_ptr, stride_b, rows, r_ok, 0, tl.arange(0, BB), KB, s_ptr, KA, True, HAS_SMOOTH, ROUND)
-    amax = tl.max(tl.abs(hb), axis=1)
-    if BA > 0:
-        ha, ma = _segment(a_ptr, stride_a, rows, r_ok, 0, tl.arange(0, BA), KA, s_ptr, 0, False, HAS_SMOOTH, ROUND)
-        amax = tl.maximum(amax, tl.max(tl.abs(ha), axis=1))
-    scale, inv = _scale_inv(amax, clip, QMAX)
-    if BA > 0:
-        tl.store(q_ptr + rows[:, None] * K + tl.arange(0, BA)[None, :],
-                 _codes(ha, scale[:, None], inv[:, None], QMAX, True), mask=ma)
-    tl.store(q_ptr + rows[:, None] * K + (KA + tl.arange(0, BB))[None, :],
-             _codes(hb, scale[:, None], inv[:, None], QMAX, True), mask=mb)
-    tl.store(scale_ptr + rows, scale, mask=r_ok)
-
-
 def _rows2d(t: torch.Tensor, name: str) -> torch.Tensor:
     """[..., K] -> [M, K] with unit column stride, without a copy when the layout allows."""
     if t.dtype not in _FLOAT:
@@ -222,15 +198,17 @@ def norm_modulate_quant(x, shift, scale, inv_smooth, clip, bits: int, residual=N
     return xo, codes, qscale
 
 
-GELU_CONFIG = dict(ROWS=2, CHUNK=2048, num_warps=None, ONEPASS=False)  # two passes; num_warps None: by size
+# Two passes (absmax, then codes re-reading the rows from L2 and recomputing GELU); num_warps None: by
+# size. A one-pass kernel holding whole rows in registers measured slower for linear2 on an H200 twice
+# (5.30 vs 3.82 ms, then 5.34 vs 3.36 ms; fc2 2.84 vs 2.92 ms) and was dropped (docs/BENCHMARKS.md).
+GELU_CONFIG = dict(ROWS=2, CHUNK=2048, num_warps=None)
 
 
 def gelu_quant(hid, inv_smooth, clip, bits: int, prefix=None, config: dict | None = None):
     """[prefix | GELU-tanh(hid)] quantized per token (prefix: e.g. the attention output; optional).
     hid [..., KB], prefix [..., KA] with the same leading dims. Returns (codes [M, KA + KB], scale [M, 1]).
-    config (tuning; benchmarks/dev_kernel_sweep.py --parts gelu): overrides of GELU_CONFIG: ROWS rows
-    per program, CHUNK columns per piece and num_warps for the two-pass kernel (absmax pass, then a
-    codes pass re-reading the rows from L2 and recomputing GELU), or ONEPASS (whole rows in registers)."""
+    config (tuning; benchmarks/dev_kernel_sweep.py --parts gelu): overrides of GELU_CONFIG (ROWS rows
+    per program, CHUNK columns per piece, num_warps)."""
     b2 = _rows2d(hid, "hid")
     M, KB = b2.shape
     a2, KA = b2, 0
@@ -254,16 +232,8 @@ def gelu_quant(hid, inv_smooth, clip, bits: int, prefix=None, config: dict | Non
         return codes, qscale
     s = inv_smooth.float().contiguous() if inv_smooth is not None else qscale
     chunk = min(cfg["CHUNK"], max(16, triton.next_power_of_2(K)))
-    warps = cfg["num_warps"] or (8 if chunk >= 2048 or cfg["ONEPASS"] else 4)
-    common = dict(QMAX=2 ** (bits - 1) - 1, HAS_SMOOTH=inv_smooth is not None, ROWS=cfg["ROWS"],
-                  ROUND=_round_code(hid.dtype), num_warps=warps)
-    grid = (triton.cdiv(M, cfg["ROWS"]),)
-    if cfg["ONEPASS"]:
-        ba = triton.next_power_of_2(KA) if KA else 0
-        _gelu_quant_onepass_kernel[grid](a2, b2, s, codes, qscale, float(clip), M, KA, KB, a2.stride(0),
-                                         b2.stride(0), BA=max(ba, 16) if KA else 0,
-                                         BB=max(16, triton.next_power_of_2(KB)), **common)
-    else:
-        _gelu_quant_kernel[grid](a2, b2, s, codes, qscale, float(clip), M, KA, KB, a2.stride(0), b2.stride(0),
-                                 CHUNK=chunk, **common)
+    _gelu_quant_kernel[(triton.cdiv(M, cfg["ROWS"]),)](
+        a2, b2, s, codes, qscale, float(clip), M, KA, KB, a2.stride(0), b2.stride(0), QMAX=2 ** (bits - 1) - 1,
+        HAS_SMOOTH=inv_smooth is not None, ROWS=cfg["ROWS"], CHUNK=chunk, ROUND=_round_code(hid.dtype),
+        num_warps=cfg["num_warps"] or (8 if chunk >= 2048 else 4))
     return codes, qscale

@@ -19,8 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import interpreting
-from .producer_quant import _round_to_model_dtype
+from .producer_quant import _round_code, _round_to_model_dtype
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 FP32_EPS = 1.1920928955078125e-07
@@ -137,7 +136,7 @@ def _launch(streams, heads, table, outs, with_v: bool):
     qo, ko, vo = outs
     b, _, _, d = qo.shape
     block_l = 16 if d <= 128 else 8
-    rnd = 0 if qo.dtype == torch.float32 else (2 if qo.dtype == torch.float16 else (1 if interpreting() else 3))
+    rnd = _round_code(qo.dtype)
     stb = table.stride(0) if table.shape[0] > 1 else 0
     for qkv, wq, wk, row0 in streams:
         q, k, v = _heads(qkv, heads)

@@ -439,7 +439,7 @@ def _bias_blocks(key_bias, perm, block: int) -> dict:
         return {False: 0, True: 0}
     root = key_bias._base if key_bias._base is not None else key_bias
     key = (key_bias.data_ptr(), tuple(key_bias.shape), key_bias.stride(), tensor_version(root), block,
-           None if perm is None else (perm.data_ptr(), perm.numel(), tensor_version(perm)))
+           None if perm is None else tensor_version(perm))
     cached = getattr(_bias_blocks, "cache", None)
     if cached is not None and cached[0] == key and cached[1]() is root and (
             perm is None or cached[2]() is perm):

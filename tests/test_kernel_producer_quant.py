@@ -42,7 +42,7 @@ def test_norm_modulate_quant(rng, dtype, frac, bits):
 
 
 @pytest.mark.parametrize("dtype,frac", [(torch.float32, 2e-3), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("config", [None, dict(ONEPASS=True, ROWS=4)], ids=["two-pass", "one-pass"])
+@pytest.mark.parametrize("config", [None, dict(ROWS=4, CHUNK=512)], ids=["default", "4 rows x 512"])
 def test_gelu_quant_with_and_without_prefix(rng, dtype, frac, config):
     m, ka, kb = 9, 96, 2500                                # several CHUNK pieces, a partial last one
     hid = (torch.randn(3, m, kb + 7, generator=rng) * 3).to(dtype)[..., 7:]   # strided view, as split() gives

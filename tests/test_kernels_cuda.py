@@ -191,7 +191,7 @@ def test_producer_quant_on_gpu_equals_reference(rng):
         diff = (codes.int() - rc.int()).abs()
         assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
         assert rel(s, rs) < 2e-4  # a row whose largest entry rounds the other way moves its scale by 2^-8
-    for config in (dict(ONEPASS=True, ROWS=1), dict(ROWS=4, CHUNK=2048, num_warps=8)):   # the tuning variants
+    for config in (dict(ROWS=1, CHUNK=4096, num_warps=8), dict(ROWS=4, CHUNK=2048, num_warps=8)):  # tuning launches
         codes, s = gelu_quant(hid, inv, 0.9, 8, prefix=x, config=config)
         rc, rs = gelu_quant_ref(hid, inv, 0.9, 8, prefix=x)
         diff = (codes.int() - rc.int()).abs()
@@ -200,8 +200,9 @@ def test_producer_quant_on_gpu_equals_reference(rng):
 
 def test_qk_norm_rope_on_gpu_equals_reference(rng):
     """kernels.qk_norm_rope at HunyuanVideo's widths (24 heads x 128, a 720p-length video stream and
-    256 text tokens, batch 2), bf16, outputs poisoned first (the caching allocator hands the kernel
-    back the NaN-filled blocks): within one bf16 unit of the reference (test_kernel_qk_norm_rope.unit_bound)."""
+    256 text tokens, batch 2), bf16: within one bf16 unit of the reference (test_kernel_qk_norm_rope.unit_bound).
+    A NaN-filled block is freed just before each call, so the caching allocator most likely hands its
+    memory to the outputs, and an element the kernel missed fails the finiteness check."""
     from kernels import qk_norm_rope as kern
     from kernels.qk_norm_rope_ref import double_qkv_ref, single_qkv_ref
     from quantsparse_core.models import layers

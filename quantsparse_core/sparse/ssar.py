@@ -286,8 +286,7 @@ class SSARAttention:
             st.corr = None
             self.stats["mask_changed"] += b
         elif s.order == 2 and st.has_d:
-            prev = store.get_parts((key, "D"), q.device)   # a stored dense D is promoted inside the subtraction
-            d2 = d - (prev["dense"] if "dense" in prev else prev["codes"].float() * prev["scale"])
+            d2 = d - store.get((key, "D"), q.device)
             # The low-rank placement would truncate the pending D2 itself, on this thread: no gain.
             deferred = d2.is_cuda if s.host_eigh is None else s.host_eigh
             if s.svd_rank > 0 and deferred and store.policy != "low-rank":
@@ -339,11 +338,8 @@ def working_bytes(batch: int, tokens: int, hidden: int) -> int:
 
 
 def _same_mask(a: Optional[BlockMask], b: BlockMask) -> bool:
-    if a is None or a.kinds != b.kinds:
-        return False
-    same_view = a.keep is b.keep or (a.keep.data_ptr() == b.keep.data_ptr() and a.keep.shape == b.keep.shape
-                                     and a.keep.stride() == b.keep.stride() and a.keep.device == b.keep.device)
-    return same_view or torch.equal(a.keep, b.keep)  # svg_masks' masks share one band: no GPU compare, no sync
+    # svg_masks' masks share one keep tensor: no GPU compare (a host sync) between them
+    return a is not None and a.kinds == b.kinds and (a.keep is b.keep or torch.equal(a.keep, b.keep))
 
 
 def svd_truncate(x: torch.Tensor, heads: int, rank: int) -> torch.Tensor:

@@ -1,17 +1,21 @@
 """Tuning sweep for the activation-quantization, block-sparse attention and W8A8 GEMM kernels: one GPU call.
 
-    python benchmarks/dev_kernel_sweep.py [--parts quant,gelu,sparse,gemm] [--budget-s 330] [--out FILE]
-        [--quant CANDS] [--gelu CANDS] [--sparse CANDS] [--densities 0.15,0.25] [--gemm CANDS]
+    python benchmarks/dev_kernel_sweep.py [--parts quant,gelu,norm,gram,sparse,gemm] [--budget-s 330] [--out FILE]
+        [--quant CANDS] [--gelu CANDS] [--norm CANDS] [--sparse CANDS] [--densities 0.15,0.25] [--gemm CANDS]
+        [--gemm-layers proj,...]
 
 Every candidate is checked before it is timed (act quant: codes identical to act_quant_ref and
 scales equal, with and without smoothing + clip; sparse: relative error vs the reference at a small
 N with a partial last block and a text bias, and vs dense cuDNN SDPA at density 1.0 at full N).
-Timings are CUDA-event medians against baselines measured in the same run: the copy-bandwidth floor
+Timings are CUDA-event medians against baselines measured in the same run (the memory-bound kernels
+and their baselines 5 calls back to back per timing, as the model queues them): the copy-bandwidth floor
 (3 MK + 4 M bytes; a 1 GiB device copy, and a bf16 clone of x) and d x dense cuDNN SDPA.
 gelu (kernels.producer_quant.gelu_quant at fc2's [M, 12288] and linear2's [M, 3072 | 12288]): codes
 against gelu_quant_ref (at most one step apart on <= 1e-3 of entries), timed against the eager bf16
 GELU the unfused block runs and the copy floor (read 2 MK + write MK + 4 M bytes).
-Candidates: quant "variant" or "rows:ROWS/CHUNK/WARPS[/slow]"; gelu "default" or "ROWS/CHUNK/WARPS";
+norm (kernels.producer_quant.norm_modulate_quant at [M, 3072], plain and with the gated residual):
+codes against its reference, timed against the copy floor.
+Candidates: quant "variant" or "rows:ROWS/CHUNK/WARPS[/slow|/split]"; gelu "default" or "ROWS/CHUNK/WARPS[/mMATH]"; norm "default" or "ROWS/WARPS";
 sparse "BM/BN/WARPS/STAGES[/ws]";
 gemm "default" (TMA_CONFIGS) or "BM/BN/BK/WARPS/STAGES[/OPTS]" for the persistent TMA kernel, OPTS a
 "+"-joined subset of kernels.int_gemm.TMA_OPTIONS; GEMMs are checked against the float64 dequantized
@@ -39,10 +43,15 @@ M_TOKENS = 119056
 KS = (3072, 12288, 15360)
 GRID_720P, TXT_LEN, HEADS, HEAD_DIM = (33, 45, 80), 256, 24, 128
 # candidates, most promising first (the budget skips the tail); "rows" = the default rows launch
-QUANT_CANDS = ("chunked", "rows", "rows:1/4096/4/split", "rows:1/4096/4/slow", "rows:1/4096/8/split",
-               "rows:2/4096/8/split", "rows:4/4096/16/split", "rows:1/16384/32",
-               "rows:1/16384/32/split", "rows:1/16384/16/split", "rows:4/2048/8")
-GELU_CANDS = ("default", "1/4096/8", "2/4096/8", "4/2048/8", "1/2048/4")
+# (H200, 2026-12-01: persistent programs walking the row tiles measured 1.17-1.29x the floor at K =
+# 12288 / 15360 against 1.07 / 1.11x for one row per program with 4 warps, now the default there)
+QUANT_CANDS = ("rows", "rows:1/4096/4/split", "rows:2/4096/8/split", "rows:2/4096/4", "rows:1/4096/8",
+               "rows:2/4096/8", "rows:4/2048/8")
+# "ROWS/CHUNK/WARPS[/mMATH]": MATH = _gelu_tanh's instruction forms (0 tl.math, 1 PTX tanh.approx)
+GELU_CANDS = ("default", "2/2048/8/m0", "2/1024/4", "4/1024/4", "1/1024/4", "2/1024/8", "4/512/4", "2/512/4",
+              "1/2048/4")
+# "ROWS/WARPS" of norm_modulate_quant at C = 3072 (one padded 4096-column tile per row)
+NORM_CANDS = ("default", "1/8", "1/4", "2/2", "4/4")
 # "gather": temporal heads gather k/v through the permutation in the loop (the old kernel);
 # otherwise they read a permuted copy (KV_COPY)
 # (run of 2026-11-25: the TMA-store + subtile + flatten epilogue gained 3-7% at K = 3072; BK = 64 with
@@ -53,6 +62,19 @@ GEMM_CANDS = ("default", "256/128/128/8/3/store+subtile+flatten", "128/256/128/8
               "128/256/128/8/3/ws", "128/256/128/8/3/store+subtile")
 SPARSE_CANDS = ("128/128/8/5/gather", "128/128/8/5", "128/128/8/4", "128/128/8/4/ws", "128/128/8/3",
                 "128/64/4/4")
+
+
+def warm_gpu(seconds: float = 3.0):
+    """Run bf16 matmuls for a few seconds so clocks and power have settled before the first timing
+    (the first candidate of a cold sweep measured ~15% slow)."""
+    import time
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    t0 = time.time()
+    while time.time() - t0 < seconds:
+        for _ in range(10):
+            a @ a
+        torch.cuda.synchronize()
+    del a
 
 
 def parse_quant(c: str):
@@ -92,7 +114,7 @@ def sweep_quant(cands, budget, lines):
         clip = 0.9
         refs = (act_quant_ref(x, 8), act_quant_ref(x, 8, inv_s, clip))
         floor = (3 * m * K + 4 * m) / bw * 1e3
-        clone_ms = kernel_ms(lambda: x.clone(), reps=10)
+        clone_ms = kernel_ms(lambda: x.clone(), reps=10, batch=5)
         clone_scaled = clone_ms * (3 * m * K + 4 * m) / (4 * m * K)
         for c in cands:
             if not budget.allows(10):
@@ -106,7 +128,7 @@ def sweep_quant(cands, budget, lines):
                     diffs.append(int((q != qr).sum()))
                     sdiff = max(sdiff, float((s - sr).abs().max()))
                     del q, s
-                ms = kernel_ms(lambda: act_quant(x, 8, variant=variant, config=cfg), reps=15, warmup=3)
+                ms = kernel_ms(lambda: act_quant(x, 8, variant=variant, config=cfg), reps=15, warmup=3, batch=5)
                 ok = "" if diffs == [0, 0] and sdiff == 0 else " **MISMATCH**"
                 lines.append(f"| {K} | {c}{ok} | {diffs[0]} / {diffs[1]} | {sdiff:.3g} | {ms:.3f} | {floor:.3f} | "
                              f"{ms / floor:.3f} | {clone_scaled:.3f} | {ms / clone_scaled:.3f} |")
@@ -120,8 +142,12 @@ def sweep_quant(cands, budget, lines):
 def parse_gelu(c: str):
     if c == "default":
         return None
-    rows, chunk, warps = (int(x) for x in c.split("/"))
-    return dict(ROWS=rows, CHUNK=chunk, num_warps=warps)
+    p = c.split("/")
+    rows, chunk, warps = (int(x) for x in p[:3])
+    cfg = dict(ROWS=rows, CHUNK=chunk, num_warps=warps)
+    for flag in p[3:]:
+        cfg["MATH"] = int(flag[1:])  # "mN"
+    return cfg
 
 
 def sweep_gelu(cands, budget, lines):
@@ -145,7 +171,7 @@ def sweep_gelu(cands, budget, lines):
         pre = torch.randn(1, m, ka, generator=g, **bf) if ka else None
         inv = torch.rand(ka + kb, device="cuda", generator=g) + 0.5
         rc, rs = gelu_quant_ref(hid, inv, 0.9, 8, prefix=pre)
-        eager = kernel_ms(lambda: act(hid), reps=10)  # GELU of hid alone (linear2's prefix not included)
+        eager = kernel_ms(lambda: act(hid), reps=10, batch=5)  # GELU of hid alone (linear2's prefix not included)
         floor = (3 * m * (ka + kb) + 4 * m) / bw * 1e3
         for c in cands:
             if not budget.allows(10):
@@ -158,7 +184,7 @@ def sweep_gelu(cands, budget, lines):
                 frac, big = float((d > 0).float().mean()), int(d.max())
                 srel = float(((sc - rs).abs() / rs).max())
                 del q, sc, d
-                ms = kernel_ms(lambda: gelu_quant(hid, inv, 0.9, 8, prefix=pre, config=cfg), reps=15, warmup=3)
+                ms = kernel_ms(lambda: gelu_quant(hid, inv, 0.9, 8, prefix=pre, config=cfg), reps=15, warmup=3, batch=5)
                 ok = "" if big <= 1 and frac <= 1e-3 and srel <= 1e-5 else " **MISMATCH**"
                 lines.append(f"| {name} | {c}{ok} | {frac:.2g}, {big} | {srel:.2g} | {ms:.3f} | {eager:.3f} | "
                              f"{floor:.3f} | {ms / floor:.2f} |")
@@ -167,6 +193,74 @@ def sweep_gelu(cands, budget, lines):
             log(lines[-1])
         del hid, pre, rc, rs
         torch.cuda.empty_cache()
+
+
+def sweep_norm(cands, budget, lines):
+    """norm_modulate_quant at C = 3072 (qkv / linear1 input; with the gated residual: MLP fc1's)."""
+    from kernels.producer_quant import norm_modulate_quant
+    from kernels.producer_quant_ref import norm_modulate_quant_ref
+    g = torch.Generator(device="cuda").manual_seed(7)
+    bw = copy_bandwidth(reps=10)
+    m, c = M_TOKENS, 3072
+    lines.append(f"\nnorm producer (norm_modulate_quant, C = {c}); copy bandwidth {bw / 1e12:.3f} TB/s; floor = "
+                 "(2 MC + MC + 4 M) bytes, with the gated residual (6 MC + MC + 4 M)\n")
+    lines.append("| variant | candidate | codes differing (fraction, max step) | ms | floor ms | ratio vs floor |")
+    lines.append("|---|---|---|---|---|---|")
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    x, y = (torch.randn(1, m, c, generator=g, **bf) * 2 for _ in range(2))
+    shift, scale, gate = (torch.randn(1, 1, c, generator=g, **bf) * 0.3 for _ in range(3))
+    inv = torch.rand(c, device="cuda", generator=g) + 0.5
+    for name, res in (("norm", None), ("gated", (y, gate))):
+        kw = dict(residual=res[0], gate=res[1]) if res else {}
+        floor = ((6 if res else 2) * m * c + m * c + 4 * m) / bw * 1e3
+        rc = norm_modulate_quant_ref(x, shift, scale, inv, 0.9, 8, **kw)[1]
+        for cand in cands:
+            if not budget.allows(10):
+                lines.append(f"| {name} | {cand}: skipped (time budget) | | | | |")
+                continue
+            cfg = None if cand == "default" else dict(zip(("ROWS", "num_warps"), (int(v) for v in cand.split("/"))))
+            try:
+                q = norm_modulate_quant(x, shift, scale, inv, 0.9, 8, config=cfg, **kw)[1]
+                d = (q.int() - rc.int()).abs()
+                frac, big = float((d > 0).float().mean()), int(d.max())
+                del q, d
+                ms = kernel_ms(lambda: norm_modulate_quant(x, shift, scale, inv, 0.9, 8, config=cfg, **kw),
+                               reps=15, warmup=3, batch=5)
+                ok = "" if big <= 1 and frac <= 1e-3 else " **MISMATCH**"
+                lines.append(f"| {name} | {cand}{ok} | {frac:.2g}, {big} | {ms:.3f} | {floor:.3f} | {ms / floor:.2f} |")
+            except Exception as e:
+                lines.append(f"| {name} | {cand}: failed {type(e).__name__}: {str(e)[:120]} | | | | |")
+            log(lines[-1])
+        del rc
+    del x, y
+    torch.cuda.empty_cache()
+
+
+def sweep_gram(budget, lines):
+    """SSAR's per-head Gram matrices of one 720p residual (fp32 [1, L, 3072], 24 heads): the float64
+    torch path (one head at a time) against kernels.gram (bf16 hi/lo products, fp32 partials summed in
+    float64)."""
+    from kernels import dispatch
+    from kernels.gram_ref import head_gram_ref
+    from quantsparse_core.sparse.placement import gram_matrices, heads_first
+    if not budget.allows(15):
+        lines.append("\ngram: skipped (time budget)")
+        return
+    g = torch.Generator(device="cuda").manual_seed(8)
+    x = torch.randn(1, M_TOKENS, HEADS * HEAD_DIM, device="cuda", generator=g) * 0.05
+    xh = heads_first(x, HEADS)
+    ref = head_gram_ref(x, HEADS)
+    lines.append(f"\nper-head Gram of a 720p residual [1, {M_TOKENS}, {HEADS * HEAD_DIM}] fp32\n")
+    lines.append("| path | rel. err vs float64 | ms |")
+    lines.append("|---|---|---|")
+    for name, mode in (("torch float64, a head at a time", "torch"), ("kernels.gram (bf16 hi/lo split)", "triton")):
+        with dispatch.forced(mode):
+            err = rel_err(gram_matrices(xh), ref)
+            ms = kernel_ms(lambda: gram_matrices(xh), reps=10, warmup=2)
+        lines.append(f"| {name} | {err:.1e} | {ms:.3f} |")
+        log(lines[-1])
+    del x, xh, ref
+    torch.cuda.empty_cache()
 
 
 # ---- block-sparse attention -----------------------------------------------------------------------
@@ -303,7 +397,7 @@ def parse_gemm(c: str):
     return tuple(int(x) for x in p[:5]) + (p[5] if len(p) > 5 else "",)
 
 
-def sweep_gemm(cands, budget, lines, rounds=5):
+def sweep_gemm(cands, budget, lines, rounds=5, layers=None):
     from kernels import int_gemm as ig
     from kernels.int_gemm_ref import int_gemm_ref
     from gpu_benchmark import GEMM_SHAPES
@@ -315,6 +409,8 @@ def sweep_gemm(cands, budget, lines, rounds=5):
     lines.append("| layer (K, N) | candidate | rel. err vs float64 (512 rows) | ms | speed-up vs bf16 |")
     lines.append("|---|---|---|---|---|")
     for K, N, name in GEMM_SHAPES:
+        if layers and name not in layers:
+            continue
         if not budget.allows(30):
             lines.append(f"| {name} ({K}, {N}) | skipped: time budget | | | |")
             continue
@@ -370,14 +466,17 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     ap.add_argument("--quant", default=",".join(QUANT_CANDS))
     ap.add_argument("--gelu", default=",".join(GELU_CANDS))
+    ap.add_argument("--norm", default=",".join(NORM_CANDS))
     ap.add_argument("--sparse", default=",".join(SPARSE_CANDS))
     ap.add_argument("--densities", default="0.15,0.25")
     ap.add_argument("--gemm", default=",".join(GEMM_CANDS))
+    ap.add_argument("--gemm-layers", default="", help="comma-separated layer names (e.g. proj); default all six")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("dev_kernel_sweep needs a CUDA device")
     import triton
     budget = Budget(a.budget_s)
+    warm_gpu()
     lines = [f"# kernel sweep: {torch.cuda.get_device_name()}, torch {torch.__version__}, Triton {triton.__version__}",
              f"command: python benchmarks/dev_kernel_sweep.py {' '.join(sys.argv[1:] if argv is None else argv)}"]
     parts = a.parts.split(",")
@@ -385,10 +484,15 @@ def main(argv=None):
         sweep_quant([c for c in a.quant.split(",") if c], budget, lines)
     if "gelu" in parts:
         sweep_gelu([c for c in a.gelu.split(",") if c], budget, lines)
+    if "gram" in parts:
+        sweep_gram(budget, lines)
+    if "norm" in parts:
+        sweep_norm([c for c in a.norm.split(",") if c], budget, lines)
     if "sparse" in parts:
         sweep_sparse([c for c in a.sparse.split(",") if c], [float(d) for d in a.densities.split(",") if d], budget, lines)
     if "gemm" in parts:
-        sweep_gemm([c for c in a.gemm.split(",") if c], budget, lines)
+        sweep_gemm([c for c in a.gemm.split(",") if c], budget, lines,
+                   layers=[n.strip() for n in a.gemm_layers.split(",") if n.strip()])
     lines.append(f"\nsweep took {budget.elapsed():.0f} s (budget {a.budget_s:.0f} s)")
     emit(lines, a.out)
 

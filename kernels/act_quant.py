@@ -165,16 +165,18 @@ def _act_quant_rows_kernel(x_ptr, s_ptr, q_ptr, scale_ptr, clip, M, K, stride_x,
 
 
 def _rows_config(K: int) -> dict:
-    """Default launch of the rows kernel (H100 sweep, benchmarks/dev_kernel_sweep.py, M = 119,056):
-    one pass with the rows in registers up to K = 4096 (K = 3072: 1.21x the copy floor; was 1.55x),
-    else two passes over 4096-column pieces, 2 rows per program (K = 12288: 1.09x, 15360: 1.13x;
-    were 1.43x / 1.52x). SPLIT (two unpadded tiles, 3072 = 2048 + 1024) measured slower at K = 3072
-    (1.17x vs 1.09x in the same sweep), so it stays off."""
+    """Default launch of the rows kernel (sweeps of benchmarks/dev_kernel_sweep.py, M = 119,056):
+    one pass with the rows in registers up to K = 4096 (H100, K = 3072: 1.21x the copy floor; was
+    1.55x), else two passes over 4096-column pieces, one row per program with 4 warps (H200, 2026-12-01:
+    K = 12288 1.07x, 15360 1.11x, against 1.24x / 1.22x for 2 rows with 8 warps, the H100's pick;
+    persistent programs walking the row tiles measured 1.17-1.29x and were dropped). SPLIT (two
+    unpadded tiles, 3072 = 2048 + 1024) measured slower at K = 3072 (1.17x vs 1.09x in the same
+    sweep), so it stays off."""
     block = max(16, triton.next_power_of_2(K))
     if block <= 4096:
         rows = max(1, min(4, 4096 // block))
         return dict(ROWS=rows, CHUNK=block, num_warps=4, SPLIT=False)
-    return dict(ROWS=2, CHUNK=4096, num_warps=8, SPLIT=False)
+    return dict(ROWS=1, CHUNK=4096, num_warps=4, SPLIT=False)
 
 
 def _split(K: int) -> tuple:

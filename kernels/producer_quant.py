@@ -48,6 +48,14 @@ def _round_code(dtype: torch.dtype) -> int:
     return {torch.float32: 0, torch.float16: 2}[dtype]
 
 
+def _math_code(device: torch.device) -> int:
+    """_gelu_tanh's MATH: PTX tanh.approx on NVIDIA GPUs (sm_75 and newer have it), tl.math in the
+    interpreter, on ROCm and on older GPUs."""
+    if device.type != "cuda" or torch.version.hip is not None or interpreting():
+        return 0
+    return 1 if torch.cuda.get_device_capability(device) >= (7, 5) else 0
+
+
 @triton.jit
 def _norm_modulate_quant_kernel(x_ptr, y_ptr, g_ptr, xo_ptr, sh_ptr, sc_ptr, s_ptr, q_ptr, scale_ptr, clip,
                                 M, K, L, stride_x, stride_y, stride_xo, stride_mod, eps,
@@ -76,43 +84,60 @@ def _norm_modulate_quant_kernel(x_ptr, y_ptr, g_ptr, xo_ptr, sh_ptr, sc_ptr, s_p
     h = _round_to_model_dtype(shift + d * rstd[:, None] * scale1, ROUND)  # the activation as the model holds it
     if HAS_SMOOTH:
         h = h * tl.load(s_ptr + cols, mask=c_ok, other=0.0)[None, :]
-    h = tl.where(m, h, 0.0)
+    # masked entries are 0 already: d is selected to 0 there and shift loads 0
     scale, inv = _scale_inv(tl.max(tl.abs(h), axis=1), clip, QMAX)
     tl.store(q_ptr + rows[:, None] * K + cols[None, :], _codes(h, scale[:, None], inv[:, None], QMAX, True), mask=m)
     tl.store(scale_ptr + rows, scale, mask=r_ok)
 
 
 @triton.jit
-def _gelu_tanh(x):
-    """GELU, tanh approximation: 0.5 x (1 + tanh u) = x / (1 + e^(-2u)), with the division as
-    x * rsqrt(1 + e^(-2u))^2: two special-function ops (ex2, rsqrt; ~2^-22 relative each) instead of
-    an IEEE division, which made the GELU producers compute-bound (fc2's took 2.1x the eager GELU on
-    an H200). Triton 3.6's fdiv has no approximate form. Saturates correctly: x * 0 = -0, x * 1 = x."""
-    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-    r = tl.math.rsqrt(1.0 + tl.math.exp2(-2.8853900817779268 * u))
-    return x * (r * r)
+def _tanh_approx(x):
+    """PTX tanh.approx.f32: one special-function instruction (max relative error 2^-10.99)."""
+    return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                     pack=1)
+
+
+@triton.jit
+def _gelu_tanh(x, MATH: tl.constexpr):
+    """GELU, tanh approximation: 0.5 x (1 + tanh u), u = sqrt(2/pi) (x + 0.044715 x^3).
+
+    The GELU producers are ALU-bound (GELU is evaluated twice per element: absmax pass, codes pass),
+    so it is written for instruction count. MATH 1 (NVIDIA GPUs): tanh as one tanh.approx instruction;
+    its 2^-11 relative error moved 3-4e-5 of the int8 codes by one step against the float reference
+    (H200 sweep at fc2 / linear2 size, the scales unchanged) and made fc2's producer 15% faster than
+    MATH 0: x / (1 + e^(-2u)) = x * rsqrt(1 + 2^t)^2, t = x (C1 + C2 x^2) (tl.math's exp2 / rsqrt,
+    ~2^-22 each; the CPU interpreter and ROCm). The PTX ex2/rsqrt .ftz forms measured no faster than
+    tl.math's. Both saturate correctly (x * 0 = -0, x * 1 = x; tanh.approx(+-inf) = +-1)."""
+    if MATH == 1:
+        hx = 0.5 * x
+        g = tl.fma(hx, _tanh_approx(x * (0.7978845608028654 + 0.035677408136300125 * (x * x))), hx)
+    else:
+        r = tl.math.rsqrt(1.0 + tl.math.exp2(x * (-2.302208198144325 + -0.1029432395800235 * (x * x))))
+        g = x * (r * r)
+    return g
 
 
 @triton.jit
 def _segment(ptr, stride, rows, r_ok, k, offs, KSEG, s_ptr, s_off, GELU: tl.constexpr, HAS_SMOOTH: tl.constexpr,
-             ROUND: tl.constexpr):
+             ROUND: tl.constexpr, MATH: tl.constexpr):
     """Columns [k, k + CHUNK) of one input segment: loaded, GELU'd if asked, rounded to the model
-    dtype, smoothed. Returns the fp32 tile and its mask."""
+    dtype, smoothed. Returns the fp32 tile (zero where masked: the loads and the smoothing read 0 there
+    and GELU(0) = 0, so no select is needed) and its mask."""
     c_ok = offs < KSEG - k
     m = r_ok[:, None] & c_ok[None, :]
     v = tl.load(ptr + rows[:, None] * stride + (k + offs)[None, :], mask=m, other=0.0)
     h = v.to(tl.float32)
     if GELU:
-        h = _round_to_model_dtype(_gelu_tanh(h), ROUND)
+        h = _round_to_model_dtype(_gelu_tanh(h, MATH), ROUND)
     if HAS_SMOOTH:
         h = h * tl.load(s_ptr + s_off + k + offs, mask=c_ok, other=0.0)[None, :]
-    return tl.where(m, h, 0.0), m
+    return h, m
 
 
 @triton.jit
 def _gelu_quant_kernel(a_ptr, b_ptr, s_ptr, q_ptr, scale_ptr, clip, M, KA, KB, stride_a, stride_b,
                        QMAX: tl.constexpr, HAS_SMOOTH: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr,
-                       ROUND: tl.constexpr):
+                       ROUND: tl.constexpr, MATH: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     r_ok = rows < M
     rows = rows.to(tl.int64)
@@ -120,17 +145,17 @@ def _gelu_quant_kernel(a_ptr, b_ptr, s_ptr, q_ptr, scale_ptr, clip, M, KA, KB, s
     K = KA + KB
     amax = tl.zeros((ROWS,), dtype=tl.float32)
     for k in range(0, KA, CHUNK):
-        h, m = _segment(a_ptr, stride_a, rows, r_ok, k, offs, KA, s_ptr, 0, False, HAS_SMOOTH, ROUND)
+        h, m = _segment(a_ptr, stride_a, rows, r_ok, k, offs, KA, s_ptr, 0, False, HAS_SMOOTH, ROUND, MATH)
         amax = tl.maximum(amax, tl.max(tl.abs(h), axis=1))
     for k in range(0, KB, CHUNK):
-        h, m = _segment(b_ptr, stride_b, rows, r_ok, k, offs, KB, s_ptr, KA, True, HAS_SMOOTH, ROUND)
+        h, m = _segment(b_ptr, stride_b, rows, r_ok, k, offs, KB, s_ptr, KA, True, HAS_SMOOTH, ROUND, MATH)
         amax = tl.maximum(amax, tl.max(tl.abs(h), axis=1))
     scale, inv = _scale_inv(amax, clip, QMAX)
     for k in range(0, KA, CHUNK):
-        h, m = _segment(a_ptr, stride_a, rows, r_ok, k, offs, KA, s_ptr, 0, False, HAS_SMOOTH, ROUND)
+        h, m = _segment(a_ptr, stride_a, rows, r_ok, k, offs, KA, s_ptr, 0, False, HAS_SMOOTH, ROUND, MATH)
         tl.store(q_ptr + rows[:, None] * K + (k + offs)[None, :], _codes(h, scale[:, None], inv[:, None], QMAX, True), mask=m)
     for k in range(0, KB, CHUNK):
-        h, m = _segment(b_ptr, stride_b, rows, r_ok, k, offs, KB, s_ptr, KA, True, HAS_SMOOTH, ROUND)
+        h, m = _segment(b_ptr, stride_b, rows, r_ok, k, offs, KB, s_ptr, KA, True, HAS_SMOOTH, ROUND, MATH)
         tl.store(q_ptr + rows[:, None] * K + (KA + k + offs)[None, :],
                  _codes(h, scale[:, None], inv[:, None], QMAX, True), mask=m)
     tl.store(scale_ptr + rows, scale, mask=r_ok)
@@ -160,11 +185,14 @@ def _mod_vector(v: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
     return v2.expand(B, C).contiguous()
 
 
-def norm_modulate_quant(x, shift, scale, inv_smooth, clip, bits: int, residual=None, gate=None):
+def norm_modulate_quant(x, shift, scale, inv_smooth, clip, bits: int, residual=None, gate=None,
+                        config: dict | None = None):
     """LayerNorm(x') (1 + scale) + shift quantized per token, x' = x (+ residual * gate).
 
     x, residual [B, L, C]; shift, scale, gate [B, 1, C]. Returns (x' or None, codes int8 [B*L, C],
-    scale fp32 [B*L, 1]); x' (the updated residual stream, x's dtype) only when residual is given."""
+    scale fp32 [B*L, 1]); x' (the updated residual stream, x's dtype) only when residual is given.
+    config (tuning; benchmarks/dev_kernel_sweep.py --parts norm): ROWS (rows per program, a power of
+    two) and num_warps; None: by width."""
     if x.dim() != 3:
         raise ValueError(f"x must be [B, L, C], got {tuple(x.shape)}")
     B, L, C = x.shape
@@ -189,26 +217,37 @@ def norm_modulate_quant(x, shift, scale, inv_smooth, clip, bits: int, residual=N
     sh, sc = _mod_vector(shift, x, "shift"), _mod_vector(scale, x, "scale")
     s = inv_smooth.float().contiguous() if inv_smooth is not None else qscale
     block = max(16, triton.next_power_of_2(C))
-    rows = max(1, min(4, 4096 // block))
+    # C = 3072 (block 4096): 2 rows with 4 warps, 0.78 / 1.03 ms (plain / gated residual) against 0.88 / 1.14
+    # for the earlier 1 row with 8 warps (H200 sweep, 2026-12-01)
+    cfg = dict(ROWS=2 if block == 4096 else max(1, min(4, 4096 // block)), num_warps=4)
+    unknown = set(config or {}) - set(cfg)
+    if unknown:
+        raise ValueError(f"unknown norm_modulate_quant config keys {sorted(unknown)}; use {sorted(cfg)}")
+    cfg.update(config or {})
+    rows = cfg["ROWS"]
+    if rows < 1 or rows & (rows - 1):
+        raise ValueError(f"ROWS must be a power of two, got {rows}")
     xo2 = xo.view(M, C) if xo is not None else x2
     _norm_modulate_quant_kernel[(triton.cdiv(M, rows),)](
         x2, y2, g, xo2, sh, sc, s, codes, qscale, float(clip), M, C, L, x2.stride(0), y2.stride(0), xo2.stride(0),
         sh.stride(0), 1e-6, QMAX=2 ** (bits - 1) - 1, RESIDUAL=residual is not None, HAS_SMOOTH=inv_smooth is not None,
-        ROWS=rows, BLOCK=block, ROUND=_round_code(x.dtype), num_warps=4 if block <= 2048 else 8)
+        ROWS=rows, BLOCK=block, ROUND=_round_code(x.dtype), num_warps=cfg["num_warps"])
     return xo, codes, qscale
 
 
 # Two passes (absmax, then codes re-reading the rows from L2 and recomputing GELU); num_warps None: by
 # size. A one-pass kernel holding whole rows in registers measured slower for linear2 on an H200 twice
 # (5.30 vs 3.82 ms, then 5.34 vs 3.36 ms; fc2 2.84 vs 2.92 ms) and was dropped (docs/BENCHMARKS.md).
-GELU_CONFIG = dict(ROWS=2, CHUNK=2048, num_warps=None)
+# 4 rows x 1024 columns with 4 warps (and tanh.approx): fc2 2.25 / linear2 2.51 ms against 2.43 / 3.02
+# for 2 x 2048 with 8 warps, the earlier default (H200 sweep, 2026-12-01).
+GELU_CONFIG = dict(ROWS=4, CHUNK=1024, num_warps=4, MATH=None)
 
 
 def gelu_quant(hid, inv_smooth, clip, bits: int, prefix=None, config: dict | None = None):
     """[prefix | GELU-tanh(hid)] quantized per token (prefix: e.g. the attention output; optional).
     hid [..., KB], prefix [..., KA] with the same leading dims. Returns (codes [M, KA + KB], scale [M, 1]).
     config (tuning; benchmarks/dev_kernel_sweep.py --parts gelu): overrides of GELU_CONFIG (ROWS rows
-    per program, CHUNK columns per piece, num_warps)."""
+    per program, CHUNK columns per piece, num_warps, MATH: _gelu_tanh's instruction forms, None = by device)."""
     b2 = _rows2d(hid, "hid")
     M, KB = b2.shape
     a2, KA = b2, 0
@@ -226,6 +265,9 @@ def gelu_quant(hid, inv_smooth, clip, bits: int, prefix=None, config: dict | Non
     if unknown:
         raise ValueError(f"unknown gelu_quant config keys {sorted(unknown)}; use {sorted(cfg)}")
     cfg.update(config or {})
+    math = _math_code(hid.device) if cfg["MATH"] is None else int(cfg["MATH"])
+    if math not in (0, 1) or (math and _math_code(hid.device) == 0):
+        raise ValueError(f"gelu_quant MATH must be 0 here (1: PTX tanh.approx, NVIDIA GPUs only), got {cfg['MATH']}")
     codes = torch.empty((M, K), dtype=torch.int8, device=hid.device)
     qscale = torch.empty((M, 1), dtype=torch.float32, device=hid.device)
     if M == 0:
@@ -235,5 +277,5 @@ def gelu_quant(hid, inv_smooth, clip, bits: int, prefix=None, config: dict | Non
     _gelu_quant_kernel[(triton.cdiv(M, cfg["ROWS"]),)](
         a2, b2, s, codes, qscale, float(clip), M, KA, KB, a2.stride(0), b2.stride(0), QMAX=2 ** (bits - 1) - 1,
         HAS_SMOOTH=inv_smooth is not None, ROWS=cfg["ROWS"], CHUNK=chunk, ROUND=_round_code(hid.dtype),
-        num_warps=cfg["num_warps"] or (8 if chunk >= 2048 else 4))
+        MATH=math, num_warps=cfg["num_warps"] or (8 if chunk >= 2048 else 4))
     return codes, qscale

@@ -25,17 +25,17 @@ def _smooth(rng, k):
 
 
 @pytest.mark.parametrize("dtype,frac", [(torch.float32, 2e-3), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("bits", [8, 6])
-def test_norm_modulate_quant(rng, dtype, frac, bits):
+@pytest.mark.parametrize("bits,config", [(8, None), (6, None), (8, dict(ROWS=4, num_warps=2))])
+def test_norm_modulate_quant(rng, dtype, frac, bits, config):
     b, l, c = 2, 37, 200                                   # odd sizes: partial row tiles and columns
     x, y = ((torch.randn(b, l, c, generator=rng) * 3 + 1).to(dtype) for _ in range(2))
     shift, scale, gate = ((torch.randn(b, 1, c, generator=rng) * 0.5).to(dtype) for _ in range(3))
     inv = _smooth(rng, c)
     for smooth, clip in ((None, 1.0), (inv, 0.85)):
-        xo, *got = norm_modulate_quant(x, shift, scale, smooth, clip, bits)
+        xo, *got = norm_modulate_quant(x, shift, scale, smooth, clip, bits, config=config)
         assert xo is None
         agree(got, norm_modulate_quant_ref(x, shift, scale, smooth, clip, bits)[1:], frac)
-        xo, *got = norm_modulate_quant(x, shift, scale, smooth, clip, bits, residual=y, gate=gate)
+        xo, *got = norm_modulate_quant(x, shift, scale, smooth, clip, bits, residual=y, gate=gate, config=config)
         xr, *ref = norm_modulate_quant_ref(x, shift, scale, smooth, clip, bits, residual=y, gate=gate)
         torch.testing.assert_close(xo, xr, rtol=1e-6 if dtype == torch.float32 else 1e-2, atol=1e-5)
         agree(got, ref, frac)
@@ -89,3 +89,9 @@ def test_bad_input_gets_clear_errors(rng):
         gelu_quant(x, None, 1.0, 8, prefix=torch.randn(1, 5, 8))
     with pytest.raises(ValueError, match="unknown gelu_quant config keys"):
         gelu_quant(x, None, 1.0, 8, config=dict(BLOCK=64))
+    with pytest.raises(ValueError, match="NVIDIA GPUs only"):
+        gelu_quant(x, None, 1.0, 8, config=dict(MATH=1))   # PTX forms on CPU tensors
+    with pytest.raises(ValueError, match="unknown norm_modulate_quant config keys"):
+        norm_modulate_quant(x, v, v, None, 1.0, 8, config=dict(BLOCK=64))
+    with pytest.raises(ValueError, match="power of two"):
+        norm_modulate_quant(x, v, v, None, 1.0, 8, config=dict(ROWS=3))

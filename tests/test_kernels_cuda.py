@@ -18,10 +18,11 @@ def test_act_quant_on_gpu_equals_reference(rng):
     for k in (3072, 1000, 12288):                         # one pass (rows in registers); two passes
         x = (torch.randn(4099, k, generator=rng) * 2).to(torch.bfloat16).to(DEV)
         inv_s = (torch.rand(k, generator=rng) + 0.5).to(DEV)
-        q, s = act_quant(x, 8, inv_s, 0.9)
         qr, sr = act_quant_ref(x, 8, inv_s, 0.9)
-        assert (q.int() - qr.int()).abs().max() <= 1 and (q != qr).float().mean() < 1e-4
-        torch.testing.assert_close(s, sr, rtol=1e-6, atol=0)
+        for config in (None, dict(ROWS=2, num_warps=8)):  # the default launch; the H100's for K > 4096
+            q, s = act_quant(x, 8, inv_s, 0.9, config=config)
+            assert (q.int() - qr.int()).abs().max() <= 1 and (q != qr).float().mean() < 1e-4
+            torch.testing.assert_close(s, sr, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -191,7 +192,8 @@ def test_producer_quant_on_gpu_equals_reference(rng):
         diff = (codes.int() - rc.int()).abs()
         assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
         assert rel(s, rs) < 2e-4  # a row whose largest entry rounds the other way moves its scale by 2^-8
-    for config in (dict(ROWS=1, CHUNK=4096, num_warps=8), dict(ROWS=4, CHUNK=2048, num_warps=8)):  # tuning launches
+    for config in (dict(ROWS=1, CHUNK=4096, num_warps=8), dict(ROWS=4, CHUNK=2048, num_warps=8),
+                   dict(MATH=0)):                         # tuning launches; the portable GELU forms
         codes, s = gelu_quant(hid, inv, 0.9, 8, prefix=x, config=config)
         rc, rs = gelu_quant_ref(hid, inv, 0.9, 8, prefix=x)
         diff = (codes.int() - rc.int()).abs()

@@ -74,11 +74,13 @@ def test_codec_round_trips_its_own_span(rng):
 
 
 def test_codec_on_rendered_videos(rendered):
-    # Measured: PSNR 38.6 dB over 1024 videos, lowest single video 34.0 dB; latent std 1.003.
+    # Measured: PSNR 38.6 dB over 1024 videos, lowest single video 34.0 dB; latent std 1.003. The std of
+    # one draw of 60 scenes varies: 0.988 +- 0.042 over 40 draws (0.874-1.063), and 0.848 was seen in
+    # a suite run, so the bound is ~6 sigma wide; a broken normalisation is off by far more.
     scenes, video = rendered
     codec = LatentCodec()
     latent = codec.encode(video)
-    assert 0.85 < float(latent.std()) < 1.15
+    assert 0.73 < float(latent.std()) < 1.25
     back = codec.decode(latent)
     assert _psnr(back, video) > 35.0
     assert min(_psnr(back[i], video[i]) for i in range(len(scenes))) > 30.0

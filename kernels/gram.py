@@ -7,8 +7,8 @@ into bf16 high and low parts (x = hi + lo to 2^-17 relative) and multiplies on t
 X^T X = hi^T hi + hi^T lo + (hi^T lo)^T, lo^T lo (~2^-18 |x|^2) left out, fp32 accumulation. Two
 bf16 MMAs per tile: a transposed bf16 operand is native to Hopper's MMA, which tf32 is not (a tf32x3
 version measured 3.07 ms). H200, one 720p layer: 0.91 ms against 3.51 ms for the float64 torch path,
-1.5e-5 relative error (benchmarks/dev_kernel_sweep.py --parts gram). The fp32 partials (a few MB) are
-summed in float64. The input is read once.
+1.5e-5 relative error (benchmarks/dev_kernel_sweep.py --parts gram). The fp32 partials (94 MB at
+720p) are summed in float64. The input is read once. Needs bf16 MMAs: sm_80 or newer.
 Reference: gram_ref.head_gram_ref.
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ from .dispatch import interpreting
 
 
 CHUNK = 4096      # rows per program: 30 x 24 programs at 720p; fp32 partial sums of 4,096 products
+BLOCK_L = 64      # rows per MMA step; CHUNK must be a multiple (a chunk's last step must not reach into the next)
 
 
 @triton.jit
@@ -57,14 +58,19 @@ def _gram_partial_kernel(x_ptr, out_ptr, L, H, stride_b, stride_l, CHUNK: tl.con
             acc_hh = tl.dot(hi_t, hi, acc_hh)
             acc_hl = tl.dot(hi_t, lo, acc_hl)
     n_chunks = tl.num_programs(0)
-    out = out_ptr + (((b * H + h) * n_chunks + c) * 2 * D * D).to(tl.int64) + cols[:, None] * D + cols[None, :]
+    out = out_ptr + ((b.to(tl.int64) * H + h) * n_chunks + c) * (2 * D * D) + cols[:, None] * D + cols[None, :]
     tl.store(out, acc_hh)
     tl.store(out + D * D, acc_hl)
 
 
 def supports(x: torch.Tensor, heads: int) -> bool:
-    """fp32 [B, L, H*D] with unit column stride and a power-of-two head_dim in [16, 128]."""
+    """fp32 [B, L, H*D] with unit column stride, a power-of-two head_dim in [16, 128], and on CUDA a GPU
+    with bf16 MMAs (sm_80+; older ones keep the float64 torch path)."""
     if x.dim() != 3 or x.dtype != torch.float32 or x.stride(-1) != 1 or heads < 1 or x.shape[-1] % heads:
+        return False
+    if x.shape[0] > 65535 or heads > 65535:  # grid dimensions
+        return False
+    if x.is_cuda and torch.cuda.get_device_capability(x.device) < (8, 0):
         return False
     d = x.shape[-1] // heads
     return 16 <= d <= 128 and d & (d - 1) == 0
@@ -73,16 +79,19 @@ def supports(x: torch.Tensor, heads: int) -> bool:
 def head_gram(x: torch.Tensor, heads: int) -> torch.Tensor:
     """x [B, L, H*D] fp32 -> float64 [B, H, D, D]: X^T X of each head's L x D slice."""
     if not supports(x, heads):
-        raise ValueError(f"head_gram needs fp32 [B, L, H*D] with unit column stride and a power-of-two head_dim "
-                         f"in [16, 128]; got {x.dtype} {tuple(x.shape)} strides {x.stride()} with {heads} heads")
+        raise ValueError(f"head_gram needs fp32 [B, L, H*D] with unit column stride, a power-of-two head_dim in "
+                         f"[16, 128] and (on CUDA) an sm_80+ GPU; got {x.dtype} {tuple(x.shape)} strides {x.stride()} "
+                         f"with {heads} heads")
+    if CHUNK % BLOCK_L:
+        raise ValueError(f"kernels.gram.CHUNK ({CHUNK}) must be a multiple of BLOCK_L ({BLOCK_L})")
     b, length, hidden = x.shape
     d = hidden // heads
     n_chunks = max(1, triton.cdiv(length, CHUNK))
-    if length == 0:
+    if length == 0 or b == 0:
         return torch.zeros((b, heads, d, d), dtype=torch.float64, device=x.device)
     part = torch.empty((b, heads, n_chunks, 2, d, d), dtype=torch.float32, device=x.device)
     _gram_partial_kernel[(n_chunks, heads, b)](x, part, length, heads, x.stride(0), x.stride(1), CHUNK=CHUNK, D=d,
-                                               BLOCK_L=64, INTERP=interpreting(), num_warps=8 if d >= 128 else 4,
+                                               BLOCK_L=BLOCK_L, INTERP=interpreting(), num_warps=8 if d >= 128 else 4,
                                                num_stages=3)
     sums = part.double().sum(dim=2)                  # [B, H, 2, D, D]
     hl = sums[:, :, 1]

@@ -107,7 +107,11 @@ def _gelu_tanh(x, MATH: tl.constexpr):
     (H200 sweep at fc2 / linear2 size, the scales unchanged) and made fc2's producer 15% faster than
     MATH 0: x / (1 + e^(-2u)) = x * rsqrt(1 + 2^t)^2, t = x (C1 + C2 x^2) (tl.math's exp2 / rsqrt,
     ~2^-22 each; the CPU interpreter and ROCm). The PTX ex2/rsqrt .ftz forms measured no faster than
-    tl.math's. Both saturate correctly (x * 0 = -0, x * 1 = x; tanh.approx(+-inf) = +-1)."""
+    tl.math's. Both saturate correctly (x * 0 = -0, x * 1 = x; tanh.approx(+-inf) = +-1).
+    Limit of MATH 1: near tanh = -1 the error is absolute (~2^-11), so GELU(x) for x in [-6, -2] is off
+    by up to ~2.4e-4 |x| (its true value is -0.045 ... -6e-9). Against a row's int8 step that is
+    nothing unless the row's largest |GELU| is itself small: a row whose inputs are all <= -2 (largest
+    |GELU| 0.045) can have codes 1-2 steps off. config MATH=0 gives the accurate form."""
     if MATH == 1:
         hx = 0.5 * x
         g = tl.fma(hx, _tanh_approx(x * (0.7978845608028654 + 0.035677408136300125 * (x * x))), hx)
@@ -201,6 +205,17 @@ def norm_modulate_quant(x, shift, scale, inv_smooth, clip, bits: int, residual=N
     _check_quant(bits, inv_smooth, C)
     if (residual is None) != (gate is None):
         raise ValueError("give both residual and gate, or neither")
+    block = max(16, triton.next_power_of_2(C))
+    # C = 3072 (block 4096): 2 rows with 4 warps; two H200 sweeps (2026-12-01): 0.78 and 0.88 ms against
+    # 0.88 and 1.00 ms for the earlier 1 row with 8 warps (with the gated residual 1.03 / 1.01 vs 1.14 / 1.12)
+    cfg = dict(ROWS=2 if block == 4096 else max(1, min(4, 4096 // block)), num_warps=4)
+    unknown = set(config or {}) - set(cfg)
+    if unknown:
+        raise ValueError(f"unknown norm_modulate_quant config keys {sorted(unknown)}; use {sorted(cfg)}")
+    cfg.update({k: v for k, v in (config or {}).items() if v is not None})
+    rows = cfg["ROWS"]
+    if not isinstance(rows, int) or rows < 1 or rows & (rows - 1):
+        raise ValueError(f"ROWS must be a power of two, got {rows}")
     x2 = _rows2d(x, "x")
     M = x2.shape[0]
     codes = torch.empty((M, C), dtype=torch.int8, device=x.device)
@@ -216,17 +231,6 @@ def norm_modulate_quant(x, shift, scale, inv_smooth, clip, bits: int, residual=N
         return xo, codes, qscale
     sh, sc = _mod_vector(shift, x, "shift"), _mod_vector(scale, x, "scale")
     s = inv_smooth.float().contiguous() if inv_smooth is not None else qscale
-    block = max(16, triton.next_power_of_2(C))
-    # C = 3072 (block 4096): 2 rows with 4 warps, 0.78 / 1.03 ms (plain / gated residual) against 0.88 / 1.14
-    # for the earlier 1 row with 8 warps (H200 sweep, 2026-12-01)
-    cfg = dict(ROWS=2 if block == 4096 else max(1, min(4, 4096 // block)), num_warps=4)
-    unknown = set(config or {}) - set(cfg)
-    if unknown:
-        raise ValueError(f"unknown norm_modulate_quant config keys {sorted(unknown)}; use {sorted(cfg)}")
-    cfg.update(config or {})
-    rows = cfg["ROWS"]
-    if rows < 1 or rows & (rows - 1):
-        raise ValueError(f"ROWS must be a power of two, got {rows}")
     xo2 = xo.view(M, C) if xo is not None else x2
     _norm_modulate_quant_kernel[(triton.cdiv(M, rows),)](
         x2, y2, g, xo2, sh, sc, s, codes, qscale, float(clip), M, C, L, x2.stride(0), y2.stride(0), xo2.stride(0),
@@ -265,9 +269,10 @@ def gelu_quant(hid, inv_smooth, clip, bits: int, prefix=None, config: dict | Non
     if unknown:
         raise ValueError(f"unknown gelu_quant config keys {sorted(unknown)}; use {sorted(cfg)}")
     cfg.update(config or {})
-    math = _math_code(hid.device) if cfg["MATH"] is None else int(cfg["MATH"])
-    if math not in (0, 1) or (math and _math_code(hid.device) == 0):
-        raise ValueError(f"gelu_quant MATH must be 0 here (1: PTX tanh.approx, NVIDIA GPUs only), got {cfg['MATH']}")
+    math = _math_code(hid.device) if cfg["MATH"] is None else cfg["MATH"]
+    if math not in (0, 1) or (math == 1 and _math_code(hid.device) == 0):
+        raise ValueError(f"gelu_quant MATH must be 0 (tl.math) or 1 (PTX tanh.approx: NVIDIA sm_75+ GPUs only), "
+                         f"got {cfg['MATH']!r} for {hid.device} tensors")
     codes = torch.empty((M, K), dtype=torch.int8, device=hid.device)
     qscale = torch.empty((M, 1), dtype=torch.float32, device=hid.device)
     if M == 0:

@@ -4,6 +4,7 @@ torch.compile where a GPU is present (the benchmark also compares fused and eage
 import pytest
 import torch
 
+from kernels import dispatch
 from quantsparse_core.models import HunyuanVideoDiT, get_preset
 from quantsparse_core.models import layers
 from test_model import small_inputs
@@ -17,6 +18,9 @@ def randomize(model, rng):
 
 
 inputs = small_inputs  # the model tests' inputs: latent, text, pooled text, text mask with padding
+interpreted = pytest.mark.skipif(
+    not dispatch.triton_available() or (torch.cuda.is_available() and not dispatch.interpreting()),
+    reason="forces the Triton path on CPU tensors (Triton's interpreter); on a GPU see tests/test_kernels_cuda.py")
 
 
 @pytest.mark.parametrize("use_mask", [False, True], ids=["no-text-mask", "text-mask"])
@@ -95,13 +99,13 @@ def test_compiled_groups_equal_eager(rng):
     torch.testing.assert_close(fused, eager, atol=1e-4, rtol=1e-4)
 
 
+@interpreted
 @pytest.mark.parametrize("rotation", [None, "hadamard"])
 def test_producer_quantized_inputs_equal_separate_quantization(rng, monkeypatch, rotation):
     """A W4A8 model (smoothing on) whose producers quantize for the next linear (kernels.producer_quant)
     gives the output of the same model quantizing in kernels.act_quant, on the Triton path (CPU
     interpreter here, fp32). Every block linear but the attention output projection takes the
     producer's codes; with a rotation (not fused) none does."""
-    from kernels import dispatch
     from quantsparse_core.quant.linear import QuantLinear
     from quantsparse_core.quant.policy import default_policy, quantize_model
     cfg = get_preset("test")
@@ -132,10 +136,10 @@ def test_producer_quantized_inputs_equal_separate_quantization(rng, monkeypatch,
     assert float((fused - separate).norm() / separate.norm()) < 5e-3
 
 
+@interpreted
 def test_quantized_input_gives_the_layer_output_on_both_paths(rng):
     """QuantLinear(QuantizedInput of x) == QuantLinear(x), through int_gemm (interpreter) and the
     PyTorch integer GEMM alike, against a float64 dequantized product."""
-    from kernels import dispatch
     from kernels.act_quant_ref import act_quant_ref
     from quantsparse_core.quant.linear import QuantizedInput, QuantLinear
     from quantsparse_core.quant.packing import unpack_int4

@@ -12,11 +12,9 @@ from quantsparse_core.quant.linear import QuantLinear
 from quantsparse_core.quant.packing import pack_int4, unpack_int4
 from quantsparse_core.quant.transforms import hadamard, kron_factors
 
-pytestmark = [
-    pytest.mark.skipif(not dispatch.triton_available(), reason="triton not installed"),
-    pytest.mark.skipif(torch.cuda.is_available() and not dispatch.interpreting(),
-                       reason="runs the kernels in Triton's CPU interpreter; on a GPU see test_kernels_cuda.py"),
-]
+interpreted = pytest.mark.skipif(
+    not dispatch.triton_available() or (torch.cuda.is_available() and not dispatch.interpreting()),
+    reason="runs the kernels on CPU tensors in Triton's interpreter; on a GPU see tests/test_kernels_cuda.py")
 
 
 def _check_act(x, bits, inv_s, clip, r1=None, r2=None, variant="auto"):
@@ -32,6 +30,7 @@ def _check_act(x, bits, inv_s, clip, r1=None, r2=None, variant="auto"):
     return q, s
 
 
+@interpreted
 @pytest.mark.parametrize("bits", [8, 6])
 @pytest.mark.parametrize("variant", ["rows", "onepass", "chunked"])
 def test_act_quant_matches_reference_with_smoothing_and_clip(rng, bits, variant):
@@ -47,6 +46,7 @@ def test_act_quant_matches_reference_with_smoothing_and_clip(rng, bits, variant)
         _check_act(x, bits, None, 1.0, variant=variant)
 
 
+@interpreted
 @pytest.mark.parametrize("config", [None, dict(SPLIT=True), dict(ROWS=4, CHUNK=32, num_warps=4),
                                     dict(ROWS=2, CHUNK=512, num_warps=4, SPLIT=True), dict(FAST=False)])
 def test_act_quant_rows_variant_is_bit_exact(rng, config):
@@ -66,6 +66,7 @@ def test_act_quant_rows_variant_is_bit_exact(rng, config):
                 assert torch.equal(q, qr), (M, K, bits, int((q != qr).sum()))
 
 
+@interpreted
 def test_act_quant_rows_division_near_rounding_boundaries(rng):
     """x / scale without a division (reciprocal + fma correction) must round like IEEE division even
     where the quotient lies within an ulp of a half-integer: probe exactly those inputs."""
@@ -83,6 +84,7 @@ def test_act_quant_rows_division_near_rounding_boundaries(rng):
     assert torch.equal(q, qr), int((q != qr).sum())
 
 
+@interpreted
 @pytest.mark.parametrize("rot", ["hadamard", "dct"])
 def test_act_quant_with_kronecker_rotation(rng, rot):
     K = 64 if rot == "hadamard" else 96  # 96 = 8 x 12: not a power of two -> DCT basis
@@ -94,6 +96,7 @@ def test_act_quant_with_kronecker_rotation(rng, rot):
     assert q.shape == (39, K)
 
 
+@interpreted
 def test_act_quant_rounds_ties_to_even_like_torch():
     # rows whose absmax is 127 give scale 1 exactly: x / s = x, so the halves are exact ties
     x = torch.tensor([[0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.49, 127.0]])
@@ -108,6 +111,7 @@ def _weights(rng, bits, N, K):
     return codes, (pack_int4(codes) if bits == 4 else codes)
 
 
+@interpreted
 @pytest.mark.parametrize("bits,unpack", [(8, "auto"), (6, "auto"), (4, "fused"), (4, "separate")])
 def test_int_gemm_matches_exact_reference(rng, bits, unpack):
     for M, K, N, bias, out in ((37, 64, 48, True, torch.float32), (37, 256, 96, False, torch.bfloat16),
@@ -126,6 +130,7 @@ def test_int_gemm_matches_exact_reference(rng, bits, unpack):
         assert err < tol, (M, K, N, float(err))
 
 
+@interpreted
 @pytest.mark.parametrize("bits,opts", [(8, ""), (4, ""), (8, "store"), (8, "store+subtile+flatten"), (4, "flatten")])
 def test_persistent_tma_gemm_matches_exact_reference(rng, bits, opts):
     """The large-M Hopper kernel (TMA tile loads, persistent tile loop; TMA_OPTIONS: TMA-store epilogue,
@@ -157,6 +162,7 @@ def test_tma_tile_options_are_checked():
         _launch_tma(a, sa, w, None, c, (32, 32, 32, 4, 2, "subtile"))
 
 
+@interpreted
 def test_int_gemm_overwrites_poisoned_output(rng, monkeypatch):
     """Every output element is written: a NaN-filled allocation must not leak through."""
     real_empty = torch.empty
@@ -179,6 +185,7 @@ def test_int_gemm_overwrites_poisoned_output(rng, monkeypatch):
     assert (q != -128).all() and torch.isfinite(s).all()
 
 
+@interpreted
 def test_int4_prepare_and_unpack_are_exact(rng):
     codes, packed = _weights(rng, 4, 48, 96)
     w = prepare_weight(packed, 4, torch.rand(48, 1, generator=rng))
@@ -187,6 +194,7 @@ def test_int4_prepare_and_unpack_are_exact(rng):
     assert torch.equal(unpack_int4(packed), codes)
 
 
+@interpreted
 @pytest.mark.parametrize("w_bits,a_bits,smooth,rotation", [(4, 8, True, None), (8, 8, True, "hadamard"),
                                                           (6, 6, False, "learned"), (4, 8, True, "learned")])
 def test_quant_linear_triton_and_torch_paths_agree(rng, w_bits, a_bits, smooth, rotation):

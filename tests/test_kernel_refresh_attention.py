@@ -17,11 +17,9 @@ from quantsparse_core.sparse.layout import temporal_permutation
 from quantsparse_core.sparse.masks import BlockMask
 from quantsparse_core.sparse.ssar import SparseSettings, SSARAttention
 
-pytestmark = [
-    pytest.mark.skipif(not dispatch.triton_available(), reason="triton not installed"),
-    pytest.mark.skipif(torch.cuda.is_available() and not dispatch.interpreting(),
-                       reason="runs the kernels in Triton's CPU interpreter; on a GPU see test_kernels_cuda.py"),
-]
+interpreted = pytest.mark.skipif(
+    not dispatch.triton_available() or (torch.cuda.is_available() and not dispatch.interpreting()),
+    reason="runs the kernels on CPU tensors in Triton's interpreter; on a GPU see tests/test_kernels_cuda.py")
 
 TXT, GRID = 7, (3, 4, 5)  # L = 67: a partial last block of 16
 L = TXT + 60
@@ -53,6 +51,7 @@ def lse2_f64(q, k, keep, block, bias, perm, permuted):
     return out
 
 
+@interpreted
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-4)])
 def test_lse_output_matches_float64(rng, dtype, atol):
     q, k, v, mask, bm = inputs(rng, dtype)
@@ -69,6 +68,7 @@ def test_lse_output_matches_float64(rng, dtype, atol):
     assert float((lse.double() - ref)[~empty].abs().max()) < atol * float(ref[~empty].abs().max())
 
 
+@interpreted
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 1.5e-2)])
 def test_refresh_attention_matches_float64(rng, dtype, tol):
     """O_full and D = O_full - O_sparse against float64 dense and sparse attention; the D of the
@@ -121,6 +121,7 @@ def test_merge_matches_a_softmax_over_the_union_and_leaves_its_inputs_alone(rng)
     assert float((res.double() - (exact - sides[0].double())).abs().max()) < 1e-5
 
 
+@interpreted
 def test_merged_refresh_in_ssar_equals_dense_plus_sparse(rng):
     """SSARAttention with the merged refresh = with dense SDPA + a sparse pass, over refresh and
     reuse steps (the cache built from D must agree too); merged_refresh=True off the kernel is refused."""

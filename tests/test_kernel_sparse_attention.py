@@ -12,11 +12,9 @@ from quantsparse_core.sparse.layout import temporal_permutation
 from quantsparse_core.sparse.masks import BlockMask, band_keep
 from quantsparse_core.sparse.ssar import SparseSettings, SSARAttention
 
-pytestmark = [
-    pytest.mark.skipif(not dispatch.triton_available(), reason="triton not installed"),
-    pytest.mark.skipif(torch.cuda.is_available() and not dispatch.interpreting(),
-                       reason="runs the kernels in Triton's CPU interpreter; on a GPU see test_kernels_cuda.py"),
-]
+interpreted = pytest.mark.skipif(
+    not dispatch.triton_available() or (torch.cuda.is_available() and not dispatch.interpreting()),
+    reason="runs the kernels on CPU tensors in Triton's interpreter; on a GPU see tests/test_kernels_cuda.py")
 
 TXT, GRID = 7, (3, 4, 5)  # L = 67: partial last block for block 16 (and 32)
 L = TXT + 60
@@ -43,6 +41,7 @@ def rel_err(out, ref):
     return float((out.double() - ref).norm() / ref.norm())
 
 
+@interpreted
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2), (torch.float16, 5e-3)])
 def test_mixed_heads_bias_correction_match_float64(rng, dtype, tol):
     b, h, d, block = 2, 3, 32, 16
@@ -71,6 +70,7 @@ def test_mixed_heads_bias_correction_match_float64(rng, dtype, tol):
     assert torch.allclose(res[:, rows, :d].float(), corr[:, rows, :d], rtol=ulp, atol=tiny)
 
 
+@interpreted
 @pytest.mark.parametrize("kv_copy", [True, False])
 def test_temporal_heads_kv_copy_and_in_loop_gather_match_float64(rng, monkeypatch, kv_copy):
     """Temporal heads reading a permuted k/v copy (made per group of heads: the byte bound here forces
@@ -99,6 +99,7 @@ def int8_rows(x):
     return torch.round(x / scale).clamp(-127, 127).to(torch.int8), scale
 
 
+@interpreted
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("form,rank", [("int8", 3), ("int8", 16), ("dense", 5), ("int8", 0)])
 def test_correction_parts_rebuilt_in_the_epilogue_match_float64(rng, dtype, tol, form, rank):
@@ -153,6 +154,7 @@ def test_bad_corrections_are_refused(rng):
         sparse_attention(q, k, v, index, count, block=block, correction=[dmat])
 
 
+@interpreted
 def test_no_bias_no_correction_and_block_128(rng):
     """A 128-token mask block (two 64-key sub-tiles for fp32), odd L = 20 + 2*8*10 = 180."""
     txt, grid, block, b, h, d = 20, (2, 8, 10), 128, 1, 2, 32
@@ -167,6 +169,7 @@ def test_no_bias_no_correction_and_block_128(rng):
     assert rel_err(out, ref) < 1e-4
 
 
+@interpreted
 def test_svg_band_masks_through_the_wrapper_match_float64_and_dispatch_agrees(rng):
     b, h, d, block = 2, 2, 64, 16
     q, k, v = (torch.randn(b, h, L, d, generator=rng) for _ in range(3))
@@ -186,6 +189,7 @@ def test_svg_band_masks_through_the_wrapper_match_float64_and_dispatch_agrees(rn
     assert torch.allclose(tri, ref_path, atol=2e-5, rtol=0)
 
 
+@interpreted
 def test_ssar_between_refreshes_equals_reference_path(rng):
     """SSARAttention through the kernel (correction in the epilogue) = through the reference."""
     txt, grid, h, d = 8, (4, 4, 4), 2, 16

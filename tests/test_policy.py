@@ -56,7 +56,9 @@ def test_quantize_model_replaces_linears_and_stays_close_at_w8a8(rng):
     args = (x, torch.tensor([500.0]), ctx, y, torch.tensor([6.0]))
     with torch.no_grad():
         a, b = ref(*args), q(*args)
-    assert 0 < ((a - b).norm() / a.norm()).item() < 0.02
+    # W8A8 on these random weights: 0.0160 +- 0.0013 over 2000 draws (0.0122-0.0215; 4 were > the old
+    # bound 0.02), so 0.025 is ~7 sigma; W6A6 gives ~0.06 and W4A8 ~0.18
+    assert 0 < ((a - b).norm() / a.norm()).item() < 0.025
 
 
 def test_bad_policy_entries():

@@ -131,9 +131,11 @@ def test_producer_quantized_inputs_equal_separate_quantization(rng, monkeypatch,
     assert len(calls) == (0 if rotation else 2 * 3 * cfg.depth_double + 2 * cfg.depth_single)
     assert torch.isfinite(fused).all() and fused.abs().max() > 0
     # fp32: the producer kernels' LayerNorm / GELU differ from PyTorch's in the last bits, which can
-    # move a rare code by one step. In this tiny model one such step moves the output by up to ~2e-3
-    # (seen on fresh draws); W4A8's own error is ~1e-2, a wrong code path gives O(1)
-    assert float((fused - separate).norm() / separate.norm()) < 5e-3
+    # move a rare code by one step. Over 250 draws: no step ~2e-7, a step in an MLP input up to 2.7e-3,
+    # and 2 draws with a step in the first block's qkv input gave 9.5e-3 and 1.08e-2 (the old bound was
+    # 5e-3). Real errors are larger: a clip 5% / 10% off gives 0.024 / 0.031, no smoothing 0.3, a wrong
+    # code path O(1)
+    assert float((fused - separate).norm() / separate.norm()) < 2e-2
 
 
 @interpreted

@@ -16,6 +16,7 @@ from quantsparse_core.models.attention import AttentionCall, StepInfo
 from quantsparse_core.sparse.layout import temporal_permutation
 from quantsparse_core.sparse.masks import BlockMask
 from quantsparse_core.sparse.ssar import SparseSettings, SSARAttention
+from test_kernel_sparse_attention import truncation_gaps
 
 interpreted = pytest.mark.skipif(
     not dispatch.triton_available() or (torch.cuda.is_available() and not dispatch.interpreting()),
@@ -122,7 +123,7 @@ def test_merge_matches_a_softmax_over_the_union_and_leaves_its_inputs_alone(rng)
 
 
 @interpreted
-def test_merged_refresh_in_ssar_equals_dense_plus_sparse(rng):
+def test_merged_refresh_in_ssar_equals_dense_plus_sparse(rng, monkeypatch):
     """SSARAttention with the merged refresh = with dense SDPA + a sparse pass, over refresh and
     reuse steps (the cache built from D must agree too); merged_refresh=True off the kernel is refused."""
     txt, grid, h, d = 8, (4, 4, 4), 2, 16
@@ -134,13 +135,18 @@ def test_merged_refresh_in_ssar_equals_dense_plus_sparse(rng):
     mask = torch.zeros(1, 1, length)
     mask[..., 6:txt] = float("-inf")
     outs = {}
+    gaps = truncation_gaps(monkeypatch)
     for merged in (False, True):
         fn = SSARAttention(SparseSettings(merged_refresh=merged, **s))
         with dispatch.forced("triton"):
             outs[merged] = [fn(*x, mask, AttentionCall("double", 0, 1, txt, grid, StepInfo(i, sigmas)))
                             for i, x in enumerate(xs)]
+    # the two refreshes' D differ by fp32 rounding, which a rank-2 truncation of D2 magnifies by 1 / its
+    # eigengap, as in test_ssar_between_refreshes_equals_reference_path: max |diff| x smallest gap was
+    # 0.9e-7 +- 0.7e-7 (max 2.8e-7) over the 28 of 74 draws that truncated: a fixed 2e-5 fails gaps below ~0.01
+    atol = max(2e-5, 2e-6 / min(gaps, default=1.0))
     for i, (a, c) in enumerate(zip(outs[False], outs[True])):
-        assert torch.allclose(a, c, atol=2e-5, rtol=0), i
+        assert torch.allclose(a, c, atol=atol, rtol=0), (i, gaps)
     fn = SSARAttention(SparseSettings(merged_refresh=True, **s))
     with dispatch.forced("torch"), pytest.raises(ValueError, match="merged_refresh=True needs"):
         fn(*xs[0], mask, AttentionCall("double", 0, 1, txt, grid, StepInfo(0, sigmas)))

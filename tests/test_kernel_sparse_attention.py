@@ -10,6 +10,7 @@ from quantsparse_core.models.attention import AttentionCall, StepInfo
 from quantsparse_core.sparse.correction import Correction
 from quantsparse_core.sparse.layout import temporal_permutation
 from quantsparse_core.sparse.masks import BlockMask, band_keep
+from quantsparse_core.sparse.placement import heads_first
 from quantsparse_core.sparse.ssar import SparseSettings, SSARAttention
 
 interpreted = pytest.mark.skipif(
@@ -189,8 +190,27 @@ def test_svg_band_masks_through_the_wrapper_match_float64_and_dispatch_agrees(rn
     assert torch.allclose(tri, ref_path, atol=2e-5, rtol=0)
 
 
+def truncation_gaps(monkeypatch):
+    """A list that receives, for each rank-r truncation SSAR makes of a second-order residual D2, the
+    smallest relative eigengap (lambda_r - lambda_r+1) / lambda_1 of its heads' Gram matrices. Two paths
+    whose D2 differ by fp32 rounding truncate it differently by about that rounding over the gap
+    (Davis-Kahan), and random inputs can make the gap small."""
+    import quantsparse_core.sparse.ssar as ssar
+    gaps, real = [], ssar.truncated_factors
+
+    def spy(x, heads, rank):
+        xh = heads_first(x.float(), heads).double()
+        ev = torch.linalg.eigvalsh(xh.mT @ xh)                          # ascending
+        if rank < ev.shape[-1]:
+            gaps.append(float(((ev[..., -rank] - ev[..., -rank - 1]) / ev[..., -1]).min()))
+        return real(x, heads, rank)
+
+    monkeypatch.setattr(ssar, "truncated_factors", spy)
+    return gaps
+
+
 @interpreted
-def test_ssar_between_refreshes_equals_reference_path(rng):
+def test_ssar_between_refreshes_equals_reference_path(rng, monkeypatch):
     """SSARAttention through the kernel (correction in the epilogue) = through the reference."""
     txt, grid, h, d = 8, (4, 4, 4), 2, 16
     length = txt + 64
@@ -199,13 +219,18 @@ def test_ssar_between_refreshes_equals_reference_path(rng):
     sigmas = torch.linspace(1, 0, 7)
     xs = [[torch.randn(2, h, length, d, generator=rng) for _ in range(3)] for _ in range(5)]
     outs = {}
+    gaps = truncation_gaps(monkeypatch)
     for m in ("torch", "triton"):
         fn = SSARAttention(SparseSettings(**s))
         with dispatch.forced(m):
             outs[m] = [fn(*x, None, AttentionCall("double", 0, 1, txt, grid, StepInfo(i, sigmas)))
                        for i, x in enumerate(xs)]
+    # D2 is truncated only when both refreshes chose the same masks (about 1 draw in 4). Measured max
+    # |diff| x smallest gap over the 48 of 200 draws that truncated: 3.1e-7 +- 1.7e-7 (max 7.8e-7); two of
+    # them (gaps ~0.005) broke a fixed 2e-5, the draws without a truncation stay below 1.2e-6
+    atol = max(2e-5, 2e-6 / min(gaps, default=1.0))
     for i, (a, c) in enumerate(zip(outs["torch"], outs["triton"])):
-        assert torch.allclose(a, c, atol=2e-5, rtol=0), i
+        assert torch.allclose(a, c, atol=atol, rtol=0), (i, gaps)
 
 
 def test_bad_input_is_refused_clearly(rng):

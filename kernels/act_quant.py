@@ -164,6 +164,15 @@ def _act_quant_rows_kernel(x_ptr, s_ptr, q_ptr, scale_ptr, clip, M, K, stride_x,
     tl.store(scale_ptr + rows, scale, mask=r_ok)
 
 
+def merged_config(defaults: dict, config: dict | None, name: str) -> dict:
+    """A kernel's launch defaults overridden by a tuning `config`; unknown keys are refused by name,
+    None values keep the default."""
+    unknown = set(config or {}) - set(defaults)
+    if unknown:
+        raise ValueError(f"unknown {name} config keys {sorted(unknown)}; use {sorted(defaults)}")
+    return {**defaults, **{k: v for k, v in (config or {}).items() if v is not None}}
+
+
 def _rows_config(K: int) -> dict:
     """Default launch of the rows kernel (sweeps of benchmarks/dev_kernel_sweep.py, M = 119,056):
     one pass with the rows in registers up to K = 4096 (H100, K = 3072: 1.21x the copy floor; was
@@ -241,11 +250,7 @@ def act_quant(x: torch.Tensor, bits: int = 8, inv_smooth: torch.Tensor | None = 
     if variant == "auto":
         variant = AUTO_VARIANT
     if variant == "rows":
-        cfg = dict(_rows_config(K), FAST=True)
-        unknown = set(config or {}) - set(cfg)
-        if unknown:
-            raise ValueError(f"unknown act_quant config keys {sorted(unknown)}; use {sorted(cfg)}")
-        cfg.update(config or {})
+        cfg = merged_config(dict(_rows_config(K), FAST=True), config, "act_quant")
         rows, chunk, chunk2 = cfg["ROWS"], cfg["CHUNK"], 0
         if rows < 1 or rows & (rows - 1) or chunk < 16 or chunk & (chunk - 1):
             raise ValueError(f"ROWS and CHUNK must be powers of two (CHUNK >= 16), got {rows}, {chunk}")

@@ -18,17 +18,11 @@ import triton
 import triton.language as tl
 
 from .dispatch import interpreting
+from .producer_quant import _round_to_model_dtype
 
 
 CHUNK = 4096      # rows per program: 30 x 24 programs at 720p; fp32 partial sums of 4,096 products
 BLOCK_L = 64      # rows per MMA step; CHUNK must be a multiple (a chunk's last step must not reach into the next)
-
-
-@triton.jit
-def _bf16_round(x):
-    """fp32 -> the nearest bf16 value (ties to even), kept in fp32 (no NaN inputs here)."""
-    u = x.to(tl.uint32, bitcast=True)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -47,8 +41,8 @@ def _gram_partial_kernel(x_ptr, out_ptr, L, H, stride_b, stride_l, CHUNK: tl.con
         rows = l0 + tl.arange(0, BLOCK_L)
         x = tl.load(base + rows.to(tl.int64)[:, None] * stride_l, mask=(rows < L)[:, None], other=0.0)
         if INTERP:
-            hi = _bf16_round(x)
-            lo = _bf16_round(x - hi)
+            hi = _round_to_model_dtype(x, 1)          # to bf16 by bit arithmetic, kept in fp32
+            lo = _round_to_model_dtype(x - hi, 1)
             acc_hh = tl.dot(tl.trans(hi), hi, acc_hh, input_precision="ieee")
             acc_hl = tl.dot(tl.trans(hi), lo, acc_hl, input_precision="ieee")
         else:
@@ -98,4 +92,4 @@ def head_gram(x: torch.Tensor, heads: int) -> torch.Tensor:
     return sums[:, :, 0] + hl + hl.transpose(-1, -2)
 
 
-__all__ = ["head_gram", "supports", "CHUNK"]
+__all__ = ["head_gram", "supports", "CHUNK", "BLOCK_L"]

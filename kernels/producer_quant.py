@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .act_quant import _codes, _scale_inv
+from .act_quant import _codes, _scale_inv, merged_config
 from .dispatch import interpreting
 
 MAX_ONEPASS_K = 4096
@@ -208,11 +208,8 @@ def norm_modulate_quant(x, shift, scale, inv_smooth, clip, bits: int, residual=N
     block = max(16, triton.next_power_of_2(C))
     # C = 3072 (block 4096): 2 rows with 4 warps; two H200 sweeps (2026-12-01): 0.78 and 0.88 ms against
     # 0.88 and 1.00 ms for the earlier 1 row with 8 warps (with the gated residual 1.03 / 1.01 vs 1.14 / 1.12)
-    cfg = dict(ROWS=2 if block == 4096 else max(1, min(4, 4096 // block)), num_warps=4)
-    unknown = set(config or {}) - set(cfg)
-    if unknown:
-        raise ValueError(f"unknown norm_modulate_quant config keys {sorted(unknown)}; use {sorted(cfg)}")
-    cfg.update({k: v for k, v in (config or {}).items() if v is not None})
+    cfg = merged_config(dict(ROWS=2 if block == 4096 else max(1, min(4, 4096 // block)), num_warps=4), config,
+                        "norm_modulate_quant")
     rows = cfg["ROWS"]
     if not isinstance(rows, int) or rows < 1 or rows & (rows - 1):
         raise ValueError(f"ROWS must be a power of two, got {rows}")
@@ -239,11 +236,11 @@ def norm_modulate_quant(x, shift, scale, inv_smooth, clip, bits: int, residual=N
     return xo, codes, qscale
 
 
-# Two passes (absmax, then codes re-reading the rows from L2 and recomputing GELU); num_warps None: by
-# size. A one-pass kernel holding whole rows in registers measured slower for linear2 on an H200 twice
+# Two passes (absmax, then codes re-reading the rows from L2 and recomputing GELU); MATH None: by
+# device (_math_code). A one-pass kernel holding whole rows in registers measured slower for linear2 on an H200 twice
 # (5.30 vs 3.82 ms, then 5.34 vs 3.36 ms; fc2 2.84 vs 2.92 ms) and was dropped (docs/BENCHMARKS.md).
 # 4 rows x 1024 columns with 4 warps (and tanh.approx): fc2 2.25 / linear2 2.51 ms against 2.43 / 3.02
-# for 2 x 2048 with 8 warps, the earlier default (H200 sweep, 2026-12-01).
+# for 2 x 2048 with 8 warps, the earlier launch (one H200 sweep, 2026-12-01).
 GELU_CONFIG = dict(ROWS=4, CHUNK=1024, num_warps=4, MATH=None)
 
 
@@ -264,11 +261,7 @@ def gelu_quant(hid, inv_smooth, clip, bits: int, prefix=None, config: dict | Non
         KA = a2.shape[1]
     K = KA + KB
     _check_quant(bits, inv_smooth, K)
-    cfg = dict(GELU_CONFIG)
-    unknown = set(config or {}) - set(cfg)
-    if unknown:
-        raise ValueError(f"unknown gelu_quant config keys {sorted(unknown)}; use {sorted(cfg)}")
-    cfg.update(config or {})
+    cfg = merged_config(GELU_CONFIG, config, "gelu_quant")
     math = _math_code(hid.device) if cfg["MATH"] is None else cfg["MATH"]
     if math not in (0, 1) or (math == 1 and _math_code(hid.device) == 0):
         raise ValueError(f"gelu_quant MATH must be 0 (tl.math) or 1 (PTX tanh.approx: NVIDIA sm_75+ GPUs only), "
@@ -282,5 +275,5 @@ def gelu_quant(hid, inv_smooth, clip, bits: int, prefix=None, config: dict | Non
     _gelu_quant_kernel[(triton.cdiv(M, cfg["ROWS"]),)](
         a2, b2, s, codes, qscale, float(clip), M, KA, KB, a2.stride(0), b2.stride(0), QMAX=2 ** (bits - 1) - 1,
         HAS_SMOOTH=inv_smooth is not None, ROWS=cfg["ROWS"], CHUNK=chunk, ROUND=_round_code(hid.dtype),
-        MATH=math, num_warps=cfg["num_warps"] or (8 if chunk >= 2048 else 4))
+        MATH=math, num_warps=cfg["num_warps"])
     return codes, qscale

@@ -8,6 +8,7 @@ from kernels import dispatch
 from quantsparse_core.models import HunyuanVideoDiT, get_preset
 from quantsparse_core.models import layers
 from test_model import small_inputs
+from kernel_marks import interpreted
 
 
 def randomize(model, rng):
@@ -18,9 +19,6 @@ def randomize(model, rng):
 
 
 inputs = small_inputs  # the model tests' inputs: latent, text, pooled text, text mask with padding
-interpreted = pytest.mark.skipif(
-    not dispatch.triton_available() or (torch.cuda.is_available() and not dispatch.interpreting()),
-    reason="forces the Triton path on CPU tensors (Triton's interpreter); on a GPU see tests/test_kernels_cuda.py")
 
 
 @pytest.mark.parametrize("use_mask", [False, True], ids=["no-text-mask", "text-mask"])

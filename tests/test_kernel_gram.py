@@ -7,10 +7,7 @@ import torch
 from kernels import dispatch
 from kernels.gram_ref import head_gram_ref
 from quantsparse_core.sparse.placement import gram_matrices, heads_first, truncated_factors
-
-interpreted = pytest.mark.skipif(
-    not dispatch.triton_available() or (torch.cuda.is_available() and not dispatch.interpreting()),
-    reason="runs the kernel in Triton's CPU interpreter (needs triton); on a GPU see the CUDA test below")
+from kernel_marks import interpreted
 
 
 def rel(a, b):

@@ -5,15 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import dispatch
 from kernels.act_quant_ref import act_quant_ref
 from kernels.producer_quant import gelu_quant, norm_modulate_quant
 from kernels.producer_quant_ref import gelu_quant_ref, norm_modulate_quant_ref
 from quantsparse_core.models import layers
-
-interpreted = pytest.mark.skipif(
-    not dispatch.triton_available() or (torch.cuda.is_available() and not dispatch.interpreting()),
-    reason="runs the kernels on CPU tensors in Triton's interpreter; on a GPU see tests/test_kernels_cuda.py")
+from kernel_marks import interpreted
 
 
 def agree(got, ref, frac):

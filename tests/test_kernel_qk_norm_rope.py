@@ -10,11 +10,9 @@ from kernels.qk_norm_rope_ref import double_qkv_ref, single_qkv_ref
 from quantsparse_core.models import HunyuanVideoDiT, get_preset, layers
 from test_fused_small_ops import randomize
 from test_model import small_inputs
+from kernel_marks import interpreted
 
 THETA = 256.0
-interpreted = pytest.mark.skipif(
-    not dispatch.triton_available() or (torch.cuda.is_available() and not dispatch.interpreting()),
-    reason="runs the kernel on CPU tensors in Triton's interpreter; on a GPU see tests/test_kernels_cuda.py")
 
 
 def make(rng, b, lengths, heads, d, dtype, pad=8):

@@ -11,10 +11,7 @@ from kernels.int_gemm_ref import int_gemm_ref
 from quantsparse_core.quant.linear import QuantLinear
 from quantsparse_core.quant.packing import pack_int4, unpack_int4
 from quantsparse_core.quant.transforms import hadamard, kron_factors
-
-interpreted = pytest.mark.skipif(
-    not dispatch.triton_available() or (torch.cuda.is_available() and not dispatch.interpreting()),
-    reason="runs the kernels on CPU tensors in Triton's interpreter; on a GPU see tests/test_kernels_cuda.py")
+from kernel_marks import interpreted
 
 
 def _check_act(x, bits, inv_s, clip, r1=None, r2=None, variant="auto"):

@@ -17,10 +17,8 @@ from quantsparse_core.sparse.layout import temporal_permutation
 from quantsparse_core.sparse.masks import BlockMask
 from quantsparse_core.sparse.ssar import SparseSettings, SSARAttention
 from test_kernel_sparse_attention import truncation_gaps
+from kernel_marks import interpreted
 
-interpreted = pytest.mark.skipif(
-    not dispatch.triton_available() or (torch.cuda.is_available() and not dispatch.interpreting()),
-    reason="runs the kernels on CPU tensors in Triton's interpreter; on a GPU see tests/test_kernels_cuda.py")
 
 TXT, GRID = 7, (3, 4, 5)  # L = 67: a partial last block of 16
 L = TXT + 60

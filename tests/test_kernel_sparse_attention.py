@@ -12,10 +12,8 @@ from quantsparse_core.sparse.layout import temporal_permutation
 from quantsparse_core.sparse.masks import BlockMask, band_keep
 from quantsparse_core.sparse.placement import heads_first
 from quantsparse_core.sparse.ssar import SparseSettings, SSARAttention
+from kernel_marks import interpreted
 
-interpreted = pytest.mark.skipif(
-    not dispatch.triton_available() or (torch.cuda.is_available() and not dispatch.interpreting()),
-    reason="runs the kernels on CPU tensors in Triton's interpreter; on a GPU see tests/test_kernels_cuda.py")
 
 TXT, GRID = 7, (3, 4, 5)  # L = 67: partial last block for block 16 (and 32)
 L = TXT + 60

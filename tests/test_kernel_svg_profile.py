@@ -11,10 +11,8 @@ from kernels import dispatch
 from kernels.svg_profile_ref import svg_errors_ref
 from quantsparse_core.sparse.layout import inverse_permutation, temporal_permutation
 from quantsparse_core.sparse.masks import band_keep, sample_rows, svg_masks
+from kernel_marks import interpreted
 
-interpreted = pytest.mark.skipif(
-    not dispatch.triton_available() or (torch.cuda.is_available() and not dispatch.interpreting()),
-    reason="runs the kernel in Triton's CPU interpreter (needs triton); on a GPU see the CUDA test below")
 
 # Tolerances on the per-head MSE, relative (seen: ~1e-7 fp32 and fp16, ~3e-6 bf16). fp32 / fp16
 # inputs: IEEE fp32 products summed in another order than float64. bf16 inputs: q, k, v are exact

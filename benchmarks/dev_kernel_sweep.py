@@ -94,8 +94,8 @@ def parse_sparse(c: str):
 
 # ---- activation quantization ----------------------------------------------------------------------
 def sweep_quant(cands, budget, lines):
-    from kernels.act_quant import act_quant
-    from kernels.act_quant_ref import act_quant_ref
+    from quantsparse_kernels.act_quant import act_quant
+    from quantsparse_kernels.act_quant_ref import act_quant_ref
     g = torch.Generator(device="cuda").manual_seed(4)
     bw = copy_bandwidth(reps=10)
     lines.append(f"\nmeasured device copy bandwidth {bw / 1e12:.3f} TB/s (1 GiB read + 1 GiB write); floor = "
@@ -154,8 +154,8 @@ def parse_gelu(c: str):
 
 def sweep_gelu(cands, budget, lines):
     import torch.nn as nn
-    from kernels.producer_quant import gelu_quant
-    from kernels.producer_quant_ref import gelu_quant_ref
+    from quantsparse_kernels.producer_quant import gelu_quant
+    from quantsparse_kernels.producer_quant_ref import gelu_quant_ref
     g = torch.Generator(device="cuda").manual_seed(6)
     bw = copy_bandwidth(reps=10)
     lines.append(f"\nGELU producer (gelu_quant); copy bandwidth {bw / 1e12:.3f} TB/s; floor = (2 MK + MK + 4 M) bytes at it\n")
@@ -199,8 +199,8 @@ def sweep_gelu(cands, budget, lines):
 
 def sweep_norm(cands, budget, lines):
     """norm_modulate_quant at C = 3072 (qkv / linear1 input; with the gated residual: MLP fc1's)."""
-    from kernels.producer_quant import norm_modulate_quant
-    from kernels.producer_quant_ref import norm_modulate_quant_ref
+    from quantsparse_kernels.producer_quant import norm_modulate_quant
+    from quantsparse_kernels.producer_quant_ref import norm_modulate_quant_ref
     g = torch.Generator(device="cuda").manual_seed(7)
     bw = copy_bandwidth(reps=10)
     m, c = M_TOKENS, 3072
@@ -247,9 +247,9 @@ def sweep_gram(budget, lines):
     """SSAR's per-head Gram matrices of one 720p residual (fp32 [1, L, 3072], 24 heads): the float64
     torch path (one head at a time) against kernels.gram (bf16 hi/lo products, fp32 partials summed in
     float64)."""
-    from kernels import dispatch
-    from kernels.gram_ref import head_gram_ref
-    from quantsparse_core.sparse.placement import gram_matrices, heads_first
+    from quantsparse_core import dispatch
+    from quantsparse_kernels.gram_ref import head_gram_ref
+    from quantsparse_core.sparse.low_rank import gram_matrices, heads_first
     if not budget.allows(15):
         lines.append("\ngram: skipped (time budget)")
         return
@@ -272,11 +272,11 @@ def sweep_gram(budget, lines):
 
 # ---- block-sparse attention -----------------------------------------------------------------------
 def _kernel_args(bm, txt_len, grid, length, device, mask=None, batch=1):
-    """What kernels.sparse_attention.block_sparse_attention passes to sparse_attention (same helpers)."""
-    from kernels.sparse_attention import _indices
+    """What quantsparse_core.dispatch.block_sparse_attention passes to sparse_attention (same helpers)."""
+    from quantsparse_core.dispatch import _indices
     from quantsparse_core.sparse.layout import temporal_permutation
     from quantsparse_core.sparse.masks import key_bias
-    index, count = _indices(bm, device)
+    index, count = _indices(bm.keep, bm, device)
     permuted = [bm.permuted(h) for h in range(bm.num_heads)]
     perm = temporal_permutation(txt_len, grid, device=device) if any(permuted) else None
     bias = key_bias(mask, batch, length)
@@ -286,8 +286,9 @@ def _kernel_args(bm, txt_len, grid, length, device, mask=None, batch=1):
 def sweep_sparse(cands, densities, budget, lines):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from kernels.sparse_attention import block_sparse_attention, sparse_attention
-    from kernels.sparse_attention_ref import block_sparse_attention_ref
+    from quantsparse_core import dispatch
+    from quantsparse_core.dispatch import block_sparse_attention
+    from quantsparse_kernels.sparse_attention import sparse_attention
     from quantsparse_core.sparse.masks import BlockMask, band_keep
 
     dev = torch.device("cuda")
@@ -300,7 +301,8 @@ def sweep_sparse(cands, densities, budget, lines):
     smask = torch.zeros(1, 1, sn, device=dev, dtype=torch.bfloat16)  # ComfyUI's padded-text mask
     smask[..., 200:stxt] = -torch.finfo(torch.bfloat16).max
     sbm = BlockMask(band_keep(sn, stxt, 0.4).expand(HEADS, -1, -1).clone(), kinds, 128, sn)
-    sref = block_sparse_attention_ref(sq, sk, sv, smask, sbm, stxt, sgrid)
+    with dispatch.forced("torch"):
+        sref = block_sparse_attention(sq, sk, sv, smask, sbm, stxt, sgrid)
     sargs = _kernel_args(sbm, stxt, sgrid, sn, dev, smask)
 
     n = TXT_LEN + math.prod(GRID_720P)
@@ -405,8 +407,8 @@ def parse_gemm(c: str):
 
 
 def sweep_gemm(cands, budget, lines, rounds=5, layers=None):
-    from kernels import int_gemm as ig
-    from kernels.int_gemm_ref import int_gemm_ref
+    from quantsparse_kernels import int_gemm as ig
+    from quantsparse_kernels.int_gemm_ref import int_gemm_ref
     from gpu_benchmark import GEMM_SHAPES
 
     g = torch.Generator(device="cuda").manual_seed(11)
@@ -462,7 +464,7 @@ def sweep_gemm(cands, budget, lines, rounds=5, layers=None):
 
 
 def _default_cfg():
-    from kernels import sparse_attention as sa
+    from quantsparse_kernels import sparse_attention as sa
     return tuple(sa._CONFIGS[HEAD_DIM]) + (("kv_copy",) if sa.KV_COPY else ("gather",))
 
 

@@ -47,11 +47,11 @@ from torch import nn  # noqa: E402
 from quantsparse_core.models import HunyuanVideoDiT, StepInfo, get_preset  # noqa: E402
 from quantsparse_core.models.config import DiTConfig  # noqa: E402
 from quantsparse_core.quant.linear import QuantLinear  # noqa: E402
-from quantsparse_core.quant.packing import pack_int4  # noqa: E402
+from quantsparse_core.dispatch import block_sparse_attention, pack_int4  # noqa: E402
 from quantsparse_core.quant.policy import default_policy, storage_bytes  # noqa: E402
 from quantsparse_core.quant.quantizers import absmax_scale, quantize  # noqa: E402
 from quantsparse_core.sparse.masks import BlockMask, band_keep  # noqa: E402
-from quantsparse_core.sparse.placement import choose_placement  # noqa: E402
+from quantsparse_core.sparse.cache import choose_placement  # noqa: E402
 from quantsparse_core.sparse.ssar import SparseSettings, SSARAttention  # noqa: E402
 
 RESOLUTIONS = {"720p": (33, 45, 80), "544p": (33, 34, 60)}  # video token grid after 1x2x2 patchify
@@ -328,14 +328,14 @@ def check_kernels(rep, mods):
     aq, ig, sa = mods["act_quant"], mods["int_gemm"], mods["sparse_attention"]
     g = torch.Generator(device="cuda").manual_seed(1)
     if aq:
-        from kernels.act_quant_ref import act_quant_ref
+        from quantsparse_kernels.act_quant_ref import act_quant_ref
         x = torch.randn(2048, 3072, device="cuda", generator=g, dtype=torch.bfloat16) * 3
         c, s = aq.act_quant(x, 8)
         cr, sr = act_quant_ref(x, 8)
         rep.check("act_quant codes differing from the reference (fraction)", float((c != cr).float().mean()), 1e-4)
         rep.check("act_quant scale rel. error", rel_err(s, sr), 1e-6)
     if ig and aq:
-        from kernels.int_gemm_ref import int_gemm_ref
+        from quantsparse_kernels.int_gemm_ref import int_gemm_ref
         x = torch.randn(1000, 3072, device="cuda", generator=g, dtype=torch.bfloat16)
         w = torch.randn(1536, 3072, device="cuda", generator=g) * 0.02
         bias = torch.randn(1536, device="cuda", generator=g)
@@ -350,14 +350,14 @@ def check_kernels(rep, mods):
             lin = QuantLinear.from_packed(3072, 1536, bits, 8, False, None,
                                           {"weight_packed": stored, "weight_scale": sw, "bias": bias,
                                            "act_clip": torch.ones((), device="cuda")}, device="cuda")
-            from kernels import dispatch
+            from quantsparse_core import dispatch
             with torch.no_grad():
                 fast = lin(x)
                 with dispatch.forced("torch"):
                     slow = lin(x)
             rep.check(f"W{bits}A8 QuantLinear Triton path vs PyTorch path", rel_err(fast, slow), 1e-2)
     if sa:
-        from kernels.sparse_attention_ref import block_sparse_attention_ref
+        from quantsparse_core import dispatch
         grid, heads = (6, 12, 20), 4
         n = TXT_LEN + math.prod(grid)
         q, k, v = (torch.randn(1, heads, n, HEAD_DIM, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
@@ -366,14 +366,15 @@ def check_kernels(rep, mods):
         mask = torch.zeros(1, 1, n, device="cuda", dtype=torch.bfloat16)
         mask[..., TXT_REAL:TXT_LEN] = -torch.finfo(torch.bfloat16).max
         corr = torch.randn(1, n, heads * HEAD_DIM, device="cuda", generator=g, dtype=torch.bfloat16) * 0.1
-        got = sa.block_sparse_attention(q, k, v, mask, bm, TXT_LEN, grid, correction=corr)
-        ref = block_sparse_attention_ref(q, k, v, mask, bm, TXT_LEN, grid, corr)
+        got = block_sparse_attention(q, k, v, mask, bm, TXT_LEN, grid, correction=corr)
+        with dispatch.forced("torch"):
+            ref = dispatch.block_sparse_attention(q, k, v, mask, bm, TXT_LEN, grid, correction=corr)
         rep.check("sparse attention kernel vs reference (25%, spatial+temporal heads, text mask, SSAR correction, "
                   f"N={n})", rel_err(got, ref), 1e-2)
         try:  # ComfyUI samples under inference_mode: masks built there are inference tensors
             with torch.inference_mode():
                 bm_inf = BlockMask(band_keep(n, TXT_LEN, 0.25).expand(heads, -1, -1).clone(), bm.kinds, 128, n)
-                got_inf = sa.block_sparse_attention(q, k, v, mask, bm_inf, TXT_LEN, grid, correction=corr)
+                got_inf = block_sparse_attention(q, k, v, mask, bm_inf, TXT_LEN, grid, correction=corr)
             rep.check("sparse attention under torch.inference_mode equals the no_grad result", rel_err(got_inf, got), 1e-6)
         except Exception as e:
             rep.check("sparse attention under torch.inference_mode runs", 1.0, 0.0,
@@ -425,13 +426,13 @@ def ssar_layer_ms(q, k, v, grid, steps=(0, 1, 5, 6, 7, 10)):
 def bench_refresh_attention(rep, sa, q, k, v, bm, grid, dense_ms):
     """A refresh's O_full and D = O_full - O_sparse: dense cuDNN + a sparse pass (as without the
     kernel) against the kernel over the mask and its complement merged by log-sum-exp."""
-    from kernels.refresh_attention import refresh_attention
+    from quantsparse_core.dispatch import refresh_attention
     n = q.shape[2]
 
     def unmerged():
         with cudnn_context():
             full = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(1, n, -1)
-        sparse = sa.block_sparse_attention(q, k, v, None, bm, TXT_LEN, grid)
+        sparse = block_sparse_attention(q, k, v, None, bm, TXT_LEN, grid)
         return full, full.float() - sparse.float()
 
     full_u, d_u = unmerged()
@@ -468,7 +469,7 @@ def bench_attention(rep, sa):
         return dense_ms
     kinds = ["spatial", "temporal"] * (HEADS // 2)
     full = BlockMask(torch.ones(HEADS, -(-n // 128), -(-n // 128), dtype=torch.bool), kinds, 128, n)
-    out1 = sa.block_sparse_attention(q, k, v, None, full, TXT_LEN, grid)
+    out1 = block_sparse_attention(q, k, v, None, full, TXT_LEN, grid)
     rep.check("sparse kernel at density 1.0 (half the heads permuted) vs dense cuDNN, N=119,056",
               rel_err(out1, dense_out.transpose(1, 2).reshape(1, n, -1)), 1e-2)
     del out1, dense_out
@@ -476,24 +477,24 @@ def bench_attention(rep, sa):
         keep = band_keep(n, TXT_LEN, d).expand(HEADS, -1, -1).clone()
         bm = BlockMask(keep, kinds, 128, n)
         real = bm.density()
-        ms = kernel_ms(lambda: sa.block_sparse_attention(q, k, v, None, bm, TXT_LEN, grid), reps=3)
+        ms = kernel_ms(lambda: block_sparse_attention(q, k, v, None, bm, TXT_LEN, grid), reps=3)
         row = dict(name="block-sparse Triton kernel", density=d, realized=real, ms=ms, d_dense_ms=real * dense_ms,
                    ratio=ms / (real * dense_ms))
         rep.data["attention"].append(row)
         log(f"attention: sparse {d:.0%} (realized {real:.4f}) {ms:.1f} ms = {row['ratio']:.3f} x d x dense")
         if d == 0.15:
             corr = torch.randn(1, n, HIDDEN, device="cuda", generator=g, dtype=torch.bfloat16)
-            ms_c = kernel_ms(lambda: sa.block_sparse_attention(q, k, v, None, bm, TXT_LEN, grid, correction=corr), reps=3)
+            ms_c = kernel_ms(lambda: block_sparse_attention(q, k, v, None, bm, TXT_LEN, grid, correction=corr), reps=3)
             rep.data["attention"].append(dict(name="block-sparse + SSAR correction in the epilogue", density=d,
                                               realized=real, ms=ms_c, d_dense_ms=real * dense_ms,
                                               ratio=ms_c / (real * dense_ms)))
             # As SSAR hands it over with the gpu-int8 cache: int8 D x row scale + rank-16 factors.
-            from quantsparse_core.sparse.correction import Correction
+            from quantsparse_core.dispatch import Correction
             scale = corr.float().abs().amax(-1, keepdim=True) / 127
             parts = Correction(codes=torch.round(corr.float() / scale).to(torch.int8), scale=scale,
                                us=torch.randn(1, HEADS, n, 16, device="cuda", generator=g, dtype=torch.bfloat16),
                                vh=torch.randn(1, HEADS, 16, HEAD_DIM, device="cuda", generator=g, dtype=torch.bfloat16))
-            ms_p = kernel_ms(lambda: sa.block_sparse_attention(q, k, v, None, bm, TXT_LEN, grid, correction=parts), reps=3)
+            ms_p = kernel_ms(lambda: block_sparse_attention(q, k, v, None, bm, TXT_LEN, grid, correction=parts), reps=3)
             rep.data["attention"].append(dict(name="block-sparse + SSAR correction rebuilt in the epilogue "
                                                    "(int8 D x row scale + rank-16 factors)", density=d,
                                               realized=real, ms=ms_p, d_dense_ms=real * dense_ms,
@@ -502,7 +503,7 @@ def bench_attention(rep, sa):
             bench_refresh_attention(rep, sa, q, k, v, bm, grid, dense_ms)
     # What a refresh adds per layer besides dense + sparse attention (SSARAttention's own calls).
     from quantsparse_core.sparse.masks import svg_masks
-    from quantsparse_core.sparse.placement import truncated_factors
+    from quantsparse_core.sparse.low_rank import truncated_factors
     mask_ms = kernel_ms(lambda: svg_masks(q, k, v, None, TXT_LEN, grid, 0.15, 64, 128,
                                           torch.Generator().manual_seed(0)), reps=2)
     rep.data["attention"].append(dict(name="SSAR refresh: svg_masks head classification (64 rows/head)", ms=mask_ms))
@@ -513,7 +514,7 @@ def bench_attention(rep, sa):
     free_cuda()
     d2 = torch.randn(1, n, HIDDEN, device="cuda", generator=g)
     svd_ms = kernel_ms(lambda: truncated_factors(d2, HEADS, 16), reps=2)
-    rep.data["attention"].append(dict(name="SSAR refresh: rank-16 truncation of D2 inline (placement.truncated_factors, "
+    rep.data["attention"].append(dict(name="SSAR refresh: rank-16 truncation of D2 inline (low_rank.truncated_factors, "
                                       "24 heads x [N x 128])", ms=svd_ms))
     log(f"attention: svg_masks {mask_ms:.1f} ms, SVD {svd_ms:.1f} ms per layer, SSAR calls {ssar_calls}")
     del d2
@@ -542,7 +543,7 @@ def bench_linears(rep, aq, ig):
         else:
             row["ms"] = "not available"
         if kdim == 3072:
-            from kernels.act_quant_ref import act_quant_ref
+            from quantsparse_kernels.act_quant_ref import act_quant_ref
             row["eager_ms"] = kernel_ms(lambda: act_quant_ref(x, 8), reps=3)
         rep.data["act_quant"].append(row)
         log("act_quant", row)
@@ -605,9 +606,9 @@ def _bench_producer(rep, row, lin, m, kdim, name, g):
     """The linear as the fused model runs it: its input made by the op before it, either in bf16 by
     the compiled small-op group (then QuantLinear quantizes it in act_quant), or as int8 codes by the
     kernels.producer_quant kernel (what fuse_small_ops runs for a W4A8 model)."""
-    from kernels import producer_quant_ref as ref
-    from quantsparse_core.models import layers
-    ops = layers.small_ops(True)
+    from quantsparse_kernels import producer_quant_ref as ref
+    from quantsparse_core.models import blocks, fusion, layers
+    ops = fusion.small_ops(True)
     spec = lin.input_quant_spec(torch.empty(1, device="cuda", dtype=torch.bfloat16))
     bf = dict(device="cuda", dtype=torch.bfloat16)
     if name == "proj" or spec is None:
@@ -617,24 +618,24 @@ def _bench_producer(rep, row, lin, m, kdim, name, g):
     mod = [torch.randn(1, 1, 3072, generator=g, **bf) * 0.1 for _ in range(3)]
     if name in ("qkv", "single linear1"):
         row["producer"] = "norm_modulate"
-        plain, quant = (lambda: ops.norm_modulate(x, mod[0], mod[1])), (lambda: layers.norm_modulate_q(x, mod[0], mod[1], *spec))
+        plain, quant = (lambda: ops.norm_modulate(x, mod[0], mod[1])), (lambda: fusion.norm_modulate_q(x, mod[0], mod[1], *spec))
         check = lambda: ref.norm_modulate_quant_ref(x, mod[0], mod[1], *spec)[1:]  # noqa: E731
     elif name == "mlp fc1":
         y = torch.randn(1, m, 3072, generator=g, **bf)
         row["producer"] = "gated_residual_norm_modulate"
         plain = lambda: ops.gated_residual_norm_modulate(x, y, mod[2], mod[0], mod[1])  # noqa: E731
-        quant = lambda: layers.gated_residual_norm_modulate_q(x, y, mod[2], mod[0], mod[1], *spec)[1:]  # noqa: E731
+        quant = lambda: fusion.gated_residual_norm_modulate_q(x, y, mod[2], mod[0], mod[1], *spec)[1:]  # noqa: E731
         check = lambda: ref.norm_modulate_quant_ref(x, mod[0], mod[1], *spec, residual=y, gate=mod[2])[1:]  # noqa: E731
     elif name == "mlp fc2":
         hid = torch.randn(1, m, kdim, generator=g, **bf)
         row["producer"] = "GELU (bf16: the eager nn.GELU the block runs)"
         act = nn.GELU(approximate="tanh")
-        plain, quant = (lambda: act(hid)), (lambda: layers.gelu_q(hid, *spec))
+        plain, quant = (lambda: act(hid)), (lambda: fusion.gelu_q(hid, *spec))
         check = lambda: ref.gelu_quant_ref(hid, *spec)  # noqa: E731
     else:  # single linear2
         hid = torch.randn(1, m, kdim - 3072, generator=g, **bf)
         row["producer"] = "concat_gelu"
-        plain, quant = (lambda: ops.concat_gelu(x, hid)), (lambda: layers.concat_gelu_q(x, hid, *spec))
+        plain, quant = (lambda: ops.concat_gelu(x, hid)), (lambda: fusion.concat_gelu_q(x, hid, *spec))
         check = lambda: ref.gelu_quant_ref(hid, *spec, prefix=x)  # noqa: E731
     with torch.no_grad():
         (codes, sx), (rc, rs) = quant(), check()
@@ -1015,9 +1016,9 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = False
     mods = {}
     for name in ("act_quant", "int_gemm", "sparse_attention"):
-        mods[name], err = try_import(f"kernels.{name}")
+        mods[name], err = try_import(f"quantsparse_kernels.{name}")
         if err:
-            rep.note(f"kernels.{name} not available: {err}")
+            rep.note(f"quantsparse_kernels.{name} not available: {err}")
     if mods["sparse_attention"] is None:
         rep.note("SSARAttention falls back to the PyTorch reference for sparse attention")
     try:

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import interpreting
+from .interpreter import interpreting
 from .producer_quant import _round_to_model_dtype
 
 

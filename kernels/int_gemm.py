@@ -7,7 +7,7 @@ Weight layout (prepare_weight, done once at load time):
 - 4-bit: int8 bytes [N, K/2] where byte j holds code k=j in its low nibble and code k=j+K/2 in its
   high nibble ("split halves"). The kernel loads one byte tile, sign-extends both nibbles with two
   shifts, and multiplies them against the activation tiles at k and k + K/2: two MMAs, no in-register
-  interleave. Checkpoints keep packing.pack_int4's interleaved format; this is a runtime layout only.
+  interleave. Checkpoints keep int4.pack_int4's interleaved format; this is a runtime layout only.
 
 4-bit execution ("unpack"): at the video token counts (M ~ 1e5) the GEMM is compute bound, and the
 in-kernel nibble unpack costs ~45% of the int8 MMA rate on H100 (575 vs 1,030 TOPS measured: Hopper
@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import dispatch
-from quantsparse_core.quant.packing import unpack_int4
+from .interpreter import interpreting
+from .int4 import unpack_int4
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -58,7 +58,7 @@ def prepare_weight(w: torch.Tensor, w_bits: int, scale: torch.Tensor) -> Prepare
     scale = scale.reshape(n).float().contiguous()
     if w_bits == 4:
         if w.dtype != torch.uint8:
-            raise ValueError(f"4-bit weights must be uint8 packed by packing.pack_int4, got {w.dtype}")
+            raise ValueError(f"4-bit weights must be uint8 packed by int4.pack_int4, got {w.dtype}")
         codes = unpack_int4(w)
         k = codes.shape[1]
         lo, hi = codes[:, : k // 2].to(torch.int16), codes[:, k // 2:].to(torch.int16)
@@ -217,7 +217,7 @@ def _int_gemm_tma_kernel(a_desc, b_desc, c_desc, sa_ptr, sb_ptr, bias_ptr, c_ptr
 
 # Persistent-TMA launches: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages[, options]) where options is a
 # "+"-joined subset of TMA_OPTIONS. Picked on H100 at M = 119,056 from two sweeps of
-# benchmarks/dev_kernel_sweep.py --parts gemm (2026-11-25, docs/BENCHMARKS.md run 6; speed-up vs bf16
+# benchmarks/dev_kernel_sweep.py --parts gemm (2026-11-25, benchmarks/results/ run 6; speed-up vs bf16
 # F.linear, interleaved timing, run-to-run noise ~5%): the TMA-store epilogue in halves with a
 # flattened tile loop at K = 3072 (qkv 1.36 -> 1.42-1.46x, proj 1.35 -> 1.46-1.48x), and 4 stages
 # with a flattened loop for fc1 / fc2 / linear1 / linear2 (1.44 / 1.57 / 1.52 / 1.60x in the second).
@@ -253,7 +253,7 @@ def _use_tma(a: torch.Tensor, w: "PreparedWeight", tile: tuple | None) -> bool:
     tile is given (tests of the kernel's logic at small shapes)."""
     if w.w_bits == 4:
         return False
-    if dispatch.interpreting():
+    if interpreting():
         if tile is None:
             return False
     elif not a.is_cuda or torch.cuda.get_device_capability(a.device) < (9, 0):
@@ -347,7 +347,7 @@ def int_gemm(a: torch.Tensor, sa: torch.Tensor, w: PreparedWeight, bias: torch.T
     args = (a, w.data, sa, w.scale, bias if bias is not None else w.scale, c, M, N, k_iter, K // 2,
             a.stride(0), w.data.stride(0), c.stride(0), min(triton.next_power_of_2(M), 65536))
     W4, HAS_BIAS = w.w_bits == 4, bias is not None
-    if config is None and dispatch.interpreting():
+    if config is None and interpreting():
         config = _INTERP
     if config is not None:
         cfg = dict(config)

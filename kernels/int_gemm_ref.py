@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import torch
 
-from quantsparse_core.quant.packing import unpack_int4
+from .int4 import unpack_int4
 
 
 def weight_codes(w: torch.Tensor, w_bits: int) -> torch.Tensor:
-    """int8 codes [N, K] from QuantLinear storage (int4 packed two per byte as in packing.pack_int4)."""
+    """int8 codes [N, K] from QuantLinear storage (int4 packed two per byte as in int4.pack_int4)."""
     return unpack_int4(w) if w_bits == 4 else w
 
 

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .act_quant import _codes, _scale_inv, merged_config
-from .dispatch import interpreting
+from .interpreter import interpreting
 
 MAX_ONEPASS_K = 4096
 _FLOAT = (torch.float32, torch.float16, torch.bfloat16)
@@ -238,7 +238,7 @@ def norm_modulate_quant(x, shift, scale, inv_smooth, clip, bits: int, residual=N
 
 # Two passes (absmax, then codes re-reading the rows from L2 and recomputing GELU); MATH None: by
 # device (_math_code). A one-pass kernel holding whole rows in registers measured slower for linear2 on an H200 twice
-# (5.30 vs 3.82 ms, then 5.34 vs 3.36 ms; fc2 2.84 vs 2.92 ms) and was dropped (docs/BENCHMARKS.md).
+# (5.30 vs 3.82 ms, then 5.34 vs 3.36 ms; fc2 2.84 vs 2.92 ms) and was dropped (benchmarks/results/, dev7b).
 # 4 rows x 1024 columns with 4 warps (and tanh.approx): fc2 2.25 / linear2 2.51 ms against 2.43 / 3.02
 # for 2 x 2048 with 8 warps, the earlier launch (one H200 sweep, 2026-12-01).
 GELU_CONFIG = dict(ROWS=4, CHUNK=1024, num_warps=4, MATH=None)

@@ -18,15 +18,7 @@ from typing import Tuple
 
 import torch
 
-from .sparse_attention import check_call, mask_arguments, sparse_attention
-
-
-def complement(block_mask):
-    """The key blocks the mask leaves out, per head and in each head's own order (same kinds). Not
-    cached: a refresh uses it once, and its ~85%-dense index would otherwise live as long as the mask."""
-    from quantsparse_core.sparse.masks import BlockMask
-
-    return BlockMask(~block_mask.keep, list(block_mask.kinds), block_mask.block, block_mask.seq_len)
+from .sparse_attention import sparse_attention
 
 
 def merge(sparse: torch.Tensor, lse_sparse: torch.Tensor, rest: torch.Tensor,
@@ -46,18 +38,20 @@ def merge(sparse: torch.Tensor, lse_sparse: torch.Tensor, rest: torch.Tensor,
     return full, d
 
 
-def refresh_attention(q, k, v, mask, block_mask, txt_len: int, grid) -> Tuple[torch.Tensor, torch.Tensor]:
+def refresh_attention(q, k, v, kv_index, kv_count, rest_index, rest_count, *, block: int = 128, key_bias=None,
+                      perm=None, permuted_heads=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(O_full [B, L, H*D] in q's dtype, D = O_full - O_sparse [B, L, H*D] fp32) through the Triton
-    kernel: the mask's keys and the complement's, merged by log-sum-exp. q, k, v [B, H, L, D]; mask:
-    the model's additive key mask or None; block_mask: the refresh's new BlockMask."""
-    check_call(q, block_mask, txt_len, grid)
+    kernel: the mask's key blocks (kv_index / kv_count) and the complement's (rest_index / rest_count:
+    every other key block, same head orders), merged by log-sum-exp. q, k, v [B, H, L, D]; the other
+    keywords as kernels.sparse_attention takes them."""
     b, heads, length, _ = q.shape
     runs = []
-    for m in (block_mask, complement(block_mask)):
+    for index, count in ((kv_index, kv_count), (rest_index, rest_count)):
         lse = torch.empty(b, heads, length, dtype=torch.float32, device=q.device)
-        out = sparse_attention(q, k, v, lse=lse, **mask_arguments(q, mask, m, txt_len, grid))
+        out = sparse_attention(q, k, v, index, count, block=block, key_bias=key_bias, perm=perm,
+                               permuted_heads=permuted_heads, lse=lse)
         runs += [out, lse]
     return merge(*runs)
 
 
-__all__ = ["refresh_attention", "complement", "merge"]
+__all__ = ["refresh_attention", "merge"]

@@ -7,16 +7,18 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
-from quantsparse_core.sparse.reference import block_sparse_attention as core_block_sparse_attention
+from .sparse_attention_ref import sparse_attention_ref
 
 
-def refresh_attention_ref(q, k, v, mask, block_mask, txt_len: int, grid) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(O_full [B, L, H*D] in q's dtype, O_full - O_sparse in fp32). mask: additive, broadcastable
-    to [B, H, L, L] ([B, 1, L] key masks included) or None."""
+def refresh_attention_ref(q, k, v, kv_index, kv_count, *, block: int = 128, key_bias=None, perm=None,
+                          permuted_heads=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(O_full [B, L, H*D] in q's dtype, O_full - O_sparse in fp32): dense SDPA under key_bias
+    ([B|1, L] additive or None) and the sparse reference over the listed key blocks."""
     b, heads, length, d = q.shape
-    m = mask.unsqueeze(1) if mask is not None and mask.ndim == 3 else mask
+    m = None if key_bias is None else key_bias[:, None, None, :].to(q.dtype)
     full = F.scaled_dot_product_attention(q, k, v, attn_mask=m).transpose(1, 2).reshape(b, length, heads * d)
-    sparse = core_block_sparse_attention(q, k, v, mask, block_mask, txt_len, grid)
+    sparse = sparse_attention_ref(q, k, v, kv_index, kv_count, block=block, key_bias=key_bias, perm=perm,
+                                  permuted_heads=permuted_heads)
     return full, full.float() - sparse.float()
 
 

@@ -23,9 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import dispatch
-from .sparse_attention_ref import block_sparse_attention_ref
-from quantsparse_core.sparse.correction import Correction, as_correction
+from .interpreter import interpreting
+from .correction import Correction, as_correction
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 MAX_CORRECTION_RANK = 128  # the epilogue's [rows, r] x [r, D] factor product holds r (padded) in registers
@@ -35,7 +34,7 @@ LOG2E = 1.4426950408889634
 # Temporal heads: read k/v from a head-ordered copy made first (bounded per launch) instead of gathering
 # through the permutation in the loop. On H100 the in-loop gather makes temporal-only heads 1.33 x d x
 # dense cuDNN vs 1.10 for spatial-only (benchmarks/dev_kernel_sweep.py); with the copy the whole kernel
-# (half the heads temporal) runs at 1.12 / 1.11 x d x dense at 15% / 25% (docs/BENCHMARKS.md).
+# (half the heads temporal) runs at 1.12 / 1.11 x d x dense at 15% / 25% (benchmarks/results/, runs 5 and 10).
 KV_COPY = True
 KV_COPY_BYTES = 512 * 2 ** 20
 _CONFIGS = {16: (128, 128, 4, 3), 32: (128, 128, 4, 3), 64: (128, 128, 4, 3), 128: (128, 128, 8, 5),
@@ -209,7 +208,7 @@ def _sparse_attn_fwd(Q, K, V, O, LSE, C, CS, US, VH, BIAS, PERM, HEADS, KV_IDX, 
 def _add_correction(out, C, CS, US, VH, b, h, q_rows, m_ok, offs_d, scb, scl, ssb, ssl, sub, suh, sul,
                     svhb, svhh, svhr, R, HEAD_D: tl.constexpr, CORR: tl.constexpr, HAS_LR: tl.constexpr,
                     R_PAD: tl.constexpr):
-    """out + C for this tile, C rebuilt from the cache's parts (quantsparse_core.sparse.correction):
+    """out + C for this tile, C rebuilt from the cache's parts (kernels/correction.py):
     D dense (CORR 1) or int8 codes x row scale (CORR 2), plus us[rows, :R] @ vh[:R, :] (HAS_LR)."""
     c = tl.load(C + b * scb + h * HEAD_D + q_rows[:, None] * scl + offs_d[None, :], mask=m_ok[:, None], other=0)
     c = c.to(tl.float32)
@@ -335,7 +334,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index
     kv_index [H, nq, max_k] int32 / kv_count [H, nq] int32 list the key blocks (in each head's own
     order) that each query block visits; key_bias [B|1, L] additive, original order; perm [L]: the
     temporal order (x[perm] is x permuted) used by heads with permuted_heads[h] true; correction
-    (a [B, L, H*D] tensor or a quantsparse_core.sparse.correction.Correction) added to the output.
+    (a [B, L, H*D] tensor or a kernels.correction.Correction) added to the output.
     Returns [B, L, H*D] in q's dtype (written into `out` if given). lse: an fp32 [B, H, L] tensor
     (contiguous last dim) to receive each row's base-2 log-sum-exp of its scaled scores
     log2(sum 2^(s * log2 e)), s = q.k / sqrt(D) + bias, over the keys it visits (-inf if none), in
@@ -364,7 +363,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index
     kv_index = kv_index.contiguous()
     kv_count = kv_count.contiguous()
     block_m, block_n, warps, stages, *rest = config or _CONFIGS[d]
-    ws = bool(rest and rest[0]) and not dispatch.interpreting()
+    ws = bool(rest and rest[0]) and not interpreting()
     kv_copy = bool(rest[1]) if len(rest) > 1 else KV_COPY
     block_n = min(block, block_n)
     block_m = min(block_m, block)
@@ -418,7 +417,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index
                 length, len(heads_list), bh, t, nm, nb_bias[flag], scale,
                 HEAD_D=d, BLOCK_M=block_m, BLOCK_N=block_n, SUB=sub, PERMUTED=flag,
                 HAS_BIAS=key_bias is not None, **corr_flags,
-                IEEE=q.dtype == torch.float32 or dispatch.interpreting(),
+                IEEE=q.dtype == torch.float32 or interpreting(),
                 ROW64=row64, WS=ws, KV_COPY=copy, HAS_LSE=lse is not None, num_warps=warps, num_stages=stages)
     return out
 
@@ -479,73 +478,10 @@ def _host_counts(kv_count: torch.Tensor):
     return counts
 
 
-# ---- the wrapper with the reference's signature ---------------------------------------------------
-def _indices(block_mask, device):
-    """kv_index / kv_count on `device`, cached on the mask (masks are not mutated after creation)."""
-    key = (str(device), tensor_version(block_mask.keep), id(block_mask.keep))
-    cached = block_mask.__dict__.get("_qs_kernel_indices")
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    index, count = block_mask.to_indices()
-    val = (index.to(device), count.to(device))
-    block_mask.__dict__["_qs_kernel_indices"] = (key, val)
-    return val
-
-
 def supports(q: torch.Tensor, block: int) -> bool:
     """Whether the kernel takes q's dtype / head_dim and this mask block (else: the reference)."""
     d = q.shape[-1]
     return q.dtype in _FLOAT and 16 <= d <= 256 and not d & (d - 1) and block >= 16 and not block & (block - 1)
 
 
-@functools.lru_cache(maxsize=16)
-def _temporal_perm(txt_len: int, grid: tuple, device: torch.device) -> torch.Tensor:
-    """The temporal permutation as the kernel reads it (int32, contiguous), made once per layout: one
-    tensor object for every layer, so per-call caches keyed on it (_bias_blocks) hit."""
-    from quantsparse_core.sparse.layout import temporal_permutation
-    return temporal_permutation(txt_len, grid, device=device).to(torch.int32).contiguous()
-
-
-def mask_arguments(q, mask, block_mask, txt_len: int, grid) -> dict:
-    """sparse_attention's mask keywords (kv_index, kv_count, block, key_bias, perm, permuted_heads)
-    for a BlockMask and the model's additive mask, on q's device."""
-    from quantsparse_core.sparse.masks import key_bias as to_key_bias
-
-    b, heads, length, _ = q.shape
-    index, count = _indices(block_mask, q.device)
-    permuted = [block_mask.permuted(h) for h in range(heads)]
-    perm = _temporal_perm(txt_len, tuple(int(n) for n in grid), q.device) if any(permuted) else None
-    bias = to_key_bias(mask, b, length)
-    return dict(kv_index=index, kv_count=count, block=block_mask.block, perm=perm, permuted_heads=permuted,
-                key_bias=None if bias is None else bias.to(q.device))
-
-
-def check_call(q, block_mask, txt_len: int, grid) -> None:
-    """The model's layout and the mask agree with q [B, H, L, D]."""
-    from quantsparse_core.sparse.layout import check_layout
-
-    _, heads, length, _ = q.shape
-    check_layout(length, txt_len, grid)
-    if block_mask.seq_len != length or block_mask.num_heads != heads:
-        raise ValueError(f"block mask is for {block_mask.num_heads} heads x {block_mask.seq_len} tokens, "
-                         f"attention has {heads} heads x {length} tokens")
-
-
-def block_sparse_attention(q, k, v, mask, block_mask, txt_len: int, grid, correction=None) -> torch.Tensor:
-    """quantsparse_core.sparse.reference.block_sparse_attention's contract, plus `correction`
-    (a [B, L, H*D] tensor or a Correction) added to the result (SSAR). Runs the Triton kernel where
-    kernels.dispatch says so (and the kernel supports the shape), else the reference with the
-    correction materialised and added in fp32."""
-    b, heads, length, d = q.shape
-    check_call(q, block_mask, txt_len, grid)
-    correction = as_correction(correction)
-    if correction is not None and tuple(correction.shape) != (b, length, heads * d):
-        raise ValueError(f"correction must be [B, L, H*D] = {(b, length, heads * d)}, got {tuple(correction.shape)}")
-    if supports(q, block_mask.block) and dispatch.use_triton(q.device):
-        if correction is not None:
-            correction = correction.to(q.device)
-        return sparse_attention(q, k, v, correction=correction, **mask_arguments(q, mask, block_mask, txt_len, grid))
-    return block_sparse_attention_ref(q, k, v, mask, block_mask, txt_len, grid, correction)
-
-
-__all__ = ["sparse_attention", "block_sparse_attention", "mask_arguments", "supports", "check_call"]
+__all__ = ["sparse_attention", "supports", "tensor_version", "MAX_CORRECTION_RANK"]

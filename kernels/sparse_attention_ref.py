@@ -1,7 +1,8 @@
-"""PyTorch references for kernels.sparse_attention.
+"""PyTorch references for kernels.sparse_attention, with the kernel's plain-tensor signature.
 
-- `block_sparse_attention_ref`: the core reference (quantsparse_core.sparse.reference, chunked, no
-  L x L matrix) plus the SSAR correction added in fp32: the CPU path of the dispatching wrapper.
+- `sparse_attention_ref`: exact softmax over the listed key blocks only, memory-bounded (query blocks
+  in chunks, only their listed key blocks gathered: no L x L matrix), the SSAR correction added in
+  fp32. The CPU path behind the library's `block_sparse_attention`.
 - `dense_masked_attention_f64`: the plainest possible ground truth for tests: the block mask
   expanded to a token mask, one full float64 softmax per head, permutation applied by indexing.
 """
@@ -11,20 +12,85 @@ import math
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
-from quantsparse_core.sparse.correction import as_correction
-from quantsparse_core.sparse.reference import block_sparse_attention as core_block_sparse_attention
+from .correction import as_correction
+
+CHUNK_ELEMENTS = 1 << 24  # score elements per chunk of query blocks (64 MiB in float32)
 
 
-def block_sparse_attention_ref(q, k, v, mask, block_mask, txt_len: int, grid, correction=None) -> torch.Tensor:
-    """The core reference's output (q's dtype), plus `correction` ([B, L, H*D] tensor or Correction)
-    materialised and added in fp32."""
-    out = core_block_sparse_attention(q, k, v, mask, block_mask, txt_len, grid)
+def _blocks(x: torch.Tensor, n: int, block: int) -> torch.Tensor:
+    """[B, L, D] -> [B, n, block, D], zero-padding the partial last block."""
+    b, length, d = x.shape
+    return F.pad(x, (0, 0, 0, n * block - length)).view(b, n, block, d)
+
+
+def _softmax_v(scores: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(scores) @ v; a row whose scores are all -inf gives 0, not NaN."""
+    top = scores.amax(-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    p = torch.exp(scores - top)
+    return (p @ v) / p.sum(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
+
+
+def _head_attention(q, k, v, bias, index, count, block: int) -> torch.Tensor:
+    """One head. q, k, v: [B, L, D] in the head's order; bias: [B|1, L] additive or None; index /
+    count: [nq, max_k] listed key blocks and how many of them are used. Returns [B, L, D]."""
+    b, length, d = q.shape
+    n = -(-length // block)
+    qb, kb, vb = (_blocks(x, n, block) for x in (q, k, v))
+    # Additive bias per key token: the caller's mask, -inf on padding and on unused index slots.
+    tok = torch.zeros(b, n * block, dtype=q.dtype, device=q.device)
+    tok[:, length:] = float("-inf")
+    if bias is not None:
+        tok[:, :length] += bias.to(q.dtype)
+    tok = tok.view(b, n, block)
+    max_k = index.shape[1]
+    valid = torch.arange(max_k, device=index.device)[None, :] < count[:, None]
+    safe = torch.where(valid, index, torch.zeros_like(index)).long()
+    chunk = max(1, CHUNK_ELEMENTS // (b * block * max_k * block))
+    out = torch.empty(b, n, block, d, dtype=q.dtype, device=q.device)
+    scale = 1.0 / math.sqrt(d)
+    for c0 in range(0, n, chunk):
+        c1 = min(n, c0 + chunk)
+        idx = safe[c0:c1]
+        keys = kb[:, idx].reshape(b, c1 - c0, max_k * block, d)
+        vals = vb[:, idx].reshape(b, c1 - c0, max_k * block, d)
+        slot = torch.where(valid[c0:c1], 0.0, float("-inf")).to(q.dtype)
+        add = tok[:, idx] + slot[None, :, :, None]
+        scores = (qb[:, c0:c1] @ keys.transpose(-1, -2)) * scale + add.reshape(b, c1 - c0, 1, max_k * block)
+        out[:, c0:c1] = _softmax_v(scores, vals)
+    return out.reshape(b, n * block, d)[:, :length]
+
+
+def sparse_attention_ref(q, k, v, kv_index, kv_count, *, block: int = 128, key_bias=None, perm=None,
+                         permuted_heads: Optional[Sequence[bool]] = None, correction=None) -> torch.Tensor:
+    """kernels.sparse_attention's contract in PyTorch: q, k, v [B, H, L, D]; kv_index [H, nq, max_k] /
+    kv_count [H, nq] the key blocks each query block visits (each head's own order); key_bias [B|1, L]
+    additive, original order; perm [L] the temporal order for heads with permuted_heads[h]; correction
+    (a [B, L, H*D] tensor or a Correction) added in fp32. Half precision is computed in fp32.
+    Returns [B, L, H*D] in q's dtype."""
+    b, heads, length, d = q.shape
+    dtype = q.dtype if q.dtype in (torch.float32, torch.float64) else torch.float32
+    permuted = list(permuted_heads) if permuted_heads is not None else [False] * heads
+    if any(permuted) and perm is None:
+        raise ValueError("permuted heads need the temporal permutation perm")
+    order = perm.long().to(q.device) if perm is not None else None
+    inv = torch.empty_like(order).scatter_(0, order, torch.arange(length, device=q.device)) if order is not None else None
+    out = torch.empty(b, length, heads, d, dtype=dtype, device=q.device)
+    for h in range(heads):
+        qh, kh, vh = (x[:, h].to(dtype) for x in (q, k, v))
+        bh = key_bias
+        if permuted[h]:
+            qh, kh, vh = qh[:, order], kh[:, order], vh[:, order]
+            bh = None if key_bias is None else key_bias[:, order]
+        oh = _head_attention(qh, kh, vh, bh, kv_index[h].to(q.device), kv_count[h].to(q.device), block)
+        out[:, :, h] = oh[:, inv] if permuted[h] else oh
+    out = out.reshape(b, length, heads * d)
     correction = as_correction(correction)
-    if correction is None:
-        return out
-    return (out.float() + correction.to(out.device).materialize()).to(q.dtype)
-
+    if correction is not None:
+        out = out.float() + correction.to(out.device).materialize()
+    return out.to(q.dtype)
 
 def dense_masked_attention_f64(q, k, v, keep: torch.Tensor, block: int, *, key_bias=None, perm=None,
                                permuted_heads: Optional[Sequence[bool]] = None,
@@ -55,4 +121,4 @@ def dense_masked_attention_f64(q, k, v, keep: torch.Tensor, block: int, *, key_b
     return out
 
 
-__all__ = ["block_sparse_attention_ref", "core_block_sparse_attention", "dense_masked_attention_f64"]
+__all__ = ["sparse_attention_ref", "dense_masked_attention_f64"]

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import dispatch
+from .interpreter import interpreting
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634
@@ -272,8 +272,8 @@ def svg_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Te
         v.stride(0), v.stride(1), v.stride(2), sbb,
         length, heads, b * heads, n, band8.shape[0], rt, s, per_split, LOG2E / math.sqrt(d),
         BLOCK=block, HEAD_D=d, BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=key_bias is not None,
-        QK_IEEE=q.dtype == torch.float32 or dispatch.interpreting(), PV_SPLIT=pv_split,
-        INTERP=dispatch.interpreting(), num_warps=warps, num_stages=stages)
+        QK_IEEE=q.dtype == torch.float32 or interpreting(), PV_SPLIT=pv_split,
+        INTERP=interpreting(), num_warps=warps, num_stages=stages)
     out = _merge(m.flatten(2), l.flatten(2), acc.flatten(2, 3))   # [3, B*H*n, D]
     diff = (out[1:] - out[0]).double().view(2, b, heads, n, d)
     return (diff ** 2).mean((1, 3, 4)).T.contiguous()

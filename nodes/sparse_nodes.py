@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from quantsparse_core.sparse.placement import AUTO_ORDER
+from quantsparse_core.sparse.cache import AUTO_ORDER
 from quantsparse_core.sparse.ssar import SparseSettings
 
 from .sparse_patch import apply_sparse

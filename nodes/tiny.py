@@ -3,9 +3,9 @@ load it, encode a prompt with its fixed vocabulary encoder, decode its latents w
 import torch
 from comfy_api.latest import io
 
-from quantsparse_core.models.codec import LatentCodec
-from quantsparse_core.models.embedded import WEIGHTS
-from quantsparse_core.models.prompts import VOCABULARY, PromptEncoder
+from quantsparse_core.models.tiny.codec import LatentCodec
+from quantsparse_core.models.tiny.embedded import WEIGHTS
+from quantsparse_core.models.tiny.prompts import VOCABULARY, PromptEncoder
 
 CATEGORY = "QuantSparse"
 

@@ -3,7 +3,7 @@
     python -m quantsparse_core.results quant [--device cuda] [--out docs/RESULTS.md]
 
 PSNR / SSIM of the final videos of the compressed model against the full-precision model, same
-seeds, the fixed prompt set of evaluate_tiny, for W8A8 / W6A6 / W4A8 under every calibration method.
+seeds, the fixed prompt set of models.tiny.evaluate, for W8A8 / W6A6 / W4A8 under every calibration method.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import torch
 from .calib.calibrate import METHODS, CalibSettings, calibrate
 from .calib.capture import capture_embedded
 from .metrics import psnr, ssim
-from .models.embedded import generate, load_embedded
-from .models.evaluate_tiny import FIXED_SCENES
+from .models.tiny.embedded import generate, load_embedded
+from .models.tiny.evaluate import FIXED_SCENES
 from .quant.linear import QuantLinear
 
 BITS = ((8, 8), (6, 6), (4, 8))

@@ -11,8 +11,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
+# QS_TEST_INSTALLED=1 tests the pip-installed packages (run `pytest`, not `python -m pytest`, from
+# outside the checkout's root so that nothing puts the checkout on sys.path).
+if os.environ.get("QS_TEST_INSTALLED", "0") in ("", "0") and str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+import quantsparse_core.dispatch  # noqa: E402,F401  (makes the kernels importable as quantsparse_kernels)
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

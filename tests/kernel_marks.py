@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kernels import dispatch
+from quantsparse_core import dispatch
 
 # Tests that push CPU tensors through a Triton kernel: they need Triton's interpreter, which the
 # conftest turns on only where CUDA is absent. On a GPU machine the CUDA versions in

@@ -8,7 +8,7 @@ import torch
 from quantsparse_core.calib import msad
 from quantsparse_core.calib.calibrate import CalibSettings, block_output_mse, calibrate
 from quantsparse_core.calib.capture import capture_embedded
-from quantsparse_core.models.embedded import load_embedded
+from quantsparse_core.models.tiny.embedded import load_embedded
 
 
 def _qk(rng, b=1, h=2, l=70, d=16, n_pad=3):

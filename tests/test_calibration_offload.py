@@ -6,7 +6,7 @@ import torch
 
 from quantsparse_core.calib.calibrate import CalibSettings, calibrate
 from quantsparse_core.calib.capture import block_list, capture_embedded
-from quantsparse_core.models.embedded import load_embedded
+from quantsparse_core.models.tiny.embedded import load_embedded
 
 
 @pytest.fixture(scope="module")

@@ -35,8 +35,8 @@ def test_nodes_register_with_category_and_tooltips():
 
 
 def test_prompt_encode_and_decode_equal_the_core(rng):
-    from quantsparse_core.models.codec import LatentCodec
-    from quantsparse_core.models.prompts import PromptEncoder
+    from quantsparse_core.models.tiny.codec import LatentCodec
+    from quantsparse_core.models.tiny.prompts import PromptEncoder
 
     nodes = load_pack()
     text = "a blue square moving up quickly on a white background"

@@ -54,8 +54,8 @@ def test_calibrate_save_load_sparse_sample_equals_core(pack):
     from quantsparse_core.calib.calibrate import CalibSettings
     from quantsparse_core.calib.pipeline import Conditioning, compress
     from quantsparse_core.io.checkpoint import load_compressed
-    from quantsparse_core.models.embedded import WEIGHTS
-    from quantsparse_core.models.prompts import PromptEncoder
+    from quantsparse_core.models.tiny.embedded import WEIGHTS
+    from quantsparse_core.models.tiny.prompts import PromptEncoder
     from quantsparse_core.models.sampler import initial_noise, sample_euler
     from quantsparse_core.sparse.ssar import SparseSettings, SSARAttention
 

@@ -198,7 +198,7 @@ def _demo_prompt(info):
 def test_api_graph_end_to_end_equals_core_and_leaves_dense_untouched(server):
     import comfy.latent_formats  # noqa: F401  (ComfyUI importable in this interpreter: require_comfyui)
     from quantsparse_core.io.checkpoint import load_compressed
-    from quantsparse_core.models.prompts import PromptEncoder
+    from quantsparse_core.models.tiny.prompts import PromptEncoder
     from quantsparse_core.models.sampler import flow_sigmas, initial_noise, sample_euler
     from quantsparse_core.sparse.ssar import SparseSettings, SSARAttention
 

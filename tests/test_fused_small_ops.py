@@ -4,9 +4,9 @@ torch.compile where a GPU is present (the benchmark also compares fused and eage
 import pytest
 import torch
 
-from kernels import dispatch
+from quantsparse_core import dispatch
 from quantsparse_core.models import HunyuanVideoDiT, get_preset
-from quantsparse_core.models import layers
+from quantsparse_core.models import blocks, fusion, layers
 from test_model import small_inputs
 from kernel_marks import interpreted
 
@@ -45,15 +45,15 @@ def test_grouped_ops_match_float64_reference(rng):
     x, y = (torch.randn(b, l, c, generator=rng) for _ in range(2))
     shift, scale, gate = (torch.randn(b, 1, c, generator=rng) for _ in range(3))
     ln = torch.nn.functional.layer_norm(x.double(), (c,), eps=1e-6)
-    torch.testing.assert_close(layers.norm_modulate(x, shift, scale).double(),
+    torch.testing.assert_close(fusion.norm_modulate(x, shift, scale).double(),
                                shift.double() + ln * (1 + scale.double()), atol=1e-5, rtol=1e-5)
-    xr, h = layers.gated_residual_norm_modulate(x, y, gate, shift, scale)
+    xr, h = fusion.gated_residual_norm_modulate(x, y, gate, shift, scale)
     ref_x = x.double() + y.double() * gate.double()
     torch.testing.assert_close(xr.double(), ref_x, atol=1e-5, rtol=1e-5)
     ref_h = shift.double() + torch.nn.functional.layer_norm(ref_x, (c,), eps=1e-6) * (1 + scale.double())
     torch.testing.assert_close(h.double(), ref_h, atol=1e-5, rtol=1e-5)
     hid = torch.randn(b, l, 4 * c, generator=rng)
-    got = layers.concat_gelu(x, hid).double()
+    got = fusion.concat_gelu(x, hid).double()
     hd = hid.double()
     gelu = 0.5 * hd * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (hd + 0.044715 * hd ** 3)))
     torch.testing.assert_close(got, torch.cat((x.double(), gelu), 2), atol=1e-5, rtol=1e-5)
@@ -62,7 +62,7 @@ def test_grouped_ops_match_float64_reference(rng):
 def test_double_qkv_equals_block_eager_steps(rng):
     """double_qkv == the eager block's per-stream QKNorm modules, concat and apply_rope."""
     cfg = get_preset("test")
-    block = randomize(layers.DoubleStreamBlock(cfg.hidden_size, cfg.num_heads, cfg.mlp_hidden), rng)
+    block = randomize(blocks.DoubleStreamBlock(cfg.hidden_size, cfg.num_heads, cfg.mlp_hidden), rng)
     lt, li, heads = 5, 12, cfg.num_heads
     t_qkv = torch.randn(1, lt, 3 * cfg.hidden_size, generator=rng)
     i_qkv = torch.randn(1, li, 3 * cfg.hidden_size, generator=rng)
@@ -75,7 +75,7 @@ def test_double_qkv_equals_block_eager_steps(rng):
     ref = (layers.apply_rope(torch.cat((tq, iq), 2), table), layers.apply_rope(torch.cat((tk, ik), 2), table),
            torch.cat((tv, iv), 2))
     n = block.txt_attn.norm, block.img_attn.norm
-    got = layers.double_qkv(t_qkv, i_qkv, heads, n[0].query_norm.weight, n[0].key_norm.weight,
+    got = fusion.double_qkv(t_qkv, i_qkv, heads, n[0].query_norm.weight, n[0].key_norm.weight,
                             n[1].query_norm.weight, n[1].key_norm.weight, table)
     for g, r in zip(got, ref):
         torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-6)
@@ -140,9 +140,9 @@ def test_producer_quantized_inputs_equal_separate_quantization(rng, monkeypatch,
 def test_quantized_input_gives_the_layer_output_on_both_paths(rng):
     """QuantLinear(QuantizedInput of x) == QuantLinear(x), through int_gemm (interpreter) and the
     PyTorch integer GEMM alike, against a float64 dequantized product."""
-    from kernels.act_quant_ref import act_quant_ref
+    from quantsparse_kernels.act_quant_ref import act_quant_ref
     from quantsparse_core.quant.linear import QuantizedInput, QuantLinear
-    from quantsparse_core.quant.packing import unpack_int4
+    from quantsparse_core.dispatch import unpack_int4
     lin = torch.nn.Linear(96, 40)
     with torch.no_grad():
         lin.weight.copy_(torch.randn(40, 96, generator=rng) * 0.1)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kernels import dispatch
+from quantsparse_core import dispatch
 
 
 def test_modes_choose_as_documented(monkeypatch):

@@ -1,12 +1,12 @@
 """kernels.gram (per-head Gram matrices of an SSAR residual) against the float64 reference: in the CPU
 interpreter at small shapes (several row chunks, a partial last one, B > 1, head_dim 16 and 64), the
-dispatch from placement.gram_matrices, bad input; on a GPU at the 720p shape."""
+dispatch from low_rank.gram_matrices, bad input; on a GPU at the 720p shape."""
 import pytest
 import torch
 
-from kernels import dispatch
-from kernels.gram_ref import head_gram_ref
-from quantsparse_core.sparse.placement import gram_matrices, heads_first, truncated_factors
+from quantsparse_core import dispatch
+from quantsparse_kernels.gram_ref import head_gram_ref
+from quantsparse_core.sparse.low_rank import gram_matrices, heads_first, truncated_factors
 from kernel_marks import interpreted
 
 
@@ -17,7 +17,7 @@ def rel(a, b):
 @interpreted
 @pytest.mark.parametrize("b,length,heads,d", [(2, 300, 3, 16), (1, 130, 2, 64)])
 def test_head_gram_equals_float64_reference(rng, monkeypatch, b, length, heads, d):
-    from kernels import gram
+    from quantsparse_kernels import gram
     monkeypatch.setattr(gram, "CHUNK", 128)     # several chunks (130 rows: a 2-row last one)
     x = torch.randn(b, length, heads * d, generator=rng) * 3 + 0.5
     g = gram.head_gram(x, heads)
@@ -27,7 +27,7 @@ def test_head_gram_equals_float64_reference(rng, monkeypatch, b, length, heads, 
 
 @interpreted
 def test_head_gram_one_partial_chunk_strided_and_empty(rng):
-    from kernels import gram
+    from quantsparse_kernels import gram
     x = torch.randn(3, 70, 2 * 16 + 5, generator=rng)[..., 5:]        # L < CHUNK, B > 1, a row-strided view
     assert rel(gram.head_gram(x, 2), head_gram_ref(x, 2)) < 1e-5
     for shape in ((2, 0, 32), (0, 9, 32)):
@@ -37,7 +37,7 @@ def test_head_gram_one_partial_chunk_strided_and_empty(rng):
 
 @interpreted
 def test_gram_matrices_dispatches_to_the_kernel_for_a_residual_view(rng, monkeypatch):
-    from kernels import gram
+    from quantsparse_kernels import gram
     calls = []
     monkeypatch.setattr(gram, "head_gram", lambda x, h, f=gram.head_gram: calls.append(h) or f(x, h))
     x = torch.randn(1, 200, 4 * 16, generator=rng)
@@ -61,7 +61,7 @@ def test_gram_matrices_dispatches_to_the_kernel_for_a_residual_view(rng, monkeyp
 
 
 def test_bad_input_gets_a_clear_error(monkeypatch):
-    from kernels import gram
+    from quantsparse_kernels import gram
     with pytest.raises(ValueError, match="power-of-two head_dim"):
         gram.head_gram(torch.randn(1, 8, 3 * 24), 3)
     with pytest.raises(ValueError, match="fp32"):
@@ -77,7 +77,7 @@ def test_head_gram_on_gpu_at_720p(rng):
     of the float64 Gram (bf16 hi/lo products, fp32 tensor-core sums per 4,096 rows: 1.5e-5 measured on
     an H200; the rank-16 truncation it feeds drops far more). On a residual of rank 16 plus noise, the
     truncation through the kernel reconstructs what the float64 path does."""
-    from kernels import gram
+    from quantsparse_kernels import gram
     x = (torch.randn(1, 119056, 3072, generator=rng) * 0.05 + 0.01).cuda()
     got = gram.head_gram(x, 24)
     with dispatch.forced("torch"):

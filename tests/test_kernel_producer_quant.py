@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.act_quant_ref import act_quant_ref
-from kernels.producer_quant import gelu_quant, norm_modulate_quant
-from kernels.producer_quant_ref import gelu_quant_ref, norm_modulate_quant_ref
-from quantsparse_core.models import layers
+from quantsparse_kernels.act_quant_ref import act_quant_ref
+from quantsparse_kernels.producer_quant import gelu_quant, norm_modulate_quant
+from quantsparse_kernels.producer_quant_ref import gelu_quant_ref, norm_modulate_quant_ref
+from quantsparse_core.models import blocks, fusion, layers
 from kernel_marks import interpreted
 
 
@@ -65,14 +65,14 @@ def test_references_equal_the_model_ops_then_act_quant(rng):
     hid = torch.randn(b, l, 4 * c, generator=rng) * 2
     inv = _smooth(rng, c)
     agree(norm_modulate_quant_ref(x, shift, scale, inv, 0.9, 8)[1:],
-          act_quant_ref(layers.norm_modulate(x, shift, scale), 8, inv, 0.9), 2e-3)
-    xr, h = layers.gated_residual_norm_modulate(x, y, gate, shift, scale)
+          act_quant_ref(fusion.norm_modulate(x, shift, scale), 8, inv, 0.9), 2e-3)
+    xr, h = fusion.gated_residual_norm_modulate(x, y, gate, shift, scale)
     xo, *got = norm_modulate_quant_ref(x, shift, scale, inv, 0.9, 8, residual=y, gate=gate)
     torch.testing.assert_close(xo, xr, rtol=1e-6, atol=1e-6)
     agree(got, act_quant_ref(h, 8, inv, 0.9), 2e-3)
     agree(gelu_quant_ref(hid, None, 1.0, 8), act_quant_ref(F.gelu(hid, approximate="tanh"), 8), 2e-3)
     inv5 = _smooth(rng, 5 * c)
-    agree(gelu_quant_ref(hid, inv5, 0.9, 8, prefix=x), act_quant_ref(layers.concat_gelu(x, hid), 8, inv5, 0.9), 2e-3)
+    agree(gelu_quant_ref(hid, inv5, 0.9, 8, prefix=x), act_quant_ref(fusion.concat_gelu(x, hid), 8, inv5, 0.9), 2e-3)
 
 
 def test_bad_input_gets_clear_errors(rng):

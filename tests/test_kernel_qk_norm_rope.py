@@ -4,10 +4,10 @@ eager model. CPU interpreter at small, odd shapes; tests/test_kernels_cuda.py re
 import pytest
 import torch
 
-from kernels import dispatch
-from kernels import qk_norm_rope as kern
-from kernels.qk_norm_rope_ref import double_qkv_ref, single_qkv_ref
-from quantsparse_core.models import HunyuanVideoDiT, get_preset, layers
+from quantsparse_core import dispatch
+from quantsparse_kernels import qk_norm_rope as kern
+from quantsparse_kernels.qk_norm_rope_ref import double_qkv_ref, single_qkv_ref
+from quantsparse_core.models import HunyuanVideoDiT, fusion, get_preset, layers
 from test_fused_small_ops import randomize
 from test_model import small_inputs
 from kernel_marks import interpreted
@@ -64,9 +64,9 @@ def test_reference_equals_the_models_grouped_ops(rng):
     """The reference computes what the model's (uncompiled) groups do, bit for bit, in fp32 and bf16."""
     for dtype in (torch.float32, torch.bfloat16):
         (tq, iq), ws, table = make(rng, 1, (4, 30), 2, 32, dtype)
-        for a, r in zip(layers.double_qkv(tq, iq, 2, *ws, table), double_qkv_ref(tq, iq, 2, *ws, table)):
+        for a, r in zip(fusion.double_qkv(tq, iq, 2, *ws, table), double_qkv_ref(tq, iq, 2, *ws, table)):
             torch.testing.assert_close(a, r, rtol=0, atol=0)
-        for a, r in zip(layers.single_qkv(iq, 2, ws[0], ws[1], table[:, :, 4:]),
+        for a, r in zip(fusion.single_qkv(iq, 2, ws[0], ws[1], table[:, :, 4:]),
                         single_qkv_ref(iq, 2, ws[0], ws[1], table[:, :, 4:])):
             torch.testing.assert_close(a, r, rtol=0, atol=0)
 

@@ -3,13 +3,13 @@ on CPU at small shapes; the same code runs compiled on CUDA)."""
 import pytest
 import torch
 
-from kernels import dispatch
-from kernels.act_quant import act_quant
-from kernels.act_quant_ref import act_quant_ref
-from kernels.int_gemm import _launch_tma, int_gemm, prepare_weight, unpack_prepared_w4
-from kernels.int_gemm_ref import int_gemm_ref
+from quantsparse_core import dispatch
+from quantsparse_kernels.act_quant import act_quant
+from quantsparse_kernels.act_quant_ref import act_quant_ref
+from quantsparse_kernels.int_gemm import _launch_tma, int_gemm, prepare_weight, unpack_prepared_w4
+from quantsparse_kernels.int_gemm_ref import int_gemm_ref
 from quantsparse_core.quant.linear import QuantLinear
-from quantsparse_core.quant.packing import pack_int4, unpack_int4
+from quantsparse_core.dispatch import pack_int4, unpack_int4
 from quantsparse_core.quant.transforms import hadamard, kron_factors
 from kernel_marks import interpreted
 

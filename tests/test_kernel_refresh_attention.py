@@ -7,11 +7,10 @@ import math
 import pytest
 import torch
 
-from kernels import dispatch
-from kernels.refresh_attention import complement, merge, refresh_attention
-from kernels.refresh_attention_ref import refresh_attention_ref
-from kernels.sparse_attention import sparse_attention
-from kernels.sparse_attention_ref import dense_masked_attention_f64
+from quantsparse_core import dispatch
+from quantsparse_kernels.refresh_attention import merge
+from quantsparse_kernels.sparse_attention import sparse_attention
+from quantsparse_kernels.sparse_attention_ref import dense_masked_attention_f64
 from quantsparse_core.models.attention import AttentionCall, StepInfo
 from quantsparse_core.sparse.layout import temporal_permutation
 from quantsparse_core.sparse.masks import BlockMask
@@ -77,7 +76,7 @@ def test_refresh_attention_matches_float64(rng, dtype, tol):
     permuted = [bm.permuted(h) for h in range(3)]
     bias = mask.reshape(1, L)
     with dispatch.forced("triton"):
-        full, d = refresh_attention(q, k, v, mask, bm, TXT, GRID)
+        full, d = dispatch.refresh_attention(q, k, v, mask, bm, TXT, GRID)   # the kernel
     every = torch.ones_like(bm.keep)
     full_ref = dense_masked_attention_f64(q, k, v, every, 16, key_bias=bias, perm=perm, permuted_heads=permuted)
     d_ref = full_ref - dense_masked_attention_f64(q, k, v, bm.keep, 16, key_bias=bias, perm=perm,
@@ -87,15 +86,21 @@ def test_refresh_attention_matches_float64(rng, dtype, tol):
     assert rel(full, full_ref) < tol and rel(d, d_ref) < tol
     assert float(d.view(2, L, 3, 32)[:, :, 2].abs().max()) == 0.0
     with dispatch.forced("torch"):
-        full_t, d_t = refresh_attention_ref(q, k, v, mask, bm, TXT, GRID)
+        full_t, d_t = dispatch.refresh_attention(q, k, v, mask, bm, TXT, GRID)  # its reference
     assert rel(full_t, full_ref) < tol and rel(d_t, d_ref) < tol
 
 
-def test_complement_is_disjoint_and_keeps_kinds(rng):
+def test_complement_indices_are_disjoint_and_not_cached(rng):
+    """The refresh's second run visits exactly the key blocks the mask leaves out; the complement's
+    (mostly dense) index is not kept on the mask."""
     *_, bm = inputs(rng, torch.float32)
-    c = complement(bm)
-    assert c.kinds == bm.kinds and "_qs_complement" not in bm.__dict__
-    assert not bool((c.keep & bm.keep).any()) and bool((c.keep | bm.keep).all())
+    index, count = dispatch._indices(~bm.keep, bm, "cpu")
+    rest = torch.zeros_like(bm.keep)
+    for h in range(bm.num_heads):
+        for i in range(bm.keep.shape[1]):
+            rest[h, i, index[h, i, :count[h, i]].long()] = True
+    assert not bool((rest & bm.keep).any()) and bool((rest | bm.keep).all())
+    assert "_qs_kernel_indices" not in bm.__dict__
 
 
 def test_merge_matches_a_softmax_over_the_union_and_leaves_its_inputs_alone(rng):
@@ -123,7 +128,8 @@ def test_merge_matches_a_softmax_over_the_union_and_leaves_its_inputs_alone(rng)
 @interpreted
 def test_merged_refresh_in_ssar_equals_dense_plus_sparse(rng, monkeypatch):
     """SSARAttention with the merged refresh = with dense SDPA + a sparse pass, over refresh and
-    reuse steps (the cache built from D must agree too); merged_refresh=True off the kernel is refused."""
+    reuse steps (the cache built from D must agree too); off the kernel, merged_refresh=True runs the
+    kernel's PyTorch reference and gives the same outputs."""
     txt, grid, h, d = 8, (4, 4, 4), 2, 16
     length = txt + 64
     s = dict(density=0.3, tau=2, svd_rank=2, order=2, warmup_steps=0, warmup_blocks=0, block=16, n_rows=16,
@@ -146,8 +152,10 @@ def test_merged_refresh_in_ssar_equals_dense_plus_sparse(rng, monkeypatch):
     for i, (a, c) in enumerate(zip(outs[False], outs[True])):
         assert torch.allclose(a, c, atol=atol, rtol=0), (i, gaps)
     fn = SSARAttention(SparseSettings(merged_refresh=True, **s))
-    with dispatch.forced("torch"), pytest.raises(ValueError, match="merged_refresh=True needs"):
-        fn(*xs[0], mask, AttentionCall("double", 0, 1, txt, grid, StepInfo(0, sigmas)))
+    with dispatch.forced("torch"):
+        ref = [fn(*x, mask, AttentionCall("double", 0, 1, txt, grid, StepInfo(i, sigmas))) for i, x in enumerate(xs)]
+    for i, (a, c) in enumerate(zip(outs[False], ref)):
+        assert torch.allclose(a, c, atol=atol, rtol=0), (i, gaps)
 
 
 def test_bad_lse_buffer_is_refused(rng):

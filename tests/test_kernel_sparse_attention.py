@@ -3,14 +3,15 @@ reference: odd lengths, partial blocks, key bias with -inf, temporal heads, corr
 import pytest
 import torch
 
-from kernels import dispatch
-from kernels.sparse_attention import block_sparse_attention, sparse_attention
-from kernels.sparse_attention_ref import dense_masked_attention_f64
+from quantsparse_core import dispatch
+from quantsparse_core.dispatch import block_sparse_attention
+from quantsparse_kernels.sparse_attention import sparse_attention
+from quantsparse_kernels.sparse_attention_ref import dense_masked_attention_f64
 from quantsparse_core.models.attention import AttentionCall, StepInfo
-from quantsparse_core.sparse.correction import Correction
+from quantsparse_core.dispatch import Correction
 from quantsparse_core.sparse.layout import temporal_permutation
 from quantsparse_core.sparse.masks import BlockMask, band_keep
-from quantsparse_core.sparse.placement import heads_first
+from quantsparse_core.sparse.low_rank import heads_first
 from quantsparse_core.sparse.ssar import SparseSettings, SSARAttention
 from kernel_marks import interpreted
 
@@ -74,7 +75,7 @@ def test_mixed_heads_bias_correction_match_float64(rng, dtype, tol):
 def test_temporal_heads_kv_copy_and_in_loop_gather_match_float64(rng, monkeypatch, kv_copy):
     """Temporal heads reading a permuted k/v copy (made per group of heads: the byte bound here forces
     one head per group) or gathering through the permutation in the loop: same float64 result."""
-    import kernels.sparse_attention as sa
+    import quantsparse_kernels.sparse_attention as sa
     monkeypatch.setattr(sa, "KV_COPY_BYTES", 1)
     b, h, d, block = 2, 4, 16, 16
     q, k, v = strided_qkv(rng, b, h, L, d, torch.float32)
@@ -259,12 +260,12 @@ def test_bad_input_is_refused_clearly(rng):
 def test_bias_blocks_answer_is_reused_only_for_the_same_unmodified_mask(rng, monkeypatch):
     """_bias_blocks reads the mask on the host (a sync per call); every layer passes a view of one mask,
     so the answer is kept, and recomputed when the mask is another tensor or was modified in place."""
-    from kernels import sparse_attention as sa
+    from quantsparse_kernels import sparse_attention as sa
     from quantsparse_core.sparse.masks import key_bias
     length, block, txt = 300, 16, 40
     mask = torch.zeros(2, 1, length)
     mask[:, :, 25:txt] = float("-inf")                 # padded text, as ComfyUI's mask
-    perm = sa._temporal_perm(txt, (4, 5, 13), torch.device("cpu"))
+    perm = dispatch._temporal_perm(txt, (4, 5, 13), torch.device("cpu"))
     calls = []
     real = torch.nonzero
     monkeypatch.setattr(torch, "nonzero", lambda x: calls.append(1) or real(x))

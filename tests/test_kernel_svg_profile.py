@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from kernels import dispatch
-from kernels.svg_profile_ref import svg_errors_ref
+from quantsparse_core import dispatch
+from quantsparse_kernels.svg_profile_ref import svg_errors_ref
 from quantsparse_core.sparse.layout import inverse_permutation, temporal_permutation
 from quantsparse_core.sparse.masks import band_keep, sample_rows, svg_masks
 from kernel_marks import interpreted
@@ -60,7 +60,7 @@ def rel_per_head(a, b):
     (torch.bfloat16, 2, 2, 32, 32, 31, (2, 12, 12), 33, True, (32, 64, 4, 1, "ieee"), None),
 ], ids=["fp32-B2-bias", "bf16-row-tiles-5-splits", "fp16-block48-1-split", "bf16-ieee"])
 def test_errors_match_float64_reference(rng, dtype, b, h, d, block, txt_len, grid, n_rows, bias, config, splits):
-    from kernels.svg_profile import svg_errors
+    from quantsparse_kernels.svg_profile import svg_errors
     length, band, inv = layout(txt_len, grid, 0.3, block)
     q, k, v = strided_qkv(rng, b, h, length, d, dtype)
     rows = torch.stack([torch.randperm(length - txt_len, generator=rng)[:n_rows] + txt_len for _ in range(h)])
@@ -82,7 +82,7 @@ def test_rows_with_no_allowed_key_give_zero_output(rng, fill):
     """Rows whose query block visits nothing give 0, as masks.masked_attention does: the error is then
     the exact output's mean square. A batch row whose keys are all masked gives 0 with -inf and the
     plain average with the finite -finfo.max (as in PyTorch: its scores do not overflow to -inf)."""
-    from kernels.svg_profile import svg_errors
+    from quantsparse_kernels.svg_profile import svg_errors
     txt_len, grid, block, b, h, d = 5, (3, 4, 6), 16, 2, 2, 16
     length, band, inv = layout(txt_len, grid, 0.4, block)
     band = band.clone()
@@ -155,7 +155,7 @@ def test_unsupported_inputs_take_the_pytorch_path(rng):
 
 @interpreted
 def test_bad_input_is_refused_clearly(rng):
-    from kernels.svg_profile import svg_errors
+    from quantsparse_kernels.svg_profile import svg_errors
     txt_len, grid, block = 4, (2, 4, 4), 16
     length, band, inv = layout(txt_len, grid, 0.5, block)
     q, k, v = (torch.randn(1, 2, length, 16, generator=rng) for _ in range(3))

@@ -13,8 +13,8 @@ def rel(a, b):
 
 
 def test_act_quant_on_gpu_equals_reference(rng):
-    from kernels.act_quant import act_quant
-    from kernels.act_quant_ref import act_quant_ref
+    from quantsparse_kernels.act_quant import act_quant
+    from quantsparse_kernels.act_quant_ref import act_quant_ref
     for k in (3072, 1000, 12288):                         # one pass (rows in registers); two passes
         x = (torch.randn(4099, k, generator=rng) * 2).to(torch.bfloat16).to(DEV)
         inv_s = (torch.rand(k, generator=rng) + 0.5).to(DEV)
@@ -28,9 +28,9 @@ def test_act_quant_on_gpu_equals_reference(rng):
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("m", [37, 4096])
 def test_int_gemm_on_gpu_equals_exact_reference(rng, bits, m):
-    from kernels.int_gemm import int_gemm, prepare_weight
-    from kernels.int_gemm_ref import int_gemm_ref
-    from quantsparse_core.quant.packing import pack_int4
+    from quantsparse_kernels.int_gemm import int_gemm, prepare_weight
+    from quantsparse_kernels.int_gemm_ref import int_gemm_ref
+    from quantsparse_core.dispatch import pack_int4
     k, n = 3072, 1536
     a = torch.randint(-127, 128, (m, k), generator=rng, dtype=torch.int8)
     sa = torch.rand(m, 1, generator=rng) * 1e-3 + 1e-4
@@ -50,8 +50,8 @@ def test_int_gemm_on_gpu_equals_exact_reference(rng, bits, m):
 def test_persistent_tma_gemm_on_gpu(rng, tile):
     """The large-M path (M >= TMA_MIN_M, odd M: a partial last row tile), bf16 out as the model runs it,
     default tiles and the TMA-store epilogues, against the exact float64 reference."""
-    from kernels.int_gemm import TMA_MIN_M, int_gemm, prepare_weight
-    from kernels.int_gemm_ref import int_gemm_ref
+    from quantsparse_kernels.int_gemm import TMA_MIN_M, int_gemm, prepare_weight
+    from quantsparse_kernels.int_gemm_ref import int_gemm_ref
     m, k, n = TMA_MIN_M + 1001, 3072, 1280
     a = torch.randint(-127, 128, (m, k), generator=rng, dtype=torch.int8)
     sa = torch.rand(m, 1, generator=rng) * 1e-3 + 1e-4
@@ -66,7 +66,7 @@ def test_persistent_tma_gemm_on_gpu(rng, tile):
 
 @pytest.mark.parametrize("rotation", [None, "hadamard"])
 def test_quant_linear_triton_path_on_gpu_equals_torch_path(rng, rotation):
-    from kernels import dispatch
+    from quantsparse_core import dispatch
     from quantsparse_core.quant.linear import QuantLinear
     lin = torch.nn.Linear(3072, 1024)
     with torch.no_grad():
@@ -93,9 +93,9 @@ def test_quant_linear_triton_path_on_gpu_equals_torch_path(rng, rotation):
 def test_sparse_attention_on_gpu_equals_float64(rng, inference, form):
     """inference: ComfyUI runs nodes under torch.inference_mode. form: the SSAR correction as a dense
     tensor, or as the int8 cache keeps it (codes x row scale + rank-16 bf16 factors) for the epilogue."""
-    from kernels.sparse_attention import block_sparse_attention
-    from kernels.sparse_attention_ref import dense_masked_attention_f64
-    from quantsparse_core.sparse.correction import Correction
+    from quantsparse_core.dispatch import block_sparse_attention
+    from quantsparse_kernels.sparse_attention_ref import dense_masked_attention_f64
+    from quantsparse_core.dispatch import Correction
     from quantsparse_core.sparse.layout import temporal_permutation
     from quantsparse_core.sparse.masks import BlockMask, band_keep
     txt, grid, h, d = 77, (5, 12, 20), 4, 128
@@ -124,8 +124,8 @@ def test_sparse_attention_on_gpu_equals_float64(rng, inference, form):
 def test_merged_refresh_attention_on_gpu_equals_float64(rng):
     """The SSAR refresh's O_full and D = O_full - O_sparse from the kernel over the mask and its
     complement (kernels.refresh_attention), bf16 at 1,277 tokens, against float64 dense and sparse."""
-    from kernels.refresh_attention import refresh_attention
-    from kernels.sparse_attention_ref import dense_masked_attention_f64
+    from quantsparse_core.dispatch import refresh_attention
+    from quantsparse_kernels.sparse_attention_ref import dense_masked_attention_f64
     from quantsparse_core.sparse.layout import temporal_permutation
     from quantsparse_core.sparse.masks import BlockMask, band_keep
     txt, grid, h, d = 77, (5, 12, 20), 4, 128
@@ -172,8 +172,8 @@ def test_host_eigh_on_gpu_matches_inline(rng, placement):
 def test_producer_quant_on_gpu_equals_reference(rng):
     """kernels.producer_quant at HunyuanVideo widths (C = 3072, GELU 12288, [attention | GELU] 15360),
     bf16, against its PyTorch reference: codes at most one step apart on at most 0.1% of entries."""
-    from kernels.producer_quant import gelu_quant, norm_modulate_quant
-    from kernels.producer_quant_ref import gelu_quant_ref, norm_modulate_quant_ref
+    from quantsparse_kernels.producer_quant import gelu_quant, norm_modulate_quant
+    from quantsparse_kernels.producer_quant_ref import gelu_quant_ref, norm_modulate_quant_ref
     m, c = 4099, 3072
     bf = dict(device=DEV, dtype=torch.bfloat16)
     x, y = ((torch.randn(1, m, c, generator=rng) * 2).to(**bf) for _ in range(2))
@@ -205,9 +205,9 @@ def test_qk_norm_rope_on_gpu_equals_reference(rng):
     256 text tokens, batch 2), bf16: within one bf16 unit of the reference (test_kernel_qk_norm_rope.unit_bound).
     A NaN-filled block is freed just before each call, so the caching allocator most likely hands its
     memory to the outputs, and an element the kernel missed fails the finiteness check."""
-    from kernels import qk_norm_rope as kern
-    from kernels.qk_norm_rope_ref import double_qkv_ref, single_qkv_ref
-    from quantsparse_core.models import layers
+    from quantsparse_kernels import qk_norm_rope as kern
+    from quantsparse_kernels.qk_norm_rope_ref import double_qkv_ref, single_qkv_ref
+    from quantsparse_core.models import blocks, fusion, layers
     from test_kernel_qk_norm_rope import unit_bound
     heads, d, lt, li = 24, 128, 256, 33 * 45 * 80 // 4 + 3
     bf = dict(device=DEV, dtype=torch.bfloat16)

@@ -3,10 +3,10 @@ tensors (which have no version counter) and give the same numbers as outside it.
 import pytest
 import torch
 
-from kernels import dispatch
+from quantsparse_core import dispatch
 from quantsparse_core.quant.linear import QuantLinear
 from quantsparse_core.sparse.masks import BlockMask, band_keep
-from quantsparse_core.sparse.ssar import block_sparse_attention
+from quantsparse_core.dispatch import block_sparse_attention
 
 pytestmark = [
     pytest.mark.skipif(not dispatch.triton_available(), reason="triton not installed"),

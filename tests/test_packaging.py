@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_core_import_does_not_import_comfyui():
     code = ("import sys, quantsparse_core, quantsparse_core.models, quantsparse_core.quant.linear, "
-            "quantsparse_core.calib.calibrate, quantsparse_core.io, quantsparse_core.sparse.reference, "
+            "quantsparse_core.calib.calibrate, quantsparse_core.io, quantsparse_core.sparse, "
             "quantsparse_core.cli; "
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('comfy', 'comfy_api', 'nodes', 'folder_paths')); "
             "print(bad); sys.exit(1 if bad else 0)")
@@ -32,3 +32,14 @@ def test_ci_runs_exactly_the_readme_test_command():
     ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
           if line.strip() and not line.startswith("#") and not line.startswith(("set ", "cd "))]
     assert ci == [test_cmd]
+
+
+def test_the_wheel_ships_every_package_and_the_kernels_under_their_own_name():
+    """pip installs every quantsparse_core package and kernels/ as `quantsparse_kernels` (a PyPI
+    package called `kernels` exists): a wheel without them would silently run the slow references."""
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "quantsparse_core").rglob("__init__.py")}
+    assert set(tool["packages"]) == found | {"quantsparse_kernels"}
+    assert tool["package-dir"] == {"quantsparse_kernels": "kernels"}
+    assert (ROOT / "LICENSE").read_text().startswith("\n                                 Apache License") or \
+        "Apache License" in (ROOT / "LICENSE").read_text()[:200]

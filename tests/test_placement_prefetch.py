@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from quantsparse_core.sparse.placement import CacheStore
+from quantsparse_core.sparse.cache import CacheStore
 
 
 def _check(device, rng):
@@ -61,7 +61,8 @@ def test_auto_placement_keeps_working_memory_free(rng, monkeypatch):
     """'auto' budgets free memory minus what the step itself still needs: with only that much free,
     no device placement fits and the cache goes to host memory or low rank."""
     from quantsparse_core.models.attention import AttentionCall, StepInfo
-    from quantsparse_core.sparse.ssar import SparseSettings, SSARAttention, working_bytes
+    from quantsparse_core.sparse.cache import working_bytes
+    from quantsparse_core.sparse.ssar import SparseSettings, SSARAttention
 
     grid, txt, heads, d = (4, 8, 8), 8, 2, 64
     length = txt + 256

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from quantsparse_core.quant.packing import pack_int4, unpack_int4
+from quantsparse_core.dispatch import pack_int4, unpack_int4
 from quantsparse_core.quant.quantizers import (absmax_scale, check_bits, fake_quant, qmax, quantize,
                                                quantize_per_token)
 

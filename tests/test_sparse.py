@@ -196,7 +196,7 @@ def test_block_sparse_matches_float64_reference(rng, with_mask):
 
 def test_block_sparse_block128_and_small_chunks(rng, monkeypatch):
     """Block 128 with a partial last block, and chunking across query blocks."""
-    from quantsparse_core.sparse import reference
+    import quantsparse_kernels.sparse_attention_ref as reference
     monkeypatch.setattr(reference, "CHUNK_ELEMENTS", 128 * 128 * 3)
     txt_len, grid = 20, (4, 10, 12)
     n = txt_len + 480

@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from quantsparse_core.models.attention import AttentionCall, StepInfo, dense_attention
-from quantsparse_core.sparse.placement import (CacheStore, cache_bytes, choose_placement, placement_table,
-                                               truncated_factors)
-from quantsparse_core.sparse.reference import block_sparse_attention
-from quantsparse_core.sparse.ssar import SparseSettings, SSARAttention, svd_truncate
+from quantsparse_core.dispatch import block_sparse_attention
+from quantsparse_core.sparse.cache import CacheStore, cache_bytes, choose_placement, placement_table
+from quantsparse_core.sparse.low_rank import svd_truncate, truncated_factors
+from quantsparse_core.sparse.ssar import SparseSettings, SSARAttention
 
 GRID, TXT, BLOCK_ = (4, 4, 4), 8, 16
 L = TXT + 64

@@ -7,10 +7,10 @@ import struct
 import pytest
 import torch
 
-from quantsparse_core.models.codec import LATENT_SCALE, LatentCodec, codec_basis, dct_matrix
-from quantsparse_core.models.prompts import (BACKGROUNDS_RGB, COLORS_RGB, DIRECTIONS, SHAPES, SPEEDS, VOCABULARY,
+from quantsparse_core.models.tiny.codec import LATENT_SCALE, LatentCodec, codec_basis, dct_matrix
+from quantsparse_core.models.tiny.prompts import (BACKGROUNDS_RGB, COLORS_RGB, DIRECTIONS, SHAPES, SPEEDS, VOCABULARY,
                                              PromptEncoder, Scene)
-from quantsparse_core.models.shapes import SIZE_RANGE, SPEED_PX, analyse, agrees, random_scenes, render
+from quantsparse_core.models.tiny.shapes import SIZE_RANGE, SPEED_PX, analyse, agrees, random_scenes, render
 
 
 @pytest.fixture(scope="module")

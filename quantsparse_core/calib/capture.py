@@ -92,8 +92,8 @@ def capture_embedded(model, n_samples: int = 20, steps: int = 20, per_trajectory
                      device="cpu", latent_shape=None) -> dict:
     """Calibration data for the embedded tiny model: random prompts, steps spread over the schedule.
     Captured tensors are stored on `device` (e.g. "cpu" to keep accelerator memory for one block)."""
-    from ..models.embedded import LATENT_SHAPE, generate
-    from ..models.shapes import random_scenes
+    from ..models.tiny.embedded import LATENT_SHAPE, generate
+    from ..models.tiny.shapes import random_scenes
 
     latent_shape = tuple(latent_shape or LATENT_SHAPE)
     check_calibration_latent(model, latent_shape)

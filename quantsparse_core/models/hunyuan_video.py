@@ -14,8 +14,9 @@ from torch import nn
 
 from .attention import AttentionCall, AttentionFn, StepInfo, dense_attention
 from .config import DiTConfig
-from .layers import (DoubleStreamBlock, FinalLayer, MLPEmbedder, SingleStreamBlock, TokenRefiner,
-                     rope_table, small_ops, timestep_embedding)
+from .blocks import DoubleStreamBlock, FinalLayer, SingleStreamBlock, TokenRefiner
+from .fusion import small_ops
+from .layers import MLPEmbedder, rope_table, timestep_embedding
 
 
 class HunyuanVideoDiT(nn.Module):
@@ -50,7 +51,7 @@ class HunyuanVideoDiT(nn.Module):
 
     def fuse_small_ops(self, enable: bool = True, compile: bool = True,
                        quantize_inputs: bool = True) -> "HunyuanVideoDiT":
-        """Opt in to grouped small ops in the double and single blocks (layers.SmallOps): norm +
+        """Opt in to grouped small ops in the double and single blocks (fusion.SmallOps): norm +
         modulation, q/k norm + RoPE, gated residuals, GELU + concat, each group torch.compile'd into
         few kernels (compile=False runs the same grouping eagerly). Attention and linears stay
         outside the compiled regions, so attention hooks and QuantLinear work unchanged.

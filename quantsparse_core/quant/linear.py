@@ -5,7 +5,7 @@ mode "fake" (calibration): float weights, quantize-dequantize with straight-thro
 clipping, smoothing and rotation can be learned. freeze() switches to mode "real": the transformed
 weight is folded, quantized and packed; the activation transform runs online.
 
-Real mode on CUDA (kernels.dispatch.use_triton) runs the fused Triton path: kernels.act_quant
+Real mode where quantsparse_core.dispatch picks Triton runs the fused path: kernels.act_quant
 (smoothing + clip + per-token quantization in one pass) then kernels.int_gemm (int8 x int8/int4,
 scales and bias in the epilogue). The kernel weight layout is made once, on the first such forward
 (or by prepare_kernels()), kept as a plain attribute: never saved, dropped when the module moves.
@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernel_link import kernel_module
-from .packing import pack_int4, unpack_int4
+from .. import dispatch
+from ..dispatch import pack_int4, unpack_int4
 from .quantizers import absmax_scale, check_bits, fake_quant, quantize
 from .transforms import OrthogonalFactor, apply_kron, hadamard, kron_factors
 
@@ -40,11 +40,8 @@ class QuantizedInput(NamedTuple):
 
 
 def _kernels_on(device: torch.device) -> bool:
-    """Whether the fused Triton kernels should run for tensors on `device` (kernels.dispatch)."""
-    dispatch = kernel_module("dispatch")
-    if dispatch is None:  # the kernels package is not importable: stay on the PyTorch path
-        return False
-    return dispatch.use_triton(device)
+    """Whether the fused Triton kernels run for tensors on `device` (quantsparse_core.dispatch)."""
+    return dispatch.quantized_linear_kernels(device) is not None
 
 
 class QuantLinear(nn.Module):
@@ -149,7 +146,8 @@ class QuantLinear(nn.Module):
             raise ValueError(f"QuantizedInput has K={q.codes.shape[-1]}, this layer takes {self.in_features}")
         if q.dtype in _KERNEL_DTYPES and _kernels_on(q.codes.device):
             st = self.prepare_kernels()
-            y = kernel_module("int_gemm").int_gemm(q.codes, q.scale, st["weight"], st["bias"], out_dtype=q.dtype)
+            _, gemm = dispatch.quantized_linear_kernels(q.codes.device)
+            y = gemm.int_gemm(q.codes, q.scale, st["weight"], st["bias"], out_dtype=q.dtype)
         else:
             y = self._int_gemm_torch(q.codes, q.scale).to(q.dtype)
         return y.reshape(*q.lead, self.out_features)
@@ -170,7 +168,12 @@ class QuantLinear(nn.Module):
         key = (self.w_packed.device, self.w_packed.data_ptr(), version)
         st = getattr(self, "_kernel_state", None)
         if st is None or st["key"] != key:
-            st = {"key": key, "weight": kernel_module("int_gemm").prepare_weight(self.w_packed, self.w_bits, self.w_scale),
+            kernels = dispatch.quantized_linear_kernels(self.w_packed.device)
+            if kernels is None:
+                raise RuntimeError(f"prepare_kernels(): the Triton path is off for {self.w_packed.device} tensors "
+                                   "(python -m quantsparse_core.dispatch says why)")
+            gemm = kernels[1]
+            st = {"key": key, "weight": gemm.prepare_weight(self.w_packed, self.w_bits, self.w_scale),
                   "clip": float(self.a_clip.clamp(CLIP_MIN, 1.0)),
                   "inv_smooth": None if self.log_smooth is None else torch.exp(-self.log_smooth).float(),
                   "bias": None if self.bias is None else self.bias.float().contiguous()}
@@ -178,8 +181,8 @@ class QuantLinear(nn.Module):
         return st
 
     def _triton_forward(self, x: torch.Tensor) -> torch.Tensor:
-        act_quant = kernel_module("act_quant").act_quant
-        gemm = kernel_module("int_gemm")
+        act, gemm = dispatch.quantized_linear_kernels(x.device)
+        act_quant = act.act_quant
         st = self.prepare_kernels()
         f = self._factors()
         r1, r2 = (None, None) if f is None else f

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from .placement import top_vectors
+from .low_rank import top_vectors
 
 _lock = threading.Lock()
 _worker: Optional[ThreadPoolExecutor] = None

@@ -11,7 +11,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ..kernel_link import kernel_module
+from .. import dispatch
 from .layout import check_layout, inverse_permutation, temporal_permutation
 
 BLOCK = 128
@@ -238,7 +238,7 @@ def svg_masks(q, k, v, mask, txt_len: int, grid, density: float, n_rows: int = 6
     q, k, v: [B, H, L, D]; mask: additive key mask or None. For `n_rows` sampled video query rows
     per head, compare exact attention against all keys with attention restricted to the keys each
     mask lets the row's query block visit; keep the mask with lower mean squared error. The errors
-    come from kernels.svg_profile where kernels.dispatch picks Triton, else from the PyTorch path
+    come from kernels.svg_profile where quantsparse_core.dispatch picks Triton, else from the PyTorch path
     (heads in chunks); either way one host sync at the end (a per-head loop synced 48 times per layer).
     """
     d = check_density(density)
@@ -254,9 +254,9 @@ def svg_masks(q, k, v, mask, txt_len: int, grid, density: float, n_rows: int = 6
     rows = rows.to(q.device, non_blocking=True)
     inv = inverse_permutation(temporal_permutation(txt_len, grid, device=q.device))
     bias = key_bias(mask, b, seq_len)
-    kernel = _svg_kernel(q, k, v, block)
+    kernel = dispatch.svg_profile_kernel(q, k, v, block)
     if kernel is not None:
-        errors = kernel.svg_errors(q, k, v, rows, band, inv, block, None if bias is None else bias.to(q.device))
+        errors = kernel(q, k, v, rows, band, inv, block, None if bias is None else bias.to(q.device))
     else:
         errors = _svg_errors_torch(q, k, v, rows, band, inv, block, bias)
     errors = errors.cpu()
@@ -264,16 +264,6 @@ def svg_masks(q, k, v, mask, txt_len: int, grid, density: float, n_rows: int = 6
     result = BlockMask(keep, kinds, block, seq_len, errors)
     result.known = (index, count, realized)
     return result
-
-
-def _svg_kernel(q, k, v, block: int):
-    """kernels.svg_profile where kernels.dispatch picks Triton for q's device and the kernel takes
-    these inputs (27.5 -> a few ms per 720p layer on an H100), else None: the PyTorch path."""
-    dispatch = kernel_module("dispatch")
-    if dispatch is None or not dispatch.use_triton(q.device):
-        return None
-    module = kernel_module("svg_profile")
-    return module if module is not None and module.supports(q, k, v, block) else None
 
 
 def _svg_errors_torch(q, k, v, rows, band, inv, block: int, bias) -> torch.Tensor:

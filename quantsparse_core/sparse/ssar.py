@@ -19,14 +19,12 @@ from typing import Dict, Optional
 
 import torch
 
-from ..kernel_link import kernel_module
+from ..dispatch import Correction, block_sparse_attention, refresh_attention
 from ..models.attention import AttentionCall, dense_attention
-from .correction import Correction, as_correction
+from .cache import CacheStore, check_policy, choose_placement, working_bytes
 from .host_eigh import TopVectorsJob
+from .low_rank import factor_rank, gram_matrices, heads_first, project, truncated_factors
 from .masks import BLOCK, BlockMask, check_density, svg_masks
-from .placement import (CacheStore, check_policy, choose_placement, factor_rank, from_factors, gram_matrices,
-                        heads_first, project, truncated_factors)
-from .reference import block_sparse_attention as reference_block_sparse_attention
 
 ORDERS = (0, 1, 2)
 
@@ -44,8 +42,8 @@ class SparseSettings:
     merged_refresh: a refresh's full attention as the sparse kernel over the mask and over its
     complement merged by log-sum-exp, one read of the keys (kernels/refresh_attention.py), instead of
     dense SDPA plus a second sparse pass. Off by default: on an H200 at 720p / 15% it took 367 ms per
-    layer against 361 for cuDNN + the sparse pass (docs/BENCHMARKS.md, run 10); it can pay where
-    SDPA has no fast dense kernel. Needs the Triton kernel."""
+    layer against 361 for cuDNN + the sparse pass (benchmarks/results/, run 10); it can pay where
+    SDPA has no fast dense kernel. Without Triton it runs the kernel's PyTorch reference."""
     density: float = 0.15
     tau: int = 5
     svd_rank: int = 16
@@ -306,35 +304,10 @@ class SSARAttention:
         """(O_full, D = O_full - O_sparse in fp32) of a refresh: merged from the kernel's runs over the
         mask and its complement with merged_refresh, else dense SDPA and a sparse pass."""
         if self.settings.merged_refresh:
-            module = kernel_module("refresh_attention")
-            if (module is None or not kernel_module("dispatch").use_triton(q.device)
-                    or not kernel_module("sparse_attention").supports(q, block_mask.block)):
-                raise ValueError("merged_refresh=True needs the Triton sparse-attention kernel for these inputs "
-                                 "(a CUDA GPU with Triton, a power-of-two head_dim and block): set it to False")
-            return module.refresh_attention(q, k, v, mask, block_mask, call.txt_len, call.grid)
+            return refresh_attention(q, k, v, mask, block_mask, call.txt_len, call.grid)
         full = dense_attention(q, k, v, mask, call)
         sparse = block_sparse_attention(q, k, v, mask, block_mask, call.txt_len, call.grid)
         return full, full.to(torch.float32, copy=True).sub_(sparse)  # = full.float() - sparse.float(), one temporary fewer
-
-
-def block_sparse_attention(q, k, v, mask, block_mask: BlockMask, txt_len: int, grid,
-                           correction: Optional[Correction] = None) -> torch.Tensor:
-    """O_sparse (+ correction): the Triton kernel with the correction rebuilt in its epilogue where
-    kernels.dispatch picks it; the PyTorch reference (correction materialised, added in fp32) when
-    the kernels package or Triton is missing."""
-    correction = as_correction(correction)
-    module = kernel_module("sparse_attention")
-    if module is None:  # no Triton (e.g. macOS/Windows without it): the reference path
-        out = reference_block_sparse_attention(q, k, v, mask, block_mask, txt_len, grid)
-        return out if correction is None else (out.float() + correction.to(out.device).materialize()).to(q.dtype)
-    return module.block_sparse_attention(q, k, v, mask, block_mask, txt_len, grid, correction=correction)
-
-
-def working_bytes(batch: int, tokens: int, hidden: int) -> int:
-    """GPU memory a step still needs after the cache is placed: a refresh's float32 full / sparse / D
-    temporaries and the blocks' own activations (the MLP's 4x hidden among them). 12 float32
-    [B, L, hidden] tensors + 2 GiB matches the 19.8 GB the benchmark measured at 720p (1.46 GB each)."""
-    return 12 * batch * tokens * hidden * 4 + (2 << 30)
 
 
 def _same_mask(a: Optional[BlockMask], b: BlockMask) -> bool:
@@ -342,11 +315,4 @@ def _same_mask(a: Optional[BlockMask], b: BlockMask) -> bool:
     return a is not None and a.kinds == b.kinds and (a.keep is b.keep or torch.equal(a.keep, b.keep))
 
 
-def svd_truncate(x: torch.Tensor, heads: int, rank: int) -> torch.Tensor:
-    """Rank-`rank` truncation per (batch, head) of x [B, L, H*D] in fp32; rank 0 returns x (no truncation)."""
-    if rank == 0:
-        return x.float()
-    return from_factors(*truncated_factors(x, heads, rank))
-
-
-__all__ = ["SparseSettings", "SSARAttention", "svd_truncate"]
+__all__ = ["SparseSettings", "SSARAttention"]

@@ -55,8 +55,9 @@ class Correction:
         return 0 if self.us is None else self.us.shape[-1]
 
     def to(self, device) -> "Correction":
-        from .placement import to_device
-        move = (lambda t: None if t is None else to_device(t, device))  # noqa: E731
+        """The parts on `device`; asynchronous only towards a CUDA device (stream-ordered there)."""
+        device = torch.device(device)
+        move = (lambda t: None if t is None else t.to(device, non_blocking=device.type == "cuda"))  # noqa: E731
         return Correction(move(self.dense), move(self.codes), move(self.scale), move(self.us), move(self.vh))
 
     def materialize(self) -> torch.Tensor:

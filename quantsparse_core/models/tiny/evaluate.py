@@ -1,6 +1,6 @@
 """Has the embedded model learned its task? Generate for a fixed prompt set and analyse the videos.
 
-    python -m quantsparse_core.models.evaluate_tiny [--weights FILE] [--steps 16] [--device cuda]
+    python -m quantsparse_core.models.tiny.evaluate [--weights FILE] [--steps 16] [--device cuda]
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from .embedded import generate, load_embedded
 from .prompts import Scene
 from .shapes import analyse, agrees
-from .weights import load_dit
+from ..weights import load_dit
 
 # Every color, direction, shape, speed and background appears at least once.
 FIXED_SCENES = [
@@ -54,7 +54,7 @@ def main(argv=None):
     videos = []
     score, rows = prompt_agreement(model, steps=args.steps, keep=videos)
     if args.strip:
-        from ..png import strip, to_uint8, write_png
+        from ...png import strip, to_uint8, write_png
         import numpy as np
         write_png(args.strip, np.concatenate([strip(to_uint8(v.permute(1, 2, 3, 0))) for v in videos], axis=0))
     for s, found, ok in rows:

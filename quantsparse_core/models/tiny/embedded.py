@@ -9,10 +9,10 @@ import torch
 
 from .codec import LatentCodec
 from .prompts import PromptEncoder
-from .sampler import HUNYUAN_SHIFT, flow_sigmas, initial_noise, sample_euler
-from .weights import load_dit
+from ..sampler import HUNYUAN_SHIFT, flow_sigmas, initial_noise, sample_euler
+from ..weights import load_dit
 
-WEIGHTS = Path(__file__).with_name("tiny") / "tiny_dit.safetensors"
+WEIGHTS = Path(__file__).with_name("tiny_dit.safetensors")
 FRAMES, SIZE = 8, 128                                # pixels: 8 frames of 128 x 128
 LATENT_SHAPE = (16, FRAMES, SIZE // 4, SIZE // 4)    # -> 8 x 16 x 16 = 2048 video tokens
 DEFAULT_STEPS = 20
@@ -23,7 +23,7 @@ def load_embedded(device="cpu", dtype=torch.float32):
     """The trained tiny DiT and its header (config, training command, final loss)."""
     if not WEIGHTS.is_file():
         raise FileNotFoundError(f"embedded weights missing at {WEIGHTS}; reinstall QuantSparse or re-create them "
-                                "with `python -m quantsparse_core.models.train_tiny` (README)")
+                                "with `python -m quantsparse_core.models.tiny.train` (README)")
     model, meta = load_dit(WEIGHTS, device=device, dtype=dtype)
     return model, {k: (json.loads(v) if v[:1] in "{[" else v) for k, v in meta.items()}
 

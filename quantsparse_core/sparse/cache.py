@@ -1,4 +1,5 @@
-"""Where the SSAR cache lives (METHOD.md §4, "memory the paper does not explain").
+"""The SSAR residual cache: its storage (CacheStore), where it lives, and the memory model that chooses
+that (METHOD.md §4, "memory the paper does not explain").
 
 One bf16 residual per joint block at 720p/129f is 119,056 x 3072 x 2 B = 0.73 GB; 60 blocks are 44 GB,
 more than a 13B model leaves free on an 80 GB GPU. The policies trade accuracy for device memory:
@@ -18,13 +19,20 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ..kernel_link import kernel_module
+from .low_rank import from_factors, truncated_factors
 
 POLICIES = ("gpu-bf16", "gpu-int8", "cpu-pinned", "low-rank", "exact")
 AUTO_ORDER = ("gpu-bf16", "gpu-int8", "cpu-pinned", "low-rank")
 
 # HunyuanVideo-13B: hidden 3072 = 24 heads x 128, 20 double + 40 single joint blocks, 256 text tokens.
 HUNYUAN_13B = dict(hidden=3072, heads=24, layers=60, txt_len=256)
+
+
+def working_bytes(batch: int, tokens: int, hidden: int) -> int:
+    """GPU memory a step still needs after the cache is placed: a refresh's float32 full / sparse / D
+    temporaries and the blocks' own activations (the MLP's 4x hidden among them). 12 float32
+    [B, L, hidden] tensors + 2 GiB matches the 19.8 GB the benchmark measured at 720p (1.46 GB each)."""
+    return 12 * batch * tokens * hidden * 4 + (2 << 30)
 
 
 def check_policy(policy: str) -> str:
@@ -92,79 +100,6 @@ def placement_table() -> List[Dict]:
             rows.append(dict(resolution=name, tokens=tokens, policy=policy, device_bytes=dev, host_bytes=host,
                              per_layer_gb=total / HUNYUAN_13B["layers"] / 1e9, total_gb=total / 1e9))
     return rows
-
-
-def heads_first(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """[B, L, H*D] -> [B, H, L, D]."""
-    b, length, hidden = x.shape
-    return x.reshape(b, length, heads, hidden // heads).transpose(1, 2)
-
-
-def heads_last(x: torch.Tensor) -> torch.Tensor:
-    """[B, H, L, D] -> [B, L, H*D]."""
-    b, h, length, d = x.shape
-    return x.transpose(1, 2).reshape(b, length, h * d)
-
-
-def gram_matrices(xh: torch.Tensor) -> torch.Tensor:
-    """X^T X of each (batch, head) slice of xh [B, H, L, D], float64 [B, H, D, D]. kernels.gram where
-    kernels.dispatch picks Triton and xh is a heads_first view of an fp32 [B, L, H*D] (it reads the
-    residual once; bf16 hi/lo products on the tensor cores, ~1e-5 relative; 0.9 vs 3.5 ms per 720p
-    layer on an H200); else one head at a time in float64 (a float64 copy of the whole residual
-    would be 2.9 GB at 720p)."""
-    b, h, length, d = xh.shape
-    module = _gram_kernel(xh.device)
-    if module is not None and xh.transpose(1, 2).is_contiguous():
-        x = xh.transpose(1, 2).reshape(b, length, h * d)          # a view: the residual as stored
-        if module.supports(x, h):
-            return module.head_gram(x, h)
-    gram = torch.empty(b, h, d, d, dtype=torch.float64, device=xh.device)
-    for i in range(b):
-        for j in range(h):
-            xd = xh[i, j].double()
-            gram[i, j] = xd.T @ xd
-    return gram
-
-
-def _gram_kernel(device):
-    dispatch = kernel_module("dispatch")
-    if dispatch is None or not dispatch.use_triton(device):
-        return None
-    return kernel_module("gram")
-
-
-def top_vectors(gram: torch.Tensor, rank: int) -> torch.Tensor:
-    """The top-`rank` eigenvectors of each Gram matrix [..., D, D], largest first, fp32 [..., D, r]."""
-    _, vecs = torch.linalg.eigh(gram)                                # ascending eigenvalues
-    return vecs[..., -rank:].flip(-1).to(torch.float32)
-
-
-def factor_rank(rank: int, length: int, dim: int) -> int:
-    """The rank a truncation of an L x D slice can have."""
-    return min(rank, dim, length)
-
-
-def truncated_factors(x: torch.Tensor, heads: int, rank: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Rank-`rank` truncated SVD of each (batch, head) L x head_dim slice of x [B, L, H*D].
-    Returns (U S [B, H, L, r], V^T [B, H, r, D]) in fp32.
-
-    Computed from the D x D Gram matrix X^T X (float64, eigh): its top-r eigenvectors are the top-r
-    right singular vectors V_r, and X V_r = U_r S_r. A direct SVD of the tall L x 128 matrices was
-    most of a refresh step at 13B size (L ~ 10^5, 24 heads x 60 blocks); this is one thin GEMM.
-    """
-    xh = heads_first(x.float(), heads)                               # [B, H, L, D]
-    v = top_vectors(gram_matrices(xh), factor_rank(rank, xh.shape[-2], xh.shape[-1]))
-    return project(xh, v)
-
-
-def project(xh: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(X V, V^T) for X [B, H, L, D] and orthonormal V [B, H, D, r]: the truncation's factors."""
-    return xh.float() @ v, v.transpose(-1, -2).contiguous()
-
-
-def from_factors(us: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
-    """Inverse of truncated_factors: [B, L, H*D] fp32."""
-    return heads_last(us.float() @ vh.float())
 
 
 def to_device(t: torch.Tensor, device) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Train the embedded tiny HunyuanVideo-architecture model on procedural moving-shape videos.
 
-    python -m quantsparse_core.models.train_tiny --steps 6000 --out quantsparse_core/models/tiny/tiny_dit.safetensors
+    python -m quantsparse_core.models.tiny.train --steps 6000 --out quantsparse_core/models/tiny/tiny_dit.safetensors
 
 Runs on a CUDA GPU (bf16 autocast) or the CPU (slow). Flow-matching loss: predict noise - x0 at
 x_sigma = (1 - sigma) x0 + sigma noise. The EMA weights are saved in bf16 with the config, the
@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from .codec import LatentCodec
-from .config import get_preset
-from .hunyuan_video import HunyuanVideoDiT
+from ..config import get_preset
+from ..hunyuan_video import HunyuanVideoDiT
 from .prompts import PromptEncoder
-from .sampler import HUNYUAN_SHIFT
+from ..sampler import HUNYUAN_SHIFT
 from .shapes import random_scenes, render
-from .weights import atomic_save_safetensors
+from ..weights import atomic_save_safetensors
 from safetensors.torch import load_file
 
 FRAMES, SIZE = 8, 128  # -> latent 16 x 8 x 32 x 32 -> 8 x 16 x 16 = 2048 video tokens
@@ -122,7 +122,7 @@ def main(argv=None):
     meta = {
         "format": "quantsparse-tiny-dit", "config": config.to_dict(), "steps": step, "batch": args.batch,
         "final_loss": round(final, 5), "seed": args.seed, "device": torch.cuda.get_device_name(dev) if use_amp else "cpu",
-        "command": "python -m quantsparse_core.models.train_tiny " + " ".join(
+        "command": "python -m quantsparse_core.models.tiny.train " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in
             dict(steps=step, batch=args.batch, lr=args.lr, ema=args.ema, seed=args.seed,
                  **({"init": args.init} if args.init else {}), out=args.out).items()),

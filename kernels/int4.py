@@ -1,4 +1,5 @@
-"""Packing signed low-bit integer codes for storage: int4 two per byte, int6/int8 one per byte."""
+"""The int4 storage layout shared by the library and the GEMM kernels: two signed 4-bit codes per
+byte (element 2i in the low nibble), int6 / int8 one per byte."""
 from __future__ import annotations
 
 import torch

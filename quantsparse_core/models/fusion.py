@@ -1,0 +1,201 @@
+"""The fused path of the blocks: their small ops grouped for torch.compile, and the groups that end
+in the next quantized linear's activation quantization (kernels.producer_quant) or run q/k RMSNorm +
+RoPE as one kernel (kernels.qk_norm_rope). Used after HunyuanVideoDiT.fuse_small_ops(); same math
+as the blocks' eager forwards (tests/test_fused_small_ops.py)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import dispatch
+from ..quant.linear import QuantizedInput
+from .attention import AttentionCall
+from .layers import apply_rope, modulate, split_heads
+
+# ---- small ops, fusable --------------------------------------------------------------------------
+# The non-attention, non-GEMM work of a block (layer norm + modulation, q/k RMSNorm + RoPE, gated
+# residuals, GELU + concat) costs ~2.6 s of a 720p step when every op runs as its own kernel. These
+# functions are the same math grouped so that torch.compile can fuse each group into one or two
+# kernels; attention and the linears stay outside them. Blocks use them only after
+# HunyuanVideoDiT.fuse_small_ops(); the default (eager) path below is unchanged.
+
+def norm_modulate(x, shift, scale):
+    """LayerNorm (no affine, eps 1e-6) then adaLN modulation."""
+    return modulate(F.layer_norm(x, x.shape[-1:], eps=1e-6), shift, scale)
+
+
+def gated_residual(x, y, gate):
+    return x + y * gate
+
+
+def gated_residual_norm_modulate(x, y, gate, shift, scale):
+    """x + y * gate, and the next sub-block's modulated LayerNorm of it."""
+    x = x + y * gate
+    return x, norm_modulate(x, shift, scale)
+
+
+def _rms(x, weight, dtype):
+    return F.rms_norm(x, x.shape[-1:], weight).to(dtype)
+
+
+def single_qkv(qkv, heads: int, wq, wk, table):
+    """[B, L, 3*H*D] -> q, k (RMSNorm, RoPE) and v, each [B, H, L, D]."""
+    q, k, v = split_heads(qkv, heads)
+    return apply_rope(_rms(q, wq, v.dtype), table), apply_rope(_rms(k, wk, v.dtype), table), v
+
+
+def double_qkv(txt_qkv, img_qkv, heads: int, txt_wq, txt_wk, img_wq, img_wk, table):
+    """Both streams' q/k RMSNorm, the joint [text, video] concat, and RoPE, as one group."""
+    tq, tk, tv = split_heads(txt_qkv, heads)
+    iq, ik, iv = split_heads(img_qkv, heads)
+    q = torch.cat((_rms(tq, txt_wq, tv.dtype), _rms(iq, img_wq, iv.dtype)), dim=2)
+    k = torch.cat((_rms(tk, txt_wk, tv.dtype), _rms(ik, img_wk, iv.dtype)), dim=2)
+    return apply_rope(q, table), apply_rope(k, table), torch.cat((tv, iv), dim=2)
+
+
+def concat_gelu(attn_out, hid):
+    """The single block's linear2 input: [attention output | GELU-tanh(mlp hidden)]."""
+    return torch.cat((attn_out, F.gelu(hid, approximate="tanh")), dim=2)
+
+
+# ---- the same groups ending in the next linear's activation quantization ----------------------------
+# When the consumer is a QuantLinear on the kernel path (QuantLinear.input_quant_spec), the group runs
+# as a kernels.producer_quant Triton kernel that emits the consumer's per-token int8 codes + scales
+# (QuantLinear's real-mode math: smoothing, clipped absmax, round half to even) instead of bf16, so no
+# separate quantization pass reads the activation back. spec = (inv_smooth or None, clip, bits).
+# (torch.compile'd versions of these groups measured 1.3-2.0x slower than the bf16 group + act_quant
+# on an H100, benchmarks/results/ run 7; benchmarks/gpu_benchmark.py times the kernels.)
+
+def _producers(x):
+    return dispatch.producer_quant_kernels(x.device)
+
+
+def norm_modulate_q(x, shift, scale, inv_smooth, clip, bits: int):
+    return _producers(x).norm_modulate_quant(x, shift, scale, inv_smooth, clip, bits)[1:]
+
+
+def gated_residual_norm_modulate_q(x, y, gate, shift, scale, inv_smooth, clip, bits: int):
+    """(x + y * gate, and the codes + scales of its modulated LayerNorm)."""
+    return _producers(x).norm_modulate_quant(x, shift, scale, inv_smooth, clip, bits, residual=y, gate=gate)
+
+
+def gelu_q(hid, inv_smooth, clip, bits: int):
+    """The double blocks' MLP activation (GELU-tanh) quantized for fc2."""
+    return _producers(hid).gelu_quant(hid, inv_smooth, clip, bits)
+
+
+def concat_gelu_q(attn_out, hid, inv_smooth, clip, bits: int):
+    """[attention output | GELU-tanh(hid)] quantized for the single block's linear2."""
+    return _producers(hid).gelu_quant(hid, inv_smooth, clip, bits, prefix=attn_out)
+
+
+def _spec(linear, x, row_limit: bool = False):
+    """The consumer's input quantization (QuantLinear.input_quant_spec), or None for a plain input
+    (also when the row is too wide for the one-pass LayerNorm kernel: row_limit)."""
+    spec = getattr(linear, "input_quant_spec", None)
+    producers = _producers(x)
+    if spec is None or producers is None:
+        return None
+    if row_limit and x.shape[-1] > producers.MAX_ONEPASS_K:
+        return None
+    return spec(x)
+
+
+def _single_qkv(ops, qkv, heads: int, wq, wk, table):
+    kern = dispatch.qk_norm_rope_kernel([qkv], [wq, wk], table, heads)
+    return (kern or ops).single_qkv(qkv, heads, wq, wk, table)
+
+
+def _double_qkv(ops, txt_qkv, img_qkv, heads: int, txt_wq, txt_wk, img_wq, img_wk, table):
+    kern = dispatch.qk_norm_rope_kernel([txt_qkv, img_qkv], [txt_wq, txt_wk, img_wq, img_wk], table, heads)
+    return (kern or ops).double_qkv(txt_qkv, img_qkv, heads, txt_wq, txt_wk, img_wq, img_wk, table)
+
+
+def _as_input(codes_scale, like):
+    return QuantizedInput(codes_scale[0], codes_scale[1], tuple(like.shape[:-1]), like.dtype)
+
+
+class SmallOps:
+    """The fusable groups as plain functions (compile=False) or torch.compile'd ones."""
+
+    NAMES = ("norm_modulate", "gated_residual", "gated_residual_norm_modulate", "single_qkv", "double_qkv",
+             "concat_gelu")
+
+    def __init__(self, compile: bool = True):
+        g = globals()
+        for name in self.NAMES:
+            fn = g[name]
+            if compile:
+                # dynamic: one compile serves text, video and joint lengths and every resolution.
+                fn = torch.compile(fn, dynamic=True, fullgraph=True)
+            setattr(self, name, fn)
+        self.compiled = compile
+
+
+_SMALL_OPS: dict = {}
+
+
+def small_ops(compile: bool = True) -> SmallOps:
+    """One shared SmallOps per mode, so torch.compile runs once per process."""
+    if compile not in _SMALL_OPS:
+        _SMALL_OPS[compile] = SmallOps(compile)
+    return _SMALL_OPS[compile]
+
+
+def _norm_modulate_for(block, linear, x, shift, scale):
+    """The modulated LayerNorm of x as `linear` wants it: bf16, or already quantized for it."""
+    ops = block.ops
+    spec = _spec(linear, x, row_limit=True) if block.quantize_inputs else None
+    if spec is None:
+        return ops.norm_modulate(x, shift, scale)
+    return _as_input(norm_modulate_q(x, shift, scale, *spec), x)
+
+
+def double_block_fused(block, img, txt, vec, rope, mask, attention_fn, call: AttentionCall):
+    """DoubleStreamBlock.forward with the small ops grouped into SmallOps calls (same math)."""
+    ops = block.ops
+    # One memory layout for every block (the first block gets the patch embedding's transposed
+    # view), so the compiled groups see a single stride pattern and never recompile mid-step.
+    img, txt = img.contiguous(), txt.contiguous()
+    img_mod, txt_mod = block.img_mod(vec), block.txt_mod(vec)
+    ia, ta = block.img_attn, block.txt_attn
+    i_qkv = ia.qkv(_norm_modulate_for(block, ia.qkv, img, img_mod[0], img_mod[1]))
+    t_qkv = ta.qkv(_norm_modulate_for(block, ta.qkv, txt, txt_mod[0], txt_mod[1]))
+    q, k, v = _double_qkv(ops, t_qkv, i_qkv, block.heads, ta.norm.query_norm.weight, ta.norm.key_norm.weight,
+                          ia.norm.query_norm.weight, ia.norm.key_norm.weight, rope)
+    out = attention_fn(q, k, v, mask, call)
+    n_txt = txt.shape[1]
+    streams = []
+    for stream, x, o, mod in (("img", img, out[:, n_txt:], img_mod), ("txt", txt, out[:, :n_txt], txt_mod)):
+        fc1, act, fc2 = getattr(block, f"{stream}_mlp")
+        y = getattr(block, f"{stream}_attn").proj(o)
+        spec = _spec(fc1, x, row_limit=True) if block.quantize_inputs else None
+        if spec is None:
+            x, h = ops.gated_residual_norm_modulate(x, y, mod[2], mod[3], mod[4])
+        else:
+            x, *q = gated_residual_norm_modulate_q(x, y, mod[2], mod[3], mod[4], *spec)
+            h = _as_input(q, x)
+        hid = fc1(h)
+        spec = _spec(fc2, hid) if block.quantize_inputs else None
+        z = act(hid) if spec is None else _as_input(gelu_q(hid, *spec), hid)
+        streams.append(ops.gated_residual(x, fc2(z), mod[5]))
+    img, txt = streams
+    if txt.dtype == torch.float16:
+        txt = torch.nan_to_num(txt, nan=0.0, posinf=65504, neginf=-65504)
+    return img, txt
+
+
+def single_block_fused(block, x, vec, rope, mask, attention_fn, call: AttentionCall):
+    """SingleStreamBlock.forward with the small ops grouped into SmallOps calls (same math)."""
+    ops = block.ops
+    shift, scale, gate = block.modulation(vec)
+    h = _norm_modulate_for(block, block.linear1, x, shift, scale)
+    qkv, hid = block.linear1(h).split([3 * block.hidden, block.mlp_hidden], dim=-1)
+    q, k, v = _single_qkv(ops, qkv, block.heads, block.norm.query_norm.weight, block.norm.key_norm.weight, rope)
+    out = attention_fn(q, k, v, mask, call)
+    spec = _spec(block.linear2, hid) if block.quantize_inputs else None
+    z = ops.concat_gelu(out, hid) if spec is None else _as_input(concat_gelu_q(out, hid, *spec), out)
+    x = ops.gated_residual(x, block.linear2(z), gate)
+    if x.dtype == torch.float16:
+        x = torch.nan_to_num(x, nan=0.0, posinf=65504, neginf=-65504)
+    return x

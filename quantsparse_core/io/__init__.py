@@ -1,4 +1,4 @@
 """Reading and writing QuantSparse compressed checkpoints (see docs/FORMAT.md)."""
-from .checkpoint import FORMAT_NAME, FORMAT_VERSION, load_compressed, save_compressed
+from .checkpoint import FORMAT_NAME, FORMAT_VERSION, CheckpointError, load_compressed, save_compressed
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "load_compressed", "save_compressed"]
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "CheckpointError", "load_compressed", "save_compressed"]

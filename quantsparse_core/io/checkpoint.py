@@ -2,13 +2,16 @@
 scales, the online activation transforms, every other tensor in bf16, and a JSON header that says
 how to rebuild the model. The layout is specified in docs/FORMAT.md.
 
-The loader checks the header and every key, shape and dtype before it allocates anything, so a
-wrong or damaged file fails in one clear ValueError instead of half-way through a 13B load.
+The loader checks the header and every key, shape and dtype before it allocates anything, then
+every stored value that can be out of range (non-finite floats, clip factors, scales), so a wrong or
+damaged file fails in one clear CheckpointError instead of half-way through a 13B load or as a NaN
+video. tests/test_checkpoint_fuzz.py mutates files to hold it to that.
 """
 from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -28,6 +31,16 @@ FORMAT_VERSION = 1
 MODEL_FAMILY = "hunyuan_video"
 HEADER_KEY = "quantsparse"
 ROTATIONS = (None, "hadamard", "learned")
+
+MAX_BLOCKS = 4096  # far above any DiT; bounds the meta model a forged header could ask for
+MAX_ABS = 1e4      # no trained DiT stores a weight, bias, norm or scale this large: a flipped exponent bit does
+ORTHO_TOL = 1e-3   # stored rotation factors are orthogonal to ~1e-6 in fp32
+
+
+class CheckpointError(ValueError):
+    """A compressed checkpoint that cannot be used: foreign, damaged, edited or out of range. The
+    message names the problem and what to do."""
+
 
 # safetensors dtype names, as reported by get_slice().get_dtype()
 _ST_DTYPE = {torch.uint8: "U8", torch.int8: "I8", torch.float32: "F32", torch.bfloat16: "BF16"}
@@ -104,7 +117,7 @@ def _read_index(path: Path):
                 s = f.get_slice(k)
                 index[k] = (tuple(s.get_shape()), s.get_dtype())
     except Exception as e:  # safetensors raises several types for corrupt or truncated files
-        raise ValueError(f"{path} is not a readable safetensors file ({e}); re-create it") from e
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); re-create it") from e
     return meta, index
 
 
@@ -112,45 +125,77 @@ def _parse_header(path: Path, meta: dict):
     not_ours = (f"{path} is not a QuantSparse compressed checkpoint (it has no '{FORMAT_NAME}' header); "
                 "quantize a HunyuanVideo model with QuantSparse to create one")
     if HEADER_KEY not in meta:
-        raise ValueError(not_ours)
+        raise CheckpointError(not_ours)
     try:
         h = json.loads(meta[HEADER_KEY])
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} has a corrupt QuantSparse header ({e}); re-create the file") from None
+        raise CheckpointError(f"{path} has a corrupt QuantSparse header ({e}); re-create the file") from None
     if not isinstance(h, dict) or h.get("format") != FORMAT_NAME:
-        raise ValueError(not_ours)
+        raise CheckpointError(not_ours)
     if h.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path} was written by format version {h.get('version')}; this QuantSparse reads "
+        raise CheckpointError(f"{path} was written by format version {h.get('version')}; this QuantSparse reads "
                          f"version {FORMAT_VERSION}: update QuantSparse")
     if h.get("model_family") != MODEL_FAMILY:
-        raise ValueError(f"{path} holds a {h.get('model_family')!r} model; QuantSparse loads "
+        raise CheckpointError(f"{path} holds a {h.get('model_family')!r} model; QuantSparse loads "
                          f"{MODEL_FAMILY!r} checkpoints only")
     try:
         config = DiTConfig.from_dict(h["config"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{path} has an invalid model config in its header: {e}") from None
+        _check_config(config)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path} has an invalid model config in its header: {e}") from None
     if not isinstance(h.get("policy"), dict) or not isinstance(h.get("layers"), dict):
-        raise ValueError(f"{path} header lacks the 'policy' and 'layers' tables; re-create the file")
-    policy = policy_from_json(h["policy"])
+        raise CheckpointError(f"{path} header lacks the 'policy' and 'layers' tables; re-create the file")
+    if not all(isinstance(r, dict) for r in h["policy"].values()):
+        raise CheckpointError(f"{path} has an invalid layer policy in its header (entries must be objects); "
+                              "re-create the file")
+    try:
+        policy = policy_from_json(h["policy"])
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     return h, config, policy
+
+
+def _check_config(config: DiTConfig) -> None:
+    """Field types and sizes a real DiT can have, before a meta model is built from them."""
+    ints = ("hidden_size", "num_heads", "depth_double", "depth_single", "in_channels", "out_channels",
+            "context_in_dim", "rope_theta", "refiner_blocks")
+    for name in ints:
+        v = getattr(config, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
+    if config.depth_double + config.depth_single + config.refiner_blocks > MAX_BLOCKS:
+        raise ValueError(f"{config.depth_double + config.depth_single + config.refiner_blocks} blocks is more "
+                         f"than any DiT has ({MAX_BLOCKS})")
+    if not all(isinstance(p, int) and not isinstance(p, bool) and p > 0 for p in config.patch_size) \
+            or len(config.patch_size) != 3:
+        raise ValueError(f"patch_size must be three positive integers, got {config.patch_size!r}")
+    if not isinstance(config.mlp_ratio, (int, float)) or not math.isfinite(config.mlp_ratio) or config.mlp_ratio <= 0:
+        raise ValueError(f"mlp_ratio must be a positive number, got {config.mlp_ratio!r}")
+    if config.vec_in_dim is not None and (not isinstance(config.vec_in_dim, int) or config.vec_in_dim <= 0):
+        raise ValueError(f"vec_in_dim must be a positive integer or null, got {config.vec_in_dim!r}")
+    if not isinstance(config.guidance_embed, bool):
+        raise ValueError(f"guidance_embed must be true or false, got {config.guidance_embed!r}")
 
 
 def _expected(path: Path, header: dict, config: DiTConfig, policy: dict) -> dict:
     """{key: (shape, dtype)} the file must hold, from a meta-device model plus the header's layers."""
-    meta_model = HunyuanVideoDiT(config, device="meta")
+    try:
+        meta_model = HunyuanVideoDiT(config, device="meta")
+    except (RuntimeError, ValueError, TypeError, OverflowError) as e:
+        raise CheckpointError(f"{path} header describes a model that cannot be built ({e}); re-create the file") from None
     named = dict(meta_model.named_modules())
     layers = header["layers"]
     if set(layers) != set(policy):
-        raise ValueError(f"{path} header: 'layers' and 'policy' name different linears; re-create the file")
+        raise CheckpointError(f"{path} header: 'layers' and 'policy' name different linears; re-create the file")
     specs = {}
     for name, rule in policy.items():
         lin, info = named.get(name), layers[name]
         if not isinstance(lin, nn.Linear):
-            raise ValueError(f"{path} header: policy names {name!r}, which is not a linear layer of this model")
+            raise CheckpointError(f"{path} header: policy names {name!r}, which is not a linear layer of this model")
         ok = (isinstance(info, dict) and info.get("w_bits") == rule.w_bits and info.get("a_bits") == rule.a_bits
               and isinstance(info.get("smooth"), bool) and info.get("rotation") in ROTATIONS)
         if not ok:
-            raise ValueError(f"{path} header: layer entry for {name!r} is invalid or disagrees with the policy: {info}")
+            raise CheckpointError(f"{path} header: layer entry for {name!r} is invalid or disagrees with the policy: {info}")
         specs.update(_quant_specs(name, lin.out_features, lin.in_features, lin.bias is not None, info))
     prefixes = tuple(n + "." for n in policy)
     for k, v in meta_model.state_dict().items():
@@ -172,7 +217,7 @@ def _check_keys(path: Path, index: dict, specs: dict) -> None:
         if items:
             problems.append(f"{len(items)} {label} (e.g. {items[:3]})")
     if problems:
-        raise ValueError(f"{path} does not match the model its header describes: " + "; ".join(problems)
+        raise CheckpointError(f"{path} does not match the model its header describes: " + "; ".join(problems)
                          + ". The file is damaged or was edited; re-create it.")
 
 
@@ -201,8 +246,35 @@ def read_compressed(path):
     try:
         tensors = load_file(str(path), device="cpu")
     except Exception as e:
-        raise ValueError(f"{path} is not a readable safetensors file ({e}); re-create it") from e
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); re-create it") from e
+    _check_values(path, tensors, policy)
     return header, config, policy, tensors
+
+
+def _check_values(path: Path, tensors: dict, policy: dict) -> None:
+    """Stored values a valid file never holds: a NaN or infinite float (a NaN scale turns the whole
+    video into NaN), a float beyond MAX_ABS, a negative weight scale, an activation clip outside
+    [0.2, 1], a rotation factor that is not orthogonal."""
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise CheckpointError(f"{path} holds non-finite values (NaN or infinity) in {len(bad)} tensors "
+                              f"(e.g. {sorted(bad)[:3]}); the file is damaged: re-create it")
+    big = [k for k, t in tensors.items() if t.is_floating_point() and t.numel() and float(t.abs().max()) > MAX_ABS]
+    if big:
+        raise CheckpointError(f"{path} holds values above {MAX_ABS:g} in magnitude in {len(big)} tensors "
+                              f"(e.g. {sorted(big)[:3]}), which no trained model stores; the file is damaged: re-create it")
+    for k, t in tensors.items():
+        if k.endswith((".rot1", ".rot2")):
+            eye = torch.eye(t.shape[0], dtype=torch.float64)
+            if float((t.double() @ t.double().T - eye).abs().max()) > ORTHO_TOL:
+                raise CheckpointError(f"{path}: rotation factor {k} is not orthogonal; the file is damaged: re-create it")
+    for name in policy:
+        scale, clip = tensors[f"{name}.weight_scale"], tensors.get(f"{name}.act_clip")
+        if bool((scale < 0).any()):
+            raise CheckpointError(f"{path}: {name}.weight_scale has negative scales; the file is damaged: re-create it")
+        if clip is not None and not 0.2 - 1e-6 <= float(clip) <= 1.0 + 1e-6:
+            raise CheckpointError(f"{path}: {name}.act_clip is {float(clip)}, outside [0.2, 1]; the file is damaged "
+                                  "or was edited: re-create it")
 
 
 def load_compressed(path, device="cpu", dtype: torch.dtype = torch.float32):

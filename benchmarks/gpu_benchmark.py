@@ -23,6 +23,7 @@ import contextlib
 import datetime
 import gc
 import importlib
+import importlib.util
 import json
 import math
 import os
@@ -992,8 +993,21 @@ def _ratio(base, x):
 
 
 # ---- main --------------------------------------------------------------------------------------
+def product(argv):
+    """`--product ARGS`: the product path instead (HunyuanVideo-13B through ComfyUI's own loader and sampler,
+    in-process): every other argument goes to benchmarks/comfy_product.py (see its --help)."""
+    spec = importlib.util.spec_from_file_location("comfy_product", Path(__file__).with_name("comfy_product.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.main([a for a in argv if a != "--product"])
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--product" in argv:
+        return product(argv)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 epilog="--product [ARGS]: run benchmarks/comfy_product.py (ComfyUI in-process) with ARGS")
     ap.add_argument("--resolutions", default="720p,544p", help="comma list of 720p, 544p")
     ap.add_argument("--out", default=None, help="markdown file for the tables (a .json with raw numbers beside it)")
     ap.add_argument("--budget-s", type=float, default=540.0,

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from quantsparse_core.io.checkpoint import read_compressed
-from quantsparse_core.quant.linear import QuantLinear
+from quantsparse_core.quant.linear import QuantizedInput, QuantLinear
 
 SUBFOLDER = "quantsparse"  # inside ComfyUI's diffusion_models folder
 _UNET_PREFIX = "diffusion_model."
@@ -66,14 +66,23 @@ def make_operations(layers: dict):
                 if "bias" in mine:
                     self.bias = torch.nn.Parameter(mine["bias"], requires_grad=False)
 
+            def input_quant_spec(self, x):
+                """QuantLinear.input_quant_spec of the quantized layer where it runs beside x (the fused
+                blocks' producers then hand forward() a QuantizedInput); None: pass x as it is."""
+                q = self.quant
+                if q is None or q.w_packed.device != x.device:
+                    return None
+                return q.input_quant_spec(x)
+
             def forward(self, x, *args, **kwargs):
                 if self.quant is None:
                     return super().forward(x, *args, **kwargs)
                 q = self.quant
-                if q.w_packed.device != x.device:  # offloaded by ComfyUI (low-VRAM): run on a copy
+                device = x.codes.device if isinstance(x, QuantizedInput) else x.device
+                if q.w_packed.device != device:  # offloaded by ComfyUI (low-VRAM): run on a copy
                     q = _PrebuiltQuantLinear.from_packed(
                         q.in_features, q.out_features, q.w_bits, q.a_bits, q.log_smooth is not None,
-                        q.rotation, q.packed_tensors(), device=x.device)
+                        q.rotation, q.packed_tensors(), device=device)
                 return q(x)
 
     return QuantSparseOps

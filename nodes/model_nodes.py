@@ -12,6 +12,7 @@ from quantsparse_core.calib.capture import n_trajectories
 from quantsparse_core.calib.pipeline import SAMPLES_PER_TRAJECTORY, Conditioning, compress
 
 from .comfy_ops import SUBFOLDER, load_compressed_patcher
+from .fused_blocks import apply_fused_blocks
 from .sparse_patch import check_hunyuan_video
 
 CATEGORY = "QuantSparse"
@@ -184,4 +185,5 @@ class LoadCompressedDiT(io.ComfyNode):
         path = folder_paths.get_full_path("diffusion_models", checkpoint)
         if path is None:
             raise ValueError(f"checkpoint {checkpoint!r} is not in models/diffusion_models/; refresh the node list")
-        return io.NodeOutput(load_compressed_patcher(path))
+        # Fused blocks on: any sampler then runs the producer-quantized fast path (fused_blocks.py).
+        return io.NodeOutput(apply_fused_blocks(load_compressed_patcher(path)))

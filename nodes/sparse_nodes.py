@@ -36,6 +36,10 @@ def sparse_inputs() -> list:
                        tooltip="Where the SSAR correction cache lives. auto: the most accurate option that fits in "
                                "free VRAM. gpu-bf16 / gpu-int8: on the GPU; cpu-pinned: in RAM, copied each step; "
                                "low-rank: compressed, lossy. 720p x 129 frames needs 44 GB in bf16."),
+        io.Boolean.Input("fused_blocks", default=True, optional=True,  # optional: older saved prompts lack it
+                         tooltip="Run QuantSparse's fused blocks (grouped small ops, activations quantized by the op "
+                                 "that produces them, one q/k norm + RoPE kernel) on this model's weights instead of "
+                                 "ComfyUI's block code: same math, faster on NVIDIA GPUs. Off = ComfyUI's blocks."),
     ]
 
 
@@ -61,8 +65,8 @@ class SparseAttentionPatch(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, **settings) -> io.NodeOutput:
-        return io.NodeOutput(apply_sparse(model, sparse_settings(**settings)))
+    def execute(cls, model, fused_blocks=True, **settings) -> io.NodeOutput:
+        return io.NodeOutput(apply_sparse(model, sparse_settings(**settings), fused=fused_blocks))
 
 
 class SparseSampler(io.ComfyNode):
@@ -96,9 +100,9 @@ class SparseSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
-                denoise, **settings) -> io.NodeOutput:
+                denoise, fused_blocks=True, **settings) -> io.NodeOutput:
         import nodes as comfy_nodes  # ComfyUI's own KSampler implementation
-        patched = apply_sparse(model, sparse_settings(**settings))
+        patched = apply_sparse(model, sparse_settings(**settings), fused=fused_blocks)
         (out,) = comfy_nodes.common_ksampler(patched, seed, steps, cfg, sampler_name, scheduler, positive, negative,
                                              latent_image, denoise=denoise)
         return io.NodeOutput(out)

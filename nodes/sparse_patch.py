@@ -155,9 +155,14 @@ def outer_sample_wrapper(executor, *args, **kwargs):
         guider.model_options = original
 
 
-def apply_sparse(model, settings: SparseSettings):
-    """A clone of `model` (a ComfyUI ModelPatcher) whose sampling runs use sparse attention + SSAR."""
+def apply_sparse(model, settings: SparseSettings, fused: bool = True):
+    """A clone of `model` (a ComfyUI ModelPatcher) whose sampling runs use sparse attention + SSAR.
+    fused: its double/single blocks also run QuantSparse's fused forms (nodes/fused_blocks.py: grouped
+    small ops, producer-quantized activations, q/k norm + RoPE kernel); False runs ComfyUI's blocks
+    (and removes fused blocks a loader had turned on)."""
     import comfy.patcher_extension
+
+    from .fused_blocks import install_fused_blocks, remove_fused_blocks
 
     check_hunyuan_video(model)
     patched = model.clone()
@@ -176,5 +181,6 @@ def apply_sparse(model, settings: SparseSettings):
                           (comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, diffusion_model_wrapper)):
         patched.remove_wrappers_with_key(kind, KEY)
         patched.add_wrapper_with_key(kind, KEY, wrapper)
-    log.info("QuantSparse sparse attention: %s", asdict(settings))
+    (install_fused_blocks if fused else remove_fused_blocks)(patched)
+    log.info("QuantSparse sparse attention: %s (fused blocks %s)", asdict(settings), "on" if fused else "off")
     return patched

@@ -1,0 +1,927 @@
+#!/usr/bin/env python
+"""The product path, timed: HunyuanVideo-13B (random weights) sampled through ComfyUI's own loader and
+sampler, in-process, 50 steps, wall-clock of the whole sampling.
+
+    PYTHONPATH=.devcarry/site COMFYUI_PATH=.devcarry/ComfyUI python3 benchmarks/comfy_product.py \\
+        [--configs A,A8,Q] [--resolutions 544p,720p] [--steps 50] [--baseline-steps 720p=3] \\
+        [--cap-gb 24] [--budget-s 540] [--out FILE.json]
+    python3 benchmarks/comfy_product.py --merge run1.json run2.json --out merged.json   # targets over several runs
+
+Configurations (each loaded, sampled and freed in turn, in this one process):
+  A   ComfyUI native: the bf16 state dict through `comfy.sd.load_diffusion_model_state_dict`, ComfyUI's
+      default attention (SDPA with HunyuanVideo's additive text mask);
+  A8  the same with model_options {"dtype": float8_e4m3fn} (UNETLoader's weight_dtype fp8_e4m3fn);
+  Q   the same weights RTN-quantized to W4A8 (quantsparse_core default policy), saved as a compressed
+      checkpoint, loaded by the pack's Load Compressed DiT (nodes/comfy_ops.load_compressed_patcher) and
+      patched by nodes/sparse_patch.apply_sparse(patcher, SparseSettings()) = Sparse Sampler's defaults.
+Sampling is `comfy.sample.sample` (what ComfyUI's KSampler / common_ksampler calls): euler, simple,
+cfg 1.0, a random 256-token x 4096 text conditioning with ComfyUI's attention mask (200 real tokens),
+pooled output, guidance 6.0 (HunyuanVideo's workflow). Each step is timed by a callback with a device
+sync; step kinds of Q follow the SparseSettings schedule and are checked against what SSAR actually did.
+A tiny sampling run first (same model, 8 steps, small latent) loads the model and compiles the kernels,
+so the timed run measures sampling; its time is reported as warm_s.
+
+--cap-gb N caps the process like an N GiB card: torch's per-process memory fraction for the allocator
+(N GiB - 0.5 GiB for the CUDA context), and ComfyUI / SSAR's auto cache placement told the same through
+torch.cuda.mem_get_info reporting (N GiB - 0.5 GiB - reserved, N GiB - 0.5 GiB), so ComfyUI offloads
+weights as on such a card instead of failing.
+
+The pack's modules are imported from their files (nodes/comfy_ops.py, nodes/sparse_patch.py): the
+package's __init__ needs comfy_api, which needs PyAV, absent on the GPU machine.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import importlib.util
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+import types
+import zlib
+from dataclasses import asdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+import torch  # noqa: E402
+
+RESOLUTIONS = {"544p": (960, 544, 129), "720p": (1280, 720, 129)}  # width, height, frames
+CONFIGS = ("A", "A8", "Q")
+CONFIG_NAMES = {"A": "ComfyUI native bf16, default attention",
+                "A8": "ComfyUI weight_dtype fp8_e4m3fn",
+                "Q": "Load Compressed DiT (W4A8 RTN) + Sparse Sampler defaults"}
+GIB = 2 ** 30
+CONTEXT_GIB = 0.5      # what a real card loses to the CUDA context, outside torch's allocator
+WARM_LATENT = (17, 256, 256)  # frames, height, width of the warm-up run: 5 x 16 x 16 latent tokens
+WARM_STEPS = 8         # dense, refresh1, reuse x4, refresh2, reuse2a with the default schedule
+STALL_RATIO = 1.2
+TARGETS = (  # (name, kind, resolution, target)
+    ("(Q) vs (A), 720p/129f, 50-step sampling wall-clock", "ratio:A", "720p", 3.0),
+    ("(Q) vs (A), 544p/129f, 50-step sampling wall-clock", "ratio:A", "544p", 2.7),
+    ("(Q) vs (A8), 544p/129f, 50-step sampling wall-clock", "ratio:A8", "544p", 2.5),
+    ("(Q) completes 50 steps at 544p/129f within 24 GB", "tier:24", "544p", 24),
+    ("(Q) completes 50 steps at 544p/129f within 16 GB", "tier:16", "544p", 16),
+    ("(Q) completes 50 steps at 720p/129f within 24 GB", "tier:24", "720p", 24),
+    ("no step slower than 1.2x its kind's median (measured 50-step runs)", "stall", None, STALL_RATIO),
+)
+# Step-time priors on one H200 (s), used only to skip what would not fit --budget-s; replaced by
+# measured times as the run goes. 544p from the 2026-12 manual trial, 720p from run 16 scaled to ComfyUI.
+PRIORS = {"544p": {"A": 10.4, "A8": 11.0, "dense": 10.2, "refresh": 11.4, "reuse": 2.7},
+          "720p": {"A": 31.4, "A8": 33.0, "dense": 31.0, "refresh": 30.0, "reuse": 6.5}}
+LOAD_PRIOR_S = {"A": 60.0, "A8": 60.0, "Q": 90.0}
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+# ---- schedule ------------------------------------------------------------------------------------
+def step_kinds(settings, steps: int):
+    """(coarse, fine) kinds of the `steps` steps SSARAttention runs under `settings`: coarse is
+    dense (warm-up) / refresh / reuse; fine splits refresh1 (first-order only) / refresh2 and reuse
+    (after a first-order refresh) / reuse2a (first step after a second-order refresh) / reuse2."""
+    warm = int(round(0.1 * steps)) if settings.warmup_steps is None else int(settings.warmup_steps)
+    coarse, fine, refreshes, last = [], [], 0, None
+    for i in range(steps):
+        if i < warm:
+            coarse.append("dense")
+            fine.append("dense")
+        elif (i - warm) % settings.tau == 0:
+            last = "refresh1" if refreshes == 0 or settings.order < 2 else "refresh2"
+            coarse.append("refresh")
+            fine.append(last)
+            refreshes += 1
+        else:
+            coarse.append("reuse")
+            fine.append(("reuse2a" if fine[-1] == "refresh2" else "reuse2") if last == "refresh2" else "reuse")
+    return coarse, fine
+
+
+def kind_stats(per_step):
+    """{kind: n, median, mean, max, total} over measured steps, and the worst step / median ratio."""
+    by = {}
+    for s in per_step:
+        by.setdefault(s["kind"], []).append(s["s"])
+    out = {}
+    for k, v in by.items():
+        med = statistics.median(v)
+        out[k] = dict(n=len(v), median_s=med, mean_s=sum(v) / len(v), max_s=max(v), total_s=sum(v),
+                      worst_ratio=max(v) / med if med > 0 else None)
+    return out
+
+
+# ---- ComfyUI in-process ----------------------------------------------------------------------------
+class Comfy:
+    """ComfyUI imported in this process (from COMFYUI_PATH), told the VRAM cap if any."""
+
+    def __init__(self, path, device: str, cap_gb=None):
+        self.path = Path(path).resolve()
+        if not (self.path / "comfy" / "ldm" / "hunyuan_video" / "model.py").is_file():
+            sys.exit(f"{self.path} is not a ComfyUI checkout (no comfy/ldm/hunyuan_video/model.py): set COMFYUI_PATH "
+                     "or --comfyui (on the GPU machine: .devcarry/ComfyUI from scripts/prepare_device_carry.sh)")
+        if str(self.path) not in sys.path:
+            sys.path.insert(1, str(self.path))  # after the repository: the pack's modules load by path anyway
+        self.device = device
+        self.cap_bytes = None
+        if cap_gb:
+            self._cap(cap_gb)
+        from comfy.cli_args import args
+        if device == "cpu":
+            args.cpu = True
+        import comfy.model_management as mm
+        import comfy.patcher_extension  # noqa: F401
+        import comfy.sample  # noqa: F401
+        import comfy.samplers  # noqa: F401
+        import comfy.sd  # noqa: F401
+        import comfy.utils  # noqa: F401
+        self.mm = mm
+        ns = {}
+        exec((self.path / "comfyui_version.py").read_text(), ns)
+        self.version = ns.get("__version__", "unknown")
+        self.comfy_ops = _load_pack_module("comfy_ops")
+        self.sparse_patch = _load_pack_module("sparse_patch")
+        self.fused_blocks = _load_pack_module("fused_blocks", optional=True)
+        StepTimer.SPARSE_KEY = self.sparse_patch.KEY
+
+    def _cap(self, cap_gb: float):
+        if self.device != "cuda":
+            raise SystemExit("--cap-gb needs a CUDA device")
+        dev = torch.device("cuda", torch.cuda.current_device())
+        total = torch.cuda.get_device_properties(dev).total_memory
+        cap = int((cap_gb - CONTEXT_GIB) * GIB)
+        if cap >= total:
+            raise SystemExit(f"--cap-gb {cap_gb} is not below this GPU's {total / GIB:.1f} GiB")
+        torch.cuda.set_per_process_memory_fraction(cap / total, dev)
+        real = torch.cuda.mem_get_info
+
+        def mem_get_info(device=None):  # what a card of `cap` bytes would report to this process
+            free, _ = real(device)
+            return max(0, min(free, cap - torch.cuda.memory_reserved(device))), cap
+        torch.cuda.mem_get_info = mem_get_info
+        torch.cuda.memory.mem_get_info = mem_get_info
+        self.cap_bytes = cap
+
+    def load_compressed_dit(self, path):
+        """What the Load Compressed DiT node's execute() does with the file (nodes/model_nodes.py)."""
+        patcher = self.comfy_ops.load_compressed_patcher(path)
+        if self.fused_blocks is not None and hasattr(self.fused_blocks, "apply_fused_blocks"):
+            patcher = self.fused_blocks.apply_fused_blocks(patcher)
+        return patcher
+
+    def view(self) -> dict:
+        """What ComfyUI sees: total and free VRAM, its VRAM state, kitchen's backends."""
+        mm = self.mm
+        dev = mm.get_torch_device()
+        out = dict(device=str(dev), vram_state=mm.vram_state.name,
+                   total_gb=round(mm.get_total_memory(dev) / 1e9, 2),
+                   free_gb=round(mm.get_free_memory(dev) / 1e9, 2),
+                   reserved_extra_gb=round(mm.extra_reserved_memory() / 1e9, 2))
+        try:
+            import comfy.quant_ops
+            out["kitchen_backends"] = {k: v["available"] and not v.get("disabled", False)
+                                       for k, v in comfy.quant_ops.ck.list_backends().items()}
+        except Exception as e:  # reported, not fatal
+            out["kitchen_backends"] = f"unavailable: {e}"
+        return out
+
+    def free(self):
+        self.mm.unload_all_models()
+        gc.collect()
+        self.mm.soft_empty_cache()
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+
+
+PACK = "quantsparse_pack_nodes"
+
+
+def _load_pack_module(name: str, optional: bool = False):
+    """nodes/<name>.py, imported as a module of the pack's `nodes` folder registered under another name
+    (ComfyUI has its own top-level `nodes`) whose __init__ is not run: it registers the V3 nodes through
+    comfy_api, which needs PyAV, absent on the GPU machine. Relative imports between the pack's modules
+    work as in ComfyUI."""
+    if PACK not in sys.modules:
+        pkg = types.ModuleType(PACK)
+        pkg.__path__ = [str(ROOT / "nodes")]
+        pkg.__package__ = PACK
+        sys.modules[PACK] = pkg
+    if optional and not (ROOT / "nodes" / f"{name}.py").is_file():
+        return None
+    return importlib.import_module(f"{PACK}.{name}")
+
+
+# ---- random weights ----------------------------------------------------------------------------------
+def _fan_in(shape) -> int:
+    return max(1, math.prod(shape[1:]))
+
+
+def random_tensor(name: str, shape, like: dict, device, seed: int, dtype=torch.bfloat16) -> torch.Tensor:
+    """A tensor filled on `device` in `dtype` (never a float32 host copy): linear/conv weights and their
+    biases uniform(+-1/sqrt(fan_in)) as torch's default init, 1-D norm weights ones. Seeded by name,
+    so (A), (A8) and (Q) hold the same random model."""
+    t = torch.empty(tuple(shape), dtype=dtype, device=device)
+    if len(shape) == 1 and not name.endswith("bias"):
+        return t.fill_(1.0)
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1000003 + zlib.crc32(name.encode())) % (2 ** 63))
+    w_shape = shape if len(shape) >= 2 else like.get(name[: -len("bias")] + "weight", (1, 4096))
+    bound = 1.0 / math.sqrt(_fan_in(w_shape))
+    return t.uniform_(-bound, bound, generator=g)
+
+
+def meta_model(preset: str):
+    from quantsparse_core.models import HunyuanVideoDiT, get_preset
+    return HunyuanVideoDiT(get_preset(preset), device="meta")
+
+
+@torch.no_grad()
+def random_state_dict(preset: str, device, seed: int) -> dict:
+    shapes = {k: tuple(v.shape) for k, v in meta_model(preset).state_dict().items()}
+    return {k: random_tensor(k, s, shapes, device, seed) for k, s in shapes.items()}
+
+
+@torch.no_grad()
+def build_compressed(preset: str, path: Path, device, seed: int) -> dict:
+    """RTN W4A8 checkpoint of the same random weights, built one linear at a time on `device`
+    (quantsparse_core default policy, no calibration); returns its storage summary."""
+    from torch import nn
+    from quantsparse_core.io.checkpoint import save_compressed
+    from quantsparse_core.quant.linear import QuantLinear
+    from quantsparse_core.quant.policy import default_policy, storage_bytes
+
+    model = meta_model(preset)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    policy = default_policy(model, 4, 8)
+    sizes = storage_bytes(model, policy)
+    named = dict(model.named_modules())
+    for name, rule in policy.items():
+        lin = named[name]
+        real = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None, device="meta")
+        real.weight = nn.Parameter(random_tensor(name + ".weight", shapes[name + ".weight"], shapes, device, seed),
+                                   requires_grad=False)
+        if lin.bias is not None:
+            real.bias = nn.Parameter(random_tensor(name + ".bias", shapes[name + ".bias"], shapes, device, seed),
+                                     requires_grad=False)
+        q = QuantLinear(real, rule.w_bits, rule.a_bits).freeze().to("cpu")
+        parent, _, child = name.rpartition(".")
+        setattr(named[parent] if parent else model, child, q)
+        del real
+    prefixes = tuple(n + "." for n in policy)
+    rest = {k: random_tensor(k, s, shapes, device, seed).cpu() for k, s in shapes.items() if not k.startswith(prefixes)}
+    model.load_state_dict(rest, strict=False, assign=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_compressed(model, path, policy, calibration={"method": "rtn", "note": "random weights, speed benchmark"},
+                    source_hash=f"random-seed-{seed}")
+    return sizes
+
+
+# ---- conditioning and latents ----------------------------------------------------------------------
+def conditioning(preset: str, text_tokens: int, seed: int):
+    """ComfyUI CONDITIONING as TextEncodeHunyuanVideo + FluxGuidance make it: [[context, extras]]."""
+    from quantsparse_core.models import get_preset
+    cfg = get_preset(preset)
+    g = torch.Generator().manual_seed(seed)
+    ctx = torch.randn(1, text_tokens, cfg.context_in_dim, generator=g)
+    real = max(1, text_tokens * 200 // 256)
+    mask = torch.zeros(1, text_tokens, dtype=torch.long)
+    mask[:, :real] = 1
+    extras = {"attention_mask": mask, "guidance": 6.0}
+    if cfg.vec_in_dim:
+        extras["pooled_output"] = torch.randn(1, cfg.vec_in_dim, generator=g)
+    return [[ctx, extras]], real
+
+
+def parse_resolution(name: str):
+    """'544p' / '720p' or WIDTHxHEIGHTxFRAMES -> (width, height, frames)."""
+    if name in RESOLUTIONS:
+        return RESOLUTIONS[name]
+    try:
+        w, h, f = (int(x) for x in name.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"unknown resolution {name!r}: use 544p, 720p or WIDTHxHEIGHTxFRAMES") from None
+    if w % 16 or h % 16 or (f - 1) % 4:
+        raise SystemExit(f"resolution {name}: width and height must be multiples of 16 and frames 4k+1")
+    return w, h, f
+
+
+def latent_shape(res):
+    """EmptyHunyuanLatentVideo's latent for (width, height, frames)."""
+    w, h, f = res
+    return (1, 16, (f - 1) // 4 + 1, h // 8, w // 8)
+
+
+def video_tokens(shape) -> int:
+    return shape[2] * (shape[3] // 2) * (shape[4] // 2)
+
+
+# ---- one sampling run ------------------------------------------------------------------------------
+class StepTimer:
+    """Per-step wall-clock: a DIFFUSION_MODEL wrapper marks each model call's start (synchronized) and
+    reads what SSAR did in it; ComfyUI's sampler callback marks each step's end (synchronized)."""
+
+    KEY = "quantsparse_benchmark"
+    SPARSE_KEY = "quantsparse_sparse"  # set from nodes/sparse_patch.KEY when ComfyUI is imported
+
+    def __init__(self, cuda: bool, on_step=None):
+        self.cuda, self.on_step = cuda, on_step
+        self.starts, self.ends, self.observed = [], [], []
+
+    def now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    @staticmethod
+    def _sparse_counts(to):
+        run = (to or {}).get(StepTimer.SPARSE_KEY)  # the run's SparseRun (nodes/sparse_patch.py)
+        if run is None:
+            return None
+        stats = [a.stats for a in run.by_group.values()]
+        return tuple(sum(s[k] for s in stats) for k in ("dense", "sparse", "refresh"))
+
+    def wrapper(self, executor, *args, **kwargs):
+        to = kwargs.get("transformer_options")
+        if not isinstance(to, dict):
+            to = next((a for a in reversed(args) if isinstance(a, dict)), {})
+        self.starts.append(self.now())
+        before = self._sparse_counts(to)
+        out = executor(*args, **kwargs)
+        after = self._sparse_counts(to)
+        if before is None or after is None:
+            self.observed.append(None)
+        else:
+            _, sparse, refresh = (a - b for a, b in zip(after, before))
+            self.observed.append("reuse" if sparse > 0 else "refresh" if refresh > 0 else "dense")
+        return out
+
+    def callback(self, i, x0, x, total):
+        self.ends.append(self.now())
+        if self.on_step is not None:
+            self.on_step(i, total)
+
+    def steps(self):
+        out = []
+        for i, end in enumerate(self.ends):
+            begin = self.ends[i - 1] if i else self.starts[0]
+            out.append(dict(i=i, s=end - begin, observed=self.observed[i] if i < len(self.observed) else None))
+        return out
+
+
+def run_sampling(cx, patcher, shape, cond, steps: int, last_step, seed: int, timer=None):
+    """comfy.sample.sample over `steps` (stopping after `last_step` steps when given), timed by `timer`.
+    Returns (seconds of the whole sample() call, whether the output is finite)."""
+    import comfy.patcher_extension
+    import comfy.sample
+
+    timer = timer or StepTimer(cx.device == "cuda")
+    model = patcher.clone()
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, StepTimer.KEY, timer.wrapper)
+    latent = torch.zeros(shape)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    t0 = timer.now()
+    with torch.inference_mode():  # as ComfyUI executes every node
+        out = comfy.sample.sample(model, noise, steps, 1.0, "euler", "simple", cond, cond, latent, denoise=1.0,
+                                  last_step=last_step, callback=timer.callback, disable_pbar=True, seed=seed)
+    t1 = timer.now()
+    return t1 - t0, bool(torch.isfinite(out).all())
+
+
+# ---- report ----------------------------------------------------------------------------------------
+def environment(comfy_version=None) -> dict:
+    versions = dict(torch=torch.__version__, cuda=torch.version.cuda, python=platform.python_version(),
+                    comfyui=comfy_version, env=f"PYTORCH_CUDA_ALLOC_CONF={os.environ.get('PYTORCH_CUDA_ALLOC_CONF', '')}")
+    import importlib.metadata
+    for mod, dist in (("triton", "triton"), ("comfy_kitchen", "comfy-kitchen"), ("comfy_aimdo", "comfy-aimdo")):
+        try:
+            versions[mod] = importlib.metadata.version(dist)
+        except Exception:
+            versions[mod] = getattr(sys.modules.get(mod), "__version__", "unknown")
+    device = "cpu"
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        device = f"{p.name} ({p.total_memory // 2 ** 20} MiB)"
+        try:
+            versions["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                                capture_output=True, text=True, timeout=20).stdout.strip()
+        except Exception:
+            pass
+    try:
+        code = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True,
+                              text=True, timeout=10).stdout.strip() or "unknown"
+    except Exception:
+        code = "unknown"
+    return dict(device=device, versions=versions, code=code)
+
+
+class Report:
+    def __init__(self, out: Path, data: dict):
+        self.out, self.data = out, data
+
+    def save(self):
+        self.data["tables"] = tables(self.data["runs"])
+        self.data["targets"] = targets(self.data["runs"])
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.out.with_suffix(self.out.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1, default=str) + "\n")
+        tmp.replace(self.out)
+
+
+def fifty_step_seconds(run, steps: int = None):
+    """The run's sampling seconds over its whole schedule: measured when every step ran; for a dense
+    baseline timed over fewer steps, the measured steps plus the median step for each step not run
+    (dense steps are uniform). None otherwise."""
+    if not run.get("completed"):
+        return None, None
+    per = run["per_step"]
+    total = run["schedule_steps"]
+    if len(per) == total:
+        return sum(s["s"] for s in per), None
+    if run["config"] in ("A", "A8") and per:
+        med = statistics.median(s["s"] for s in per)
+        return sum(s["s"] for s in per) + med * (total - len(per)), \
+            f"{run['config']} timed over {len(per)} of {total} steps; the other {total - len(per)} counted at the median step"
+    return None, None
+
+
+def _uncapped(runs, config, res):
+    return [r for r in runs if r["config"] == config and r["resolution"] == res and not r.get("cap_gb")
+            and r.get("completed")]
+
+
+def targets(runs) -> list:
+    out = []
+    for name, kind, res, target in TARGETS:
+        row = dict(name=name, measured=None, target=target, met=False)
+        if kind.startswith("ratio:"):
+            base_cfg = kind.split(":")[1]
+            qs = [r for r in _uncapped(runs, "Q", res) if len(r["per_step"]) == r["schedule_steps"]]
+            bs = _uncapped(runs, base_cfg, res)
+            if not qs or not bs:
+                row["note"] = "not measured: needs " + " and ".join(
+                    x for x, ok in ((f"a full uncapped (Q) run at {res}", qs), (f"an uncapped ({base_cfg}) run at {res}", bs)) if not ok)
+            else:
+                q_s, _ = fifty_step_seconds(qs[-1])
+                b_s, note = fifty_step_seconds(bs[-1])
+                row["measured"] = round(b_s / q_s, 3)
+                row["met"] = row["measured"] >= target
+                row["note"] = f"({base_cfg}) {b_s:.1f} s / (Q) {q_s:.1f} s" + (f"; {note}" if note else "")
+            row["target"] = f">= {target}x"
+        elif kind.startswith("tier:"):
+            cap = float(kind.split(":")[1])
+            tier = [r for r in runs if r["config"] == "Q" and r["resolution"] == res and r.get("cap_gb") == cap]
+            row["target"] = f"50 steps complete, capped at {cap:g} GiB"
+            if not tier:
+                row["note"] = f"not measured: run --configs Q --resolutions {res} --cap-gb {cap:g}"
+            else:
+                r = tier[-1]
+                done = r.get("completed") and len(r["per_step"]) == r["schedule_steps"] == 50
+                row["measured"] = round(r["peak_allocated_gb"], 2) if r.get("peak_allocated_gb") is not None else None
+                row["met"] = bool(done)
+                row["note"] = ("peak allocated GB (torch) with the cap" if done else
+                               f"did not complete 50 steps: {r.get('error') or 'stopped'}")
+        else:  # stall
+            full = [r for r in runs if r.get("completed") and len(r["per_step"]) == r["schedule_steps"] >= 50]
+            row["target"] = f"<= {target}x the median of the step's kind"
+            if not full:
+                row["note"] = "not measured: needs a completed 50-step run"
+            else:
+                worst = max(full, key=lambda r: r["stall"]["worst_ratio"])
+                row["measured"] = round(worst["stall"]["worst_ratio"], 3)
+                row["met"] = all(r["stall"]["worst_ratio"] <= target for r in full)
+                row["note"] = (f"worst: {worst['label']} step {worst['stall']['worst_step']} "
+                               f"({worst['stall']['worst_kind']}); over {len(full)} run(s): "
+                               + ", ".join(r["label"] for r in full))
+        out.append(row)
+    return out
+
+
+def tables(runs) -> list:
+    rows = []
+    for r in runs:
+        fifty, note = fifty_step_seconds(r)
+        kinds = "; ".join(f"{k} {v['n']} x {v['median_s']:.2f} s (max {v['max_s']:.2f})"
+                          for k, v in (r.get("per_kind") or {}).items())
+        rows.append([r["label"], r["config"], r["resolution"], r.get("cap_gb") or "-",
+                     f"{len(r['per_step'])}/{r['schedule_steps']}",
+                     None if fifty is None else round(fifty, 1), kinds,
+                     None if r.get("peak_allocated_gb") is None else round(r["peak_allocated_gb"], 2),
+                     "yes" if r.get("completed") else f"no: {r.get('error') or r.get('skipped') or ''}"[:200],
+                     note or ""])
+    return [{"title": "Sampling through ComfyUI (comfy.sample.sample, euler/simple, cfg 1, guidance 6)",
+             "columns": ["run", "config", "resolution", "cap GiB", "steps timed", "sampling s (schedule)",
+                         "per step kind: n x median", "peak allocated GB", "completed", "note"],
+             "rows": rows}]
+
+
+def print_table(data):
+    for t in data["tables"]:
+        log("\n" + t["title"])
+        log(" | ".join(t["columns"]))
+        for row in t["rows"]:
+            log(" | ".join("" if c is None else str(c) for c in row))
+    log("\nTargets")
+    for t in data["targets"]:
+        log(f"  {'MET ' if t['met'] else 'not '} {t['name']}: measured {t['measured']} (target {t['target']})"
+            f"{'; ' + t['note'] if t.get('note') else ''}")
+
+
+# ---- the benchmark ---------------------------------------------------------------------------------
+class Budget:
+    def __init__(self, seconds):
+        self.t0, self.seconds = time.perf_counter(), seconds
+
+    def left(self) -> float:
+        return self.seconds - (time.perf_counter() - self.t0)
+
+
+class Bench:
+    def __init__(self, args, comfy, report):
+        self.a, self.comfy, self.report = args, comfy, report
+        self.budget = Budget(args.budget_s)
+        self.runs = report.data["runs"]
+        self.scale = 1.0  # measured / prior step time, refined as runs finish
+        from quantsparse_core.sparse.ssar import SparseSettings
+        self.settings = SparseSettings()
+        self.cond, self.txt_real = conditioning(args.preset, args.text_tokens, args.seed)
+
+    # -- estimates --
+    def estimate(self, config, res_name, shape, timed_steps, kinds):
+        if self.a.preset != "hunyuan-video-13b":
+            return 0.0
+        pri = PRIORS.get(res_name)
+        if pri is None:  # another size: scale 544p by tokens^1.7
+            f = (video_tokens(shape) / video_tokens(latent_shape(RESOLUTIONS["544p"]))) ** 1.7
+            pri = {k: v * f for k, v in PRIORS["544p"].items()}
+        if config == "Q":
+            s = sum(pri[k] for k in kinds[:timed_steps]) + pri["refresh"] * self.a.warm_full_steps
+        else:
+            s = pri[config] * (timed_steps + 1)
+        return s * self.scale * (1.3 if self.a.cap_gb else 1.0)
+
+    def baseline_steps(self, res_name):
+        spec = self.a.baseline_steps
+        if not spec:
+            return self.a.steps
+        for part in spec.split(","):
+            if "=" in part:
+                k, v = part.split("=")
+                if k.strip() == res_name:
+                    return min(self.a.steps, int(v))
+            elif part.strip():
+                return min(self.a.steps, int(part))
+        return self.a.steps
+
+    # -- models --
+    def load(self, config):
+        comfy, dev = self.comfy, self.a.device
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            if config in ("A", "A8"):
+                sd = random_state_dict(self.a.preset, dev, self.a.seed)
+                opts = {"dtype": torch.float8_e4m3fn} if config == "A8" else {}
+                import comfy.sd
+                patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options=opts)
+                del sd
+                info = {}
+            else:
+                path = Path(self.a.ckpt or f"/tmp/quantsparse_bench_{self.a.preset}_w4a8_rtn_seed{self.a.seed}.safetensors")
+                info = {"checkpoint": str(path)}
+                if not path.is_file():
+                    tb = time.perf_counter()
+                    with torch.inference_mode(False):
+                        info["storage"] = build_compressed(self.a.preset, path, dev, self.a.seed)
+                    info["build_s"] = round(time.perf_counter() - tb, 1)
+                info["checkpoint_gb"] = round(path.stat().st_size / 1e9, 2)
+                patcher = comfy.load_compressed_dit(path)
+                patcher = comfy.sparse_patch.apply_sparse(patcher, self.settings)  # Sparse Sampler's defaults
+                info["fused_blocks"] = comfy.fused_blocks is not None
+        gc.collect()
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+        info["load_s"] = round(time.perf_counter() - t0, 1)
+        if patcher is None or type(patcher.model.diffusion_model).__name__ != "HunyuanVideo":
+            raise RuntimeError(f"ComfyUI did not load ({config}) as HunyuanVideo")
+        return patcher, info
+
+    # -- runs --
+    def run_config(self, config, res_names):
+        plans = []
+        for res_name in res_names:
+            res = parse_resolution(res_name)
+            shape = latent_shape(res)
+            coarse, fine = step_kinds(self.settings, self.a.steps) if config == "Q" else \
+                (["dense"] * self.a.steps, ["dense"] * self.a.steps)
+            timed = self.a.steps if config == "Q" else self.baseline_steps(res_name)
+            plans.append((res_name, res, shape, coarse, fine, timed))
+        need = LOAD_PRIOR_S[config] * (self.a.preset == "hunyuan-video-13b")
+        fits = []
+        for p in plans:
+            est = self.estimate(config, p[0], p[2], p[5], p[3])
+            if need + est > self.budget.left():
+                self.skip(config, p, f"skipped: estimated {need + est:.0f} s, {self.budget.left():.0f} s of --budget-s left")
+            else:
+                fits.append(p)
+                need += est
+        if not fits:
+            return
+        log(f"== ({config}) {CONFIG_NAMES[config]}: loading")
+        try:
+            patcher, info = self.load(config)
+        except Exception as e:
+            traceback.print_exc()
+            for p in fits:
+                self.skip(config, p, f"load failed: {type(e).__name__}: {str(e)[:300]}", error=True)
+            self.comfy.free()
+            return
+        log(f"   loaded in {info['load_s']} s {info}")
+        first = True
+        for p in fits:
+            res_name, res, shape, coarse, fine, timed = p
+            est = self.estimate(config, res_name, shape, timed, coarse)
+            if est > self.budget.left():
+                self.skip(config, p, f"skipped: estimated {est:.0f} s, {self.budget.left():.0f} s left")
+                continue
+            warm = None
+            if not self.a.no_warm_run:
+                warm = self.warm(patcher, config, shape, first)
+                first = False
+            self.timed(config, patcher, info, p, warm)
+        del patcher
+        self.comfy.free()
+
+    def warm(self, patcher, config, shape, first: bool) -> dict:
+        """Untimed sampling before the timed run: once per model a tiny 8-step run (loads the model,
+        compiles the kernels of every step kind); for (Q) also --warm-full-steps steps at the timed
+        latent (torch.compile and the GEMM autotuner specialise on the real shapes)."""
+        out, t0 = {}, time.perf_counter()
+        jobs = []
+        if first:
+            f, h, w = WARM_LATENT if self.a.preset == "hunyuan-video-13b" else (9, 128, 128)
+            jobs.append((latent_shape((w, h, f)), WARM_STEPS, None, f"{WARM_STEPS} steps at {w}x{h}x{f}"))
+        if config == "Q" and self.a.warm_full_steps > 0:
+            jobs.append((shape, self.a.steps, self.a.warm_full_steps,
+                         f"{self.a.warm_full_steps} step(s) at the timed latent"))
+        for wshape, steps, last, what in jobs:
+            t1 = time.perf_counter()
+            try:
+                run_sampling(self.comfy, patcher, wshape, self.cond, steps, last, self.a.seed)
+            except Exception as e:
+                traceback.print_exc()
+                out["warm_error"] = f"{what}: {type(e).__name__}: {str(e)[:300]}"
+                break
+            log(f"   warm-up, {what}: {time.perf_counter() - t1:.1f} s")
+        out["warm_s"] = round(time.perf_counter() - t0, 1)
+        out["warm"] = [j[3] for j in jobs]
+        return out
+
+    def skip(self, config, plan, why, error=False):
+        res_name, res, shape, coarse, fine, timed = plan
+        log(f"   ({config}) {res_name}: {why}")
+        self.runs.append(dict(label=f"{config}@{res_name}" + (f"/{self.a.cap_gb:g}GiB" if self.a.cap_gb else ""),
+                              config=config, resolution=res_name, cap_gb=self.a.cap_gb, schedule_steps=self.a.steps,
+                              per_step=[], completed=False, skipped=None if error else why,
+                              error=why if error else None))
+        self.report.save()
+
+    def timed(self, config, patcher, info, plan, warm):
+        res_name, res, shape, coarse, fine, timed = plan
+        label = f"{config}@{res_name}" + (f"/{self.a.cap_gb:g}GiB" if self.a.cap_gb else "")
+        run = dict(label=label, config=config, name=CONFIG_NAMES[config], resolution=res_name,
+                   pixels=dict(width=res[0], height=res[1], frames=res[2]), latent=list(shape),
+                   tokens=video_tokens(shape) + self.a.text_tokens, text_tokens=self.a.text_tokens,
+                   text_real_tokens=self.txt_real, cap_gb=self.a.cap_gb, schedule_steps=self.a.steps,
+                   timed_steps=timed, completed=False, per_step=[], **info, **(warm or {}))
+        if config == "Q":
+            run["sparse_settings"] = asdict(self.settings)
+        self.runs.append(run)
+        cuda = self.a.device == "cuda"
+        if cuda:
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        run["comfy_view"] = self.comfy.view()
+        log(f"== {label}: {timed} of {self.a.steps} steps, latent {shape}, {run['tokens']:,} tokens; ComfyUI sees "
+            f"{run['comfy_view']}")
+        captured = _capture_log("quantsparse")
+        timer_ref = {}
+
+        def on_step(i, total):
+            t = timer_ref.get("t")
+            if t is None or i >= len(t.ends):
+                return
+            begin = t.ends[i - 1] if i else t.starts[0]
+            log(f"   step {i:2d} [{coarse[i]:7s}] {t.ends[i] - begin:7.2f} s")
+            # Saved every step (a few ms, counted in the next step): a run stopped by a time limit keeps its steps.
+            run["per_step"] = [dict(s, kind=coarse[s["i"]], fine_kind=fine[s["i"]]) for s in t.steps()]
+            self.report.save()
+
+        try:
+            timer, total_s, finite = self._sample(patcher, shape, timed, on_step, timer_ref)
+            run["completed"] = True
+            run["output_finite"] = finite
+            run["sample_call_s"] = round(total_s, 2)
+        except Exception as e:
+            traceback.print_exc()
+            timer = timer_ref.get("t")
+            run["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+        finally:
+            captured.close()
+        if timer is not None:
+            steps = timer.steps()
+            for s in steps:
+                s["kind"], s["fine_kind"] = coarse[s["i"]], fine[s["i"]]
+            run["per_step"] = steps
+            run["sampling_s"] = round(sum(s["s"] for s in steps), 2)
+            if config == "Q":
+                mism = [s["i"] for s in steps if s["observed"] is not None and s["observed"] != s["kind"]]
+                run["kinds_match_schedule"] = not mism and all(s["observed"] for s in steps)
+                run["kind_mismatches"] = mism
+            run["per_kind"] = kind_stats(steps)
+            if steps:
+                worst = max(steps, key=lambda s: s["s"] / run["per_kind"][s["kind"]]["median_s"])
+                ratio = worst["s"] / run["per_kind"][worst["kind"]]["median_s"]
+                run["stall"] = dict(worst_ratio=ratio, worst_step=worst["i"], worst_kind=worst["kind"],
+                                    steps_over=[s["i"] for s in steps
+                                                if s["s"] > STALL_RATIO * run["per_kind"][s["kind"]]["median_s"]])
+        run["sparse_log"] = captured.lines
+        if cuda:
+            run["peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9
+            run["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
+        fifty, note = fifty_step_seconds(run)
+        run["schedule_s"] = None if fifty is None else round(fifty, 2)
+        if note:
+            run["note"] = note
+        if run["completed"] and self.a.preset == "hunyuan-video-13b" and res_name in PRIORS and run["per_step"]:
+            pri = PRIORS[res_name]
+            exp = sum(pri[config] if config != "Q" else pri[s["kind"]] for s in run["per_step"])
+            self.scale = max(0.5, min(3.0, run["sampling_s"] / exp))
+        log(f"   {label}: {'completed' if run['completed'] else 'FAILED ' + str(run.get('error'))}; sampling "
+            f"{run.get('sampling_s')} s over {len(run['per_step'])} steps; schedule {run['schedule_s']} s; "
+            f"peak {run.get('peak_allocated_gb', 0):.2f} GB; kinds {run.get('per_kind')}")
+        self.report.save()
+
+    def _sample(self, patcher, shape, timed, on_step, timer_ref):
+        timer = timer_ref["t"] = StepTimer(self.a.device == "cuda", on_step)
+        last = None if timed >= self.a.steps else timed
+        total_s, finite = run_sampling(self.comfy, patcher, shape, self.cond, self.a.steps, last, self.a.seed, timer)
+        return timer, total_s, finite
+
+    def rope_diagnostic(self, res_names):
+        """ComfyUI's RoPE as it runs here (comfy_kitchen's selected backend), per step (60 blocks)."""
+        if self.a.device != "cuda" or self.a.preset != "hunyuan-video-13b":
+            return
+        from comfy.ldm.flux.math import apply_rope
+        diag = self.report.data.setdefault("diagnostics", {})
+        for res_name in res_names:
+            shape = latent_shape(parse_resolution(res_name))
+            n = video_tokens(shape) + self.a.text_tokens
+            q = torch.randn(1, 24, n, 128, device="cuda", dtype=torch.bfloat16)
+            k = torch.randn_like(q)
+            pe = torch.randn(1, 1, n, 64, 2, 2, device="cuda", dtype=torch.float32)
+            with torch.inference_mode():
+                for _ in range(2):
+                    apply_rope(q, k, pe)
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(5):
+                    apply_rope(q, k, pe)
+                torch.cuda.synchronize()
+            ms = (time.perf_counter() - t0) / 5 * 1e3
+            diag[f"rope_{res_name}"] = dict(ms_per_call=round(ms, 2), s_per_step_60_blocks=round(ms * 60 / 1e3, 2),
+                                            backends=self.comfy.view().get("kitchen_backends"))
+            log(f"   RoPE (ComfyUI -> comfy_kitchen) at {res_name}: {ms:.1f} ms per block, {ms * 60 / 1e3:.2f} s per step")
+            del q, k, pe
+            torch.cuda.empty_cache()
+
+
+class _capture_log(logging.Handler):
+    """Collect one logger's INFO lines (the sparse patch's per-run summary) while a run lasts."""
+
+    def __init__(self, name):
+        super().__init__(logging.INFO)
+        self.lines, self.logger = [], logging.getLogger(name)
+        self.old_level = self.logger.level
+        self.logger.setLevel(logging.INFO)
+        self.logger.addHandler(self)
+
+    def emit(self, record):
+        self.lines.append(record.getMessage()[:500])
+
+    def close(self):
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self.old_level)
+        super().close()
+
+
+def merge(paths, out):
+    """Targets over the runs of several result files (e.g. the capped tiers run as separate processes)."""
+    runs, sources, first = [], [], None
+    for p in paths:
+        d = json.loads(Path(p).read_text())
+        first = first or d
+        sources.append(dict(file=str(p), command=d.get("command"), date=d.get("date")))
+        for r in d.get("runs", []):
+            runs.append(dict(r, source=Path(p).name))
+    data = dict(first, run="product (merged)", command="comfy_product.py --merge " + " ".join(map(str, paths)),
+                sources=sources, runs=runs)
+    rep = Report(Path(out), data)
+    rep.save()
+    print_table(rep.data)
+    log(f"\nwrote {out}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--configs", default="A,A8,Q", help="comma list of A, A8, Q")
+    ap.add_argument("--resolutions", default="544p,720p", help="comma list of 544p, 720p or WIDTHxHEIGHTxFRAMES")
+    ap.add_argument("--steps", type=int, default=50, help="sampling steps (the schedule); default 50")
+    ap.add_argument("--baseline-steps", default="",
+                    help="time (A)/(A8) over only the first N steps of the schedule: N, or RES=N,... "
+                         "(dense steps are uniform); e.g. 720p=3")
+    ap.add_argument("--cap-gb", type=float, default=None,
+                    help="cap this process like a card of this many GiB (allocator fraction + what ComfyUI sees)")
+    ap.add_argument("--budget-s", type=float, default=560.0, help="skip runs estimated not to fit, and say so")
+    ap.add_argument("--out", default=None, help="result JSON (default benchmarks/results/<date>_product_<slug>.json)")
+    ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH", str(ROOT / ".devcarry" / "ComfyUI")),
+                    help="ComfyUI checkout (default $COMFYUI_PATH, else .devcarry/ComfyUI)")
+    ap.add_argument("--preset", default="hunyuan-video-13b", help="quantsparse_core model preset (tests: test)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"))
+    ap.add_argument("--text-tokens", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ckpt", default=None, help="compressed checkpoint path for (Q) (built there if missing)")
+    ap.add_argument("--no-warm-run", action="store_true", help="skip the untimed warm-up sampling before timing")
+    ap.add_argument("--warm-full-steps", type=int, default=1,
+                    help="(Q): untimed steps at the timed latent before the timed run (compile/autotune at real shapes)")
+    ap.add_argument("--merge", nargs="+", default=None, help="result JSONs to merge into --out (no GPU needed)")
+    args = ap.parse_args(argv)
+    if args.merge:
+        if not args.out:
+            sys.exit("--merge needs --out")
+        merge(args.merge, args.out)
+        return 0
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    bad = [c for c in configs if c not in CONFIGS]
+    if bad:
+        sys.exit(f"unknown config(s) {bad}; choose from {CONFIGS}")
+    res_names = [r.strip() for r in args.resolutions.split(",") if r.strip()]
+    for r in res_names:
+        parse_resolution(r)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("no CUDA device: run on the GPU machine, or --device cpu --preset test for a dry run")
+    now = datetime.datetime.now(datetime.timezone.utc)
+    slug = "-".join(configs) + "_" + "-".join(res_names) + (f"_cap{args.cap_gb:g}" if args.cap_gb else "")
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"{now:%Y-%m-%d}_product_{slug}.json")
+    comfy = Comfy(args.comfyui, args.device, args.cap_gb)
+    env = environment(comfy.version)
+    cmd = "python benchmarks/comfy_product.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    data = dict(run=f"product: {slug}", date=f"{now:%Y-%m-%d}", time_utc=f"{now:%H:%M}", **env, command=cmd,
+                comfyui=dict(version=comfy.version, path=str(comfy.path), in_process=True,
+                             dynamic_vram="off (main.py not run: legacy ModelPatcher)", **comfy.view()),
+                settings=dict(preset=args.preset, steps=args.steps, sampler="euler", scheduler="simple", cfg=1.0,
+                              guidance=6.0, text_tokens=args.text_tokens, cap_gb=args.cap_gb,
+                              cap_allocator_bytes=comfy.cap_bytes, seed=args.seed, warm_run=not args.no_warm_run),
+                runs=[], notes=[
+                    "Headline: wall-clock of the sampling steps (first model call to the last step's end, "
+                    "device-synchronized), ComfyUI's comfy.sample.sample, model already loaded by a warm-up run.",
+                    "ComfyUI's RoPE runs comfy_kitchen's eager backend here (its CUDA extension is not carried); "
+                    "it costs (A), (A8) and (Q) the same seconds per step (diagnostics.rope_*).",
+                ])
+    report = Report(out, data)
+    report.save()
+    log(f"ComfyUI {comfy.version} in-process from {comfy.path}; {env['device']}; {env['versions']}")
+    log(f"ComfyUI sees: {comfy.view()}")
+    bench = Bench(args, comfy, report)
+    order = [c for c in ("A", "A8", "Q") if c in configs]
+    for config in order:
+        try:
+            bench.run_config(config, res_names)
+        except Exception as e:
+            traceback.print_exc()
+            data["notes"].append(f"({config}) raised {type(e).__name__}: {str(e)[:300]}")
+            comfy.free()
+        report.save()
+    try:
+        bench.rope_diagnostic(res_names)
+    except Exception as e:
+        data["notes"].append(f"RoPE diagnostic raised {type(e).__name__}: {e}")
+    report.save()
+    print_table(report.data)
+    log(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Build .devcarry/: what the GPU machine needs to import ComfyUI in-process for
+# benchmarks/comfy_product.py, as plain folders (no install step there).
+#
+#   COMFYUI_PATH=/path/to/ComfyUI COMFY_PYTHON=/path/to/comfy-venv/bin/python scripts/prepare_device_carry.sh
+#
+# .devcarry/ComfyUI/  ComfyUI's source trimmed to what `import comfy.sd, comfy.sample,
+#                     comfy.model_management` needs: comfy/ without the tokenizer vocabularies
+#                     (text encoders are never built), node_helpers.py, folder_paths.py,
+#                     comfyui_version.py, LICENSE; no .git.
+# .devcarry/site/     the pure-Python requirements the GPU image lacks, copied from ComfyUI's venv:
+#                     comfy_kitchen WITHOUT backends/cuda/_C*.so (137 MB; ComfyUI's RoPE then runs
+#                     kitchen's eager backend there, see docs/BENCHMARKS.md), comfy_aimdo (its two
+#                     ctypes libraries are Python-version independent; ComfyUI only turns dynamic VRAM
+#                     on from main.py, which the benchmark does not run), torchsde, trampoline.
+# Use there:  PYTHONPATH=.devcarry/site COMFYUI_PATH=.devcarry/ComfyUI python3 benchmarks/comfy_product.py ...
+# and name .devcarry in the run's carry list. Everything that travels must stay under 64 MiB.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+COMFY="${COMFYUI_PATH:?set COMFYUI_PATH to the ComfyUI checkout the tests use}"
+PY="${COMFY_PYTHON:-python3}"
+OUT="$ROOT/.devcarry"
+
+if [ ! -f "$COMFY/comfy/ldm/hunyuan_video/model.py" ]; then
+    echo "COMFYUI_PATH=$COMFY is not a ComfyUI checkout (no comfy/ldm/hunyuan_video/model.py)" >&2
+    exit 1
+fi
+SITE="$("$PY" - <<'EOF'
+import pathlib, comfy_kitchen
+print(pathlib.Path(comfy_kitchen.__file__).resolve().parents[1])
+EOF
+)" || { echo "$PY cannot import comfy_kitchen: set COMFY_PYTHON to ComfyUI's venv python" >&2; exit 1; }
+
+rm -rf "$OUT"
+mkdir -p "$OUT/ComfyUI" "$OUT/site"
+
+# -- ComfyUI source -------------------------------------------------------------------------------
+# comfy/: every file except tokenizer vocabularies (comfy/sd1_tokenizer, comfy/text_encoders/*_tokenizer: 13 MB, read only when a text
+# encoder is built) and caches.
+(cd "$COMFY" && tar -cf - --exclude='__pycache__' --exclude='*.pyc' --exclude='comfy/text_encoders/*_tokenizer' --exclude='comfy/sd1_tokenizer' comfy) \
+    | tar -xf - -C "$OUT/ComfyUI"
+for f in node_helpers.py folder_paths.py comfyui_version.py LICENSE; do
+    [ -f "$COMFY/$f" ] && cp "$COMFY/$f" "$OUT/ComfyUI/"
+done
+COMMIT="$(git -C "$COMFY" rev-parse HEAD 2>/dev/null || echo unknown)"
+VERSION="$(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$COMFY/comfyui_version.py")"
+
+# -- pure-Python requirements ---------------------------------------------------------------------
+for pkg in comfy_kitchen comfy_aimdo torchsde trampoline; do
+    [ -d "$SITE/$pkg" ] || { echo "missing $SITE/$pkg in ComfyUI's venv" >&2; exit 1; }
+    (cd "$SITE" && tar -cf - --exclude='__pycache__' --exclude='*.pyc' \
+        --exclude='backends/cuda/_C*' --exclude='*.cuh' --exclude='*.h' "$pkg" $(ls -d ${pkg}-*.dist-info 2>/dev/null)) \
+        | tar -xf - -C "$OUT/site"
+done
+if find "$OUT/site/comfy_kitchen" -name '_C*' | grep -q .; then
+    echo "comfy_kitchen's CUDA extension was not removed" >&2; exit 1
+fi
+
+{
+    echo "ComfyUI $VERSION ($COMMIT) from $COMFY, trimmed; pure-Python packages from $SITE:"
+    for pkg in comfy_kitchen comfy_aimdo torchsde trampoline; do
+        ls -d "$OUT/site/${pkg}"-*.dist-info 2>/dev/null | xargs -n1 basename || echo "$pkg"
+    done
+    echo "built $(date -u +%Y-%m-%dT%H:%MZ) by scripts/prepare_device_carry.sh"
+} > "$OUT/MANIFEST.txt"
+
+# -- check: the carried tree imports without the venv's site-packages for these packages ---------------
+"$PY" - "$OUT" <<'EOF'
+import sys, importlib.abc
+out = sys.argv[1]
+sys.path[:0] = [f"{out}/site", f"{out}/ComfyUI"]
+class Block(importlib.abc.MetaPathFinder):  # what the GPU image lacks must come from .devcarry or nowhere
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("av", "comfy_api", "alembic", "sqlalchemy", "blake3", "spandrel", "kornia"):
+            raise ImportError(f"{name} is not on the GPU machine")
+sys.meta_path.insert(0, Block())
+from comfy.cli_args import args
+args.cpu = True
+import comfy.model_management, comfy.sd, comfy.sample, comfy.samplers, comfy.utils  # noqa: E401
+import comfy_kitchen, torchsde, trampoline, comfy_aimdo  # noqa: E401
+for m in (comfy.sd, comfy_kitchen, torchsde, trampoline, comfy_aimdo):
+    where = getattr(m, "__file__", None) or list(m.__path__)[0]  # comfy_aimdo is a namespace package
+    assert where.startswith(out), (m.__name__, where)
+print("import check: comfy.sd / comfy.sample / comfy.model_management load from .devcarry;",
+      "comfy_kitchen backends:", {k: v["available"] for k, v in comfy_kitchen.list_backends().items()})
+EOF
+
+echo "ComfyUI source: $(du -sh "$OUT/ComfyUI" | cut -f1); packages: $(du -sh "$OUT/site" | cut -f1)"
+echo ".devcarry total: $(du -sh "$OUT" | cut -f1) ($(du -sb "$OUT" | cut -f1) bytes)"
+TRAVEL=$(cd "$ROOT" && git ls-files -co --exclude-standard -z | xargs -0 -r du -cb 2>/dev/null | tail -1 | cut -f1)
+TOTAL=$((TRAVEL + $(du -sb "$OUT" | cut -f1)))
+echo "with the repository's travelling files ($TRAVEL bytes): $TOTAL bytes of the 67108864 (64 MiB) limit"
+[ "$TOTAL" -lt 67108864 ] || { echo "too large to travel" >&2; exit 1; }

@@ -1,0 +1,98 @@
+"""benchmarks/comfy_product.py (the product-path GPU benchmark) run on the CPU at a tiny size through the
+same code path: ComfyUI's loader and comfy.sample.sample, the pack's Load Compressed DiT + sparse patch.
+Checks the result file's schema and that (Q)'s steps did what the SparseSettings schedule says."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from comfy_env import require_comfyui
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 7  # default schedule at 7 steps: dense, refresh, reuse x 4, refresh
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("comfy_product_under_test", ROOT / "benchmarks" / "comfy_product.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _check_targets(data):
+    names = [t["name"] for t in data["targets"]]
+    assert len(names) == 7 and len(set(names)) == 7
+    for t in data["targets"]:
+        assert set(t) >= {"name", "measured", "target", "met"}
+        if t["measured"] is None:
+            assert t["met"] is False and t["note"].startswith("not measured")
+
+
+def test_cpu_run_schema_and_schedule(tmp_path):
+    root = require_comfyui()
+    out = tmp_path / "product.json"
+    env = dict(os.environ, COMFYUI_PATH=str(root), CUDA_VISIBLE_DEVICES="")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "comfy_product.py"), "--device", "cpu", "--preset", "test",
+           "--configs", "A,Q", "--resolutions", "256x256x5", "--steps", str(STEPS), "--text-tokens", "16",
+           "--no-warm-run", "--ckpt", str(tmp_path / "q.safetensors"), "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert {"run", "date", "device", "versions", "command", "runs", "tables", "targets", "notes"} <= set(data)
+    assert data["versions"]["comfyui"] and data["comfyui"]["in_process"]
+    _check_targets(data)
+    runs = {r["config"]: r for r in data["runs"]}
+    assert set(runs) == {"A", "Q"}
+    for r in runs.values():
+        assert r["completed"] and r["output_finite"], r
+        assert len(r["per_step"]) == STEPS and all(s["s"] > 0 for s in r["per_step"])
+        assert r["schedule_s"] == pytest.approx(sum(s["s"] for s in r["per_step"]), abs=0.05)
+
+    from quantsparse_core.sparse.ssar import SparseSettings
+    coarse, _ = _module().step_kinds(SparseSettings(), STEPS)
+    assert coarse == ["dense", "refresh", "reuse", "reuse", "reuse", "reuse", "refresh"]
+    q = runs["Q"]
+    assert [s["kind"] for s in q["per_step"]] == coarse
+    assert [s["observed"] for s in q["per_step"]] == coarse  # what SSAR did in each model call
+    assert q["kinds_match_schedule"] and set(q["per_kind"]) == {"dense", "refresh", "reuse"}
+    assert any("sparse attention calls" in line for line in q["sparse_log"])
+    assert all(s["observed"] is None for s in runs["A"]["per_step"])
+
+    merged = tmp_path / "merged.json"
+    _module().merge([out, out], merged)  # no ComfyUI import: merging is pure bookkeeping
+    m = json.loads(merged.read_text())
+    assert len(m["runs"]) == 4
+    _check_targets(m)
+
+
+def _run(config, res, n, schedule=50, step_s=1.0, cap=None, kinds=None):
+    per = [dict(i=i, s=step_s, kind=(kinds[i] if kinds else "dense")) for i in range(n)]
+    return dict(label=f"{config}@{res}", config=config, resolution=res, cap_gb=cap, schedule_steps=schedule,
+                completed=True, per_step=per, peak_allocated_gb=20.0,
+                stall=dict(worst_ratio=1.0, worst_step=0, worst_kind="dense"))
+
+
+def test_targets_from_runs():
+    mod = _module()
+    from quantsparse_core.sparse.ssar import SparseSettings
+    kinds, _ = mod.step_kinds(SparseSettings(), 50)
+    assert kinds.count("dense") == 5 and kinds.count("refresh") == 9 and kinds.count("reuse") == 36
+    runs = [_run("A", "720p", 3, step_s=30.0), _run("Q", "720p", 50, step_s=9.0, kinds=kinds),
+            _run("A", "544p", 50, step_s=10.0), _run("A8", "544p", 50, step_s=11.0),
+            _run("Q", "544p", 50, step_s=4.0, kinds=kinds), _run("Q", "544p", 50, step_s=5.0, cap=24.0, kinds=kinds)]
+    t = {x["name"]: x for x in mod.targets(runs)}
+    r720 = t["(Q) vs (A), 720p/129f, 50-step sampling wall-clock"]
+    assert r720["measured"] == pytest.approx(1500 / 450, abs=1e-3) and r720["met"]
+    assert "timed over 3 of 50 steps" in r720["note"]
+    assert t["(Q) vs (A), 544p/129f, 50-step sampling wall-clock"]["measured"] == pytest.approx(2.5)
+    assert not t["(Q) vs (A), 544p/129f, 50-step sampling wall-clock"]["met"]
+    assert t["(Q) vs (A8), 544p/129f, 50-step sampling wall-clock"]["met"]
+    assert t["(Q) completes 50 steps at 544p/129f within 24 GB"]["met"]
+    assert t["(Q) completes 50 steps at 544p/129f within 16 GB"]["measured"] is None
+    assert not t["(Q) completes 50 steps at 720p/129f within 24 GB"]["met"]
+    stall = t["no step slower than 1.2x its kind's median (measured 50-step runs)"]
+    assert stall["met"] and stall["measured"] == 1.0

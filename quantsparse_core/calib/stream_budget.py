@@ -82,7 +82,7 @@ def describe(est: dict) -> str:
             f"{est['rate'] / 1e12:.0f} TFLOP/s")
 
 
-def check_fits(est: dict, gpu_budget: int | None, host_budget: int | None) -> None:
+def check_fits(est: dict, gpu_budget: int | None, disk_free: int | None = None) -> None:
     """MemoryError naming what does not fit and what to change; nothing happens when it fits."""
     g = 2 ** 30
     if gpu_budget is not None and est["gpu_bytes"] > gpu_budget:
@@ -90,7 +90,8 @@ def check_fits(est: dict, gpu_budget: int | None, host_budget: int | None) -> No
                           f"of GPU memory but {gpu_budget / g:.1f} GB are free: use a smaller calibration latent "
                           "(fewer frames or a lower resolution; docs/CALIBRATION.md), close other programs, "
                           "or use a larger GPU")
-    if host_budget is not None and est["host_capture_bytes"] > host_budget:
-        raise MemoryError(f"the captured inputs need about {est['host_capture_bytes'] / g:.1f} GB but only "
-                          f"{host_budget / g:.1f} GB of host memory are available: use fewer samples or a smaller "
-                          "calibration latent")
+    # the capture always goes to disk; one block's data go there too when host memory is short
+    if disk_free is not None and est["host_bytes"] > disk_free:
+        raise MemoryError(f"the captured inputs and one block's data need up to {est['host_bytes'] / g:.1f} GB of disk "
+                          f"beside the output but {disk_free / g:.1f} GB are free: free disk space, use fewer samples "
+                          "or a smaller calibration latent")

@@ -56,8 +56,12 @@ def compress_streaming(source, cond: Conditioning, latent_shape, out_path, setti
 
     source: a BlockSource (block_source.py). capture_progress(trajectory, n_trajectories, step) and
     progress(block, n_blocks, epoch, loss) may raise to stop; the next call with the same arguments
-    resumes. Refuses, before any work, a job whose estimate exceeds gpu_budget / host_budget bytes.
+    resumes. Refuses, before any work, a job whose estimate exceeds gpu_budget bytes or the free disk;
+    host_budget (bytes) decides when one block's data go to disk instead of RAM.
     """
+    from .streaming import PROPAGATIONS
+    if propagation not in PROPAGATIONS:
+        raise ValueError(f"propagation {propagation!r} unknown; choose one of {PROPAGATIONS}")
     out_path = Path(out_path)
     if out_path.suffix != ".safetensors":
         raise ValueError(f"output name must end in .safetensors, got {out_path.name!r}")
@@ -66,7 +70,8 @@ def compress_streaming(source, cond: Conditioning, latent_shape, out_path, setti
         raise ValueError("samples and steps must be at least 1")
     est = estimate(source.config, latent_shape, cond.context.shape[1], n_samples, steps, settings,
                    store_dtype or source.dtype, propagation)
-    check_fits(est, gpu_budget, host_budget)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    check_fits(est, gpu_budget, shutil.disk_usage(out_path.parent).free)
     source_hash = source_hash or source.fingerprint()
     data = job_data(cond, latent_shape, n_samples, steps, seed)
     extra = dict(data)

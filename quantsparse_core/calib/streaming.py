@@ -78,13 +78,14 @@ class _Stores:
 
 def calibrate_streaming(source, capture, settings, *, device="cpu", workdir=None, propagation="fp", amp=False,
                         store_dtype=None, msad_targets="store", host_budget=None, progress=None, max_blocks=None,
-                        on_block=None, stats=None):
+                        on_block=None, stats=None, first_block: int = 0):
     """Calibrate every block of `source` from `capture` (block-0 inputs). Returns (policy, report, parts):
     parts is {block name: packed tensors} when workdir is None, else the folder holding them.
 
     store_dtype: how inputs / targets / MSAD maps are held (default: the source's dtype).
     host_budget: bytes of host memory one block's data may use before they go to disk in workdir.
     max_blocks: stop after this many blocks (measurements); on_block(name, seconds, phase) reports times.
+    first_block: blocks before this index only propagate their FP outputs (measurements; "fp" only).
     stats: an optional dict that receives {"spilled_bytes": bytes written to disk for lack of host memory}.
     """
     if propagation not in PROPAGATIONS:
@@ -102,7 +103,10 @@ def calibrate_streaming(source, capture, settings, *, device="cpu", workdir=None
             raise ValueError(f"{ckpt} holds a calibration with other settings; use another folder or delete it")
         _atomic_write_text(meta_path, json.dumps(asdict(settings)))
     stores = _Stores(ckpt, host_budget)
-    names = source.names()[:max_blocks] if max_blocks else source.names()
+    if first_block and propagation != "fp":
+        raise ValueError("first_block needs propagation='fp' (earlier blocks are not calibrated)")
+    names = source.names()
+    names = names[:first_block + max_blocks] if max_blocks else names
     counts = {"double": source.config.depth_double, "single": source.config.depth_single}
     hidden = source.config.hidden_size
     report, parts = {}, {}
@@ -119,8 +123,8 @@ def calibrate_streaming(source, capture, settings, *, device="cpu", workdir=None
         tokens = sum(m["txt_len"] + m["grid"][0] * m["grid"][1] * m["grid"][2] for m in capture.meta)
         one_set = tokens * hidden * torch.empty((), dtype=store_dtype).element_size()
         nxt = None
-        if marker is not None and marker.exists():
-            entry = json.loads((ckpt / f"{name}.json").read_text())
+        if bi < first_block or (marker is not None and marker.exists()):
+            entry = {} if bi < first_block else json.loads((ckpt / f"{name}.json").read_text())
             if not last:  # replay this block's forward to rebuild the next block's inputs
                 block = fp
                 if propagation == "quant":
@@ -166,7 +170,8 @@ def calibrate_streaming(source, capture, settings, *, device="cpu", workdir=None
                 parts[name] = packed
             del q
             phase = "calibrated"
-        report[name] = entry
+        if bi >= first_block:
+            report[name] = entry
         del fp, data
         if cur is not capture.store:
             cur.close(delete=True)

@@ -1,7 +1,10 @@
 """QuantSparse Calibrate (MODEL -> compressed MODEL + checkpoint) and Load Compressed DiT."""
 from __future__ import annotations
 
+import logging
+import os
 import re
+import time
 from pathlib import Path
 
 import torch
@@ -9,7 +12,10 @@ from comfy_api.latest import io
 
 from quantsparse_core.calib.calibrate import METHODS, CalibSettings
 from quantsparse_core.calib.capture import n_trajectories
-from quantsparse_core.calib.pipeline import SAMPLES_PER_TRAJECTORY, Conditioning, compress
+from quantsparse_core.calib.block_source import StateDictSource
+from quantsparse_core.calib.pipeline import SAMPLES_PER_TRAJECTORY, Conditioning
+from quantsparse_core.calib.stream_budget import describe, estimate
+from quantsparse_core.calib.stream_pipeline import compress_streaming
 
 from .comfy_ops import SUBFOLDER, load_compressed_patcher
 from .fused_blocks import apply_fused_blocks
@@ -59,28 +65,70 @@ def conditioning_tensors(positive) -> Conditioning:
                         None if mask is None else mask[:1].cpu().clone(), 6.0 if guidance is None else float(guidance))
 
 
-def diffusion_state_dict(model) -> dict:
-    """The MODEL's weights in ComfyUI's key format on the CPU, with any LoRA/weight patches applied."""
-    import comfy.model_management
-    if any(getattr(m, "quant", None) is not None for m in model.model.diffusion_model.modules()):
-        raise ValueError("this MODEL is already QuantSparse-compressed; calibrate the full-precision model")
-    if model.patches:  # LoRAs etc.: let ComfyUI apply them, then read the patched weights
-        comfy.model_management.load_models_gpu([model], force_full_load=True)
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.model.diffusion_model.state_dict().items()}
+class ComfyBlockSource(StateDictSource):
+    """The MODEL's weights where ComfyUI keeps them (on the CPU when offloaded), read one block at a time;
+    LoRA / weight patches are applied to each block's copy as it is taken (comfy.lora.calculate_weight)."""
+
+    def __init__(self, model):
+        dm = model.model.diffusion_model
+        if any(getattr(m, "quant", None) is not None for m in dm.modules()):
+            raise ValueError("this MODEL is already QuantSparse-compressed; calibrate the full-precision model")
+        super().__init__(dm.state_dict())
+        self.patches = dict(model.patches)
+
+    def _patched(self, prefix: str, tensors: dict) -> dict:
+        if not self.patches:
+            return tensors
+        import comfy.lora
+        out = {}
+        for k, v in tensors.items():
+            key = f"diffusion_model.{prefix}{k}"
+            out[k] = v if key not in self.patches else \
+                comfy.lora.calculate_weight(self.patches[key], v.float().clone(), key).to(v.dtype)
+        return out
+
+    def tensors(self, kind, idx) -> dict:
+        return self._patched(f"{kind}_blocks.{idx}.", super().tensors(kind, idx))
+
+    def other_tensors(self) -> dict:
+        return self._patched("", super().other_tensors())
+
+
+def available_host_memory():
+    """Bytes of host memory available now (Linux), or None where it cannot be read."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 class ProgressReporter:
     """ComfyUI progress bar over capture steps then calibration epochs; honours Cancel."""
 
-    def __init__(self, capture_total: int, calib_total: int):
+    def __init__(self, capture_total: int, calib_total: int, capture_share: float = 0.1):
         import comfy.utils
         self.capture_total, self.total = capture_total, capture_total + calib_total
         self.bar = comfy.utils.ProgressBar(self.total)
+        self.start, self.first, self.last_log = time.monotonic(), None, 0.0
+
+    def eta(self, value: int) -> float | None:
+        """Seconds left, from the rate since the first tick of this run (a resumed run skips work)."""
+        now = time.monotonic()
+        if self.first is None:
+            self.first = (now, value)
+            return None
+        t0, v0 = self.first
+        return None if value <= v0 else (now - t0) * (self.total - value) / (value - v0)
 
     def _tick(self, value: int) -> None:
         import comfy.model_management
         comfy.model_management.throw_exception_if_processing_interrupted()
-        self.bar.update_absolute(min(value, self.total), self.total)
+        value = min(value, self.total)
+        self.bar.update_absolute(value, self.total)
+        left = self.eta(value)
+        if left is not None and time.monotonic() - self.last_log > 30:
+            self.last_log = time.monotonic()
+            logging.info("QuantSparse Calibrate: %.0f%% done, about %.0f min left", 100 * value / self.total, left / 60)
 
     def capture(self, trajectory: int, n_traj: int, step: int, steps: int) -> None:
         self._tick(int(self.capture_total * (trajectory + (step + 1) / steps) / n_traj))
@@ -104,7 +152,9 @@ class Calibrate(io.ComfyNode):
                 io.Conditioning.Input("positive", tooltip="A typical prompt: calibration data are sampling "
                                                           "trajectories of this prompt"),
                 io.Latent.Input("latent", tooltip="An empty latent of the size you will generate at "
-                                                  "(EmptyHunyuanLatentVideo): calibration runs at this size"),
+                                                  "(EmptyHunyuanLatentVideo): calibration runs at this size. "
+                                                  "A smaller one (fewer frames, lower resolution) is allowed "
+                                                  "and faster; see docs/CALIBRATION.md"),
                 io.Combo.Input("weight_bits", options=["4", "6", "8"], default=str(d.w_bits),
                                tooltip="Bits per weight (4 = 3.7x smaller than bf16)"),
                 io.Combo.Input("activation_bits", options=["8", "6", "16"], default=str(d.a_bits),
@@ -151,18 +201,27 @@ class Calibrate(io.ComfyNode):
         # tensors created in inference mode cannot take part, so everything is copied in here.
         with torch.inference_mode(False), torch.enable_grad():
             cond = conditioning_tensors(positive)
-            sd = diffusion_state_dict(model)
-            n_blocks = sum(1 for k in sd if k.endswith(".img_attn.qkv.weight") or k.endswith(".linear1.weight"))
-            n_traj = n_trajectories(samples, SAMPLES_PER_TRAJECTORY)
-            bar = ProgressReporter(n_traj * steps, n_blocks * epochs)
-            device = comfy.model_management.get_torch_device()
-            comfy.model_management.unload_all_models()  # calibration needs the VRAM ComfyUI's models hold
+            # ComfyUI keeps the weights (offloaded to the CPU once its models are unloaded); calibration
+            # copies one block at a time to the GPU and never holds a float32 copy of the model.
+            comfy.model_management.unload_all_models()
             comfy.model_management.soft_empty_cache()
-            compress(sd, cond, tuple(lat.shape[1:]), out, settings, n_samples=samples, steps=steps,
-                     seed=seed % (2**31), device=device,
-                     capture_progress=lambda j, n, s: bar.capture(j, n, s, steps),
-                     progress=lambda b, n, e, loss: bar.calibration(b, n, e, epochs))
-            del sd
+            source = ComfyBlockSource(model)
+            n_blocks = len(source.names())
+            n_traj = n_trajectories(samples, SAMPLES_PER_TRAJECTORY)
+            device = comfy.model_management.get_torch_device()
+            latent_shape = tuple(lat.shape[1:])
+            est = estimate(source.config, latent_shape, cond.context.shape[1], samples, steps, settings)
+            logging.info("QuantSparse Calibrate: %s", describe(est))
+            gpu_free = comfy.model_management.get_free_memory(device) if device.type == "cuda" else None
+            host = available_host_memory()
+            bar = ProgressReporter(n_traj * steps * 3, n_blocks * epochs)  # a capture call ~ 1/3 block epoch
+            compress_streaming(source, cond, latent_shape, out, settings, n_samples=samples, steps=steps,
+                               seed=seed % (2**31), device=device, amp=device.type == "cuda",
+                               store_dtype=torch.bfloat16 if device.type == "cuda" else None,
+                               gpu_budget=gpu_free, host_budget=None if host is None else host // 2,
+                               capture_progress=lambda j, n, s: bar.capture(j, n, s, steps),
+                               progress=lambda b, n, e, loss: bar.calibration(b, n, e, epochs))
+            del source
         comfy.model_management.soft_empty_cache()
         return io.NodeOutput(load_compressed_patcher(out))
 

@@ -1,0 +1,201 @@
+"""Streaming block-wise calibration: one block (its FP copy, its quantized copy and their optimiser
+state) on the device at a time, one block's inputs (all samples) off the device at a time.
+
+Block i's inputs come from block i-1 as it is finished, starting from the captured block-0 inputs
+(stream_capture.py). Which outputs feed block i+1 is `propagation`: "fp" (the FP block's outputs:
+the full-precision model's own activations, as calibrate.calibrate uses; docs/CALIBRATION.md has
+the measurement behind the default) or "quant" (the calibrated block's outputs). Each finished
+block leaves its packed tensors in `workdir`; a new run with the same inputs replays the finished
+blocks' forwards to rebuild the current inputs and continues, and the final file is assembled from
+the parts without ever holding the model.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from ..io.checkpoint import FORMAT_NAME, FORMAT_VERSION, HEADER_KEY, MODEL_FAMILY
+from ..models.weights import atomic_save_safetensors
+from ..quant.linear import QuantLinear
+from ..quant.policy import default_policy, policy_to_json, quantize_model
+from .calibrate import _atomic_write_text, _calib_state, _smoothquant_init, _sub_policy
+from .stream_train import BlockData, _call, autocast, fp_pass, output_pass, train_block
+from .tensor_store import TensorStore
+
+PROPAGATIONS = ("fp", "quant")
+
+
+def layer_info(rule, settings) -> dict:
+    """What quantize_model makes of a policy rule under these settings (the header's 'layers' entry)."""
+    weight_only = rule.a_bits == 16
+    smooth = settings.method not in ("quarot", "rtn") and not weight_only
+    rotation = None if weight_only else ("hadamard" if settings.method == "quarot"
+                                         else (settings.rotation if settings.trained else None))
+    return {"w_bits": rule.w_bits, "a_bits": rule.a_bits, "smooth": smooth, "rotation": rotation}
+
+
+def quantized_copy(fp_block, policy, name, settings):
+    q = copy.deepcopy(fp_block)
+    quantize_model(q, _sub_policy(policy, name + "."), smooth=settings.method not in ("quarot", "rtn"),
+                   rotation="hadamard" if settings.method == "quarot"
+                   else (settings.rotation if settings.trained else None))
+    return q
+
+
+def packed_block(q_block, name) -> dict:
+    """The block's tensors as the compressed file stores them (full key names), frozen on the CPU."""
+    q = copy.deepcopy(q_block).to("cpu")
+    out, quant = {}, set()
+    for sub, m in q.named_modules():
+        if isinstance(m, QuantLinear):
+            m.freeze()
+            quant.add(sub + ".")
+            out.update({f"{name}.{sub}.{leaf}": t for leaf, t in m.packed_tensors().items()})
+    for k, v in q.state_dict().items():
+        if not k.startswith(tuple(quant)):
+            out[f"{name}.{k}"] = v.detach().to(torch.bfloat16).cpu()
+    return out
+
+
+class _Stores:
+    """New per-block stores: in RAM, or on disk in `workdir` when the block's data exceed the host budget."""
+
+    def __init__(self, workdir, host_budget):
+        self.workdir, self.host_budget, self.spilled_bytes = workdir, host_budget, 0
+
+    def new(self, tag: str, expected_bytes: int, pin: bool = True) -> TensorStore:
+        if self.workdir is not None and self.host_budget is not None and expected_bytes > self.host_budget:
+            self.spilled_bytes += expected_bytes
+            return TensorStore(Path(self.workdir) / f"{tag}.bin")
+        return TensorStore(pin=pin)
+
+
+def calibrate_streaming(source, capture, settings, *, device="cpu", workdir=None, propagation="fp", amp=False,
+                        store_dtype=None, msad_targets="store", host_budget=None, progress=None, max_blocks=None,
+                        on_block=None, stats=None, first_block: int = 0):
+    """Calibrate every block of `source` from `capture` (block-0 inputs). Returns (policy, report, parts):
+    parts is {block name: packed tensors} when workdir is None, else the folder holding them.
+
+    store_dtype: how inputs / targets / MSAD maps are held (default: the source's dtype).
+    host_budget: bytes of host memory one block's data may use before they go to disk in workdir.
+    max_blocks: stop after this many blocks (measurements); on_block(name, seconds, phase) reports times.
+    first_block: blocks before this index only propagate their FP outputs (measurements; "fp" only).
+    stats: an optional dict that receives {"spilled_bytes": bytes written to disk for lack of host memory}.
+    """
+    if propagation not in PROPAGATIONS:
+        raise ValueError(f"propagation {propagation!r} unknown; choose one of {PROPAGATIONS}")
+    if msad_targets not in ("store", "recompute"):
+        raise ValueError(f"msad_targets {msad_targets!r} unknown; choose 'store' or 'recompute'")
+    device = torch.device(device)
+    store_dtype = store_dtype or source.dtype
+    policy = default_policy(source.skeleton, settings.w_bits, settings.a_bits)
+    ckpt = Path(workdir) if workdir is not None else None
+    if ckpt is not None:
+        ckpt.mkdir(parents=True, exist_ok=True)
+        meta_path = ckpt / "settings.json"
+        if meta_path.exists() and json.loads(meta_path.read_text()) != asdict(settings):
+            raise ValueError(f"{ckpt} holds a calibration with other settings; use another folder or delete it")
+        _atomic_write_text(meta_path, json.dumps(asdict(settings)))
+    stores = _Stores(ckpt, host_budget)
+    if first_block and propagation != "fp":
+        raise ValueError("first_block needs propagation='fp' (earlier blocks are not calibrated)")
+    names = source.names()
+    names = names[:first_block + max_blocks] if max_blocks else names
+    counts = {"double": source.config.depth_double, "single": source.config.depth_single}
+    hidden = source.config.hidden_size
+    report, parts = {}, {}
+    cur, prev_kind = capture.store, None
+    use_msad = settings.trained and (settings.uses_global or settings.uses_local) and msad_targets == "store"
+    for bi, (kind, idx) in enumerate(names):
+        name = f"{kind}_blocks.{idx}"
+        t0 = time.perf_counter()
+        last = bi == len(names) - 1
+        marker = ckpt / f"{name}.safetensors" if ckpt is not None else None
+        fp = source.block(kind, idx, device)
+        data = BlockData(capture, cur, kind, idx, counts[kind], device, next(fp.parameters()).dtype,
+                         joint=kind == "single" and prev_kind == "double")
+        tokens = sum(m["txt_len"] + m["grid"][0] * m["grid"][1] * m["grid"][2] for m in capture.meta)
+        one_set = tokens * hidden * torch.empty((), dtype=store_dtype).element_size()
+        nxt = None
+        if bi < first_block or (marker is not None and marker.exists()):
+            entry = {} if bi < first_block else json.loads((ckpt / f"{name}.json").read_text())
+            if not last:  # replay this block's forward to rebuild the next block's inputs
+                block = fp
+                if propagation == "quant":
+                    block = quantized_copy(fp, policy, name, settings)
+                    block.load_state_dict({k: v.to(device) for k, v in load_file(str(marker)).items()}, strict=False)
+                nxt = stores.new(f"inputs-{bi + 1}", one_set)
+                for j in range(len(data)):
+                    with torch.no_grad(), autocast(device, amp):
+                        nxt.append(tuple(o.to(store_dtype) for o in _call(block, kind, data.sample(j))))
+                del block
+            phase = "replayed"
+        else:
+            targets = stores.new(f"targets-{bi}", one_set)
+            msad_store = None
+            if use_msad:
+                heads, k = source.config.num_heads, settings.top_k
+                per = sum(heads * min(k, m["txt_len"] + m["grid"][0] * m["grid"][1] * m["grid"][2]) *
+                          (m["txt_len"] + m["grid"][0] * m["grid"][1] * m["grid"][2]) for m in capture.meta)
+                msad_store = stores.new(f"msad-{bi}", per * torch.empty((), dtype=store_dtype).element_size())
+            fp_pass(fp, data, settings, amp, targets, msad_store, store_dtype)
+            data.targets = targets
+            q = quantized_copy(fp, policy, name, settings)
+            if settings.method == "smoothquant":
+                _smoothquant_init(fp, q, kind, (data.sample(j) for j in range(len(data))), settings.sq_alpha)
+            entry = {}
+            if settings.trained:
+                entry = train_block(fp, q, data, settings, bi, len(names), progress, msad_store, amp)
+            elif progress:
+                progress(bi, len(names), settings.epochs, None)
+            qstore = stores.new(f"inputs-{bi + 1}", one_set) if propagation == "quant" and not last else None
+            entry["quant"] = output_pass(q, data, amp, qstore)
+            nxt = None if last else (targets if propagation == "fp" else qstore)
+            if propagation == "quant" or last:
+                targets.close(delete=True)
+            if msad_store is not None:
+                msad_store.close(delete=True)
+            packed = packed_block(q, name)
+            if ckpt is not None:  # the calibration state (the completion marker) is written last
+                _atomic_write_text(ckpt / f"{name}.json", json.dumps(entry))
+                atomic_save_safetensors(packed, ckpt / f"{name}.packed.safetensors")
+                atomic_save_safetensors(_calib_state(q), marker)
+            else:
+                parts[name] = packed
+            del q
+            phase = "calibrated"
+        if bi >= first_block:
+            report[name] = entry
+        del fp, data
+        if cur is not capture.store:
+            cur.close(delete=True)
+        cur, prev_kind = nxt, kind
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if on_block is not None:
+            on_block(name, time.perf_counter() - t0, phase)
+    if cur is not None and cur is not capture.store:
+        cur.close(delete=True)
+    if stats is not None:
+        stats["spilled_bytes"] = stores.spilled_bytes
+    return policy, report, (ckpt if ckpt is not None else parts)
+
+
+def assemble(source, policy, settings, parts, out_path, calibration: dict, source_hash: str | None) -> None:
+    """Write the compressed file (docs/FORMAT.md) from the per-block parts plus the source's other
+    weights in bf16: the same tensors and header as io.checkpoint.save_compressed of the whole model."""
+    tensors = {k: v.detach().to("cpu", torch.bfloat16) for k, v in source.other_tensors().items()}
+    for kind, idx in source.names():
+        name = f"{kind}_blocks.{idx}"
+        tensors.update(parts[name] if isinstance(parts, dict) else load_file(str(Path(parts) / f"{name}.packed.safetensors")))
+    header = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "model_family": MODEL_FAMILY,
+              "config": source.config.to_dict(), "policy": policy_to_json(policy),
+              "layers": {n: layer_info(r, settings) for n, r in policy.items()},
+              "calibration": calibration or {}, "source_hash": source_hash}
+    atomic_save_safetensors(tensors, out_path, metadata={HEADER_KEY: json.dumps(header)})

@@ -1,0 +1,127 @@
+"""Streaming calibration: same file as pipeline.compress, one block resident at a time, disk spill
+round trip, resume after the last finished block, refusal before work."""
+import weakref
+
+import pytest
+import torch
+
+from quantsparse_core.calib.block_source import SafetensorsSource, StateDictSource
+from quantsparse_core.calib.calibrate import CalibSettings
+from quantsparse_core.calib.pipeline import Conditioning, compress, state_dict_hash
+from quantsparse_core.calib.stream_pipeline import compress_streaming
+from quantsparse_core.calib.tensor_store import TensorStore
+from quantsparse_core.models.config import PRESETS
+from quantsparse_core.models.hunyuan_video import HunyuanVideoDiT
+from quantsparse_core.models.weights import atomic_save_safetensors
+
+LATENT = (16, 2, 4, 6)  # 12 video tokens
+KW = dict(n_samples=2, steps=3, seed=7)
+
+
+def _job(rng, config=PRESETS["test"]):
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))
+    sd = {k: v.clone() for k, v in HunyuanVideoDiT(config).state_dict().items()}
+    mask = torch.ones(1, 6)
+    mask[0, 4:] = 0
+    cond = Conditioning(torch.randn(1, 6, config.context_in_dim, generator=rng), torch.randn(1, 768, generator=rng),
+                        mask, guidance=6.0)
+    return sd, cond
+
+
+class Spy(StateDictSource):
+    """Counts blocks built from the source that are alive at the same time."""
+
+    def __init__(self, sd):
+        super().__init__(sd)
+        self.alive, self.peak, self.built = 0, 0, 0
+
+    def block(self, kind, idx, device, dtype=None):
+        blk = super().block(kind, idx, device, dtype)
+        self.alive += 1
+        self.built += 1
+        self.peak = max(self.peak, self.alive)
+        weakref.finalize(blk, self._gone)
+        return blk
+
+    def _gone(self):
+        self.alive -= 1
+
+
+def test_streaming_writes_the_same_file_as_the_whole_model_path_one_block_at_a_time(rng, tmp_path):
+    sd, cond = _job(rng)
+    settings = CalibSettings(method="msad", epochs=1)
+    whole, streamed = tmp_path / "a" / "m.safetensors", tmp_path / "b" / "m.safetensors"
+    compress(sd, cond, LATENT, whole, settings, **KW)
+    src = Spy(sd)
+    compress_streaming(src, cond, LATENT, streamed, settings, **KW)
+    assert whole.read_bytes() == streamed.read_bytes()      # tensors and header, byte for byte
+    assert src.peak == 1                                    # never two blocks built at once
+    # capture: 1 trajectory x 3 steps x 2 blocks; calibration: one build per block
+    assert src.built == 3 * 2 + 2
+    assert not (streamed.parent / ".quantsparse-partial").exists()
+
+
+def test_disk_spill_and_safetensors_source_give_the_same_file(rng, tmp_path):
+    sd, cond = _job(rng)
+    settings = CalibSettings(method="block", epochs=1)
+    ram, disk = tmp_path / "ram" / "m.safetensors", tmp_path / "disk" / "m.safetensors"
+    compress_streaming(StateDictSource(sd), cond, LATENT, ram, settings, **KW)
+    weights = tmp_path / "dit.safetensors"
+    atomic_save_safetensors(sd, weights)
+    src = SafetensorsSource(weights)
+    assert src.fingerprint() == state_dict_hash(sd)
+    compress_streaming(src, cond, LATENT, disk, settings, host_budget=1, **KW)  # every block's data to disk
+    assert ram.read_bytes() == disk.read_bytes()
+
+
+def test_tensor_store_disk_round_trip(rng, tmp_path):
+    entries = [(torch.randn(2, 5, 3, generator=rng).to(torch.bfloat16), None, torch.tensor(3.5)),
+               (torch.randn(7, generator=rng), torch.randint(0, 9, (4, 2), generator=rng), torch.zeros(0))]
+    store = TensorStore(tmp_path / "x.bin")
+    for e in entries:
+        store.append(e)
+    store.finish(tmp_path / "x.json")
+    store.close()
+    back = TensorStore.open(tmp_path / "x.json")
+    assert len(back) == 2
+    for want, got in zip(entries, (back.get(0), back.get(1))):
+        for a, b in zip(want, got):
+            assert (a is None and b is None) or (a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b))
+    back.close()
+    (tmp_path / "x.bin").write_bytes(b"short")
+    with pytest.raises(ValueError, match="delete the partial folder"):
+        TensorStore.open(tmp_path / "x.json")
+
+
+def test_cancel_then_resume_reuses_capture_and_finished_blocks_and_gives_the_same_file(rng, tmp_path):
+    sd, cond = _job(rng)
+    settings = CalibSettings(method="block+local", epochs=1)
+    ref = tmp_path / "ref" / "m.safetensors"
+    compress_streaming(StateDictSource(sd), cond, LATENT, ref, settings, **KW)
+    out = tmp_path / "job" / "m.safetensors"
+
+    def cancel_in_second_block(block, n, epoch, loss):
+        if block == 1:
+            raise KeyboardInterrupt("cancel")
+    with pytest.raises(KeyboardInterrupt):
+        compress_streaming(StateDictSource(sd), cond, LATENT, out, settings, progress=cancel_in_second_block, **KW)
+    assert not out.exists()
+    (partial,) = (out.parent / ".quantsparse-partial").iterdir()
+    assert (partial / "capture.index.json").exists() and (partial / "double_blocks.0.safetensors").exists()
+    assert not (partial / "single_blocks.0.safetensors").exists()
+    src, seen = Spy(sd), []
+    compress_streaming(src, cond, LATENT, out, settings, progress=lambda b, n, e, l: seen.append(b), **KW)
+    assert src.built == 2                         # replay block 0, calibrate block 1: the capture was reused
+    assert 0 not in seen and 1 in seen
+    assert ref.read_bytes() == out.read_bytes()
+
+
+def test_too_little_memory_is_refused_before_any_work(rng, tmp_path):
+    sd, cond = _job(rng)
+    with pytest.raises(MemoryError, match="smaller calibration latent"):
+        compress_streaming(StateDictSource(sd), cond, LATENT, tmp_path / "m.safetensors",
+                           CalibSettings(method="rtn"), gpu_budget=1000, **KW)
+    with pytest.raises(ValueError, match="propagation 'x' unknown"):
+        compress_streaming(StateDictSource(sd), cond, LATENT, tmp_path / "m.safetensors",
+                           CalibSettings(method="rtn"), propagation="x", **KW)
+    assert not any(tmp_path.rglob("*.safetensors")) and not any(tmp_path.rglob("*.bin"))

@@ -27,8 +27,8 @@ from quantsparse_core.calib.streaming import assemble, calibrate_streaming  # no
 from quantsparse_core.calib.tensor_store import TensorStore  # noqa: E402
 from quantsparse_core.io.checkpoint import load_compressed  # noqa: E402
 from quantsparse_core.metrics import psnr, ssim  # noqa: E402
-from quantsparse_core.models.embedded import generate, load_embedded  # noqa: E402
-from quantsparse_core.models.shapes import random_scenes  # noqa: E402
+from quantsparse_core.models.tiny.embedded import generate, load_embedded  # noqa: E402
+from quantsparse_core.models.tiny.shapes import random_scenes  # noqa: E402
 from quantsparse_core.results import record_calls, velocity_error, videos_of  # noqa: E402
 
 

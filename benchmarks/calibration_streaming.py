@@ -96,6 +96,8 @@ def host_peak_gb() -> float:
 def measure(a, log=print) -> dict:
     dev = torch.device(a.device)
     cuda = dev.type == "cuda"
+    if cuda and dev.index is None:  # set_per_process_memory_fraction and the peak counters need an index
+        dev = torch.device("cuda", torch.cuda.current_device())
     config = get_preset(a.preset)
     latent = parse_latent(a.latent, config)
     if cuda:

@@ -7,7 +7,10 @@ edits (dtypes, shapes incl. odd int4 sizes, offsets out of range or overlapping,
 keys, the QuantSparse header's version, config and policy with wrong types or values), and stored
 values set to NaN / inf / 0 / huge / negative. Each mutant is drawn from its own seed, printed on
 failure. QS_FUZZ_MUTANTS sets how many (default 240 in CI; the slow mode is e.g.
-QS_FUZZ_MUTANTS=2000), QS_FUZZ_SEED the first seed (default: fresh, printed).
+QS_FUZZ_MUTANTS=2000), QS_FUZZ_SEED the first seed (default: fresh, printed): a failure is replayed by
+QS_FUZZ_SEED=<its seed> QS_FUZZ_MUTANTS=1. Found this way: a 'layers' entry whose key name a bit flip
+had changed passed validation and failed later with a KeyError (now: the entry must hold exactly
+w_bits, a_bits, smooth, rotation).
 """
 import json
 import os
@@ -180,7 +183,8 @@ def test_every_mutant_loads_finite_or_is_refused_clearly(base_file, tmp_path):
             loaded += 1
         assert time.perf_counter() - t0 < SECONDS_PER_MUTANT, f"QS_FUZZ_SEED={seed} ({what}) took too long"
     print(f"{loaded} mutants loaded to finite outputs, {refused} refused")
-    assert refused > MUTANTS // 4 and loaded > 0   # the mutations reach both outcomes
+    if MUTANTS >= 100:  # (a replay of one seed need not reach both outcomes)
+        assert refused > MUTANTS // 4 and loaded > 0   # the mutations reach both outcomes
 
 
 def test_a_valid_file_with_one_nan_scale_is_refused_by_name(base_file, tmp_path):

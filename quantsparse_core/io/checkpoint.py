@@ -31,6 +31,7 @@ FORMAT_VERSION = 1
 MODEL_FAMILY = "hunyuan_video"
 HEADER_KEY = "quantsparse"
 ROTATIONS = (None, "hadamard", "learned")
+LAYER_FIELDS = {"w_bits", "a_bits", "smooth", "rotation"}  # a header 'layers' entry holds exactly these
 
 MAX_BLOCKS = 4096  # far above any DiT; bounds the meta model a forged header could ask for
 MAX_ABS = 1e4      # no trained DiT stores a weight, bias, norm or scale this large: a flipped exponent bit does
@@ -192,7 +193,8 @@ def _expected(path: Path, header: dict, config: DiTConfig, policy: dict) -> dict
         lin, info = named.get(name), layers[name]
         if not isinstance(lin, nn.Linear):
             raise CheckpointError(f"{path} header: policy names {name!r}, which is not a linear layer of this model")
-        ok = (isinstance(info, dict) and info.get("w_bits") == rule.w_bits and info.get("a_bits") == rule.a_bits
+        ok = (isinstance(info, dict) and set(info) == LAYER_FIELDS
+              and info.get("w_bits") == rule.w_bits and info.get("a_bits") == rule.a_bits
               and isinstance(info.get("smooth"), bool) and info.get("rotation") in ROTATIONS)
         if not ok:
             raise CheckpointError(f"{path} header: layer entry for {name!r} is invalid or disagrees with the policy: {info}")

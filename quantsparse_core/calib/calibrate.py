@@ -242,16 +242,41 @@ def _msad_targets(fp_block, kind, smp, s: CalibSettings, store) -> dict:
         return t
 
 
-def _train_block(fp_block, q_block, kind, samples, s: CalibSettings, bi, n_blocks, progress,
-                 msad_targets="store") -> dict:
+def block_optimiser(q_block, s: CalibSettings, n_samples: int, bi: int):
+    """(AdamW over the block's clipping and transform parameters at their learning rates, its cosine
+    schedule over all steps, the generator of the sample order) for block index bi."""
     clips, transforms = _calib_params(q_block)
     groups = [{"params": clips, "lr": s.lr_clip}]
     if transforms:
         groups.append({"params": transforms, "lr": s.lr_transform})
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
-    total = s.epochs * len(samples)
+    total = s.epochs * n_samples
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 0.5 * (1 + math.cos(math.pi * it / total)))
-    gen = torch.Generator().manual_seed(s.seed * 100003 + bi)
+    return opt, sched, torch.Generator().manual_seed(s.seed * 100003 + bi)
+
+
+def optimise_step(opt, sched, terms: dict, balance: dict, s: CalibSettings) -> torch.Tensor:
+    """One step on L_quant + lambda_g b_g L_global + lambda_l b_l L_local; the balance factors b
+    scale each MSAD term to L_quant at the first step and stay fixed (METHOD.md §2)."""
+    if not balance:
+        for t in ("global", "local"):
+            if t in terms:
+                balance[t] = (terms["quant"] / terms[t].clamp_min(1e-20)).detach()
+    loss = terms["quant"]
+    if "global" in terms:
+        loss = loss + s.lambda_g * balance["global"] * terms["global"]
+    if "local" in terms:
+        loss = loss + s.lambda_l * balance["local"] * terms["local"]
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    return loss
+
+
+def _train_block(fp_block, q_block, kind, samples, s: CalibSettings, bi, n_blocks, progress,
+                 msad_targets="store") -> dict:
+    opt, sched, gen = block_optimiser(q_block, s, len(samples), bi)
 
     # MSAD targets from the FP block (which, with its inputs, does not change while this block
     # trains): computed once and kept where the captured inputs live, or recomputed per step.
@@ -276,19 +301,7 @@ def _train_block(fp_block, q_block, kind, samples, s: CalibSettings, bi, n_block
                 if s.uses_local:
                     terms["local"] = F.mse_loss(msad.local_attention(qq, kq, mask, tgt["idx"].to(qq.device)),
                                                 tgt["local"].to(qq.device))
-            if not balance:
-                for t in ("global", "local"):
-                    if t in terms:
-                        balance[t] = (terms["quant"] / terms[t].clamp_min(1e-20)).detach()
-            loss = terms["quant"]
-            if "global" in terms:
-                loss = loss + s.lambda_g * balance["global"] * terms["global"]
-            if "local" in terms:
-                loss = loss + s.lambda_l * balance["local"] * terms["local"]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            loss = optimise_step(opt, sched, terms, balance, s)
             last = {k: v.item() for k, v in terms.items()}
         if progress:
             progress(bi, n_blocks, epoch + 1, loss.item())

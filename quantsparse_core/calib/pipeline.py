@@ -19,11 +19,11 @@ import torch
 from ..io.checkpoint import save_compressed
 from ..models.config import config_from_state_dict
 from ..models.hunyuan_video import HunyuanVideoDiT
-from ..models.sampler import flow_sigmas, initial_noise, sample_euler
 from ..models.weights import check_state_dict
 from ..quant.policy import default_policy
 from .calibrate import CalibSettings, calibrate, pin_captured
 from .capture import capture_trajectories, check_calibration_latent, n_trajectories
+from .stream_capture import trajectory_runner
 
 
 SAMPLES_PER_TRAJECTORY = 4  # calibration samples taken from each sampling run
@@ -81,21 +81,7 @@ def capture_conditioned(model, cond: Conditioning, latent_shape, n_samples: int 
     check_calibration_latent(model, latent_shape)
     if n_samples < 1 or steps < 1 or per_trajectory < 1:
         raise ValueError("samples, steps and samples per trajectory must all be at least 1")
-    param = next(model.parameters())
-    ctx = cond.context.to(param)
-    pooled = None if cond.pooled is None else cond.pooled.to(param)
-    mask = None if cond.mask is None else cond.mask.to(param.device)
-    n_traj = n_trajectories(n_samples, per_trajectory)
-
-    def run(j, cb):
-        noise = initial_noise((1, *latent_shape[-4:]), seed + j, param.device, param.dtype)
-
-        def both(step):
-            cb(step)
-            if on_step is not None:
-                on_step(j, n_traj, step.index)
-        return sample_euler(model, noise, ctx, pooled, flow_sigmas(steps), attention_mask=mask,
-                            guidance=cond.guidance, on_step=both)
+    run = trajectory_runner(model, cond, latent_shape, steps, seed, n_trajectories(n_samples, per_trajectory), on_step)
     return capture_trajectories(model, run, n_samples, steps, per_trajectory, device)
 
 

@@ -125,7 +125,8 @@ def capture_first_block(model, run_trajectory: Callable, n_samples: int, steps: 
 
 def trajectory_runner(model, cond, latent_shape, steps: int, seed: int, n_traj: int,
                       on_step: Optional[Callable[[int, int, int], None]] = None) -> Callable:
-    """run(j, cb): the Euler trajectory of the prompt with seed + j (as pipeline.capture_conditioned)."""
+    """run(j, cb): the Euler trajectory of the prompt with seed + j, cb(step) called at each step and
+    on_step(j, n_traj, step index) after it (progress; may raise to stop). Both capture paths use it."""
     param = next(model.parameters())
     ctx = cond.context.to(param)
     pooled = None if cond.pooled is None else cond.pooled.to(param)

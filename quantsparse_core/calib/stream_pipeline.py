@@ -12,7 +12,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Optional
 
-import torch
 
 from .capture import check_calibration_latent, n_trajectories
 from .pipeline import SAMPLES_PER_TRAJECTORY, Conditioning, resume_folder, state_dict_hash

@@ -8,13 +8,12 @@ calibrate._train_block, so on the CPU it gives bit-identical parameters.
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 import torch.nn.functional as F
 
 from . import msad
-from .calibrate import _calib_params, _run_block
+from .calibrate import _run_block, block_optimiser, optimise_step
 from .capture import BlockInputs
 
 
@@ -102,14 +101,7 @@ def msad_targets(rec, s, dtype) -> tuple:
 def train_block(fp_block, q_block, data: BlockData, s, bi: int, n_blocks: int, progress, msad_store, amp: bool):
     """Fit q_block's clipping / smoothing / rotation (calibrate._train_block's schedule and loss).
     msad_store: stored MSAD targets, or None to recompute them from fp_block at every step."""
-    clips, transforms = _calib_params(q_block)
-    groups = [{"params": clips, "lr": s.lr_clip}]
-    if transforms:
-        groups.append({"params": transforms, "lr": s.lr_transform})
-    opt = torch.optim.AdamW(groups, weight_decay=0.0)
-    total = s.epochs * len(data)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 0.5 * (1 + math.cos(math.pi * it / total)))
-    gen = torch.Generator().manual_seed(s.seed * 100003 + bi)
+    opt, sched, gen = block_optimiser(q_block, s, len(data), bi)
     use_msad = s.uses_global or s.uses_local
     dev = data.device
     balance, last, loss = {}, {}, None
@@ -135,19 +127,7 @@ def train_block(fp_block, q_block, data: BlockData, s, bi: int, n_blocks: int, p
                     if s.uses_local:
                         terms["local"] = F.mse_loss(msad.local_attention(qq, kq, mask, idx.to(dev)),
                                                     loc.to(dev, non_blocking=True).float())
-            if not balance:
-                for t in ("global", "local"):
-                    if t in terms:
-                        balance[t] = (terms["quant"] / terms[t].clamp_min(1e-20)).detach()
-            loss = terms["quant"]
-            if "global" in terms:
-                loss = loss + s.lambda_g * balance["global"] * terms["global"]
-            if "local" in terms:
-                loss = loss + s.lambda_l * balance["local"] * terms["local"]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            loss = optimise_step(opt, sched, terms, balance, s)
             last = {k: v.item() for k, v in terms.items()}
         if progress:
             progress(bi, n_blocks, epoch + 1, loss.item())

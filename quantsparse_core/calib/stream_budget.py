@@ -1,9 +1,12 @@
 """Before a streaming calibration starts: how much GPU memory, host memory, disk and time it needs,
 and a clear refusal when it cannot fit.
 
-The GPU figure is the largest block's weights (FP copy, float32 quantized copy, one fake-quantized
-weight) plus its training activations, which grow linearly with the tokens; the activation factor
-per token and the throughput are measured (benchmarks/calibration_streaming.py, docs/CALIBRATION.md).
+The GPU figure is the measured model of one training step (benchmarks/calibration_memory.py, on the
+CPU with CUDA autocast's dtypes, 13B widths, scaled; docs/CALIBRATION.md "First H200 runs"): a part
+per block parameter (FP bf16 copy, the quantized copy's frozen weights held in bf16 while training,
+the fake-quantized bf16 weights saved for backward and the weight-side temporaries) plus a part
+linear in the tokens (activations saved for backward, per hidden unit, and MSAD's local map, per
+head x salient token), times an allocator margin. Not yet confirmed on a GPU.
 """
 from __future__ import annotations
 
@@ -14,9 +17,15 @@ import torch
 from .capture import n_trajectories
 from .pipeline import SAMPLES_PER_TRAJECTORY
 
-# Training activations of one block per token, in units of hidden_size bytes (bf16 autocast, the
-# single block's fake-quantized linear1/linear2 path dominates). Measured: docs/CALIBRATION.md.
-ACT_BYTES_PER_TOKEN_PER_HIDDEN = 200
+# One training step of a 13B double block under bf16 autocast, measured on the CPU (calibration_memory.py,
+# 1,024 and 2,048 tokens, scaled): persistent 1.27 GB + 2.38 GB per step independent of the tokens for
+# 339.7 M parameters (11.5 B each), and 319 KiB per token of which 48 KiB is the MSAD local map
+# (8 B per head x salient token: its fp32 softmax and fp32 target, kept by the MSE) and ~90 B per
+# hidden unit the rest (rounded up to 96). The single block is below both.
+GPU_BYTES_PER_PARAM = 11.5
+ACT_BYTES_PER_TOKEN_PER_HIDDEN = 96
+LOCAL_MAP_BYTES = 8          # per head x salient token x token
+ALLOCATOR_MARGIN = 1.10      # caching-allocator fragmentation and kernels' workspaces (not measured)
 # Effective training throughput (FLOP/s) assumed when none is given: bf16 autocast, eager fake quant.
 DEFAULT_RATE = {"h200": 300e12, "24gb": 100e12}
 
@@ -53,10 +62,10 @@ def estimate(config, latent_shape, txt_len: int, n_samples: int, steps: int, set
     capture = one_set + rope + n_samples * 4 * c * 2
     p = block_params(config)
     big = max(p["double"], p["single"])
-    weights = big * (2 + 4 + 4)               # FP bf16 copy + float32 quantized copy + fake-quantized weight
+    weights = big * GPU_BYTES_PER_PARAM       # FP bf16 + quantized copy (bf16 while training) + step's weight side
     act = tokens * c * ACT_BYTES_PER_TOKEN_PER_HIDDEN
-    msad_gpu = 4 * heads * k * tokens * 4 if settings.uses_local else 0
-    gpu = weights + act + msad_gpu
+    msad_gpu = LOCAL_MAP_BYTES * heads * k * tokens if settings.uses_local else 0
+    gpu = int((weights + act + msad_gpu) * ALLOCATOR_MARGIN)
     lin = {kind: p[kind] - p[kind + "_mod"] for kind in ("double", "single")}
     attn = 4 * tokens * tokens * c
     fwd = {kind: 2 * tokens * lin[kind] + attn for kind in lin}

@@ -98,9 +98,43 @@ def msad_targets(rec, s, dtype) -> tuple:
     return glob, idx, loc
 
 
+# Under autocast, hold the quantized copy's frozen float weights in bf16 while it trains (they reach
+# the forward only through quantizers.fake_quant_weight, which takes weight.float(): the same values
+# when the weights came from a bf16 model, which is checked per tensor), float32 again afterwards.
+BF16_FROZEN_WEIGHTS = True
+
+
+def _frozen_weights_to_bf16(q_block) -> list:
+    """QuantLinear weights (fake mode, frozen, float32 holding bf16 values exactly) -> bf16 in place;
+    returns the parameters changed, for _frozen_weights_back."""
+    from ..quant.linear import QuantLinear
+    changed = []
+    for m in q_block.modules():
+        if isinstance(m, QuantLinear) and m.mode == "fake" and m.weight is not None \
+                and m.weight.dtype == torch.float32 and not m.weight.requires_grad:
+            w16 = m.weight.data.to(torch.bfloat16)
+            if torch.equal(w16.float(), m.weight.data):
+                m.weight.data = w16
+                changed.append(m.weight)
+    return changed
+
+
+def _frozen_weights_back(params) -> None:
+    for p in params:
+        p.data = p.data.float()
+
+
 def train_block(fp_block, q_block, data: BlockData, s, bi: int, n_blocks: int, progress, msad_store, amp: bool):
     """Fit q_block's clipping / smoothing / rotation (calibrate._train_block's schedule and loss).
     msad_store: stored MSAD targets, or None to recompute them from fp_block at every step."""
+    lowered = _frozen_weights_to_bf16(q_block) if amp and BF16_FROZEN_WEIGHTS else []
+    try:
+        return _train(fp_block, q_block, data, s, bi, n_blocks, progress, msad_store, amp)
+    finally:
+        _frozen_weights_back(lowered)
+
+
+def _train(fp_block, q_block, data: BlockData, s, bi: int, n_blocks: int, progress, msad_store, amp: bool):
     opt, sched, gen = block_optimiser(q_block, s, len(data), bi)
     use_msad = s.uses_global or s.uses_local
     dev = data.device

@@ -20,13 +20,19 @@ from torch import nn
 
 from .. import dispatch
 from ..dispatch import pack_int4, unpack_int4
-from .quantizers import absmax_scale, check_bits, fake_quant, quantize
+from .quantizers import absmax_scale, check_bits, fake_quant, fake_quant_act, fake_quant_weight, quantize
 from .transforms import OrthogonalFactor, apply_kron, hadamard, kron_factors
 
 CLIP_MIN = 0.2  # never clip more than 80% of a row's range
 
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Fake mode under autocast (calibration on the GPU): the lean fake-quant Functions (LEAN_AMP) and the
+# output left in the autocast dtype (AMP_OUTPUT_AUTOCAST_DTYPE). Switches for measurements
+# (benchmarks/calibration_memory.py); without autocast neither applies.
+LEAN_AMP = True
+AMP_OUTPUT_AUTOCAST_DTYPE = True
 
 
 class QuantizedInput(NamedTuple):
@@ -104,6 +110,8 @@ class QuantLinear(nn.Module):
             return self._forward_quantized(x)
         if self.mode == "real" and self.a_bits < 16 and x.dtype in _KERNEL_DTYPES and _kernels_on(x.device):
             return self._triton_forward(x)  # fused: no fp32 copy of x is made
+        if self.mode == "fake" and LEAN_AMP and torch.is_autocast_enabled(x.device.type):
+            return self._fake_amp(x)
         dtype = x.dtype
         xt = self.transform_input(x.float())
         if self.mode == "fake":
@@ -120,6 +128,31 @@ class QuantLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.to(dtype)
+
+    def _fake_amp(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake mode under autocast (calibration on the GPU): the values of the plain path (the linear
+        runs in the autocast dtype either way) with quantizers.fake_quant_act / fake_quant_weight,
+        which keep only their inputs for backward instead of ~5 float32 copies. The output stays in
+        the autocast dtype, as nn.Linear's does under autocast, instead of being cast back to x's
+        dtype (a float32 copy of e.g. [30k x 12288] that the next op would keep): the one
+        difference from the plain path, measured in tests/test_calibration_memory.py."""
+        ldt = torch.get_autocast_dtype(x.device.type)
+        clip_w = self.w_clip.clamp(CLIP_MIN, 1.0)
+        rotated = self.rotation is not None
+        if rotated:   # rotation: the plain transforms, then the lean quantizer on their result
+            w = fake_quant_weight(self.transformed_weight(), self.w_bits, clip_w, None, ldt)
+        else:
+            w = fake_quant_weight(self.weight, self.w_bits, clip_w, self.log_smooth, ldt)
+        if self.a_bits < 16:
+            clip_a = self.a_clip.clamp(CLIP_MIN, 1.0)
+            if rotated:
+                xq = fake_quant_act(self.transform_input(x.float()), self.a_bits, clip_a, None, ldt)
+            else:
+                xq = fake_quant_act(x, self.a_bits, clip_a, self.log_smooth, ldt)
+        else:
+            xq = self.transform_input(x.float())
+        y = F.linear(xq, w, self.bias)
+        return y if AMP_OUTPUT_AUTOCAST_DTYPE else y.to(x.dtype)
 
     def _int_gemm_torch(self, xq: torch.Tensor, sx: torch.Tensor) -> torch.Tensor:
         """Integer GEMM of activation codes with the weight codes, scales (and bias) in the epilogue, fp32."""

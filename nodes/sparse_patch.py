@@ -4,13 +4,22 @@ On a clone of the ModelPatcher:
 - `optimized_attention_override` (chained to any override already there) routes the double/single
   blocks' attention to quantsparse_core's SSARAttention; the token refiner and calls outside a
   sampling run fall through unchanged;
-- a DIFFUSION_MODEL wrapper records the latent shape of each model call (the video token grid);
+- a DIFFUSION_MODEL wrapper records the latent shape of each model call (the video token grid) and
+  stops the run with a ValueError naming the step when the model's output is not finite;
+- a second DIFFUSION_MODEL wrapper (`text_mask_wrapper`, also on the embedded tiny model's MODEL) makes
+  padded text masks work at any batch: ComfyUI's HunyuanVideo builds its joint mask as [1, 1, L], so
+  cond + uncond (cfg > 1) or a batch-2 latent with a [B, L] mask failed inside ComfyUI with "The expanded
+  size of the tensor (1) must match the existing size (2)"; the wrapper runs each distinct mask's batch
+  entries as one call, and makes the mask finite so a fully padded prompt (the empty prompt) cannot
+  produce NaN;
 - an OUTER_SAMPLE wrapper gives every sampling run fresh state (masks, caches), so nothing leaks
-  between runs or into other users of the same MODEL, and logs what the run cost.
+  between runs or into other users of the same MODEL, logs what the run cost, and drops the run's
+  state in `finally` (an interrupt or error must not leave caches referenced by its traceback).
 The original ModelPatcher and its model are never modified.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from dataclasses import asdict, replace
@@ -22,6 +31,13 @@ from quantsparse_core.models.attention import AttentionCall, StepInfo
 from quantsparse_core.sparse.ssar import SparseSettings, SSARAttention
 
 KEY = "quantsparse_sparse"
+MASK_KEY = "quantsparse_text_mask"  # wrapper key of text_mask_wrapper
+PART = "quantsparse_part"           # transformer_options: the batch entries of a split call
+# Additive value of a padded text token. ComfyUI turns an integer mask into -finfo.max, and its token
+# refiner adds the mask to its transpose: -max + -max = -inf, so a prompt with no real token (the empty
+# prompt) gives a softmax over all -inf keys = NaN everywhere. -1e4 is finite in fp16 even doubled, and
+# exp(-1e4 + score) is exactly 0 in fp32 for any attention score, so real prompts are unchanged.
+MASK_FLOOR = -1.0e4
 log = logging.getLogger("quantsparse")
 
 
@@ -47,6 +63,14 @@ class SparseRun:
 
     def fresh(self) -> "SparseRun":
         return SparseRun(self.settings, self.patch_size)
+
+    def close(self) -> None:
+        """Drop every mask, cache and pending host job of this run (the end of a run, also on errors)."""
+        for a in self.by_group.values():
+            a.reset()
+        self.by_group.clear()
+        self.latent_shape = None
+        self.step = None
 
     def grid(self) -> tuple:
         t, h, w = self.latent_shape[-3:]
@@ -99,7 +123,7 @@ def make_override(previous=None):
                              f"{grid}: this model's token layout is not HunyuanVideo's [text, video]")
         call = AttentionCall(block_type, int(to.get("block_index", 0)), int(to.get("total_blocks", 1)),
                              txt_len, grid, run.step)
-        group = tuple(int(c) for c in to.get("cond_or_uncond", ()))
+        group = (tuple(int(c) for c in to.get("cond_or_uncond", ())), to.get(PART))
         out = run.attention_for(group)(q, k, v, kwargs.get("mask"), call)
         if kwargs.get("skip_output_reshape", False):
             b, length, _ = out.shape
@@ -135,7 +159,128 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
             sample = sample.detach().float().cpu()
             idx = step_index(sigma, sample)
             run.step = None if idx is None else StepInfo(idx, sample)
-    return executor(*args, **kwargs)
+    out = executor(*args, **kwargs)
+    if run is not None:
+        check_finite(out, args[0] if args else None, to)
+    return out
+
+
+def _step_text(to: dict) -> str:
+    sample, sigma = to.get("sample_sigmas"), to.get("sigmas")
+    if sample is None or sigma is None:
+        return "a model call outside a sampler's schedule"
+    sample = sample.detach().float().cpu()
+    idx = step_index(sigma, sample)
+    s = float(sigma.flatten()[0])
+    return f"sigma {s:.4g}" if idx is None else f"step {idx + 1} of {len(sample) - 1} (sigma {s:.4g})"
+
+
+def check_finite(out, x, to: dict) -> None:
+    """Raise a ValueError naming the step and what to check when the model output has NaN/inf
+    (one host sync per model call, not per attention)."""
+    if not torch.is_tensor(out) or bool(torch.isfinite(out).all()):
+        return
+    bad = int((~torch.isfinite(out)).sum())
+    who = {0: "cond", 1: "uncond"}
+    conds = "/".join(who.get(int(c), str(c)) for c in to.get("cond_or_uncond", ())) or "?"
+    where = (f"the HunyuanVideo model's output at {_step_text(to)} for {conds} (batch {out.shape[0]}) has {bad} "
+             f"NaN/inf of {out.numel()} values")
+    if torch.is_tensor(x) and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"QuantSparse: {where}, and its input latent already had NaN/inf: check the LATENT "
+                         "fed to the sampler (a previous sampler or node produced it) and the sampler settings")
+    raise ValueError(f"QuantSparse: {where}, stopped instead of decoding a NaN video. Check the conditioning "
+                     "(NaN/inf in the pooled output or text embedding, or a text encoder for another model), "
+                     "an fp16 overflow (load the model in bf16 or fp32), and the checkpoint (a damaged or "
+                     "mis-calibrated file); if the same prompt is finite without the QuantSparse sparse nodes, "
+                     "report it with the sparse settings")
+
+
+# ---- text masks of any batch ---------------------------------------------------------------------------------
+def additive_text_mask(mask: torch.Tensor, dtype) -> torch.Tensor:
+    """[B, L] text mask (1/True = token, 0 = padding; or additive float) -> finite additive mask in `dtype`."""
+    if not dtype.is_floating_point:
+        dtype = torch.float32
+    if torch.is_floating_point(mask):
+        return mask.to(dtype).clamp(min=MASK_FLOOR)
+    return torch.where(mask.bool(), 0.0, MASK_FLOOR).to(dtype)
+
+
+def _take(value, idx: torch.Tensor, batch: int):
+    """The batch entries `idx` of a forward argument (tensors with a leading batch dimension; nested in
+    dicts/lists such as ControlNet outputs); anything else (broadcast or not per batch) as it is."""
+    if torch.is_tensor(value):
+        return value.index_select(0, idx.to(value.device)) if value.ndim and value.shape[0] == batch else value
+    if isinstance(value, dict):
+        return {k: _take(v, idx, batch) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_take(v, idx, batch) for v in value)
+    return value
+
+
+def _part_options(to: dict, entries: list, batch: int) -> dict:
+    """transformer_options of a call over batch entries `entries`: cond_or_uncond and uuids cut to them."""
+    part = dict(to)
+    part[PART] = tuple(entries)
+    labels = to.get("cond_or_uncond")
+    if labels and batch % len(labels) == 0:
+        chunk = batch // len(labels)
+        chunks = sorted({e // chunk for e in entries})
+        whole = len(entries) == len(chunks) * chunk
+        pick = chunks if whole else [e // chunk for e in entries]
+        part["cond_or_uncond"] = [labels[c] for c in pick]
+        uuids = to.get("uuids")
+        if isinstance(uuids, (list, tuple)) and len(uuids) == len(labels):
+            part["uuids"] = [uuids[c] for c in pick]
+    return part
+
+
+def text_mask_wrapper(executor, *args, **kwargs):
+    """DIFFUSION_MODEL wrapper: a [B, L] text mask becomes one finite [1, L] mask per call, the batch
+    entries that share a mask running together (one call when all do, e.g. a batch-2 latent at cfg 1)."""
+    try:
+        bound = inspect.signature(executor.original).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return executor(*args, **kwargs)
+    a = bound.arguments
+    mask, x = a.get("attention_mask"), a.get("x")
+    to = a.get("transformer_options") if isinstance(a.get("transformer_options"), dict) else {}
+    if not torch.is_tensor(mask) or not torch.is_tensor(x) or mask.ndim != 2:
+        out = executor(*args, **kwargs)
+    else:
+        batch = x.shape[0]
+        mask = additive_text_mask(mask, x.dtype)
+        if mask.shape[0] not in (1, batch):
+            raise ValueError(f"text attention mask of batch {mask.shape[0]} for a latent batch of {batch}: the "
+                             "conditioning's attention_mask must have one row per conditioning entry")
+        rows, inverse = torch.unique(mask, dim=0, return_inverse=True)
+        if rows.shape[0] == 1:
+            a["attention_mask"] = rows
+            out = executor(*bound.args, **bound.kwargs)
+        else:
+            out = None
+            for r in range(rows.shape[0]):
+                idx = torch.nonzero(inverse == r).flatten()
+                entries = idx.tolist()
+                part = {k: (v if k == "transformer_options" else _take(v, idx, batch)) for k, v in a.items()}
+                part["attention_mask"] = rows[r:r + 1]
+                if "transformer_options" in part:
+                    part["transformer_options"] = _part_options(to, entries, batch)
+                call = inspect.BoundArguments(bound.signature, part)
+                y = executor(*call.args, **call.kwargs)
+                if out is None:
+                    out = y.new_empty((batch, *y.shape[1:]))
+                out[idx.to(y.device)] = y
+    if to.get(KEY) is None:  # the sparse wrapper checks its own calls
+        check_finite(out, x, to)
+    return out
+
+
+def add_text_mask_batching(patcher) -> None:
+    """Install text_mask_wrapper on `patcher` itself (a clone you own); installing it twice keeps one."""
+    import comfy.patcher_extension
+    kind = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
+    patcher.remove_wrappers_with_key(kind, MASK_KEY)
+    patcher.add_wrapper_with_key(kind, MASK_KEY, text_mask_wrapper)
 
 
 def outer_sample_wrapper(executor, *args, **kwargs):
@@ -152,6 +297,7 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     finally:
         if run.by_group:
             log.info("QuantSparse: %s", run.summary())
+        run.close()  # an interrupted run's traceback must not keep its caches on the device
         guider.model_options = original
 
 
@@ -181,6 +327,7 @@ def apply_sparse(model, settings: SparseSettings, fused: bool = True):
                           (comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, diffusion_model_wrapper)):
         patched.remove_wrappers_with_key(kind, KEY)
         patched.add_wrapper_with_key(kind, KEY, wrapper)
+    add_text_mask_batching(patched)
     (install_fused_blocks if fused else remove_fused_blocks)(patched)
     log.info("QuantSparse sparse attention: %s (fused blocks %s)", asdict(settings), "on" if fused else "off")
     return patched

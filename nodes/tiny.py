@@ -31,7 +31,13 @@ class LoadEmbeddedTinyDiT(io.ComfyNode):
     @classmethod
     def execute(cls) -> io.NodeOutput:
         import comfy.sd
-        return io.NodeOutput(comfy.sd.load_diffusion_model(str(WEIGHTS)))
+
+        from .sparse_patch import add_text_mask_batching
+        model = comfy.sd.load_diffusion_model(str(WEIGHTS))
+        # Tiny Prompt Encode gives padded [1, 24] text masks (the model was trained on them); ComfyUI's
+        # HunyuanVideo takes only one mask per call, so cfg > 1 and batches need this wrapper.
+        add_text_mask_batching(model)
+        return io.NodeOutput(model)
 
 
 class TinyPromptEncode(io.ComfyNode):

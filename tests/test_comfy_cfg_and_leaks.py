@@ -66,25 +66,28 @@ def _sigmas(model, steps=STEPS):
     return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", steps).float()
 
 
-def _core_cfg(core, noise, sigmas, pos, neg, cfg):
-    """Euler with classifier-free guidance in the core; pos/neg: (context, mask, pooled) of batch 1."""
+def _core_cfg(core, noise, sigmas, pos, neg, cfg, attention=None):
+    """Euler with classifier-free guidance in the core; pos/neg: (context, mask, pooled) of batch 1;
+    attention: {"pos": fn, "neg": fn} to run each prompt with its own attention function (None: dense)."""
+    import contextlib
     from quantsparse_core.models.attention import StepInfo
     b = noise.shape[0]
     x = noise * sigmas[0]
     g = torch.full((b,), 6.0)
 
-    def velocity(c, t, step):
+    def velocity(name, c, t, step):
         ctx, mask, pooled = c
-        return core(x, t, ctx.expand(b, -1, -1), pooled.expand(b, -1), guidance=g,
-                    attention_mask=mask.expand(b, -1), step=step)
+        with core.attention(attention[name]) if attention else contextlib.nullcontext():
+            return core(x, t, ctx.expand(b, -1, -1), pooled.expand(b, -1), guidance=g,
+                        attention_mask=mask.expand(b, -1), step=step)
 
     with torch.no_grad():
         for i in range(len(sigmas) - 1):
             s, s_next = float(sigmas[i]), float(sigmas[i + 1])
             t, step = torch.full((b,), s * 1000.0), StepInfo(i, sigmas)
-            v = velocity(pos, t, step)
+            v = velocity("pos", pos, t, step)
             if cfg != 1.0:
-                u = velocity(neg, t, step)
+                u = velocity("neg", neg, t, step)
                 v = u + cfg * (v - u)
             x = x + (s_next - s) * v
     return x

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from comfy_env import require_comfyui
-from test_comfy_cfg_and_leaks import NEG, POS, SPARSE, SPARSE_LATENT, _cond_tuple, _encode, _latent, _rel, _sigmas
+from test_comfy_cfg_and_leaks import NEG, POS, SPARSE, SPARSE_LATENT, _cond_tuple, _core_cfg, _encode, _latent, _rel, _sigmas
 from test_comfy_cfg_and_leaks import one_thread  # noqa: F401  (module fixture: tiny shapes run on one thread)
 from test_comfy_nodes import load_pack
 
@@ -30,33 +30,13 @@ def env(one_thread):  # noqa: F811
 
 def _core_sparse(core, noise, sigmas, pos, neg, cfg):
     """Euler + CFG in the core, each prompt with its own SSARAttention (as ComfyUI's cond and uncond)."""
-    from quantsparse_core.models.attention import StepInfo
     from quantsparse_core.sparse.ssar import SparseSettings, SSARAttention
     joint = len(core.double_blocks) + len(core.single_blocks)
     settings = dict(density=SPARSE["density"], tau=SPARSE["refresh_interval"], svd_rank=SPARSE["svd_rank"],
                     warmup_steps=SPARSE["warmup_steps"], warmup_blocks=SPARSE["warmup_blocks"],
                     layers=joint - SPARSE["warmup_blocks"])
     ssar = {"pos": SSARAttention(SparseSettings(**settings)), "neg": SSARAttention(SparseSettings(**settings))}
-    b = noise.shape[0]
-    x = noise * sigmas[0]
-    g = torch.full((b,), 6.0)
-
-    def velocity(name, c, t, step):
-        ctx, mask, pooled = c
-        with core.attention(ssar[name]):
-            return core(x, t, ctx.expand(b, -1, -1), pooled.expand(b, -1), guidance=g,
-                        attention_mask=mask.expand(b, -1), step=step)
-
-    with torch.no_grad():
-        for i in range(len(sigmas) - 1):
-            s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-            t, step = torch.full((b,), s * 1000.0), StepInfo(i, sigmas)
-            v = velocity("pos", pos, t, step)
-            if cfg != 1.0:
-                u = velocity("neg", neg, t, step)
-                v = u + cfg * (v - u)
-            x = x + (s_next - s) * v
-    return x, ssar
+    return _core_cfg(core, noise, sigmas, pos, neg, cfg, ssar), ssar
 
 
 @pytest.mark.parametrize("cfg,batch", [(2.0, 1), (1.0, 2), (3.0, 2)])

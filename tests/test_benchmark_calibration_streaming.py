@@ -16,3 +16,22 @@ def test_benchmark_runs_at_test_size_and_writes_targets(tmp_path):
     assert set(res["blocks"]) == {"double_blocks.0", "single_blocks.0"}
     assert all(b["phase"] == "calibrated" for b in res["blocks"].values())
     assert res["capture"]["forwards_full"] == 2 and res["projected"]["total_h"] > 0
+
+
+def test_random_source_makes_each_block_on_request_identically():
+    """The benchmark's source holds no weights: a block made on the device equals the one from tensors(),
+    and asking twice gives the same weights (seeded per block)."""
+    import torch
+
+    from benchmarks.calibration_streaming import RandomSource
+    from quantsparse_core.models.config import get_preset
+
+    src = RandomSource(get_preset("test"), seed=3, dtype=torch.float32)
+    blk = src.block("double", 0, "cpu")
+    again = src.tensors("double", 0)
+    for k, v in blk.state_dict().items():
+        assert torch.equal(v, again[k]), k
+    other = RandomSource(get_preset("test"), seed=4, dtype=torch.float32).tensors("double", 0)
+    assert any(not torch.equal(other[k], again[k]) for k in again if again[k].ndim == 2)
+    assert src.weights_bytes() == 4 * sum(v.numel() for v in src.skeleton.state_dict().values())
+    assert not hasattr(src, "held")

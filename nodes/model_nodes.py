@@ -19,7 +19,7 @@ from quantsparse_core.calib.stream_pipeline import compress_streaming
 
 from .comfy_ops import SUBFOLDER, load_compressed_patcher
 from .fused_blocks import apply_fused_blocks
-from .sparse_patch import check_hunyuan_video
+from .sparse_patch import add_text_mask_batching, check_hunyuan_video
 
 CATEGORY = "QuantSparse"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\- ]{0,120}$")
@@ -245,4 +245,7 @@ class LoadCompressedDiT(io.ComfyNode):
         if path is None:
             raise ValueError(f"checkpoint {checkpoint!r} is not in models/diffusion_models/; refresh the node list")
         # Fused blocks on: any sampler then runs the producer-quantized fast path (fused_blocks.py).
-        return io.NodeOutput(apply_fused_blocks(load_compressed_patcher(path)))
+        patcher = apply_fused_blocks(load_compressed_patcher(path))
+        # cfg > 1 with a negative prompt of other padding, and batches: one [1, L] text mask per call.
+        add_text_mask_batching(patcher)
+        return io.NodeOutput(patcher)

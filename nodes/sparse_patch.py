@@ -28,16 +28,12 @@ from typing import Dict, Optional
 import torch
 
 from quantsparse_core.models.attention import AttentionCall, StepInfo
+from quantsparse_core.models.hunyuan_video import additive_text_mask
 from quantsparse_core.sparse.ssar import SparseSettings, SSARAttention
 
 KEY = "quantsparse_sparse"
 MASK_KEY = "quantsparse_text_mask"  # wrapper key of text_mask_wrapper
 PART = "quantsparse_part"           # transformer_options: the batch entries of a split call
-# Additive value of a padded text token. ComfyUI turns an integer mask into -finfo.max, and its token
-# refiner adds the mask to its transpose: -max + -max = -inf, so a prompt with no real token (the empty
-# prompt) gives a softmax over all -inf keys = NaN everywhere. -1e4 is finite in fp16 even doubled, and
-# exp(-1e4 + score) is exactly 0 in fp32 for any attention score, so real prompts are unchanged.
-MASK_FLOOR = -1.0e4
 log = logging.getLogger("quantsparse")
 
 
@@ -196,15 +192,6 @@ def check_finite(out, x, to: dict) -> None:
 
 
 # ---- text masks of any batch ---------------------------------------------------------------------------------
-def additive_text_mask(mask: torch.Tensor, dtype) -> torch.Tensor:
-    """[B, L] text mask (1/True = token, 0 = padding; or additive float) -> finite additive mask in `dtype`."""
-    if not dtype.is_floating_point:
-        dtype = torch.float32
-    if torch.is_floating_point(mask):
-        return mask.to(dtype).clamp(min=MASK_FLOOR)
-    return torch.where(mask.bool(), 0.0, MASK_FLOOR).to(dtype)
-
-
 def _take(value, idx: torch.Tensor, batch: int):
     """The batch entries `idx` of a forward argument (tensors with a leading batch dimension; nested in
     dicts/lists such as ControlNet outputs); anything else (broadcast or not per batch) as it is."""

@@ -126,9 +126,8 @@ def test_empty_prompt_gives_a_finite_latent_independent_of_the_text(env, rng):
     # Every text token is masked: the video must not depend on the context at all (random tokens, same mask).
     other = [[torch.randn(ctx.shape, generator=rng), {"pooled_output": pooled, "attention_mask": mask}]]
     torch.testing.assert_close(_sample(model, noise, 1.0, other, other), got, rtol=0, atol=1e-6)
-    # ...and equals the core given a finite additive mask (the core's -max mask still gives NaN: see the report).
-    finite = torch.where(mask.bool(), 0.0, -1.0e4)
-    ref = _core_cfg(core, noise, _sigmas(model), (ctx, finite, pooled), None, 1.0)
+    # ...and equals the core given the same integer mask (the core's floor is finite too: it gave NaN before).
+    ref = _core_cfg(core, noise, _sigmas(model), (ctx, mask, pooled), None, 1.0)
     assert _rel(got, ref) < TOL, _rel(got, ref)
     # cfg > 1 against the empty (unconditional) prompt runs and is finite too.
     assert torch.isfinite(_sample(model, noise, 2.0, _encode(nodes, POS), empty)).all()
@@ -219,3 +218,28 @@ def test_back_to_back_runs_at_different_resolutions_share_nothing(env, rng):
     fresh_large = _sample(_patched(nodes, model), large, 1.0, pos, neg)
     for got, ref in zip(shared, [fresh_small, fresh_large, fresh_small]):   # one MODEL, queued one after another
         torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+# ---- 5. Load Compressed DiT alone (no Sparse Sampler): cfg > 1 with a negative prompt of other padding --------
+def test_load_compressed_dit_takes_cfg_with_a_differently_padded_negative(env, rng, tmp_path):
+    """Load Compressed DiT's MODEL goes to a stock KSampler too: its text masks must be batched like the
+    sparse patch's (was: the raw 'expanded size ... Target sizes: [1, 24]' error from ComfyUI's model)."""
+    import folder_paths
+    from quantsparse_core.io.checkpoint import load_compressed, save_compressed
+    from quantsparse_core.quant.policy import default_policy, quantize_model
+    nodes, model, core = env
+    rtn = __import__("copy").deepcopy(core)
+    policy = default_policy(rtn, 4, 16)  # weight-only: no activation rounding, so ComfyUI equals the core tightly
+    quantize_model(rtn, policy)
+    folder = tmp_path / "diffusion_models"
+    (folder / "quantsparse").mkdir(parents=True)
+    save_compressed(rtn, folder / "quantsparse" / "rtn w4.safetensors", policy)
+    folder_paths.add_model_folder_path("diffusion_models", str(folder), is_default=True)
+    (loaded,) = nodes["QuantSparseLoadCompressedDiT"].execute("quantsparse/rtn w4.safetensors").result
+    pos, neg = _encode(nodes, POS), _encode(nodes, NEG)
+    noise = torch.randn(_latent().shape, generator=rng)
+    got = _sample(loaded, noise, 2.0, pos, neg)
+    ref_model, _ = load_compressed(folder / "quantsparse" / "rtn w4.safetensors")
+    ref = _core_cfg(ref_model, noise, _sigmas(model), _cond_tuple(pos), _cond_tuple(neg), 2.0)
+    assert torch.isfinite(got).all()
+    assert _rel(got, ref) < 1e-4, _rel(got, ref)

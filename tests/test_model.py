@@ -93,6 +93,26 @@ def test_masked_text_tokens_do_not_change_the_output(rng):
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_empty_prompt_mask_gives_finite_output_equal_to_its_finite_float_form(rng, dtype):
+    """An all-padding text mask (the empty prompt) must not turn the joint attention into NaN (with
+    -finfo.max the refiner's mask + its transpose is -inf everywhere); a float mask with -inf is the same."""
+    cfg = get_preset("test")
+    model = randomize(HunyuanVideoDiT(cfg), rng).to(dtype)
+    x, ctx, y, mask = small_inputs(cfg, rng)
+    x, ctx, y = x.to(dtype), ctx.to(dtype), y.to(dtype)
+    empty = torch.zeros_like(mask)
+    t, g = torch.tensor([300.0]), torch.tensor([6.0])
+    out = model(x, t, ctx, y, g, attention_mask=empty)
+    assert torch.isfinite(out).all()
+    as_float = torch.full(mask.shape, float("-inf"))
+    torch.testing.assert_close(model(x, t, ctx, y, g, attention_mask=as_float), out, rtol=0, atol=0)
+    # real prompts are unchanged by the floor: -1e4 and -inf padding give the same output
+    pad = torch.where(mask.bool(), 0.0, float("-inf"))
+    torch.testing.assert_close(model(x, t, ctx, y, g, attention_mask=pad), model(x, t, ctx, y, g, attention_mask=mask),
+                               rtol=0, atol=0)
+
+
 def test_unpatchify_inverts_patch_layout(rng):
     model = HunyuanVideoDiT(get_preset("test"), device="meta")
     x = torch.randn(2, 16, 3, 4, 6, generator=rng)

@@ -19,6 +19,23 @@ from .fusion import small_ops
 from .layers import MLPEmbedder, rope_table, timestep_embedding
 
 
+
+# Additive value of a padded text token. -finfo.max (ComfyUI's choice) doubles to -inf in the token
+# refiner (mask + its transpose), so a prompt with no real token (the empty prompt, the documented
+# unconditional input) gives a softmax over all -inf keys = NaN. -1e4 stays finite in fp16 even doubled,
+# and exp(-1e4 + score) is exactly 0 in fp32 for any attention score, so real prompts are unchanged.
+TEXT_MASK_FLOOR = -1.0e4
+
+
+def additive_text_mask(mask: torch.Tensor, dtype) -> torch.Tensor:
+    """[B, L] text mask (1/True = token, 0 = padding; or additive float) -> finite additive mask in `dtype`."""
+    if not dtype.is_floating_point:
+        dtype = torch.float32
+    if torch.is_floating_point(mask):
+        return mask.to(dtype).clamp(min=TEXT_MASK_FLOOR)
+    return torch.where(mask.bool(), 0.0, TEXT_MASK_FLOOR).to(dtype)
+
+
 class HunyuanVideoDiT(nn.Module):
     def __init__(self, config: DiTConfig, device=None, dtype=None):
         super().__init__()
@@ -112,9 +129,7 @@ class HunyuanVideoDiT(nn.Module):
         if self.guidance_in is not None and guidance is not None:
             vec = vec + self.guidance_in(timestep_embedding(guidance, time_factor=1000.0).to(img.dtype))
 
-        txt_mask = attention_mask
-        if txt_mask is not None and not torch.is_floating_point(txt_mask):
-            txt_mask = (txt_mask - 1).to(img.dtype) * torch.finfo(img.dtype).max
+        txt_mask = None if attention_mask is None else additive_text_mask(attention_mask, img.dtype)
         txt = self.txt_in(context, timestep, txt_mask, self.attention_fn, call_for)
 
         rope = rope_table(self.positions(grid, b, txt_len, x.device), c.rope_axes, c.rope_theta)

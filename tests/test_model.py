@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from quantsparse_core.models import (AttentionCall, HunyuanVideoDiT, StepInfo, config_from_state_dict,
+from quantsparse_core.models import (AttentionCall, HunyuanVideoDiT, config_from_state_dict,
                                      dense_attention, get_preset)
 from quantsparse_core.models.layers import apply_rope, rope_table, timestep_embedding
 from quantsparse_core.models.sampler import flow_sigmas, sample_euler

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 HEAD_DIM = 128            # ComfyUI derives heads = hidden / 128 for HunyuanVideo
 ROPE_AXES = (16, 56, 56)  # rotary split over (frame, row, column)

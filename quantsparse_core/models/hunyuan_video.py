@@ -9,7 +9,6 @@ import contextlib
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .attention import AttentionCall, AttentionFn, StepInfo, dense_attention

@@ -15,7 +15,6 @@ Projects the whole job from the measured per-block times, records peak GPU memor
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import resource
 import sys
@@ -42,60 +41,40 @@ CONSUMER_24GB_BF16_PEAK = 165e12  # RTX 4090, bf16 with fp32 accumulate (Ada whi
 
 
 class RandomSource(BlockSource):
-    """Random weights of any config, made per block on request from a seed (on `gen_device`, then handed
-    over on the CPU), so nothing holds the whole model: the host-memory figure is the calibration's own,
-    as with SafetensorsSource reading a file block by block. (Run from ComfyUI, the weights live in
-    ComfyUI's MODEL, which the user's ComfyUI holds anyway; the JSON states their size separately.)"""
+    """Random weights of any config, made per block on request from a seed, so nothing holds the whole
+    model: the host-memory figure is the calibration's own, as with SafetensorsSource reading a file block
+    by block. (Run from ComfyUI, the weights live in ComfyUI's MODEL, which the user's ComfyUI holds anyway;
+    the JSON states their size separately.) Blocks are made directly on the device they are wanted on: the
+    copy a held model would need is measured separately (`h2d_seconds_per_forward`)."""
 
-    def __init__(self, config, seed=0, dtype=torch.bfloat16, gen_device="cpu"):
+    def __init__(self, config, seed=0, dtype=torch.bfloat16):
         self.config = config
         super().__init__()
-        self.seed, self.dtype_, self.gen_device = seed, dtype, gen_device
+        self.seed, self.dtype_ = seed, dtype
         self.salt = {blk: i + 1 for i, blk in enumerate(self.names())}
-        self.requests = 0
 
-    def _meta(self, blk):
-        kind, idx = blk
-        return (self.skeleton.double_blocks if kind == "double" else self.skeleton.single_blocks)[idx].state_dict()
-
-    def _make(self, metas: dict, salt: int, keep_device: bool = False) -> dict:
-        g = torch.Generator(self.gen_device).manual_seed(self.seed * 1000003 + salt)
+    def _make(self, metas: dict, salt: int, device, dtype) -> dict:
+        g = torch.Generator(device).manual_seed(self.seed * 1000003 + salt)
         out = {}
         for k, m in metas.items():
             if k.endswith("bias"):
-                t = torch.zeros(m.shape, device=self.gen_device)
+                t = torch.zeros(m.shape, device=device)
             elif m.ndim == 1:
-                t = torch.ones(m.shape, device=self.gen_device)
+                t = torch.ones(m.shape, device=device)
             else:
-                fan_in = m[0].numel()
-                t = torch.randn(m.shape, generator=g, device=self.gen_device) / fan_in ** 0.5
-            out[k] = t.to(self.dtype_) if keep_device else t.to(self.dtype_).cpu()
+                t = torch.randn(m.shape, generator=g, device=device) / m[0].numel() ** 0.5
+            out[k] = t.to(dtype)
         return out
 
+    def tensors_on(self, kind, idx, device, dtype=None):
+        return self._make(self.skeleton_block(kind, idx).state_dict(), self.salt[(kind, idx)], device, dtype or self.dtype_)
+
     def tensors(self, kind, idx):
-        self.requests += 1
-        return self._make(self._meta((kind, idx)), self.salt[(kind, idx)])
-
-    def block(self, kind, idx, device, dtype=None):
-        """Made on the device it is wanted on (a held model would be copied there instead: that transfer is
-        measured separately and added to the projection, see `h2d_seconds_per_forward`)."""
-        self.requests += 1
-        blk = copy.deepcopy(self._meta_module(kind, idx))
-        saved, self.gen_device = self.gen_device, torch.device(device)
-        try:
-            sd = {k: v.to(dtype or self.dtype_) for k, v in self._make(self._meta((kind, idx)), self.salt[(kind, idx)],
-                                                                       keep_device=True).items()}
-        finally:
-            self.gen_device = saved
-        blk.load_state_dict(sd, strict=True, assign=True)
-        return blk.requires_grad_(False).eval()
-
-    def _meta_module(self, kind, idx):
-        return (self.skeleton.double_blocks if kind == "double" else self.skeleton.single_blocks)[idx]
+        return self.tensors_on(kind, idx, "cpu")
 
     def other_tensors(self):
         sk = {k: v for k, v in self.skeleton.state_dict().items() if not k.startswith(("double_blocks.", "single_blocks."))}
-        return self._make(sk, 0)
+        return self._make(sk, 0, "cpu", self.dtype_)
 
     def weights_bytes(self) -> int:
         """What the whole model would take in `dtype` (held by ComfyUI when run from the node)."""
@@ -119,7 +98,8 @@ def h2d_seconds_per_forward(source, dev) -> tuple:
     streaming a model held on the host (ComfyUI's offloaded MODEL) adds to each capture call."""
     secs = {}
     for kind in ("double", "single"):
-        nbytes = sum(v.numel() for v in source._meta((kind, 0)).values()) * torch.empty((), dtype=source.dtype_).element_size()
+        nbytes = sum(v.numel() for v in source.skeleton_block(kind, 0).state_dict().values()) * \
+            torch.empty((), dtype=source.dtype_).element_size()
         host = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
         host.random_(0, 255)
         dst = torch.empty(nbytes, dtype=torch.uint8, device=dev)
@@ -150,7 +130,7 @@ def measure(a, log=print) -> dict:
         total = torch.cuda.get_device_properties(dev).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, a.cap_gb * 2**30 / total), dev)
     wdtype = torch.bfloat16 if cuda else torch.float32  # CPU bf16 matmuls are slow; the test preset is tiny
-    source = RandomSource(config, seed=0, dtype=wdtype, gen_device=dev if cuda else "cpu")
+    source = RandomSource(config, seed=0, dtype=wdtype)
     log(f"random {a.preset} weights ({wdtype}, made per block on request; whole model {source.weights_bytes() / 2**30:.1f} GB)")
     settings = CalibSettings(method="msad", epochs=a.epochs)
     g = torch.Generator().manual_seed(1)
@@ -281,7 +261,7 @@ def measure(a, log=print) -> dict:
                              "calibrated block of each kind x 20 double + 40 single (a kind not measured scaled by "
                              "FLOPs); 24 GB card: same share of its bf16 peak (RTX 4090, 165 TFLOP/s)"},
         "peak_gpu_gb": peak_gpu, "peak_host_gb": host_peak_gb(),
-        "host_weights_gb": 0.0, "model_weights_gb": source.weights_bytes() / 2**30,
+        "model_weights_gb": source.weights_bytes() / 2**30,
         "weights_source": "made per block on request (as a safetensors file read block by block); "
                           "the whole model is never held by this process",
         "spilled_to_disk_gb": stats.get("spilled_bytes", 0) / 2**30 + (store.size / 2**30),

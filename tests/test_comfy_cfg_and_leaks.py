@@ -224,11 +224,13 @@ def test_back_to_back_runs_at_different_resolutions_share_nothing(env, rng):
 def test_load_compressed_dit_takes_cfg_with_a_differently_padded_negative(env, rng, tmp_path):
     """Load Compressed DiT's MODEL goes to a stock KSampler too: its text masks must be batched like the
     sparse patch's (was: the raw 'expanded size ... Target sizes: [1, 24]' error from ComfyUI's model)."""
+    import copy
+
     import folder_paths
     from quantsparse_core.io.checkpoint import load_compressed, save_compressed
     from quantsparse_core.quant.policy import default_policy, quantize_model
     nodes, model, core = env
-    rtn = __import__("copy").deepcopy(core)
+    rtn = copy.deepcopy(core)
     policy = default_policy(rtn, 4, 16)  # weight-only: no activation rounding, so ComfyUI equals the core tightly
     quantize_model(rtn, policy)
     folder = tmp_path / "diffusion_models"

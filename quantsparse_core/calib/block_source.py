@@ -48,12 +48,18 @@ class BlockSource:
         kind, idx = self.names()[0]
         return next(iter(self.tensors(kind, idx).values())).dtype
 
+    def skeleton_block(self, kind: str, idx: int) -> torch.nn.Module:
+        """Block (kind, idx) of the meta skeleton: its shapes and key names, no memory."""
+        return (self.skeleton.double_blocks if kind == "double" else self.skeleton.single_blocks)[idx]
+
+    def tensors_on(self, kind: str, idx: int, device, dtype=None) -> dict:
+        """Block (kind, idx)'s tensors as fresh copies on `device` (in `dtype`, default: as held)."""
+        return {k: v.to(device=device, dtype=dtype or v.dtype, copy=True) for k, v in self.tensors(kind, idx).items()}
+
     def block(self, kind: str, idx: int, device, dtype=None) -> torch.nn.Module:
         """A fresh copy of block (kind, idx) on `device` (in `dtype`, default: as held), no grads."""
-        meta = (self.skeleton.double_blocks if kind == "double" else self.skeleton.single_blocks)[idx]
-        blk = copy.deepcopy(meta)
-        sd = {k: v.to(device=device, dtype=dtype or v.dtype, copy=True) for k, v in self.tensors(kind, idx).items()}
-        blk.load_state_dict(sd, strict=True, assign=True)
+        blk = copy.deepcopy(self.skeleton_block(kind, idx))
+        blk.load_state_dict(self.tensors_on(kind, idx, device, dtype), strict=True, assign=True)
         return blk.requires_grad_(False).eval()
 
     def fingerprint(self) -> str:
@@ -82,8 +88,7 @@ class BlockSource:
         return h.hexdigest()
 
     def _block_keys(self, kind, idx) -> list:
-        meta = (self.skeleton.double_blocks if kind == "double" else self.skeleton.single_blocks)[idx]
-        return list(meta.state_dict().keys())
+        return list(self.skeleton_block(kind, idx).state_dict().keys())
 
 
 class StateDictSource(BlockSource):

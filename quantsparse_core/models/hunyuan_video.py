@@ -18,7 +18,6 @@ from .fusion import small_ops
 from .layers import MLPEmbedder, rope_table, timestep_embedding
 
 
-
 # Additive value of a padded text token. -finfo.max (ComfyUI's choice) doubles to -inf in the token
 # refiner (mask + its transpose), so a prompt with no real token (the empty prompt, the documented
 # unconditional input) gives a softmax over all -inf keys = NaN. -1e4 stays finite in fp16 even doubled,

@@ -57,6 +57,9 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import torch  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import memory_peak  # noqa: E402  (benchmarks/memory_peak.py)
+
 RESOLUTIONS = {"544p": (960, 544, 129), "720p": (1280, 720, 129)}  # width, height, frames
 CONFIGS = ("A", "A8", "Q")
 CONFIG_NAMES = {"A": "ComfyUI native bf16, default attention",
@@ -625,6 +628,8 @@ class Bench:
             coarse, fine = step_kinds(self.settings, self.a.steps) if config == "Q" else \
                 (["dense"] * self.a.steps, ["dense"] * self.a.steps)
             timed = self.a.steps if config == "Q" else self.baseline_steps(res_name)
+            if self.a.timed_steps:
+                timed = min(timed, self.a.timed_steps)
             plans.append((res_name, res, shape, coarse, fine, timed))
         need = LOAD_PRIOR_S[config] * (self.a.preset == "hunyuan-video-13b")
         fits = []
@@ -717,6 +722,7 @@ class Bench:
             f"{run['comfy_view']}")
         captured = _capture_log("quantsparse")
         timer_ref = {}
+        profiling = self.a.memory_profile and memory_peak.start()
 
         def on_step(i, total):
             t = timer_ref.get("t")
@@ -739,6 +745,10 @@ class Bench:
             run["error"] = f"{type(e).__name__}: {str(e)[:400]}"
         finally:
             captured.close()
+            if profiling:
+                run["memory_peak"] = memory_peak.stop_and_summarize()
+                for g in run["memory_peak"]["groups"][:15]:
+                    log(f"   peak holder {g['gb']:7.3f} GB x{g['count']:<4d} {g['site']}")
         if timer is not None:
             steps = timer.steps()
             for s in steps:
@@ -865,6 +875,11 @@ def main(argv=None):
     ap.add_argument("--no-warm-run", action="store_true", help="skip the untimed warm-up sampling before timing")
     ap.add_argument("--warm-full-steps", type=int, default=1,
                     help="(Q): untimed steps at the timed latent before the timed run (compile/autotune at real shapes)")
+    ap.add_argument("--timed-steps", type=int, default=0,
+                    help="stop every config after this many steps of the schedule (diagnostics; 0: all)")
+    ap.add_argument("--memory-profile", action="store_true",
+                    help="record the allocator during the timed runs and list what is alive at the peak "
+                         "(slows host-side work: not for timing)")
     ap.add_argument("--merge", nargs="+", default=None, help="result JSONs to merge into --out (no GPU needed)")
     args = ap.parse_args(argv)
     if args.merge:

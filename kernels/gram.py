@@ -25,7 +25,7 @@ CHUNK = 4096      # rows per program: 30 x 24 programs at 720p; fp32 partial sum
 BLOCK_L = 64      # rows per MMA step; CHUNK must be a multiple (a chunk's last step must not reach into the next)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L"])  # one compile for every resolution
 def _gram_partial_kernel(x_ptr, out_ptr, L, H, stride_b, stride_l, CHUNK: tl.constexpr, D: tl.constexpr,
                          BLOCK_L: tl.constexpr, INTERP: tl.constexpr):
     """Program (row chunk c, head h, batch b): hi^T hi and hi^T lo over the chunk's rows, fp32.

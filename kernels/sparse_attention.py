@@ -132,7 +132,10 @@ def _tile(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, j, L, skl
     return acc, l_i, m_i
 
 
-@triton.jit
+# Sizes that differ between resolutions are not specialised on (== 1, divisible by 16): a run at a new
+# resolution then reuses the kernels compiled at another one, instead of stalling a step on a recompile.
+# Strides that set the loads' alignment stay specialised.
+@triton.jit(do_not_specialize=["L", "NH", "BH", "T", "NM", "NB_BIAS", "ssb", "sbb"])
 def _sparse_attn_fwd(Q, K, V, O, LSE, C, CS, US, VH, BIAS, PERM, HEADS, KV_IDX, KV_CNT,
                      sqb, sqh, sql, skb, skh, skl, svb, svh, svl,
                      sob, sol, slb, slh, scb, scl, ssb, ssl, sub, suh, sul, svhb, svhh, svhr, R, sbb, sih, siq, sch,
@@ -226,7 +229,7 @@ def _add_correction(out, C, CS, US, VH, b, h, q_rows, m_ok, offs_d, scb, scl, ss
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L", "NH"])
 def _gather_rows(K, V, KC, VC, PERM, HEADS, L, NH, skb, skh, skl, svb, svh, svl, scb, sch, scl,
                  HEAD_D: tl.constexpr, BLOCK_R: tl.constexpr):
     """kc[b, i, r] = k[b, heads[i], perm[r]] (and v): the temporal heads' keys/values in their own order."""

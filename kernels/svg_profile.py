@@ -88,7 +88,8 @@ def _store(M_OUT, L_OUT, ACC_OUT, slot, offs_m, offs_d, m_ok, m_i, l_i, acc, N_R
     tl.store(ACC_OUT + (base + offs_m[:, None]) * HEAD_D + offs_d[None, :], acc, mask=m_ok[:, None])
 
 
-@triton.jit
+# Resolution-dependent sizes are not specialised on: one compile serves every resolution (no step stalls).
+@triton.jit(do_not_specialize=["L", "BH", "N_ROWS", "NB", "RT", "S", "TILES_PER_SPLIT", "sbb"])
 def _svg_partials(Q, K, V, ROWS, BAND, INV, BIAS, M_OUT, L_OUT, ACC_OUT,
                   sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sbb,
                   L, H, BH, N_ROWS, NB, RT, S, TILES_PER_SPLIT, qk_scale,

@@ -5,19 +5,36 @@ our custom operations: every Linear is created without allocating a weight, and 
 plain ComfyUI linear (bf16 tensors of the file) or a quantized linear (the file's packed integer
 weights, computed by quantsparse_core's QuantLinear) when the state dict is loaded. ComfyUI's model
 management (offloading, reloading, memory accounting) then works on the real stored bytes.
+
+A quantized linear also behaves like a ComfyUI weight where users expect it (docs/LORA.md):
+- LoRA: its state dict has an empty `<layer>.weight` entry, so ComfyUI's LoRA loaders map and
+  accept LoRA keys for it (keys matching no layer keep ComfyUI's "lora key not loaded" warning).
+  The weights stay packed: a PatcherInjection, which ComfyUI runs when it loads the MODEL for a run
+  and undoes when it unloads it, gives each layer the low-rank LoRA patches of the loaded patcher,
+  added to the quantized GEMM's output: y = Q(x) + sum_i s_i alpha_i / r_i (x down_i^T) up_i^T;
+- offload: a layer ComfyUI left on another device than its input runs on copies of its tensors made
+  for that call (no module is rebuilt);
+- save: ComfyUI's checkpoint format cannot hold the packed layers, so ModelSave / CheckpointSave of
+  a compressed MODEL stop with a message naming the file to use instead.
 """
 from __future__ import annotations
 
 import inspect
+import itertools
+import logging
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from quantsparse_core.io.checkpoint import read_compressed
 from quantsparse_core.quant.linear import QuantizedInput, QuantLinear
 
 SUBFOLDER = "quantsparse"  # inside ComfyUI's diffusion_models folder
 _UNET_PREFIX = "diffusion_model."
+LORA_INJECTION = "quantsparse_lora"  # ModelPatcher injection key
+
+log = logging.getLogger("quantsparse")
 
 
 class _PrebuiltQuantLinear(QuantLinear):
@@ -27,6 +44,16 @@ class _PrebuiltQuantLinear(QuantLinear):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         return
+
+
+def _run_on_copies(q: QuantLinear, x, device):
+    """q(x) with q's tensors copied to `device` for this call only: a layer ComfyUI offloaded runs
+    where its input is, with the same math (so the same output) as if it had been moved there."""
+    tensors = {k: t.to(device, copy=True) for k, t in itertools.chain(q.named_parameters(), q.named_buffers())}
+    try:
+        return torch.func.functional_call(q, tensors, (x,))
+    finally:
+        q._kernel_state = None  # the kernel layout made from the copies must not stay on the device
 
 
 def make_operations(layers: dict):
@@ -43,6 +70,8 @@ def make_operations(layers: dict):
                 self.weight = None
                 self.bias = None
                 self.quant = None
+                self.lora = None        # (down [R, in], up [out, R]) of the loaded patcher's LoRAs, fp32
+                self._lora_cast = None  # ((device, dtype), down, up) as the last input needed them
                 self.weight_comfy_model_dtype = dtype
                 self.bias_comfy_model_dtype = dtype
 
@@ -58,6 +87,11 @@ def make_operations(layers: dict):
                     self.quant = _PrebuiltQuantLinear.from_packed(
                         self.in_features, self.out_features, info["w_bits"], info["a_bits"], info["smooth"],
                         info["rotation"], mine, device="cpu")
+                    # ComfyUI's LoRA loaders find a layer by its '<layer>.weight' state-dict key; an
+                    # empty buffer puts the key there at no cost (a buffer: ComfyUI patches, pins and
+                    # casts parameters only). The weight itself stays packed in self.quant.
+                    del self.weight
+                    self.register_buffer("weight", torch.empty(0, dtype=self.weight_comfy_model_dtype))
                     return
                 if "weight" not in mine:
                     missing_keys.append(prefix + "weight")
@@ -68,9 +102,11 @@ def make_operations(layers: dict):
 
             def input_quant_spec(self, x):
                 """QuantLinear.input_quant_spec of the quantized layer where it runs beside x (the fused
-                blocks' producers then hand forward() a QuantizedInput); None: pass x as it is."""
+                blocks' producers then hand forward() a QuantizedInput); None: pass x as it is, also
+                when a LoRA side path (ours, or ComfyUI's bypass LoRA, which replaces forward on the
+                instance) needs the float input."""
                 q = self.quant
-                if q is None or q.w_packed.device != x.device:
+                if q is None or self.lora is not None or "forward" in self.__dict__ or q.w_packed.device != x.device:
                     return None
                 return q.input_quant_spec(x)
 
@@ -79,13 +115,91 @@ def make_operations(layers: dict):
                     return super().forward(x, *args, **kwargs)
                 q = self.quant
                 device = x.codes.device if isinstance(x, QuantizedInput) else x.device
-                if q.w_packed.device != device:  # offloaded by ComfyUI (low-VRAM): run on a copy
-                    q = _PrebuiltQuantLinear.from_packed(
-                        q.in_features, q.out_features, q.w_bits, q.a_bits, q.log_smooth is not None,
-                        q.rotation, q.packed_tensors(), device=device)
-                return q(x)
+                y = q(x) if q.w_packed.device == device else _run_on_copies(q, x, device)
+                return y if self.lora is None else y + self._lora_out(x)
+
+            def _lora_out(self, x):
+                """sum_i s_i alpha_i / r_i (x down_i^T) up_i^T, in x's dtype on x's device."""
+                if isinstance(x, QuantizedInput):
+                    raise ValueError("a LoRA on a quantized layer needs the float input, not a QuantizedInput")
+                c = self._lora_cast
+                if c is None or c[0] != (x.device, x.dtype):
+                    down, up = self.lora
+                    c = self._lora_cast = ((x.device, x.dtype), down.to(x.device, x.dtype), up.to(x.device, x.dtype))
+                return F.linear(F.linear(x, c[1]), c[2])
 
     return QuantSparseOps
+
+
+# ---- LoRA on the quantized layers --------------------------------------------------------------------
+def _quantized_layers(patcher):
+    """(the key ComfyUI patches, module) of each quantized linear of a patcher's model."""
+    for name, m in patcher.model.diffusion_model.named_modules():
+        if isinstance(getattr(m, "quant", None), QuantLinear):
+            yield f"{_UNET_PREFIX}{name}.weight", m
+
+
+def _low_rank(patch, m):
+    """(down [r, in], up [out, r] * strength * alpha / r) in fp32 for a plain LoRA patch, which is what
+    the side path runs exactly; else the reason it cannot (a string)."""
+    from comfy.weight_adapter import LoRAAdapter
+
+    strength, v, strength_model, offset, function = patch
+    if not isinstance(v, LoRAAdapter):
+        if isinstance(v, tuple):  # comfy.lora.calculate_weight's forms: (diff,) or (type, data)
+            return f"'{v[0] if len(v) == 2 else 'diff'}' patch"
+        return "model merge patch" if isinstance(v, list) else f"{type(v).__name__} patch"
+    if strength_model != 1.0 or offset is not None or function is not None:
+        return "scaled, offset or function patch"
+    up, down, alpha, mid, dora_scale, reshape = v.weights
+    if mid is not None or dora_scale is not None or reshape is not None:
+        return "LoRA with mid, DoRA or reshape"
+    if up.ndim != 2 or down.ndim != 2 or tuple(up.shape[:1]) + tuple(down.shape[1:]) != (m.out_features, m.in_features) \
+            or up.shape[1] != down.shape[0]:
+        return f"LoRA of shape {tuple(up.shape)} x {tuple(down.shape)} for a {m.out_features} x {m.in_features} layer"
+    scale = strength * (1.0 if alpha is None else float(alpha) / down.shape[0])
+    return down.float(), up.float() * scale
+
+
+def _inject_lora(patcher):
+    """ComfyUI calls this when it loads `patcher` for a run: the quantized layers take its LoRA patches."""
+    skipped = []
+    for key, m in _quantized_layers(patcher):
+        pairs = []
+        for p in patcher.patches.get(key, ()):
+            if p[0] == 0.0:
+                continue  # strength 0: exactly the layer without this LoRA
+            lr = _low_rank(p, m)
+            if isinstance(lr, str):
+                skipped.append(f"{key} ({lr})")
+            else:
+                pairs.append(lr)
+        m.lora = None if not pairs else (torch.cat([d for d, _ in pairs]), torch.cat([u for _, u in pairs], dim=1))
+        m._lora_cast = None
+    if skipped:
+        log.warning("QuantSparse: %d weight patches on quantized layers NOT applied (a quantized layer takes "
+                    "plain LoRA up/down patches, added beside its packed weight): %s", len(skipped),
+                    ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else ""))
+
+
+def _eject_lora(patcher):
+    """ComfyUI calls this when it unloads `patcher`: the layers drop its LoRAs."""
+    for _, m in _quantized_layers(patcher):
+        m.lora = m._lora_cast = None
+
+
+# ---- saving ---------------------------------------------------------------------------------------
+def _refuse_save(path):
+    """Stands in for the model's state_dict_for_saving (what ModelSave and CheckpointSave call), so a
+    save stops before any file is written instead of writing one nothing can load."""
+    def state_dict_for_saving(*args, **kwargs):
+        raise ValueError(
+            "QuantSparse: a compressed MODEL cannot be saved with ModelSave / CheckpointSave: ComfyUI's checkpoint "
+            "format has no place for its packed low-bit layers, so the file would not load back. The compressed "
+            f"checkpoint already is a file: {path} (copy it; Load Compressed DiT loads it). For a LoRA, load it at "
+            "run time with a LoRA loader after Load Compressed DiT, or apply it to the full-precision MODEL and run "
+            "QuantSparse Calibrate to bake it in.")
+    return state_dict_for_saving
 
 
 def _supports_disable_dynamic(fn) -> bool:
@@ -97,9 +211,11 @@ def load_compressed_patcher(path, disable_dynamic: bool = True):
 
     Dynamic VRAM is disabled for this model by default: our quantized layers hold packed buffers that
     ComfyUI's dynamic loader has not been verified with. ComfyUI can rebuild the model later through
-    `cached_patcher_init`, which calls this function again.
+    `cached_patcher_init`, which calls this function again. The LoRA injection and the save refusal
+    go with every clone (LoRA loaders, the pack's own patches).
     """
     import comfy.sd
+    from comfy.patcher_extension import PatcherInjection
 
     path = Path(path)
     header, config, policy, tensors = read_compressed(path)
@@ -113,4 +229,6 @@ def load_compressed_patcher(path, disable_dynamic: bool = True):
                          "with QuantSparse Calibrate")
     patcher.cached_patcher_init = (load_compressed_patcher, (str(path),))
     patcher.quantsparse_header = header
+    patcher.set_injections(LORA_INJECTION, [PatcherInjection(inject=_inject_lora, eject=_eject_lora)])
+    patcher.add_object_patch("state_dict_for_saving", _refuse_save(path))
     return patcher

@@ -31,6 +31,8 @@ import torch
 
 from quantsparse_core.models import fusion
 
+from .model_family import SPARSE, classify, require_supported
+
 KEY = "quantsparse_fused_blocks"        # wrapper key, and the patch functions' marker
 _DIT = "quantsparse_fused_dit"          # transformer_options entry: the executing HunyuanVideo module
 ENV = "QUANTSPARSE_FUSED_BLOCKS"
@@ -191,8 +193,9 @@ def _block(kind: str, index: int, args: dict):
     dit = to.get(_DIT)
     if dit is None:
         raise _Fallback("the executing model is unknown (no fused-blocks wrapper ran)")
-    if type(dit).__name__ != "HunyuanVideo":
-        raise _Fallback(f"the model is {type(dit).__name__}, not HunyuanVideo")
+    variant = classify(dit)
+    if variant not in SPARSE:
+        raise _Fallback(f"the model is {variant}")
     blocks = getattr(dit, f"{kind}_blocks", None)
     if blocks is None or index >= len(blocks):
         raise _Fallback(f"the model has no {kind} block {index}")
@@ -295,9 +298,7 @@ def install_fused_blocks(patcher, compile: Optional[bool] = None) -> None:
     """Install the fused replacements on `patcher` itself (call on a clone you own)."""
     import comfy.patcher_extension
 
-    name = type(getattr(patcher.model, "diffusion_model", None)).__name__
-    if name != "HunyuanVideo":
-        raise ValueError(f"QuantSparse fused blocks work with HunyuanVideo models, but this MODEL is {name}")
+    require_supported(patcher, "QuantSparse fused blocks", SPARSE)
 
     existing = _replacements(patcher)
     for kind, n in _block_counts(patcher).items():

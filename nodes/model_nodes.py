@@ -19,7 +19,8 @@ from quantsparse_core.calib.stream_pipeline import compress_streaming
 
 from .comfy_ops import SUBFOLDER, load_compressed_patcher
 from .fused_blocks import apply_fused_blocks
-from .sparse_patch import add_text_mask_batching, check_hunyuan_video
+from .model_family import COMPRESS, require_supported
+from .sparse_patch import add_text_mask_batching
 
 CATEGORY = "QuantSparse"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\- ]{0,120}$")
@@ -147,8 +148,8 @@ class Calibrate(io.ComfyNode):
                         "checkpoint to models/diffusion_models/quantsparse/, and return it as a MODEL. "
                         "An interrupted run resumes from its last finished block.",
             inputs=[
-                io.Model.Input("model", tooltip="The full-precision HunyuanVideo MODEL to compress (LoRAs applied "
-                                                "to it are baked in)"),
+                io.Model.Input("model", tooltip="The full-precision HunyuanVideo 1.0 text-to-video MODEL to compress "
+                                                "(LoRAs applied to it are baked in); other models are refused"),
                 io.Conditioning.Input("positive", tooltip="A typical prompt: calibration data are sampling "
                                                           "trajectories of this prompt"),
                 io.Latent.Input("latent", tooltip="An empty latent of the size you will generate at "
@@ -178,7 +179,7 @@ class Calibrate(io.ComfyNode):
                 io.Int.Input("salient_tokens", default=d.top_k, min=1, max=65536,
                              tooltip="Rows of the local attention map: the tokens that receive most attention "
                                      "(paper: 256)"),
-                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff,
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
                              tooltip="Seed of the calibration trajectories and of training"),
                 io.String.Input("output_name", default="hunyuan_video_quantsparse_w4a8",
                                 tooltip="File name under models/diffusion_models/quantsparse/ (.safetensors added)"),
@@ -191,7 +192,7 @@ class Calibrate(io.ComfyNode):
     def execute(cls, model, positive, latent, weight_bits, activation_bits, method, samples, steps, epochs,
                 lambda_global, lambda_local, pool_stride, salient_tokens, seed, output_name) -> io.NodeOutput:
         import comfy.model_management
-        check_hunyuan_video(model)
+        require_supported(model, "QuantSparse Calibrate", COMPRESS)
         out = output_path(output_name)
         settings = CalibSettings(method=method, w_bits=int(weight_bits), a_bits=int(activation_bits), epochs=epochs,
                                  lambda_g=lambda_global, lambda_l=lambda_local, stride=pool_stride,
@@ -244,8 +245,11 @@ class LoadCompressedDiT(io.ComfyNode):
         path = folder_paths.get_full_path("diffusion_models", checkpoint)
         if path is None:
             raise ValueError(f"checkpoint {checkpoint!r} is not in models/diffusion_models/; refresh the node list")
+        patcher = load_compressed_patcher(path)
+        # ComfyUI builds whatever the file's keys describe; only what Calibrate makes is supported.
+        require_supported(patcher, "Load Compressed DiT", COMPRESS)
         # Fused blocks on: any sampler then runs the producer-quantized fast path (fused_blocks.py).
-        patcher = apply_fused_blocks(load_compressed_patcher(path))
+        patcher = apply_fused_blocks(patcher)
         # cfg > 1 with a negative prompt of other padding, and batches: one [1, L] text mask per call.
         add_text_mask_batching(patcher)
         return io.NodeOutput(patcher)

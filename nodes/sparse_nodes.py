@@ -59,14 +59,16 @@ class SparseAttentionPatch(io.ComfyNode):
             node_id="QuantSparseSparseAttention", display_name="QuantSparse Sparse Attention", category=CATEGORY,
             description="Sparse attention with second-order residual reuse (SSAR) for HunyuanVideo, as a MODEL "
                         "patch for any sampler (e.g. SamplerCustomAdvanced). The input MODEL stays dense.",
-            inputs=[io.Model.Input("model", tooltip="A HunyuanVideo MODEL (full precision or QuantSparse compressed)"),
+            inputs=[io.Model.Input("model", tooltip="A HunyuanVideo 1.0 T2V or I2V MODEL (full precision or "
+                                                    "QuantSparse compressed); other models are refused"),
                     *sparse_inputs()],
             outputs=[io.Model.Output(tooltip="The same model with sparse attention active while it samples")],
         )
 
     @classmethod
     def execute(cls, model, fused_blocks=True, **settings) -> io.NodeOutput:
-        return io.NodeOutput(apply_sparse(model, sparse_settings(**settings), fused=fused_blocks))
+        return io.NodeOutput(apply_sparse(model, sparse_settings(**settings), fused=fused_blocks,
+                                          node_name="QuantSparse Sparse Attention"))
 
 
 class SparseSampler(io.ComfyNode):
@@ -77,7 +79,8 @@ class SparseSampler(io.ComfyNode):
             node_id="QuantSparseSparseSampler", display_name="Sparse Sampler (QuantSparse)", category=CATEGORY,
             description="KSampler with sparse attention + SSAR active for this run only.",
             inputs=[
-                io.Model.Input("model", tooltip="A HunyuanVideo MODEL (full precision or QuantSparse compressed)"),
+                io.Model.Input("model", tooltip="A HunyuanVideo 1.0 T2V or I2V MODEL (full precision or QuantSparse "
+                                                "compressed); other models are refused"),
                 io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
                              tooltip="The random seed of the initial noise"),
                 io.Int.Input("steps", default=30, min=1, max=10000, tooltip="Denoising steps"),
@@ -102,7 +105,7 @@ class SparseSampler(io.ComfyNode):
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
                 denoise, fused_blocks=True, **settings) -> io.NodeOutput:
         import nodes as comfy_nodes  # ComfyUI's own KSampler implementation
-        patched = apply_sparse(model, sparse_settings(**settings), fused=fused_blocks)
+        patched = apply_sparse(model, sparse_settings(**settings), fused=fused_blocks, node_name="Sparse Sampler")
         (out,) = comfy_nodes.common_ksampler(patched, seed, steps, cfg, sampler_name, scheduler, positive, negative,
                                              latent_image, denoise=denoise)
         return io.NodeOutput(out)

@@ -4,8 +4,11 @@ On a clone of the ModelPatcher:
 - `optimized_attention_override` (chained to any override already there) routes the double/single
   blocks' attention to quantsparse_core's SSARAttention; the token refiner and calls outside a
   sampling run fall through unchanged;
-- a DIFFUSION_MODEL wrapper records the latent shape of each model call (the video token grid) and
-  stops the run with a ValueError naming the step when the model's output is not finite;
+- a DIFFUSION_MODEL wrapper records the video token grid of each model call and stops the run with a
+  ValueError naming the step when the model's output is not finite. A reference latent (`ref_latent`,
+  ComfyUI's HunyuanImageToVideo "custom" guidance) is patchified and put before the video tokens, so
+  the joint sequence is [text, reference frames, video frames]: its tokens are video tokens for the
+  masks, leading frames of the grid, never text;
 - a second DIFFUSION_MODEL wrapper (`text_mask_wrapper`, also on the embedded tiny model's MODEL) makes
   padded text masks work at any batch: ComfyUI's HunyuanVideo builds its joint mask as [1, 1, L], so
   cond + uncond (cfg > 1) or a batch-2 latent with a [B, L] mask failed inside ComfyUI with "The expanded
@@ -31,19 +34,12 @@ from quantsparse_core.models.attention import AttentionCall, StepInfo
 from quantsparse_core.models.hunyuan_video import additive_text_mask
 from quantsparse_core.sparse.ssar import SparseSettings, SSARAttention
 
+from .model_family import SPARSE, require_supported
+
 KEY = "quantsparse_sparse"
 MASK_KEY = "quantsparse_text_mask"  # wrapper key of text_mask_wrapper
 PART = "quantsparse_part"           # transformer_options: the batch entries of a split call
 log = logging.getLogger("quantsparse")
-
-
-def check_hunyuan_video(model) -> None:
-    """Fail with what to do when a MODEL is not ComfyUI's HunyuanVideo."""
-    inner = getattr(getattr(model, "model", None), "diffusion_model", None)
-    name = type(inner).__name__ if inner is not None else type(model).__name__
-    if name != "HunyuanVideo":
-        raise ValueError(f"QuantSparse works with HunyuanVideo models, but this MODEL is {name}; "
-                         "load a HunyuanVideo diffusion model (or a QuantSparse compressed checkpoint)")
 
 
 class SparseRun:
@@ -54,6 +50,7 @@ class SparseRun:
         self.settings = settings
         self.patch_size = tuple(int(p) for p in patch_size)
         self.latent_shape: Optional[tuple] = None
+        self.ref_shape: Optional[tuple] = None  # of the current model call's reference latent, if any
         self.step: Optional[StepInfo] = None  # of the current model call; None outside the run's schedule
         self.by_group: Dict[tuple, SSARAttention] = {}
 
@@ -66,12 +63,23 @@ class SparseRun:
             a.reset()
         self.by_group.clear()
         self.latent_shape = None
+        self.ref_shape = None
         self.step = None
 
     def grid(self) -> tuple:
+        """(frames, rows, columns) of the video tokens: the reference latent's frames, then the latent's."""
         t, h, w = self.latent_shape[-3:]
         pt, ph, pw = self.patch_size
-        return t // pt, h // ph, w // pw
+        t, h, w = t // pt, h // ph, w // pw
+        if self.ref_shape is None:
+            return t, h, w
+        # ComfyUI pads the reference to whole patches (PatchEmbed), hence the ceiling.
+        rt, rh, rw = (-(-n // p) for n, p in zip(self.ref_shape[-3:], self.patch_size))
+        if (rh, rw) != (h, w):
+            raise ValueError(f"the reference latent ({tuple(self.ref_shape)}) has a {rh} x {rw} token grid and the "
+                             f"latent ({tuple(self.latent_shape)}) {h} x {w}: QuantSparse sparse attention needs the "
+                             "reference image at the video's size (HunyuanImageToVideo resizes it so)")
+        return rt + t, h, w
 
     def attention_for(self, group: tuple) -> SSARAttention:
         if group not in self.by_group:
@@ -140,6 +148,16 @@ def _transformer_options(args, kwargs) -> dict:
     return {}
 
 
+def _argument(executor, args, kwargs, name: str):
+    """The forward argument `name` of a wrapped diffusion-model call, passed by position or keyword."""
+    if name in kwargs:
+        return kwargs[name]
+    try:
+        return inspect.signature(executor.original).bind_partial(*args, **kwargs).arguments.get(name)
+    except (TypeError, ValueError):
+        return None
+
+
 def diffusion_model_wrapper(executor, *args, **kwargs):
     """Once per model call: the latent's token grid and the step (one host sync here, none per attention)."""
     to = _transformer_options(args, kwargs)
@@ -148,7 +166,10 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
         x = args[0]
         if x.ndim != 5:
             raise ValueError(f"QuantSparse sparse attention needs a video latent [B, C, T, H, W], got {tuple(x.shape)}")
+        ref = _argument(executor, args, kwargs, "ref_latent")
         run.latent_shape = tuple(x.shape)
+        run.ref_shape = tuple(ref.shape) if torch.is_tensor(ref) else None
+        run.grid()  # a reference latent that does not fit the grid is refused before the model runs
         run.step = None
         sample, sigma = to.get("sample_sigmas"), to.get("sigmas")
         if sample is not None and sigma is not None:
@@ -288,7 +309,7 @@ def outer_sample_wrapper(executor, *args, **kwargs):
         guider.model_options = original
 
 
-def apply_sparse(model, settings: SparseSettings, fused: bool = True):
+def apply_sparse(model, settings: SparseSettings, fused: bool = True, node_name: str = "QuantSparse Sparse Attention"):
     """A clone of `model` (a ComfyUI ModelPatcher) whose sampling runs use sparse attention + SSAR.
     fused: its double/single blocks also run QuantSparse's fused forms (nodes/fused_blocks.py: grouped
     small ops, producer-quantized activations, q/k norm + RoPE kernel); False runs ComfyUI's blocks
@@ -297,7 +318,7 @@ def apply_sparse(model, settings: SparseSettings, fused: bool = True):
 
     from .fused_blocks import install_fused_blocks, remove_fused_blocks
 
-    check_hunyuan_video(model)
+    require_supported(model, node_name, SPARSE)
     patched = model.clone()
     to = patched.model_options.setdefault("transformer_options", {})
     to = patched.model_options["transformer_options"] = dict(to)  # never write into a shared dict

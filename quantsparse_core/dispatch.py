@@ -21,6 +21,7 @@ import contextlib
 import functools
 import importlib
 import importlib.util
+import logging
 import os
 import sys
 from pathlib import Path
@@ -34,6 +35,8 @@ MODES = ("auto", "triton", "torch")
 PACKAGE = "quantsparse_kernels"          # the kernels' one import name, installed or not
 _REPO_KERNELS = Path(__file__).resolve().parents[1] / "kernels"
 _forced: Optional[str] = None
+log = logging.getLogger("quantsparse")
+_fallback_logged = False                 # the "references run on CUDA" line is logged once per process
 
 
 # ---- finding the kernels package ------------------------------------------------------------------
@@ -130,7 +133,21 @@ def forced(m: str) -> Iterator[None]:
 
 def _kernel(name: str, device) -> Optional[ModuleType]:
     """The Triton module `name` when the mode picks Triton for `device`, else None."""
-    return _triton_module(name) if use_triton(device) else None
+    module = _triton_module(name) if use_triton(device) else None
+    if module is None and not _fallback_logged and mode() == "auto" and torch.device(device).type == "cuda":
+        _log_fallback(name)
+    return module
+
+
+def _log_fallback(name: str) -> None:
+    """Say once that a CUDA run takes the slow PyTorch references: a user with no Triton (or a broken
+    one) would otherwise see only a slow run."""
+    global _fallback_logged
+    _fallback_logged = True
+    why = "Triton does not import" if not triton_available() else f"the Triton kernel {name!r} failed to import"
+    log.warning("QuantSparse: %s, so the PyTorch reference implementations run on CUDA (correct but slower). "
+                "Install `triton` (Linux) or `triton-windows` (Windows) in ComfyUI's Python for the fast "
+                "kernels; `python -m quantsparse_core.dispatch` shows the path of each operation.", why)
 
 
 # ---- kernel-side types the library uses ------------------------------------------------------------

@@ -95,7 +95,7 @@ def calibrate_and_save():
     model = g.add("UNETLoader", [DIT, "default"], 0, 0)
     pos = text_encoders(g)
     latent = g.add("EmptyHunyuanLatentVideo", [848, 480, 73, 1], 0, 2, title="Calibration size")
-    g.add("QuantSparseCalibrate", ["4", "8", "msad", 20, 20, 15, 0.1, 0.1, 128, 256, 0,
+    g.add("QuantSparseCalibrate", ["4", "8", "msad", 20, 20, 15, 0.1, 0.1, 128, 256, 0, "fixed",
                                    "hunyuan_video_quantsparse_w4a8"], 3, 1,
           model=(model, 0), positive=(pos, 0), latent=(latent, 0))
     return g
@@ -148,7 +148,7 @@ def tiny_model_demo():
     cond = g.add("QuantSparseTinyPromptEncode", ["a red circle moving right slowly on a black background"], 0, 1)
     calib = g.add("EmptyHunyuanLatentVideo", [256, 256, 29, 1], 0, 2, title="Calibration size")
     latent = g.add("EmptyHunyuanLatentVideo", [256, 256, 29, 1], 0, 3, title="Video size (8 frames, 128x128)")
-    compressed = g.add("QuantSparseCalibrate", ["4", "8", "msad", 8, 20, 5, 0.1, 0.1, 128, 256, 0,
+    compressed = g.add("QuantSparseCalibrate", ["4", "8", "msad", 8, 20, 5, 0.1, 0.1, 128, 256, 0, "fixed",
                                                 "tiny_quantsparse_w4a8"], 1, 0,
                        model=(model, 0), positive=(cond, 0), latent=(calib, 0))
     dense = g.add("KSampler", [0, "fixed", 20, 1.0, "euler", "simple", 1.0], 2, 0, title="Dense",

@@ -73,8 +73,11 @@ def _fused_calls(fb, before):
     return {k: fb.counts[k] - before.get(k, 0) for k in fb.counts if fb.counts[k] != before.get(k, 0)}
 
 
+@pytest.mark.parametrize("chunk", ["0", "8"], ids=["whole", "token-chunks-of-8"])
 @pytest.mark.parametrize("batch,mask", [(1, True), (2, False)], ids=["text-mask", "batch2-no-mask"])
-def test_replacement_equals_comfyui_blocks_fp32(pack, rng, batch, mask):
+def test_replacement_equals_comfyui_blocks_fp32(pack, rng, monkeypatch, batch, mask, chunk):
+    from quantsparse_core.models import fusion
+    monkeypatch.setenv(fusion.CHUNK_TOKENS_ENV, chunk)  # the post-attention work in chunks, or whole
     fb = pack["fused_blocks"]
     base = _comfy_patcher(rng)
     fused = fb.apply_fused_blocks(base)

@@ -97,13 +97,8 @@ def test_compiled_groups_equal_eager(rng):
     torch.testing.assert_close(fused, eager, atol=1e-4, rtol=1e-4)
 
 
-@interpreted
-@pytest.mark.parametrize("rotation", [None, "hadamard"])
-def test_producer_quantized_inputs_equal_separate_quantization(rng, monkeypatch, rotation):
-    """A W4A8 model (smoothing on) whose producers quantize for the next linear (kernels.producer_quant)
-    gives the output of the same model quantizing in kernels.act_quant, on the Triton path (CPU
-    interpreter here, fp32). Every block linear but the attention output projection takes the
-    producer's codes; with a rotation (not fused) none does."""
+def _frozen_w4a8(rng, rotation=None):
+    """A random-weights W4A8 test model (smoothing on, random smoothing factors, clip 0.9), frozen."""
     from quantsparse_core.quant.linear import QuantLinear
     from quantsparse_core.quant.policy import default_policy, quantize_model
     cfg = get_preset("test")
@@ -116,6 +111,18 @@ def test_producer_quantized_inputs_equal_separate_quantization(rng, monkeypatch,
                     mod.log_smooth.copy_(torch.randn(mod.in_features, generator=rng) * 0.3)
                 mod.a_clip.fill_(0.9)
                 mod.freeze()
+    return cfg, model
+
+
+@interpreted
+@pytest.mark.parametrize("rotation", [None, "hadamard"])
+def test_producer_quantized_inputs_equal_separate_quantization(rng, monkeypatch, rotation):
+    """A W4A8 model (smoothing on) whose producers quantize for the next linear (kernels.producer_quant)
+    gives the output of the same model quantizing in kernels.act_quant, on the Triton path (CPU
+    interpreter here, fp32). Every block linear but the attention output projection takes the
+    producer's codes; with a rotation (not fused) none does."""
+    from quantsparse_core.quant.linear import QuantLinear
+    cfg, model = _frozen_w4a8(rng, rotation)
     x, ctx, y, mask = inputs(cfg, rng)
     args = (x, torch.tensor([640.0]), ctx, y, torch.tensor([6.0]))
     calls = []
@@ -136,16 +143,16 @@ def test_producer_quantized_inputs_equal_separate_quantization(rng, monkeypatch,
     assert float((fused - separate).norm() / separate.norm()) < 2e-2
 
 
-@interpreted
-def test_quantized_input_gives_the_layer_output_on_both_paths(rng):
-    """QuantLinear(QuantizedInput of x) == QuantLinear(x), through int_gemm (interpreter) and the
-    PyTorch integer GEMM alike, against a float64 dequantized product."""
+def _w4a8_layer_and_reference(rng):
+    """A frozen W4A8 layer (random weights, bias, smoothing; clip 0.85), an input x [2, 7, 96], its int8
+    codes and scales, and the float64 dequantized product as the reference output."""
     from quantsparse_kernels.act_quant_ref import act_quant_ref
-    from quantsparse_core.quant.linear import QuantizedInput, QuantLinear
+    from quantsparse_core.quant.linear import QuantLinear
     from quantsparse_core.dispatch import unpack_int4
     lin = torch.nn.Linear(96, 40)
     with torch.no_grad():
         lin.weight.copy_(torch.randn(40, 96, generator=rng) * 0.1)
+        lin.bias.copy_(torch.randn(40, generator=rng))
     layer = QuantLinear(lin, 4, 8, smooth=True)
     with torch.no_grad():
         layer.log_smooth.copy_(torch.randn(96, generator=rng) * 0.3)
@@ -153,9 +160,18 @@ def test_quantized_input_gives_the_layer_output_on_both_paths(rng):
     layer.freeze()
     x = torch.randn(2, 7, 96, generator=rng)
     codes, s = act_quant_ref(x, 8, torch.exp(-layer.log_smooth), 0.85)
-    q = QuantizedInput(codes, s, (2, 7), torch.float32)
     ref = ((codes.double() @ unpack_int4(layer.w_packed).double().t()) * s.double() * layer.w_scale.double().t()
            + layer.bias.double()).reshape(2, 7, 40)
+    return layer, x, codes, s, ref
+
+
+@interpreted
+def test_quantized_input_gives_the_layer_output_on_both_paths(rng):
+    """QuantLinear(QuantizedInput of x) == QuantLinear(x), through int_gemm (interpreter) and the
+    PyTorch integer GEMM alike, against a float64 dequantized product."""
+    from quantsparse_core.quant.linear import QuantizedInput
+    layer, x, codes, s, ref = _w4a8_layer_and_reference(rng)
+    q = QuantizedInput(codes, s, (2, 7), torch.float32)
     with torch.no_grad():
         for mode in ("torch", "triton"):
             with dispatch.forced(mode):
@@ -177,3 +193,48 @@ def test_quantized_input_is_refused_where_it_cannot_apply(rng):
         QuantLinear(lin, 4, 8).freeze()(QuantizedInput(torch.ones(3, 48, dtype=torch.int8), torch.ones(3, 1), (3,),
                                                        torch.float32))
     assert QuantLinear(lin, 4, 8).freeze().input_quant_spec(torch.randn(3, 64)) is None  # CPU, no kernels
+
+
+
+@pytest.mark.parametrize("mode", ["torch", pytest.param("triton", marks=interpreted)])
+def test_token_chunked_blocks_equal_whole_sequence(rng, monkeypatch, mode):
+    """Post-attention work in token chunks (and the single block's linear1 split into its q/k/v rows
+    before attention and its MLP rows per chunk after) gives the whole-sequence output: every op
+    there is per token, and an integer GEMM's rows do not depend on the others. fp32; chunks of 8 of
+    the 32 video + 6 text tokens, so the last chunk is a short one."""
+    cfg, model = _frozen_w4a8(rng)
+    x, ctx, y, mask = inputs(cfg, rng)
+    args = (x, torch.tensor([640.0]), ctx, y, torch.tensor([6.0]))
+    rows = []
+    from quantsparse_core.quant.linear import QuantLinear
+    real = QuantLinear.forward_rows
+    monkeypatch.setattr(QuantLinear, "forward_rows", lambda self, *a: rows.append(a[1:]) or real(self, *a))
+    with torch.no_grad(), dispatch.forced(mode):
+        model.fuse_small_ops(compile=False)
+        monkeypatch.setenv(fusion.CHUNK_TOKENS_ENV, "0")
+        whole = model(*args, attention_mask=mask)
+        assert not rows
+        monkeypatch.setenv(fusion.CHUNK_TOKENS_ENV, "8")
+        chunked = model(*args, attention_mask=mask)
+    model.fuse_small_ops(False)
+    n3, mlp = 3 * cfg.hidden_size, cfg.mlp_hidden
+    assert rows.count((0, n3)) == cfg.depth_single and rows.count((n3, n3 + mlp)) == 5 * cfg.depth_single
+    assert torch.isfinite(whole).all() and whole.abs().max() > 0
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["torch", pytest.param("triton", marks=interpreted)])
+def test_forward_rows_equals_the_output_columns(rng, mode):
+    """QuantLinear.forward_rows(x, a, b) == forward(x)[..., a:b], float and producer-quantized input,
+    against a float64 dequantized product."""
+    from quantsparse_core.quant.linear import QuantizedInput
+    layer, x, codes, s, ref = _w4a8_layer_and_reference(rng)
+    a, b = sorted(torch.randperm(41, generator=rng)[:2].tolist())
+    b = max(b, a + 1)
+    with torch.no_grad(), dispatch.forced(mode):
+        for inp in (x, QuantizedInput(codes, s, (2, 7), torch.float32)):
+            got = layer.forward_rows(inp, a, b)
+            assert got.shape == (2, 7, b - a)
+            torch.testing.assert_close(got.double(), ref[..., a:b], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="rows"):
+        layer.forward_rows(x, 30, 41)

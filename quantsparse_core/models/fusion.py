@@ -4,6 +4,8 @@ RoPE as one kernel (kernels.qk_norm_rope). Used after HunyuanVideoDiT.fuse_small
 as the blocks' eager forwards (tests/test_fused_small_ops.py)."""
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -11,6 +13,22 @@ from .. import dispatch
 from ..quant.linear import QuantizedInput
 from .attention import AttentionCall
 from .layers import apply_rope, modulate, split_heads
+
+# Tokens per chunk of the blocks' post-attention work (0: whole sequence). 32768 keeps the GEMMs large
+# (M >= 16k) while the MLP's hidden state at 720p/129f (119k tokens) drops from 2.9 GB to 0.8 GB.
+CHUNK_TOKENS_ENV = "QUANTSPARSE_CHUNK_TOKENS"
+DEFAULT_CHUNK_TOKENS = 32768
+
+
+def chunk_tokens() -> int:
+    value = os.environ.get(CHUNK_TOKENS_ENV, "").strip()
+    if not value:
+        return DEFAULT_CHUNK_TOKENS
+    try:
+        return max(0, int(value))
+    except ValueError:
+        raise ValueError(f"{CHUNK_TOKENS_ENV}={value!r} is not a whole number of tokens (0 turns chunking off)")
+
 
 # ---- small ops, fusable --------------------------------------------------------------------------
 # The non-attention, non-GEMM work of a block (layer norm + modulation, q/k RMSNorm + RoPE, gated
@@ -151,8 +169,51 @@ def _norm_modulate_for(block, linear, x, shift, scale):
     return _as_input(norm_modulate_q(x, shift, scale, *spec), x)
 
 
+def _chunks(length: int, size: int):
+    """Token ranges of at most `size` (near-equal, multiples of 128 but the last) covering [0, length);
+    one range when size <= 0 or the sequence is shorter."""
+    if size <= 0 or length <= size:
+        return [(0, length)]
+    n = -(-length // size)
+    step = -(-length // n)
+    if step > 128:
+        step = -(-step // 128) * 128
+    return [(s, min(length, s + step)) for s in range(0, length, step)]
+
+
+def _token_slice(h, s: int, e: int):
+    """Tokens [s, e) of a [B, L, K] activation, or of a QuantizedInput made from one."""
+    if isinstance(h, QuantizedInput):
+        b, length = h.lead
+        k = h.codes.shape[-1]
+        codes = h.codes.view(b, length, k)[:, s:e].reshape(-1, k)
+        scale = h.scale.view(b, length, -1)[:, s:e].reshape(-1, 1)
+        return QuantizedInput(codes, scale, (b, e - s), h.dtype)
+    return h[:, s:e]
+
+
+def _mlp_tail(block, stream: str, x, y, mod):
+    """x + y * gate, then + MLP(norm-modulate(.)) * gate2: the double block's post-attention part for one
+    stream, on the tokens it is given."""
+    ops = block.ops
+    fc1, act, fc2 = getattr(block, f"{stream}_mlp")
+    spec = _spec(fc1, x, row_limit=True) if block.quantize_inputs else None
+    if spec is None:
+        x, h = ops.gated_residual_norm_modulate(x, y, mod[2], mod[3], mod[4])
+    else:
+        x, *q = gated_residual_norm_modulate_q(x, y, mod[2], mod[3], mod[4], *spec)
+        h = _as_input(q, x)
+    hid = fc1(h)
+    spec = _spec(fc2, hid) if block.quantize_inputs else None
+    z = act(hid) if spec is None else _as_input(gelu_q(hid, *spec), hid)
+    del hid
+    return ops.gated_residual(x, fc2(z), mod[5])
+
+
 def double_block_fused(block, img, txt, vec, rope, mask, attention_fn, call: AttentionCall):
-    """DoubleStreamBlock.forward with the small ops grouped into SmallOps calls (same math)."""
+    """DoubleStreamBlock.forward with the small ops grouped into SmallOps calls (same math). Past
+    attention each stream runs in token chunks (chunk_tokens(), exact: every op there is per token), so
+    the MLP's 4x-wide hidden state exists for one chunk at a time."""
     ops = block.ops
     # One memory layout for every block (the first block gets the patch embedding's transposed
     # view), so the compiled groups see a single stride pattern and never recompile mid-step.
@@ -163,22 +224,21 @@ def double_block_fused(block, img, txt, vec, rope, mask, attention_fn, call: Att
     t_qkv = ta.qkv(_norm_modulate_for(block, ta.qkv, txt, txt_mod[0], txt_mod[1]))
     q, k, v = _double_qkv(ops, t_qkv, i_qkv, block.heads, ta.norm.query_norm.weight, ta.norm.key_norm.weight,
                           ia.norm.query_norm.weight, ia.norm.key_norm.weight, rope)
+    del i_qkv, t_qkv
     out = attention_fn(q, k, v, mask, call)
+    del q, k, v
     n_txt = txt.shape[1]
     streams = []
     for stream, x, o, mod in (("img", img, out[:, n_txt:], img_mod), ("txt", txt, out[:, :n_txt], txt_mod)):
-        fc1, act, fc2 = getattr(block, f"{stream}_mlp")
-        y = getattr(block, f"{stream}_attn").proj(o)
-        spec = _spec(fc1, x, row_limit=True) if block.quantize_inputs else None
-        if spec is None:
-            x, h = ops.gated_residual_norm_modulate(x, y, mod[2], mod[3], mod[4])
-        else:
-            x, *q = gated_residual_norm_modulate_q(x, y, mod[2], mod[3], mod[4], *spec)
-            h = _as_input(q, x)
-        hid = fc1(h)
-        spec = _spec(fc2, hid) if block.quantize_inputs else None
-        z = act(hid) if spec is None else _as_input(gelu_q(hid, *spec), hid)
-        streams.append(ops.gated_residual(x, fc2(z), mod[5]))
+        proj = getattr(block, f"{stream}_attn").proj
+        chunks = _chunks(x.shape[1], chunk_tokens())
+        if len(chunks) == 1:
+            streams.append(_mlp_tail(block, stream, x, proj(o), mod))
+            continue
+        res = torch.empty_like(x)
+        for s, e in chunks:
+            res[:, s:e] = _mlp_tail(block, stream, x[:, s:e], proj(o[:, s:e]), mod)
+        streams.append(res)
     img, txt = streams
     if txt.dtype == torch.float16:
         txt = torch.nan_to_num(txt, nan=0.0, posinf=65504, neginf=-65504)
@@ -186,16 +246,40 @@ def double_block_fused(block, img, txt, vec, rope, mask, attention_fn, call: Att
 
 
 def single_block_fused(block, x, vec, rope, mask, attention_fn, call: AttentionCall):
-    """SingleStreamBlock.forward with the small ops grouped into SmallOps calls (same math)."""
+    """SingleStreamBlock.forward with the small ops grouped into SmallOps calls (same math). Where
+    linear1 can compute a range of its outputs (QuantLinear.forward_rows) and the sequence is longer
+    than chunk_tokens(), only its q/k/v part runs before attention; the MLP part, GELU, linear2 and the
+    gated residual run after it, per token chunk, so linear1's 7x-wide output is never held whole."""
     ops = block.ops
     shift, scale, gate = block.modulation(vec)
     h = _norm_modulate_for(block, block.linear1, x, shift, scale)
-    qkv, hid = block.linear1(h).split([3 * block.hidden, block.mlp_hidden], dim=-1)
+    n3 = 3 * block.hidden
+    rows = getattr(block.linear1, "forward_rows", None)
+    chunks = _chunks(x.shape[1], chunk_tokens())
+    if rows is None or len(chunks) == 1:
+        qkv, hid = block.linear1(h).split([n3, block.mlp_hidden], dim=-1)
+    else:
+        qkv, hid = rows(h, 0, n3), None
     q, k, v = _single_qkv(ops, qkv, block.heads, block.norm.query_norm.weight, block.norm.key_norm.weight, rope)
+    del qkv
     out = attention_fn(q, k, v, mask, call)
-    spec = _spec(block.linear2, hid) if block.quantize_inputs else None
-    z = ops.concat_gelu(out, hid) if spec is None else _as_input(concat_gelu_q(out, hid, *spec), out)
-    x = ops.gated_residual(x, block.linear2(z), gate)
+    del q, k, v
+    if hid is not None:
+        x = _single_tail(block, x, out, hid, gate)
+    else:
+        res = torch.empty_like(x)
+        for s, e in chunks:
+            hid = rows(_token_slice(h, s, e), n3, n3 + block.mlp_hidden)
+            res[:, s:e] = _single_tail(block, x[:, s:e], out[:, s:e], hid, gate)
+            del hid
+        x = res
     if x.dtype == torch.float16:
         x = torch.nan_to_num(x, nan=0.0, posinf=65504, neginf=-65504)
     return x
+
+
+def _single_tail(block, x, out, hid, gate):
+    """x + linear2([attention out | GELU(hid)]) * gate on the tokens given."""
+    spec = _spec(block.linear2, hid) if block.quantize_inputs else None
+    z = block.ops.concat_gelu(out, hid) if spec is None else _as_input(concat_gelu_q(out, hid, *spec), out)
+    return block.ops.gated_residual(x, block.linear2(z), gate)

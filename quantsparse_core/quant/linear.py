@@ -185,6 +185,44 @@ class QuantLinear(nn.Module):
             y = self._int_gemm_torch(q.codes, q.scale).to(q.dtype)
         return y.reshape(*q.lead, self.out_features)
 
+    def forward_rows(self, x, start: int, end: int) -> torch.Tensor:
+        """Output features [start, end) only, exactly as forward(x)[..., start:end]: a frozen layer's
+        weight rows are independent (per-channel scales, per-token activation quantization of the input),
+        so a block can compute one part of a fused projection now and another later, per token chunk,
+        instead of holding the whole output (the single block's linear1: qkv before attention, the MLP
+        half after it)."""
+        if self.mode != "real":
+            raise ValueError("forward_rows() needs a frozen layer: call freeze() first")
+        if not 0 <= start < end <= self.out_features:
+            raise ValueError(f"rows [{start}, {end}) are not inside [0, {self.out_features})")
+        quantized = isinstance(x, QuantizedInput)
+        device, dtype = (x.codes.device, x.dtype) if quantized else (x.device, x.dtype)
+        if self.a_bits < 16 and dtype in _KERNEL_DTYPES and _kernels_on(device) and not (quantized and self.rotation):
+            st = self.prepare_kernels()
+            act, gemm = dispatch.quantized_linear_kernels(device)
+            if quantized:
+                codes, sx, lead = x.codes, x.scale, x.lead
+            else:
+                f = self._factors()
+                r1, r2 = (None, None) if f is None else f
+                codes, sx = act.act_quant(x, self.a_bits, st["inv_smooth"], st["clip"], r1, r2)
+                lead = tuple(x.shape[:-1])
+            w = st["weight"]
+            part = type(w)(w.data[start:end], w.w_bits, w.in_features, w.scale[start:end])
+            bias = None if st["bias"] is None else st["bias"][start:end]
+            return gemm.int_gemm(codes, sx, part, bias, out_dtype=dtype).reshape(*lead, end - start)
+        if quantized:
+            return self._forward_quantized(x)[..., start:end]  # reference path: the whole output
+        if self.a_bits >= 16:
+            return self.forward(x)[..., start:end]
+        xt = self.transform_input(x.float())
+        sx = self._act_scale(xt)
+        codes = (unpack_int4(self.w_packed) if self.w_bits == 4 else self.w_packed)[start:end]
+        y = (quantize(xt, sx, self.a_bits).float() @ codes.float().t()) * sx * self.w_scale[start:end].t()
+        if self.bias is not None:
+            y = y + self.bias[start:end]
+        return y.to(dtype)
+
     # -- the Triton path (real mode, quantized activations) -----------------------------------------
     def _apply(self, fn, *args, **kwargs):
         self._kernel_state = None  # the prepared layout belongs to the old device / dtype

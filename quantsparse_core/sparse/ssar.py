@@ -284,7 +284,9 @@ class SSARAttention:
             st.corr = None
             self.stats["mask_changed"] += b
         elif s.order == 2 and st.has_d:
-            d2 = d - store.get((key, "D"), q.device)
+            # d - D_prev, in the fp32 tensor get() returned (one [B, L, H*D] fp32 temporary fewer at the
+            # peak; with the "exact" placement that is the stored D itself, replaced just below)
+            d2 = store.get((key, "D"), q.device).neg_().add_(d)
             # The low-rank placement would truncate the pending D2 itself, on this thread: no gain.
             deferred = d2.is_cuda if s.host_eigh is None else s.host_eigh
             if s.svd_rank > 0 and deferred and store.policy != "low-rank":

@@ -1,0 +1,70 @@
+"""Which member of ComfyUI's HunyuanVideo family a MODEL is, and refusing the ones a node does not support.
+
+ComfyUI runs HunyuanVideo 1.0 T2V and I2V, SkyReels I2V, HunyuanVideo 1.5 (and its super-resolution
+model) and HunyuanImage 2.1 (and its refiner) on one class, comfy.ldm.hunyuan_video.model.HunyuanVideo;
+only the configuration it was built with tells them apart (comfy/model_detection.py reads it from the
+state dict, comfy/supported_models.py names the variants by it). So the class name proves nothing: we
+read the configuration.
+"""
+from __future__ import annotations
+
+import torch
+
+T2V = "HunyuanVideo 1.0 T2V"
+I2V = "HunyuanVideo 1.0 I2V"
+SKYREELS_I2V = "SkyReels I2V"
+V15 = "HunyuanVideo 1.5 T2V/I2V"
+V15_SR = "HunyuanVideo 1.5 super-resolution"
+IMAGE21 = "HunyuanImage 2.1"
+IMAGE21_REFINER = "HunyuanImage 2.1 refiner"
+
+# What each node has been built and tested for. Calibration and our DiT take 16-channel text-to-video
+# latents only; the sparse patch and the fused blocks see only the joint blocks' token layout, which
+# 1.0 I2V shares (image channels concatenated to the latent, or the first frame replaced).
+COMPRESS = (T2V,)
+SPARSE = (T2V, I2V)
+
+# comfy/supported_models.py: the 1.0 family differs only in img_in's input channels.
+_V10_BY_CHANNELS = {16: T2V, 33: I2V, 32: SKYREELS_I2V}
+_V15_SR_CHANNELS = 98
+
+
+def diffusion_model(model):
+    """The diffusion module of a ComfyUI ModelPatcher (or the module itself)."""
+    inner = getattr(getattr(model, "model", None), "diffusion_model", None)
+    return model if inner is None else inner
+
+
+def classify(model) -> str:
+    """The variant of a ModelPatcher's (or a diffusion module's) model, by ComfyUI's configuration."""
+    dm = diffusion_model(model)
+    name = type(dm).__name__
+    params = getattr(dm, "params", None)
+    if name != "HunyuanVideo" or params is None:
+        return f"{name} (not a HunyuanVideo-family model)"
+    patch = list(params.patch_size)
+    if len(patch) == 2:
+        return IMAGE21
+    if params.vision_in_dim is not None or params.use_cond_type_embedding:
+        return V15_SR if params.in_channels == _V15_SR_CHANNELS else V15
+    if patch == [1, 1, 1] and params.vec_in_dim is None:
+        return IMAGE21_REFINER
+    if patch == [1, 2, 2] and params.vec_in_dim is not None and params.out_channels == 16 \
+            and not (params.byt5 or params.meanflow):
+        variant = _V10_BY_CHANNELS.get(params.in_channels)
+        if variant is not None:
+            return variant
+    return (f"an unknown HunyuanVideo configuration (in_channels {params.in_channels}, patch {patch}, "
+            f"byT5 {params.byt5}, meanflow {params.meanflow})")
+
+
+def require_supported(model, node_name: str, supported) -> str:
+    """The variant, or a ValueError naming the detected model and the variants `node_name` supports."""
+    variant = classify(model)
+    if variant in supported:
+        return variant
+    base = getattr(model, "model", None)
+    seen = f"{variant} (ComfyUI model class {type(base).__name__})" if isinstance(base, torch.nn.Module) else variant
+    raise ValueError(f"{node_name} does not support this MODEL: it is {seen}. {node_name} supports "
+                     f"{', '.join(supported)} (for 1.0 T2V: ComfyUI's hunyuan_video_t2v_720p_bf16.safetensors, or "
+                     "a checkpoint QuantSparse Calibrate wrote from it)")

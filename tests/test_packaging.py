@@ -102,6 +102,10 @@ def test_built_wheel_ships_the_kernels(tmp_path):
         shutil.copy(ROOT / name, src / name)
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", str(src), "-w", str(tmp_path / "dist")],
                        capture_output=True, text=True, timeout=300)
+    unreachable = ("No matching distribution found for setuptools", "Could not find a version that satisfies",
+                   "Failed to establish a new connection", "Temporary failure in name resolution")
+    if r.returncode and any(m in r.stderr for m in unreachable):
+        pytest.skip("pip cannot fetch the build backend (setuptools>=77) here: no package index reachable")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     (wheel,) = (tmp_path / "dist").glob("quantsparse-*.whl")
     with zipfile.ZipFile(wheel) as z:

@@ -170,8 +170,9 @@ def _norm_modulate_for(block, linear, x, shift, scale):
 
 
 def _chunks(length: int, size: int):
-    """Token ranges of at most `size` (near-equal, multiples of 128 but the last) covering [0, length);
-    one range when size <= 0 or the sequence is shorter."""
+    """Near-equal token ranges covering [0, length), each at most about `size` (rounded up to a multiple
+    of 128 when longer than 128, so the GEMM tiles stay whole); one range when size <= 0 or the sequence
+    is shorter."""
     if size <= 0 or length <= size:
         return [(0, length)]
     n = -(-length // size)

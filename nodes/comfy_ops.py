@@ -46,12 +46,26 @@ class _PrebuiltQuantLinear(QuantLinear):
         return
 
 
-def _run_on_copies(q: QuantLinear, x, device):
-    """q(x) with q's tensors copied to `device` for this call only: a layer ComfyUI offloaded runs
-    where its input is, with the same math (so the same output) as if it had been moved there."""
+class _Rows(torch.nn.Module):
+    """q.forward_rows as a module's forward, so torch.func.functional_call can run it on copies."""
+
+    def __init__(self, q: QuantLinear):
+        super().__init__()
+        self.q = q
+
+    def forward(self, x, start: int, end: int):
+        return self.q.forward_rows(x, start, end)
+
+
+def _run_on_copies(q: QuantLinear, x, device, rows=None):
+    """q(x) (or q.forward_rows(x, *rows)) with q's tensors copied to `device` for this call only: a
+    layer ComfyUI offloaded runs where its input is, with the same math (so the same output) as if it
+    had been moved there."""
     tensors = {k: t.to(device, copy=True) for k, t in itertools.chain(q.named_parameters(), q.named_buffers())}
     try:
-        return torch.func.functional_call(q, tensors, (x,))
+        if rows is None:
+            return torch.func.functional_call(q, tensors, (x,))
+        return torch.func.functional_call(_Rows(q), {f"q.{k}": t for k, t in tensors.items()}, (x, *rows))
     finally:
         q._kernel_state = None  # the kernel layout made from the copies must not stay on the device
 
@@ -118,15 +132,32 @@ def make_operations(layers: dict):
                 y = q(x) if q.w_packed.device == device else _run_on_copies(q, x, device)
                 return y if self.lora is None else y + self._lora_out(x)
 
-            def _lora_out(self, x):
-                """sum_i s_i alpha_i / r_i (x down_i^T) up_i^T, in x's dtype on x's device."""
+            @property
+            def forward_rows(self):
+                """(x, start, end) -> forward(x)[..., start:end] computing only those output features
+                (fusion.single_block_fused: linear1's q/k/v before attention, its MLP part per token
+                chunk after it), or None where that would cost the whole output: a plain layer, or
+                one whose forward ComfyUI replaced (bypass LoRA)."""
+                if self.quant is None or "forward" in self.__dict__:
+                    return None
+                return self._forward_rows
+
+            def _forward_rows(self, x, start: int, end: int):
+                q = self.quant
+                device = x.codes.device if isinstance(x, QuantizedInput) else x.device
+                y = (q.forward_rows(x, start, end) if q.w_packed.device == device
+                     else _run_on_copies(q, x, device, rows=(start, end)))
+                return y if self.lora is None else y + self._lora_out(x, start, end)
+
+            def _lora_out(self, x, start: int = 0, end: int = None):
+                """sum_i s_i alpha_i / r_i (x down_i^T) up_i[start:end]^T, in x's dtype on x's device."""
                 if isinstance(x, QuantizedInput):
                     raise ValueError("a LoRA on a quantized layer needs the float input, not a QuantizedInput")
                 c = self._lora_cast
                 if c is None or c[0] != (x.device, x.dtype):
                     down, up = self.lora
                     c = self._lora_cast = ((x.device, x.dtype), down.to(x.device, x.dtype), up.to(x.device, x.dtype))
-                return F.linear(F.linear(x, c[1]), c[2])
+                return F.linear(F.linear(x, c[1]), c[2][start:end])
 
     return QuantSparseOps
 

@@ -95,12 +95,17 @@ def test_replacement_equals_comfyui_blocks_fp32(pack, rng, monkeypatch, batch, m
     torch.testing.assert_close(_forward(off, inputs), ref, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("chunk", ["0", "8"], ids=["whole", "token-chunks-of-8"])
 @pytest.mark.parametrize("a_bits", [16, 8], ids=["W4A16-weight-only", "W4A8"])
-def test_replacement_equals_comfyui_blocks_on_compressed_model(pack, rng, tmp_path, a_bits):
-    """Load Compressed DiT's model (ComfyUI ops with QuantLinear inside, manual-cast norms)."""
+def test_replacement_equals_comfyui_blocks_on_compressed_model(pack, rng, tmp_path, monkeypatch, a_bits, chunk):
+    """Load Compressed DiT's model (ComfyUI ops with QuantLinear inside, manual-cast norms); with token
+    chunks the single block's linear1 computes its q/k/v rows before attention and its MLP rows per
+    chunk (the compressed Linear's forward_rows)."""
     from quantsparse_core.io import save_compressed
+    from quantsparse_core.models import fusion
     from quantsparse_core.quant.policy import default_policy, quantize_model
 
+    monkeypatch.setenv(fusion.CHUNK_TOKENS_ENV, chunk)
     fb, ops = pack["fused_blocks"], pack["comfy_ops"]
     dit = _random_dit(rng)
     policy = default_policy(dit, 4, a_bits)
@@ -111,12 +116,28 @@ def test_replacement_equals_comfyui_blocks_on_compressed_model(pack, rng, tmp_pa
     quant = [m for m in base.model.diffusion_model.modules() if getattr(m, "quant", None) is not None]
     assert len(quant) == len(policy)
     assert all(m.input_quant_spec(torch.zeros(1, m.in_features)) is None for m in quant)  # CPU: no producers
+    assert all(m.forward_rows is not None for m in quant)
     fused = fb.apply_fused_blocks(base)
     inputs = _inputs(rng)
     ref = _forward(base, inputs)
+    linear1 = base.model.diffusion_model.single_blocks[0].linear1
+    calls = []  # what linear1 computed in the fused run: "whole" or (start, end, tokens)
+    cls = type(linear1)
+    forward, rows = cls.forward, cls._forward_rows
+    monkeypatch.setattr(cls, "forward", lambda self, x, *a, **k: (
+        calls.append("whole") if self is linear1 else None) or forward(self, x, *a, **k))
+    monkeypatch.setattr(cls, "_forward_rows", lambda self, x, s, e: (
+        calls.append((s, e, x.shape[1])) if self is linear1 else None) or rows(self, x, s, e))
     before = dict(fb.counts)
     got = _forward(fused, inputs)
     assert _fused_calls(fb, before) == {"double": 1, "single": 1}
+    length = inputs[0].shape[-3] * inputs[0].shape[-2] * inputs[0].shape[-1] // 4 + inputs[2].shape[1]
+    hidden, mlp = linear1.out_features // 7 * 3, linear1.out_features // 7 * 4
+    if chunk == "0":
+        assert calls == ["whole"]
+    else:  # q/k/v rows over all tokens, then the MLP rows per chunk: never the whole 7x-wide output
+        n = int(chunk)
+        assert calls == [(0, hidden, length)] + [(hidden, hidden + mlp, min(n, length - s)) for s in range(0, length, n)]
     rel = _rel(got, ref)
     print(f"compressed W4A{a_bits}: fused blocks vs ComfyUI's blocks, relative error {rel:.2e}")
     # Weight-only: no activation rounding, the same tolerance as the float model. W4A8: an activation

@@ -194,6 +194,15 @@ def test_strength_zero_stacked_loras_and_unpatch(ops, rng, tmp_path):
         want_final = dit.final_layer.linear.weight + s2 * d2["final_layer.linear"]
     assert _rel(final.weight.float(), want_final) < 1e-2  # bf16 in the file: ComfyUI's own weight patching
 
+    # Row ranges (the fused single block's linear1 split): the same as the whole output sliced, LoRA included.
+    for name, m in _quantized(stacked).items():
+        xin = torch.randn(3, m.in_features, generator=rng)
+        start, end = m.out_features // 3, m.out_features - 5
+        with torch.inference_mode():
+            whole, part = m(xin), m.forward_rows(xin, start, end)
+        assert part.shape == (3, end - start)
+        assert _rel(part.double(), whole[:, start:end].double()) <= 1e-6, name
+
     # Unpatch: loading the LoRA-free MODEL again (ComfyUI unloads the LoRA clone) gives the original output.
     assert torch.equal(_run(base, inputs), plain)
     assert all(m.lora is None for m in _quantized(base).values())
@@ -246,6 +255,23 @@ def test_offloaded_layer_runs_on_copies_of_its_tensors(ops, rng, tmp_path, monke
     assert {k: t.data_ptr() for k, t in m.quant.state_dict().items()} == ptrs  # the layer's own tensors stay
 
 
+def test_row_ranges_of_offloaded_and_plain_layers(ops, rng, tmp_path, monkeypatch):
+    """forward_rows on copies (an offloaded layer) equals the layer's own; a plain bf16 layer offers no
+    row ranges (the fused block then computes its whole output once, as ComfyUI does)."""
+    dit = _random_dit(rng)
+    _compress(dit, tmp_path / "base.safetensors")
+    base = ops.load_compressed_patcher(tmp_path / "base.safetensors")
+    m = _quantized(base)["single_blocks.0.linear1"]
+    x = torch.randn(2, 5, m.in_features, generator=rng)
+    with torch.inference_mode():
+        whole = m(x)
+        monkeypatch.setattr(QuantLinear, "from_packed", classmethod(lambda *a, **k: pytest.fail("layer rebuilt")))
+        got = ops._run_on_copies(m.quant, x, x.device, rows=(7, 300))
+        assert torch.equal(got, m.forward_rows(x, 7, 300))
+    assert _rel(got, whole[..., 7:300]) <= 1e-6
+    assert base.model.diffusion_model.final_layer.linear.forward_rows is None
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to offload from")
 def test_offloaded_layer_equals_the_layer_moved_to_the_gpu(ops, rng, tmp_path, monkeypatch):
     m = _one_layer(ops, rng, tmp_path)
@@ -253,9 +279,12 @@ def test_offloaded_layer_equals_the_layer_moved_to_the_gpu(ops, rng, tmp_path, m
     monkeypatch.setattr(QuantLinear, "from_packed", classmethod(lambda *a, **k: pytest.fail("layer rebuilt")))
     with torch.inference_mode():
         offloaded = m(x)                      # packed tensors on the CPU, input on the GPU
+        offloaded_rows = m.forward_rows(x, 3, 100)
         assert m.quant.w_packed.device.type == "cpu"
         moved = m.cuda()(x)
+        moved_rows = m.forward_rows(x, 3, 100)
     assert torch.equal(offloaded, moved)
+    assert torch.equal(offloaded_rows, moved_rows)
 
 
 @pytest.mark.parametrize("with_lora", [False, True], ids=["compressed", "compressed+LoRA"])

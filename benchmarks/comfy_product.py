@@ -331,6 +331,56 @@ def video_tokens(shape) -> int:
 
 
 # ---- one sampling run ------------------------------------------------------------------------------
+class StallTrace:
+    """What happened inside each step besides its math, to explain stalled steps: Triton kernels compiled
+    (JIT cache misses, autotuner candidates included), new torch.compile graphs, and the caching allocator's
+    device allocations and out-of-memory retries (each retry frees the cache and synchronizes)."""
+
+    def __init__(self, cuda: bool):
+        self.cuda, self.compiled, self.hooked = cuda, [], False
+        try:
+            from triton import knobs  # Triton >= 3.4
+            knobs.runtime.jit_post_compile_hook = self._hook
+            self.hooked = True
+        except (ImportError, AttributeError):
+            try:
+                from triton.runtime.jit import JITFunction
+                JITFunction.compiled_hook = self._hook
+                self.hooked = True
+            except (ImportError, AttributeError):
+                pass
+        self.last = self._counters()
+
+    def _hook(self, *args, **kwargs):
+        fn = kwargs.get("fn")
+        self.compiled.append(getattr(getattr(fn, "fn", fn), "__name__", None) or str(fn)[:60])
+        return False
+
+    def _counters(self) -> dict:
+        out = {}
+        try:
+            from torch._dynamo.utils import counters
+            out["graphs"] = int(counters["stats"]["unique_graphs"])
+        except Exception:
+            pass
+        if self.cuda:
+            st = torch.cuda.memory_stats()
+            out["device_allocs"] = int(st.get("num_device_alloc", st.get("segment.all.allocated", 0)))
+            out["alloc_retries"] = int(st.get("num_alloc_retries", 0))
+        return out
+
+    def take(self) -> dict:
+        """Events since the previous call (the step that just ended)."""
+        now = self._counters()
+        out = {k: now[k] - self.last.get(k, 0) for k in now}
+        names, self.compiled = self.compiled, []
+        if self.hooked:
+            out["triton_compiles"] = len(names)
+            out["triton_kernels"] = sorted(set(names))[:12]
+        self.last = now
+        return out
+
+
 class StepTimer:
     """Per-step wall-clock: a DIFFUSION_MODEL wrapper marks each model call's start (synchronized) and
     reads what SSAR did in it; ComfyUI's sampler callback marks each step's end (synchronized)."""
@@ -341,6 +391,7 @@ class StepTimer:
     def __init__(self, cuda: bool, on_step=None):
         self.cuda, self.on_step = cuda, on_step
         self.starts, self.ends, self.observed = [], [], []
+        self.trace, self.events = StallTrace(cuda), []
 
     def now(self) -> float:
         if self.cuda:
@@ -372,6 +423,7 @@ class StepTimer:
 
     def callback(self, i, x0, x, total):
         self.ends.append(self.now())
+        self.events.append(self.trace.take())
         if self.on_step is not None:
             self.on_step(i, total)
 
@@ -379,7 +431,8 @@ class StepTimer:
         out = []
         for i, end in enumerate(self.ends):
             begin = self.ends[i - 1] if i else self.starts[0]
-            out.append(dict(i=i, s=end - begin, observed=self.observed[i] if i < len(self.observed) else None))
+            out.append(dict(i=i, s=end - begin, observed=self.observed[i] if i < len(self.observed) else None,
+                            events=self.events[i] if i < len(self.events) else {}))
         return out
 
 
@@ -557,7 +610,7 @@ class Bench:
         self.runs = report.data["runs"]
         self.scale = 1.0  # measured / prior step time, refined as runs finish
         from quantsparse_core.sparse.ssar import SparseSettings
-        self.settings = SparseSettings()
+        self.settings = SparseSettings(schedule="standard")
         self.cond, self.txt_real = conditioning(args.preset, args.text_tokens, args.seed)
 
     # -- estimates --
@@ -729,7 +782,10 @@ class Bench:
             if t is None or i >= len(t.ends):
                 return
             begin = t.ends[i - 1] if i else t.starts[0]
-            log(f"   step {i:2d} [{coarse[i]:7s}] {t.ends[i] - begin:7.2f} s")
+            ev = t.events[i] if i < len(t.events) else {}
+            busy = {k: v for k, v in ev.items() if v and k != "triton_kernels"}
+            log(f"   step {i:2d} [{coarse[i]:7s}] {t.ends[i] - begin:7.2f} s" + (f"  {busy} {ev.get('triton_kernels', '')}"
+                                                                              if busy else ""))
             # Saved every step (a few ms, counted in the next step): a run stopped by a time limit keeps its steps.
             run["per_step"] = [dict(s, kind=coarse[s["i"]], fine_kind=fine[s["i"]]) for s in t.steps()]
             self.report.save()

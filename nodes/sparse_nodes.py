@@ -5,7 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from quantsparse_core.sparse.cache import AUTO_ORDER
-from quantsparse_core.sparse.ssar import SparseSettings
+from quantsparse_core.sparse.ssar import SCHEDULES, SparseSettings
 
 from .sparse_patch import apply_sparse
 
@@ -40,16 +40,25 @@ def sparse_inputs() -> list:
                          tooltip="Run QuantSparse's fused blocks (grouped small ops, activations quantized by the op "
                                  "that produces them, one q/k norm + RoPE kernel) on this model's weights instead of "
                                  "ComfyUI's block code: same math, faster on NVIDIA GPUs. Off = ComfyUI's blocks."),
+        # optional and last: saved prompts and workflows from before it load unchanged (schedule auto)
+        io.Combo.Input("schedule", options=list(SCHEDULES), default=d.schedule, optional=True,
+                       tooltip=f"Which steps get full attention. auto: few-step for runs of at most {d.few_step_max} "
+                               "steps (4-8-step distilled models and LoRAs), else standard. standard: the dense "
+                               "warm-up and refresh interval above. few-step: full attention on every other step "
+                               "from the first, the first-order correction in between (ignores refresh interval and "
+                               "warm-up steps). sparse-only: full attention on the first step, then sparse attention "
+                               "with a fresh mask each step and no correction cache (least memory, less faithful)."),
     ]
 
 
-def sparse_settings(density, refresh_interval, svd_rank, warmup_steps, warmup_blocks, cache_placement) -> SparseSettings:
+def sparse_settings(density, refresh_interval, svd_rank, warmup_steps, warmup_blocks, cache_placement,
+                    schedule: str = "auto") -> SparseSettings:
     """Node inputs -> SparseSettings; out-of-range values raise a ValueError naming the input."""
     if svd_rank > 128:
         raise ValueError(f"svd_rank {svd_rank} exceeds HunyuanVideo's head dimension 128; use 0-128")
     return SparseSettings(density=density, tau=refresh_interval, svd_rank=svd_rank,
                           warmup_steps=None if warmup_steps < 0 else warmup_steps,
-                          warmup_blocks=warmup_blocks, placement=cache_placement)
+                          warmup_blocks=warmup_blocks, placement=cache_placement, schedule=schedule)
 
 
 class SparseAttentionPatch(io.ComfyNode):

@@ -245,6 +245,33 @@ def refresh_attention(q, k, v, mask, block_mask, txt_len: int, grid) -> Tuple[to
     return _module("refresh_attention_ref").refresh_attention_ref(q, k, v, index, count, **kw)
 
 
+def int8_dense_attention(q, k, v, mask=None, *, keep=None, return_lse: bool = False):
+    """Dense attention with INT8 Q.K^T (K smoothed by its mean, per-block INT8 scales, fp32 softmax,
+    P.V in V's dtype): the arithmetic of kernels/int8_attention_ref.py. q, k, v: [B, H, L, D]. Keys
+    left out by `mask` (the model's additive mask; only one that blocks whole keys, as text padding
+    does, models.attention.allowed_keys) or by `keep` (allowed_keys's answer: None / "all" / an index
+    of the allowed keys) take no part; a row with no allowed key gives 0. Returns [B, L, H*D] in q's
+    dtype, and with return_lse also the fp32 [B, H, L] base-2 log-sum-exp of the scaled scores (two
+    runs over disjoint key sets merge exactly, kernels/refresh_attention.merge). The Triton kernel
+    where the mode picks it and it takes the inputs; else the PyTorch reference."""
+    if mask is not None:
+        if keep is not None:
+            raise ValueError("int8_dense_attention takes mask or keep, not both")
+        from .models.attention import allowed_keys
+        keep = allowed_keys(mask)
+        if keep is None:
+            raise ValueError("int8_dense_attention takes only a key mask that blocks whole keys (entries 0 or "
+                             "<= -1e4, one row for every batch entry), as text padding does; use "
+                             "models.attention.dense_attention for other masks")
+    kernel = _kernel("int8_attention", q.device)
+    if kernel is not None and kernel.supports(q):
+        b, heads, length, _ = q.shape
+        lse = torch.empty(b, heads, length, dtype=torch.float32, device=q.device) if return_lse else None
+        out = kernel.int8_attention(q, k, v, keep=keep, lse=lse)
+        return (out, lse) if return_lse else out
+    return _module("int8_attention_ref").int8_attention_ref(q, k, v, keep=keep, return_lse=return_lse)
+
+
 def svg_profile_kernel(q, k, v, block: int):
     """kernels.svg_profile.svg_errors where the mode picks Triton and it takes these inputs (27.5 ->
     a few ms per 720p layer on an H100), else None: svg_masks' chunked PyTorch estimate."""
@@ -283,8 +310,8 @@ def qk_norm_rope_kernel(qkvs, weights, table, heads: int) -> Optional[ModuleType
 
 
 # ---- the report ---------------------------------------------------------------------------------------
-OPERATIONS = ("sparse_attention", "refresh_attention", "svg_profile", "gram", "act_quant", "int_gemm",
-              "producer_quant", "qk_norm_rope")
+OPERATIONS = ("sparse_attention", "refresh_attention", "int8_attention", "svg_profile", "gram", "act_quant",
+              "int_gemm", "producer_quant", "qk_norm_rope")
 
 
 def report(device: torch.device | str | None = None) -> Dict[str, str]:

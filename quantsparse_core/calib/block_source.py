@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 
 from ..models import HunyuanVideoDiT, config_from_state_dict
+from ..models.config import require_calibratable
 
 PREFIXES = {"double": "double_blocks.", "single": "single_blocks."}
 
@@ -96,7 +97,7 @@ class StateDictSource(BlockSource):
 
     def __init__(self, sd: dict):
         self.sd = sd
-        self.config = config_from_state_dict(sd)
+        self.config = require_calibratable(config_from_state_dict(sd))
         super().__init__()
         from ..models.weights import check_state_dict
         check_state_dict(self.skeleton, sd)
@@ -134,7 +135,7 @@ class SafetensorsSource(BlockSource):
         self.strip = self.PREFIX if any(k.startswith(self.PREFIX) for k in keys) else ""
         self.keys = {k[len(self.strip):]: k for k in keys if k.startswith(self.strip)}
         metas = {k: torch.empty(shapes[full], device="meta") for k, full in self.keys.items()}
-        self.config = config_from_state_dict(metas)
+        self.config = require_calibratable(config_from_state_dict(metas))
         super().__init__()
 
     def _read(self, names: list) -> dict:

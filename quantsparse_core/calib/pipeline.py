@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import torch
 
 from ..io.checkpoint import save_compressed
-from ..models.config import config_from_state_dict
+from ..models.config import config_from_state_dict, require_calibratable
 from ..models.hunyuan_video import HunyuanVideoDiT
 from ..models.weights import check_state_dict
 from ..quant.policy import default_policy
@@ -66,7 +66,7 @@ def check_memory(sd: dict, device, dtype=torch.float32, headroom: float = 1.25) 
 
 def dit_from_state_dict(sd: dict, device="cpu", dtype=torch.float32) -> HunyuanVideoDiT:
     """Our HunyuanVideoDiT with the given ComfyUI-format weights (ValueError if they are not HunyuanVideo's)."""
-    model = HunyuanVideoDiT(config_from_state_dict(sd), device="meta")
+    model = HunyuanVideoDiT(require_calibratable(config_from_state_dict(sd)), device="meta")
     check_state_dict(model, sd)
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in sd.items()}, strict=True, assign=True)
     return model.eval()

@@ -6,7 +6,10 @@ CPU with CUDA autocast's dtypes, 13B widths, scaled; docs/CALIBRATION.md "First 
 per block parameter (FP bf16 copy, the quantized copy's frozen weights held in bf16 while training,
 the fake-quantized bf16 weights saved for backward and the weight-side temporaries) plus a part
 linear in the tokens (activations saved for backward, per hidden unit, and MSAD's local map, per
-head x salient token), times an allocator margin. Not yet confirmed on a GPU.
+head x salient token), times an allocator margin, plus the prefetch rings (prefetch.py: up to DEPTH
+samples' inputs, targets and MSAD maps in the store dtype, page-locked on the host and on the GPU).
+Measured on an H200 at a 24 GB cap (docs/CALIBRATION.md): 13.5 GB peak against 14.7 GB estimated
+before the rings were added.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import torch
 
 from .capture import n_trajectories
 from .pipeline import SAMPLES_PER_TRAJECTORY
+from .prefetch import DEPTH as PREFETCH_DEPTH
 
 # One training step of a 13B double block under bf16 autocast, measured on the CPU (calibration_memory.py,
 # 1,024 and 2,048 tokens, scaled): persistent 1.27 GB + 2.38 GB per step independent of the tokens for
@@ -58,6 +62,9 @@ def estimate(config, latent_shape, txt_len: int, n_samples: int, steps: int, set
         pooled = math.ceil(tokens / settings.stride)
         msad = n_samples * heads * ((k * tokens if settings.uses_local else 0) + pooled * pooled) * sb
     per_block_host = one_set * (2 if propagation == "fp" else 3) + msad
+    # what one training step reads: inputs, targets and MSAD maps of one sample; the prefetch rings hold
+    # up to PREFETCH_DEPTH of them (host: only what comes from disk needs it; counted in full)
+    ring = PREFETCH_DEPTH * (2 * one_set + msad) // n_samples
     rope = tokens * (c // heads) * 2 * 4
     capture = one_set + rope + n_samples * 4 * c * 2
     p = block_params(config)
@@ -65,7 +72,7 @@ def estimate(config, latent_shape, txt_len: int, n_samples: int, steps: int, set
     weights = big * GPU_BYTES_PER_PARAM       # FP bf16 + quantized copy (bf16 while training) + step's weight side
     act = tokens * c * ACT_BYTES_PER_TOKEN_PER_HIDDEN
     msad_gpu = LOCAL_MAP_BYTES * heads * k * tokens if settings.uses_local else 0
-    gpu = int((weights + act + msad_gpu) * ALLOCATOR_MARGIN)
+    gpu = int((weights + act + msad_gpu) * ALLOCATOR_MARGIN) + ring
     lin = {kind: p[kind] - p[kind + "_mod"] for kind in ("double", "single")}
     attn = 4 * tokens * tokens * c
     fwd = {kind: 2 * tokens * lin[kind] + attn for kind in lin}
@@ -77,7 +84,8 @@ def estimate(config, latent_shape, txt_len: int, n_samples: int, steps: int, set
     capture_flops = n_trajectories(n_samples, per_trajectory) * steps * model_fwd
     rate = rate or DEFAULT_RATE["h200"]
     return {"tokens": tokens, "gpu_bytes": gpu, "host_capture_bytes": capture, "host_block_bytes": per_block_host,
-            "host_bytes": capture + per_block_host, "calib_flops": calib_flops, "capture_flops": capture_flops,
+            "host_ring_bytes": ring, "host_bytes": capture + per_block_host + ring,
+            "calib_flops": calib_flops, "capture_flops": capture_flops,
             "seconds": (calib_flops + capture_flops) / rate, "rate": rate,
             "capture_forwards": n_trajectories(n_samples, per_trajectory) * steps}
 
@@ -86,7 +94,8 @@ def describe(est: dict) -> str:
     g = 2 ** 30
     return (f"calibration at {est['tokens']:,} tokens: about {est['gpu_bytes'] / g:.1f} GB GPU memory, "
             f"{est['host_bytes'] / g:.1f} GB host memory (capture {est['host_capture_bytes'] / g:.1f} GB, kept on "
-            f"disk in the partial folder; one block's data {est['host_block_bytes'] / g:.1f} GB), "
+            f"disk in the partial folder; one block's data {est['host_block_bytes'] / g:.1f} GB; read-ahead "
+            f"buffers {est['host_ring_bytes'] / g:.1f} GB), "
             f"{est['capture_forwards']} model calls to capture, about {est['seconds'] / 3600:.1f} h at "
             f"{est['rate'] / 1e12:.0f} TFLOP/s")
 
@@ -100,7 +109,8 @@ def check_fits(est: dict, gpu_budget: int | None, disk_free: int | None = None) 
                           "(fewer frames or a lower resolution; docs/CALIBRATION.md), close other programs, "
                           "or use a larger GPU")
     # the capture always goes to disk; one block's data go there too when host memory is short
-    if disk_free is not None and est["host_bytes"] > disk_free:
-        raise MemoryError(f"the captured inputs and one block's data need up to {est['host_bytes'] / g:.1f} GB of disk "
+    disk = est["host_capture_bytes"] + est["host_block_bytes"]   # the read-ahead buffers stay in RAM
+    if disk_free is not None and disk > disk_free:
+        raise MemoryError(f"the captured inputs and one block's data need up to {disk / g:.1f} GB of disk "
                           f"beside the output but {disk_free / g:.1f} GB are free: free disk space, use fewer samples "
                           "or a smaller calibration latent")

@@ -4,6 +4,10 @@ forward/backward optionally under bf16 autocast (the learnable parameters stay f
 
 With float32 storage and no autocast it performs the same operations in the same order as
 calibrate._train_block, so on the CPU it gives bit-identical parameters.
+
+The loops read each sample through prefetch.py: the next sample is read (on a thread, into reused
+host buffers) and copied to the device while the current one computes, and nothing in a training
+step waits for the device (the loss values are read once per epoch and at the end).
 """
 from __future__ import annotations
 
@@ -15,6 +19,11 @@ import torch.nn.functional as F
 from . import msad
 from .calibrate import _run_block, block_optimiser, optimise_step
 from .capture import BlockInputs
+from .prefetch import DEPTH, HostRing, Part, Prefetcher
+
+# Read samples through prefetch.Prefetcher (False: read and copy each sample when it is used, as before;
+# for measurements: benchmarks/dev_profile_calib.py compares both).
+PREFETCH = True
 
 
 class BlockData:
@@ -22,13 +31,17 @@ class BlockData:
 
     inputs.get(j) holds the block's hidden inputs (img, txt) or (x,); `joint` converts a double
     block's outputs (img, txt) into the first single block's input cat(txt, img). Targets are the
-    FP block outputs, stored the same way (as (img, txt) for a double block)."""
+    FP block outputs, stored the same way (as (img, txt) for a double block). Each sample's vec and
+    text mask (from the capture) are read once and kept on the device, equal masks as one tensor (so
+    attention.allowed_keys, which syncs once per mask tensor, syncs once per block, not per step)."""
 
     def __init__(self, capture, inputs, kind, idx, count, device, dtype, joint=False):
         self.capture, self.inputs, self.kind, self.idx, self.count = capture, inputs, kind, idx, count
         self.device, self.dtype, self.joint = torch.device(device), dtype, joint
         self.targets = None
         self._ropes = {}
+        self._context = None
+        self._ring = None
 
     def __len__(self):
         return len(self.capture)
@@ -39,22 +52,85 @@ class BlockData:
             self._ropes[rid] = self.capture.ropes[rid].to(self.device)
         return self._ropes[rid]
 
+    def _vec_mask(self, j) -> tuple:
+        if self._context is None:
+            masks, ctx = [], []   # masks: (host tensor, its device copy), one per distinct value
+            for i in range(len(self)):
+                vec, mask = self.capture.store.get(i, (-2, -1))
+                if mask is not None:
+                    same = next((d for h, d in masks if h.shape == mask.shape and h.dtype == mask.dtype
+                                 and torch.equal(h, mask)), None)
+                    if same is None:
+                        same = mask.to(self.device)
+                        masks.append((mask, same))
+                    mask = same
+                ctx.append((vec.to(self.device), mask))
+            self._context = ctx
+        return self._context[j]
+
+    def _hidden_fields(self) -> tuple:
+        """Positions of the hidden inputs in an inputs entry (cat(txt, img) order when joint)."""
+        return (1, 0) if self.joint else ((0, 1) if self.kind == "double" else (0,))
+
+    def _inputs(self, j, hidden) -> BlockInputs:
+        vec, mask = self._vec_mask(j)
+        return BlockInputs(tuple(hidden) + (vec, self._rope(j), mask),
+                           self.capture.call(j, self.kind, self.idx, self.count))
+
     def sample(self, j) -> BlockInputs:
-        hidden = self.inputs.get(j)[:2 if self.kind == "double" or self.joint else 1]  # capture entries end (vec, mask)
+        """Sample j's inputs, read and copied now (the replay and SmoothQuant's statistics use this)."""
+        hidden = self.inputs.get(j, self._hidden_fields())
         if self.joint:
-            img, txt = hidden
-            hidden = (torch.cat((txt, img), dim=1),)
-        ctx = self.capture.store.get(j)
-        vec, mask = ctx[-2], ctx[-1]
-        put = lambda t: t.to(self.device, self.dtype, non_blocking=True)  # noqa: E731
-        args = tuple(put(h) for h in hidden) + (vec.to(self.device, non_blocking=True), self._rope(j),
-                                                None if mask is None else mask.to(self.device, non_blocking=True))
-        return BlockInputs(args, self.capture.call(j, self.kind, self.idx, self.count))
+            hidden = (torch.cat(hidden, dim=1),)
+        return self._inputs(j, (h.to(self.device, self.dtype, non_blocking=True) for h in hidden))
 
     def target(self, j) -> torch.Tensor:
         t = self.targets.get(j)
         t = torch.cat(t, dim=1) if len(t) > 1 else t[0]
         return t.to(self.device, non_blocking=True).float()
+
+    def host_ring(self) -> HostRing:
+        """The block's prefetch buffers, shared by its passes (allocated once per block)."""
+        if self._ring is None:
+            self._ring = HostRing(DEPTH, pin=self.device.type == "cuda")
+        return self._ring
+
+    def prefetch(self, order, targets: bool = False, msad_store=None):
+        """Yield (j, BlockInputs, float32 target or None, (global, indices, local) or None) for j in
+        `order`, each read and copied to the device while the previous one computes; a sample's tensors
+        are valid until the next one is taken. Close the generator when leaving early."""
+        hid = self._hidden_fields()
+        parts = [Part(self.inputs, hid, self.dtype)] if self.joint else [Part(self.inputs, (f,), self.dtype)
+                                                                         for f in hid]
+        n_hidden = len(parts)
+        if targets:
+            parts.append(Part(self.targets, tuple(range(self.targets.width(0))), torch.float32))
+        if msad_store is not None:
+            parts += [Part(msad_store, (0,), torch.float32), Part(msad_store, (1,)), Part(msad_store, (2,), torch.float32)]
+        with Prefetcher(parts, order, self.device, self.host_ring()) as feed:
+            for j, got in feed:
+                tgt = got[n_hidden] if targets else None
+                stored = tuple(got[-3:]) if msad_store is not None else None
+                yield j, self._inputs(j, got[:n_hidden]), tgt, stored
+
+
+def _direct(data, order, targets: bool, msad_store):
+    """prefetch()'s items read and copied when used (PREFETCH off, or a data object without prefetch)."""
+    dev = data.device
+    for j in order:
+        stored = None
+        if msad_store is not None:
+            glob, idx, loc = msad_store.get(j)
+            stored = (None if glob is None else glob.to(dev, non_blocking=True).float(),
+                      None if idx is None else idx.to(dev),
+                      None if loc is None else loc.to(dev, non_blocking=True).float())
+        yield j, data.sample(j), data.target(j) if targets else None, stored
+
+
+def _feed(data, order, targets: bool = False, msad_store=None):
+    if PREFETCH and hasattr(data, "prefetch"):
+        return data.prefetch(order, targets, msad_store)
+    return _direct(data, order, targets, msad_store)
 
 
 def autocast(device, amp: bool):
@@ -67,13 +143,14 @@ def fp_pass(fp_block, data: BlockData, settings, amp: bool, targets_store, msad_
     """One FP forward per sample: block outputs -> targets_store, MSAD targets (global map or None,
     salient indices or None, local map or None) -> msad_store (None: not kept), maps in store_dtype."""
     want = msad_store is not None and (settings.uses_global or settings.uses_local)
-    for j in range(len(data)):
-        with torch.no_grad(), autocast(data.device, amp):
-            rec = [] if want else None
-            out = _call(fp_block, data.kind, data.sample(j), rec)
-            targets_store.append(tuple(o.to(store_dtype) for o in out))
-            if want:
-                msad_store.append(msad_targets(rec, settings, store_dtype))
+    with contextlib.closing(_feed(data, range(len(data)))) as feed:
+        for _, smp, _, _ in feed:
+            with torch.no_grad(), autocast(data.device, amp):
+                rec = [] if want else None
+                out = _call(fp_block, data.kind, smp, rec)
+                targets_store.append(tuple(o.to(store_dtype) for o in out))
+                if want:
+                    msad_store.append(msad_targets(rec, settings, store_dtype))
 
 
 def _call(block, kind, inputs, record=None) -> tuple:
@@ -124,59 +201,72 @@ def _frozen_weights_back(params) -> None:
         p.data = p.data.float()
 
 
-def train_block(fp_block, q_block, data: BlockData, s, bi: int, n_blocks: int, progress, msad_store, amp: bool):
+def train_block(fp_block, q_block, data: BlockData, s, bi: int, n_blocks: int, progress, msad_store, amp: bool,
+                step_hook=None):
     """Fit q_block's clipping / smoothing / rotation (calibrate._train_block's schedule and loss).
-    msad_store: stored MSAD targets, or None to recompute them from fp_block at every step."""
+    msad_store: stored MSAD targets, or None to recompute them from fp_block at every step.
+    step_hook(step): called at the start of every step (measurements: dev_profile_calib.py)."""
     lowered = _frozen_weights_to_bf16(q_block) if amp and BF16_FROZEN_WEIGHTS else []
     try:
-        return _train(fp_block, q_block, data, s, bi, n_blocks, progress, msad_store, amp)
+        return _train(fp_block, q_block, data, s, bi, n_blocks, progress, msad_store, amp, step_hook)
     finally:
         _frozen_weights_back(lowered)
 
 
-def _train(fp_block, q_block, data: BlockData, s, bi: int, n_blocks: int, progress, msad_store, amp: bool):
+def _train(fp_block, q_block, data: BlockData, s, bi: int, n_blocks: int, progress, msad_store, amp: bool,
+           step_hook=None):
     opt, sched, gen = block_optimiser(q_block, s, len(data), bi)
     use_msad = s.uses_global or s.uses_local
     dev = data.device
-    balance, last, loss = {}, {}, None
-    for epoch in range(s.epochs):
-        for j in torch.randperm(len(data), generator=gen).tolist():
-            smp = data.sample(j)
-            terms, rec_q = {}, []
-            with autocast(dev, amp):
-                out = _run_block(q_block, data.kind, smp, rec_q if use_msad else None)
-                terms["quant"] = F.mse_loss(out.float(), data.target(j))
-                if rec_q:
-                    qq, kq, mask = rec_q[0]
-                    if msad_store is not None:
-                        glob, idx, loc = msad_store.get(j)
-                    else:
-                        with torch.no_grad():
-                            rec = []
-                            _call(fp_block, data.kind, smp, rec)
-                            glob, idx, loc = msad_targets(rec, s, torch.float32)
-                    if s.uses_global:
-                        terms["global"] = F.mse_loss(msad.global_attention(qq, kq, mask, s.stride),
-                                                     glob.to(dev, non_blocking=True).float())
-                    if s.uses_local:
-                        terms["local"] = F.mse_loss(msad.local_attention(qq, kq, mask, idx.to(dev)),
-                                                    loc.to(dev, non_blocking=True).float())
-            loss = optimise_step(opt, sched, terms, balance, s)
-            last = {k: v.item() for k, v in terms.items()}
-        if progress:
-            progress(bi, n_blocks, epoch + 1, loss.item())
-    return {f"final_{k}": v for k, v in last.items()}
+    # every epoch's sample order up front (the same draws as one randperm per epoch), so that reads run
+    # ahead across epoch boundaries
+    orders = [torch.randperm(len(data), generator=gen).tolist() for _ in range(s.epochs)]
+    stored_targets = msad_store if use_msad else None
+    balance, last, loss, step = {}, {}, None, 0
+    with contextlib.closing(_feed(data, [j for o in orders for j in o], True, stored_targets)) as feed:
+        for epoch in range(s.epochs):
+            for _ in orders[epoch]:
+                if step_hook is not None:
+                    step_hook(step)
+                step += 1
+                j, smp, target, stored = next(feed)
+                terms, rec_q = {}, []
+                with autocast(dev, amp):
+                    out = _run_block(q_block, data.kind, smp, rec_q if use_msad else None)
+                    terms["quant"] = F.mse_loss(out.float(), target)
+                    if rec_q:
+                        qq, kq, mask = rec_q[0]
+                        if stored is not None:
+                            glob, idx, loc = stored
+                        else:
+                            with torch.no_grad():
+                                rec = []
+                                _call(fp_block, data.kind, smp, rec)
+                                glob, idx, loc = msad_targets(rec, s, torch.float32)
+                        if s.uses_global:
+                            terms["global"] = F.mse_loss(msad.global_attention(qq, kq, mask, s.stride), glob)
+                        if s.uses_local:
+                            terms["local"] = F.mse_loss(msad.local_attention(qq, kq, mask, idx), loc)
+                loss = optimise_step(opt, sched, terms, balance, s)
+                last = {k: v.detach() for k, v in terms.items()}   # read once, at the end: no sync per step
+            if progress:
+                progress(bi, n_blocks, epoch + 1, loss.item())
+    return {f"final_{k}": v.item() for k, v in last.items()}
 
 
 def output_pass(q_block, data: BlockData, amp: bool, next_store=None) -> float:
     """Mean block-output MSE of q_block against the FP targets (calibrate.block_output_mse); its
     outputs go to next_store when the next block takes the quantized outputs."""
+    losses = []
+    with contextlib.closing(_feed(data, range(len(data)), True)) as feed:
+        for _, smp, target, _ in feed:
+            with torch.no_grad(), autocast(data.device, amp):
+                out = _call(q_block, data.kind, smp)
+                flat = torch.cat(out, dim=1) if len(out) > 1 else out[0]
+                losses.append(F.mse_loss(flat.float(), target))
+            if next_store is not None:
+                next_store.append(out)
     total = 0.0
-    for j in range(len(data)):
-        with torch.no_grad(), autocast(data.device, amp):
-            out = _call(q_block, data.kind, data.sample(j))
-            flat = torch.cat(out, dim=1) if len(out) > 1 else out[0]
-            total += F.mse_loss(flat.float(), data.target(j)).item()
-        if next_store is not None:
-            next_store.append(out)
+    for v in losses:   # read at the end, summed in sample order as before
+        total += v.item()
     return total / len(data)

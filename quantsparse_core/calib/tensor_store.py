@@ -21,11 +21,19 @@ def nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
+def _pinned_copy(t: torch.Tensor) -> torch.Tensor:
+    """t's values in fresh page-locked host memory (contiguous)."""
+    dst = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    dst.copy_(t.detach())
+    return dst
+
+
 class TensorStore:
     """An append-only list of tuples of tensors (entries may be None).
 
     path None: kept in RAM (page-locked when `pin` and CUDA is available, for fast copies).
-    path given: bytes go to that file; get(i) reads entry i into fresh (optionally pinned) memory.
+    path given: bytes go to that file; get(i) reads entry i into fresh (optionally pinned) memory, or
+    into buffers the caller reuses (prefetch.py's ring).
     """
 
     def __init__(self, path=None, pin: bool = False):
@@ -45,10 +53,11 @@ class TensorStore:
         return self.path is not None
 
     def append(self, tensors) -> None:
-        tensors = tuple(None if t is None else t.detach().to("cpu").contiguous() for t in tensors)
+        if self.path is None and self.pin:  # one copy straight into page-locked memory (a device tensor: one DMA)
+            tensors = tuple(None if t is None else _pinned_copy(t) for t in tensors)
+        else:
+            tensors = tuple(None if t is None else t.detach().to("cpu").contiguous() for t in tensors)
         if self.path is None:
-            if self.pin:
-                tensors = tuple(None if t is None else t.pin_memory() for t in tensors)
             self.items.append(tensors)
             self.size += nbytes(tensors)
             return
@@ -67,27 +76,45 @@ class TensorStore:
             self.size += n
         self.index.append(entry)
 
-    def get(self, i: int) -> tuple:
+    def width(self, i: int) -> int:
+        """How many tensors (or None) entry i holds."""
+        return len(self.index[i]) if self.path is not None else len(self.items[i])
+
+    def get(self, i: int, fields=None, out=None) -> tuple:
+        """Entry i, or only its positions `fields` (negative counts from the end) in that order.
+
+        In RAM: the stored tensors themselves. On disk: each tensor k of the result is read into
+        out(k, nbytes) when given (a uint8 CPU tensor of nbytes the caller reuses), else into fresh
+        (optionally pinned) memory. Safe to call from another thread than the one appending."""
+        entry = self.items[i] if self.path is None else self.index[i]
+        if fields is not None:
+            entry = [entry[f] for f in fields]
         if self.path is None:
-            return self.items[i]
-        out = []
-        for e in self.index[i]:
+            return tuple(entry)
+        result = []
+        for k, e in enumerate(entry):
             if e is None:
-                out.append(None)
+                result.append(None)
                 continue
             off, shape, dtype = e
             dt = _DTYPES[dtype]
             n = torch.Size(shape).numel() * torch.empty((), dtype=dt).element_size()
-            buf = torch.empty(n, dtype=torch.uint8, pin_memory=self.pin)
-            view, done = memoryview(buf.numpy()).cast("B"), 0
-            while done < n:
-                got = os.preadv(self._fd, [view[done:]], off + done)
-                if got <= 0:
-                    raise ValueError(f"{self.path} is shorter than its index says; delete the partial folder "
-                                     "and run again")
-                done += got
-            out.append(buf.view(dt).reshape(shape))
-        return tuple(out)
+            buf = out(k, n) if out is not None else torch.empty(n, dtype=torch.uint8, pin_memory=self.pin)
+            if buf.dtype != torch.uint8 or buf.numel() != n or not buf.is_contiguous():
+                raise ValueError(f"a read buffer must be a contiguous uint8 tensor of {n} bytes, got "
+                                 f"{buf.dtype} x {buf.numel()}")
+            self._read_into(buf, off, n)
+            result.append(buf.view(dt).reshape(shape))
+        return tuple(result)
+
+    def _read_into(self, buf: torch.Tensor, off: int, n: int) -> None:
+        view, done = memoryview(buf.numpy()).cast("B") if n else memoryview(b""), 0
+        while done < n:
+            got = os.preadv(self._fd, [view[done:]], off + done)
+            if got <= 0:
+                raise ValueError(f"{self.path} is shorter than its index says; delete the partial folder "
+                                 "and run again")
+            done += got
 
     def finish(self, index_path) -> None:
         """Flush to disk and write the index (atomically, last): the file is complete and reusable."""

@@ -11,6 +11,10 @@ between it outputs O_sparse(t) + C with the refresh step's block mask. Use as
 State is per (block_type, block_index, batch size), so cond and uncond may arrive batched together
 or as separate calls of different batch sizes. It is dropped by `reset()`, and automatically when a
 call's step index is lower than the last one seen (a new sampling run starts at step 0 again).
+
+Which steps are dense, refreshed or reused follows a StepPlan (`SparseSettings.plan(num_steps)`), from
+the step count the sampler passes in: the standard schedule (dense warm-up, refresh every tau steps),
+or for short runs of distilled models the few-step schedule (see SparseSettings.schedule).
 """
 from __future__ import annotations
 
@@ -27,6 +31,10 @@ from .low_rank import factor_rank, gram_matrices, heads_first, project, truncate
 from .masks import BLOCK, BlockMask, check_density, svg_masks
 
 ORDERS = (0, 1, 2)
+SCHEDULES = ("auto", "standard", "few-step", "sparse-only")
+FEW_STEP_MAX = 8    # "auto" runs the few-step schedule at this many steps or fewer (measured: see SparseSettings)
+FEW_STEP_TAU = 2    # the few-step schedule refreshes every other step, from step 0
+FEW_STEP_ORDER = 1  # ... with the first-order correction only (see SparseSettings)
 
 
 @dataclass
@@ -43,7 +51,23 @@ class SparseSettings:
     complement merged by log-sum-exp, one read of the keys (kernels/refresh_attention.py), instead of
     dense SDPA plus a second sparse pass. Off by default: on an H200 at 720p / 15% it took 367 ms per
     layer against 361 for cuDNN + the sparse pass (benchmarks/results/, run 10); it can pay where
-    SDPA has no fast dense kernel. Without Triton it runs the kernel's PyTorch reference."""
+    SDPA has no fast dense kernel. Without Triton it runs the kernel's PyTorch reference.
+
+    schedule: which steps are dense, refreshed or reused, resolved per run from the step count the
+    sampler passes in (StepPlan). "standard": warmup_steps dense steps, then a refresh every tau steps
+    (the paper's). "few-step": step 0 is already a refresh (dense output + residual), then a refresh
+    every FEW_STEP_TAU = 2 steps with a first-order correction in between; tau, warmup_steps and order
+    above apply to "standard" only. "sparse-only": a dense first step, then a fresh SVG mask every
+    step and no residual cache (no cache memory at all). "auto" (default): "few-step" for runs of at
+    most few_step_max steps, else "standard". Why: the standard schedule gives a short run one
+    refresh at most (4 steps: the one at step 0, then 3 steps on that stale correction).
+    Measured (benchmarks/few_step_fidelity.py, tiny model, W4A8 + 15%, 3 prompts, PSNR vs FP dense;
+    attention cost = attention_cost()): 4 steps few-step 30.5 dB at 0.75 vs standard 26.4 at 0.56 and
+    sparse-only 21.7 at 0.54; 8 steps 28.7 / 23.5 / 21.4 dB at 0.75 / 0.64 / 0.47; 50 steps standard
+    26.5 dB at 0.57, few-step 27.6 at 0.75: past a few refreshes per run the standard schedule is within
+    ~1 dB for a quarter less attention, hence auto's threshold few_step_max = 8 (measured at 4, 8, 50;
+    the crossover between 8 and 50 is not located). Second order at tau 2 lost 2-3 dB to first order
+    at 4-8 steps (27.3 / 26.4 dB): D2 between refreshes far apart in sigma extrapolates the wrong drift."""
     density: float = 0.15
     tau: int = 5
     svd_rank: int = 16
@@ -60,6 +84,8 @@ class SparseSettings:
     layers: Optional[int] = None
     host_eigh: Optional[bool] = None
     merged_refresh: bool = False
+    schedule: str = "auto"
+    few_step_max: int = FEW_STEP_MAX
 
     def __post_init__(self):
         self.density = check_density(self.density)
@@ -76,6 +102,51 @@ class SparseSettings:
         if self.n_rows < 1 or self.block < 1:
             raise ValueError(f"n_rows and block must be >= 1, got {self.n_rows} and {self.block}")
         check_policy(self.placement)
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown sparse schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}")
+        if isinstance(self.few_step_max, bool) or int(self.few_step_max) != self.few_step_max or self.few_step_max < 0:
+            raise ValueError(f"few_step_max must be an integer >= 0 (0 = auto never picks few-step), got {self.few_step_max!r}")
+
+    def resolved_schedule(self, num_steps: int) -> str:
+        """The schedule a run of `num_steps` sampling steps uses: "auto" resolved by the step count."""
+        if self.schedule != "auto":
+            return self.schedule
+        return "few-step" if num_steps <= self.few_step_max else "standard"
+
+    def plan(self, num_steps: int) -> "StepPlan":
+        """What each step of a `num_steps`-step run does under these settings."""
+        schedule = self.resolved_schedule(num_steps)
+        if schedule == "few-step":
+            return StepPlan(schedule, num_steps, warmup_steps=0, tau=FEW_STEP_TAU, order=min(self.order, FEW_STEP_ORDER))
+        if schedule == "sparse-only":
+            return StepPlan(schedule, num_steps, warmup_steps=min(1, num_steps), tau=1, order=0, remask=True)
+        w = int(round(0.1 * num_steps)) if self.warmup_steps is None else int(self.warmup_steps)
+        return StepPlan(schedule, num_steps, warmup_steps=w, tau=int(self.tau), order=self.order)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One run's step schedule (the dense first `warmup_blocks` joint blocks aside, which every schedule
+    keeps). kind(i) of step i: "dense" (warm-up: full attention, nothing cached), "refresh" (full
+    attention output; new mask; with order > 0 a new residual), "reuse" (block-sparse with the last
+    refresh's mask + its correction when order > 0), "sparse" (a fresh mask from this step's q/k,
+    block-sparse, no correction: remask)."""
+    schedule: str
+    num_steps: int
+    warmup_steps: int
+    tau: int
+    order: int
+    remask: bool = False
+
+    def kind(self, index: int) -> str:
+        if index < self.warmup_steps:
+            return "dense"
+        if self.remask:
+            return "sparse"
+        return "refresh" if (index - self.warmup_steps) % self.tau == 0 else "reuse"
+
+    def kinds(self) -> list:
+        return [self.kind(i) for i in range(self.num_steps)]
 
 
 @dataclass
@@ -111,7 +182,12 @@ class SSARAttention:
         self._pending: Dict = {}  # block key -> TopVectorsJob of its D2 (host_eigh)
         if self.settings.placement == "auto":
             self.placement = None
-        self.stats = dict(dense=0.0, sparse=0.0, sparse_density=0.0, refresh=0.0, mask_changed=0.0)
+        self._plan: Optional[StepPlan] = None
+        # dense / sparse: attention calls (x batch entries); sparse_density: their masks' densities summed;
+        # refresh: the dense calls that refreshed; refresh_sparse: the refreshes' sparse passes (densities);
+        # profile: SVG mask selection, in dense-call units (see attention_cost)
+        self.stats = dict(dense=0.0, sparse=0.0, sparse_density=0.0, refresh=0.0, mask_changed=0.0,
+                          refresh_sparse=0.0, profile=0.0)
 
     def _rows_generator(self, call: AttentionCall) -> torch.Generator:
         """SVG's sampled query rows depend only on the seed and the block, so a refresh on unchanged
@@ -120,9 +196,11 @@ class SSARAttention:
         return torch.Generator().manual_seed(int(self.settings.seed) * 1_000_003 + kind * 10_007 + call.block_index)
 
     # ---- bookkeeping ------------------------------------------------------------------------------
-    def _warmup_steps(self, call: AttentionCall) -> int:
-        w = self.settings.warmup_steps
-        return int(round(0.1 * call.step.num_steps)) if w is None else int(w)
+    def plan(self, num_steps: int) -> StepPlan:
+        """The run's StepPlan (kept: resolved once per run and step count)."""
+        if self._plan is None or self._plan.num_steps != num_steps:
+            self._plan = self.settings.plan(num_steps)
+        return self._plan
 
     def _block_position(self, call: AttentionCall) -> int:
         """Index among joint blocks, double blocks first (single blocks follow all double blocks)."""
@@ -151,6 +229,27 @@ class SSARAttention:
         calls = self.stats["dense"] + self.stats["sparse"]
         return 1.0 if calls == 0 else (self.stats["dense"] + self.stats["sparse_density"]) / calls
 
+    def attention_cost(self) -> float:
+        """All attention arithmetic of the joint blocks as a fraction of all-dense: effective_density
+        plus what it leaves out, the sparse pass of each refresh that stores a residual (its mask's
+        density; none with merged_refresh, whose two passes add up to one dense call) and SVG's mask
+        selection (n sampled query rows' exact attention plus their two banded variants: (n / L) x
+        (1 + density) of a dense call). A step's mask is counted as used by every block call."""
+        s = self.stats
+        calls = s["dense"] + s["sparse"]
+        return 1.0 if calls == 0 else (s["dense"] + s["sparse_density"] + s["refresh_sparse"] + s["profile"]) / calls
+
+    def _new_mask(self, q, k, v, mask, call: AttentionCall) -> BlockMask:
+        """SVG's mask for this block and step, its selection's cost counted."""
+        s = self.settings
+        block_mask = svg_masks(q, k, v, mask, call.txt_len, call.grid, s.density, s.n_rows, s.block,
+                               self._rows_generator(call))
+        if s.density < 1.0:  # density 1 takes the dense mask without any selection
+            length = q.shape[2]
+            rows = min(s.n_rows, length - call.txt_len)
+            self.stats["profile"] += q.shape[0] * rows / length * (1.0 + block_mask.density())
+        return block_mask
+
     def _store_for(self, q: torch.Tensor) -> CacheStore:
         """Resolve "auto" once, at the first cache write, from the run's size seen so far."""
         if self._store is None:
@@ -161,10 +260,11 @@ class SSARAttention:
                 budget = s.budget_bytes
                 if budget is None and q.is_cuda:
                     budget = max(0, torch.cuda.mem_get_info(q.device)[0] - working_bytes(b, length, heads * dim))
+                order = self._plan.order if self._plan is not None else s.order
                 self.placement = choose_placement(
                     length, heads * dim, layers, budget, self._max_batch, s.placement_rank, heads,
-                    host_budget_bytes=s.host_budget_bytes, tensors=2 if s.order == 2 and s.svd_rank == 0 else 1,
-                    factor_rank=s.svd_rank if s.order == 2 else 0)
+                    host_budget_bytes=s.host_budget_bytes, tensors=2 if order == 2 and s.svd_rank == 0 else 1,
+                    factor_rank=s.svd_rank if order == 2 else 0)
             self._store = CacheStore(self.placement, s.placement_rank)
         return self._store
 
@@ -246,8 +346,9 @@ class SSARAttention:
         self._observe(call, b)
         if self._pending:
             self._settle()
-        first = self._warmup_steps(call)
-        if call.step.index < first or self._block_position(call) < s.warmup_blocks:
+        plan = self.plan(call.step.num_steps)
+        kind = plan.kind(call.step.index)
+        if kind == "dense" or self._block_position(call) < s.warmup_blocks:
             self._count("dense", b)
             return dense_attention(q, k, v, mask, call)
 
@@ -255,35 +356,42 @@ class SSARAttention:
         if key not in self._states:
             self._order.append(key)
         st = self._states.setdefault(key, _BlockState())
-        refresh = ((call.step.index - first) % s.tau == 0 or st.mask is None
-                   or (s.order > 0 and not st.has_d))
+        if kind == "sparse":
+            # sparse-only: this step's own mask, no residual, nothing kept for later steps but the mask
+            st.mask = self._new_mask(q, k, v, mask, call)
+            st.density = st.mask.density()
+            self._count("sparse", b, st.density)
+            return block_sparse_attention(q, k, v, mask, st.mask, call.txt_len, call.grid)
+        order = plan.order
+        refresh = kind == "refresh" or st.mask is None or (order > 0 and not st.has_d)
         if not refresh:
             # Between refreshes: O_sparse + C, the correction added in the kernel's epilogue.
-            if s.order > 0:
+            if order > 0:
                 self._prefetch_after(key, q.device)
-            corr = None if s.order == 0 else self.correction(key, q.device)
+            corr = None if order == 0 else self.correction(key, q.device)
             self._count("sparse", b, st.density)
             return block_sparse_attention(q, k, v, mask, st.mask, call.txt_len, call.grid, correction=corr)
 
         # Refresh: new mask from this step's q/k, exact output, new residual cache.
         old_mask = st.mask
         self._cancel(key)  # a refresh supersedes factors still being computed
-        st.mask = svg_masks(q, k, v, mask, call.txt_len, call.grid, s.density, s.n_rows, s.block,
-                            self._rows_generator(call))
+        st.mask = self._new_mask(q, k, v, mask, call)
         st.density = st.mask.density()
         self._count("dense", b)
         self.stats["refresh"] += b
-        if s.order == 0:
+        if order == 0:
             return dense_attention(q, k, v, mask, call)
+        if not s.merged_refresh:  # dense SDPA plus a sparse pass; merged: the two halves of one dense call
+            self.stats["refresh_sparse"] += b * st.density
         full, d = self._full_and_residual(q, k, v, mask, st.mask, call)
         store = self._store_for(q)
-        if s.order == 2 and st.has_d and not _same_mask(old_mask, st.mask):
+        if order == 2 and st.has_d and not _same_mask(old_mask, st.mask):
             # D and D_prev are residuals of different sparse operators; their difference is the mask
             # change, not the drift over steps. Fall back to first order until two refreshes agree.
             store.drop((key, "corr"))
             st.corr = None
             self.stats["mask_changed"] += b
-        elif s.order == 2 and st.has_d:
+        elif order == 2 and st.has_d:
             # d - D_prev, in the fp32 tensor get() returned (one [B, L, H*D] fp32 temporary fewer at the
             # peak; with the "exact" placement that is the stored D itself, replaced just below)
             d2 = store.get((key, "D"), q.device).neg_().add_(d)
@@ -317,4 +425,4 @@ def _same_mask(a: Optional[BlockMask], b: BlockMask) -> bool:
     return a is not None and a.kinds == b.kinds and (a.keep is b.keep or torch.equal(a.keep, b.keep))
 
 
-__all__ = ["SparseSettings", "SSARAttention"]
+__all__ = ["SCHEDULES", "SparseSettings", "SSARAttention", "StepPlan"]

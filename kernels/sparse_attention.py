@@ -132,10 +132,14 @@ def _tile(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, j, L, skl
     return acc, l_i, m_i
 
 
-# Sizes that differ between resolutions are not specialised on (== 1, divisible by 16): a run at a new
-# resolution then reuses the kernels compiled at another one, instead of stalling a step on a recompile.
-# Strides that set the loads' alignment stay specialised.
-@triton.jit(do_not_specialize=["L", "NH", "BH", "T", "NM", "NB_BIAS", "ssb", "sbb"])
+# Integers that differ between resolutions or correction ranks are not specialised on (== 1, divisible by
+# 16): a run at a new resolution then reuses the kernels compiled at another one, instead of stalling a
+# step on a recompile (a 544p run compiled the first reuse and the first second-order reuse anew: 2 s each
+# on an H100, because the block-index strides and the LSE row stride, multiples of 16 there, were not in
+# the warm-up). Strides of the q/k/v/out/correction rows, which set the main loads' alignment and are
+# multiples of the head width at every resolution, stay specialised.
+@triton.jit(do_not_specialize=["L", "NH", "BH", "T", "NM", "NB_BIAS", "ssb", "sbb", "slb", "slh", "sih", "siq",
+                               "sch", "sub", "suh", "sul", "R"])
 def _sparse_attn_fwd(Q, K, V, O, LSE, C, CS, US, VH, BIAS, PERM, HEADS, KV_IDX, KV_CNT,
                      sqb, sqh, sql, skb, skh, skl, svb, svh, svl,
                      sob, sol, slb, slh, scb, scl, ssb, ssl, sub, suh, sul, svhb, svhh, svhr, R, sbb, sih, siq, sch,

@@ -61,10 +61,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import memory_peak  # noqa: E402  (benchmarks/memory_peak.py)
 
 RESOLUTIONS = {"544p": (960, 544, 129), "720p": (1280, 720, 129)}  # width, height, frames
-CONFIGS = ("A", "A8", "Q")
+CONFIGS = ("A", "A8", "Q", "QL")
+SPARSE_CONFIGS = ("Q", "QL")
 CONFIG_NAMES = {"A": "ComfyUI native bf16, default attention",
                 "A8": "ComfyUI weight_dtype fp8_e4m3fn",
-                "Q": "Load Compressed DiT (W4A8 RTN) + Sparse Sampler defaults"}
+                "Q": "Load Compressed DiT (W4A8 RTN) + Sparse Sampler defaults",
+                "QL": "(Q) + stacked random LoRAs through ComfyUI's LoRA loader (--loras, --lora-rank)"}
 GIB = 2 ** 30
 CONTEXT_GIB = 0.5      # what a real card loses to the CUDA context, outside torch's allocator
 WARM_LATENT = (17, 256, 256)  # frames, height, width of the warm-up run: 5 x 16 x 16 latent tokens
@@ -83,7 +85,8 @@ TARGETS = (  # (name, kind, resolution, target)
 # measured times as the run goes. 544p from the 2026-12 manual trial, 720p from run 16 scaled to ComfyUI.
 PRIORS = {"544p": {"A": 10.4, "A8": 11.0, "dense": 10.2, "refresh": 11.4, "reuse": 2.7},
           "720p": {"A": 31.4, "A8": 33.0, "dense": 31.0, "refresh": 30.0, "reuse": 6.5}}
-LOAD_PRIOR_S = {"A": 60.0, "A8": 60.0, "Q": 90.0}
+LOAD_PRIOR_S = {"A": 60.0, "A8": 60.0, "Q": 90.0, "QL": 100.0}
+LORA_TARGET = ("3 stacked LoRAs on (Q), 720p/129f: sampling time over (Q)'s, same steps", "lora", "720p", 1.10)
 
 
 def log(*a):
@@ -257,6 +260,41 @@ def random_state_dict(preset: str, device, seed: int) -> dict:
 
 
 @torch.no_grad()
+def add_random_loras(patcher, n: int, rank: int, device, seed: int):
+    """`n` random rank-`rank` LoRAs on every linear of every double and single block (where community
+    HunyuanVideo LoRAs put theirs), stacked through comfy.sd.load_lora_for_models as LoraLoaderModelOnly
+    does. Returns (the patched MODEL, a summary). Refuses if ComfyUI matched none of their keys."""
+    import comfy.sd
+    dm = patcher.model.diffusion_model
+    targets = {}
+    for name, m in dm.named_modules():
+        if name.startswith(("double_blocks.", "single_blocks.")) and isinstance(getattr(m, "in_features", None), int) \
+                and hasattr(m, "weight"):  # quantized layers included: their weight is an empty placeholder
+            targets[name] = (m.out_features, m.in_features)
+    # a compressed layer keeps its packed linear as a child ('.quant'): the LoRA goes on the layer itself
+    targets = {n: v for n, v in targets.items() if not any(n.startswith(o + ".") for o in targets)}
+    if not targets:
+        raise RuntimeError("no block linears found to put LoRAs on")
+    gen = torch.Generator(device="cpu").manual_seed(seed + 7)
+    params = 0
+    for i in range(n):
+        sd = {}
+        for name, (out_f, in_f) in targets.items():
+            k = f"diffusion_model.{name}"
+            sd[f"{k}.lora_A.weight"] = (torch.randn(rank, in_f, generator=gen) / in_f ** 0.5).to(device, torch.bfloat16)
+            sd[f"{k}.lora_B.weight"] = (torch.randn(out_f, rank, generator=gen) * 1e-3).to(device, torch.bfloat16)
+            sd[f"{k}.alpha"] = torch.tensor(float(rank))
+            params += rank * (in_f + out_f)
+        before = len(patcher.patches)
+        patcher = comfy.sd.load_lora_for_models(patcher, None, sd, 1.0, 0.0)[0]
+        if len(patcher.patches) <= before and i == 0:
+            raise RuntimeError("ComfyUI applied none of the random LoRA's keys")
+        del sd
+    patched = sum(1 for k, v in patcher.patches.items() if k.endswith(".weight") and len(v) >= n)
+    return patcher, dict(count=n, rank=rank, layers=len(targets), patched_layers=patched,
+                         params_m=round(params / 1e6, 1))
+
+
 def build_compressed(preset: str, path: Path, device, seed: int) -> dict:
     """RTN W4A8 checkpoint of the same random weights, built one linear at a time on `device`
     (quantsparse_core default policy, no calibration); returns its storage summary."""
@@ -517,6 +555,26 @@ def _uncapped(runs, config, res):
             and r.get("completed")]
 
 
+def lora_target(runs) -> dict:
+    """(QL) against (Q): sampling seconds over the steps both timed (same step kinds, same resolution)."""
+    name, _, res, target = LORA_TARGET
+    row = dict(name=name, measured=None, target=f"<= {target}x", met=False)
+    pairs = [(r, _uncapped(runs, "QL", r), _uncapped(runs, "Q", r)) for r in dict.fromkeys(
+        [res] + [x["resolution"] for x in runs if x["config"] == "QL"])]
+    pairs = [p for p in pairs if p[1] and p[2]]
+    if not pairs:
+        row["note"] = f"not measured: run --configs Q,QL --resolutions {res} (--timed-steps N for a shorter run)"
+        return row
+    at, ql, q = pairs[0]  # the target's resolution first
+    n = min(len(ql[-1]["per_step"]), len(q[-1]["per_step"]))
+    a, b = (sum(s["s"] for s in r["per_step"][:n]) for r in (ql[-1], q[-1]))
+    row["measured"] = round(a / b, 3)
+    row["met"] = at == res and row["measured"] <= target
+    row["note"] = (f"(QL) {a:.1f} s / (Q) {b:.1f} s over steps 0-{n - 1} at {at}; {ql[-1].get('loras')}"
+                   + ("" if at == res else f"; not at {res}, so not the target"))
+    return row
+
+
 def targets(runs) -> list:
     out = []
     for name, kind, res, target in TARGETS:
@@ -561,6 +619,8 @@ def targets(runs) -> list:
                                f"({worst['stall']['worst_kind']}); over {len(full)} run(s): "
                                + ", ".join(r["label"] for r in full))
         out.append(row)
+    if any(r["config"] == "QL" for r in runs):
+        out.append(lora_target(runs))
     return out
 
 
@@ -621,7 +681,7 @@ class Bench:
         if pri is None:  # another size: scale 544p by tokens^1.7
             f = (video_tokens(shape) / video_tokens(latent_shape(RESOLUTIONS["544p"]))) ** 1.7
             pri = {k: v * f for k, v in PRIORS["544p"].items()}
-        if config == "Q":
+        if config in SPARSE_CONFIGS:
             s = sum(pri[k] for k in kinds[:timed_steps]) + pri["refresh"] * self.a.warm_full_steps
         else:
             s = pri[config] * (timed_steps + 1)
@@ -662,6 +722,8 @@ class Bench:
                     info["build_s"] = round(time.perf_counter() - tb, 1)
                 info["checkpoint_gb"] = round(path.stat().st_size / 1e9, 2)
                 patcher = comfy.load_compressed_dit(path)
+                if config == "QL":
+                    patcher, info["loras"] = add_random_loras(patcher, self.a.loras, self.a.lora_rank, dev, self.a.seed)
                 patcher = comfy.sparse_patch.apply_sparse(patcher, self.settings)  # Sparse Sampler's defaults
                 info["fused_blocks"] = comfy.fused_blocks is not None
         gc.collect()
@@ -678,9 +740,9 @@ class Bench:
         for res_name in res_names:
             res = parse_resolution(res_name)
             shape = latent_shape(res)
-            coarse, fine = step_kinds(self.settings, self.a.steps) if config == "Q" else \
+            coarse, fine = step_kinds(self.settings, self.a.steps) if config in SPARSE_CONFIGS else \
                 (["dense"] * self.a.steps, ["dense"] * self.a.steps)
-            timed = self.a.steps if config == "Q" else self.baseline_steps(res_name)
+            timed = self.a.steps if config in SPARSE_CONFIGS else self.baseline_steps(res_name)
             if self.a.timed_steps:
                 timed = min(timed, self.a.timed_steps)
             plans.append((res_name, res, shape, coarse, fine, timed))
@@ -729,7 +791,7 @@ class Bench:
         if first:
             f, h, w = WARM_LATENT if self.a.preset == "hunyuan-video-13b" else (9, 128, 128)
             jobs.append((latent_shape((w, h, f)), WARM_STEPS, None, f"{WARM_STEPS} steps at {w}x{h}x{f}"))
-        if config == "Q" and self.a.warm_full_steps > 0:
+        if config in SPARSE_CONFIGS and self.a.warm_full_steps > 0:
             jobs.append((shape, self.a.steps, self.a.warm_full_steps,
                          f"{self.a.warm_full_steps} step(s) at the timed latent"))
         for wshape, steps, last, what in jobs:
@@ -762,7 +824,7 @@ class Bench:
                    tokens=video_tokens(shape) + self.a.text_tokens, text_tokens=self.a.text_tokens,
                    text_real_tokens=self.txt_real, cap_gb=self.a.cap_gb, schedule_steps=self.a.steps,
                    timed_steps=timed, completed=False, per_step=[], **info, **(warm or {}))
-        if config == "Q":
+        if config in SPARSE_CONFIGS:
             run["sparse_settings"] = asdict(self.settings)
         self.runs.append(run)
         cuda = self.a.device == "cuda"
@@ -811,7 +873,7 @@ class Bench:
                 s["kind"], s["fine_kind"] = coarse[s["i"]], fine[s["i"]]
             run["per_step"] = steps
             run["sampling_s"] = round(sum(s["s"] for s in steps), 2)
-            if config == "Q":
+            if config in SPARSE_CONFIGS:
                 mism = [s["i"] for s in steps if s["observed"] is not None and s["observed"] != s["kind"]]
                 run["kinds_match_schedule"] = not mism and all(s["observed"] for s in steps)
                 run["kind_mismatches"] = mism
@@ -832,7 +894,7 @@ class Bench:
             run["note"] = note
         if run["completed"] and self.a.preset == "hunyuan-video-13b" and res_name in PRIORS and run["per_step"]:
             pri = PRIORS[res_name]
-            exp = sum(pri[config] if config != "Q" else pri[s["kind"]] for s in run["per_step"])
+            exp = sum(pri[config] if config not in SPARSE_CONFIGS else pri[s["kind"]] for s in run["per_step"])
             self.scale = max(0.5, min(3.0, run["sampling_s"] / exp))
         log(f"   {label}: {'completed' if run['completed'] else 'FAILED ' + str(run.get('error'))}; sampling "
             f"{run.get('sampling_s')} s over {len(run['per_step'])} steps; schedule {run['schedule_s']} s; "
@@ -911,7 +973,9 @@ def merge(paths, out):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--configs", default="A,A8,Q", help="comma list of A, A8, Q")
+    ap.add_argument("--configs", default="A,A8,Q", help="comma list of A, A8, Q, QL (Q + --loras stacked LoRAs)")
+    ap.add_argument("--loras", type=int, default=3, help="(QL): how many random LoRAs to stack")
+    ap.add_argument("--lora-rank", type=int, default=32, help="(QL): their rank (on every linear of every block)")
     ap.add_argument("--resolutions", default="544p,720p", help="comma list of 544p, 720p or WIDTHxHEIGHTxFRAMES")
     ap.add_argument("--steps", type=int, default=50, help="sampling steps (the schedule); default 50")
     ap.add_argument("--baseline-steps", default="",
@@ -975,7 +1039,7 @@ def main(argv=None):
     log(f"ComfyUI {comfy.version} in-process from {comfy.path}; {env['device']}; {env['versions']}")
     log(f"ComfyUI sees: {comfy.view()}")
     bench = Bench(args, comfy, report)
-    order = [c for c in ("A", "A8", "Q") if c in configs]
+    order = [c for c in CONFIGS if c in configs]
     for config in order:
         try:
             bench.run_config(config, res_names)

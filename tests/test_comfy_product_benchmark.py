@@ -25,7 +25,8 @@ def _module():
 
 def _check_targets(data):
     names = [t["name"] for t in data["targets"]]
-    assert len(names) == 7 and len(set(names)) == 7
+    lora = any(r["config"] == "QL" for r in data["runs"])  # the LoRA row only where (QL) ran
+    assert len(names) == 7 + lora and len(set(names)) == 7 + lora
     for t in data["targets"]:
         assert set(t) >= {"name", "measured", "target", "met"}
         if t["measured"] is None:
@@ -37,7 +38,7 @@ def test_cpu_run_schema_and_schedule(tmp_path):
     out = tmp_path / "product.json"
     env = dict(os.environ, COMFYUI_PATH=str(root), CUDA_VISIBLE_DEVICES="")
     cmd = [sys.executable, str(ROOT / "benchmarks" / "comfy_product.py"), "--device", "cpu", "--preset", "test",
-           "--configs", "A,Q", "--resolutions", "256x256x5", "--steps", str(STEPS), "--text-tokens", "16",
+           "--configs", "A,Q,QL", "--loras", "2", "--lora-rank", "4", "--resolutions", "256x256x5", "--steps", str(STEPS), "--text-tokens", "16",
            "--no-warm-run", "--ckpt", str(tmp_path / "q.safetensors"), "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -46,7 +47,11 @@ def test_cpu_run_schema_and_schedule(tmp_path):
     assert data["versions"]["comfyui"] and data["comfyui"]["in_process"]
     _check_targets(data)
     runs = {r["config"]: r for r in data["runs"]}
-    assert set(runs) == {"A", "Q"}
+    assert set(runs) == {"A", "Q", "QL"}
+    loras = runs["QL"]["loras"]  # every block linear, quantized ones included, carries both LoRAs
+    assert loras["count"] == 2 and loras["layers"] >= 10 and loras["patched_layers"] == loras["layers"]
+    lora = next(t for t in data["targets"] if t["name"].startswith("3 stacked LoRAs"))
+    assert lora["measured"] == pytest.approx(runs["QL"]["sampling_s"] / runs["Q"]["sampling_s"], rel=0.02)
     for r in runs.values():
         assert r["completed"] and r["output_finite"], r
         assert len(r["per_step"]) == STEPS and all(s["s"] > 0 for s in r["per_step"])
@@ -56,6 +61,7 @@ def test_cpu_run_schema_and_schedule(tmp_path):
     coarse, _ = _module().step_kinds(SparseSettings(), STEPS)
     assert coarse == ["dense", "refresh", "reuse", "reuse", "reuse", "reuse", "refresh"]
     q = runs["Q"]
+    assert [s["kind"] for s in runs["QL"]["per_step"]] == coarse
     assert [s["kind"] for s in q["per_step"]] == coarse
     assert [s["observed"] for s in q["per_step"]] == coarse  # what SSAR did in each model call
     assert q["kinds_match_schedule"] and set(q["per_kind"]) == {"dense", "refresh", "reuse"}
@@ -65,7 +71,7 @@ def test_cpu_run_schema_and_schedule(tmp_path):
     merged = tmp_path / "merged.json"
     _module().merge([out, out], merged)  # no ComfyUI import: merging is pure bookkeeping
     m = json.loads(merged.read_text())
-    assert len(m["runs"]) == 4
+    assert len(m["runs"]) == 6
     _check_targets(m)
 
 

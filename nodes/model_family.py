@@ -18,11 +18,18 @@ V15_SR = "HunyuanVideo 1.5 super-resolution"
 IMAGE21 = "HunyuanImage 2.1"
 IMAGE21_REFINER = "HunyuanImage 2.1 refiner"
 
-# What each node has been built and tested for. Calibration and our DiT take 16-channel text-to-video
-# latents only; the sparse patch and the fused blocks see only the joint blocks' token layout, which
-# 1.0 I2V shares (image channels concatenated to the latent, or the first frame replaced).
+# What each node has been built and tested for. Calibration takes 16-channel text-to-video latents and
+# text conditioning only; the sparse patch and the fused blocks see only the joint blocks' token layout,
+# which 1.0 I2V shares (image channels concatenated to the latent, or the first frame replaced). A
+# compressed checkpoint (RTN or calibrated) of 1.0 I2V or 1.5 loads as ComfyUI's own model for it.
 COMPRESS = (T2V,)
 SPARSE = (T2V, I2V)
+LOAD = (T2V, I2V, V15)
+
+# DiTConfig.variant (the core's name for a checkpoint header's model) -> the name classify() gives it here.
+FROM_CONFIG = {"HunyuanVideo 1.0 T2V": T2V, "HunyuanVideo 1.0 I2V": I2V, "HunyuanVideo 1.5": V15}
+T2V_SOURCE = ("for 1.0 T2V: ComfyUI's hunyuan_video_t2v_720p_bf16.safetensors, or a checkpoint QuantSparse Calibrate "
+              "wrote from it")
 
 # comfy/supported_models.py: the 1.0 family differs only in img_in's input channels.
 _V10_BY_CHANNELS = {16: T2V, 33: I2V, 32: SKYREELS_I2V}
@@ -58,13 +65,13 @@ def classify(model) -> str:
             f"byT5 {params.byt5}, meanflow {params.meanflow})")
 
 
-def require_supported(model, node_name: str, supported) -> str:
-    """The variant, or a ValueError naming the detected model and the variants `node_name` supports."""
+def require_supported(model, node_name: str, supported, hint: str = T2V_SOURCE) -> str:
+    """The variant, or a ValueError naming the detected model and the variants `node_name` supports
+    (`hint`: where to get a model it takes, in the message's closing brackets)."""
     variant = classify(model)
     if variant in supported:
         return variant
     base = getattr(model, "model", None)
     seen = f"{variant} (ComfyUI model class {type(base).__name__})" if isinstance(base, torch.nn.Module) else variant
     raise ValueError(f"{node_name} does not support this MODEL: it is {seen}. {node_name} supports "
-                     f"{', '.join(supported)} (for 1.0 T2V: ComfyUI's hunyuan_video_t2v_720p_bf16.safetensors, or "
-                     "a checkpoint QuantSparse Calibrate wrote from it)")
+                     f"{', '.join(supported)} ({hint})")

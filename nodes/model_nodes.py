@@ -16,10 +16,11 @@ from quantsparse_core.calib.block_source import StateDictSource
 from quantsparse_core.calib.pipeline import SAMPLES_PER_TRAJECTORY, Conditioning
 from quantsparse_core.calib.stream_budget import describe, estimate
 from quantsparse_core.calib.stream_pipeline import compress_streaming
+from quantsparse_core.models.config import DiTConfig
 
 from .comfy_ops import SUBFOLDER, load_compressed_patcher
 from .fused_blocks import apply_fused_blocks
-from .model_family import COMPRESS, require_supported
+from .model_family import COMPRESS, FROM_CONFIG, LOAD, SPARSE, require_supported
 from .sparse_patch import add_text_mask_batching
 
 CATEGORY = "QuantSparse"
@@ -232,10 +233,12 @@ class LoadCompressedDiT(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="QuantSparseLoadCompressedDiT", display_name="Load Compressed DiT (QuantSparse)", category=CATEGORY,
-            description="Load a QuantSparse compressed HunyuanVideo checkpoint as ComfyUI's own HunyuanVideo model.",
+            description="Load a QuantSparse compressed HunyuanVideo 1.0 (T2V or I2V) or HunyuanVideo 1.5 checkpoint as "
+                        "ComfyUI's own model for it (HunyuanVideo, HunyuanVideoI2V or HunyuanVideo15).",
             inputs=[io.Combo.Input("checkpoint", options=compressed_files(),
                                    tooltip="Compressed checkpoints in models/diffusion_models/quantsparse/ "
-                                           "(written by QuantSparse Calibrate)")],
+                                           "(written by QuantSparse Calibrate, or by quantsparse_core's "
+                                           "save_compressed)")],
             outputs=[io.Model.Output()],
         )
 
@@ -245,11 +248,22 @@ class LoadCompressedDiT(io.ComfyNode):
         path = folder_paths.get_full_path("diffusion_models", checkpoint)
         if path is None:
             raise ValueError(f"checkpoint {checkpoint!r} is not in models/diffusion_models/; refresh the node list")
+        # The loader refuses files of a variant the format does not hold (1.5 super-resolution, SkyReels,
+        # HunyuanImage 2.1) before ComfyUI builds anything.
         patcher = load_compressed_patcher(path)
-        # ComfyUI builds whatever the file's keys describe; only what Calibrate makes is supported.
-        require_supported(patcher, "Load Compressed DiT", COMPRESS)
-        # Fused blocks on: any sampler then runs the producer-quantized fast path (fused_blocks.py).
-        patcher = apply_fused_blocks(patcher)
+        # ComfyUI builds whatever the file's keys describe: it must be a supported model, and the one the
+        # header names (else ComfyUI's detection and ours disagree, and the file would run as another model).
+        variant = require_supported(patcher, "Load Compressed DiT", LOAD,
+                                    hint="compressed checkpoints QuantSparse wrote for them")
+        described = FROM_CONFIG.get(DiTConfig.from_dict(patcher.quantsparse_header["config"]).variant)
+        if described != variant:
+            raise ValueError(f"ComfyUI built {checkpoint} as {variant}, but its QuantSparse header describes "
+                             f"{described}: this ComfyUI detects HunyuanVideo models differently; update ComfyUI "
+                             "or QuantSparse")
+        if variant in SPARSE:
+            # Fused blocks on: any sampler then runs the producer-quantized fast path (fused_blocks.py).
+            # HunyuanVideo 1.5 runs ComfyUI's own blocks (with the quantized linears) until they cover it.
+            patcher = apply_fused_blocks(patcher)
         # cfg > 1 with a negative prompt of other padding, and batches: one [1, L] text mask per call.
         add_text_mask_batching(patcher)
         return io.NodeOutput(patcher)

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from ..models.config import DiTConfig
+from ..models.config import I2V, T2V, V15, DiTConfig
 from ..models.hunyuan_video import HunyuanVideoDiT
 from ..models.weights import atomic_save_safetensors
 from ..quant.linear import QuantLinear
@@ -32,6 +32,12 @@ MODEL_FAMILY = "hunyuan_video"
 HEADER_KEY = "quantsparse"
 ROTATIONS = (None, "hadamard", "learned")
 LAYER_FIELDS = {"w_bits", "a_bits", "smooth", "rotation"}  # a header 'layers' entry holds exactly these
+
+# The HunyuanVideo variants a compressed file may hold (DiTConfig.variant): each runs in our DiT and loads as
+# ComfyUI's matching model (HunyuanVideo / HunyuanVideoI2V / HunyuanVideo15). The rest of ComfyUI's family
+# (SkyReels I2V, the 1.5 super-resolution model, HunyuanImage 2.1 and its refiner) is neither written nor read.
+LOADABLE = (T2V, I2V, V15)
+LOADABLE_TEXT = "HunyuanVideo 1.0 T2V, HunyuanVideo 1.0 I2V and HunyuanVideo 1.5 (T2V and I2V)"
 
 MAX_BLOCKS = 4096  # far above any DiT; bounds the meta model a forged header could ask for
 MAX_ABS = 1e4      # no trained DiT stores a weight, bias, norm or scale this large: a flipped exponent bit does
@@ -81,6 +87,10 @@ def save_compressed(model: HunyuanVideoDiT, path, policy: dict, *, calibration: 
     Layers still in fake mode are frozen on a copy, so the caller's model is left unchanged.
     The write is atomic: on any failure no file (and no temporary file) is left behind.
     """
+    try:
+        require_loadable(model.config)
+    except CheckpointError as e:
+        raise ValueError(f"cannot save a compressed checkpoint: {e}") from None
     named = dict(model.named_modules())
     quant_names = {n for n, m in named.items() if isinstance(m, QuantLinear)}
     if quant_names != set(policy):
@@ -144,6 +154,10 @@ def _parse_header(path: Path, meta: dict):
         _check_config(config)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{path} has an invalid model config in its header: {e}") from None
+    try:
+        require_loadable(config)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     if not isinstance(h.get("policy"), dict) or not isinstance(h.get("layers"), dict):
         raise CheckpointError(f"{path} header lacks the 'policy' and 'layers' tables; re-create the file")
     if not all(isinstance(r, dict) for r in h["policy"].values()):
@@ -154,6 +168,15 @@ def _parse_header(path: Path, meta: dict):
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
     return h, config, policy
+
+
+def require_loadable(config: DiTConfig) -> str:
+    """The config's variant, or a CheckpointError naming it and the variants the format holds."""
+    variant = config.variant
+    if variant not in LOADABLE:
+        raise CheckpointError(f"the model is {variant}; QuantSparse compressed checkpoints hold {LOADABLE_TEXT} "
+                              "transformers only")
+    return variant
 
 
 def _check_config(config: DiTConfig) -> None:
@@ -167,6 +190,9 @@ def _check_config(config: DiTConfig) -> None:
     if config.depth_double + config.depth_single + config.refiner_blocks > MAX_BLOCKS:
         raise ValueError(f"{config.depth_double + config.depth_single + config.refiner_blocks} blocks is more "
                          f"than any DiT has ({MAX_BLOCKS})")
+    if len(config.patch_size) == 2 and all(isinstance(q, int) for q in config.patch_size):
+        raise ValueError(f"patch_size {list(config.patch_size)} is an image model's 2-D patch (HunyuanImage 2.1), "
+                         "which QuantSparse does not support")
     if not all(isinstance(p, int) and not isinstance(p, bool) and p > 0 for p in config.patch_size) \
             or len(config.patch_size) != 3:
         raise ValueError(f"patch_size must be three positive integers, got {config.patch_size!r}")
@@ -174,8 +200,15 @@ def _check_config(config: DiTConfig) -> None:
         raise ValueError(f"mlp_ratio must be a positive number, got {config.mlp_ratio!r}")
     if config.vec_in_dim is not None and (not isinstance(config.vec_in_dim, int) or config.vec_in_dim <= 0):
         raise ValueError(f"vec_in_dim must be a positive integer or null, got {config.vec_in_dim!r}")
-    if not isinstance(config.guidance_embed, bool):
-        raise ValueError(f"guidance_embed must be true or false, got {config.guidance_embed!r}")
+    for name in ("guidance_embed", "cond_type_embedding", "meanflow"):
+        if not isinstance(getattr(config, name), bool):
+            raise ValueError(f"{name} must be true or false, got {getattr(config, name)!r}")
+    for name in ("byt5_in_dim", "vision_in_dim"):  # HunyuanVideo 1.5's token inputs: absent (null) or a width
+        v = getattr(config, name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            raise ValueError(f"{name} must be a positive integer or null, got {v!r}")
+    if isinstance(config.byt5_hidden, bool) or not isinstance(config.byt5_hidden, int) or config.byt5_hidden <= 0:
+        raise ValueError(f"byt5_hidden must be a positive integer, got {config.byt5_hidden!r}")
 
 
 def _expected(path: Path, header: dict, config: DiTConfig, policy: dict) -> dict:
@@ -183,7 +216,8 @@ def _expected(path: Path, header: dict, config: DiTConfig, policy: dict) -> dict
     try:
         meta_model = HunyuanVideoDiT(config, device="meta")
     except (RuntimeError, ValueError, TypeError, OverflowError) as e:
-        raise CheckpointError(f"{path} header describes a model that cannot be built ({e}); re-create the file") from None
+        raise CheckpointError(f"{path} header describes a {config.variant} model that cannot be built ({e}); "
+                              "re-create the file") from None
     named = dict(meta_model.named_modules())
     layers = header["layers"]
     if set(layers) != set(policy):
@@ -206,7 +240,7 @@ def _expected(path: Path, header: dict, config: DiTConfig, policy: dict) -> dict
     return specs
 
 
-def _check_keys(path: Path, index: dict, specs: dict) -> None:
+def _check_keys(path: Path, index: dict, specs: dict, variant: str) -> None:
     missing = sorted(set(specs) - set(index))
     extra = sorted(set(index) - set(specs))
     shapes = [f"{k}: file {list(index[k][0])} vs expected {list(specs[k][0])}"
@@ -219,7 +253,7 @@ def _check_keys(path: Path, index: dict, specs: dict) -> None:
         if items:
             problems.append(f"{len(items)} {label} (e.g. {items[:3]})")
     if problems:
-        raise CheckpointError(f"{path} does not match the model its header describes: " + "; ".join(problems)
+        raise CheckpointError(f"{path} does not match the {variant} model its header describes: " + "; ".join(problems)
                          + ". The file is damaged or was edited; re-create it.")
 
 
@@ -244,7 +278,7 @@ def read_compressed(path):
     meta, index = _read_index(path)
     header, config, policy = _parse_header(path, meta)
     specs = _expected(path, header, config, policy)
-    _check_keys(path, index, specs)
+    _check_keys(path, index, specs, config.variant)
     try:
         tensors = load_file(str(path), device="cpu")
     except Exception as e:

@@ -3,7 +3,10 @@ checkpoint header, so the policy is data rather than code scattered through the 
 
 Defaults (METHOD.md §1): every linear of the dual and single blocks at W/A bits; the adaLN
 modulation linears weight-only (27% of HunyuanVideo-13B's weight bytes, no compute: M = 1); the
-embedders, token refiner and final layer stay bf16.
+embedders, token refiner and final layer stay bf16. HunyuanVideo 1.5's input-side additions (byt5_in,
+vision_in, time_r_in, cond_type_embedding: ~15M of 8.3B weights, run once per call on a few hundred
+tokens) stay bf16 too: rounding them would shift every conditioning token for no measurable saving.
+The rule is by name, so any block count works (1.5: 54 double blocks, no single blocks).
 """
 from __future__ import annotations
 

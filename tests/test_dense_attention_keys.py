@@ -71,3 +71,16 @@ def test_mask_changed_in_place_is_read_again():
     assert allowed_keys(a) == "all"
     a[..., 2] = -1e4
     assert allowed_keys(a).tolist() == [i for i in range(16) if i != 2]
+
+
+def test_no_mask_takes_the_fused_kernel_order_too(rng, monkeypatch):
+    """Without a mask (Wan's self-attention, unpadded text) attention runs under the same cuDNN-first backend
+    order as a shortened mask, with the exact result."""
+    import quantsparse_core.models.attention as attention
+    seen = []
+    real = attention._sdpa_backends
+    monkeypatch.setattr(attention, "_sdpa_backends", lambda device: seen.append(device) or real(device))
+    q, k, v = _qkv(rng)
+    got = dense_attention(q, k, v, None, CALL)
+    assert seen == [q.device]
+    torch.testing.assert_close(got.double(), _reference(q, k, v, None), atol=1e-5, rtol=1e-5)

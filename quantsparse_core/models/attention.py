@@ -109,7 +109,7 @@ def dense_attention(q, k, v, mask, call: AttentionCall) -> torch.Tensor:
     (allowed_keys): the same output, and SDPA can then run its fused unmasked kernels (cuDNN / flash)
     instead of the masked fallback. Returns [B, L, H*D], the layout the blocks' output projections expect.
     """
-    keep = allowed_keys(mask)  # on the caller's tensor: the memo knows it by identity
+    keep = "all" if mask is None else allowed_keys(mask)  # on the caller's tensor: the memo knows it by identity
     if keep is None:
         if mask is not None and mask.ndim == 3:
             mask = mask.unsqueeze(1)

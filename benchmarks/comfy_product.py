@@ -277,7 +277,7 @@ def add_random_loras(patcher, n: int, rank: int, device, seed: int):
         raise RuntimeError("no block linears found to put LoRAs on")
     gen = torch.Generator(device="cpu").manual_seed(seed + 7)
     params = 0
-    for i in range(n):
+    for _ in range(n):
         sd = {}
         for name, (out_f, in_f) in targets.items():
             k = f"diffusion_model.{name}"
@@ -285,12 +285,11 @@ def add_random_loras(patcher, n: int, rank: int, device, seed: int):
             sd[f"{k}.lora_B.weight"] = (torch.randn(out_f, rank, generator=gen) * 1e-3).to(device, torch.bfloat16)
             sd[f"{k}.alpha"] = torch.tensor(float(rank))
             params += rank * (in_f + out_f)
-        before = len(patcher.patches)
         patcher = comfy.sd.load_lora_for_models(patcher, None, sd, 1.0, 0.0)[0]
-        if len(patcher.patches) <= before and i == 0:
-            raise RuntimeError("ComfyUI applied none of the random LoRA's keys")
         del sd
     patched = sum(1 for k, v in patcher.patches.items() if k.endswith(".weight") and len(v) >= n)
+    if not patched:
+        raise RuntimeError("ComfyUI applied none of the random LoRAs' keys")
     return patcher, dict(count=n, rank=rank, layers=len(targets), patched_layers=patched,
                          params_m=round(params / 1e6, 1))
 

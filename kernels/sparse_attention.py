@@ -134,9 +134,9 @@ def _tile(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, j, L, skl
 
 # Integers that differ between resolutions or correction ranks are not specialised on (== 1, divisible by
 # 16): a run at a new resolution then reuses the kernels compiled at another one, instead of stalling a
-# step on a recompile (a 544p run compiled the first reuse and the first second-order reuse anew: 2 s each
-# on an H100, because the block-index strides and the LSE row stride, multiples of 16 there, were not in
-# the warm-up). Strides of the q/k/v/out/correction rows, which set the main loads' alignment and are
+# step on a recompile (a 544p run on an H100 stalled ~2 s at the first reuse and the first second-order
+# reuse; the likely cause, not yet confirmed on a GPU: the block-index strides, multiples of 16 at 544p
+# but not in the warm-up, gave new specialisations). Strides of the q/k/v/out/correction rows, which set the main loads' alignment and are
 # multiples of the head width at every resolution, stay specialised.
 @triton.jit(do_not_specialize=["L", "NH", "BH", "T", "NM", "NB_BIAS", "ssb", "sbb", "slb", "slh", "sih", "siq",
                                "sch", "sub", "suh", "sul", "R"])

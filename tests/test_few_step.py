@@ -3,8 +3,6 @@ that each schedule does what it says step by step, that density 1 under it is de
 override from the nodes' settings."""
 import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +14,6 @@ from quantsparse_core.sparse.ssar import FEW_STEP_MAX, SCHEDULES, SparseSettings
 GRID, TXT, BLOCK_ = (4, 4, 4), 8, 16
 L = TXT + 64
 B, H, D = 2, 2, 16
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def qkv(rng):
@@ -177,17 +174,9 @@ def test_few_step_on_the_model_sampler(rng):
 
 # ---- the nodes' override ----------------------------------------------------------------------------------
 def _sparse_nodes():
-    from comfy_env import require_comfyui
-    require_comfyui()
-    import asyncio
-    name = "comfyui_quantsparse_under_test"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    asyncio.run(sys.modules[name].comfy_entrypoint())
-    return importlib.import_module(name + ".nodes.sparse_nodes")
+    from test_comfy_nodes import load_pack  # registers the pack as ComfyUI does (skips without ComfyUI)
+    load_pack()
+    return importlib.import_module("comfyui_quantsparse_under_test.nodes.sparse_nodes")
 
 
 def test_node_schedule_override():

@@ -121,3 +121,17 @@ def dense_attention(q, k, v, mask, call: AttentionCall) -> torch.Tensor:
             out = F.scaled_dot_product_attention(q, k, v)
     b, h, l, d = out.shape
     return out.transpose(1, 2).reshape(b, l, h * d)
+
+
+class RoutedAttention:
+    """Mixin for a model whose attention calls go through `self.attention_fn` (dense_attention unless a
+    sparse method is plugged in for a run)."""
+
+    @contextlib.contextmanager
+    def attention(self, fn: AttentionFn):
+        """Temporarily route every attention call through `fn`."""
+        old, self.attention_fn = self.attention_fn, fn
+        try:
+            yield self
+        finally:
+            self.attention_fn = old

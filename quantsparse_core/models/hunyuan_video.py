@@ -10,14 +10,13 @@ Joint sequence: [text part, reference tokens, video tokens], where the text part
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
 
-from .attention import AttentionCall, AttentionFn, StepInfo, dense_attention
+from .attention import AttentionCall, AttentionFn, RoutedAttention, StepInfo, dense_attention
 from .config import DiTConfig
 from .blocks import DoubleStreamBlock, FinalLayer, SingleStreamBlock, TokenRefiner
 from .conditioning import ByT5Mapper, VisionIn, text_part
@@ -48,7 +47,7 @@ class RefAttentionCall(AttentionCall):
     ref_len: int = 0
 
 
-class HunyuanVideoDiT(nn.Module):
+class HunyuanVideoDiT(RoutedAttention, nn.Module):
     def __init__(self, config: DiTConfig, device=None, dtype=None):
         super().__init__()
         if config.patch_size[0] != 1 or config.patch_size[1] != config.patch_size[2]:
@@ -73,15 +72,6 @@ class HunyuanVideoDiT(nn.Module):
         self.vision_in = VisionIn(c.vision_in_dim, c.hidden_size, **kw) if c.vision_in_dim else None
         self.cond_type_embedding = nn.Embedding(3, c.hidden_size, **kw) if c.cond_type_embedding else None
         self.attention_fn: AttentionFn = dense_attention
-
-    @contextlib.contextmanager
-    def attention(self, fn: AttentionFn):
-        """Temporarily route every attention call through `fn`."""
-        old, self.attention_fn = self.attention_fn, fn
-        try:
-            yield self
-        finally:
-            self.attention_fn = old
 
     def fuse_small_ops(self, enable: bool = True, compile: bool = True,
                        quantize_inputs: bool = True) -> "HunyuanVideoDiT":

@@ -11,7 +11,6 @@ ComfyUI's other Wan-based models (VACE, camera, S2V, HuMo, Animate, ...) are ref
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import AttentionCall, AttentionFn, StepInfo, dense_attention
+from .attention import AttentionCall, AttentionFn, RoutedAttention, StepInfo, dense_attention
 from .layers import apply_rope
 
 HEAD_DIM = 128    # ComfyUI derives num_heads = dim / 128 for Wan
@@ -277,7 +276,7 @@ class ImageEmbedding(nn.Module):
         return self.proj(tokens)
 
 
-class WanDiT(nn.Module):
+class WanDiT(RoutedAttention, nn.Module):
     def __init__(self, config: WanConfig, device=None, dtype=None):
         super().__init__()
         self.config = c = config
@@ -294,15 +293,6 @@ class WanDiT(nn.Module):
         self.head = WanHead(c, kw)
         self.img_emb = ImageEmbedding(c, kw) if c.model_type == "i2v" else None
         self.attention_fn: AttentionFn = dense_attention
-
-    @contextlib.contextmanager
-    def attention(self, fn: AttentionFn):
-        """Temporarily route every self-attention call through `fn`."""
-        old, self.attention_fn = self.attention_fn, fn
-        try:
-            yield self
-        finally:
-            self.attention_fn = old
 
     def token_grid(self, x: torch.Tensor) -> tuple:
         """Token grid (frames, rows, cols) of a latent [B, C, T, H, W] after padding to the patch size."""

@@ -46,7 +46,7 @@ from quantsparse_core.models.blocks import DoubleStreamBlock, SingleStreamBlock 
 from quantsparse_core.models.config import get_preset  # noqa: E402
 from quantsparse_core.models.layers import rope_table  # noqa: E402
 from quantsparse_core.quant import linear as qlinear  # noqa: E402
-from quantsparse_core.quant.policy import default_policy  # noqa: E402
+from quantsparse_core.quant.policy import hunyuan_policy  # noqa: E402
 
 GB = 2 ** 30
 TXT = 256
@@ -205,7 +205,7 @@ def build(config, kind, seed=0):
     holder = nn.Module()
     setattr(holder, f"{kind}_blocks", nn.ModuleList([fp]))
     settings = CalibSettings(method="msad", epochs=1)
-    policy = default_policy(holder, settings.w_bits, settings.a_bits)
+    policy = hunyuan_policy(holder, settings.w_bits, settings.a_bits)
     return fp, quantized_copy(fp, policy, f"{kind}_blocks.0", settings), settings
 
 

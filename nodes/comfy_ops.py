@@ -1,6 +1,6 @@
-"""Load a QuantSparse compressed checkpoint as ComfyUI's own HunyuanVideo model.
+"""Load a QuantSparse compressed checkpoint as ComfyUI's own model for it (HunyuanVideo or WanModel).
 
-ComfyUI builds its HunyuanVideo class from the checkpoint (`load_diffusion_model_state_dict`) with
+ComfyUI builds its model class from the checkpoint (`load_diffusion_model_state_dict`) with
 our custom operations: every Linear is created without allocating a weight, and becomes either a
 plain ComfyUI linear (bf16 tensors of the file) or a quantized linear (the file's packed integer
 weights, computed by quantsparse_core's QuantLinear) when the state dict is loaded. ComfyUI's model
@@ -28,10 +28,12 @@ import torch
 import torch.nn.functional as F
 
 from quantsparse_core.io.checkpoint import read_compressed
+from quantsparse_core.models.family import family_of
 from quantsparse_core.quant.linear import QuantizedInput, QuantLinear
 
 SUBFOLDER = "quantsparse"  # inside ComfyUI's diffusion_models folder
 _UNET_PREFIX = "diffusion_model."
+COMFY_CLASS = {"hunyuan_video": "HunyuanVideo", "wan": "WanModel"}  # by models/family.py name
 LORA_INJECTION = "quantsparse_lora"  # ModelPatcher injection key
 
 log = logging.getLogger("quantsparse")
@@ -254,10 +256,12 @@ def load_compressed_patcher(path, disable_dynamic: bool = True):
     kwargs = {"model_options": {"custom_operations": ops}}
     if _supports_disable_dynamic(comfy.sd.load_diffusion_model_state_dict):
         kwargs["disable_dynamic"] = disable_dynamic
+    family = family_of(config)
     patcher = comfy.sd.load_diffusion_model_state_dict(tensors, **kwargs)
-    if patcher is None or type(patcher.model.diffusion_model).__name__ != "HunyuanVideo":
-        raise ValueError(f"ComfyUI did not recognise {path} as a HunyuanVideo model; re-create the checkpoint "
-                         "with QuantSparse Calibrate")
+    if patcher is None or type(patcher.model.diffusion_model).__name__ != COMFY_CLASS[family.name]:
+        built = "nothing" if patcher is None else type(patcher.model.diffusion_model).__name__
+        raise ValueError(f"ComfyUI did not recognise {path} as a {family.title} model (it built {built}); "
+                         "update ComfyUI, or re-create the checkpoint with QuantSparse")
     patcher.cached_patcher_init = (load_compressed_patcher, (str(path),))
     patcher.quantsparse_header = header
     patcher.set_injections(LORA_INJECTION, [PatcherInjection(inject=_inject_lora, eject=_eject_lora)])

@@ -31,7 +31,7 @@ import torch
 
 from quantsparse_core.models import fusion
 
-from .model_family import SPARSE, classify, require_supported
+from .model_family import FUSED, classify, require_supported
 
 KEY = "quantsparse_fused_blocks"        # wrapper key, and the patch functions' marker
 _DIT = "quantsparse_fused_dit"          # transformer_options entry: the executing HunyuanVideo module
@@ -194,7 +194,7 @@ def _block(kind: str, index: int, args: dict):
     if dit is None:
         raise _Fallback("the executing model is unknown (no fused-blocks wrapper ran)")
     variant = classify(dit)
-    if variant not in SPARSE:
+    if variant not in FUSED:
         raise _Fallback(f"the model is {variant}")
     blocks = getattr(dit, f"{kind}_blocks", None)
     if blocks is None or index >= len(blocks):
@@ -298,7 +298,7 @@ def install_fused_blocks(patcher, compile: Optional[bool] = None) -> None:
     """Install the fused replacements on `patcher` itself (call on a clone you own)."""
     import comfy.patcher_extension
 
-    require_supported(patcher, "QuantSparse fused blocks", SPARSE)
+    require_supported(patcher, "QuantSparse fused blocks", FUSED)
 
     existing = _replacements(patcher)
     for kind, n in _block_counts(patcher).items():

@@ -1,14 +1,18 @@
-"""Which member of ComfyUI's HunyuanVideo family a MODEL is, and refusing the ones a node does not support.
+"""Which model a MODEL is (ComfyUI's HunyuanVideo family, or a plain Wan transformer), and refusing the ones a
+node does not support.
 
 ComfyUI runs HunyuanVideo 1.0 T2V and I2V, SkyReels I2V, HunyuanVideo 1.5 (and its super-resolution
 model) and HunyuanImage 2.1 (and its refiner) on one class, comfy.ldm.hunyuan_video.model.HunyuanVideo;
 only the configuration it was built with tells them apart (comfy/model_detection.py reads it from the
 state dict, comfy/supported_models.py names the variants by it). So the class name proves nothing: we
-read the configuration.
+read the configuration. Wan: ComfyUI's plain WanModel runs Wan 2.1 T2V/I2V and the Wan 2.2 A14B experts and
+TI2V-5B; VACE, camera, S2V, HuMo, Animate and the other Wan-based models are subclasses, refused by name.
 """
 from __future__ import annotations
 
 import torch
+
+from quantsparse_core.models.wan import WAN21_I2V, WAN22_I2V, WAN22_TI2V, WAN_T2V, wan_variant
 
 T2V = "HunyuanVideo 1.0 T2V"
 I2V = "HunyuanVideo 1.0 I2V"
@@ -22,12 +26,17 @@ IMAGE21_REFINER = "HunyuanImage 2.1 refiner"
 # text conditioning only; the sparse patch and the fused blocks see only the joint blocks' token layout,
 # which 1.0 I2V shares (image channels concatenated to the latent, or the first frame replaced). A
 # compressed checkpoint (RTN or calibrated) of 1.0 I2V or 1.5 loads as ComfyUI's own model for it.
+# Wan: every plain Wan transformer's self-attention covers the video tokens only (sparse patch), and a
+# compressed Wan checkpoint loads as ComfyUI's WanModel; calibration and fused blocks are HunyuanVideo's.
+WAN = (WAN_T2V, WAN21_I2V, WAN22_I2V, WAN22_TI2V)
 COMPRESS = (T2V,)
-SPARSE = (T2V, I2V)
-LOAD = (T2V, I2V, V15)
+SPARSE = (T2V, I2V, *WAN)
+FUSED = (T2V, I2V)
+LOAD = (T2V, I2V, V15, *WAN)
 
 # DiTConfig.variant (the core's name for a checkpoint header's model) -> the name classify() gives it here.
-FROM_CONFIG = {"HunyuanVideo 1.0 T2V": T2V, "HunyuanVideo 1.0 I2V": I2V, "HunyuanVideo 1.5": V15}
+FROM_CONFIG = {"HunyuanVideo 1.0 T2V": T2V, "HunyuanVideo 1.0 I2V": I2V, "HunyuanVideo 1.5": V15,
+               **{v: v for v in WAN}}
 T2V_SOURCE = ("for 1.0 T2V: ComfyUI's hunyuan_video_t2v_720p_bf16.safetensors, or a checkpoint QuantSparse Calibrate "
               "wrote from it")
 
@@ -46,6 +55,8 @@ def classify(model) -> str:
     """The variant of a ModelPatcher's (or a diffusion module's) model, by ComfyUI's configuration."""
     dm = diffusion_model(model)
     name = type(dm).__name__
+    if name == "WanModel":
+        return classify_wan(dm)
     params = getattr(dm, "params", None)
     if name != "HunyuanVideo" or params is None:
         return f"{name} (not a HunyuanVideo-family model)"
@@ -63,6 +74,13 @@ def classify(model) -> str:
             return variant
     return (f"an unknown HunyuanVideo configuration (in_channels {params.in_channels}, patch {patch}, "
             f"byT5 {params.byt5}, meanflow {params.meanflow})")
+
+
+def classify_wan(dm) -> str:
+    """The variant of ComfyUI's plain WanModel, from the attributes its constructor stores."""
+    if getattr(dm, "ref_conv", None) is not None:
+        return "Wan Fun (reference image)"
+    return wan_variant(dm.model_type, dm.in_dim, dm.out_dim, dm.patch_size, dm.dim // dm.num_heads)
 
 
 def require_supported(model, node_name: str, supported, hint: str = T2V_SOURCE) -> str:

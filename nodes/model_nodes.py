@@ -16,11 +16,11 @@ from quantsparse_core.calib.block_source import StateDictSource
 from quantsparse_core.calib.pipeline import SAMPLES_PER_TRAJECTORY, Conditioning
 from quantsparse_core.calib.stream_budget import describe, estimate
 from quantsparse_core.calib.stream_pipeline import compress_streaming
-from quantsparse_core.models.config import DiTConfig
+from quantsparse_core.models.family import family_of
 
 from .comfy_ops import SUBFOLDER, load_compressed_patcher
 from .fused_blocks import apply_fused_blocks
-from .model_family import COMPRESS, FROM_CONFIG, LOAD, SPARSE, require_supported
+from .model_family import COMPRESS, FROM_CONFIG, FUSED, LOAD, require_supported
 from .sparse_patch import add_text_mask_batching
 
 CATEGORY = "QuantSparse"
@@ -233,8 +233,9 @@ class LoadCompressedDiT(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="QuantSparseLoadCompressedDiT", display_name="Load Compressed DiT (QuantSparse)", category=CATEGORY,
-            description="Load a QuantSparse compressed HunyuanVideo 1.0 (T2V or I2V) or HunyuanVideo 1.5 checkpoint as "
-                        "ComfyUI's own model for it (HunyuanVideo, HunyuanVideoI2V or HunyuanVideo15).",
+            description="Load a QuantSparse compressed HunyuanVideo 1.0 (T2V or I2V), HunyuanVideo 1.5 or Wan 2.1 / 2.2 "
+                        "checkpoint as ComfyUI's own model for it (HunyuanVideo, HunyuanVideoI2V, HunyuanVideo15 "
+                        "or WAN21 / WAN22).",
             inputs=[io.Combo.Input("checkpoint", options=compressed_files(),
                                    tooltip="Compressed checkpoints in models/diffusion_models/quantsparse/ "
                                            "(written by QuantSparse Calibrate, or by quantsparse_core's "
@@ -255,12 +256,13 @@ class LoadCompressedDiT(io.ComfyNode):
         # header names (else ComfyUI's detection and ours disagree, and the file would run as another model).
         variant = require_supported(patcher, "Load Compressed DiT", LOAD,
                                     hint="compressed checkpoints QuantSparse wrote for them")
-        described = FROM_CONFIG.get(DiTConfig.from_dict(patcher.quantsparse_header["config"]).variant)
+        header = patcher.quantsparse_header
+        described = FROM_CONFIG.get(family_of(header["model_family"]).config_type.from_dict(header["config"]).variant)
         if described != variant:
             raise ValueError(f"ComfyUI built {checkpoint} as {variant}, but its QuantSparse header describes "
-                             f"{described}: this ComfyUI detects HunyuanVideo models differently; update ComfyUI "
+                             f"{described}: this ComfyUI detects these models differently; update ComfyUI "
                              "or QuantSparse")
-        if variant in SPARSE:
+        if variant in FUSED:
             # Fused blocks on: any sampler then runs the producer-quantized fast path (fused_blocks.py).
             # HunyuanVideo 1.5 runs ComfyUI's own blocks (with the quantized linears) until they cover it.
             patcher = apply_fused_blocks(patcher)

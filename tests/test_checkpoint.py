@@ -156,7 +156,9 @@ def test_bad_files_each_get_a_clear_error(saved, tmp_path, rng):
     assert "written by format version 2; this QuantSparse reads version 1: update QuantSparse" in err(v2)
 
     wan = _rewrite(saved, tmp_path / "wan.safetensors", edit_header=lambda h: h.update(model_family="wan"))
-    assert "'wan'" in err(wan)
+    assert "invalid model config" in err(wan)  # a HunyuanVideo config under the Wan family name
+    ltx = _rewrite(saved, tmp_path / "ltx.safetensors", edit_header=lambda h: h.update(model_family="ltxv"))
+    assert "'ltxv' model" in err(ltx)
 
     removed = _rewrite(saved, tmp_path / "removed.safetensors",
                        edit_tensors=lambda t: t.pop("single_blocks.0.linear2.weight_scale"))

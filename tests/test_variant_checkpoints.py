@@ -205,8 +205,9 @@ UNSUPPORTED = {
     "HunyuanImage 2.1 refiner": dataclasses.replace(get_preset("test"), in_channels=128, out_channels=64,
                                                     patch_size=(1, 1, 1), vec_in_dim=None, guidance_embed=False),
 }
-SUPPORTED_TEXT = ("QuantSparse compressed checkpoints hold HunyuanVideo 1.0 T2V, HunyuanVideo 1.0 I2V and "
-                  "HunyuanVideo 1.5 (T2V and I2V) transformers only")
+SUPPORTED_TEXT = ("QuantSparse compressed checkpoints hold HunyuanVideo 1.0 T2V, HunyuanVideo 1.0 I2V, "
+                  "HunyuanVideo 1.5 (T2V and I2V), Wan 2.1/2.2 T2V, Wan 2.1 I2V, Wan 2.2 I2V, Wan 2.2 TI2V 5B "
+                  "transformers only")
 
 
 @pytest.mark.parametrize("variant", list(UNSUPPORTED))

@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..models.config import I2V, T2V, V15, DiTConfig
-from ..models.hunyuan_video import HunyuanVideoDiT
+from ..models.family import FAMILIES, HUNYUAN_VIDEO, family_of
+from ..models.wan import WAN_VARIANTS, WanConfig
 from ..models.weights import atomic_save_safetensors
 from ..quant.linear import QuantLinear
 from ..quant.policy import policy_from_json, policy_to_json
@@ -28,16 +29,19 @@ from ..quant.transforms import kron_factors
 
 FORMAT_NAME = "quantsparse-compressed"
 FORMAT_VERSION = 1
-MODEL_FAMILY = "hunyuan_video"
+MODEL_FAMILY = HUNYUAN_VIDEO.name  # what the streaming calibration writes (HunyuanVideo only)
 HEADER_KEY = "quantsparse"
 ROTATIONS = (None, "hadamard", "learned")
 LAYER_FIELDS = {"w_bits", "a_bits", "smooth", "rotation"}  # a header 'layers' entry holds exactly these
 
-# The HunyuanVideo variants a compressed file may hold (DiTConfig.variant): each runs in our DiT and loads as
-# ComfyUI's matching model (HunyuanVideo / HunyuanVideoI2V / HunyuanVideo15). The rest of ComfyUI's family
-# (SkyReels I2V, the 1.5 super-resolution model, HunyuanImage 2.1 and its refiner) is neither written nor read.
-LOADABLE = (T2V, I2V, V15)
-LOADABLE_TEXT = "HunyuanVideo 1.0 T2V, HunyuanVideo 1.0 I2V and HunyuanVideo 1.5 (T2V and I2V)"
+# The variants a compressed file may hold (config.variant; models/family.py says which family each is in):
+# each runs in our DiT and loads as ComfyUI's matching model (HunyuanVideo / HunyuanVideoI2V / HunyuanVideo15,
+# or WanModel). The rest of ComfyUI's HunyuanVideo family (SkyReels I2V, the 1.5 super-resolution model,
+# HunyuanImage 2.1 and its refiner) and of its Wan-based models (VACE, Fun, S2V, ...) is neither written nor read.
+LOADABLE = (T2V, I2V, V15, *WAN_VARIANTS)
+LOADABLE_TEXT = ("HunyuanVideo 1.0 T2V, HunyuanVideo 1.0 I2V, HunyuanVideo 1.5 (T2V and I2V), "
+                 + ", ".join(WAN_VARIANTS))
+MAX_WIDTH = 1 << 16  # no DiT layer is this wide; bounds what a forged Wan header can ask the meta model for
 
 MAX_BLOCKS = 4096  # far above any DiT; bounds the meta model a forged header could ask for
 MAX_ABS = 1e4      # no trained DiT stores a weight, bias, norm or scale this large: a flipped exponent bit does
@@ -80,16 +84,18 @@ def _quant_tensors(name: str, q: QuantLinear) -> dict:
 
 # -- save ---------------------------------------------------------------------------------------------
 
-def save_compressed(model: HunyuanVideoDiT, path, policy: dict, *, calibration: dict | None = None,
+def save_compressed(model: nn.Module, path, policy: dict, *, calibration: dict | None = None,
                     source_hash: str | None = None) -> None:
-    """Write `model` (its policy's linears are QuantLinear) as one compressed .safetensors file.
+    """Write `model` (a HunyuanVideoDiT or WanDiT whose policy's linears are QuantLinear) as one compressed
+    .safetensors file.
 
     Layers still in fake mode are frozen on a copy, so the caller's model is left unchanged.
     The write is atomic: on any failure no file (and no temporary file) is left behind.
     """
     try:
+        family = family_of(model)
         require_loadable(model.config)
-    except CheckpointError as e:
+    except (CheckpointError, ValueError) as e:
         raise ValueError(f"cannot save a compressed checkpoint: {e}") from None
     named = dict(model.named_modules())
     quant_names = {n for n, m in named.items() if isinstance(m, QuantLinear)}
@@ -110,7 +116,7 @@ def save_compressed(model: HunyuanVideoDiT, path, policy: dict, *, calibration: 
     for k, v in model.state_dict().items():
         if not k.startswith(prefixes):
             tensors[k] = v.detach().to(torch.bfloat16).cpu()
-    header = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "model_family": MODEL_FAMILY,
+    header = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "model_family": family.name,
               "config": model.config.to_dict(), "policy": policy_to_json(policy), "layers": layers,
               "calibration": calibration or {}, "source_hash": source_hash}
     atomic_save_safetensors(tensors, path, metadata={HEADER_KEY: json.dumps(header)})
@@ -134,7 +140,7 @@ def _read_index(path: Path):
 
 def _parse_header(path: Path, meta: dict):
     not_ours = (f"{path} is not a QuantSparse compressed checkpoint (it has no '{FORMAT_NAME}' header); "
-                "quantize a HunyuanVideo model with QuantSparse to create one")
+                "quantize a HunyuanVideo or Wan model with QuantSparse to create one")
     if HEADER_KEY not in meta:
         raise CheckpointError(not_ours)
     try:
@@ -146,13 +152,16 @@ def _parse_header(path: Path, meta: dict):
     if h.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"{path} was written by format version {h.get('version')}; this QuantSparse reads "
                          f"version {FORMAT_VERSION}: update QuantSparse")
-    if h.get("model_family") != MODEL_FAMILY:
+    family = FAMILIES.get(h.get("model_family")) if isinstance(h.get("model_family"), str) else None
+    if family is None:
         raise CheckpointError(f"{path} holds a {h.get('model_family')!r} model; QuantSparse loads "
-                         f"{MODEL_FAMILY!r} checkpoints only")
+                              f"{' and '.join(repr(n) for n in FAMILIES)} checkpoints only")
     try:
-        config = DiTConfig.from_dict(h["config"])
-        _check_config(config)
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        if not isinstance(h["config"], dict):
+            raise TypeError("the config must be an object")
+        config = family.config_type.from_dict(h["config"])
+        (_check_config if family is HUNYUAN_VIDEO else _check_wan_config)(config)
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
         raise CheckpointError(f"{path} has an invalid model config in its header: {e}") from None
     try:
         require_loadable(config)
@@ -170,7 +179,7 @@ def _parse_header(path: Path, meta: dict):
     return h, config, policy
 
 
-def require_loadable(config: DiTConfig) -> str:
+def require_loadable(config) -> str:
     """The config's variant, or a CheckpointError naming it and the variants the format holds."""
     variant = config.variant
     if variant not in LOADABLE:
@@ -211,10 +220,29 @@ def _check_config(config: DiTConfig) -> None:
         raise ValueError(f"byt5_hidden must be a positive integer, got {config.byt5_hidden!r}")
 
 
-def _expected(path: Path, header: dict, config: DiTConfig, policy: dict) -> dict:
+def _check_wan_config(config: WanConfig) -> None:
+    """Field types and sizes a real Wan transformer can have (WanConfig checks the head split and patch)."""
+    for name in ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "text_dim", "freq_dim"):
+        v = getattr(config, name)
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= MAX_WIDTH:
+            raise ValueError(f"{name} must be an integer in 1..{MAX_WIDTH}, got {v!r}")
+    if config.num_layers > MAX_BLOCKS:
+        raise ValueError(f"{config.num_layers} blocks is more than any DiT has ({MAX_BLOCKS})")
+    if not all(isinstance(p, int) and not isinstance(p, bool) and 0 < p <= 16 for p in config.patch_size):
+        raise ValueError(f"patch_size must be three integers in 1..16, got {list(config.patch_size)!r}")
+    for name in ("eps", "rope_theta"):
+        v = getattr(config, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"{name} must be a positive number, got {v!r}")
+    n = config.flf_pos_embed_token_number
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 0 < n <= MAX_WIDTH):
+        raise ValueError(f"flf_pos_embed_token_number must be a positive integer or null, got {n!r}")
+
+
+def _expected(path: Path, header: dict, config, policy: dict) -> dict:
     """{key: (shape, dtype)} the file must hold, from a meta-device model plus the header's layers."""
     try:
-        meta_model = HunyuanVideoDiT(config, device="meta")
+        meta_model = family_of(config).build(config, device="meta")
     except (RuntimeError, ValueError, TypeError, OverflowError) as e:
         raise CheckpointError(f"{path} header describes a {config.variant} model that cannot be built ({e}); "
                               "re-create the file") from None
@@ -267,7 +295,8 @@ def _build_quant_linear(lin: nn.Linear, info: dict, t: dict, name: str, device) 
 
 
 def read_compressed(path):
-    """Validate a compressed checkpoint and read it: (header, DiTConfig, policy, {key: tensor} on CPU).
+    """Validate a compressed checkpoint and read it: (header, config, policy, {key: tensor} on CPU); the
+    config is a DiTConfig or a WanConfig (models/family.py: family_of(config)).
 
     Everything is checked (header, keys, shapes, dtypes) before any tensor is read, so both loaders
     (ours below, and the ComfyUI node's) fail the same clear way on a foreign or damaged file.
@@ -314,7 +343,7 @@ def _check_values(path: Path, tensors: dict, policy: dict) -> None:
 
 
 def load_compressed(path, device="cpu", dtype: torch.dtype = torch.float32):
-    """Validate, then build the model: returns (HunyuanVideoDiT with mode-'real' QuantLinears, header).
+    """Validate, then build the model: returns (HunyuanVideoDiT or WanDiT with mode-'real' QuantLinears, header).
 
     Float tensors are cast from bf16 to `dtype`; the quantized layers keep their own float32 state.
     """
@@ -322,7 +351,7 @@ def load_compressed(path, device="cpu", dtype: torch.dtype = torch.float32):
 
     # Built on the meta device and filled by assignment: the float weights of the quantized
     # linears are never allocated.
-    model = HunyuanVideoDiT(config, device="meta")
+    model = family_of(config).build(config, device="meta")
     named = dict(model.named_modules())
     for name in policy:
         parent_name, _, child = name.rpartition(".")

@@ -29,6 +29,29 @@ CLIP_DIM = 1280   # CLIP ViT-H penultimate width: ComfyUI fixes img_emb's input 
 # node-side and core-side attention hooks (and SSAR's per-block state) key Wan blocks identically.
 BLOCK_TYPE = "double"
 
+# The Wan transformers QuantSparse runs, by what ComfyUI builds from their files (WanModel, plain):
+WAN_T2V = "Wan 2.1/2.2 T2V"            # 2.1 T2V 1.3B and 14B, the two 2.2 A14B T2V experts
+WAN21_I2V = "Wan 2.1 I2V"              # CLIP image tokens in cross-attention (also FLF2V)
+WAN22_I2V = "Wan 2.2 I2V"              # the 2.2 A14B I2V experts: image latent concatenated, no CLIP tokens
+WAN22_TI2V = "Wan 2.2 TI2V 5B"         # 48-channel latent of its own VAE
+WAN_VARIANTS = (WAN_T2V, WAN21_I2V, WAN22_I2V, WAN22_TI2V)
+
+
+def wan_variant(model_type: str, in_dim: int, out_dim: int, patch_size, head_dim: int) -> str:
+    """The variant name of a Wan architecture (one of WAN_VARIANTS), or a description of one QuantSparse
+    does not run. Shared by WanConfig and the nodes' reading of ComfyUI's WanModel."""
+    if tuple(patch_size) == (1, 2, 2) and head_dim == HEAD_DIM:
+        if model_type == "i2v" and in_dim == 36 and out_dim == 16:
+            return WAN21_I2V
+        if model_type == "t2v" and out_dim == 16:
+            return {16: WAN_T2V, 36: WAN22_I2V}.get(in_dim, f"a Wan model with {in_dim} input channels "
+                                                            "(Fun control or inpaint)")
+        if model_type == "t2v" and in_dim == out_dim == 48:
+            return WAN22_TI2V
+    return (f"an unknown Wan configuration ({model_type}, in {in_dim} / out {out_dim} channels, patch "
+            f"{list(patch_size)}, head width {head_dim})")
+
+
 # Keys of ComfyUI's Wan-based models that are not plain T2V/I2V/TI2V transformers (model_detection.py).
 FOREIGN_KEYS = {
     "vace_patch_embedding.weight": "Wan VACE", "control_adapter.conv.weight": "Wan camera control",
@@ -85,6 +108,11 @@ class WanConfig:
         if self.model_type == "t2v":
             return "WAN22_T2V" if self.out_dim == 48 else "WAN21_T2V"
         return {36: "WAN21_I2V", 48: "WAN21_FunControl2V"}.get(self.in_dim)
+
+    @property
+    def variant(self) -> str:
+        """Which Wan model this architecture is (WAN_VARIANTS), by the rules ComfyUI's loader applies."""
+        return wan_variant(self.model_type, self.in_dim, self.out_dim, self.patch_size, self.head_dim)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -32,7 +32,22 @@ class LayerRule:
 
 def default_policy(model: nn.Module, w_bits: int = 4, a_bits: int = 8,
                    modulation_w_bits: int | None = None, refiner_w_bits: int | None = None) -> dict:
-    """{linear name: LayerRule} for the blocks' linears; names not listed stay in bf16.
+    """{linear name: LayerRule} of the model's family (models/family.py): HunyuanVideo's rules below, Wan's in
+    models/wan_storage.py. The two optional widths are HunyuanVideo's; asking them of a Wan model is an error."""
+    from ..models.family import HUNYUAN_VIDEO, family_of
+    fam = family_of(model)
+    if fam is not HUNYUAN_VIDEO:
+        if modulation_w_bits or refiner_w_bits:
+            raise ValueError(f"modulation_w_bits / refiner_w_bits are HunyuanVideo layer rules; a {fam.title} "
+                             "model has no such linears")
+        check_bits(w_bits, a_bits)
+        return fam.policy(model, w_bits, a_bits)
+    return hunyuan_policy(model, w_bits, a_bits, modulation_w_bits, refiner_w_bits)
+
+
+def hunyuan_policy(model: nn.Module, w_bits: int = 4, a_bits: int = 8,
+                   modulation_w_bits: int | None = None, refiner_w_bits: int | None = None) -> dict:
+    """HunyuanVideo: {linear name: LayerRule} for the blocks' linears; names not listed stay in bf16.
 
     refiner_w_bits: also store the token refiner's linears weight-only (it runs on the ~256 text
     tokens, so it costs no compute, but holds 0.53 GB of HunyuanVideo-13B's bf16 weights)."""

@@ -5,6 +5,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -16,11 +17,12 @@ from quantsparse_core.calib.block_source import StateDictSource
 from quantsparse_core.calib.pipeline import SAMPLES_PER_TRAJECTORY, Conditioning
 from quantsparse_core.calib.stream_budget import describe, estimate
 from quantsparse_core.calib.stream_pipeline import compress_streaming
+from quantsparse_core.io.rtn import compress_rtn
 from quantsparse_core.models.family import family_of
 
 from .comfy_ops import SUBFOLDER, load_compressed_patcher
 from .fused_blocks import apply_fused_blocks
-from .model_family import COMPRESS, FROM_CONFIG, FUSED, LOAD, require_supported
+from .model_family import COMPRESS, FROM_CONFIG, FUSED, LOAD, T2V_SOURCE, WAN, classify, require_supported
 from .sparse_patch import add_text_mask_batching
 
 CATEGORY = "QuantSparse"
@@ -67,14 +69,43 @@ def conditioning_tensors(positive) -> Conditioning:
                         None if mask is None else mask[:1].cpu().clone(), 6.0 if guidance is None else float(guidance))
 
 
+def _refuse_compressed(dm) -> None:
+    if any(getattr(m, "quant", None) is not None for m in dm.modules()):
+        raise ValueError("this MODEL is already QuantSparse-compressed; calibrate the full-precision model")
+
+
+class ComfyWeights(Mapping):
+    """A MODEL's diffusion-model weights by ComfyUI key, where ComfyUI keeps them (on the CPU once offloaded),
+    with its LoRA / weight patches applied to each tensor as it is read (comfy.lora.calculate_weight)."""
+
+    def __init__(self, model):
+        dm = model.model.diffusion_model
+        _refuse_compressed(dm)
+        self.sd = dm.state_dict()
+        self.patches = dict(model.patches)
+
+    def __getitem__(self, key):
+        v = self.sd[key]
+        patch = self.patches.get(f"diffusion_model.{key}")
+        if patch is None:
+            return v
+        import comfy.lora
+        return comfy.lora.calculate_weight(patch, v.float().clone(), f"diffusion_model.{key}").to(v.dtype)
+
+    def __iter__(self):
+        return iter(self.sd)
+
+    def __len__(self):
+        return len(self.sd)
+
+
 class ComfyBlockSource(StateDictSource):
     """The MODEL's weights where ComfyUI keeps them (on the CPU when offloaded), read one block at a time;
     LoRA / weight patches are applied to each block's copy as it is taken (comfy.lora.calculate_weight)."""
 
     def __init__(self, model):
         dm = model.model.diffusion_model
-        if any(getattr(m, "quant", None) is not None for m in dm.modules()):
-            raise ValueError("this MODEL is already QuantSparse-compressed; calibrate the full-precision model")
+        _refuse_compressed(dm)
         super().__init__(dm.state_dict())
         self.patches = dict(model.patches)
 
@@ -145,12 +176,14 @@ class Calibrate(io.ComfyNode):
         d = CalibSettings()
         return io.Schema(
             node_id="QuantSparseCalibrate", display_name="QuantSparse Calibrate", category=CATEGORY,
-            description="Quantize a HunyuanVideo model block by block with MSAD calibration, save the compressed "
-                        "checkpoint to models/diffusion_models/quantsparse/, and return it as a MODEL. "
-                        "An interrupted run resumes from its last finished block.",
+            description="Quantize a HunyuanVideo model block by block with MSAD calibration (or a Wan 2.1 / 2.2 "
+                        "model round-to-nearest, method rtn), save the compressed checkpoint to "
+                        "models/diffusion_models/quantsparse/, and return it as a MODEL. "
+                        "An interrupted calibration resumes from its last finished block.",
             inputs=[
                 io.Model.Input("model", tooltip="The full-precision HunyuanVideo 1.0 text-to-video MODEL to compress "
-                                                "(LoRAs applied to it are baked in); other models are refused"),
+                                                "(LoRAs applied to it are baked in), or a Wan 2.1 / 2.2 MODEL with "
+                                                "method rtn (prompt and latent unused); other models are refused"),
                 io.Conditioning.Input("positive", tooltip="A typical prompt: calibration data are sampling "
                                                           "trajectories of this prompt"),
                 io.Latent.Input("latent", tooltip="An empty latent of the size you will generate at "
@@ -193,8 +226,11 @@ class Calibrate(io.ComfyNode):
     def execute(cls, model, positive, latent, weight_bits, activation_bits, method, samples, steps, epochs,
                 lambda_global, lambda_local, pool_stride, salient_tokens, seed, output_name) -> io.NodeOutput:
         import comfy.model_management
-        require_supported(model, "QuantSparse Calibrate", COMPRESS)
+        require_supported(model, "QuantSparse Calibrate", COMPRESS + WAN,
+                          hint=f"{T2V_SOURCE}; Wan with method rtn")
         out = output_path(output_name)
+        if classify(model) in WAN:
+            return cls.round_to_nearest(model, out, int(weight_bits), int(activation_bits), method)
         settings = CalibSettings(method=method, w_bits=int(weight_bits), a_bits=int(activation_bits), epochs=epochs,
                                  lambda_g=lambda_global, lambda_l=lambda_local, stride=pool_stride,
                                  top_k=salient_tokens, seed=seed % (2**31))
@@ -226,6 +262,47 @@ class Calibrate(io.ComfyNode):
             del source
         comfy.model_management.soft_empty_cache()
         return io.NodeOutput(load_compressed_patcher(out))
+
+    @classmethod
+    def round_to_nearest(cls, model, out: Path, w_bits: int, a_bits: int, method: str) -> io.NodeOutput:
+        """Wan: round-to-nearest, one linear at a time from the MODEL's weights (LoRAs baked in); MSAD
+        calibration of Wan (its cross-attention and the 2.2 experts' trajectory split) is not built yet."""
+        import comfy.model_management
+        import comfy.utils
+        if method != "rtn":
+            raise ValueError(f"QuantSparse Calibrate: method {method!r} is not available for {classify(model)} yet "
+                             "(MSAD calibration covers HunyuanVideo 1.0 T2V); set method to rtn to write a "
+                             "round-to-nearest Wan checkpoint (no calibration data are used)")
+        comfy.model_management.unload_all_models()
+        comfy.model_management.soft_empty_cache()
+        weights = ComfyWeights(model)
+        need = _rtn_host_bytes(weights, w_bits)
+        host = available_host_memory()
+        if host is not None and need > host:
+            raise MemoryError(f"QuantSparse Calibrate (rtn) needs about {need / 2**30:.1f} GB of free host memory "
+                              f"for the packed {w_bits}-bit model, {host / 2**30:.1f} GB are free: close other "
+                              "programs or unload other models first")
+        bar = comfy.utils.ProgressBar(1)
+
+        def tick(done, total):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            bar.update_absolute(done, total)
+
+        device = comfy.model_management.get_torch_device()
+        with torch.inference_mode(False):
+            variant = compress_rtn(weights, out, w_bits, a_bits, device=device, progress=tick)
+        logging.info("QuantSparse Calibrate: %s W%dA%d round-to-nearest checkpoint written to %s", variant, w_bits,
+                     a_bits, out)
+        del weights
+        comfy.model_management.soft_empty_cache()
+        return io.NodeOutput(load_compressed_patcher(out))
+
+
+def _rtn_host_bytes(weights: Mapping, w_bits: int) -> int:
+    """Host bytes a round-to-nearest job holds until its save: the packed model (weights of 2-D tensors at
+    w_bits, the rest bf16) plus the largest layer's float32 copy."""
+    packed = sum(t.numel() * (w_bits / 8 if t.ndim == 2 else 2) for t in weights.sd.values())
+    return int(packed + 4 * max(t.numel() for t in weights.sd.values()))
 
 
 class LoadCompressedDiT(io.ComfyNode):

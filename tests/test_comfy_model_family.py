@@ -102,7 +102,7 @@ def test_t2v_and_i2v_are_told_apart_and_i2v_is_sparse_only(pack, rng):
     i2v = comfy_model(rng, **I2V[0])
     assert type(i2v.model).__name__ == I2V[1] and family.classify(i2v) == "HunyuanVideo 1.0 I2V"
     with pytest.raises(ValueError, match=r"QuantSparse Calibrate does not support this MODEL: it is HunyuanVideo 1\.0 "
-                                         r"I2V .*supports HunyuanVideo 1\.0 T2V \("):
+                                         r"I2V .*supports HunyuanVideo 1\.0 T2V, Wan 2\.1/2\.2 T2V, .*; Wan with method rtn\)"):
         nodes["QuantSparseCalibrate"].execute(
             model=i2v, positive=_cond(rng), latent={"samples": torch.zeros(1, 16, 2, 8, 8)}, weight_bits="4",
             activation_bits="8", method="rtn", samples=1, steps=2, epochs=1, lambda_global=1.0, lambda_local=1.0,

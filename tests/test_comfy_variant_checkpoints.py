@@ -121,7 +121,7 @@ def test_calibrate_still_refuses_i2v_and_15_models(pack, rng):
                 lambda_local=1.0, pool_stride=16, salient_tokens=16, seed=0, output_name="refused")
         assert str(err.value).startswith(f"QuantSparse Calibrate does not support this MODEL: it is {variant} "
                                          f"(ComfyUI model class {comfy_class}). QuantSparse Calibrate supports "
-                                         "HunyuanVideo 1.0 T2V ("), str(err.value)
+                                         "HunyuanVideo 1.0 T2V, Wan 2.1/2.2 T2V, "), str(err.value)
     assert not (models / "quantsparse" / "refused.safetensors").exists()
 
 

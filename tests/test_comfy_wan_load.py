@@ -1,0 +1,113 @@
+"""Compressed Wan checkpoints in a real ComfyUI (issue 18): Load Compressed DiT builds ComfyUI's own WanModel
+from the file and one diffusion-model call equals our compressed core WanDiT (load_compressed of the same file);
+QuantSparse Calibrate writes a Wan checkpoint round-to-nearest from a full-precision Wan MODEL (LoRA / weight
+patches baked in), equal to quantsparse_core's compress_rtn of the same weights, and refuses MSAD for Wan.
+
+Runs only with COMFYUI_PATH set."""
+import importlib
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from quantsparse_core.io import load_compressed
+from quantsparse_core.io.rtn import compress_rtn
+from quantsparse_core.models import WanDiT, get_wan_preset
+
+from comfy_env import require_comfyui
+from test_comfy_nodes import load_pack
+from test_comfy_variant_checkpoints import TOL, _comfy_forward, _load
+
+PACK = "comfyui_quantsparse_under_test"
+# preset -> (ComfyUI model_base class, model_family.classify name)
+EXPECTED = {"wan-test": ("WAN21", "Wan 2.1/2.2 T2V"), "wan-test-i2v": ("WAN21", "Wan 2.1 I2V")}
+
+
+@pytest.fixture(scope="module")
+def pack(tmp_path_factory):
+    require_comfyui()
+    import folder_paths
+    models = tmp_path_factory.mktemp("models") / "diffusion_models"
+    (models / "quantsparse").mkdir(parents=True)
+    folder_paths.add_model_folder_path("diffusion_models", str(models), is_default=True)
+    nodes = load_pack()
+    return nodes, models, importlib.import_module(f"{PACK}.nodes.model_family"), \
+        importlib.import_module(f"{PACK}.nodes.fused_blocks")
+
+
+def random_sd(preset, rng):
+    """A bf16 ComfyUI-format Wan state dict of random weights."""
+    m = WanDiT(get_wan_preset(preset), device="meta")
+    return {k: (torch.randn(v.shape, generator=rng) * 0.05).to(torch.bfloat16) for k, v in m.state_dict().items()}
+
+
+def inputs(config, rng):
+    x = torch.randn(2, config.in_dim, 2, 6, 8, generator=rng)
+    t = torch.rand(2, generator=rng) * 1000
+    ctx = torch.randn(2, 7, config.text_dim, generator=rng)
+    kw = {"clip_fea": torch.randn(2, 257, 1280, generator=rng)} if config.model_type == "i2v" else {}
+    return x, t, ctx, kw
+
+
+@pytest.mark.parametrize("a_bits", [16, 8], ids=["W4A16", "W4A8"])
+@pytest.mark.parametrize("preset", list(EXPECTED))
+def test_compressed_wan_loads_as_comfyuis_wanmodel_and_equals_the_core(pack, rng, preset, a_bits):
+    nodes, models, family, fused = pack
+    comfy_class, variant = EXPECTED[preset]
+    path = models / "quantsparse" / f"{preset}-w4a{a_bits}.safetensors"
+    compress_rtn(random_sd(preset, rng), path, 4, a_bits)
+    patcher = _load(nodes, f"quantsparse/{path.name}")
+    assert type(patcher.model).__name__ == comfy_class and family.classify(patcher) == variant
+    assert type(patcher.model.diffusion_model).__name__ == "WanModel" and not fused.is_fused(patcher)
+    core, header = load_compressed(path)
+    quant = [m for m in patcher.model.diffusion_model.modules() if getattr(m, "quant", None) is not None]
+    assert len(quant) == len(header["policy"]) > 0
+    x, t, ctx, kw = inputs(core.config, rng)
+    got = _comfy_forward(patcher, x, t, ctx, **kw)
+    with torch.no_grad():
+        ref = core(x, t, ctx, **kw)
+    assert got.shape == ref.shape and torch.isfinite(ref).all()
+    rel = float((got.float() - ref).norm() / ref.norm())
+    print(f"{preset} W4A{a_bits}: ComfyUI vs core, relative error {rel:.2e}")
+    assert rel <= TOL[a_bits]
+
+
+def _calibrate(nodes, model, method, name, rng):
+    cond = [[torch.randn(1, 7, 4096, generator=rng), {}]]
+    with torch.inference_mode():
+        return nodes["QuantSparseCalibrate"].execute(
+            model=model, positive=cond, latent={"samples": torch.randn(1, 16, 2, 8, 8, generator=rng)},
+            weight_bits="4", activation_bits="8", method=method, samples=1, steps=2, epochs=1, lambda_global=1.0,
+            lambda_local=1.0, pool_stride=16, salient_tokens=16, seed=0, output_name=name).result[0]
+
+
+def test_calibrate_writes_a_round_to_nearest_wan_checkpoint(pack, rng, tmp_path):
+    import comfy.sd
+    nodes, models, family, _ = pack
+    sd = random_sd("wan-test", rng)
+    full = comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options={"dtype": torch.float32})
+    assert family.classify(full) == "Wan 2.1/2.2 T2V"
+    # a weight patch (as a LoRA loader adds one) is baked into the compressed weights
+    key = "diffusion_model.blocks.0.ffn.0.weight"
+    diff = torch.randn(sd["blocks.0.ffn.0.weight"].shape, generator=rng) * 0.05
+    patched = full.clone()
+    assert patched.add_patches({key: (diff,)}, 1.0) == [key]
+
+    with pytest.raises(ValueError, match="method 'msad' is not available for Wan 2.1/2.2 T2V yet"):
+        _calibrate(nodes, patched, "msad", "wan-msad", rng)
+    assert not (models / "quantsparse" / "wan-msad.safetensors").exists()
+
+    out = _calibrate(nodes, patched, "rtn", "wan-rtn", rng)
+    assert family.classify(out) == "Wan 2.1/2.2 T2V"
+    written = load_file(str(models / "quantsparse" / "wan-rtn.safetensors"))
+    want_sd = {k: v.float() for k, v in sd.items()}
+    want_sd["blocks.0.ffn.0.weight"] = want_sd["blocks.0.ffn.0.weight"] + diff
+    compress_rtn(want_sd, tmp_path / "ref.safetensors", 4, 8)
+    want = load_file(str(tmp_path / "ref.safetensors"))
+    assert set(written) == set(want)
+    for k in want:
+        assert torch.equal(written[k], want[k]), k
+    unpatched = tmp_path / "unpatched.safetensors"
+    compress_rtn(sd, unpatched, 4, 8)
+    assert not torch.equal(load_file(str(unpatched))["blocks.0.ffn.0.weight_packed"],
+                           written["blocks.0.ffn.0.weight_packed"])

@@ -32,7 +32,7 @@ from ..quant.linear import QuantLinear
 from ..quant.policy import default_policy, quantize_model
 from ..quant.quantizers import check_bits
 from . import msad
-from .capture import block_list
+from .capture import block_list, block_name
 
 METHODS = ("rtn", "smoothquant", "quarot", "block", "block+global", "block+local", "msad")
 
@@ -83,7 +83,7 @@ def _run_block(block, kind, inputs, record=None):
     dev = next(block.parameters()).device
     args = tuple(a.to(dev, non_blocking=True) if torch.is_tensor(a) else a for a in inputs.args)  # offloaded
     out = block(*args, attn, inputs.call)
-    return torch.cat(out, dim=1) if kind == "double" else out
+    return torch.cat(out, dim=1) if isinstance(out, tuple) else out  # a double block returns (img, txt)
 
 
 def _sub_policy(policy, prefix):
@@ -184,7 +184,7 @@ def calibrate(model, captured: dict, settings: CalibSettings, policy=None, check
     blocks = block_list(model)
     report = {}
     for bi, (kind, idx, fp_block) in enumerate(blocks):
-        name = f"{kind}_blocks.{idx}"
+        name = block_name(kind, idx)
         if only is not None and name not in only:
             continue
         samples = captured[(kind, idx)]
@@ -218,7 +218,7 @@ def calibrate(model, captured: dict, settings: CalibSettings, policy=None, check
                 _atomic_write_text(ckpt / f"{name}.json", json.dumps(entry))
                 atomic_save_safetensors(_calib_state(q_block), done)
         report[name] = entry
-        parent = model.double_blocks if kind == "double" else model.single_blocks
+        parent = model.get_submodule(name.rpartition(".")[0])
         parent[idx] = q_block.to(home) if device is not None else q_block
         del fp_block
         for s in samples:

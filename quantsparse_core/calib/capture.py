@@ -18,10 +18,20 @@ class BlockInputs:
     call: object
 
 
+WAN_KIND = "wan"  # Wan's one kind of block, `blocks.<i>` in the state dict
+
+
 def block_list(model):
-    """[(kind, index, module)] in execution order."""
+    """[(kind, index, module)] in execution order: HunyuanVideo's double then single blocks, or Wan's blocks."""
+    if not hasattr(model, "double_blocks") and isinstance(getattr(model, "blocks", None), torch.nn.ModuleList):
+        return [(WAN_KIND, i, b) for i, b in enumerate(model.blocks)]
     return [("double", i, b) for i, b in enumerate(model.double_blocks)] + \
            [("single", i, b) for i, b in enumerate(model.single_blocks)]
+
+
+def block_name(kind: str, idx: int) -> str:
+    """The block's module path (and state-dict prefix): 'double_blocks.3', 'single_blocks.0', 'blocks.7'."""
+    return f"blocks.{idx}" if kind == WAN_KIND else f"{kind}_blocks.{idx}"
 
 
 def spread_steps(n_samples: int, steps: int) -> list:

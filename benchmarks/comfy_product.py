@@ -60,7 +60,8 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import memory_peak  # noqa: E402  (benchmarks/memory_peak.py)
 
-RESOLUTIONS = {"544p": (960, 544, 129), "720p": (1280, 720, 129)}  # width, height, frames
+RESOLUTIONS = {"544p": (960, 544, 129), "720p": (1280, 720, 129),  # width, height, frames
+               "wan720p": (1280, 720, 81), "wan480p": (832, 480, 81)}  # Wan 2.1's defaults (EmptyHunyuanLatentVideo)
 CONFIGS = ("A", "A8", "Q", "QL")
 SPARSE_CONFIGS = ("Q", "QL")
 CONFIG_NAMES = {"A": "ComfyUI native bf16, default attention",
@@ -86,6 +87,11 @@ TARGETS = (  # (name, kind, resolution, target)
 PRIORS = {"544p": {"A": 10.4, "A8": 11.0, "dense": 10.2, "refresh": 11.4, "reuse": 2.7},
           "720p": {"A": 31.4, "A8": 33.0, "dense": 31.0, "refresh": 30.0, "reuse": 6.5}}
 LOAD_PRIOR_S = {"A": 60.0, "A8": 60.0, "Q": 90.0, "QL": 100.0}
+# Wan (issue 18): ComfyUI's WanModel, Wan2.1-14B architecture, random weights.
+WAN_TARGETS = (
+    ("(Q) vs (A), Wan2.1-14B 1280x720x81, 50-step sampling wall-clock", "ratio:A", "wan720p", 2.5),
+    ("no step slower than 1.2x its kind's median (measured 50-step runs)", "stall", None, STALL_RATIO),
+)
 LORA_TARGET = ("3 stacked LoRAs on (Q), 720p/129f: sampling time over (Q)'s, same steps", "lora", "720p", 1.10)
 
 
@@ -182,7 +188,9 @@ class Comfy:
     def load_compressed_dit(self, path):
         """What the Load Compressed DiT node's execute() does with the file (nodes/model_nodes.py)."""
         patcher = self.comfy_ops.load_compressed_patcher(path)
-        if self.fused_blocks is not None and hasattr(self.fused_blocks, "apply_fused_blocks"):
+        family = _load_pack_module("model_family")
+        if self.fused_blocks is not None and hasattr(self.fused_blocks, "apply_fused_blocks") \
+                and family.classify(patcher) in getattr(family, "FUSED", family.SPARSE):
             patcher = self.fused_blocks.apply_fused_blocks(patcher)
         return patcher
 
@@ -248,9 +256,21 @@ def random_tensor(name: str, shape, like: dict, device, seed: int, dtype=torch.b
     return t.uniform_(-bound, bound, generator=g)
 
 
+def is_wan(preset: str) -> bool:
+    from quantsparse_core.models import WAN_PRESETS
+    return preset in WAN_PRESETS
+
+
 def meta_model(preset: str):
-    from quantsparse_core.models import HunyuanVideoDiT, get_preset
+    from quantsparse_core.models import HunyuanVideoDiT, WanDiT, get_preset, get_wan_preset
+    if is_wan(preset):
+        return WanDiT(get_wan_preset(preset), device="meta")
     return HunyuanVideoDiT(get_preset(preset), device="meta")
+
+
+def comfy_class(preset: str) -> str:
+    """The diffusion-model class ComfyUI must build for the preset."""
+    return "WanModel" if is_wan(preset) else "HunyuanVideo"
 
 
 @torch.no_grad()
@@ -263,12 +283,13 @@ def random_state_dict(preset: str, device, seed: int) -> dict:
 def add_random_loras(patcher, n: int, rank: int, device, seed: int):
     """`n` random rank-`rank` LoRAs on every linear of every double and single block (where community
     HunyuanVideo LoRAs put theirs), stacked through comfy.sd.load_lora_for_models as LoraLoaderModelOnly
-    does. Returns (the patched MODEL, a summary). Refuses if ComfyUI matched none of their keys."""
+    does (Wan: every linear of `blocks.*`). Returns (the patched MODEL, a summary). Refuses if ComfyUI matched
+    none of their keys."""
     import comfy.sd
     dm = patcher.model.diffusion_model
     targets = {}
     for name, m in dm.named_modules():
-        if name.startswith(("double_blocks.", "single_blocks.")) and isinstance(getattr(m, "in_features", None), int) \
+        if name.startswith(("double_blocks.", "single_blocks.", "blocks.")) and isinstance(getattr(m, "in_features", None), int) \
                 and hasattr(m, "weight"):  # quantized layers included: their weight is an empty placeholder
             targets[name] = (m.out_features, m.in_features)
     # a compressed layer keeps its packed linear as a child ('.quant'): the LoRA goes on the layer itself
@@ -330,10 +351,13 @@ def build_compressed(preset: str, path: Path, device, seed: int) -> dict:
 
 # ---- conditioning and latents ----------------------------------------------------------------------
 def conditioning(preset: str, text_tokens: int, seed: int):
-    """ComfyUI CONDITIONING as TextEncodeHunyuanVideo + FluxGuidance make it: [[context, extras]]."""
-    from quantsparse_core.models import get_preset
-    cfg = get_preset(preset)
+    """ComfyUI CONDITIONING as TextEncodeHunyuanVideo + FluxGuidance make it: [[context, extras]]; for Wan
+    as CLIPTextEncode with umt5-xxl does (tokens x 4096, no mask, no pooled output, no guidance)."""
+    from quantsparse_core.models import get_preset, get_wan_preset
     g = torch.Generator().manual_seed(seed)
+    if is_wan(preset):
+        return [[torch.randn(1, text_tokens, get_wan_preset(preset).text_dim, generator=g), {}]], text_tokens
+    cfg = get_preset(preset)
     ctx = torch.randn(1, text_tokens, cfg.context_in_dim, generator=g)
     real = max(1, text_tokens * 200 // 256)
     mask = torch.zeros(1, text_tokens, dtype=torch.long)
@@ -525,7 +549,7 @@ class Report:
 
     def save(self):
         self.data["tables"] = tables(self.data["runs"])
-        self.data["targets"] = targets(self.data["runs"])
+        self.data["targets"] = targets(self.data["runs"], self.data.get("settings", {}).get("preset", "hunyuan-video-13b"))
         self.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.out.with_suffix(self.out.suffix + ".tmp")
         tmp.write_text(json.dumps(self.data, indent=1, default=str) + "\n")
@@ -574,9 +598,9 @@ def lora_target(runs) -> dict:
     return row
 
 
-def targets(runs) -> list:
+def targets(runs, preset: str = "hunyuan-video-13b") -> list:
     out = []
-    for name, kind, res, target in TARGETS:
+    for name, kind, res, target in (WAN_TARGETS if is_wan(preset) else TARGETS):
         row = dict(name=name, measured=None, target=target, met=False)
         if kind.startswith("ratio:"):
             base_cfg = kind.split(":")[1]
@@ -724,13 +748,14 @@ class Bench:
                 if config == "QL":
                     patcher, info["loras"] = add_random_loras(patcher, self.a.loras, self.a.lora_rank, dev, self.a.seed)
                 patcher = comfy.sparse_patch.apply_sparse(patcher, self.settings)  # Sparse Sampler's defaults
-                info["fused_blocks"] = comfy.fused_blocks is not None
+                info["fused_blocks"] = comfy.fused_blocks is not None and comfy.fused_blocks.is_fused(patcher)
         gc.collect()
         if dev == "cuda":
             torch.cuda.empty_cache()
         info["load_s"] = round(time.perf_counter() - t0, 1)
-        if patcher is None or type(patcher.model.diffusion_model).__name__ != "HunyuanVideo":
-            raise RuntimeError(f"ComfyUI did not load ({config}) as HunyuanVideo")
+        want = comfy_class(self.a.preset)
+        if patcher is None or type(patcher.model.diffusion_model).__name__ != want:
+            raise RuntimeError(f"ComfyUI did not load ({config}) as {want}")
         return patcher, info
 
     # -- runs --
@@ -820,7 +845,8 @@ class Bench:
         label = f"{config}@{res_name}" + (f"/{self.a.cap_gb:g}GiB" if self.a.cap_gb else "")
         run = dict(label=label, config=config, name=CONFIG_NAMES[config], resolution=res_name,
                    pixels=dict(width=res[0], height=res[1], frames=res[2]), latent=list(shape),
-                   tokens=video_tokens(shape) + self.a.text_tokens, text_tokens=self.a.text_tokens,
+                   tokens=video_tokens(shape) + (0 if is_wan(self.a.preset) else self.a.text_tokens),
+                   text_tokens=self.a.text_tokens,
                    text_real_tokens=self.txt_real, cap_gb=self.a.cap_gb, schedule_steps=self.a.steps,
                    timed_steps=timed, completed=False, per_step=[], **info, **(warm or {}))
         if config in SPARSE_CONFIGS:
@@ -988,7 +1014,7 @@ def main(argv=None):
                     help="ComfyUI checkout (default $COMFYUI_PATH, else .devcarry/ComfyUI)")
     ap.add_argument("--preset", default="hunyuan-video-13b", help="quantsparse_core model preset (tests: test)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"))
-    ap.add_argument("--text-tokens", type=int, default=256)
+    ap.add_argument("--text-tokens", type=int, default=None, help="text tokens (default 256; Wan presets 512)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ckpt", default=None, help="compressed checkpoint path for (Q) (built there if missing)")
     ap.add_argument("--no-warm-run", action="store_true", help="skip the untimed warm-up sampling before timing")
@@ -1001,6 +1027,8 @@ def main(argv=None):
                          "(slows host-side work: not for timing)")
     ap.add_argument("--merge", nargs="+", default=None, help="result JSONs to merge into --out (no GPU needed)")
     args = ap.parse_args(argv)
+    if args.text_tokens is None:
+        args.text_tokens = 512 if is_wan(args.preset) else 256
     if args.merge:
         if not args.out:
             sys.exit("--merge needs --out")

@@ -18,7 +18,8 @@ def sparse_inputs() -> list:
     d = SparseSettings()
     return [
         io.Float.Input("density", default=d.density, min=0.01, max=1.0, step=0.01,
-                       tooltip="Fraction of attention kept per head (0.15 = 15%, the paper's HunyuanVideo setting). "
+                       tooltip="Fraction of attention kept per head (0.15 = 15%, the paper's HunyuanVideo setting; on "
+                               "Wan it applies to self-attention). "
                                "Lower is faster and less faithful; 1.0 is dense."),
         io.Int.Input("refresh_interval", default=d.tau, min=1, max=100,
                      tooltip="Every this many steps, full attention is computed and the SSAR correction refreshed "
@@ -31,7 +32,8 @@ def sparse_inputs() -> list:
                              "(Sparse VideoGen's HunyuanVideo setting). Fewer is faster: 2 of 50 steps made a "
                              "720p W4A8 run ~5% faster than 5, at a small fidelity cost (docs/RESULTS.md)."),
         io.Int.Input("warmup_blocks", default=d.warmup_blocks, min=0, max=100,
-                     tooltip="Dense attention in the first transformer blocks (double blocks first)."),
+                     tooltip="Dense attention in the first transformer blocks (HunyuanVideo: double blocks first; "
+                               "Wan: its blocks in order)."),
         io.Combo.Input("cache_placement", options=PLACEMENTS, default="auto",
                        tooltip="Where the SSAR correction cache lives. auto: the most accurate option that fits in "
                                "free VRAM. gpu-bf16 / gpu-int8: on the GPU; cpu-pinned: in RAM, copied each step; "
@@ -39,7 +41,8 @@ def sparse_inputs() -> list:
         io.Boolean.Input("fused_blocks", default=True, optional=True,  # optional: older saved prompts lack it
                          tooltip="Run QuantSparse's fused blocks (grouped small ops, activations quantized by the op "
                                  "that produces them, one q/k norm + RoPE kernel) on this model's weights instead of "
-                                 "ComfyUI's block code: same math, faster on NVIDIA GPUs. Off = ComfyUI's blocks."),
+                                 "ComfyUI's block code: same math, faster on NVIDIA GPUs. Off = ComfyUI's blocks. "
+                                 "HunyuanVideo only: Wan models always run ComfyUI's blocks."),
         # optional and last: saved prompts and workflows from before it load unchanged (schedule auto)
         io.Combo.Input("schedule", options=list(SCHEDULES), default=d.schedule, optional=True,
                        tooltip=f"Which steps get full attention. auto: few-step for runs of at most {d.few_step_max} "
@@ -55,7 +58,7 @@ def sparse_settings(density, refresh_interval, svd_rank, warmup_steps, warmup_bl
                     schedule: str = "auto") -> SparseSettings:
     """Node inputs -> SparseSettings; out-of-range values raise a ValueError naming the input."""
     if svd_rank > 128:
-        raise ValueError(f"svd_rank {svd_rank} exceeds HunyuanVideo's head dimension 128; use 0-128")
+        raise ValueError(f"svd_rank {svd_rank} exceeds the head dimension 128 of HunyuanVideo and Wan; use 0-128")
     return SparseSettings(density=density, tau=refresh_interval, svd_rank=svd_rank,
                           warmup_steps=None if warmup_steps < 0 else warmup_steps,
                           warmup_blocks=warmup_blocks, placement=cache_placement, schedule=schedule)
@@ -66,10 +69,13 @@ class SparseAttentionPatch(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="QuantSparseSparseAttention", display_name="QuantSparse Sparse Attention", category=CATEGORY,
-            description="Sparse attention with second-order residual reuse (SSAR) for HunyuanVideo, as a MODEL "
-                        "patch for any sampler (e.g. SamplerCustomAdvanced). The input MODEL stays dense.",
-            inputs=[io.Model.Input("model", tooltip="A HunyuanVideo 1.0 T2V or I2V MODEL (full precision or "
-                                                    "QuantSparse compressed); other models are refused"),
+            description="Sparse attention with second-order residual reuse (SSAR) for HunyuanVideo and Wan, as a "
+                        "MODEL patch for any sampler (e.g. SamplerCustomAdvanced). The input MODEL stays dense. "
+                        "Wan: the blocks' self-attention is made sparse, cross-attention stays dense.",
+            inputs=[io.Model.Input("model", tooltip="A HunyuanVideo 1.0 T2V or I2V MODEL, or a Wan 2.1 "
+                                                    "T2V/I2V or Wan 2.2 T2V/I2V (A14B) or TI2V 5B MODEL (full "
+                                                    "precision or QuantSparse compressed); other models, VACE "
+                                                    "and the other Wan-based ones included, are refused"),
                     *sparse_inputs()],
             outputs=[io.Model.Output(tooltip="The same model with sparse attention active while it samples")],
         )
@@ -86,23 +92,27 @@ class SparseSampler(io.ComfyNode):
         import comfy.samplers
         return io.Schema(
             node_id="QuantSparseSparseSampler", display_name="Sparse Sampler (QuantSparse)", category=CATEGORY,
-            description="KSampler with sparse attention + SSAR active for this run only.",
+            description="KSampler with sparse attention + SSAR active for this run only (HunyuanVideo 1.0 "
+                        "T2V/I2V and Wan 2.1/2.2).",
             inputs=[
-                io.Model.Input("model", tooltip="A HunyuanVideo 1.0 T2V or I2V MODEL (full precision or QuantSparse "
-                                                "compressed); other models are refused"),
+                io.Model.Input("model", tooltip="A HunyuanVideo 1.0 T2V or I2V MODEL, or a Wan 2.1 T2V/I2V or Wan 2.2 "
+                                                "T2V/I2V (A14B) or TI2V 5B MODEL (full precision or QuantSparse "
+                                                "compressed); other models, VACE and the other Wan-based ones "
+                                                "included, are refused"),
                 io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
                              tooltip="The random seed of the initial noise"),
                 io.Int.Input("steps", default=30, min=1, max=10000, tooltip="Denoising steps"),
                 io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="Classifier-free guidance scale; HunyuanVideo uses embedded guidance "
-                                       "(FluxGuidance) with cfg 1.0"),
+                                       "(FluxGuidance) with cfg 1.0; Wan uses real cfg (above 1) with the negative"),
                 io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler",
                                tooltip="The sampling algorithm"),
                 io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="simple",
                                tooltip="The noise schedule"),
                 io.Conditioning.Input("positive", tooltip="What the video should show"),
                 io.Conditioning.Input("negative", tooltip="What to avoid (used only when cfg > 1)"),
-                io.Latent.Input("latent_image", tooltip="The latent to denoise (e.g. EmptyHunyuanLatentVideo)"),
+                io.Latent.Input("latent_image", tooltip="The latent to denoise (e.g. EmptyHunyuanLatentVideo, or a Wan "
+                                                         "latent video node's output)"),
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="How much of the schedule to run; 1.0 for text-to-video"),
                 *sparse_inputs(),

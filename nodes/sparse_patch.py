@@ -1,14 +1,21 @@
 """Sparse attention + SSAR inside ComfyUI, through its supported hooks only.
 
+Models: HunyuanVideo 1.0 T2V/I2V (joint [text, video] attention in double/single blocks) and ComfyUI's
+plain Wan transformer (WanModel: Wan 2.1 T2V/I2V, Wan 2.2 A14B experts and TI2V-5B), whose self-attention
+covers the video tokens only while text and CLIP image tokens enter through cross-attention.
+
 On a clone of the ModelPatcher:
 - `optimized_attention_override` (chained to any override already there) routes the double/single
-  blocks' attention to quantsparse_core's SSARAttention; the token refiner and calls outside a
-  sampling run fall through unchanged;
+  blocks' attention (Wan: each block's self-attention, see wan_self_attention_grid) to quantsparse_core's
+  SSARAttention; the token refiner, Wan's cross-attention and calls outside a sampling run fall through
+  unchanged;
 - a DIFFUSION_MODEL wrapper records the video token grid of each model call and stops the run with a
   ValueError naming the step when the model's output is not finite. A reference latent (`ref_latent`,
   ComfyUI's HunyuanImageToVideo "custom" guidance) is patchified and put before the video tokens, so
   the joint sequence is [text, reference frames, video frames]: its tokens are video tokens for the
-  masks, leading frames of the grid, never text;
+  masks, leading frames of the grid, never text. Wan: a time_dim_concat latent (Phantom's subject
+  images) adds frames after the video's, as ComfyUI's RoPE places them; the grid must equal the one the
+  model reports (transformer_options["grid_sizes"]);
 - a second DIFFUSION_MODEL wrapper (`text_mask_wrapper`, also on the embedded tiny model's MODEL) makes
   padded text masks work at any batch: ComfyUI's HunyuanVideo builds its joint mask as [1, 1, L], so
   cond + uncond (cfg > 1) or a batch-2 latent with a [B, L] mask failed inside ComfyUI with "The expanded
@@ -34,7 +41,7 @@ from quantsparse_core.models.attention import AttentionCall, StepInfo
 from quantsparse_core.models.hunyuan_video import additive_text_mask
 from quantsparse_core.sparse.ssar import SparseSettings, SSARAttention
 
-from .model_family import SPARSE, require_supported
+from .model_family import SPARSE, WAN, require_supported
 
 KEY = "quantsparse_sparse"
 MASK_KEY = "quantsparse_text_mask"  # wrapper key of text_mask_wrapper
@@ -46,16 +53,21 @@ class SparseRun:
     """One sampling run's state: an SSARAttention per group of conds (cond and uncond may come in
     separate calls of the same batch size, so they must not share caches)."""
 
-    def __init__(self, settings: SparseSettings, patch_size):
+    def __init__(self, settings: SparseSettings, patch_size, wan: bool = False):
         self.settings = settings
         self.patch_size = tuple(int(p) for p in patch_size)
+        self.wan = wan  # ComfyUI's WanModel: video-only self-attention among cross-attention calls
         self.latent_shape: Optional[tuple] = None
         self.ref_shape: Optional[tuple] = None  # of the current model call's reference latent, if any
+        self.concat_frames = 0  # Wan: patch frames of the call's time_dim_concat (Phantom's subject images)
         self.step: Optional[StepInfo] = None  # of the current model call; None outside the run's schedule
         self.by_group: Dict[tuple, SSARAttention] = {}
+        self.call_marker: Optional[object] = None  # a new object per model call (Wan without grid_sizes)
+        self.wan_marker: Optional[object] = None   # the model call whose Wan blocks wan_seen lists
+        self.wan_seen: set = set()                 # block indices whose self-attention that call has run
 
     def fresh(self) -> "SparseRun":
-        return SparseRun(self.settings, self.patch_size)
+        return SparseRun(self.settings, self.patch_size, self.wan)
 
     def close(self) -> None:
         """Drop every mask, cache and pending host job of this run (the end of a run, also on errors)."""
@@ -64,16 +76,18 @@ class SparseRun:
         self.by_group.clear()
         self.latent_shape = None
         self.ref_shape = None
+        self.concat_frames = 0
         self.step = None
+        self.call_marker = self.wan_marker = None
+        self.wan_seen = set()
 
     def grid(self) -> tuple:
-        """(frames, rows, columns) of the video tokens: the reference latent's frames, then the latent's."""
-        t, h, w = self.latent_shape[-3:]
-        pt, ph, pw = self.patch_size
-        t, h, w = t // pt, h // ph, w // pw
+        """(frames, rows, columns) of the video tokens: the reference latent's frames, then the latent's
+        (Wan: the latent's, then time_dim_concat's). ComfyUI pads every latent to whole patches (PatchEmbed,
+        WanModel's pad_to_patch_size), hence the ceilings."""
+        t, h, w = (-(-n // p) for n, p in zip(self.latent_shape[-3:], self.patch_size))
         if self.ref_shape is None:
-            return t, h, w
-        # ComfyUI pads the reference to whole patches (PatchEmbed), hence the ceiling.
+            return t + self.concat_frames, h, w
         rt, rh, rw = (-(-n // p) for n, p in zip(self.ref_shape[-3:], self.patch_size))
         if (rh, rw) != (h, w):
             raise ValueError(f"the reference latent ({tuple(self.ref_shape)}) has a {rh} x {rw} token grid and the "
@@ -116,8 +130,11 @@ def make_override(previous=None):
         to = kwargs.get("transformer_options") or {}
         run: Optional[SparseRun] = to.get(KEY)
         block_type = to.get("block_type")
-        if (run is None or run.latent_shape is None or run.step is None or block_type not in ("double", "single")
-                or not kwargs.get("skip_reshape", False)):
+        if run is None or run.latent_shape is None or run.step is None or block_type not in ("double", "single"):
+            return _fall_through(previous, func, args, kwargs)
+        if run.wan:
+            return _wan_attention(run, to, previous, func, args, kwargs)
+        if not kwargs.get("skip_reshape", False):
             return _fall_through(previous, func, args, kwargs)
         q, k, v = args[0], args[1], args[2]
         grid = run.grid()
@@ -127,8 +144,7 @@ def make_override(previous=None):
                              f"{grid}: this model's token layout is not HunyuanVideo's [text, video]")
         call = AttentionCall(block_type, int(to.get("block_index", 0)), int(to.get("total_blocks", 1)),
                              txt_len, grid, run.step)
-        group = (tuple(int(c) for c in to.get("cond_or_uncond", ())), to.get(PART))
-        out = run.attention_for(group)(q, k, v, kwargs.get("mask"), call)
+        out = run.attention_for(_group(to))(q, k, v, kwargs.get("mask"), call)
         if kwargs.get("skip_output_reshape", False):
             b, length, _ = out.shape
             out = out.view(b, length, q.shape[1], -1).transpose(1, 2)
@@ -136,6 +152,67 @@ def make_override(previous=None):
 
     quantsparse_attention.quantsparse_previous = previous
     return quantsparse_attention
+
+
+def _group(to: dict) -> tuple:
+    return tuple(int(c) for c in to.get("cond_or_uncond", ())), to.get(PART)
+
+
+def wan_self_attention_grid(run: SparseRun, to: dict, q: torch.Tensor, k: torch.Tensor) -> Optional[tuple]:
+    """The video token grid when this attention call is a Wan block's self-attention, None when it is one of
+    the block's cross-attentions (text; on Wan 2.1 I2V also the CLIP image tokens).
+
+    Rule: within one model call, the first attention call at a block_index is that block's self-attention
+    (WanAttentionBlock runs self-attention, then its cross-attention calls). Shapes cannot tell them apart: a
+    prompt of as many tokens as the video has looks like self-attention. A model call is known by the
+    torch.Size that WanModel.forward_orig stores in transformer_options["grid_sizes"] (a new object per call,
+    held here so its identity is not reused; a split batch or a separate cond/uncond call starts over), else
+    by the diffusion wrapper's marker of the call. A self-attention whose sequence is not exactly the grid's
+    tokens (in-context reference latents, a Wan-based model's extra tokens) is refused: masks built for the
+    grid would be wrong for it."""
+    sizes = to.get("grid_sizes")
+    marker = sizes if sizes is not None else run.call_marker
+    if marker is not run.wan_marker:
+        run.wan_marker, run.wan_seen = marker, set()
+    index = int(to.get("block_index", 0))
+    if index in run.wan_seen:
+        return None
+    run.wan_seen.add(index)
+    grid = run.grid()
+    if sizes is not None and tuple(int(n) for n in sizes) != grid:
+        raise ValueError(f"QuantSparse sparse attention: the Wan model patchified its input to a {tuple(sizes)} "
+                         f"token grid, but the latent {run.latent_shape} gives {grid}; this Wan input layout is not "
+                         "supported (run this sampler without the QuantSparse sparse node)")
+    n = grid[0] * grid[1] * grid[2]
+    if q.shape[1] != n or k.shape[1] != n:
+        raise ValueError(f"QuantSparse sparse attention: Wan block {index}'s self-attention has {q.shape[1]} query "
+                         f"and {k.shape[1]} key tokens, but the video grid {grid} has {n}: the model adds tokens to "
+                         "its self-attention (in-context reference latents such as context_latents, or a Wan-based "
+                         "model's extra tokens), which the sparse masks do not cover. Remove that conditioning or "
+                         "sample without the QuantSparse sparse node")
+    return grid
+
+
+def _wan_attention(run: SparseRun, to: dict, previous, func, args, kwargs):
+    """A Wan attention call: self-attention ([B, L, H*D] q/k/v) through SSAR with no text tokens; anything
+    else (cross-attention, already split heads) to the previous override or ComfyUI's attention."""
+    q, k, v = args[0], args[1], args[2]
+    if kwargs.get("skip_reshape", False) or q.ndim != 3:
+        return _fall_through(previous, func, args, kwargs)
+    grid = wan_self_attention_grid(run, to, q, k)
+    if grid is None:
+        return _fall_through(previous, func, args, kwargs)
+    heads = kwargs.get("heads", args[3] if len(args) > 3 else None)
+    b, length, width = q.shape
+    if not isinstance(heads, int) or heads < 1 or width % heads:
+        raise ValueError(f"Wan self-attention called with heads={heads!r} for a width of {width}: cannot split heads")
+    qh, kh, vh = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
+    call = AttentionCall(to["block_type"], int(to.get("block_index", 0)), int(to.get("total_blocks", 1)), 0,
+                         grid, run.step)
+    out = run.attention_for(_group(to))(qh, kh, vh, kwargs.get("mask"), call)  # [B, L, H*D]
+    if kwargs.get("skip_output_reshape", False):
+        out = out.view(b, length, heads, -1).transpose(1, 2)
+    return out
 
 
 def _transformer_options(args, kwargs) -> dict:
@@ -169,7 +246,15 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
         ref = _argument(executor, args, kwargs, "ref_latent")
         run.latent_shape = tuple(x.shape)
         run.ref_shape = tuple(ref.shape) if torch.is_tensor(ref) else None
+        run.concat_frames = 0
+        if run.wan:
+            # Phantom (WanPhantomSubjectToVideo): subject-image latents concatenated after the video frames,
+            # each padded to whole patches; ComfyUI's RoPE places them as further frames of the grid.
+            extra = _argument(executor, args, kwargs, "time_dim_concat")
+            if torch.is_tensor(extra):
+                run.concat_frames = -(-extra.shape[2] // run.patch_size[0])
         run.grid()  # a reference latent that does not fit the grid is refused before the model runs
+        run.call_marker = object()
         run.step = None
         sample, sigma = to.get("sample_sigmas"), to.get("sigmas")
         if sample is not None and sigma is not None:
@@ -200,7 +285,7 @@ def check_finite(out, x, to: dict) -> None:
     bad = int((~torch.isfinite(out)).sum())
     who = {0: "cond", 1: "uncond"}
     conds = "/".join(who.get(int(c), str(c)) for c in to.get("cond_or_uncond", ())) or "?"
-    where = (f"the HunyuanVideo model's output at {_step_text(to)} for {conds} (batch {out.shape[0]}) has {bad} "
+    where = (f"the diffusion model's output at {_step_text(to)} for {conds} (batch {out.shape[0]}) has {bad} "
              f"NaN/inf of {out.numel()} values")
     if torch.is_tensor(x) and not bool(torch.isfinite(x).all()):
         raise ValueError(f"QuantSparse: {where}, and its input latent already had NaN/inf: check the LATENT "
@@ -313,12 +398,14 @@ def apply_sparse(model, settings: SparseSettings, fused: bool = True, node_name:
     """A clone of `model` (a ComfyUI ModelPatcher) whose sampling runs use sparse attention + SSAR.
     fused: its double/single blocks also run QuantSparse's fused forms (nodes/fused_blocks.py: grouped
     small ops, producer-quantized activations, q/k norm + RoPE kernel); False runs ComfyUI's blocks
-    (and removes fused blocks a loader had turned on)."""
+    (and removes fused blocks a loader had turned on). Wan models have no fused blocks: they run
+    ComfyUI's blocks whatever `fused` says."""
     import comfy.patcher_extension
 
     from .fused_blocks import install_fused_blocks, remove_fused_blocks
 
-    require_supported(model, node_name, SPARSE)
+    variant = require_supported(model, node_name, SPARSE)
+    wan = variant in WAN
     patched = model.clone()
     to = patched.model_options.setdefault("transformer_options", {})
     to = patched.model_options["transformer_options"] = dict(to)  # never write into a shared dict
@@ -328,14 +415,19 @@ def apply_sparse(model, settings: SparseSettings, fused: bool = True, node_name:
     to["optimized_attention_override"] = make_override(previous)
     dit = model.model.diffusion_model
     if settings.layers is None:  # the auto cache placement must budget for every sparse block, not those seen so far
-        joint = len(getattr(dit, "double_blocks", [])) + len(getattr(dit, "single_blocks", []))
+        names = ("blocks",) if wan else ("double_blocks", "single_blocks")
+        joint = sum(len(getattr(dit, n, [])) for n in names)
         settings = replace(settings, layers=max(1, joint - settings.warmup_blocks))
-    to[KEY] = SparseRun(settings, dit.patch_size)
+    to[KEY] = SparseRun(settings, dit.patch_size, wan=wan)
     for kind, wrapper in ((comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, outer_sample_wrapper),
                           (comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, diffusion_model_wrapper)):
         patched.remove_wrappers_with_key(kind, KEY)
         patched.add_wrapper_with_key(kind, KEY, wrapper)
     add_text_mask_batching(patched)
+    if fused and wan:
+        log.info("QuantSparse: fused blocks are HunyuanVideo-only; %s runs ComfyUI's blocks", variant)
+        fused = False
     (install_fused_blocks if fused else remove_fused_blocks)(patched)
-    log.info("QuantSparse sparse attention: %s (fused blocks %s)", asdict(settings), "on" if fused else "off")
+    log.info("QuantSparse sparse attention on %s: %s (fused blocks %s)", variant, asdict(settings),
+             "on" if fused else "off")
     return patched

@@ -4,7 +4,9 @@
 
 Each graph is a few lines below; sockets and widget orders follow ComfyUI's /object_info, which
 tests/test_comfy_server.py checks every shipped workflow against. Model file names are those of
-ComfyUI's own HunyuanVideo example (README says where to get them).
+ComfyUI's own HunyuanVideo and Wan examples (README says where to get them); the Wan graphs keep the
+stock shape (ModelSamplingSD3 shift 8, umt5 text encoder, Wan 2.2 A14B as two loaders and two
+KSamplerAdvanced split by steps) with our loader and sparse attention in place of the dense ones.
 """
 from __future__ import annotations
 
@@ -18,6 +20,17 @@ CLIP_L = "clip_l.safetensors"
 LLAVA = "llava_llama3_fp8_scaled.safetensors"
 VAE = "hunyuan_video_vae_bf16.safetensors"
 COMPRESSED = "quantsparse/hunyuan_video_quantsparse_w4a8.safetensors"
+# Wan: Comfy-Org/Wan_2.1_ComfyUI_repackaged and Wan_2.2_ComfyUI_Repackaged (split_files/...)
+WAN21 = "wan2.1_t2v_14B_bf16.safetensors"
+WAN22_HIGH, WAN22_LOW = "wan2.2_t2v_high_noise_14B_fp16.safetensors", "wan2.2_t2v_low_noise_14B_fp16.safetensors"
+UMT5 = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
+WAN_VAE = "wan_2.1_vae.safetensors"
+WAN21_Q = "wan2.1_t2v_14B_quantsparse_w4a8"
+WAN22_HIGH_Q, WAN22_LOW_Q = "wan2.2_t2v_high_noise_14B_quantsparse_w4a8", "wan2.2_t2v_low_noise_14B_quantsparse_w4a8"
+WAN_PROMPT = ("a fox running through fresh snow in a pine forest at sunrise, low camera tracking beside it, "
+              "snow spraying from its paws, cinematic lighting")
+WAN_NEGATIVE = "blurry, low quality, static, distorted, extra limbs, watermark, text, jpeg artifacts"
+WAN_SIZE = [832, 480, 81, 1]  # Wan's 480p, 81 frames (5 s at 16 fps)
 PROMPT = ("anime style anime girl with massive fennec ears and one big fluffy tail, she has blonde hair long hair "
           "blue eyes wearing a pink sweater and a long blue skirt walking in a beautiful outdoor scenery with snow "
           "mountains in the background")
@@ -46,6 +59,12 @@ SOCKETS = {
     "QuantSparseLoadEmbeddedTinyDiT": ([], [("MODEL", "MODEL")]),
     "QuantSparseTinyPromptEncode": ([], [("CONDITIONING", "CONDITIONING")]),
     "QuantSparseTinyDecode": ([("samples", "LATENT")], [("IMAGE", "IMAGE")]),
+    "QuantSparseSparseAttention": ([("model", "MODEL")], [("MODEL", "MODEL")]),
+    "CLIPLoader": ([], [("CLIP", "CLIP")]),
+    "ModelSamplingSD3": ([("model", "MODEL")], [("MODEL", "MODEL")]),
+    "KSamplerAdvanced": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                          ("latent_image", "LATENT")], [("LATENT", "LATENT")]),
+    "VAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], [("IMAGE", "IMAGE")]),
 }
 SPARSE = [0.15, 5, 16, -1, 1, "auto", True, "auto"]  # density, refresh, svd rank, warm-up steps (-1 = 10%), warm-up
 # blocks, placement, fused blocks, schedule (auto: few-step at <= 8 steps, else standard)
@@ -165,7 +184,71 @@ def tiny_model_demo():
     return g
 
 
+def wan_text(g, row=1):
+    """umt5 through CLIPLoader (type wan), a positive and a negative prompt: Wan runs cfg > 1."""
+    clip = g.add("CLIPLoader", [UMT5, "wan", "default"], 0, row)
+    pos = g.add("CLIPTextEncode", [WAN_PROMPT], 1, row, title="Positive", clip=(clip, 0))
+    neg = g.add("CLIPTextEncode", [WAN_NEGATIVE], 1, row + 1, title="Negative", clip=(clip, 0))
+    return pos, neg
+
+
+def wan_decode(g, samples, col, row, prefix):
+    vae = g.add("VAELoader", [WAN_VAE], col, row + 1)
+    images = g.add("VAEDecode", [], col + 1, row, samples=(samples, 0), vae=(vae, 0))
+    video = g.add("CreateVideo", [16.0, 8], col + 2, row, images=(images, 0))
+    g.add("SaveVideo", [prefix, "auto", "auto"], col + 3, row, video=(video, 0))
+
+
+def wan21_text_to_video():
+    """Wan 2.1 T2V 14B, compressed, with the sparse sampler (SSAR at 15%)."""
+    g = Graph()
+    model = g.add("QuantSparseLoadCompressedDiT", [f"quantsparse/{WAN21_Q}.safetensors"], 0, 0)
+    shifted = g.add("ModelSamplingSD3", [8.0], 1, 0, model=(model, 0))
+    pos, neg = wan_text(g)
+    latent = g.add("EmptyHunyuanLatentVideo", WAN_SIZE, 0, 3)
+    samples = g.add("QuantSparseSparseSampler", [0, "fixed", 30, 6.0, "uni_pc", "simple", 1.0, *SPARSE], 3, 0,
+                    model=(shifted, 0), positive=(pos, 0), negative=(neg, 0), latent_image=(latent, 0))
+    wan_decode(g, samples, 4, 0, "video/wan21_quantsparse")
+    return g
+
+
+def wan22_text_to_video():
+    """Wan 2.2 A14B T2V: both experts compressed, each sampled with sparse attention over its own steps
+    (high noise 0-10, low noise 10-20), the stock two-sampler graph."""
+    g = Graph()
+    pos, neg = wan_text(g, row=2)
+    latent = g.add("EmptyHunyuanLatentVideo", WAN_SIZE, 0, 4)
+    samplers = []
+    for row, (name, start, end, noise, leftover) in enumerate(((WAN22_HIGH_Q, 0, 10, "enable", "enable"),
+                                                               (WAN22_LOW_Q, 10, 10000, "disable", "disable"))):
+        model = g.add("QuantSparseLoadCompressedDiT", [f"quantsparse/{name}.safetensors"], 0, row)
+        shifted = g.add("ModelSamplingSD3", [8.0], 1, row, model=(model, 0))
+        sparse = g.add("QuantSparseSparseAttention", SPARSE, 2, row, model=(shifted, 0))
+        src = latent if not samplers else samplers[-1]
+        samplers.append(g.add("KSamplerAdvanced", [noise, 0, "fixed", 20, 3.5, "euler", "simple", start, end, leftover],
+                              3 + row, row, title=("High" if row == 0 else "Low") + " noise expert",
+                              model=(sparse, 0), positive=(pos, 0), negative=(neg, 0), latent_image=(src, 0)))
+    wan_decode(g, samplers[-1], 5, 1, "video/wan22_quantsparse")
+    return g
+
+
+def wan_calibrate_and_save():
+    """Round-to-nearest W4A8 checkpoints of Wan 2.1 T2V 14B and both Wan 2.2 A14B T2V experts (method rtn:
+    MSAD calibration of Wan runs in quantsparse_core, not yet in the node); delete the loaders you do not need."""
+    g = Graph()
+    pos, _ = wan_text(g, row=3)
+    latent = g.add("EmptyHunyuanLatentVideo", WAN_SIZE, 0, 5)
+    for row, (src, out) in enumerate(((WAN21, WAN21_Q), (WAN22_HIGH, WAN22_HIGH_Q), (WAN22_LOW, WAN22_LOW_Q))):
+        model = g.add("UNETLoader", [src, "default"], 0, row)
+        g.add("QuantSparseCalibrate", ["4", "8", "rtn", 20, 20, 15, 0.1, 0.1, 128, 256, 0, "fixed", out], 3, row,
+              model=(model, 0), positive=(pos, 0), latent=(latent, 0))
+    return g
+
+
 WORKFLOWS = {
+    "quantsparse_wan21_t2v.json": wan21_text_to_video,
+    "quantsparse_wan22_a14b_t2v.json": wan22_text_to_video,
+    "quantsparse_wan_calibrate_and_save.json": wan_calibrate_and_save,
     "quantsparse_calibrate_and_save.json": calibrate_and_save,
     "quantsparse_text_to_video.json": text_to_video_compressed_sparse,
     "quantsparse_dense_vs_quantsparse.json": dense_vs_quantsparse,

@@ -26,7 +26,15 @@ WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 PLACEHOLDERS = ["diffusion_models/hunyuan_video_t2v_720p_bf16.safetensors",
                 "diffusion_models/quantsparse/hunyuan_video_quantsparse_w4a8.safetensors",
                 "text_encoders/clip_l.safetensors", "text_encoders/llava_llama3_fp8_scaled.safetensors",
-                "vae/hunyuan_video_vae_bf16.safetensors"]
+                "vae/hunyuan_video_vae_bf16.safetensors",
+                # Wan (ComfyUI's Wan 2.1 / 2.2 examples' names, and what the Wan calibrate workflow writes)
+                "diffusion_models/wan2.1_t2v_14B_bf16.safetensors",
+                "diffusion_models/wan2.2_t2v_high_noise_14B_fp16.safetensors",
+                "diffusion_models/wan2.2_t2v_low_noise_14B_fp16.safetensors",
+                "diffusion_models/quantsparse/wan2.1_t2v_14B_quantsparse_w4a8.safetensors",
+                "diffusion_models/quantsparse/wan2.2_t2v_high_noise_14B_quantsparse_w4a8.safetensors",
+                "diffusion_models/quantsparse/wan2.2_t2v_low_noise_14B_quantsparse_w4a8.safetensors",
+                "text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors", "vae/wan_2.1_vae.safetensors"]
 EXPECTED_INPUTS = {
     "QuantSparseCalibrate": {"model": "MODEL", "positive": "CONDITIONING", "latent": "LATENT", "weight_bits": "COMBO",
                              "activation_bits": "COMBO", "method": "COMBO", "samples": "INT", "steps": "INT",
@@ -135,7 +143,7 @@ def test_object_info_lists_every_node_with_its_inputs(server):
                 assert spec[1].get("tooltip"), f"{node}.{name} has no tooltip"
         assert got == inputs, node
     assert info["QuantSparseLoadCompressedDiT"]["input"]["required"]["checkpoint"][1]["options"] == \
-        ["quantsparse/hunyuan_video_quantsparse_w4a8.safetensors"]
+        sorted(p.split("/", 1)[1] for p in PLACEHOLDERS if p.startswith("diffusion_models/quantsparse/"))
     assert info["QuantSparseCalibrate"]["output_node"] is True
 
 

@@ -62,11 +62,12 @@ import memory_peak  # noqa: E402  (benchmarks/memory_peak.py)
 
 RESOLUTIONS = {"544p": (960, 544, 129), "720p": (1280, 720, 129),  # width, height, frames
                "wan720p": (1280, 720, 81), "wan480p": (832, 480, 81)}  # Wan 2.1's defaults (EmptyHunyuanLatentVideo)
-CONFIGS = ("A", "A8", "Q", "QL")
-SPARSE_CONFIGS = ("Q", "QL")
+CONFIGS = ("A", "A8", "Q", "QI", "QL")
+SPARSE_CONFIGS = ("Q", "QI", "QL")
 CONFIG_NAMES = {"A": "ComfyUI native bf16, default attention",
                 "A8": "ComfyUI weight_dtype fp8_e4m3fn",
                 "Q": "Load Compressed DiT (W4A8 RTN) + Sparse Sampler defaults",
+                "QI": "(Q) with INT8 dense passes (Sparse Sampler int8_attention: warm-up steps, first blocks, refreshes)",
                 "QL": "(Q) + stacked random LoRAs through ComfyUI's LoRA loader (--loras, --lora-rank)"}
 GIB = 2 ** 30
 CONTEXT_GIB = 0.5      # what a real card loses to the CUDA context, outside torch's allocator
@@ -86,7 +87,9 @@ TARGETS = (  # (name, kind, resolution, target)
 # measured times as the run goes. 544p from the 2026-12 manual trial, 720p from run 16 scaled to ComfyUI.
 PRIORS = {"544p": {"A": 10.4, "A8": 11.0, "dense": 10.2, "refresh": 11.4, "reuse": 2.7},
           "720p": {"A": 31.4, "A8": 33.0, "dense": 31.0, "refresh": 30.0, "reuse": 6.5}}
-LOAD_PRIOR_S = {"A": 60.0, "A8": 60.0, "Q": 90.0, "QL": 100.0}
+LOAD_PRIOR_S = {"A": 60.0, "A8": 60.0, "Q": 90.0, "QI": 90.0, "QL": 100.0}
+# issue 20 (H200): W4A8 + 15% + SSAR with INT8 attention, 50 steps at 720p/129f, against dense bf16; shown where (QI) ran
+INT8_TARGET = ("(QI) vs (A), 720p/129f, 50-step sampling wall-clock (INT8 dense passes)", "ratio:A:QI", "720p", 4.0)
 # Wan (issue 18): ComfyUI's WanModel, Wan2.1-14B architecture, random weights.
 WAN_TARGETS = (
     ("(Q) vs (A), Wan2.1-14B 1280x720x81, 50-step sampling wall-clock", "ratio:A", "wan720p", 2.5),
@@ -600,21 +603,24 @@ def lora_target(runs) -> dict:
 
 def targets(runs, preset: str = "hunyuan-video-13b") -> list:
     out = []
-    for name, kind, res, target in (WAN_TARGETS if is_wan(preset) else TARGETS):
+    rows = WAN_TARGETS if is_wan(preset) else TARGETS
+    if not is_wan(preset) and any(r["config"] == "QI" for r in runs):
+        rows = rows + (INT8_TARGET,)
+    for name, kind, res, target in rows:
         row = dict(name=name, measured=None, target=target, met=False)
         if kind.startswith("ratio:"):
-            base_cfg = kind.split(":")[1]
-            qs = [r for r in _uncapped(runs, "Q", res) if len(r["per_step"]) == r["schedule_steps"]]
+            base_cfg, cfg = (kind.split(":") + ["Q"])[1:3]
+            qs = [r for r in _uncapped(runs, cfg, res) if len(r["per_step"]) == r["schedule_steps"]]
             bs = _uncapped(runs, base_cfg, res)
             if not qs or not bs:
                 row["note"] = "not measured: needs " + " and ".join(
-                    x for x, ok in ((f"a full uncapped (Q) run at {res}", qs), (f"an uncapped ({base_cfg}) run at {res}", bs)) if not ok)
+                    x for x, ok in ((f"a full uncapped ({cfg}) run at {res}", qs), (f"an uncapped ({base_cfg}) run at {res}", bs)) if not ok)
             else:
                 q_s, _ = fifty_step_seconds(qs[-1])
                 b_s, note = fifty_step_seconds(bs[-1])
                 row["measured"] = round(b_s / q_s, 3)
                 row["met"] = row["measured"] >= target
-                row["note"] = f"({base_cfg}) {b_s:.1f} s / (Q) {q_s:.1f} s" + (f"; {note}" if note else "")
+                row["note"] = f"({base_cfg}) {b_s:.1f} s / ({cfg}) {q_s:.1f} s" + (f"; {note}" if note else "")
             row["target"] = f">= {target}x"
         elif kind.startswith("tier:"):
             cap = float(kind.split(":")[1])
@@ -696,6 +702,11 @@ class Bench:
         self.settings = SparseSettings(schedule="standard")
         self.cond, self.txt_real = conditioning(args.preset, args.text_tokens, args.seed)
 
+    def config_settings(self, config):
+        """Sparse Sampler's settings for a sparse config: (QI) turns on the INT8 dense passes."""
+        from dataclasses import replace
+        return replace(self.settings, int8_attention=config == "QI")
+
     # -- estimates --
     def estimate(self, config, res_name, shape, timed_steps, kinds):
         if self.a.preset != "hunyuan-video-13b":
@@ -747,7 +758,7 @@ class Bench:
                 patcher = comfy.load_compressed_dit(path)
                 if config == "QL":
                     patcher, info["loras"] = add_random_loras(patcher, self.a.loras, self.a.lora_rank, dev, self.a.seed)
-                patcher = comfy.sparse_patch.apply_sparse(patcher, self.settings)  # Sparse Sampler's defaults
+                patcher = comfy.sparse_patch.apply_sparse(patcher, self.config_settings(config))  # Sparse Sampler's defaults
                 info["fused_blocks"] = comfy.fused_blocks is not None and comfy.fused_blocks.is_fused(patcher)
         gc.collect()
         if dev == "cuda":
@@ -850,7 +861,7 @@ class Bench:
                    text_real_tokens=self.txt_real, cap_gb=self.a.cap_gb, schedule_steps=self.a.steps,
                    timed_steps=timed, completed=False, per_step=[], **info, **(warm or {}))
         if config in SPARSE_CONFIGS:
-            run["sparse_settings"] = asdict(self.settings)
+            run["sparse_settings"] = asdict(self.config_settings(config))
         self.runs.append(run)
         cuda = self.a.device == "cuda"
         if cuda:
@@ -998,7 +1009,7 @@ def merge(paths, out):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--configs", default="A,A8,Q", help="comma list of A, A8, Q, QL (Q + --loras stacked LoRAs)")
+    ap.add_argument("--configs", default="A,A8,Q", help="comma list of A, A8, Q, QI (Q + INT8 dense passes), QL (Q + --loras stacked LoRAs)")
     ap.add_argument("--loras", type=int, default=3, help="(QL): how many random LoRAs to stack")
     ap.add_argument("--lora-rank", type=int, default=32, help="(QL): their rank (on every linear of every block)")
     ap.add_argument("--resolutions", default="544p,720p", help="comma list of 544p, 720p or WIDTHxHEIGHTxFRAMES")

@@ -52,6 +52,11 @@ def candidates(density: float) -> list:
         ("W4A8 + tau 2 from step 0, 2nd order + SVD r16",
          SparseSettings(schedule="standard", warmup_steps=0, tau=2, **base), False),
         ("W4A8 + sparse-only (no residual)", SparseSettings(schedule="sparse-only", **base), True),
+        # issue 20: the dense passes (warm-up steps, first blocks, refreshes) with INT8 Q.K^T
+        ("W4A8 dense, INT8 attention", SparseSettings(schedule="standard", warmup_steps=10 ** 6,
+                                                      int8_attention=True, **base), False),
+        ("W4A8 + standard, INT8 dense passes", SparseSettings(schedule="standard", int8_attention=True, **base), False),
+        ("W4A8 + few-step, INT8 dense passes", SparseSettings(schedule="few-step", int8_attention=True, **base), False),
     ]
 
 

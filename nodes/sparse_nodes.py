@@ -51,17 +51,23 @@ def sparse_inputs() -> list:
                                "from the first, the first-order correction in between (ignores refresh interval and "
                                "warm-up steps). sparse-only: full attention on the first step, then sparse attention "
                                "with a fresh mask each step and no correction cache (least memory, less faithful)."),
+        io.Boolean.Input("int8_attention", default=False, optional=True,
+                         tooltip="Run the dense passes (warm-up steps, the first blocks, each refresh's full "
+                                 "attention) with INT8 Q.K^T (per-block scales, K smoothed) instead of bf16: faster "
+                                 "on NVIDIA GPUs with Triton, a small rounding of attention (docs/RESULTS.md). Off by "
+                                 "default until measured faster in ComfyUI on your GPU class."),
     ]
 
 
 def sparse_settings(density, refresh_interval, svd_rank, warmup_steps, warmup_blocks, cache_placement,
-                    schedule: str = "auto") -> SparseSettings:
+                    schedule: str = "auto", int8_attention: bool = False) -> SparseSettings:
     """Node inputs -> SparseSettings; out-of-range values raise a ValueError naming the input."""
     if svd_rank > 128:
         raise ValueError(f"svd_rank {svd_rank} exceeds the head dimension 128 of HunyuanVideo and Wan; use 0-128")
     return SparseSettings(density=density, tau=refresh_interval, svd_rank=svd_rank,
                           warmup_steps=None if warmup_steps < 0 else warmup_steps,
-                          warmup_blocks=warmup_blocks, placement=cache_placement, schedule=schedule)
+                          warmup_blocks=warmup_blocks, placement=cache_placement, schedule=schedule,
+                          int8_attention=bool(int8_attention))
 
 
 class SparseAttentionPatch(io.ComfyNode):

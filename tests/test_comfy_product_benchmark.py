@@ -26,7 +26,8 @@ def _module():
 def _check_targets(data):
     names = [t["name"] for t in data["targets"]]
     lora = any(r["config"] == "QL" for r in data["runs"])  # the LoRA row only where (QL) ran
-    assert len(names) == 7 + lora and len(set(names)) == 7 + lora
+    qi = any(r["config"] == "QI" for r in data["runs"])      # the INT8 row only where (QI) ran
+    assert len(names) == 7 + lora + qi and len(set(names)) == 7 + lora + qi
     for t in data["targets"]:
         assert set(t) >= {"name", "measured", "target", "met"}
         if t["measured"] is None:
@@ -38,7 +39,7 @@ def test_cpu_run_schema_and_schedule(tmp_path):
     out = tmp_path / "product.json"
     env = dict(os.environ, COMFYUI_PATH=str(root), CUDA_VISIBLE_DEVICES="")
     cmd = [sys.executable, str(ROOT / "benchmarks" / "comfy_product.py"), "--device", "cpu", "--preset", "test",
-           "--configs", "A,Q,QL", "--loras", "2", "--lora-rank", "4", "--resolutions", "256x256x5", "--steps", str(STEPS), "--text-tokens", "16",
+           "--configs", "A,Q,QI,QL", "--loras", "2", "--lora-rank", "4", "--resolutions", "256x256x5", "--steps", str(STEPS), "--text-tokens", "16",
            "--no-warm-run", "--ckpt", str(tmp_path / "q.safetensors"), "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -47,7 +48,8 @@ def test_cpu_run_schema_and_schedule(tmp_path):
     assert data["versions"]["comfyui"] and data["comfyui"]["in_process"]
     _check_targets(data)
     runs = {r["config"]: r for r in data["runs"]}
-    assert set(runs) == {"A", "Q", "QL"}
+    assert set(runs) == {"A", "Q", "QI", "QL"}
+    assert runs["QI"]["sparse_settings"]["int8_attention"] and not runs["Q"]["sparse_settings"]["int8_attention"]
     loras = runs["QL"]["loras"]  # every block linear, quantized ones included, carries both LoRAs
     assert loras["count"] == 2 and loras["layers"] >= 10 and loras["patched_layers"] == loras["layers"]
     lora = next(t for t in data["targets"] if t["name"].startswith("3 stacked LoRAs"))
@@ -72,7 +74,7 @@ def test_cpu_run_schema_and_schedule(tmp_path):
     merged = tmp_path / "merged.json"
     _module().merge([out, out], merged)  # no ComfyUI import: merging is pure bookkeeping
     m = json.loads(merged.read_text())
-    assert len(m["runs"]) == 6
+    assert len(m["runs"]) == 8
     _check_targets(m)
 
 
@@ -103,6 +105,10 @@ def test_targets_from_runs():
     assert not t["(Q) completes 50 steps at 720p/129f within 24 GB"]["met"]
     stall = t["no step slower than 1.2x its kind's median (measured 50-step runs)"]
     assert stall["met"] and stall["measured"] == 1.0
+    assert not any("(QI)" in name for name in t)  # the INT8 row appears where (QI) ran
+    qi = {x["name"]: x for x in mod.targets(runs + [_run("QI", "720p", 50, step_s=7.0, kinds=kinds)])}
+    row = qi["(QI) vs (A), 720p/129f, 50-step sampling wall-clock (INT8 dense passes)"]
+    assert row["measured"] == pytest.approx(1500 / 350, abs=1e-3) and row["met"] and "(QI) 350.0 s" in row["note"]
 
 
 def test_wan_cpu_run_through_comfyuis_wanmodel(tmp_path):

@@ -46,10 +46,12 @@ EXPECTED_INPUTS = {
                                  "negative": "CONDITIONING", "latent_image": "LATENT", "denoise": "FLOAT",
                                  "density": "FLOAT", "refresh_interval": "INT", "svd_rank": "INT",
                                  "warmup_steps": "INT", "warmup_blocks": "INT", "cache_placement": "COMBO",
-                                   "fused_blocks": "BOOLEAN", "schedule": "COMBO"},
+                                   "fused_blocks": "BOOLEAN", "schedule": "COMBO",
+                                   "int8_attention": "BOOLEAN"},
     "QuantSparseSparseAttention": {"model": "MODEL", "density": "FLOAT", "refresh_interval": "INT", "svd_rank": "INT",
                                    "warmup_steps": "INT", "warmup_blocks": "INT", "cache_placement": "COMBO",
-                                   "fused_blocks": "BOOLEAN", "schedule": "COMBO"},
+                                   "fused_blocks": "BOOLEAN", "schedule": "COMBO",
+                                   "int8_attention": "BOOLEAN"},
     "QuantSparseLoadEmbeddedTinyDiT": {},
     "QuantSparseTinyPromptEncode": {"text": "STRING"},
     "QuantSparseTinyDecode": {"samples": "LATENT"},
@@ -159,7 +161,7 @@ def test_shipped_workflows_are_valid_and_listed_as_templates(server):
     wf = json.loads((ROOT / "workflows" / "quantsparse_text_to_video.json").read_text())
     bad = copy.deepcopy(wf)
     sampler = next(n for n in bad["nodes"] if n["type"] == "QuantSparseSparseSampler")
-    sampler["widgets_values"][-1] = "vram-please"
+    sampler["widgets_values"][-2] = "vram-please"  # schedule
     bad["links"][0][5] = "IMAGE"
     assert len(validate(bad, info)) >= 2
     bad = copy.deepcopy(wf)

@@ -23,8 +23,8 @@ from typing import Dict, Optional
 
 import torch
 
-from ..dispatch import Correction, block_sparse_attention, refresh_attention
-from ..models.attention import AttentionCall, dense_attention
+from ..dispatch import Correction, block_sparse_attention, int8_dense_attention, refresh_attention
+from ..models.attention import AttentionCall, allowed_keys, dense_attention
 from .cache import CacheStore, check_policy, choose_placement, working_bytes
 from .host_eigh import TopVectorsJob
 from .low_rank import factor_rank, gram_matrices, heads_first, project, truncated_factors
@@ -67,7 +67,13 @@ class SparseSettings:
     26.5 dB at 0.57, few-step 27.6 at 0.75: past a few refreshes per run the standard schedule is within
     ~1 dB for a quarter less attention, hence auto's threshold few_step_max = 8 (measured at 4, 8, 50;
     the crossover between 8 and 50 is not located). Second order at tau 2 lost 2-3 dB to first order
-    at 4-8 steps (27.3 / 26.4 dB): D2 between refreshes far apart in sigma extrapolates the wrong drift."""
+    at 4-8 steps (27.3 / 26.4 dB): D2 between refreshes far apart in sigma extrapolates the wrong drift.
+
+    int8_attention: the dense passes inside the run (dense warm-up steps, the dense first blocks, a
+    refresh's full output) compute Q.K^T in INT8 (dispatch.int8_dense_attention: K smoothed by its mean,
+    per-block scales, fp32 softmax, P.V in V's dtype), so the refresh residual D = O_full - O_sparse
+    carries that rounding too. Attention outside a sampling run and masks that are not key padding stay
+    on dense_attention; merged_refresh keeps its own (bf16) kernel."""
     density: float = 0.15
     tau: int = 5
     svd_rank: int = 16
@@ -84,6 +90,7 @@ class SparseSettings:
     layers: Optional[int] = None
     host_eigh: Optional[bool] = None
     merged_refresh: bool = False
+    int8_attention: bool = False
     schedule: str = "auto"
     few_step_max: int = FEW_STEP_MAX
 
@@ -185,9 +192,9 @@ class SSARAttention:
         self._plan: Optional[StepPlan] = None
         # dense / sparse: attention calls (x batch entries); sparse_density: their masks' densities summed;
         # refresh: the dense calls that refreshed; refresh_sparse: the refreshes' sparse passes (densities);
-        # profile: SVG mask selection, in dense-call units (see attention_cost)
+        # profile: SVG mask selection, in dense-call units (see attention_cost); int8_dense: dense passes run in INT8
         self.stats = dict(dense=0.0, sparse=0.0, sparse_density=0.0, refresh=0.0, mask_changed=0.0,
-                          refresh_sparse=0.0, profile=0.0)
+                          refresh_sparse=0.0, profile=0.0, int8_dense=0.0)
 
     def _rows_generator(self, call: AttentionCall) -> torch.Generator:
         """SVG's sampled query rows depend only on the seed and the block, so a refresh on unchanged
@@ -350,7 +357,7 @@ class SSARAttention:
         kind = plan.kind(call.step.index)
         if kind == "dense" or self._block_position(call) < s.warmup_blocks:
             self._count("dense", b)
-            return dense_attention(q, k, v, mask, call)
+            return self._dense(q, k, v, mask, call)
 
         key = (call.block_type, call.block_index, b)
         if key not in self._states:
@@ -380,7 +387,7 @@ class SSARAttention:
         self._count("dense", b)
         self.stats["refresh"] += b
         if order == 0:
-            return dense_attention(q, k, v, mask, call)
+            return self._dense(q, k, v, mask, call)
         if not s.merged_refresh:  # dense SDPA plus a sparse pass; merged: the two halves of one dense call
             self.stats["refresh_sparse"] += b * st.density
         full, d = self._full_and_residual(q, k, v, mask, st.mask, call)
@@ -410,12 +417,21 @@ class SSARAttention:
         st.has_d = True
         return full
 
+    def _dense(self, q, k, v, mask, call: AttentionCall) -> torch.Tensor:
+        """A dense pass of the run: INT8 Q.K^T with int8_attention (key-padding masks only), else SDPA."""
+        if self.settings.int8_attention:
+            keep = "all" if mask is None else allowed_keys(mask)
+            if keep is not None:
+                self.stats["int8_dense"] += q.shape[0]
+                return int8_dense_attention(q, k, v, keep=keep)
+        return dense_attention(q, k, v, mask, call)
+
     def _full_and_residual(self, q, k, v, mask, block_mask: BlockMask, call: AttentionCall):
         """(O_full, D = O_full - O_sparse in fp32) of a refresh: merged from the kernel's runs over the
         mask and its complement with merged_refresh, else dense SDPA and a sparse pass."""
         if self.settings.merged_refresh:
             return refresh_attention(q, k, v, mask, block_mask, call.txt_len, call.grid)
-        full = dense_attention(q, k, v, mask, call)
+        full = self._dense(q, k, v, mask, call)
         sparse = block_sparse_attention(q, k, v, mask, block_mask, call.txt_len, call.grid)
         return full, full.to(torch.float32, copy=True).sub_(sparse)  # = full.float() - sparse.float(), one temporary fewer
 

@@ -1,0 +1,93 @@
+"""INT8 dense passes inside SSAR (SparseSettings.int8_attention): dense warm-up steps, the dense first blocks
+and a refresh's full output run dispatch.int8_dense_attention; the refresh residual D = O_full - O_sparse
+stays the residual (quantization noise is a small part of it); other masks and calls outside a run stay on
+SDPA. CPU, float32: the INT8 arithmetic is the kernel's PyTorch reference (kernels/int8_attention_ref.py)."""
+import pytest
+import torch
+
+from quantsparse_core.dispatch import block_sparse_attention, int8_dense_attention
+from quantsparse_core.models.attention import AttentionCall, StepInfo, dense_attention
+from quantsparse_core.models.hunyuan_video import TEXT_MASK_FLOOR
+from quantsparse_core.sparse.ssar import SparseSettings, SSARAttention
+
+H, D, TXT, GRID = 2, 64, 16, (4, 8, 8)
+N = TXT + GRID[0] * GRID[1] * GRID[2]
+SIGMAS = torch.linspace(1, 0, 11)
+
+
+def structured(rng, scale):
+    """Tokens with a shared low-rank component (attention with structure, as a video DiT's has) plus noise."""
+    basis = torch.randn(N, 8, generator=rng) @ torch.randn(8, H * D, generator=rng)
+    x = basis + 0.5 * torch.randn(N, H * D, generator=rng)
+    return (scale * x).view(1, N, H, D).transpose(1, 2).contiguous()
+
+
+def qkv(rng, scale=0.6):
+    return structured(rng, scale), structured(rng, scale), torch.randn(1, H, N, D, generator=rng)
+
+
+def padding_mask(pad=5):
+    """[B, 1, L] additive key mask blocking the last `pad` text tokens, as HunyuanVideoDiT builds it."""
+    m = torch.zeros(1, 1, N)
+    m[:, 0, TXT - pad:TXT] = TEXT_MASK_FLOOR
+    return m
+
+
+def settings(**kw):
+    base = dict(density=0.15, warmup_blocks=0, block=16, n_rows=32, placement="exact", schedule="standard")
+    base.update(kw)
+    return SparseSettings(**base)
+
+
+def call(step, index=0):
+    return AttentionCall("double", index, 2, TXT, GRID, None if step is None else StepInfo(step, SIGMAS))
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def test_dense_steps_and_first_blocks_run_int8(rng):
+    q, k, v = qkv(rng)
+    mask = padding_mask()
+    a = SSARAttention(settings(int8_attention=True, warmup_blocks=1))
+    want = int8_dense_attention(q, k, v, mask)
+    assert torch.equal(a(q, k, v, mask, call(0)), want)            # step 0: dense warm-up
+    assert torch.equal(a(q, k, v, mask, call(5, index=0)), want)   # block 0 of a later step: a dense first block
+    assert a.stats["int8_dense"] == 2
+    sdpa = dense_attention(q, k, v, mask, call(0))
+    assert 0 < rel(want, sdpa) < 0.05  # the INT8 path ran (not SDPA), within INT8's rounding
+
+
+def test_refresh_residual_is_not_dominated_by_int8_noise(rng):
+    q, k, v = qkv(rng)
+    mask = padding_mask()
+    out = {}
+    for int8 in (False, True):
+        a = SSARAttention(settings(int8_attention=int8))
+        c = call(2)
+        block_mask = a._new_mask(q, k, v, mask, c)
+        out[int8] = a._full_and_residual(q, k, v, mask, block_mask, c)
+        masks = block_mask
+        if int8:
+            assert a.stats["int8_dense"] == 1
+    (full, d), (full8, d8) = out[False], out[True]
+    noise_full, noise_d = rel(full8, full), rel(d8, d)
+    print(f"INT8 vs bf16-path: O_full {noise_full:.3%}, residual D {noise_d:.3%}, |D| / |O_full| "
+          f"{float(d.norm() / full.norm()):.2f}")
+    assert 0 < noise_full < 0.05
+    assert noise_d < 0.05  # the residual SSAR reuses is the sparse operator's error, not INT8 rounding
+    # D is the INT8 full output minus the (bf16-path) sparse pass under the same mask
+    sparse = block_sparse_attention(q, k, v, mask, masks, TXT, GRID)
+    torch.testing.assert_close(d8, full8.float() - sparse.float(), rtol=0, atol=1e-6)
+
+
+def test_other_masks_and_calls_outside_a_run_stay_on_sdpa(rng):
+    q, k, v = qkv(rng)
+    a = SSARAttention(settings(int8_attention=True))
+    query_mask = torch.zeros(1, 1, N, N)
+    query_mask[..., :N // 2, -3:] = TEXT_MASK_FLOOR  # depends on the query: not key padding
+    assert torch.equal(a(q, k, v, query_mask, call(0)), dense_attention(q, k, v, query_mask, call(0)))
+    assert torch.equal(a(q, k, v, None, call(None)), dense_attention(q, k, v, None, call(None)))
+    assert a.stats["int8_dense"] == 0
+    assert SparseSettings().int8_attention is False  # off until measured faster on the GPU in the product path

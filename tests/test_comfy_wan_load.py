@@ -4,6 +4,7 @@ QuantSparse Calibrate writes a Wan checkpoint round-to-nearest from a full-preci
 patches baked in), equal to quantsparse_core's compress_rtn of the same weights, and refuses MSAD for Wan.
 
 Runs only with COMFYUI_PATH set."""
+import dataclasses
 import importlib
 
 import pytest
@@ -20,7 +21,13 @@ from test_comfy_variant_checkpoints import TOL, _comfy_forward, _load
 
 PACK = "comfyui_quantsparse_under_test"
 # preset -> (ComfyUI model_base class, model_family.classify name)
-EXPECTED = {"wan-test": ("WAN21", "Wan 2.1/2.2 T2V"), "wan-test-i2v": ("WAN21", "Wan 2.1 I2V")}
+EXPECTED = {"wan-test": ("WAN21", "Wan 2.1/2.2 T2V"), "wan-test-i2v": ("WAN21", "Wan 2.1 I2V"),
+            "wan-test-ti2v": ("WAN22", "Wan 2.2 TI2V 5B")}
+CONFIGS = {"wan-test-ti2v": dataclasses.replace(get_wan_preset("wan-test"), in_dim=48, out_dim=48)}
+
+
+def config_of(preset):
+    return CONFIGS.get(preset) or get_wan_preset(preset)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +44,7 @@ def pack(tmp_path_factory):
 
 def random_sd(preset, rng):
     """A bf16 ComfyUI-format Wan state dict of random weights."""
-    m = WanDiT(get_wan_preset(preset), device="meta")
+    m = WanDiT(config_of(preset), device="meta")
     return {k: (torch.randn(v.shape, generator=rng) * 0.05).to(torch.bfloat16) for k, v in m.state_dict().items()}
 
 

@@ -151,7 +151,7 @@ def main(argv=None):
     labels = [c[0] for c in candidates(a.density)]
     if a.only is not None and set(a.only) - set(labels):
         ap.error(f"unknown rows {sorted(set(a.only) - set(labels))}; the rows are {labels}")
-    res = measure(a.steps, a.prompts, a.density, a.only, log=lambda m: print(m, flush=True))
+    res = measure(a.steps, a.prompts, a.density, a.only, log=lambda m, **kw: print(m, flush=True, **kw))
     res.update(device=f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
                density=a.density, block=_block_for(a.density))
     text = render(res, command.strip(), date)

@@ -311,6 +311,7 @@ def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, keep: K
     (models.attention.allowed_keys: text padding left out; none allowed -> 0). Returns [B, L, H*D] in
     q's dtype (into `out` if given); lse / config as int8_attention_codes."""
     _check(q, k, v, q_block, k_block)
+    _check_config(config or _CONFIGS[q.shape[-1]], k_block)  # before any launch: a bad tile fails with its fix
     k, v = select_keys(k, v, keep)
     qk = quantize_qk(q, k, q_block=q_block, k_block=k_block)
     return int8_attention_codes(qk, v, out_dtype=q.dtype, out=out, lse=lse, config=config)

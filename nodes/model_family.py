@@ -24,13 +24,16 @@ IMAGE21_REFINER = "HunyuanImage 2.1 refiner"
 
 # What each node has been built and tested for. Calibration takes 16-channel text-to-video latents and
 # text conditioning only; the sparse patch and the fused blocks see only the joint blocks' token layout,
-# which 1.0 I2V shares (image channels concatenated to the latent, or the first frame replaced). A
+# which 1.0 I2V shares (image channels concatenated to the latent, or the first frame replaced). 1.5
+# (T2V and I2V: one model) joins [image tokens, byT5 tokens, text tokens, video tokens]: the sparse
+# patch counts everything before the video grid as text (always-dense rows and columns), so it is
+# sparse-patched too, but runs ComfyUI's blocks (the fused blocks are written for 1.0's). A
 # compressed checkpoint (RTN or calibrated) of 1.0 I2V or 1.5 loads as ComfyUI's own model for it.
 # Wan: every plain Wan transformer's self-attention covers the video tokens only (sparse patch), and a
 # compressed Wan checkpoint loads as ComfyUI's WanModel; calibration and fused blocks are HunyuanVideo's.
 WAN = (WAN_T2V, WAN21_I2V, WAN22_I2V, WAN22_TI2V)
 COMPRESS = (T2V,)
-SPARSE = (T2V, I2V, *WAN)
+SPARSE = (T2V, I2V, *WAN, V15)
 FUSED = (T2V, I2V)
 LOAD = (T2V, I2V, V15, *WAN)
 

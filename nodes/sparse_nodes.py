@@ -78,7 +78,7 @@ class SparseAttentionPatch(io.ComfyNode):
             description="Sparse attention with second-order residual reuse (SSAR) for HunyuanVideo and Wan, as a "
                         "MODEL patch for any sampler (e.g. SamplerCustomAdvanced). The input MODEL stays dense. "
                         "Wan: the blocks' self-attention is made sparse, cross-attention stays dense.",
-            inputs=[io.Model.Input("model", tooltip="A HunyuanVideo 1.0 T2V or I2V MODEL, or a Wan 2.1 "
+            inputs=[io.Model.Input("model", tooltip="A HunyuanVideo 1.0 or 1.5 T2V/I2V MODEL, or a Wan 2.1 "
                                                     "T2V/I2V or Wan 2.2 T2V/I2V (A14B) or TI2V 5B MODEL (full "
                                                     "precision or QuantSparse compressed); other models, VACE "
                                                     "and the other Wan-based ones included, are refused"),
@@ -99,9 +99,9 @@ class SparseSampler(io.ComfyNode):
         return io.Schema(
             node_id="QuantSparseSparseSampler", display_name="Sparse Sampler (QuantSparse)", category=CATEGORY,
             description="KSampler with sparse attention + SSAR active for this run only (HunyuanVideo 1.0 "
-                        "T2V/I2V and Wan 2.1/2.2).",
+                        "and 1.5 T2V/I2V, Wan 2.1/2.2).",
             inputs=[
-                io.Model.Input("model", tooltip="A HunyuanVideo 1.0 T2V or I2V MODEL, or a Wan 2.1 T2V/I2V or Wan 2.2 "
+                io.Model.Input("model", tooltip="A HunyuanVideo 1.0 or 1.5 T2V/I2V MODEL, or a Wan 2.1 T2V/I2V or Wan 2.2 "
                                                 "T2V/I2V (A14B) or TI2V 5B MODEL (full precision or QuantSparse "
                                                 "compressed); other models, VACE and the other Wan-based ones "
                                                 "included, are refused"),

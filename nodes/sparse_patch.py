@@ -1,6 +1,7 @@
 """Sparse attention + SSAR inside ComfyUI, through its supported hooks only.
 
-Models: HunyuanVideo 1.0 T2V/I2V (joint [text, video] attention in double/single blocks) and ComfyUI's
+Models: HunyuanVideo 1.0 T2V/I2V and 1.5 T2V/I2V (joint [text, video] attention in double/single blocks; 1.5's
+vision and byT5 tokens sit in the text part, always attended) and ComfyUI's
 plain Wan transformer (WanModel: Wan 2.1 T2V/I2V, Wan 2.2 A14B experts and TI2V-5B), whose self-attention
 covers the video tokens only while text and CLIP image tokens enter through cross-attention.
 
@@ -41,7 +42,7 @@ from quantsparse_core.models.attention import AttentionCall, StepInfo
 from quantsparse_core.models.hunyuan_video import additive_text_mask
 from quantsparse_core.sparse.ssar import SparseSettings, SSARAttention
 
-from .model_family import SPARSE, WAN, require_supported
+from .model_family import FUSED, SPARSE, WAN, require_supported
 
 KEY = "quantsparse_sparse"
 MASK_KEY = "quantsparse_text_mask"  # wrapper key of text_mask_wrapper
@@ -424,8 +425,8 @@ def apply_sparse(model, settings: SparseSettings, fused: bool = True, node_name:
         patched.remove_wrappers_with_key(kind, KEY)
         patched.add_wrapper_with_key(kind, KEY, wrapper)
     add_text_mask_batching(patched)
-    if fused and wan:
-        log.info("QuantSparse: fused blocks are HunyuanVideo-only; %s runs ComfyUI's blocks", variant)
+    if fused and variant not in FUSED:
+        log.info("QuantSparse: fused blocks cover HunyuanVideo 1.0 only; %s runs ComfyUI's blocks", variant)
         fused = False
     (install_fused_blocks if fused else remove_fused_blocks)(patched)
     log.info("QuantSparse sparse attention on %s: %s (fused blocks %s)", variant, asdict(settings),

@@ -19,12 +19,10 @@ import numpy as np
 import torch
 
 from ..models.attention import StepInfo
-from ..models.sampler import flow_sigmas, initial_noise
+from ..models.sampler import WAN_SHIFT, flow_sigmas, initial_noise
+from ..models.sampler import sample_wan as sample_wan_euler
 from .calibrate import CalibSettings, calibrate
 from .capture import capture, check_calibration_latent, n_trajectories
-
-WAN_SHIFT = 8.0  # ComfyUI's sampling shift for Wan 2.1 T2V/I2V (supported_models.WAN21_T2V)
-
 
 @dataclass
 class WanConditioning:
@@ -35,26 +33,11 @@ class WanConditioning:
     concat: Optional[torch.Tensor] = None
 
 
-@torch.no_grad()
 def sample_wan(model, noise: torch.Tensor, cond: WanConditioning, sigmas: torch.Tensor,
                on_step: Optional[Callable[[StepInfo], None]] = None,
                expert: Optional[Callable[[float], torch.nn.Module]] = None) -> torch.Tensor:
-    """Euler integration of Wan's velocity (noise - x0) from sigmas[0] to sigmas[-1]; expert(sigma) picks the
-    model of each step (Wan 2.2's two experts), else `model` runs every step."""
-    x = noise * sigmas[0]
-    b, dev, dt = noise.shape[0], noise.device, noise.dtype
-    for i in range(len(sigmas) - 1):
-        step = StepInfo(i, sigmas)
-        if on_step is not None:
-            on_step(step)
-        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-        m = model if expert is None else expert(s)
-        inp = x if cond.concat is None else torch.cat([x, cond.concat.to(dev, dt).expand(b, -1, -1, -1, -1)], 1)
-        t = torch.full((b,), s * 1000.0, device=dev, dtype=dt)
-        v = m(inp, t, cond.context.to(dev, dt), None if cond.clip_fea is None else cond.clip_fea.to(dev, dt),
-              step=step)
-        x = x + (s_next - s) * v
-    return x
+    """models.sampler.sample_wan on a WanConditioning."""
+    return sample_wan_euler(model, noise, cond.context, sigmas, cond.clip_fea, cond.concat, on_step, expert)
 
 
 def segment_steps(sigmas: torch.Tensor, sigma_range=None) -> list:

@@ -1,4 +1,5 @@
-"""HunyuanVideo's flow-matching Euler sampler (shifted sigmas, embedded guidance).
+"""Flow-matching Euler samplers: HunyuanVideo's (shifted sigmas, embedded guidance) and Wan's (text tokens,
+optional CLIP image tokens and concatenated image channels, one or two experts).
 
 x_sigma = (1 - sigma) * x0 + sigma * noise; the model predicts the velocity noise - x0, fed
 timestep = sigma * 1000 as ComfyUI does. Each model call is told its step (StepInfo), so
@@ -47,5 +48,34 @@ def sample_euler(model, noise: torch.Tensor, context: torch.Tensor, pooled: Opti
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
         t = torch.full((b,), s * 1000.0, device=dev, dtype=dt)
         v = model(x, t, context, pooled, guidance=g, attention_mask=attention_mask, step=step)
+        x = x + (s_next - s) * v
+    return x
+
+
+WAN_SHIFT = 8.0  # ComfyUI's sampling shift for Wan 2.1 T2V/I2V (supported_models.WAN21_T2V)
+
+
+@torch.no_grad()
+def sample_wan(model, noise: torch.Tensor, context: torch.Tensor, sigmas: torch.Tensor,
+               clip_fea: Optional[torch.Tensor] = None, concat: Optional[torch.Tensor] = None,
+               on_step: Optional[Callable[[StepInfo], None]] = None,
+               expert: Optional[Callable[[float], torch.nn.Module]] = None) -> torch.Tensor:
+    """Euler integration of a Wan model's velocity (noise - x0) from sigmas[0] to sigmas[-1]. concat: I2V's
+    mask + image-latent channels appended to the noisy latent each call; expert(sigma) picks each step's
+    model (Wan 2.2's two experts), else `model` runs every step."""
+    x = noise * sigmas[0]
+    b, dev, dt = noise.shape[0], noise.device, noise.dtype
+    ctx = context.to(dev, dt)
+    clip = None if clip_fea is None else clip_fea.to(dev, dt)
+    extra = None if concat is None else concat.to(dev, dt).expand(b, -1, -1, -1, -1)
+    for i in range(len(sigmas) - 1):
+        step = StepInfo(i, sigmas)
+        if on_step is not None:
+            on_step(step)
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        m = model if expert is None else expert(s)
+        inp = x if extra is None else torch.cat([x, extra], 1)
+        t = torch.full((b,), s * 1000.0, device=dev, dtype=dt)
+        v = m(inp, t, ctx, clip, step=step)
         x = x + (s_next - s) * v
     return x

@@ -141,6 +141,9 @@ WAN_PRESETS: dict[str, WanConfig] = {
     # Small random-weight shapes for tests; head dim 128 and text width 4096 so ComfyUI's loader reads them.
     "wan-test": WanConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2),
     "wan-test-i2v": WanConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, in_dim=36, model_type="i2v"),
+    # The embedded tiny Wan (models/tiny: trained on the tiny HunyuanVideo's procedural videos); text width 4096
+    # as ComfyUI's WanModel assumes, the tiny prompt encoder's 64-wide tokens zero-padded into it.
+    "tiny-wan": WanConfig(dim=256, ffn_dim=1024, num_heads=2, num_layers=4),
 }
 
 
@@ -256,7 +259,7 @@ class WanBlock(nn.Module):
         self.norm2 = nn.LayerNorm(c.dim, eps=c.eps, elementwise_affine=False, **kw)
         self.ffn = nn.Sequential(_linear(c.dim, c.ffn_dim, kw), nn.GELU(approximate="tanh"),
                                  _linear(c.ffn_dim, c.dim, kw))
-        self.modulation = nn.Parameter(torch.empty(1, 6, c.dim, **kw))
+        self.modulation = nn.Parameter(torch.randn(1, 6, c.dim, **kw) / c.dim ** 0.5)  # Wan's own init
 
     def forward(self, x, e, rope, text, image, attention_fn: AttentionFn, call: AttentionCall):
         """x [B, L, C]; e: time projection [B, R, 6, C] with R = 1 or one row per latent frame."""
@@ -279,7 +282,7 @@ class WanHead(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(c.dim, eps=c.eps, elementwise_affine=False, **kw)
         self.head = _linear(c.dim, math.prod(c.patch_size) * c.out_dim, kw)
-        self.modulation = nn.Parameter(torch.empty(1, 2, c.dim, **kw))
+        self.modulation = nn.Parameter(torch.randn(1, 2, c.dim, **kw) / c.dim ** 0.5)
 
     def forward(self, x, e):
         """e: time embedding (not its projection) [B, R, C]."""
@@ -295,7 +298,7 @@ class ImageEmbedding(nn.Module):
         self.proj = nn.Sequential(nn.LayerNorm(CLIP_DIM, **kw), _linear(CLIP_DIM, CLIP_DIM, kw), nn.GELU(),
                                   _linear(CLIP_DIM, c.dim, kw), nn.LayerNorm(c.dim, **kw))
         n = c.flf_pos_embed_token_number
-        self.emb_pos = nn.Parameter(torch.empty(1, n, CLIP_DIM, **kw)) if n else None
+        self.emb_pos = nn.Parameter(torch.zeros(1, n, CLIP_DIM, **kw)) if n else None
 
     def forward(self, tokens):
         if self.emb_pos is not None:

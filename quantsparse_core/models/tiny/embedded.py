@@ -9,10 +9,11 @@ import torch
 
 from .codec import LatentCodec
 from .prompts import PromptEncoder
-from ..sampler import HUNYUAN_SHIFT, flow_sigmas, initial_noise, sample_euler
+from ..sampler import HUNYUAN_SHIFT, WAN_SHIFT, flow_sigmas, initial_noise, sample_euler, sample_wan
 from ..weights import load_dit
 
 WEIGHTS = Path(__file__).with_name("tiny_dit.safetensors")
+WAN_WEIGHTS = Path(__file__).with_name("tiny_wan.safetensors")  # the tiny Wan (train.py --family wan)
 FRAMES, SIZE = 8, 128                                # pixels: 8 frames of 128 x 128
 LATENT_SHAPE = (16, FRAMES, SIZE // 4, SIZE // 4)    # -> 8 x 16 x 16 = 2048 video tokens
 DEFAULT_STEPS = 20
@@ -46,4 +47,45 @@ def generate(model, prompts, seeds, steps: int = DEFAULT_STEPS, guidance: float 
     noise = torch.cat([initial_noise((1, *latent_shape), s, param.device, param.dtype) for s in seeds])
     lat = sample_euler(model, noise, ctx, pooled, flow_sigmas(steps, shift), attention_mask=mask,
                        guidance=guidance, on_step=on_step)
+    return Generation(lat, LatentCodec().decode(lat.float()))
+
+
+def load_wan(path=WAN_WEIGHTS, device="cpu", dtype=torch.float32):
+    """The trained tiny Wan (a WanDiT) and its header; the file must be train.py --family wan's output."""
+    from safetensors import safe_open
+
+    from ..wan import WanDiT, wan_config_from_state_dict
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"tiny Wan weights missing at {path}; create them with `python -m "
+                                "quantsparse_core.models.tiny.train --family wan --out "
+                                f"{path}` (a CUDA GPU: about 10 minutes)")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    if meta.get("format") != "quantsparse-tiny-wan":
+        raise ValueError(f"{path} is not a tiny Wan file (format {meta.get('format')!r}); use train.py --family wan")
+    config = wan_config_from_state_dict(sd)
+    model = WanDiT(config, device=device, dtype=dtype)
+    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()})
+    return model.eval(), {k: _parsed(v) for k, v in meta.items()}
+
+
+def _parsed(value: str):
+    """A header value as written (atomic_save_safetensors stores non-strings as JSON)."""
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+def generate_wan(model, prompts, seeds, steps: int = DEFAULT_STEPS, shift: float = WAN_SHIFT,
+                 latent_shape=LATENT_SHAPE, on_step=None) -> Generation:
+    """Text-to-video with a Wan model on the tiny prompt encoder's tokens (cfg 1); one seed per prompt."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    param = next(model.parameters())
+    ctx = PromptEncoder().encode_wan(list(prompts), model.config.text_dim).to(param)
+    noise = torch.cat([initial_noise((1, *latent_shape), s, param.device, param.dtype) for s in seeds])
+    lat = sample_wan(model, noise, ctx, flow_sigmas(steps, shift), on_step=on_step)
     return Generation(lat, LatentCodec().decode(lat.float()))

@@ -150,3 +150,11 @@ class PromptEncoder:
             mask[i, :len(words)] = 1
             pooled[i] = torch.stack(pools).mean(dim=0)
         return context, mask, pooled
+
+    def encode_wan(self, prompts: list[str], text_dim: int = 4096) -> torch.Tensor:
+        """Wan's conditioning for the tiny Wan model: [B, 24, text_dim], each word's 64-wide token in the
+        first channels, zero elsewhere and on padding (ComfyUI pads Wan's umt5 context with zeros too)."""
+        context, _, _ = self.encode(prompts)
+        if text_dim < self.TOKEN_DIM:
+            raise ValueError(f"text_dim {text_dim} is narrower than the tiny encoder's {self.TOKEN_DIM} channels")
+        return torch.nn.functional.pad(context, (0, text_dim - self.TOKEN_DIM))

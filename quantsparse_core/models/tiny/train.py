@@ -1,6 +1,9 @@
-"""Train the embedded tiny HunyuanVideo-architecture model on procedural moving-shape videos.
+"""Train the embedded tiny HunyuanVideo-architecture model (or, with --family wan, the tiny Wan model) on
+procedural moving-shape videos.
 
     python -m quantsparse_core.models.tiny.train --steps 6000 --out quantsparse_core/models/tiny/tiny_dit.safetensors
+    python -m quantsparse_core.models.tiny.train --family wan --steps 6000 \
+        --out quantsparse_core/models/tiny/tiny_wan.safetensors
 
 Runs on a CUDA GPU (bf16 autocast) or the CPU (slow). Flow-matching loss: predict noise - x0 at
 x_sigma = (1 - sigma) x0 + sigma noise. The EMA weights are saved in bf16 with the config, the
@@ -21,8 +24,9 @@ import torch.nn.functional as F
 from .codec import LatentCodec
 from ..config import get_preset
 from ..hunyuan_video import HunyuanVideoDiT
+from ..wan import WanDiT, get_wan_preset
 from .prompts import PromptEncoder
-from ..sampler import HUNYUAN_SHIFT
+from ..sampler import HUNYUAN_SHIFT, WAN_SHIFT
 from .shapes import random_scenes, render
 from ..weights import atomic_save_safetensors
 from safetensors.torch import load_file
@@ -38,10 +42,36 @@ def zero_init_modulation(model: HunyuanVideoDiT) -> None:
             torch.nn.init.zeros_(mod.bias)
 
 
-def sample_sigmas(n, gen, device):
+def zero_init_wan(model: WanDiT) -> None:
+    """Wan blocks start as identity (attention outputs and FFN output zero), the head's output at zero."""
+    for name, mod in model.named_modules():
+        if name.endswith(("self_attn.o", "cross_attn.o", "ffn.2")) or name == "head.head":
+            torch.nn.init.zeros_(mod.weight)
+            torch.nn.init.zeros_(mod.bias)
+
+
+def build(family: str, device):
+    """(model, its config, forward(model, xt, timestep, prompts, encoder, batch) -> velocity, zero-init) of a family."""
+    if family == "wan":
+        config = get_wan_preset("tiny-wan")
+        model = WanDiT(config, device=device)
+
+        def forward(m, xt, t, prompts, encoder, batch):
+            return m(xt, t, encoder.encode_wan(prompts, config.text_dim).to(device))
+        return model, config, forward, zero_init_wan
+    config = get_preset("tiny")
+    model = HunyuanVideoDiT(config, device=device)
+
+    def forward(m, xt, t, prompts, encoder, batch):
+        ctx, mask, pooled = (x.to(device) for x in encoder.encode(prompts))
+        return m(xt, t, ctx, pooled, guidance=torch.full((batch,), 6.0, device=device), attention_mask=mask)
+    return model, config, forward, zero_init_modulation
+
+
+def sample_sigmas(n, gen, device, shift: float = HUNYUAN_SHIFT):
     """Half uniform, half warped by the sampling shift, so every step of the schedule is trained."""
     u = torch.rand(n, generator=gen, device=device)
-    shifted = HUNYUAN_SHIFT * u / (1 + (HUNYUAN_SHIFT - 1) * u)
+    shifted = shift * u / (1 + (shift - 1) * u)
     pick = torch.rand(n, generator=gen, device=device) < 0.5
     return torch.where(pick, u, shifted).clamp(1e-3, 1.0)
 
@@ -57,6 +87,8 @@ def main(argv=None):
     ap.add_argument("--minutes", type=float, default=0.0,
                     help="if > 0, choose --steps from the measured speed to fit this budget")
     ap.add_argument("--init", default=None, help="continue from these weights (bf16 safetensors)")
+    ap.add_argument("--family", choices=("hunyuan", "wan"), default="hunyuan",
+                    help="hunyuan: the tiny HunyuanVideo (tiny preset); wan: the tiny Wan (tiny-wan preset)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
 
@@ -65,17 +97,16 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     gen = torch.Generator(device=dev).manual_seed(args.seed)
     cpu_gen = torch.Generator().manual_seed(args.seed)
-    config = get_preset("tiny")
-    model = HunyuanVideoDiT(config, device=dev)
+    model, config, forward, zero_init = build(args.family, dev)
+    shift = WAN_SHIFT if args.family == "wan" else HUNYUAN_SHIFT
     if args.init:
         model.load_state_dict({k: v.float() for k, v in load_file(args.init).items()})
     else:
-        zero_init_modulation(model)
+        zero_init(model)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
     codec, encoder = LatentCodec(), PromptEncoder()
     use_amp = dev.type == "cuda"
-    guidance = torch.full((args.batch,), 6.0, device=dev)
 
     def lr_at(step, total):
         warm = 200
@@ -88,16 +119,15 @@ def main(argv=None):
     while step < total:
         scenes = random_scenes(args.batch, cpu_gen)
         prompts = [s.prompt() for s in scenes]
-        ctx, mask, pooled = (t.to(dev) for t in encoder.encode(prompts))
         with torch.no_grad():
             x0 = codec.encode(render(scenes, frames=FRAMES, size=SIZE, generator=gen, device=dev))
         noise = torch.randn(x0.shape, generator=gen, device=dev)
-        sig = sample_sigmas(args.batch, gen, dev)
+        sig = sample_sigmas(args.batch, gen, dev, shift)
         xt = (1 - sig.view(-1, 1, 1, 1, 1)) * x0 + sig.view(-1, 1, 1, 1, 1) * noise
         for group in opt.param_groups:
             group["lr"] = lr_at(step, total)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
-            v = model(xt, sig * 1000, ctx, pooled, guidance=guidance, attention_mask=mask)
+            v = forward(model, xt, sig * 1000, prompts, encoder, args.batch)
         loss = F.mse_loss(v.float(), noise - x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -120,11 +150,12 @@ def main(argv=None):
 
     final = sum(losses[-200:]) / len(losses[-200:])
     meta = {
-        "format": "quantsparse-tiny-dit", "config": config.to_dict(), "steps": step, "batch": args.batch,
+        "format": "quantsparse-tiny-wan" if args.family == "wan" else "quantsparse-tiny-dit",
+        "config": config.to_dict(), "steps": step, "batch": args.batch,
         "final_loss": round(final, 5), "seed": args.seed, "device": torch.cuda.get_device_name(dev) if use_amp else "cpu",
         "command": "python -m quantsparse_core.models.tiny.train " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in
-            dict(steps=step, batch=args.batch, lr=args.lr, ema=args.ema, seed=args.seed,
+            dict(family=args.family, steps=step, batch=args.batch, lr=args.lr, ema=args.ema, seed=args.seed,
                  **({"init": args.init} if args.init else {}), out=args.out).items()),
         "train_seconds": round(time.time() - t0),
     }

@@ -1,0 +1,47 @@
+"""The tiny Wan's pieces on the CPU (its weights are trained on a GPU: train.py --family wan): the prompt
+tokens padded into Wan's 4096-wide text input, a few training steps that lower the loss and write a file
+load_wan reads back exactly, and generation through Wan's sampler."""
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from quantsparse_core.models.tiny import train
+from quantsparse_core.models.tiny.embedded import generate_wan, load_wan
+from quantsparse_core.models.tiny.prompts import PromptEncoder
+from quantsparse_core.models.wan import WanDiT, get_wan_preset
+
+
+def test_wan_prompt_tokens_are_the_tiny_tokens_zero_padded():
+    prompts = ["a red circle moving right slowly on a black background", ""]
+    ctx, mask, _ = PromptEncoder().encode(prompts)
+    wan = PromptEncoder().encode_wan(prompts)
+    assert wan.shape == (2, 24, 4096)
+    assert torch.equal(wan[..., :64], ctx) and not wan[..., 64:].any()
+    assert not wan[1].any() and mask[1].sum() == 0  # the empty prompt: all padding
+    with pytest.raises(ValueError, match="narrower"):
+        PromptEncoder().encode_wan(prompts, text_dim=32)
+
+
+def test_tiny_wan_preset_loads_in_comfyuis_shapes_and_is_small():
+    c = get_wan_preset("tiny-wan")
+    assert c.head_dim == 128 and c.text_dim == 4096 and c.comfy_model == "WAN21_T2V"
+    params = sum(p.numel() for p in WanDiT(c, device="meta").parameters())
+    assert 4e6 < params < 10e6  # ~2x smaller than the tiny HunyuanVideo's 9.5M (bf16: under 20 MB)
+
+
+def test_a_few_training_steps_write_a_file_load_wan_reads(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "FRAMES", 2)  # 2 frames of 64 x 64: a small latent for a CPU test
+    monkeypatch.setattr(train, "SIZE", 64)
+    out = tmp_path / "tiny_wan.safetensors"
+    assert train.main(["--family", "wan", "--steps", "3", "--batch", "2", "--device", "cpu", "--out", str(out)]) == 0
+    model, meta = load_wan(out)
+    assert meta["format"] == "quantsparse-tiny-wan" and meta["steps"] == 3 and "--family wan" in meta["command"]
+    assert meta["config"]["num_layers"] == 4
+    sd = load_file(str(out))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, sd[k].float()), k
+    video = generate_wan(model, ["a blue square moving left slowly on a white background"], [0], steps=2,
+                         latent_shape=(16, 2, 16, 16))
+    assert video.latents.shape == (1, 16, 2, 16, 16) and torch.isfinite(video.videos).all()
+    with pytest.raises(FileNotFoundError, match="--family wan"):
+        load_wan(tmp_path / "missing.safetensors")

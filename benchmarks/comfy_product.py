@@ -500,9 +500,15 @@ class StepTimer:
         return out
 
 
+class _StopSampling(Exception):
+    """Raised from the step callback to end a run after its timed steps (see run_sampling)."""
+
+
 def run_sampling(cx, patcher, shape, cond, steps: int, last_step, seed: int, timer=None):
-    """comfy.sample.sample over `steps` (stopping after `last_step` steps when given), timed by `timer`.
-    Returns (seconds of the whole sample() call, whether the output is finite)."""
+    """comfy.sample.sample over the `steps`-step schedule, stopped after `last_step` steps when given, timed by
+    `timer`. Returns (seconds of the whole sample() call, whether the output is finite). The stop comes from
+    the step callback, not ComfyUI's last_step: last_step cuts the sigmas the sampler hands the model, so the
+    sparse schedule would be planned for `last_step` steps instead of the first steps of the real schedule."""
     import comfy.patcher_extension
     import comfy.sample
 
@@ -511,12 +517,23 @@ def run_sampling(cx, patcher, shape, cond, steps: int, last_step, seed: int, tim
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, StepTimer.KEY, timer.wrapper)
     latent = torch.zeros(shape)
     noise = comfy.sample.prepare_noise(latent, seed)
+    state = {}
+
+    def callback(i, x0, x, total):
+        timer.callback(i, x0, x, total)
+        if last_step is not None and i + 1 >= last_step:
+            state["finite"] = bool(torch.isfinite(x).all())
+            raise _StopSampling
+
     t0 = timer.now()
-    with torch.inference_mode():  # as ComfyUI executes every node
-        out = comfy.sample.sample(model, noise, steps, 1.0, "euler", "simple", cond, cond, latent, denoise=1.0,
-                                  last_step=last_step, callback=timer.callback, disable_pbar=True, seed=seed)
-    t1 = timer.now()
-    return t1 - t0, bool(torch.isfinite(out).all())
+    try:
+        with torch.inference_mode():  # as ComfyUI executes every node
+            out = comfy.sample.sample(model, noise, steps, 1.0, "euler", "simple", cond, cond, latent, denoise=1.0,
+                                      callback=callback, disable_pbar=True, seed=seed)
+        finite = bool(torch.isfinite(out).all())
+    except _StopSampling:
+        finite = state["finite"]
+    return timer.now() - t0, finite
 
 
 # ---- report ----------------------------------------------------------------------------------------

@@ -134,3 +134,22 @@ def test_wan_cpu_run_through_comfyuis_wanmodel(tmp_path):
     assert names == [t[0] for t in _module().WAN_TARGETS]
     ratio = data["targets"][0]
     assert ratio["measured"] is None and "wan720p" in ratio["note"]
+
+
+def test_timed_steps_are_the_first_steps_of_the_real_schedule(tmp_path):
+    """--timed-steps N stops after N steps of the --steps schedule: the sparse plan is the full schedule's
+    (dense warm-up first), not one planned for N steps."""
+    root = require_comfyui()
+    out = tmp_path / "short.json"
+    env = dict(os.environ, COMFYUI_PATH=str(root), CUDA_VISIBLE_DEVICES="")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "comfy_product.py"), "--device", "cpu", "--preset", "test",
+           "--configs", "Q", "--resolutions", "256x256x5", "--steps", "20", "--timed-steps", "4", "--text-tokens", "16",
+           "--no-warm-run", "--ckpt", str(tmp_path / "q.safetensors"), "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    q = json.loads(out.read_text())["runs"][0]
+    from quantsparse_core.sparse.ssar import SparseSettings
+    kinds = SparseSettings(schedule="standard").plan(20).kinds()[:4]
+    assert kinds == ["dense", "dense", "refresh", "reuse"]  # 20 steps: 2 dense warm-up steps
+    assert q["completed"] and q["output_finite"] and len(q["per_step"]) == 4
+    assert [s["observed"] for s in q["per_step"]] == kinds and q["kinds_match_schedule"]

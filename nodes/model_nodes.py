@@ -22,7 +22,7 @@ from quantsparse_core.models.family import family_of
 
 from .comfy_ops import SUBFOLDER, load_compressed_patcher
 from .fused_blocks import apply_fused_blocks
-from .model_family import COMPRESS, FROM_CONFIG, FUSED, LOAD, T2V_SOURCE, WAN, classify, require_supported
+from .model_family import COMPRESS, FROM_CONFIG, FUSED, LOAD, RTN_ONLY, T2V_SOURCE, classify, require_supported
 from .sparse_patch import add_text_mask_batching
 
 CATEGORY = "QuantSparse"
@@ -182,8 +182,9 @@ class Calibrate(io.ComfyNode):
                         "An interrupted calibration resumes from its last finished block.",
             inputs=[
                 io.Model.Input("model", tooltip="The full-precision HunyuanVideo 1.0 text-to-video MODEL to compress "
-                                                "(LoRAs applied to it are baked in), or a Wan 2.1 / 2.2 MODEL with "
-                                                "method rtn (prompt and latent unused); other models are refused"),
+                                                "(LoRAs applied to it are baked in); HunyuanVideo 1.0 I2V, 1.5 and "
+                                                "Wan 2.1 / 2.2 MODELs with method rtn (prompt and latent unused); "
+                                                "other models are refused"),
                 io.Conditioning.Input("positive", tooltip="A typical prompt: calibration data are sampling "
                                                           "trajectories of this prompt"),
                 io.Latent.Input("latent", tooltip="An empty latent of the size you will generate at "
@@ -226,10 +227,10 @@ class Calibrate(io.ComfyNode):
     def execute(cls, model, positive, latent, weight_bits, activation_bits, method, samples, steps, epochs,
                 lambda_global, lambda_local, pool_stride, salient_tokens, seed, output_name) -> io.NodeOutput:
         import comfy.model_management
-        require_supported(model, "QuantSparse Calibrate", COMPRESS + WAN,
-                          hint=f"{T2V_SOURCE}; Wan with method rtn")
+        require_supported(model, "QuantSparse Calibrate", COMPRESS + RTN_ONLY,
+                          hint=f"{T2V_SOURCE}; the others with method rtn")
         out = output_path(output_name)
-        if classify(model) in WAN:
+        if classify(model) in RTN_ONLY:
             return cls.round_to_nearest(model, out, int(weight_bits), int(activation_bits), method)
         settings = CalibSettings(method=method, w_bits=int(weight_bits), a_bits=int(activation_bits), epochs=epochs,
                                  lambda_g=lambda_global, lambda_l=lambda_local, stride=pool_stride,
@@ -265,14 +266,14 @@ class Calibrate(io.ComfyNode):
 
     @classmethod
     def round_to_nearest(cls, model, out: Path, w_bits: int, a_bits: int, method: str) -> io.NodeOutput:
-        """Wan: round-to-nearest, one linear at a time from the MODEL's weights (LoRAs baked in); MSAD
-        calibration of Wan (its cross-attention and the 2.2 experts' trajectory split) is not built yet."""
+        """HunyuanVideo 1.0 I2V, 1.5 and Wan: round-to-nearest, one linear at a time from the MODEL's weights
+        (LoRAs baked in); the node's MSAD calibration takes 1.0 T2V's conditioning only so far."""
         import comfy.model_management
         import comfy.utils
         if method != "rtn":
             raise ValueError(f"QuantSparse Calibrate: method {method!r} is not available for {classify(model)} yet "
-                             "(MSAD calibration covers HunyuanVideo 1.0 T2V); set method to rtn to write a "
-                             "round-to-nearest Wan checkpoint (no calibration data are used)")
+                             "(the node's MSAD calibration covers HunyuanVideo 1.0 T2V); set method to rtn to write a "
+                             "round-to-nearest checkpoint (no calibration data are used)")
         comfy.model_management.unload_all_models()
         comfy.model_management.soft_empty_cache()
         weights = ComfyWeights(model)

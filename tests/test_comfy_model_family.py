@@ -84,8 +84,8 @@ def test_every_node_refuses_an_unsupported_variant_naming_it(pack, rng, variant)
             negative=cond, latent_image=latent, denoise=1.0, **SPARSE),
         "QuantSparse fused blocks": lambda: fused.apply_fused_blocks(model),
     }
-    if variant == "HunyuanVideo 1.5 T2V/I2V":  # sparse-patched since issue 17 (tests/test_comfy_v15_sparse.py)
-        del calls["QuantSparse Sparse Attention"], calls["Sparse Sampler"]
+    if variant == "HunyuanVideo 1.5 T2V/I2V":  # sparse-patched and rtn-compressed since issue 17
+        del calls["QuantSparse Sparse Attention"], calls["Sparse Sampler"], calls["QuantSparse Calibrate"]
     for node, call in calls.items():
         with pytest.raises(ValueError) as err:
             call()
@@ -103,11 +103,11 @@ def test_t2v_and_i2v_are_told_apart_and_i2v_is_sparse_only(pack, rng):
     assert family.classify(tiny) == "HunyuanVideo 1.0 T2V"
     i2v = comfy_model(rng, **I2V[0])
     assert type(i2v.model).__name__ == I2V[1] and family.classify(i2v) == "HunyuanVideo 1.0 I2V"
-    with pytest.raises(ValueError, match=r"QuantSparse Calibrate does not support this MODEL: it is HunyuanVideo 1\.0 "
-                                         r"I2V .*supports HunyuanVideo 1\.0 T2V, Wan 2\.1/2\.2 T2V, .*; Wan with method rtn\)"):
+    with pytest.raises(ValueError, match=r"QuantSparse Calibrate: method 'msad' is not available for HunyuanVideo "
+                                         r"1\.0 I2V yet .*set method to rtn"):  # rtn: tests/test_comfy_variant_checkpoints.py
         nodes["QuantSparseCalibrate"].execute(
             model=i2v, positive=_cond(rng), latent={"samples": torch.zeros(1, 16, 2, 8, 8)}, weight_bits="4",
-            activation_bits="8", method="rtn", samples=1, steps=2, epochs=1, lambda_global=1.0, lambda_local=1.0,
+            activation_bits="8", method="msad", samples=1, steps=2, epochs=1, lambda_global=1.0, lambda_local=1.0,
             pool_stride=16, salient_tokens=16, seed=0, output_name="refused")
     (patched,) = nodes["QuantSparseSparseAttention"].execute(model=i2v, **SPARSE).result
     assert patched is not i2v and "quantsparse_sparse" in patched.model_options["transformer_options"]

@@ -107,22 +107,41 @@ def test_compressed_variant_loads_as_comfyuis_model_and_equals_the_core(pack, rn
         assert ran_fused == fused_on, label  # I2V: the fused blocks ran (no fallback); 1.5: ComfyUI's blocks
 
 
-def test_calibrate_still_refuses_i2v_and_15_models(pack, rng):
-    """Load Compressed DiT takes them; QuantSparse Calibrate (1.0 T2V conditioning only) does not."""
-    nodes, models, _, _ = pack
+def test_calibrate_writes_i2v_and_15_round_to_nearest_and_refuses_msad(pack, rng, tmp_path):
+    """QuantSparse Calibrate on a full-precision I2V / 1.5 MODEL: method rtn writes the same file as
+    quantsparse_core's compress_rtn of those weights (loading as the same variant); MSAD (1.0 T2V conditioning
+    only) is refused naming the fix, and writes nothing."""
+    import re
+
+    import comfy.sd
+    from safetensors.torch import load_file
+
+    from quantsparse_core.io.rtn import compress_rtn
+    nodes, models, family, _ = pack
     for preset, (comfy_class, variant, _) in EXPECTED.items():
-        _, name = _write(models, f"calib-{preset}", get_preset(preset), rng)
-        model = _load(nodes, name)
+        sd = {k: v.to(torch.bfloat16) for k, v in random_model(get_preset(preset), rng).state_dict().items()}
+        full = comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options={"dtype": torch.float32})
+        assert family.classify(full) == variant
         cond = [[torch.randn(1, 7, 32, generator=rng), {"pooled_output": torch.randn(1, 768, generator=rng)}]]
-        with pytest.raises(ValueError) as err:
-            nodes["QuantSparseCalibrate"].execute(
-                model=model, positive=cond, latent={"samples": torch.zeros(1, 16, 2, 8, 8)}, weight_bits="4",
-                activation_bits="8", method="rtn", samples=1, steps=2, epochs=1, lambda_global=1.0,
-                lambda_local=1.0, pool_stride=16, salient_tokens=16, seed=0, output_name="refused")
-        assert str(err.value).startswith(f"QuantSparse Calibrate does not support this MODEL: it is {variant} "
-                                         f"(ComfyUI model class {comfy_class}). QuantSparse Calibrate supports "
-                                         "HunyuanVideo 1.0 T2V, Wan 2.1/2.2 T2V, "), str(err.value)
-    assert not (models / "quantsparse" / "refused.safetensors").exists()
+
+        def calibrate(method, name):
+            with torch.inference_mode():
+                return nodes["QuantSparseCalibrate"].execute(
+                    model=full, positive=cond, latent={"samples": torch.zeros(1, 16, 2, 8, 8)}, weight_bits="4",
+                    activation_bits="8", method=method, samples=1, steps=2, epochs=1, lambda_global=1.0,
+                    lambda_local=1.0, pool_stride=16, salient_tokens=16, seed=0, output_name=name).result[0]
+        with pytest.raises(ValueError, match=f"method 'msad' is not available for {re.escape(variant)} yet.*"
+                                             "set method to rtn"):
+            calibrate("msad", f"refused-{preset}")
+        assert not (models / "quantsparse" / f"refused-{preset}.safetensors").exists()
+        out = calibrate("rtn", f"rtn-{preset}")
+        assert type(out.model).__name__ == comfy_class and family.classify(out) == variant
+        written = load_file(str(models / "quantsparse" / f"rtn-{preset}.safetensors"))
+        compress_rtn(sd, tmp_path / f"{preset}.safetensors", 4, 8)
+        want = load_file(str(tmp_path / f"{preset}.safetensors"))
+        assert set(written) == set(want)
+        for k in want:
+            assert torch.equal(written[k], want[k]), k
 
 
 @pytest.mark.parametrize("variant", list(UNSUPPORTED))

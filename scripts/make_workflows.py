@@ -31,6 +31,11 @@ WAN_PROMPT = ("a fox running through fresh snow in a pine forest at sunrise, low
               "snow spraying from its paws, cinematic lighting")
 WAN_NEGATIVE = "blurry, low quality, static, distorted, extra limbs, watermark, text, jpeg artifacts"
 WAN_SIZE = [832, 480, 81, 1]  # Wan's 480p, 81 frames (5 s at 16 fps)
+# HunyuanVideo 1.5: Comfy-Org/HunyuanVideo_1.5_repackaged (split_files/...)
+DIT15 = "hunyuanvideo1.5_720p_t2v_fp16.safetensors"
+QWEN, BYT5 = "qwen_2.5_vl_7b_fp8_scaled.safetensors", "byt5_small_glyphxl_fp16.safetensors"
+VAE15 = "hunyuanvideo15_vae_fp16.safetensors"
+DIT15_Q = "hunyuanvideo1.5_720p_t2v_quantsparse_w4a8"
 PROMPT = ("anime style anime girl with massive fennec ears and one big fluffy tail, she has blonde hair long hair "
           "blue eyes wearing a pink sweater and a long blue skirt walking in a beautiful outdoor scenery with snow "
           "mountains in the background")
@@ -65,6 +70,7 @@ SOCKETS = {
     "KSamplerAdvanced": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                           ("latent_image", "LATENT")], [("LATENT", "LATENT")]),
     "VAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], [("IMAGE", "IMAGE")]),
+    "EmptyHunyuanVideo15Latent": ([], [("LATENT", "LATENT")]),
 }
 SPARSE = [0.15, 5, 16, -1, 1, "auto", True, "auto", False]  # density, refresh, svd rank, warm-up steps (-1 = 10%),
 # warm-up blocks, placement, fused blocks, schedule (auto: few-step at <= 8 steps, else standard), INT8 dense passes
@@ -245,7 +251,43 @@ def wan_calibrate_and_save():
     return g
 
 
+def hunyuan15_text(g, row=1):
+    """Qwen 2.5 VL + glyph byT5 through DualCLIPLoader (type hunyuan_video_15); 1.5 runs real cfg."""
+    clip = g.add("DualCLIPLoader", [QWEN, BYT5, "hunyuan_video_15", "default"], 0, row)
+    pos = g.add("CLIPTextEncode", [PROMPT], 1, row, title="Positive", clip=(clip, 0))
+    neg = g.add("CLIPTextEncode", [WAN_NEGATIVE], 1, row + 1, title="Negative", clip=(clip, 0))
+    return pos, neg
+
+
+def hunyuan15_text_to_video():
+    """HunyuanVideo 1.5 T2V (720p model), compressed, with the sparse sampler; 1.5 runs ComfyUI's blocks."""
+    g = Graph()
+    model = g.add("QuantSparseLoadCompressedDiT", [f"quantsparse/{DIT15_Q}.safetensors"], 0, 0)
+    pos, neg = hunyuan15_text(g)
+    latent = g.add("EmptyHunyuanVideo15Latent", [1280, 720, 121, 1], 0, 3)
+    samples = g.add("QuantSparseSparseSampler", [0, "fixed", 30, 6.0, "euler", "simple", 1.0, *SPARSE], 3, 0,
+                    model=(model, 0), positive=(pos, 0), negative=(neg, 0), latent_image=(latent, 0))
+    vae = g.add("VAELoader", [VAE15], 4, 1)
+    images = g.add("VAEDecodeTiled", [256, 64, 64, 8], 5, 0, samples=(samples, 0), vae=(vae, 0))
+    video = g.add("CreateVideo", [24.0, 8], 6, 0, images=(images, 0))
+    g.add("SaveVideo", ["video/hunyuan15_quantsparse", "auto", "auto"], 7, 0, video=(video, 0))
+    return g
+
+
+def hunyuan15_calibrate_and_save():
+    """A round-to-nearest W4A8 checkpoint of HunyuanVideo 1.5 T2V (the node's MSAD needs 1.0 T2V conditioning)."""
+    g = Graph()
+    model = g.add("UNETLoader", [DIT15, "default"], 0, 0)
+    pos, _ = hunyuan15_text(g)
+    latent = g.add("EmptyHunyuanVideo15Latent", [1280, 720, 121, 1], 0, 3)
+    g.add("QuantSparseCalibrate", ["4", "8", "rtn", 20, 20, 15, 0.1, 0.1, 128, 256, 0, "fixed", DIT15_Q], 3, 0,
+          model=(model, 0), positive=(pos, 0), latent=(latent, 0))
+    return g
+
+
 WORKFLOWS = {
+    "quantsparse_hunyuan15_t2v.json": hunyuan15_text_to_video,
+    "quantsparse_hunyuan15_calibrate_and_save.json": hunyuan15_calibrate_and_save,
     "quantsparse_wan21_t2v.json": wan21_text_to_video,
     "quantsparse_wan22_a14b_t2v.json": wan22_text_to_video,
     "quantsparse_wan_calibrate_and_save.json": wan_calibrate_and_save,

@@ -34,7 +34,12 @@ PLACEHOLDERS = ["diffusion_models/hunyuan_video_t2v_720p_bf16.safetensors",
                 "diffusion_models/quantsparse/wan2.1_t2v_14B_quantsparse_w4a8.safetensors",
                 "diffusion_models/quantsparse/wan2.2_t2v_high_noise_14B_quantsparse_w4a8.safetensors",
                 "diffusion_models/quantsparse/wan2.2_t2v_low_noise_14B_quantsparse_w4a8.safetensors",
-                "text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors", "vae/wan_2.1_vae.safetensors"]
+                "text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors", "vae/wan_2.1_vae.safetensors",
+                # HunyuanVideo 1.5 (ComfyUI's 1.5 example names, and what its calibrate workflow writes)
+                "diffusion_models/hunyuanvideo1.5_720p_t2v_fp16.safetensors",
+                "diffusion_models/quantsparse/hunyuanvideo1.5_720p_t2v_quantsparse_w4a8.safetensors",
+                "text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors",
+                "text_encoders/byt5_small_glyphxl_fp16.safetensors", "vae/hunyuanvideo15_vae_fp16.safetensors"]
 EXPECTED_INPUTS = {
     "QuantSparseCalibrate": {"model": "MODEL", "positive": "CONDITIONING", "latent": "LATENT", "weight_bits": "COMBO",
                              "activation_bits": "COMBO", "method": "COMBO", "samples": "INT", "steps": "INT",

@@ -10,6 +10,11 @@ head x salient token), times an allocator margin, plus the prefetch rings (prefe
 samples' inputs, targets and MSAD maps in the store dtype, page-locked on the host and on the GPU).
 Measured on an H200 at a 24 GB cap (docs/CALIBRATION.md): 13.5 GB peak against 14.7 GB estimated
 before the rings were added.
+
+Wan (a WanConfig) uses the same per-parameter and per-token constants (measured on HunyuanVideo's
+double block, not yet on a Wan block): its tokens are the video tokens (self-attention sees no text),
+its cross-attention's text / CLIP keys and values are counted in parameters and FLOPs, and the capture
+also holds each sample's time projection and embedded text / image tokens.
 """
 from __future__ import annotations
 
@@ -17,7 +22,8 @@ import math
 
 import torch
 
-from .capture import n_trajectories
+from ..models.family import WAN, family_of
+from .capture import WAN_KIND, n_trajectories
 from .pipeline import SAMPLES_PER_TRAJECTORY
 from .prefetch import DEPTH as PREFETCH_DEPTH
 
@@ -40,6 +46,24 @@ def _grid(config, latent_shape):
     return t // p[0], h // p[1], w // p[2]
 
 
+WAN_IMAGE_TOKENS = 257  # CLIP ViT-H tokens of a Wan 2.1 I2V image
+
+
+def wan_block_params(config) -> int:
+    """Parameters of one Wan block: self-attention, cross-attention (+ CLIP image K/V on I2V), FFN, modulation."""
+    c, f = config.dim, config.ffn_dim
+    return 4 * c * c + (6 if config.model_type == "i2v" else 4) * c * c + 2 * c * f + 6 * c
+
+
+def _wan_kinds(config, tokens: int, txt_len: int) -> dict:
+    """{"wan": (blocks, parameters, forward FLOPs of one block call)} for `tokens` video tokens."""
+    c, f = config.dim, config.ffn_dim
+    img = WAN_IMAGE_TOKENS if config.model_type == "i2v" else 0
+    kv = 2 * txt_len * 2 * c * c + 2 * img * 2 * c * c          # cross-attention K/V on text and image tokens
+    fwd = 2 * tokens * (6 * c * c + 2 * c * f) + kv + 4 * tokens * tokens * c + 4 * tokens * (txt_len + img) * c
+    return {WAN_KIND: (config.num_layers, wan_block_params(config), fwd)}
+
+
 def block_params(config) -> dict:
     c, m = config.hidden_size, config.mlp_hidden
     double = 2 * (3 * c * c + c * c + 2 * c * m + 6 * c * c)   # qkv, proj, mlp, modulation, per stream
@@ -50,10 +74,12 @@ def block_params(config) -> dict:
 
 def estimate(config, latent_shape, txt_len: int, n_samples: int, steps: int, settings, store_dtype=torch.bfloat16,
              propagation: str = "fp", per_trajectory: int = SAMPLES_PER_TRAJECTORY, rate: float | None = None) -> dict:
-    """Resource estimate of one calibration job (bytes, FLOPs, seconds at `rate` FLOP/s)."""
+    """Resource estimate of one calibration job (bytes, FLOPs, seconds at `rate` FLOP/s). config: a
+    HunyuanVideo DiTConfig or a WanConfig; txt_len: the text tokens of the prompt."""
     t, h, w = _grid(config, latent_shape)
-    tokens = txt_len + t * h * w
-    c, heads = config.hidden_size, config.num_heads
+    wan = family_of(config) is WAN
+    tokens = t * h * w if wan else txt_len + t * h * w   # the tokens of the blocks' hidden state and self-attention
+    c, heads = (config.dim if wan else config.hidden_size), config.num_heads
     sb = torch.empty((), dtype=store_dtype).element_size()
     one_set = n_samples * tokens * c * sb
     k = min(settings.top_k, tokens)
@@ -66,21 +92,24 @@ def estimate(config, latent_shape, txt_len: int, n_samples: int, steps: int, set
     # up to PREFETCH_DEPTH of them (host: only what comes from disk needs it; counted in full)
     ring = PREFETCH_DEPTH * (2 * one_set + msad) // n_samples
     rope = tokens * (c // heads) * 2 * 4
-    capture = one_set + rope + n_samples * 4 * c * 2
-    p = block_params(config)
-    big = max(p["double"], p["single"])
+    if wan:   # per sample: time projection (6 x dim), embedded text and CLIP tokens, in the model's bf16
+        img = WAN_IMAGE_TOKENS if config.model_type == "i2v" else 0
+        capture = one_set + rope + n_samples * (6 + txt_len + img) * c * 2
+        kinds = _wan_kinds(config, tokens, txt_len)
+    else:
+        capture = one_set + rope + n_samples * 4 * c * 2
+        p = block_params(config)
+        attn = 4 * tokens * tokens * c
+        kinds = {kind: (n, p[kind], 2 * tokens * (p[kind] - p[kind + "_mod"]) + attn)
+                 for kind, n in (("double", config.depth_double), ("single", config.depth_single))}
+    big = max(params for _, params, _ in kinds.values())
     weights = big * GPU_BYTES_PER_PARAM       # FP bf16 + quantized copy (bf16 while training) + step's weight side
     act = tokens * c * ACT_BYTES_PER_TOKEN_PER_HIDDEN
     msad_gpu = LOCAL_MAP_BYTES * heads * k * tokens if settings.uses_local else 0
     gpu = int((weights + act + msad_gpu) * ALLOCATOR_MARGIN) + ring
-    lin = {kind: p[kind] - p[kind + "_mod"] for kind in ("double", "single")}
-    attn = 4 * tokens * tokens * c
-    fwd = {kind: 2 * tokens * lin[kind] + attn for kind in lin}
-    n_double, n_single = config.depth_double, config.depth_single
     steps_per_block = settings.epochs * n_samples if settings.trained else 0
-    calib_flops = sum(n * (3 * steps_per_block + 2 * n_samples) * fwd[kind]
-                      for kind, n in (("double", n_double), ("single", n_single)))
-    model_fwd = n_double * fwd["double"] + n_single * fwd["single"]
+    calib_flops = sum(n * (3 * steps_per_block + 2 * n_samples) * fwd for n, _, fwd in kinds.values())
+    model_fwd = sum(n * fwd for n, _, fwd in kinds.values())
     capture_flops = n_trajectories(n_samples, per_trajectory) * steps * model_fwd
     rate = rate or DEFAULT_RATE["h200"]
     return {"tokens": tokens, "gpu_bytes": gpu, "host_capture_bytes": capture, "host_block_bytes": per_block_host,

@@ -31,9 +31,10 @@ class BlockData:
 
     inputs.get(j) holds the block's hidden inputs (img, txt) or (x,); `joint` converts a double
     block's outputs (img, txt) into the first single block's input cat(txt, img). Targets are the
-    FP block outputs, stored the same way (as (img, txt) for a double block). Each sample's vec and
-    text mask (from the capture) are read once and kept on the device, equal masks as one tensor (so
-    attention.allowed_keys, which syncs once per mask tensor, syncs once per block, not per step)."""
+    FP block outputs, stored the same way (as (img, txt) for a double block). Each sample's constants
+    from the capture (HunyuanVideo: vec and text mask; Wan: time projection e, text and image tokens)
+    are read once and kept on the device, equal ones as one tensor (so attention.allowed_keys, which
+    syncs once per mask tensor, syncs once per block, not per step; Wan's text tokens are held once)."""
 
     def __init__(self, capture, inputs, kind, idx, count, device, dtype, joint=False):
         self.capture, self.inputs, self.kind, self.idx, self.count = capture, inputs, kind, idx, count
@@ -52,19 +53,22 @@ class BlockData:
             self._ropes[rid] = self.capture.ropes[rid].to(self.device)
         return self._ropes[rid]
 
-    def _vec_mask(self, j) -> tuple:
+    def _consts(self, j) -> tuple:
+        """Sample j's constants on the device (Capture.const_fields' order)."""
         if self._context is None:
-            masks, ctx = [], []   # masks: (host tensor, its device copy), one per distinct value
+            seen, ctx = [], []   # (host tensor, its device copy), one per distinct value
             for i in range(len(self)):
-                vec, mask = self.capture.store.get(i, (-2, -1))
-                if mask is not None:
-                    same = next((d for h, d in masks if h.shape == mask.shape and h.dtype == mask.dtype
-                                 and torch.equal(h, mask)), None)
-                    if same is None:
-                        same = mask.to(self.device)
-                        masks.append((mask, same))
-                    mask = same
-                ctx.append((vec.to(self.device), mask))
+                got = []
+                for t in self.capture.store.get(i, self.capture.const_fields(i)):
+                    if t is not None:
+                        same = next((d for h, d in seen if h.shape == t.shape and h.dtype == t.dtype
+                                     and torch.equal(h, t)), None)
+                        if same is None:
+                            same = t.to(self.device)
+                            seen.append((t, same))
+                        t = same
+                    got.append(t)
+                ctx.append(tuple(got))
             self._context = ctx
         return self._context[j]
 
@@ -73,8 +77,7 @@ class BlockData:
         return (1, 0) if self.joint else ((0, 1) if self.kind == "double" else (0,))
 
     def _inputs(self, j, hidden) -> BlockInputs:
-        vec, mask = self._vec_mask(j)
-        return BlockInputs(tuple(hidden) + (vec, self._rope(j), mask),
+        return BlockInputs(self.capture.block_args(j, tuple(hidden), self._consts(j), self._rope(j)),
                            self.capture.call(j, self.kind, self.idx, self.count))
 
     def sample(self, j) -> BlockInputs:
@@ -154,7 +157,8 @@ def fp_pass(fp_block, data: BlockData, settings, amp: bool, targets_store, msad_
 
 
 def _call(block, kind, inputs, record=None) -> tuple:
-    """Like calibrate._run_block but returns the block's own output tuple ((img, txt) or (x,))."""
+    """Like calibrate._run_block but returns the block's own output tuple ((img, txt) or (x,): single
+    and Wan blocks return one tensor)."""
     from ..models.attention import dense_attention
 
     def attn(q, k, v, mask, call):

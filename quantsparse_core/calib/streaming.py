@@ -8,6 +8,9 @@ the measurement behind the default) or "quant" (the calibrated block's outputs).
 block leaves its packed tensors in `workdir`; a new run with the same inputs replays the finished
 blocks' forwards to rebuild the current inputs and continues, and the final file is assembled from
 the parts without ever holding the model.
+
+Both families: HunyuanVideo's double then single blocks, or Wan's blocks ("blocks.<i>", one hidden
+state x passed on; e, RoPE, text and image tokens are per-sample constants of the capture).
 """
 from __future__ import annotations
 
@@ -20,11 +23,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ..io.checkpoint import FORMAT_NAME, FORMAT_VERSION, HEADER_KEY, MODEL_FAMILY
+from ..io.checkpoint import FORMAT_NAME, FORMAT_VERSION, HEADER_KEY
 from ..models.weights import atomic_save_safetensors
 from ..quant.linear import QuantLinear
 from ..quant.policy import default_policy, policy_to_json, quantize_model
 from .calibrate import _atomic_write_text, _calib_state, _smoothquant_init, _sub_policy
+from .capture import block_name
 from .stream_train import BlockData, _call, autocast, fp_pass, output_pass, train_block
 from .tensor_store import TensorStore
 
@@ -107,18 +111,17 @@ def calibrate_streaming(source, capture, settings, *, device="cpu", workdir=None
         raise ValueError("first_block needs propagation='fp' (earlier blocks are not calibrated)")
     names = source.names()
     names = names[:first_block + max_blocks] if max_blocks else names
-    counts = {"double": source.config.depth_double, "single": source.config.depth_single}
-    hidden = source.config.hidden_size
+    hidden = source.hidden_size
     report, parts = {}, {}
     cur, prev_kind = capture.store, None
     use_msad = settings.trained and (settings.uses_global or settings.uses_local) and msad_targets == "store"
     for bi, (kind, idx) in enumerate(names):
-        name = f"{kind}_blocks.{idx}"
+        name = block_name(kind, idx)
         t0 = time.perf_counter()
         last = bi == len(names) - 1
         marker = ckpt / f"{name}.safetensors" if ckpt is not None else None
         fp = source.block(kind, idx, device)
-        data = BlockData(capture, cur, kind, idx, counts[kind], device, next(fp.parameters()).dtype,
+        data = BlockData(capture, cur, kind, idx, source.count(kind), device, next(fp.parameters()).dtype,
                          joint=kind == "single" and prev_kind == "double")
         tokens = sum(m["txt_len"] + m["grid"][0] * m["grid"][1] * m["grid"][2] for m in capture.meta)
         one_set = tokens * hidden * torch.empty((), dtype=store_dtype).element_size()
@@ -189,12 +192,13 @@ def calibrate_streaming(source, capture, settings, *, device="cpu", workdir=None
 
 def assemble(source, policy, settings, parts, out_path, calibration: dict, source_hash: str | None) -> None:
     """Write the compressed file (docs/FORMAT.md) from the per-block parts plus the source's other
-    weights in bf16: the same tensors and header as io.checkpoint.save_compressed of the whole model."""
+    weights in bf16: the same tensors and header as io.checkpoint.save_compressed of the whole model
+    (model_family: the source's, "hunyuan_video" or "wan")."""
     tensors = {k: v.detach().to("cpu", torch.bfloat16) for k, v in source.other_tensors().items()}
     for kind, idx in source.names():
-        name = f"{kind}_blocks.{idx}"
+        name = block_name(kind, idx)
         tensors.update(parts[name] if isinstance(parts, dict) else load_file(str(Path(parts) / f"{name}.packed.safetensors")))
-    header = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "model_family": MODEL_FAMILY,
+    header = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "model_family": source.family.name,
               "config": source.config.to_dict(), "policy": policy_to_json(policy),
               "layers": {n: layer_info(r, settings) for n, r in policy.items()},
               "calibration": calibration or {}, "source_hash": source_hash}

@@ -32,10 +32,10 @@ IMAGE21_REFINER = "HunyuanImage 2.1 refiner"
 # Wan: every plain Wan transformer's self-attention covers the video tokens only (sparse patch), and a
 # compressed Wan checkpoint loads as ComfyUI's WanModel; calibration and fused blocks are HunyuanVideo's.
 WAN = (WAN_T2V, WAN21_I2V, WAN22_I2V, WAN22_TI2V)
-COMPRESS = (T2V,)
-# QuantSparse Calibrate writes these round-to-nearest only (method rtn, one linear at a time): MSAD calibration
-# in the node needs 1.0 T2V's conditioning (text + pooled + guidance) for now.
-RTN_ONLY = (I2V, V15, *WAN)
+# QuantSparse Calibrate: every method (MSAD, streamed block by block) for the text-only models; the others
+# round-to-nearest only (method rtn, one linear at a time), their image / byT5 conditioning not captured yet.
+COMPRESS = (T2V, WAN_T2V)
+RTN_ONLY = (I2V, V15, WAN21_I2V, WAN22_I2V, WAN22_TI2V)
 SPARSE = (T2V, I2V, *WAN, V15)
 FUSED = (T2V, I2V)
 LOAD = (T2V, I2V, V15, *WAN)

@@ -16,13 +16,14 @@ from quantsparse_core.calib.capture import n_trajectories
 from quantsparse_core.calib.block_source import StateDictSource
 from quantsparse_core.calib.pipeline import SAMPLES_PER_TRAJECTORY, Conditioning
 from quantsparse_core.calib.stream_budget import describe, estimate
-from quantsparse_core.calib.stream_pipeline import compress_streaming
+from quantsparse_core.calib.stream_pipeline import WanSchedule, compress_streaming
+from quantsparse_core.calib.wan_calibration import WanConditioning
 from quantsparse_core.io.rtn import compress_rtn
 from quantsparse_core.models.family import family_of
 
 from .comfy_ops import SUBFOLDER, load_compressed_patcher
 from .fused_blocks import apply_fused_blocks
-from .model_family import COMPRESS, FROM_CONFIG, FUSED, LOAD, RTN_ONLY, T2V_SOURCE, classify, require_supported
+from .model_family import COMPRESS, FROM_CONFIG, FUSED, LOAD, RTN_ONLY, T2V_SOURCE, WAN, classify, require_supported
 from .sparse_patch import add_text_mask_batching
 
 CATEGORY = "QuantSparse"
@@ -74,6 +75,22 @@ def _refuse_compressed(dm) -> None:
         raise ValueError("this MODEL is already QuantSparse-compressed; calibrate the full-precision model")
 
 
+def sampling_shift(model) -> float:
+    """The flow shift the MODEL samples with (ModelSamplingSD3 patches it in), so calibration trajectories
+    follow the user's schedule; Wan 2.1's default 8 where the MODEL has none."""
+    sampling = model.get_model_object("model_sampling") if hasattr(model, "get_model_object") else None
+    shift = getattr(sampling, "shift", None)
+    return float(shift) if isinstance(shift, (int, float)) and shift > 0 else 8.0
+
+
+def wan_conditioning(positive) -> WanConditioning:
+    """The first prompt of a Wan CONDITIONING (umt5 tokens), as WanDiT consumes it."""
+    if not positive:
+        raise ValueError("the positive conditioning is empty: connect a text encode node (CLIPTextEncode with the "
+                         "umt5 text encoder)")
+    return WanConditioning(positive[0][0][:1].float().cpu().clone())
+
+
 class ComfyWeights(Mapping):
     """A MODEL's diffusion-model weights by ComfyUI key, where ComfyUI keeps them (on the CPU once offloaded),
     with its LoRA / weight patches applied to each tensor as it is read (comfy.lora.calculate_weight)."""
@@ -121,7 +138,7 @@ class ComfyBlockSource(StateDictSource):
         return out
 
     def tensors(self, kind, idx) -> dict:
-        return self._patched(f"{kind}_blocks.{idx}.", super().tensors(kind, idx))
+        return self._patched(self.block_prefix(kind, idx), super().tensors(kind, idx))
 
     def other_tensors(self) -> dict:
         return self._patched("", super().other_tensors())
@@ -176,15 +193,16 @@ class Calibrate(io.ComfyNode):
         d = CalibSettings()
         return io.Schema(
             node_id="QuantSparseCalibrate", display_name="QuantSparse Calibrate", category=CATEGORY,
-            description="Quantize a HunyuanVideo model block by block with MSAD calibration (or a Wan 2.1 / 2.2 "
-                        "model round-to-nearest, method rtn), save the compressed checkpoint to "
+            description="Quantize a HunyuanVideo or Wan text-to-video model block by block with MSAD calibration "
+                        "(the image-to-video and 1.5 models round-to-nearest, method rtn), save the compressed "
+                        "checkpoint to "
                         "models/diffusion_models/quantsparse/, and return it as a MODEL. "
                         "An interrupted calibration resumes from its last finished block.",
             inputs=[
-                io.Model.Input("model", tooltip="The full-precision HunyuanVideo 1.0 text-to-video MODEL to compress "
-                                                "(LoRAs applied to it are baked in); HunyuanVideo 1.0 I2V, 1.5 and "
-                                                "Wan 2.1 / 2.2 MODELs with method rtn (prompt and latent unused); "
-                                                "other models are refused"),
+                io.Model.Input("model", tooltip="The full-precision MODEL to compress (LoRAs applied to it are baked "
+                                                "in): HunyuanVideo 1.0 T2V or Wan 2.1 / 2.2 T2V with any method; "
+                                                "HunyuanVideo 1.0 I2V, 1.5, Wan I2V and TI2V 5B with method rtn "
+                                                "(prompt and latent unused); other models are refused"),
                 io.Conditioning.Input("positive", tooltip="A typical prompt: calibration data are sampling "
                                                           "trajectories of this prompt"),
                 io.Latent.Input("latent", tooltip="An empty latent of the size you will generate at "
@@ -230,7 +248,8 @@ class Calibrate(io.ComfyNode):
         require_supported(model, "QuantSparse Calibrate", COMPRESS + RTN_ONLY,
                           hint=f"{T2V_SOURCE}; the others with method rtn")
         out = output_path(output_name)
-        if classify(model) in RTN_ONLY:
+        variant = classify(model)
+        if variant in RTN_ONLY:
             return cls.round_to_nearest(model, out, int(weight_bits), int(activation_bits), method)
         settings = CalibSettings(method=method, w_bits=int(weight_bits), a_bits=int(activation_bits), epochs=epochs,
                                  lambda_g=lambda_global, lambda_l=lambda_local, stride=pool_stride,
@@ -239,7 +258,8 @@ class Calibrate(io.ComfyNode):
         # ComfyUI executes nodes under torch.inference_mode(); calibration trains (autograd), and
         # tensors created in inference mode cannot take part, so everything is copied in here.
         with torch.inference_mode(False), torch.enable_grad():
-            cond = conditioning_tensors(positive)
+            wan = variant in WAN
+            cond = wan_conditioning(positive) if wan else conditioning_tensors(positive)
             # ComfyUI keeps the weights (offloaded to the CPU once its models are unloaded); calibration
             # copies one block at a time to the GPU and never holds a float32 copy of the model.
             comfy.model_management.unload_all_models()
@@ -259,7 +279,8 @@ class Calibrate(io.ComfyNode):
                                store_dtype=torch.bfloat16 if device.type == "cuda" else None,
                                gpu_budget=gpu_free, host_budget=None if host is None else host // 2,
                                capture_progress=lambda j, n, s: bar.capture(j, n, s, steps),
-                               progress=lambda b, n, e, loss: bar.calibration(b, n, e, epochs))
+                               progress=lambda b, n, e, loss: bar.calibration(b, n, e, epochs),
+                               wan_schedule=WanSchedule(shift=sampling_shift(model)) if wan else None)
             del source
         comfy.model_management.soft_empty_cache()
         return io.NodeOutput(load_compressed_patcher(out))

@@ -107,6 +107,9 @@ def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("comfy_base")
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / "comfyui-quantsparse").symlink_to(ROOT, target_is_directory=True)
+    # test-only random conditioning (tests/comfy_test_nodes): variants without a text encoder in the tests
+    (base / "custom_nodes" / "quantsparse-test-nodes").symlink_to(ROOT / "tests" / "comfy_test_nodes",
+                                                                   target_is_directory=True)
     for rel in PLACEHOLDERS:  # so the shipped workflows' file names are valid choices
         p = base / "models" / rel
         p.parent.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,6 @@ from ..quant.transforms import kron_factors
 
 FORMAT_NAME = "quantsparse-compressed"
 FORMAT_VERSION = 1
-MODEL_FAMILY = HUNYUAN_VIDEO.name  # what the streaming calibration writes (HunyuanVideo only)
 HEADER_KEY = "quantsparse"
 ROTATIONS = (None, "hadamard", "learned")
 LAYER_FIELDS = {"w_bits", "a_bits", "smooth", "rotation"}  # a header 'layers' entry holds exactly these

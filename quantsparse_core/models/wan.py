@@ -382,14 +382,15 @@ class WanDiT(RoutedAttention, nn.Module):
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         """Latent -> tokens [B, T*H*W, dim]: pad circularly to the patch size (ComfyUI's pad_to_patch_size),
-        then the fp32 patch embedding."""
+        then the fp32 patch embedding. Contiguous: block 0 then computes on the same memory layout as every later
+        block and as its captured inputs (calibration replays them), so float32 GEMMs round identically."""
         pad = []
         for n, p in zip(reversed(x.shape[2:]), reversed(self.config.patch_size)):
             pad += [0, (-n) % p]
         if any(pad):
             x = F.pad(x, pad, mode="circular")
         weight_dtype = self.patch_embedding.weight.dtype
-        return self.patch_embedding(x.to(weight_dtype)).to(x.dtype).flatten(2).transpose(1, 2)
+        return self.patch_embedding(x.to(weight_dtype)).to(x.dtype).flatten(2).transpose(1, 2).contiguous()
 
     def unpatchify(self, tokens: torch.Tensor, grid) -> torch.Tensor:
         """[B, T*H*W, pt*ph*pw*C] -> [B, C, T*pt, H*ph, W*pw] (channel-last inside a patch, as Wan)."""

@@ -75,6 +75,38 @@ def _refuse_compressed(dm) -> None:
         raise ValueError("this MODEL is already QuantSparse-compressed; calibrate the full-precision model")
 
 
+EXPERT_ROLES = ("whole trajectory", "high noise", "low noise")
+
+
+def wan_schedule(model, source, role: str, other_expert, boundary: float) -> WanSchedule:
+    """The Wan calibration schedule: the MODEL's sampling shift; for a Wan 2.2 expert, its sigma segment and
+    the other expert running the remaining steps (refused where that expert is needed and missing)."""
+    shift = sampling_shift(model)
+    if role not in EXPERT_ROLES:
+        raise ValueError(f"expert_role {role!r} unknown; use one of {', '.join(EXPERT_ROLES)}")
+    if role == EXPERT_ROLES[0]:
+        if other_expert is not None:
+            raise ValueError("other_expert is connected but expert_role is 'whole trajectory': set expert_role to "
+                             "the role of this MODEL (high noise or low noise), or disconnect other_expert")
+        return WanSchedule(shift=shift)
+    if not 0 < boundary < 1:
+        raise ValueError(f"expert_boundary {boundary} must lie between 0 and 1 (Wan 2.2 T2V: 0.875)")
+    high = role == "high noise"
+    other = None
+    if other_expert is not None:
+        require_supported(other_expert, "QuantSparse Calibrate (other_expert)", COMPRESS)
+        other = ComfyBlockSource(other_expert)
+        if other.config != source.config:
+            raise ValueError("other_expert is not the same architecture as this MODEL: connect the other Wan 2.2 "
+                             "expert of the same model (high and low noise have identical shapes)")
+    elif not high:
+        raise ValueError("the low-noise expert's calibration inputs come from the high-noise expert's steps: connect "
+                         "the high-noise expert's MODEL to other_expert")
+    segment = (boundary, 2.0) if high else (0.0, boundary)
+    expert = None if other is None else (lambda s: source if (s >= boundary) == high else other)
+    return WanSchedule(shift=shift, sigma_range=segment, expert=expert)
+
+
 def sampling_shift(model) -> float:
     """The flow shift the MODEL samples with (ModelSamplingSD3 patches it in), so calibration trajectories
     follow the user's schedule; Wan 2.1's default 8 where the MODEL has none."""
@@ -236,6 +268,18 @@ class Calibrate(io.ComfyNode):
                              tooltip="Seed of the calibration trajectories and of training"),
                 io.String.Input("output_name", default="hunyuan_video_quantsparse_w4a8",
                                 tooltip="File name under models/diffusion_models/quantsparse/ (.safetensors added)"),
+                # optional and last: workflows saved before them load unchanged (whole trajectory)
+                io.Combo.Input("expert_role", options=list(EXPERT_ROLES), default=EXPERT_ROLES[0], optional=True,
+                               tooltip="Wan 2.2 A14B: which expert this MODEL is. Its samples then come from the "
+                                       "steps it serves (sigma at or above expert_boundary: high noise; below: low "
+                                       "noise), on trajectories where other_expert runs the other steps. whole "
+                                       "trajectory: a single model (HunyuanVideo, Wan 2.1)."),
+                io.Model.Input("other_expert", optional=True,
+                               tooltip="Wan 2.2 A14B: the other expert's full-precision MODEL (needed for the low-noise "
+                                       "expert, whose inputs the high-noise one produces)"),
+                io.Float.Input("expert_boundary", default=0.875, min=0.01, max=0.999, step=0.005, optional=True,
+                               tooltip="Wan 2.2 A14B: the sigma where sampling switches from the high-noise to the "
+                                       "low-noise expert (0.875 for T2V, 0.9 for I2V, as Wan 2.2's own pipeline)"),
             ],
             outputs=[io.Model.Output(tooltip="The compressed model, loaded like Load Compressed DiT would")],
             is_output_node=True,  # saving the checkpoint is the point: the node runs with nothing connected
@@ -243,12 +287,16 @@ class Calibrate(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, latent, weight_bits, activation_bits, method, samples, steps, epochs,
-                lambda_global, lambda_local, pool_stride, salient_tokens, seed, output_name) -> io.NodeOutput:
+                lambda_global, lambda_local, pool_stride, salient_tokens, seed, output_name,
+                expert_role=EXPERT_ROLES[0], other_expert=None, expert_boundary=0.875) -> io.NodeOutput:
         import comfy.model_management
         require_supported(model, "QuantSparse Calibrate", COMPRESS + RTN_ONLY,
                           hint=f"{T2V_SOURCE}; the others with method rtn")
         out = output_path(output_name)
         variant = classify(model)
+        if variant not in WAN and (other_expert is not None or expert_role != EXPERT_ROLES[0]):
+            raise ValueError(f"expert_role and other_expert are for Wan 2.2's two experts; this MODEL is {variant}: "
+                             "set expert_role to 'whole trajectory' and disconnect other_expert")
         if variant in RTN_ONLY:
             return cls.round_to_nearest(model, out, int(weight_bits), int(activation_bits), method)
         settings = CalibSettings(method=method, w_bits=int(weight_bits), a_bits=int(activation_bits), epochs=epochs,
@@ -265,6 +313,7 @@ class Calibrate(io.ComfyNode):
             comfy.model_management.unload_all_models()
             comfy.model_management.soft_empty_cache()
             source = ComfyBlockSource(model)
+            schedule = wan_schedule(model, source, expert_role, other_expert, expert_boundary) if wan else None
             n_blocks = len(source.names())
             n_traj = n_trajectories(samples, SAMPLES_PER_TRAJECTORY)
             device = comfy.model_management.get_torch_device()
@@ -280,7 +329,7 @@ class Calibrate(io.ComfyNode):
                                gpu_budget=gpu_free, host_budget=None if host is None else host // 2,
                                capture_progress=lambda j, n, s: bar.capture(j, n, s, steps),
                                progress=lambda b, n, e, loss: bar.calibration(b, n, e, epochs),
-                               wan_schedule=WanSchedule(shift=sampling_shift(model)) if wan else None)
+                               wan_schedule=schedule)
             del source
         comfy.model_management.soft_empty_cache()
         return io.NodeOutput(load_compressed_patcher(out))

@@ -56,8 +56,8 @@ SOCKETS = {
                   ("latent_image", "LATENT")], [("LATENT", "LATENT")]),
     "ImageStitch": ([("image1", "IMAGE"), ("image2", "IMAGE")], [("IMAGE", "IMAGE")]),
     "SaveAnimatedWEBP": ([("images", "IMAGE")], []),
-    "QuantSparseCalibrate": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("latent", "LATENT")],
-                             [("MODEL", "MODEL")]),
+    "QuantSparseCalibrate": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("latent", "LATENT"),
+                              ("other_expert", "MODEL")], [("MODEL", "MODEL")]),
     "QuantSparseLoadCompressedDiT": ([], [("MODEL", "MODEL")]),
     "QuantSparseSparseSampler": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                                   ("latent_image", "LATENT")], [("LATENT", "LATENT")]),
@@ -72,6 +72,7 @@ SOCKETS = {
     "VAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], [("IMAGE", "IMAGE")]),
     "EmptyHunyuanVideo15Latent": ([], [("LATENT", "LATENT")]),
 }
+WHOLE = ["whole trajectory", 0.875]  # QuantSparse Calibrate's expert_role, expert_boundary for single models
 SPARSE = [0.15, 5, 16, -1, 1, "auto", True, "auto", False]  # density, refresh, svd rank, warm-up steps (-1 = 10%),
 # warm-up blocks, placement, fused blocks, schedule (auto: few-step at <= 8 steps, else standard), INT8 dense passes
 
@@ -104,7 +105,8 @@ class Graph:
 
     def to_json(self):
         for n in self.nodes:  # optional sockets left unconnected are dropped, as the editor does
-            n["inputs"] = [i for i in n["inputs"] if i["link"] is not None or i["name"] not in ("audio", "image2")]
+            n["inputs"] = [i for i in n["inputs"]
+                           if i["link"] is not None or i["name"] not in ("audio", "image2", "other_expert")]
         return {"last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
                 "links": self.links, "groups": [], "config": {}, "extra": {}, "version": 0.4}
 
@@ -122,7 +124,7 @@ def calibrate_and_save():
     pos = text_encoders(g)
     latent = g.add("EmptyHunyuanLatentVideo", [848, 480, 73, 1], 0, 2, title="Calibration size")
     g.add("QuantSparseCalibrate", ["4", "8", "msad", 20, 20, 15, 0.1, 0.1, 128, 256, 0, "fixed",
-                                   "hunyuan_video_quantsparse_w4a8"], 3, 1,
+                                   "hunyuan_video_quantsparse_w4a8", *WHOLE], 3, 1,
           model=(model, 0), positive=(pos, 0), latent=(latent, 0))
     return g
 
@@ -175,7 +177,7 @@ def tiny_model_demo():
     calib = g.add("EmptyHunyuanLatentVideo", [256, 256, 29, 1], 0, 2, title="Calibration size")
     latent = g.add("EmptyHunyuanLatentVideo", [256, 256, 29, 1], 0, 3, title="Video size (8 frames, 128x128)")
     compressed = g.add("QuantSparseCalibrate", ["4", "8", "msad", 8, 20, 5, 0.1, 0.1, 128, 256, 0, "fixed",
-                                                "tiny_quantsparse_w4a8"], 1, 0,
+                                                "tiny_quantsparse_w4a8", *WHOLE], 1, 0,
                        model=(model, 0), positive=(cond, 0), latent=(calib, 0))
     dense = g.add("KSampler", [0, "fixed", 20, 1.0, "euler", "simple", 1.0], 2, 0, title="Dense",
                   model=(model, 0), positive=(cond, 0), negative=(cond, 0), latent_image=(latent, 0))
@@ -239,17 +241,22 @@ def wan22_text_to_video():
 
 
 def wan_calibrate_and_save():
-    """Wan 2.1 T2V 14B calibrated with MSAD (streamed block by block, calibration latent 832 x 480 x 49: about
-    18 GB of GPU memory by the node's estimate) and both Wan 2.2 A14B T2V experts round-to-nearest (method rtn:
-    the node does not split the trajectory between experts yet); delete the rows you do not need."""
+    """Wan 2.1 T2V 14B and both Wan 2.2 A14B T2V experts calibrated with MSAD, streamed block by block
+    (calibration latent 832 x 480 x 49: about 18 GB of GPU memory by the node's estimate). Each 2.2 expert
+    takes its samples from the steps it serves, on trajectories where the other expert runs the rest (its
+    MODEL on other_expert); delete the rows you do not need."""
     g = Graph()
     pos, _ = wan_text(g, row=3)
     latent = g.add("EmptyHunyuanLatentVideo", [832, 480, 49, 1], 0, 5, title="Calibration size")
-    for row, (src, out, method) in enumerate(((WAN21, WAN21_Q, "msad"), (WAN22_HIGH, WAN22_HIGH_Q, "rtn"),
-                                              (WAN22_LOW, WAN22_LOW_Q, "rtn"))):
-        model = g.add("UNETLoader", [src, "default"], 0, row)
-        g.add("QuantSparseCalibrate", ["4", "8", method, 20, 20, 15, 0.1, 0.1, 128, 256, 0, "fixed", out], 3, row,
-              model=(model, 0), positive=(pos, 0), latent=(latent, 0))
+    wan21 = g.add("UNETLoader", [WAN21, "default"], 0, 0)
+    g.add("QuantSparseCalibrate", ["4", "8", "msad", 20, 20, 15, 0.1, 0.1, 128, 256, 0, "fixed", WAN21_Q, *WHOLE],
+          3, 0, model=(wan21, 0), positive=(pos, 0), latent=(latent, 0))
+    high = g.add("UNETLoader", [WAN22_HIGH, "default"], 0, 1, title="Wan 2.2 high-noise expert")
+    low = g.add("UNETLoader", [WAN22_LOW, "default"], 0, 2, title="Wan 2.2 low-noise expert")
+    for row, (model, other, out, role) in enumerate(((high, low, WAN22_HIGH_Q, "high noise"),
+                                                     (low, high, WAN22_LOW_Q, "low noise")), start=1):
+        g.add("QuantSparseCalibrate", ["4", "8", "msad", 20, 20, 15, 0.1, 0.1, 128, 256, 0, "fixed", out, role, 0.875],
+              3, row, model=(model, 0), positive=(pos, 0), latent=(latent, 0), other_expert=(other, 0))
     return g
 
 
@@ -282,7 +289,7 @@ def hunyuan15_calibrate_and_save():
     model = g.add("UNETLoader", [DIT15, "default"], 0, 0)
     pos, _ = hunyuan15_text(g)
     latent = g.add("EmptyHunyuanVideo15Latent", [1280, 720, 121, 1], 0, 3)
-    g.add("QuantSparseCalibrate", ["4", "8", "rtn", 20, 20, 15, 0.1, 0.1, 128, 256, 0, "fixed", DIT15_Q], 3, 0,
+    g.add("QuantSparseCalibrate", ["4", "8", "rtn", 20, 20, 15, 0.1, 0.1, 128, 256, 0, "fixed", DIT15_Q, *WHOLE], 3, 0,
           model=(model, 0), positive=(pos, 0), latent=(latent, 0))
     return g
 

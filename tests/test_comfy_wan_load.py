@@ -79,12 +79,12 @@ def test_compressed_wan_loads_as_comfyuis_wanmodel_and_equals_the_core(pack, rng
     assert rel <= TOL[a_bits]
 
 
-def _calibrate(nodes, model, method, name, rng, samples=1):
+def _calibrate(nodes, model, method, name, rng, samples=1, steps=2, **experts):
     cond = [[torch.randn(1, 7, 4096, generator=rng), {}]]
     with torch.inference_mode():
-        return nodes["QuantSparseCalibrate"].execute(
+        return nodes["QuantSparseCalibrate"].execute(**experts,
             model=model, positive=cond, latent={"samples": torch.randn(1, 16, 2, 8, 8, generator=rng)},
-            weight_bits="4", activation_bits="8", method=method, samples=samples, steps=2, epochs=1, lambda_global=1.0,
+            weight_bits="4", activation_bits="8", method=method, samples=samples, steps=steps, epochs=1, lambda_global=1.0,
             lambda_local=1.0, pool_stride=16, salient_tokens=16, seed=0, output_name=name).result[0]
 
 
@@ -140,3 +140,26 @@ def test_calibrate_runs_msad_on_wan_t2v_and_refuses_it_for_i2v(pack, rng):
     with pytest.raises(ValueError, match="method 'msad' is not available for Wan 2.1 I2V yet.*set method to rtn"):
         _calibrate(nodes, i2v, "msad", "wan-i2v-msad", rng)
     assert not (models / "quantsparse" / "wan-i2v-msad.safetensors").exists()
+
+
+def test_calibrate_a_wan22_expert_on_its_own_steps(pack, rng):
+    """Wan 2.2 A14B: the low-noise expert is calibrated on the steps below the boundary, on trajectories whose
+    earlier steps the high-noise expert (other_expert) runs; the header records the segment and that expert.
+    Without other_expert the low-noise expert is refused; single models refuse the expert inputs."""
+    import comfy.sd
+    nodes, models, family, _ = pack
+    load = lambda sd: comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": torch.float32})  # noqa: E731
+    high, low = load(random_sd("wan-test", rng)), load(random_sd("wan-test", rng))
+    _calibrate(nodes, low, "msad", "wan22-low", rng, samples=2, steps=6, expert_role="low noise",
+               other_expert=high, expert_boundary=0.875)
+    _, header = load_compressed(models / "quantsparse" / "wan22-low.safetensors")
+    data = header["calibration"]["data"]
+    assert data["sigma_range"] == [0.0, 0.875] and len(data["experts"]) == 1
+    _calibrate(nodes, high, "msad", "wan22-high", rng, samples=2, steps=6, expert_role="high noise")
+    _, header = load_compressed(models / "quantsparse" / "wan22-high.safetensors")
+    assert header["calibration"]["data"]["sigma_range"] == [0.875, 2.0]
+    with pytest.raises(ValueError, match="connect the high-noise expert's MODEL to other_expert"):
+        _calibrate(nodes, low, "msad", "wan22-refused", rng, expert_role="low noise")
+    with pytest.raises(ValueError, match="set expert_role to the role of this MODEL"):
+        _calibrate(nodes, low, "msad", "wan22-refused", rng, other_expert=high)
+    assert not (models / "quantsparse" / "wan22-refused.safetensors").exists()

@@ -27,8 +27,9 @@ EXPECTED = {"test-i2v": ("HunyuanVideoI2V", "HunyuanVideo 1.0 I2V", True),
             "test-1.5": ("HunyuanVideo15", "HunyuanVideo 1.5 T2V/I2V", False)}
 # Weight-only: no activation rounding, the float tolerance (both sides compute in fp32 from the same bf16
 # floats and int4 codes). W4A8: an activation that differs by ~1e-7 between the two graphs (RoPE and fused
-# small-op arithmetic order) can round to the neighbouring int8 code, which moves the output by ~1e-4.
-TOL = {16: 1e-5, 8: 1e-3}
+# small-op arithmetic order) can round to the neighbouring int8 code, which moves the output by ~1e-4 per flip;
+# a seed with several flips in one call reached 1e-3 once (2026-12-06), hence 5e-3 (the server test's bound).
+TOL = {16: 1e-5, 8: 5e-3}
 
 
 @pytest.fixture(scope="module")

@@ -115,12 +115,25 @@ def sampling_shift(model) -> float:
     return float(shift) if isinstance(shift, (int, float)) and shift > 0 else 8.0
 
 
-def wan_conditioning(positive) -> WanConditioning:
-    """The first prompt of a Wan CONDITIONING (umt5 tokens), as WanDiT consumes it."""
+def wan_conditioning(model, positive, latent: torch.Tensor) -> WanConditioning:
+    """The first prompt of a Wan CONDITIONING as WanDiT consumes it: umt5 tokens, and for image-to-video the CLIP
+    image tokens and the mask + image-latent channels, made by ComfyUI's own WAN21.extra_conds (its scaling,
+    resizing and mask inversion) for a latent of `latent`'s shape."""
     if not positive:
         raise ValueError("the positive conditioning is empty: connect a text encode node (CLIPTextEncode with the "
                          "umt5 text encoder)")
-    return WanConditioning(positive[0][0][:1].float().cpu().clone())
+    tensor, extra = positive[0][0], dict(positive[0][1])
+    for key in ("noise", "device", "cross_attn"):
+        extra.pop(key, None)
+    conds = model.model.extra_conds(noise=torch.zeros_like(latent[:1], dtype=torch.float32),
+                                    device=torch.device("cpu"), cross_attn=tensor[:1], **extra)
+    take = lambda name: None if conds.get(name) is None else conds[name].cond[:1].float().cpu().clone()  # noqa: E731
+    cond = WanConditioning(tensor[:1].float().cpu().clone(), take("clip_fea"), take("c_concat"))
+    dm = model.model.diffusion_model
+    if dm.img_emb is not None and cond.clip_fea is None:
+        raise ValueError("this Wan 2.1 image-to-video MODEL needs CLIP image tokens: feed the prompt through "
+                         "WanImageToVideo with a CLIPVisionEncode output (clip_vision_output)")
+    return cond
 
 
 class ComfyWeights(Mapping):
@@ -232,9 +245,10 @@ class Calibrate(io.ComfyNode):
                         "An interrupted calibration resumes from its last finished block.",
             inputs=[
                 io.Model.Input("model", tooltip="The full-precision MODEL to compress (LoRAs applied to it are baked "
-                                                "in): HunyuanVideo 1.0 T2V or Wan 2.1 / 2.2 T2V with any method; "
-                                                "HunyuanVideo 1.0 I2V, 1.5, Wan I2V and TI2V 5B with method rtn "
-                                                "(prompt and latent unused); other models are refused"),
+                                                "in): HunyuanVideo 1.0 T2V or Wan 2.1 / 2.2 T2V and I2V (prompt "
+                                                "through WanImageToVideo) with any method; HunyuanVideo 1.0 I2V, 1.5 "
+                                                "and Wan TI2V 5B with method rtn (prompt and latent unused); other "
+                                                "models are refused"),
                 io.Conditioning.Input("positive", tooltip="A typical prompt: calibration data are sampling "
                                                           "trajectories of this prompt"),
                 io.Latent.Input("latent", tooltip="An empty latent of the size you will generate at "
@@ -307,7 +321,7 @@ class Calibrate(io.ComfyNode):
         # tensors created in inference mode cannot take part, so everything is copied in here.
         with torch.inference_mode(False), torch.enable_grad():
             wan = variant in WAN
-            cond = wan_conditioning(positive) if wan else conditioning_tensors(positive)
+            cond = wan_conditioning(model, positive, lat) if wan else conditioning_tensors(positive)
             # ComfyUI keeps the weights (offloaded to the CPU once its models are unloaded); calibration
             # copies one block at a time to the GPU and never holds a float32 copy of the model.
             comfy.model_management.unload_all_models()

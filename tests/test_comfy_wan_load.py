@@ -117,12 +117,15 @@ def test_calibrate_writes_a_round_to_nearest_wan_checkpoint(pack, rng, tmp_path)
                            written["blocks.0.ffn.0.weight_packed"])
 
 
-def test_calibrate_runs_msad_on_wan_t2v_and_refuses_it_for_i2v(pack, rng):
-    """Wan T2V: the node's streamed MSAD calibration (the HunyuanVideo path, block by block) writes a file that
-    loads as ComfyUI's WanModel and as our core WanDiT; Wan 2.1 I2V (CLIP and image channels not captured yet)
-    is refused for MSAD naming the fix, and writes nothing."""
+def test_calibrate_runs_msad_on_wan_t2v_and_i2v(pack, rng):
+    """Wan T2V and 2.1 I2V: the node's streamed MSAD calibration (the HunyuanVideo path, block by block) writes
+    a file that loads as ComfyUI's WanModel and as our core WanDiT. I2V's CLIP tokens and mask + image-latent
+    channels come from ComfyUI's own WAN21.extra_conds on the conditioning WanImageToVideo makes."""
+    import types
+
     import comfy.sd
     nodes, models, family, _ = pack
+    model_nodes = importlib.import_module(f"{PACK}.nodes.model_nodes")
     full = comfy.sd.load_diffusion_model_state_dict(random_sd("wan-test", rng), model_options={"dtype": torch.float32})
     out = _calibrate(nodes, full, "msad", "wan-msad", rng, samples=2)
     assert family.classify(out) == "Wan 2.1/2.2 T2V"
@@ -137,9 +140,25 @@ def test_calibrate_runs_msad_on_wan_t2v_and_refuses_it_for_i2v(pack, rng):
     assert float((got.float() - ref).norm() / ref.norm()) <= TOL[8]
 
     i2v = comfy.sd.load_diffusion_model_state_dict(random_sd("wan-test-i2v", rng), model_options={"dtype": torch.float32})
-    with pytest.raises(ValueError, match="method 'msad' is not available for Wan 2.1 I2V yet.*set method to rtn"):
-        _calibrate(nodes, i2v, "msad", "wan-i2v-msad", rng)
-    assert not (models / "quantsparse" / "wan-i2v-msad.safetensors").exists()
+    mask = torch.ones(1, 1, 2, 8, 8)  # at the latent's size, as WanImageToVideo makes it
+    mask[:, :, :1] = 0  # the first frame is the given image (WanImageToVideo's concat_mask)
+    extras = {"concat_latent_image": torch.randn(1, 16, 2, 8, 8, generator=rng), "concat_mask": mask,
+              "clip_vision_output": types.SimpleNamespace(penultimate_hidden_states=torch.randn(1, 257, 1280, generator=rng))}
+    cond = [[torch.randn(1, 7, 4096, generator=rng), extras]]
+    latent = torch.zeros(1, 16, 2, 8, 8)
+    wc = model_nodes.wan_conditioning(i2v, cond, latent)
+    assert wc.clip_fea.shape == (1, 257, 1280) and wc.concat.shape == (1, 20, 2, 8, 8)
+    assert torch.equal(wc.concat[:, :4, 0], torch.ones(1, 4, 8, 8))  # ComfyUI inverts the mask: 1 = given frame
+    with torch.inference_mode():
+        nodes["QuantSparseCalibrate"].execute(
+            model=i2v, positive=cond, latent={"samples": latent}, weight_bits="4", activation_bits="8", method="msad",
+            samples=2, steps=2, epochs=1, lambda_global=1.0, lambda_local=1.0, pool_stride=16, salient_tokens=16,
+            seed=0, output_name="wan-i2v-msad")
+    core, header = load_compressed(models / "quantsparse" / "wan-i2v-msad.safetensors")
+    assert core.config.variant == "Wan 2.1 I2V" and len(header["calibration"]["final_losses"]) == 2
+    no_clip = [[cond[0][0], {k: v for k, v in extras.items() if k != "clip_vision_output"}]]
+    with pytest.raises(ValueError, match="needs CLIP image tokens"):
+        model_nodes.wan_conditioning(i2v, no_clip, latent)
 
 
 def test_calibrate_a_wan22_expert_on_its_own_steps(pack, rng):

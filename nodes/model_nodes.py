@@ -23,7 +23,8 @@ from quantsparse_core.models.family import family_of
 
 from .comfy_ops import SUBFOLDER, load_compressed_patcher
 from .fused_blocks import apply_fused_blocks
-from .model_family import COMPRESS, FROM_CONFIG, FUSED, LOAD, RTN_ONLY, T2V_SOURCE, WAN, classify, require_supported
+from .model_family import (COMPRESS, FROM_CONFIG, FUSED, I2V, LOAD, RTN_ONLY, T2V, T2V_SOURCE, WAN, classify,
+                           require_supported)
 from .sparse_patch import add_text_mask_batching
 
 CATEGORY = "QuantSparse"
@@ -113,6 +114,24 @@ def sampling_shift(model) -> float:
     sampling = model.get_model_object("model_sampling") if hasattr(model, "get_model_object") else None
     shift = getattr(sampling, "shift", None)
     return float(shift) if isinstance(shift, (int, float)) and shift > 0 else 8.0
+
+
+def hunyuan_image_channels(model, positive, latent: torch.Tensor) -> torch.Tensor:
+    """HunyuanVideo 1.0 I2V's image latent + mask channels [1, 17, T, H, W] for a latent of `latent`'s shape,
+    made by ComfyUI's own HunyuanVideoI2V.concat_cond from what HunyuanImageToVideo ("v1 (concat)") set."""
+    extra = dict(positive[0][1])
+    if "guiding_frame_index" in extra:
+        raise ValueError("QuantSparse Calibrate: HunyuanImageToVideo's 'v2 (replace)' guidance writes the image into "
+                         "the latent's first frame, which calibration trajectories (from pure noise) cannot "
+                         "reproduce: calibrate with guidance_type 'v1 (concat)', or use method rtn")
+    if extra.get("concat_latent_image") is None:
+        raise ValueError("QuantSparse Calibrate: this HunyuanVideo 1.0 I2V MODEL needs its start image: feed the "
+                         "prompt through HunyuanImageToVideo (guidance_type 'v1 (concat)') with a start_image")
+    for key in ("noise", "device"):
+        extra.pop(key, None)
+    conds = model.model.extra_conds(noise=torch.zeros_like(latent[:1], dtype=torch.float32),
+                                    device=torch.device("cpu"), **extra)
+    return conds["c_concat"].cond[:1].float().cpu().clone()
 
 
 def wan_conditioning(model, positive, latent: torch.Tensor) -> WanConditioning:
@@ -245,10 +264,10 @@ class Calibrate(io.ComfyNode):
                         "An interrupted calibration resumes from its last finished block.",
             inputs=[
                 io.Model.Input("model", tooltip="The full-precision MODEL to compress (LoRAs applied to it are baked "
-                                                "in): HunyuanVideo 1.0 T2V or Wan 2.1 / 2.2 T2V and I2V (prompt "
-                                                "through WanImageToVideo) with any method; HunyuanVideo 1.0 I2V, 1.5 "
-                                                "and Wan TI2V 5B with method rtn (prompt and latent unused); other "
-                                                "models are refused"),
+                                                "in): HunyuanVideo 1.0 T2V / I2V (prompt through HunyuanImageToVideo "
+                                                "'v1 (concat)') or Wan 2.1 / 2.2 T2V / I2V (prompt through "
+                                                "WanImageToVideo) with any method; HunyuanVideo 1.5 and Wan TI2V 5B "
+                                                "with method rtn (prompt and latent unused); other models are refused"),
                 io.Conditioning.Input("positive", tooltip="A typical prompt: calibration data are sampling "
                                                           "trajectories of this prompt"),
                 io.Latent.Input("latent", tooltip="An empty latent of the size you will generate at "
@@ -311,7 +330,7 @@ class Calibrate(io.ComfyNode):
         if variant not in WAN and (other_expert is not None or expert_role != EXPERT_ROLES[0]):
             raise ValueError(f"expert_role and other_expert are for Wan 2.2's two experts; this MODEL is {variant}: "
                              "set expert_role to 'whole trajectory' and disconnect other_expert")
-        if variant in RTN_ONLY:
+        if variant in RTN_ONLY or (method == "rtn" and variant != T2V):  # rtn needs no data: one linear at a time
             return cls.round_to_nearest(model, out, int(weight_bits), int(activation_bits), method)
         settings = CalibSettings(method=method, w_bits=int(weight_bits), a_bits=int(activation_bits), epochs=epochs,
                                  lambda_g=lambda_global, lambda_l=lambda_local, stride=pool_stride,
@@ -322,6 +341,8 @@ class Calibrate(io.ComfyNode):
         with torch.inference_mode(False), torch.enable_grad():
             wan = variant in WAN
             cond = wan_conditioning(model, positive, lat) if wan else conditioning_tensors(positive)
+            if variant == I2V:
+                cond.concat = hunyuan_image_channels(model, positive, lat)
             # ComfyUI keeps the weights (offloaded to the CPU once its models are unloaded); calibration
             # copies one block at a time to the GPU and never holds a float32 copy of the model.
             comfy.model_management.unload_all_models()

@@ -103,8 +103,8 @@ def test_t2v_and_i2v_are_told_apart_and_i2v_is_sparse_only(pack, rng):
     assert family.classify(tiny) == "HunyuanVideo 1.0 T2V"
     i2v = comfy_model(rng, **I2V[0])
     assert type(i2v.model).__name__ == I2V[1] and family.classify(i2v) == "HunyuanVideo 1.0 I2V"
-    with pytest.raises(ValueError, match=r"QuantSparse Calibrate: method 'msad' is not available for HunyuanVideo "
-                                         r"1\.0 I2V yet .*set method to rtn"):  # rtn: tests/test_comfy_variant_checkpoints.py
+    with pytest.raises(ValueError, match=r"QuantSparse Calibrate: this HunyuanVideo 1\.0 I2V MODEL needs its start "
+                                         r"image: feed the prompt through HunyuanImageToVideo"):  # MSAD with one: test_comfy_variant_checkpoints
         nodes["QuantSparseCalibrate"].execute(
             model=i2v, positive=_cond(rng), latent={"samples": torch.zeros(1, 16, 2, 8, 8)}, weight_bits="4",
             activation_bits="8", method="msad", samples=1, steps=2, epochs=1, lambda_global=1.0, lambda_local=1.0,

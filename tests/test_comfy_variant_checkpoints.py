@@ -110,8 +110,8 @@ def test_compressed_variant_loads_as_comfyuis_model_and_equals_the_core(pack, rn
 
 def test_calibrate_writes_i2v_and_15_round_to_nearest_and_refuses_msad(pack, rng, tmp_path):
     """QuantSparse Calibrate on a full-precision I2V / 1.5 MODEL: method rtn writes the same file as
-    quantsparse_core's compress_rtn of those weights (loading as the same variant); MSAD (1.0 T2V conditioning
-    only) is refused naming the fix, and writes nothing."""
+    quantsparse_core's compress_rtn of those weights (loading as the same variant); MSAD is refused naming the fix
+    (1.5: byT5 / vision tokens not captured; I2V: without its start image), and writes nothing."""
     import re
 
     import comfy.sd
@@ -131,8 +131,9 @@ def test_calibrate_writes_i2v_and_15_round_to_nearest_and_refuses_msad(pack, rng
                     model=full, positive=cond, latent={"samples": torch.zeros(1, 16, 2, 8, 8)}, weight_bits="4",
                     activation_bits="8", method=method, samples=1, steps=2, epochs=1, lambda_global=1.0,
                     lambda_local=1.0, pool_stride=16, salient_tokens=16, seed=0, output_name=name).result[0]
-        with pytest.raises(ValueError, match=f"method 'msad' is not available for {re.escape(variant)} yet.*"
-                                             "set method to rtn"):
+        refusal = ("needs its start image: feed the prompt through HunyuanImageToVideo" if preset == "test-i2v" else
+                   f"method 'msad' is not available for {re.escape(variant)} yet.*set method to rtn")
+        with pytest.raises(ValueError, match=refusal):  # I2V without an image; 1.5 at all (byT5 not captured)
             calibrate("msad", f"refused-{preset}")
         assert not (models / "quantsparse" / f"refused-{preset}.safetensors").exists()
         out = calibrate("rtn", f"rtn-{preset}")
@@ -184,3 +185,37 @@ def test_t2v_checkpoint_still_loads_fused(pack, rng):
     patcher = _load(nodes, name)
     assert type(patcher.model).__name__ == "HunyuanVideo" and family.classify(patcher) == "HunyuanVideo 1.0 T2V"
     assert fused.is_fused(patcher)
+
+
+def test_calibrate_runs_msad_on_i2v_with_its_start_image(pack, rng):
+    """HunyuanVideo 1.0 I2V with HunyuanImageToVideo's 'v1 (concat)' conditioning: the node takes the image
+    latent + mask channels from ComfyUI's own concat_cond and calibrates streamed MSAD; 'v2 (replace)' is refused."""
+    import comfy.sd
+    nodes, models, family, _ = pack
+    model_nodes = importlib.import_module(f"{PACK}.nodes.model_nodes")
+    sd = {k: v.to(torch.bfloat16) for k, v in random_model(get_preset("test-i2v"), rng).state_dict().items()}
+    full = comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options={"dtype": torch.float32})
+    image = torch.randn(1, 16, 1, 8, 8, generator=rng)  # a start image's latent (one latent frame)
+    mask = torch.ones(1, 1, 2, 8, 8)
+    mask[:, :, :1] = 0
+    extras = {"pooled_output": torch.randn(1, 768, generator=rng), "concat_latent_image": image, "concat_mask": mask}
+    cond = [[torch.randn(1, 7, 32, generator=rng), extras]]
+    latent = torch.zeros(1, 16, 2, 8, 8)
+    channels = model_nodes.hunyuan_image_channels(full, cond, latent)
+    assert channels.shape == (1, 17, 2, 8, 8) and torch.isfinite(channels).all() and channels.abs().max() > 0
+
+    def calibrate(c, name):
+        with torch.inference_mode():
+            return nodes["QuantSparseCalibrate"].execute(
+                model=full, positive=c, latent={"samples": latent}, weight_bits="4", activation_bits="8",
+                method="msad", samples=2, steps=2, epochs=1, lambda_global=1.0, lambda_local=1.0, pool_stride=16,
+                salient_tokens=16, seed=0, output_name=name).result[0]
+    out = calibrate(cond, "i2v-msad")
+    assert family.classify(out) == "HunyuanVideo 1.0 I2V"
+    core, header = load_compressed(models / "quantsparse" / "i2v-msad.safetensors")
+    assert core.config.variant == "HunyuanVideo 1.0 I2V" and header["calibration"]["settings"]["method"] == "msad"
+    assert len(header["calibration"]["final_losses"]) == 2
+    replace = [[cond[0][0], {"pooled_output": extras["pooled_output"], "guiding_frame_index": 0}]]
+    with pytest.raises(ValueError, match="'v2 \\(replace\\)' guidance"):
+        calibrate(replace, "i2v-refused")
+    assert not (models / "quantsparse" / "i2v-refused.safetensors").exists()

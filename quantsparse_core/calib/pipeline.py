@@ -32,11 +32,19 @@ SAMPLES_PER_TRAJECTORY = 4  # calibration samples taken from each sampling run
 @dataclass
 class Conditioning:
     """One prompt as the DiT consumes it: context [1, Lt, C], pooled [1, 768] or None, text mask
-    [1, Lt] (1 = real token) or None, embedded guidance."""
+    [1, Lt] (1 = real token) or None, embedded guidance; concat: HunyuanVideo 1.0 I2V's image latent + mask
+    channels [1, 17, T, H, W], appended to the noisy latent at every call (None for text-to-video)."""
     context: torch.Tensor
     pooled: Optional[torch.Tensor]
     mask: Optional[torch.Tensor]
     guidance: float = 6.0
+    concat: Optional[torch.Tensor] = None
+
+
+def model_latent_shape(cond: Conditioning, latent_shape) -> tuple:
+    """The latent [C, T, H, W] the DiT reads: the noisy latent's, plus I2V's concatenated channels."""
+    shape = tuple(latent_shape)[-4:]
+    return shape if cond.concat is None else (shape[0] + cond.concat.shape[1], *shape[1:])
 
 
 def state_dict_hash(sd: dict) -> str:
@@ -78,7 +86,7 @@ def capture_conditioned(model, cond: Conditioning, latent_shape, n_samples: int 
     """Block inputs at `n_samples` steps spread over the whole schedule, from trajectories of the
     user's prompt with seeds seed, seed+1, ... (per_trajectory captured steps each).
     on_step(trajectory, n_trajectories, step) reports progress (and may raise to stop)."""
-    check_calibration_latent(model, latent_shape)
+    check_calibration_latent(model, model_latent_shape(cond, latent_shape))
     if n_samples < 1 or steps < 1 or per_trajectory < 1:
         raise ValueError("samples, steps and samples per trajectory must all be at least 1")
     run = trajectory_runner(model, cond, latent_shape, steps, seed, n_trajectories(n_samples, per_trajectory), on_step)
@@ -106,10 +114,10 @@ def compress(sd: dict, cond: Conditioning, latent_shape, out_path, settings: Cal
     check_memory(sd, device)
     source_hash = state_dict_hash(sd)
     model = dit_from_state_dict(sd, device=device)
-    check_calibration_latent(model, latent_shape)
+    check_calibration_latent(model, model_latent_shape(cond, latent_shape))
     data = {"n_samples": n_samples, "steps": steps, "seed": seed, "latent": list(latent_shape[-4:]),
             "prompt": state_dict_hash({k: v for k, v in (("context", cond.context), ("pooled", cond.pooled),
-                                                         ("mask", cond.mask)) if v is not None}),
+                                                         ("mask", cond.mask), ("concat", cond.concat)) if v is not None}),
             "guidance": cond.guidance}
     partial = resume_folder(out_path, source_hash, settings, data)
     # Block inputs go to host memory as they are captured; then the model leaves the accelerator and

@@ -75,9 +75,9 @@ def _check_cond(source, cond, schedule) -> None:
 
 
 def model_latent(source, cond, latent_shape) -> tuple:
-    """The latent shape the model reads: Wan I2V's concatenated channels added to the noisy latent's."""
+    """The latent shape the model reads: image-to-video's concatenated channels added to the noisy latent's."""
     shape = tuple(latent_shape)[-4:]
-    if source.family is WAN and getattr(cond, "concat", None) is not None:
+    if getattr(cond, "concat", None) is not None:
         shape = (shape[0] + cond.concat.shape[1], *shape[1:])
     return shape
 
@@ -98,7 +98,8 @@ def job_data(cond, latent_shape, n_samples, steps, seed, source=None, schedule=N
         return data
     return {"n_samples": n_samples, "steps": steps, "seed": seed, "latent": list(latent_shape[-4:]),
             "prompt": state_dict_hash({k: v for k, v in (("context", cond.context), ("pooled", cond.pooled),
-                                                         ("mask", cond.mask)) if v is not None}),
+                                                         ("mask", cond.mask), ("concat", cond.concat))
+                                       if v is not None}),
             "guidance": cond.guidance}
 
 

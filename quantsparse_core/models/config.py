@@ -150,12 +150,13 @@ def _count_blocks(keys, prefix: str) -> int:
 
 
 def require_calibratable(config: DiTConfig) -> DiTConfig:
-    """Calibration captures and trains with the 1.0 text-to-video conditioning only (16-channel latent,
-    no image or glyph tokens): other variants run in our DiT but cannot be compressed yet."""
-    if config.variant != T2V:
-        raise ValueError(f"this is {config.variant}; QuantSparse calibrates HunyuanVideo 1.0 text-to-video "
-                         "transformers only so far: load a HunyuanVideo 1.0 T2V checkpoint "
-                         "(e.g. hunyuan_video_t2v_720p_bf16.safetensors)")
+    """Calibration captures and trains with HunyuanVideo 1.0's conditioning: text (T2V), plus the image latent
+    and mask channels appended to the latent (I2V, calib.pipeline.Conditioning.concat). 1.5's byT5 / image
+    tokens are not captured: that model runs in our DiT but cannot be calibrated yet."""
+    if config.variant not in (T2V, I2V):
+        raise ValueError(f"this is {config.variant}; QuantSparse calibrates HunyuanVideo 1.0 text-to-video and "
+                         "image-to-video transformers only so far: load a HunyuanVideo 1.0 checkpoint "
+                         "(e.g. hunyuan_video_t2v_720p_bf16.safetensors), or compress this one round-to-nearest")
     return config
 
 

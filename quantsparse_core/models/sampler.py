@@ -35,8 +35,10 @@ def initial_noise(shape, seed: int, device="cpu", dtype=torch.float32) -> torch.
 @torch.no_grad()
 def sample_euler(model, noise: torch.Tensor, context: torch.Tensor, pooled: Optional[torch.Tensor],
                  sigmas: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, guidance: float = 6.0,
-                 on_step: Optional[Callable[[StepInfo], None]] = None) -> torch.Tensor:
-    """Integrate from pure noise (sigma = sigmas[0]) to sigmas[-1]; returns the final latent."""
+                 on_step: Optional[Callable[[StepInfo], None]] = None,
+                 concat: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Integrate from pure noise (sigma = sigmas[0]) to sigmas[-1]; returns the final latent. concat: an
+    image-to-video model's image latent + mask channels, appended to the noisy latent at every call."""
     b = noise.shape[0]
     x = noise * sigmas[0]
     dev, dt = noise.device, noise.dtype
@@ -47,7 +49,8 @@ def sample_euler(model, noise: torch.Tensor, context: torch.Tensor, pooled: Opti
             on_step(step)
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
         t = torch.full((b,), s * 1000.0, device=dev, dtype=dt)
-        v = model(x, t, context, pooled, guidance=g, attention_mask=attention_mask, step=step)
+        inp = x if concat is None else torch.cat([x, concat.to(dev, dt).expand(b, -1, -1, -1, -1)], 1)
+        v = model(inp, t, context, pooled, guidance=g, attention_mask=attention_mask, step=step)
         x = x + (s_next - s) * v
     return x
 

@@ -33,10 +33,10 @@ IMAGE21_REFINER = "HunyuanImage 2.1 refiner"
 # compressed Wan checkpoint loads as ComfyUI's WanModel; calibration and fused blocks are HunyuanVideo's.
 WAN = (WAN_T2V, WAN21_I2V, WAN22_I2V, WAN22_TI2V)
 # QuantSparse Calibrate: every method (MSAD, streamed block by block) where the calibration captures the whole
-# conditioning; the others round-to-nearest only (method rtn, one linear at a time): 1.5's byT5 / vision tokens
-# and TI2V's per-frame timesteps are not captured yet.
-COMPRESS = (T2V, I2V, WAN_T2V, WAN21_I2V, WAN22_I2V)  # I2V: image channels (and CLIP tokens) from ComfyUI's conds
-RTN_ONLY = (V15, WAN22_TI2V)
+# conditioning; the others round-to-nearest only (method rtn, one linear at a time): TI2V's per-frame timesteps
+# are not captured yet.
+COMPRESS = (T2V, I2V, V15, WAN_T2V, WAN21_I2V, WAN22_I2V)  # image channels / byT5 / CLIP tokens: ComfyUI's conds
+RTN_ONLY = (WAN22_TI2V,)
 SPARSE = (T2V, I2V, *WAN, V15)
 FUSED = (T2V, I2V)
 LOAD = (T2V, I2V, V15, *WAN)

@@ -23,8 +23,8 @@ from quantsparse_core.models.family import family_of
 
 from .comfy_ops import SUBFOLDER, load_compressed_patcher
 from .fused_blocks import apply_fused_blocks
-from .model_family import (COMPRESS, FROM_CONFIG, FUSED, I2V, LOAD, RTN_ONLY, T2V, T2V_SOURCE, WAN, classify,
-                           require_supported)
+from .model_family import (COMPRESS, FROM_CONFIG, FUSED, I2V, LOAD, RTN_ONLY, T2V, T2V_SOURCE, V15, WAN,
+                           classify, require_supported)
 from .sparse_patch import add_text_mask_batching
 
 CATEGORY = "QuantSparse"
@@ -132,6 +132,22 @@ def hunyuan_image_channels(model, positive, latent: torch.Tensor) -> torch.Tenso
     conds = model.model.extra_conds(noise=torch.zeros_like(latent[:1], dtype=torch.float32),
                                     device=torch.device("cpu"), **extra)
     return conds["c_concat"].cond[:1].float().cpu().clone()
+
+
+def hunyuan15_inputs(model, positive, latent: torch.Tensor):
+    """HunyuanVideo 1.5's inputs besides the text, made by ComfyUI's own HunyuanVideo15 conds for a latent of
+    `latent`'s shape: (image latent + mask channels [1, 33, T, H, W] (zeros for text-to-video), {"txt_byt5": the
+    glyph byT5 tokens, "clip_fea": the image tokens} where the conditioning has them)."""
+    if latent.shape[1] != 32:
+        raise ValueError(f"QuantSparse Calibrate: HunyuanVideo 1.5 takes its own 32-channel latent, got {latent.shape[1]} "
+                         "channels: connect EmptyHunyuanVideo15Latent (or HunyuanVideo15ImageToVideo's latent)")
+    extra = dict(positive[0][1])
+    for key in ("noise", "device", "cross_attn"):
+        extra.pop(key, None)
+    conds = model.model.extra_conds(noise=torch.zeros_like(latent[:1], dtype=torch.float32),
+                                    device=torch.device("cpu"), **extra)
+    tokens = {name: conds[name].cond[:1].float().cpu().clone() for name in ("txt_byt5", "clip_fea") if name in conds}
+    return conds["c_concat"].cond[:1].float().cpu().clone(), tokens or None
 
 
 def wan_conditioning(model, positive, latent: torch.Tensor) -> WanConditioning:
@@ -343,6 +359,8 @@ class Calibrate(io.ComfyNode):
             cond = wan_conditioning(model, positive, lat) if wan else conditioning_tensors(positive)
             if variant == I2V:
                 cond.concat = hunyuan_image_channels(model, positive, lat)
+            elif variant == V15:
+                cond.concat, cond.tokens = hunyuan15_inputs(model, positive, lat)
             # ComfyUI keeps the weights (offloaded to the CPU once its models are unloaded); calibration
             # copies one block at a time to the GPU and never holds a float32 copy of the model.
             comfy.model_management.unload_all_models()

@@ -243,7 +243,7 @@ def test_sparse_nodes_still_refuse_super_resolution_and_skyreels(rng, variant):
         assert "HunyuanVideo 1.0 I2V" in msg and "HunyuanVideo 1.5 T2V/I2V" in msg, msg
 
 
-def test_15_gets_no_fused_blocks_and_calibrate_refuses_msad_for_it(rng):
+def test_15_gets_no_fused_blocks_and_calibrate_refuses_a_distilled_15(rng):
     sp = _sp()
     nodes = load_pack()
     fused = importlib.import_module(f"{PACK}.nodes.fused_blocks")
@@ -251,10 +251,11 @@ def test_15_gets_no_fused_blocks_and_calibrate_refuses_msad_for_it(rng):
     with pytest.raises(ValueError, match=r"^QuantSparse fused blocks does not support this MODEL: it is HunyuanVideo "
                                          r"1\.5 T2V/I2V \(ComfyUI model class HunyuanVideo15\)"):
         fused.apply_fused_blocks(model)
-    with pytest.raises(ValueError, match=r"^QuantSparse Calibrate: method 'msad' is not available for HunyuanVideo "
-                                         r"1\.5 T2V/I2V yet"):  # rtn: tests/test_comfy_variant_checkpoints.py
+    distilled = _patcher(_random_core(rng, dataclasses.replace(CONFIG, meanflow=True)).state_dict())  # MSAD on 1.5: see
+    # test_comfy_variant_checkpoints
+    with pytest.raises(ValueError, match=r"HunyuanVideo 1\.5 \(meanflow-distilled\).*round-to-nearest"):
         nodes["QuantSparseCalibrate"].execute(
-            model=model, positive=_cond(rng), latent=_latent(), weight_bits="4", activation_bits="8", method="msad",
+            model=distilled, positive=_cond(rng), latent=_latent(), weight_bits="4", activation_bits="8", method="msad",
             samples=1, steps=2, epochs=1, lambda_global=1.0, lambda_local=1.0, pool_stride=16, salient_tokens=16,
             seed=0, output_name="refused")
     patched = sp.apply_sparse(model, SETTINGS, fused=False)

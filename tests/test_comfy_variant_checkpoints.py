@@ -110,8 +110,8 @@ def test_compressed_variant_loads_as_comfyuis_model_and_equals_the_core(pack, rn
 
 def test_calibrate_writes_i2v_and_15_round_to_nearest_and_refuses_msad(pack, rng, tmp_path):
     """QuantSparse Calibrate on a full-precision I2V / 1.5 MODEL: method rtn writes the same file as
-    quantsparse_core's compress_rtn of those weights (loading as the same variant); MSAD is refused naming the fix
-    (1.5: byT5 / vision tokens not captured; I2V: without its start image), and writes nothing."""
+    quantsparse_core's compress_rtn of those weights (loading as the same variant); MSAD runs on 1.5 (byT5 tokens
+    and image channels from ComfyUI's conds) and is refused for I2V without its start image, naming the fix."""
     import re
 
     import comfy.sd
@@ -125,17 +125,23 @@ def test_calibrate_writes_i2v_and_15_round_to_nearest_and_refuses_msad(pack, rng
         assert family.classify(full) == variant
         cond = [[torch.randn(1, 7, 32, generator=rng), {"pooled_output": torch.randn(1, 768, generator=rng)}]]
 
+        channels = 32 if preset == "test-1.5" else 16  # EmptyHunyuanVideo15Latent / EmptyHunyuanLatentVideo
+
         def calibrate(method, name):
             with torch.inference_mode():
                 return nodes["QuantSparseCalibrate"].execute(
-                    model=full, positive=cond, latent={"samples": torch.zeros(1, 16, 2, 8, 8)}, weight_bits="4",
+                    model=full, positive=cond, latent={"samples": torch.zeros(1, channels, 2, 8, 8)}, weight_bits="4",
                     activation_bits="8", method=method, samples=1, steps=2, epochs=1, lambda_global=1.0,
                     lambda_local=1.0, pool_stride=16, salient_tokens=16, seed=0, output_name=name).result[0]
-        refusal = ("needs its start image: feed the prompt through HunyuanImageToVideo" if preset == "test-i2v" else
-                   f"method 'msad' is not available for {re.escape(variant)} yet.*set method to rtn")
-        with pytest.raises(ValueError, match=refusal):  # I2V without an image; 1.5 at all (byT5 not captured)
-            calibrate("msad", f"refused-{preset}")
-        assert not (models / "quantsparse" / f"refused-{preset}.safetensors").exists()
+        if preset == "test-i2v":  # MSAD needs the start image (test_calibrate_runs_msad_on_i2v_with_its_start_image)
+            with pytest.raises(ValueError, match="needs its start image: feed the prompt through HunyuanImageToVideo"):
+                calibrate("msad", f"refused-{preset}")
+            assert not (models / "quantsparse" / f"refused-{preset}.safetensors").exists()
+        else:  # 1.5: MSAD on ComfyUI's own 1.5 conds (image channels zero for text-to-video, byT5 tokens given)
+            cond[0][1]["conditioning_byt5small"] = torch.randn(1, 3, 1472, generator=rng)
+            out = calibrate("msad", f"msad-{preset}")
+            core, header = load_compressed(models / "quantsparse" / f"msad-{preset}.safetensors")
+            assert core.config.variant == "HunyuanVideo 1.5" and header["calibration"]["settings"]["method"] == "msad"
         out = calibrate("rtn", f"rtn-{preset}")
         assert type(out.model).__name__ == comfy_class and family.classify(out) == variant
         written = load_file(str(models / "quantsparse" / f"rtn-{preset}.safetensors"))

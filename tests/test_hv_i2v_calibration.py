@@ -60,3 +60,24 @@ def test_i2v_without_its_image_channels_is_refused_with_the_fix(rng, tmp_path):
         compress_streaming(StateDictSource(i2v_weights(rng)), cond(rng, concat=False), LATENT,
                            tmp_path / "x.safetensors", CalibSettings(method="rtn"), n_samples=1, steps=2)
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_streamed_15_calibration_feeds_byt5_and_image_tokens(rng, tmp_path):
+    """HunyuanVideo 1.5: the byT5 and image tokens (Conditioning.tokens) and the 33 image + mask channels reach
+    every trajectory call; the file loads as the 1.5 model and the tokens identify the job."""
+    m = HunyuanVideoDiT(get_preset("test-1.5"))
+    sd = {k: (torch.randn(v.shape, generator=rng) * 0.05).to(torch.bfloat16) for k, v in m.state_dict().items()}
+    tokens = {"txt_byt5": torch.randn(1, 3, 1472, generator=rng), "clip_fea": torch.randn(1, 4, 1152, generator=rng)}
+    c = Conditioning(torch.randn(1, 7, 32, generator=rng), None, None, 6.0,
+                     torch.randn(1, 33, 2, 8, 8, generator=rng), tokens)
+    seen = []
+    m.register_forward_hook(lambda mod, args, kwargs, out: seen.append((args[0].shape, set(kwargs))), with_kwargs=True)
+    trajectory_runner(m, c, (32, 2, 8, 8), steps=2, seed=0, n_traj=1)(0, lambda step: None)
+    assert [s for s, _ in seen] == [(1, 65, 2, 8, 8)] * 2 and all({"txt_byt5", "clip_fea"} <= k for _, k in seen)
+    out = tmp_path / "v15.safetensors"
+    compress_streaming(StateDictSource(sd), c, (32, 2, 8, 8), out, CalibSettings(method="msad", epochs=1, stride=16,
+                       top_k=16), n_samples=2, steps=3, seed=0)
+    model, header = load_compressed(out)
+    assert model.config.variant == "HunyuanVideo 1.5" and len(header["calibration"]["final_losses"]) == 2
+    other = Conditioning(c.context, None, None, 6.0, c.concat, {"txt_byt5": tokens["txt_byt5"]})
+    assert job_data(c, (32, 2, 8, 8), 2, 3, 0)["prompt"] != job_data(other, (32, 2, 8, 8), 2, 3, 0)["prompt"]

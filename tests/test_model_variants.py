@@ -202,17 +202,16 @@ def test_bad_inputs_are_refused_with_a_fix(rng):
         dataclasses.replace(get_preset("test-1.5"), cond_type_embedding=False)
 
 
-@pytest.mark.parametrize("name", ["test-1.5"])
-def test_calibration_refuses_variants_it_cannot_condition(name):
-    """Calibration captures 1.0's conditioning only (text; I2V's image channels), so 1.5 (byT5 / image tokens)
-    is refused up front (in-memory and streaming paths), naming the variant and what to do instead; 1.0 T2V and
-    I2V are accepted."""
+def test_calibration_refuses_variants_it_cannot_condition():
+    """Calibration captures text, image channels (Conditioning.concat) and 1.5's byT5 / image tokens
+    (Conditioning.tokens), not a distilled 1.5 model's second timestep: that one is refused up front (in-memory
+    and streaming paths), naming it and what to do instead; 1.0 T2V, 1.0 I2V and 1.5 are accepted."""
     from quantsparse_core.calib.block_source import StateDictSource
     from quantsparse_core.calib.pipeline import dit_from_state_dict
     torch.manual_seed(0)
-    sd = HunyuanVideoDiT(get_preset(name)).state_dict()
+    sd = HunyuanVideoDiT(dataclasses.replace(get_preset("test-1.5"), meanflow=True)).state_dict()
     for build in (dit_from_state_dict, StateDictSource):
-        with pytest.raises(ValueError, match=f"{VARIANTS[name]}.*1.0 checkpoint.*round-to-nearest"):
+        with pytest.raises(ValueError, match=r"HunyuanVideo 1\.5 \(meanflow-distilled\).*round-to-nearest"):
             build(sd)
-    for ok in ("test", "test-i2v"):
+    for ok in ("test", "test-i2v", "test-1.5"):
         assert StateDictSource(HunyuanVideoDiT(get_preset(ok)).state_dict()).config == get_preset(ok)

@@ -32,13 +32,16 @@ SAMPLES_PER_TRAJECTORY = 4  # calibration samples taken from each sampling run
 @dataclass
 class Conditioning:
     """One prompt as the DiT consumes it: context [1, Lt, C], pooled [1, 768] or None, text mask
-    [1, Lt] (1 = real token) or None, embedded guidance; concat: HunyuanVideo 1.0 I2V's image latent + mask
-    channels [1, 17, T, H, W], appended to the noisy latent at every call (None for text-to-video)."""
+    [1, Lt] (1 = real token) or None, embedded guidance; concat: the image latent + mask channels appended to
+    the noisy latent at every call (1.0 I2V: [1, 17, T, H, W]; 1.5: [1, 33, T, H, W]; None for 1.0 T2V);
+    tokens: HunyuanVideo 1.5's other token inputs as the DiT takes them ({"txt_byt5": [1, Lb, 1472],
+    "clip_fea": [1, Lv, 1152]}, each optional)."""
     context: torch.Tensor
     pooled: Optional[torch.Tensor]
     mask: Optional[torch.Tensor]
     guidance: float = 6.0
     concat: Optional[torch.Tensor] = None
+    tokens: Optional[dict] = None
 
 
 def model_latent_shape(cond: Conditioning, latent_shape) -> tuple:
@@ -117,7 +120,8 @@ def compress(sd: dict, cond: Conditioning, latent_shape, out_path, settings: Cal
     check_calibration_latent(model, model_latent_shape(cond, latent_shape))
     data = {"n_samples": n_samples, "steps": steps, "seed": seed, "latent": list(latent_shape[-4:]),
             "prompt": state_dict_hash({k: v for k, v in (("context", cond.context), ("pooled", cond.pooled),
-                                                         ("mask", cond.mask), ("concat", cond.concat)) if v is not None}),
+                                                         ("mask", cond.mask), ("concat", cond.concat),
+                                                         *sorted((cond.tokens or {}).items())) if v is not None}),
             "guidance": cond.guidance}
     partial = resume_folder(out_path, source_hash, settings, data)
     # Block inputs go to host memory as they are captured; then the model leaves the accelerator and

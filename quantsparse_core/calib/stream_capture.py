@@ -195,7 +195,8 @@ def trajectory_runner(model, cond, latent_shape, steps: int, seed: int, n_traj: 
             if on_step is not None:
                 on_step(j, n_traj, step.index)
         return sample_euler(model, noise, ctx, pooled, flow_sigmas(steps), attention_mask=mask,
-                            guidance=cond.guidance, on_step=both, concat=getattr(cond, "concat", None))
+                            guidance=cond.guidance, on_step=both, concat=getattr(cond, "concat", None),
+                            tokens=getattr(cond, "tokens", None))
     return run
 
 

@@ -98,7 +98,8 @@ def job_data(cond, latent_shape, n_samples, steps, seed, source=None, schedule=N
         return data
     return {"n_samples": n_samples, "steps": steps, "seed": seed, "latent": list(latent_shape[-4:]),
             "prompt": state_dict_hash({k: v for k, v in (("context", cond.context), ("pooled", cond.pooled),
-                                                         ("mask", cond.mask), ("concat", cond.concat))
+                                                         ("mask", cond.mask), ("concat", cond.concat),
+                                                         *sorted((cond.tokens or {}).items()))
                                        if v is not None}),
             "guidance": cond.guidance}
 

@@ -150,13 +150,14 @@ def _count_blocks(keys, prefix: str) -> int:
 
 
 def require_calibratable(config: DiTConfig) -> DiTConfig:
-    """Calibration captures and trains with HunyuanVideo 1.0's conditioning: text (T2V), plus the image latent
-    and mask channels appended to the latent (I2V, calib.pipeline.Conditioning.concat). 1.5's byT5 / image
-    tokens are not captured: that model runs in our DiT but cannot be calibrated yet."""
-    if config.variant not in (T2V, I2V):
-        raise ValueError(f"this is {config.variant}; QuantSparse calibrates HunyuanVideo 1.0 text-to-video and "
-                         "image-to-video transformers only so far: load a HunyuanVideo 1.0 checkpoint "
-                         "(e.g. hunyuan_video_t2v_720p_bf16.safetensors), or compress this one round-to-nearest")
+    """Calibration captures and trains with the text conditioning, plus the image latent and mask channels
+    appended to the latent (1.0 I2V, 1.5: calib.pipeline.Conditioning.concat) and 1.5's byT5 / image tokens
+    (Conditioning.tokens). Not the distilled 1.5 models' second timestep (meanflow) nor the other variants."""
+    if config.variant not in (T2V, I2V, V15) or config.meanflow:
+        what = f"{config.variant} (meanflow-distilled)" if config.meanflow else config.variant
+        raise ValueError(f"this is {what}; QuantSparse calibrates HunyuanVideo 1.0 (T2V, I2V) and 1.5 transformers "
+                         "only so far: load a HunyuanVideo 1.0 checkpoint (e.g. hunyuan_video_t2v_720p_bf16.safetensors) "
+                         "or a 1.5 one, or compress this one round-to-nearest")
     return config
 
 

@@ -36,9 +36,10 @@ def initial_noise(shape, seed: int, device="cpu", dtype=torch.float32) -> torch.
 def sample_euler(model, noise: torch.Tensor, context: torch.Tensor, pooled: Optional[torch.Tensor],
                  sigmas: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, guidance: float = 6.0,
                  on_step: Optional[Callable[[StepInfo], None]] = None,
-                 concat: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 concat: Optional[torch.Tensor] = None, tokens: Optional[dict] = None) -> torch.Tensor:
     """Integrate from pure noise (sigma = sigmas[0]) to sigmas[-1]; returns the final latent. concat: an
-    image-to-video model's image latent + mask channels, appended to the noisy latent at every call."""
+    image-to-video model's image latent + mask channels, appended to the noisy latent at every call; tokens:
+    further token inputs of the model (HunyuanVideo 1.5: txt_byt5, clip_fea), the same at every call."""
     b = noise.shape[0]
     x = noise * sigmas[0]
     dev, dt = noise.device, noise.dtype
@@ -50,7 +51,8 @@ def sample_euler(model, noise: torch.Tensor, context: torch.Tensor, pooled: Opti
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
         t = torch.full((b,), s * 1000.0, device=dev, dtype=dt)
         inp = x if concat is None else torch.cat([x, concat.to(dev, dt).expand(b, -1, -1, -1, -1)], 1)
-        v = model(inp, t, context, pooled, guidance=g, attention_mask=attention_mask, step=step)
+        v = model(inp, t, context, pooled, guidance=g, attention_mask=attention_mask, step=step,
+                  **{k: v.to(dev, dt) for k, v in (tokens or {}).items()})
         x = x + (s_next - s) * v
     return x
 

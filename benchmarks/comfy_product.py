@@ -522,7 +522,7 @@ def run_sampling(cx, patcher, shape, cond, steps: int, last_step, seed: int, tim
     def callback(i, x0, x, total):
         timer.callback(i, x0, x, total)
         if last_step is not None and i + 1 >= last_step:
-            state["finite"] = bool(torch.isfinite(x).all())
+            state["finite"] = bool(torch.isfinite(x0).all())  # the model's prediction at the last timed step
             raise _StopSampling
 
     t0 = timer.now()

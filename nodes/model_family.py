@@ -30,7 +30,7 @@ IMAGE21_REFINER = "HunyuanImage 2.1 refiner"
 # sparse-patched too, but runs ComfyUI's blocks (the fused blocks are written for 1.0's). A
 # compressed checkpoint (RTN or calibrated) of 1.0 I2V or 1.5 loads as ComfyUI's own model for it.
 # Wan: every plain Wan transformer's self-attention covers the video tokens only (sparse patch), and a
-# compressed Wan checkpoint loads as ComfyUI's WanModel; calibration and fused blocks are HunyuanVideo's.
+# compressed Wan checkpoint loads as ComfyUI's WanModel; the fused blocks are HunyuanVideo 1.0's.
 WAN = (WAN_T2V, WAN21_I2V, WAN22_I2V, WAN22_TI2V)
 # QuantSparse Calibrate: every method (MSAD, streamed block by block) where the calibration captures the whole
 # conditioning; the others round-to-nearest only (method rtn, one linear at a time): TI2V's per-frame timesteps

@@ -71,15 +71,34 @@ def conditioning_tensors(positive) -> Conditioning:
                         None if mask is None else mask[:1].cpu().clone(), 6.0 if guidance is None else float(guidance))
 
 
+FLOAT8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+               if hasattr(torch, n))
+
+
 def _refuse_compressed(dm) -> None:
     if any(getattr(m, "quant", None) is not None for m in dm.modules()):
         raise ValueError("this MODEL is already QuantSparse-compressed; calibrate the full-precision model")
+    if any(k.endswith("comfy_quant") for k in dm.state_dict()):
+        raise ValueError("this MODEL holds ComfyUI-quantized weights (an fp8_scaled / int8 mixed-precision file), "
+                         "which QuantSparse cannot read back to full precision: load the bf16 or fp16 file of the "
+                         "same model (e.g. wan2.1_t2v_14B_bf16.safetensors) with weight_dtype default and calibrate that")
+
+
+def _readable(v: torch.Tensor, fp8_as=torch.bfloat16) -> torch.Tensor:
+    """fp8 weights (UNETLoader weight_dtype fp8_*) as `fp8_as` (bf16 on a GPU, float32 on a CPU): calibration and
+    rounding compute in float, and fp8 holds no more than bf16 does."""
+    return v.to(fp8_as) if v.dtype in FLOAT8 else v
+
+
+def _with_patch(patch, v: torch.Tensor, key: str, fp8_as=torch.bfloat16) -> torch.Tensor:
+    import comfy.lora
+    return comfy.lora.calculate_weight(patch, v.float().clone(), key).to(_readable(v, fp8_as).dtype)
 
 
 EXPERT_ROLES = ("whole trajectory", "high noise", "low noise")
 
 
-def wan_schedule(model, source, role: str, other_expert, boundary: float) -> WanSchedule:
+def wan_schedule(model, source, role: str, other_expert, boundary: float, fp8_as=torch.bfloat16) -> WanSchedule:
     """The Wan calibration schedule: the MODEL's sampling shift; for a Wan 2.2 expert, its sigma segment and
     the other expert running the remaining steps (refused where that expert is needed and missing)."""
     shift = sampling_shift(model)
@@ -96,7 +115,7 @@ def wan_schedule(model, source, role: str, other_expert, boundary: float) -> Wan
     other = None
     if other_expert is not None:
         require_supported(other_expert, "QuantSparse Calibrate (other_expert)", COMPRESS)
-        other = ComfyBlockSource(other_expert)
+        other = ComfyBlockSource(other_expert, fp8_as)
         if other.config != source.config:
             raise ValueError("other_expert is not the same architecture as this MODEL: connect the other Wan 2.2 "
                              "expert of the same model (high and low noise have identical shapes)")
@@ -179,15 +198,16 @@ class ComfyWeights(Mapping):
         dm = model.model.diffusion_model
         _refuse_compressed(dm)
         self.sd = dm.state_dict()
+        self.unpatched = self.sd  # for reading shapes (io/rtn.py) without computing a patched tensor
         self.patches = dict(model.patches)
 
     def __getitem__(self, key):
         v = self.sd[key]
         patch = self.patches.get(f"diffusion_model.{key}")
-        if patch is None:
-            return v
-        import comfy.lora
-        return comfy.lora.calculate_weight(patch, v.float().clone(), f"diffusion_model.{key}").to(v.dtype)
+        return _readable(v) if patch is None else _with_patch(patch, v, f"diffusion_model.{key}")
+
+    def __contains__(self, key):
+        return key in self.sd
 
     def __iter__(self):
         return iter(self.sd)
@@ -200,32 +220,40 @@ class ComfyBlockSource(StateDictSource):
     """The MODEL's weights where ComfyUI keeps them (on the CPU when offloaded), read one block at a time;
     LoRA / weight patches are applied to each block's copy as it is taken (comfy.lora.calculate_weight)."""
 
-    def __init__(self, model):
+    def __init__(self, model, fp8_as=torch.bfloat16):
         dm = model.model.diffusion_model
         _refuse_compressed(dm)
         super().__init__(dm.state_dict())
         self.patches = dict(model.patches)
+        self.fp8_as = fp8_as
 
     def _patched(self, prefix: str, tensors: dict) -> dict:
         if not self.patches:
             return tensors
-        import comfy.lora
         out = {}
         for k, v in tensors.items():
             key = f"diffusion_model.{prefix}{k}"
-            out[k] = v if key not in self.patches else \
-                comfy.lora.calculate_weight(self.patches[key], v.float().clone(), key).to(v.dtype)
+            out[k] = v if key not in self.patches else _with_patch(self.patches[key], v, key, self.fp8_as)
         return out
 
     def tensors(self, kind, idx) -> dict:
-        return self._patched(self.block_prefix(kind, idx), super().tensors(kind, idx))
+        block = self._patched(self.block_prefix(kind, idx), super().tensors(kind, idx))
+        return {k: _readable(v, self.fp8_as) for k, v in block.items()}
 
     def other_tensors(self) -> dict:
-        return self._patched("", super().other_tensors())
+        return {k: _readable(v, self.fp8_as) for k, v in self._patched("", super().other_tensors()).items()}
 
 
 def available_host_memory():
-    """Bytes of host memory available now (Linux), or None where it cannot be read."""
+    """Bytes of host memory available now (Linux MemAvailable: free pages plus reclaimable page cache, which after
+    ComfyUI read a 28 GB file is most of it), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
@@ -273,10 +301,9 @@ class Calibrate(io.ComfyNode):
         d = CalibSettings()
         return io.Schema(
             node_id="QuantSparseCalibrate", display_name="QuantSparse Calibrate", category=CATEGORY,
-            description="Quantize a HunyuanVideo or Wan text-to-video model block by block with MSAD calibration "
-                        "(the image-to-video and 1.5 models round-to-nearest, method rtn), save the compressed "
-                        "checkpoint to "
-                        "models/diffusion_models/quantsparse/, and return it as a MODEL. "
+            description="Quantize a HunyuanVideo (1.0, 1.5) or Wan 2.1 / 2.2 model block by block with MSAD "
+                        "calibration (Wan 2.2 TI2V 5B round-to-nearest only, method rtn), save the compressed "
+                        "checkpoint to models/diffusion_models/quantsparse/, and return it as a MODEL. "
                         "An interrupted calibration resumes from its last finished block.",
             inputs=[
                 io.Model.Input("model", tooltip="The full-precision MODEL to compress (LoRAs applied to it are baked "
@@ -365,11 +392,12 @@ class Calibrate(io.ComfyNode):
             # copies one block at a time to the GPU and never holds a float32 copy of the model.
             comfy.model_management.unload_all_models()
             comfy.model_management.soft_empty_cache()
-            source = ComfyBlockSource(model)
-            schedule = wan_schedule(model, source, expert_role, other_expert, expert_boundary) if wan else None
+            device = comfy.model_management.get_torch_device()
+            fp8_as = torch.bfloat16 if device.type == "cuda" else torch.float32  # CPU trains without autocast
+            source = ComfyBlockSource(model, fp8_as)
+            schedule = wan_schedule(model, source, expert_role, other_expert, expert_boundary, fp8_as) if wan else None
             n_blocks = len(source.names())
             n_traj = n_trajectories(samples, SAMPLES_PER_TRAJECTORY)
-            device = comfy.model_management.get_torch_device()
             latent_shape = tuple(lat.shape[1:])
             est = estimate(source.config, latent_shape, cond.context.shape[1], samples, steps, settings)
             logging.info("QuantSparse Calibrate: %s", describe(est))
@@ -395,7 +423,7 @@ class Calibrate(io.ComfyNode):
         import comfy.utils
         if method != "rtn":
             raise ValueError(f"QuantSparse Calibrate: method {method!r} is not available for {classify(model)} yet "
-                             "(the node's MSAD calibration covers HunyuanVideo 1.0 T2V); set method to rtn to write a "
+                             "(its conditioning is not captured by calibration yet); set method to rtn to write a "
                              "round-to-nearest checkpoint (no calibration data are used)")
         comfy.model_management.unload_all_models()
         comfy.model_management.soft_empty_cache()

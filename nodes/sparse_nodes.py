@@ -53,9 +53,10 @@ def sparse_inputs() -> list:
                                "with a fresh mask each step and no correction cache (least memory, less faithful)."),
         io.Boolean.Input("int8_attention", default=False, optional=True,
                          tooltip="Run the dense passes (warm-up steps, the first blocks, each refresh's full "
-                                 "attention) with INT8 Q.K^T (per-block scales, K smoothed) instead of bf16: faster "
-                                 "on NVIDIA GPUs with Triton, a small rounding of attention (docs/RESULTS.md). Off by "
-                                 "default until measured faster in ComfyUI on your GPU class."),
+                                 "attention) with INT8 Q.K^T (per-block scales, K smoothed) instead of bf16. Costs at "
+                                 "most 0.16 dB on the tiny model (docs/RESULTS.md) but the kernel is currently SLOWER "
+                                 "than cuDNN bf16 (0.32-0.35x on an H100, docs/BENCHMARKS.md): off by default, kept "
+                                 "for experiments."),
     ]
 
 

@@ -182,3 +182,18 @@ def test_calibrate_a_wan22_expert_on_its_own_steps(pack, rng):
     with pytest.raises(ValueError, match="set expert_role to the role of this MODEL"):
         _calibrate(nodes, low, "msad", "wan22-refused", rng, other_expert=high)
     assert not (models / "quantsparse" / "wan22-refused.safetensors").exists()
+
+
+def test_calibrate_reads_an_fp8_model_as_bf16(pack, rng):
+    """UNETLoader's weight_dtype fp8 (a common way to load Wan 14B): calibration computes in float, so the node
+    reads fp8 weights as bf16 (GPU) / float32 (CPU) block by block instead of failing inside a float8 matmul."""
+    import comfy.sd
+    nodes, models, family, _ = pack
+    model_nodes = importlib.import_module(f"{PACK}.nodes.model_nodes")
+    fp8 = comfy.sd.load_diffusion_model_state_dict(random_sd("wan-test", rng),
+                                                   model_options={"dtype": torch.float8_e4m3fn})
+    src = model_nodes.ComfyBlockSource(fp8)  # bf16 where the node runs on a GPU (float32 on a CPU, as here)
+    assert src.dtype == torch.bfloat16 and all(v.dtype != torch.float8_e4m3fn for v in src.tensors("wan", 0).values())
+    _calibrate(nodes, fp8, "msad", "wan-fp8", rng, samples=2)
+    core, header = load_compressed(models / "quantsparse" / "wan-fp8.safetensors")
+    assert header["calibration"]["settings"]["method"] == "msad" and core.config.variant == "Wan 2.1/2.2 T2V"

@@ -121,6 +121,7 @@ def _rewrite_header(src, dst, edit):
     (lambda h: h.update(model_family="ltxv"), "'ltxv' model; QuantSparse loads 'hunyuan_video' and 'wan'"),
     (lambda h: h.update(model_family="hunyuan_video"), "invalid model config"),
     (lambda h: h["config"].update(dim=10**9), "dim must be an integer"),
+    (lambda h: h["config"].update(num_heads=0), "invalid model config"),  # not a ZeroDivisionError
     (lambda h: h["config"].update(patch_size=[1, 0, 2]), "patch_size"),
     (lambda h: h["config"].update(model_type="s2v"), "model_type"),
     (lambda h: h["config"].update(eps=float("nan")), "eps must be a positive number"),

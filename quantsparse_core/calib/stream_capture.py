@@ -167,8 +167,13 @@ def capture_first_block(model, run_trajectory: Callable, n_samples: int, steps: 
             wanted = set(targets[j::n_traj])
 
             def on_step(step, wanted=wanted):
+                if step.index > max(wanted):  # nothing left to capture: skip the rest of the trajectory
+                    raise _TrajectoryDone  # (Wan 2.2's high-noise expert: about half of every run)
                 state["on"] = step.index in wanted
-            run_trajectory(j, on_step)
+            try:
+                run_trajectory(j, on_step)
+            except _TrajectoryDone:
+                pass
     finally:
         handle.remove()
     expected = sum(len(set(targets[j::n_traj])) for j in range(n_traj))
@@ -176,6 +181,10 @@ def capture_first_block(model, run_trajectory: Callable, n_samples: int, steps: 
         raise ValueError(f"captured {len(cap)} of {expected} samples: the steps to capture must be run by the model "
                          "being calibrated (for Wan 2.2, its sigma_range must lie inside the steps its expert serves)")
     return cap
+
+
+class _TrajectoryDone(Exception):
+    """Raised from a step callback once a trajectory's last sample is captured."""
 
 
 def trajectory_runner(model, cond, latent_shape, steps: int, seed: int, n_traj: int,

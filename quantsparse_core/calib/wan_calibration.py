@@ -7,8 +7,8 @@ Wan 2.2 A14B is two experts switched at a boundary sigma: each expert is calibra
 it serves (`sigma_range`), with the trajectories themselves run by whichever expert serves each step
 (`expert`), so the low-noise expert sees the states the high-noise one hands it, as in ComfyUI's stock graph.
 
-In memory: the model and captures live where the caller put them (tiny and test models; the 14B streaming
-path is HunyuanVideo-only so far).
+In memory: the model and captures live where the caller put them (tiny and test models). The 14B path streams
+one block at a time: stream_pipeline.compress_streaming with a Wan source and a WanSchedule (same results).
 """
 from __future__ import annotations
 

@@ -160,7 +160,7 @@ def _parse_header(path: Path, meta: dict):
             raise TypeError("the config must be an object")
         config = family.config_type.from_dict(h["config"])
         (_check_config if family is HUNYUAN_VIDEO else _check_wan_config)(config)
-    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as e:  # e.g. num_heads 0
         raise CheckpointError(f"{path} has an invalid model config in its header: {e}") from None
     try:
         require_loadable(config)

@@ -1,6 +1,6 @@
 """Round-to-nearest compression of a ComfyUI-format state dict, one linear at a time, for any family
-(models/family.py). No calibration data: the fast baseline, and the path for families whose MSAD
-calibration is not built yet (Wan).
+(models/family.py). No calibration data: the fast baseline, and the path for the variants whose conditioning
+calibration does not capture (Wan 2.2 TI2V 5B, distilled HunyuanVideo 1.5).
 
 Memory: the source weights stay where they are (a ComfyUI MODEL's offloaded bf16 tensors, or a file's);
 only one layer's float32 copy exists at a time (a 5120 x 13824 Wan-14B FFN: 283 MB), quantized on
@@ -28,14 +28,15 @@ def quantize_state_dict(sd: Mapping, w_bits: int = 4, a_bits: int = 8, device="c
 
     `sd` maps ComfyUI key names to tensors (any dtype, any device; a lazy Mapping works: each value is
     read once). `progress(done, total)` is called after each quantized layer and may raise to stop."""
-    family, config = family_of_state_dict(sd)
+    shapes = getattr(sd, "unpatched", sd)  # a lazy Mapping may offer its tensors unpatched: same shapes, no work
+    family, config = family_of_state_dict(shapes)
     try:
         require_loadable(config)
     except CheckpointError as e:
         raise ValueError(f"cannot compress this model: {e}") from None
     model = family.build(config, device="meta")
     if family is HUNYUAN_VIDEO:  # Wan's reader already checked every key and shape
-        check_state_dict(model, sd)
+        check_state_dict(model, shapes)
     policy = default_policy(model, w_bits, a_bits)
     named = dict(model.named_modules())
     for i, (name, rule) in enumerate(policy.items()):

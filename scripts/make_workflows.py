@@ -36,6 +36,8 @@ DIT15 = "hunyuanvideo1.5_720p_t2v_fp16.safetensors"
 QWEN, BYT5 = "qwen_2.5_vl_7b_fp8_scaled.safetensors", "byt5_small_glyphxl_fp16.safetensors"
 VAE15 = "hunyuanvideo15_vae_fp16.safetensors"
 DIT15_Q = "hunyuanvideo1.5_720p_t2v_quantsparse_w4a8"
+DIT15_I2V_Q = "hunyuanvideo1.5_720p_i2v_quantsparse_w4a8"  # from hunyuanvideo1.5_720p_i2v_fp16.safetensors
+SIGCLIP = "sigclip_vision_patch14_384.safetensors"  # the 1.5 image-to-video example's CLIP vision model
 PROMPT = ("anime style anime girl with massive fennec ears and one big fluffy tail, she has blonde hair long hair "
           "blue eyes wearing a pink sweater and a long blue skirt walking in a beautiful outdoor scenery with snow "
           "mountains in the background")
@@ -71,6 +73,13 @@ SOCKETS = {
                           ("latent_image", "LATENT")], [("LATENT", "LATENT")]),
     "VAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], [("IMAGE", "IMAGE")]),
     "EmptyHunyuanVideo15Latent": ([], [("LATENT", "LATENT")]),
+    "LoadImage": ([], [("IMAGE", "IMAGE"), ("MASK", "MASK")]),
+    "CLIPVisionLoader": ([], [("CLIP_VISION", "CLIP_VISION")]),
+    "CLIPVisionEncode": ([("clip_vision", "CLIP_VISION"), ("image", "IMAGE")],
+                         [("CLIP_VISION_OUTPUT", "CLIP_VISION_OUTPUT")]),
+    "HunyuanVideo15ImageToVideo": ([("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("vae", "VAE"),
+                                    ("start_image", "IMAGE"), ("clip_vision_output", "CLIP_VISION_OUTPUT")],
+                                   [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent", "LATENT")]),
 }
 WHOLE = ["whole trajectory", 0.875]  # QuantSparse Calibrate's expert_role, expert_boundary for single models
 SPARSE = [0.15, 5, 16, -1, 1, "auto", True, "auto", False]  # density, refresh, svd rank, warm-up steps (-1 = 10%),
@@ -283,6 +292,26 @@ def hunyuan15_text_to_video():
     return g
 
 
+def hunyuan15_image_to_video():
+    """HunyuanVideo 1.5 I2V (720p model): the start image through SigLIP (CLIPVisionEncode) and
+    HunyuanVideo15ImageToVideo (image latent + mask channels, image tokens), compressed model, sparse sampler."""
+    g = Graph()
+    model = g.add("QuantSparseLoadCompressedDiT", [f"quantsparse/{DIT15_I2V_Q}.safetensors"], 0, 0)
+    pos, neg = hunyuan15_text(g)
+    vae = g.add("VAELoader", [VAE15], 0, 3)
+    image = g.add("LoadImage", ["example.png", "image"], 0, 4, title="Start image")
+    vision = g.add("CLIPVisionLoader", [SIGCLIP], 1, 4)
+    encoded = g.add("CLIPVisionEncode", ["center"], 2, 4, clip_vision=(vision, 0), image=(image, 0))
+    i2v = g.add("HunyuanVideo15ImageToVideo", [1280, 720, 121, 1], 3, 2, positive=(pos, 0), negative=(neg, 0),
+                vae=(vae, 0), start_image=(image, 0), clip_vision_output=(encoded, 0))
+    samples = g.add("QuantSparseSparseSampler", [0, "fixed", 30, 6.0, "euler", "simple", 1.0, *SPARSE], 4, 0,
+                    model=(model, 0), positive=(i2v, 0), negative=(i2v, 1), latent_image=(i2v, 2))
+    images = g.add("VAEDecodeTiled", [256, 64, 64, 8], 5, 0, samples=(samples, 0), vae=(vae, 0))
+    video = g.add("CreateVideo", [24.0, 8], 6, 0, images=(images, 0))
+    g.add("SaveVideo", ["video/hunyuan15_i2v_quantsparse", "auto", "auto"], 7, 0, video=(video, 0))
+    return g
+
+
 def hunyuan15_calibrate_and_save():
     """A round-to-nearest W4A8 checkpoint of HunyuanVideo 1.5 T2V (the node's MSAD needs 1.0 T2V conditioning)."""
     g = Graph()
@@ -296,6 +325,7 @@ def hunyuan15_calibrate_and_save():
 
 WORKFLOWS = {
     "quantsparse_hunyuan15_t2v.json": hunyuan15_text_to_video,
+    "quantsparse_hunyuan15_i2v.json": hunyuan15_image_to_video,
     "quantsparse_hunyuan15_calibrate_and_save.json": hunyuan15_calibrate_and_save,
     "quantsparse_wan21_t2v.json": wan21_text_to_video,
     "quantsparse_wan22_a14b_t2v.json": wan22_text_to_video,

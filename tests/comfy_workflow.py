@@ -31,14 +31,16 @@ def socket_type(info: dict, name: str):
 
 
 def _widget_values(node: dict, info: dict) -> dict:
-    """{input name: value}, skipping the editor's extra 'control after generate' entries."""
+    """{input name: value}, skipping the editor's extra entries: 'control after generate' after a seed, and the
+    upload button's value after a file combo that takes uploads (LoadImage: ["example.png", "image"])."""
     values = list(node.get("widgets_values") or [])
     out, i = {}, 0
     for name, _, opts in widget_inputs(info):
         if i >= len(values):
             raise ValueError(f"node {node['id']} ({node['type']}): no widget value for {name!r}")
         out[name] = values[i]
-        i += 2 if opts.get("control_after_generate") else 1
+        upload = any(opts.get(k) for k in ("image_upload", "video_upload", "audio_upload"))
+        i += 2 if opts.get("control_after_generate") or upload else 1
     if i != len(values):
         raise ValueError(f"node {node['id']} ({node['type']}): {len(values)} widget values, expected {i}")
     return out

@@ -39,7 +39,9 @@ PLACEHOLDERS = ["diffusion_models/hunyuan_video_t2v_720p_bf16.safetensors",
                 "diffusion_models/hunyuanvideo1.5_720p_t2v_fp16.safetensors",
                 "diffusion_models/quantsparse/hunyuanvideo1.5_720p_t2v_quantsparse_w4a8.safetensors",
                 "text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors",
-                "text_encoders/byt5_small_glyphxl_fp16.safetensors", "vae/hunyuanvideo15_vae_fp16.safetensors"]
+                "text_encoders/byt5_small_glyphxl_fp16.safetensors", "vae/hunyuanvideo15_vae_fp16.safetensors",
+                "diffusion_models/quantsparse/hunyuanvideo1.5_720p_i2v_quantsparse_w4a8.safetensors",
+                "clip_vision/sigclip_vision_patch14_384.safetensors"]
 EXPECTED_INPUTS = {
     "QuantSparseCalibrate": {"model": "MODEL", "positive": "CONDITIONING", "latent": "LATENT", "weight_bits": "COMBO",
                              "activation_bits": "COMBO", "method": "COMBO", "samples": "INT", "steps": "INT",
@@ -115,6 +117,9 @@ def server(tmp_path_factory):
         p = base / "models" / rel
         p.parent.mkdir(parents=True, exist_ok=True)
         p.touch()
+    (base / "input").mkdir()  # LoadImage's example.png, as ComfyUI ships one
+    from PIL import Image
+    Image.new("RGB", (16, 16), (200, 40, 40)).save(base / "input" / "example.png")
     port = _free_port()
     log = open(base / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),

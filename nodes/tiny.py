@@ -1,20 +1,30 @@
-"""Helper nodes for the embedded tiny model, so it runs in a stock ComfyUI graph on any machine:
-load it, encode a prompt with its fixed vocabulary encoder, decode its latents with its codec."""
+"""Helper nodes for the embedded tiny models, so they run in a stock ComfyUI graph on any machine:
+load one (the tiny HunyuanVideo, or the tiny Wan once trained), encode a prompt with the fixed vocabulary
+encoder, decode its latents with the codec both were trained on."""
 import torch
 from comfy_api.latest import io
 
 from quantsparse_core.models.tiny.codec import LatentCodec
-from quantsparse_core.models.tiny.embedded import WEIGHTS
+from quantsparse_core.models.tiny.embedded import WAN_WEIGHTS, WEIGHTS
 from quantsparse_core.models.tiny.prompts import VOCABULARY, PromptEncoder
 
 CATEGORY = "QuantSparse"
+FAMILIES = ("HunyuanVideo", "Wan")
 
 
-def hunyuan_latent_scale() -> float:
-    """ComfyUI samples HunyuanVideo latents scaled by its latent format; the tiny model's codec
-    latents are what the model sees, so decoding multiplies that scale back in."""
+def family_input():
+    # optional and last: saved workflows (HunyuanVideo) load unchanged
+    return io.Combo.Input("family", options=list(FAMILIES), default=FAMILIES[0], optional=True,
+                          tooltip="Which embedded tiny model: HunyuanVideo (shipped) or Wan (trained with "
+                                  "`python -m quantsparse_core.models.tiny.train --family wan`)")
+
+
+def model_space(latent: torch.Tensor, family: str) -> torch.Tensor:
+    """A sampled latent (ComfyUI's latent format) as the tiny model and its codec see it: ComfyUI's own
+    process_in for the family (HunyuanVideo: a scale; Wan 2.1: per-channel mean and std)."""
     import comfy.latent_formats
-    return comfy.latent_formats.HunyuanVideo().scale_factor
+    fmt = comfy.latent_formats.Wan21() if family == "Wan" else comfy.latent_formats.HunyuanVideo()
+    return fmt.process_in(latent)
 
 
 class LoadEmbeddedTinyDiT(io.ComfyNode):
@@ -23,16 +33,23 @@ class LoadEmbeddedTinyDiT(io.ComfyNode):
         return io.Schema(
             node_id="QuantSparseLoadEmbeddedTinyDiT", display_name="Load Embedded Tiny DiT (QuantSparse)",
             category=CATEGORY,
-            description="The small HunyuanVideo-architecture model shipped with QuantSparse (8 frames, 128x128).",
-            inputs=[],
+            description="The small HunyuanVideo-architecture model shipped with QuantSparse (8 frames, 128x128), "
+                        "or the tiny Wan trained on the same videos.",
+            inputs=[family_input()],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
-    def execute(cls) -> io.NodeOutput:
+    def execute(cls, family=FAMILIES[0]) -> io.NodeOutput:
         import comfy.sd
 
         from .sparse_patch import add_text_mask_batching
+        if family == "Wan":
+            if not WAN_WEIGHTS.is_file():
+                raise ValueError(f"the tiny Wan's weights are not at {WAN_WEIGHTS}: train them with `python -m "
+                                 "quantsparse_core.models.tiny.train --family wan --out "
+                                 f"{WAN_WEIGHTS}` (a CUDA GPU: about 10 minutes), or pick family HunyuanVideo")
+            return io.NodeOutput(comfy.sd.load_diffusion_model(str(WAN_WEIGHTS)))
         model = comfy.sd.load_diffusion_model(str(WEIGHTS))
         # Tiny Prompt Encode gives padded [1, 24] text masks (the model was trained on them); ComfyUI's
         # HunyuanVideo takes only one mask per call, so cfg > 1 and batches need this wrapper.
@@ -49,12 +66,15 @@ class TinyPromptEncode(io.ComfyNode):
             inputs=[io.String.Input(
                 "text", multiline=True, default="a red circle moving right slowly on a black background",
                 tooltip="Prompt for the embedded tiny model, in its grammar: 'a COLOR SHAPE moving DIRECTION "
-                        "SPEED on a BACKGROUND background'. Words: " + ", ".join(VOCABULARY))],
+                        "SPEED on a BACKGROUND background'. Words: " + ", ".join(VOCABULARY)),
+                    family_input()],
             outputs=[io.Conditioning.Output()],
         )
 
     @classmethod
-    def execute(cls, text) -> io.NodeOutput:
+    def execute(cls, text, family=FAMILIES[0]) -> io.NodeOutput:
+        if family == "Wan":  # the same word tokens, zero-padded into Wan's 4096-wide text input
+            return io.NodeOutput([[PromptEncoder().encode_wan([text]), {}]])
         ctx, mask, pooled = PromptEncoder().encode([text])  # ValueError names an unknown word
         return io.NodeOutput([[ctx, {"pooled_output": pooled, "attention_mask": mask}]])
 
@@ -65,15 +85,16 @@ class TinyDecode(io.ComfyNode):
         return io.Schema(
             node_id="QuantSparseTinyDecode", display_name="Tiny Decode (QuantSparse)", category=CATEGORY,
             inputs=[io.Latent.Input("samples", tooltip="Latent from sampling the embedded tiny model "
-                                                       "(EmptyHunyuanLatentVideo 256 x 256, length 29: a 32 x 32 x 8 latent, decoded to 8 frames of 128 x 128)")],
+                                                       "(EmptyHunyuanLatentVideo 256 x 256, length 29: a 32 x 32 x 8 latent, decoded to 8 frames of 128 x 128)"),
+                    family_input()],
             outputs=[io.Image.Output(tooltip="The frames of every batch entry, one after another")],
         )
 
     @classmethod
-    def execute(cls, samples) -> io.NodeOutput:
+    def execute(cls, samples, family=FAMILIES[0]) -> io.NodeOutput:
         lat = samples["samples"]
         if lat.ndim != 5 or lat.shape[1] != LatentCodec.CHANNELS:
-            raise ValueError(f"expected a HunyuanVideo latent [B, 16, T, H, W], got {tuple(lat.shape)}")
-        video = LatentCodec().decode(lat.float() * hunyuan_latent_scale())   # [B, 3, F, H, W]
+            raise ValueError(f"expected a 16-channel video latent [B, 16, T, H, W], got {tuple(lat.shape)}")
+        video = LatentCodec().decode(model_space(lat.float(), family))   # [B, 3, F, H, W]
         return io.NodeOutput(video.permute(0, 2, 3, 4, 1).reshape(-1, video.shape[3], video.shape[4], 3)
                              .to(torch.float32))

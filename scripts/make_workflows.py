@@ -181,8 +181,9 @@ def dense_vs_quantsparse():
 def tiny_model_demo():
     """Runs anywhere (CPU, no downloads): the embedded tiny model, calibrated, dense vs QuantSparse."""
     g = Graph()
-    model = g.add("QuantSparseLoadEmbeddedTinyDiT", [], 0, 0)
-    cond = g.add("QuantSparseTinyPromptEncode", ["a red circle moving right slowly on a black background"], 0, 1)
+    model = g.add("QuantSparseLoadEmbeddedTinyDiT", ["HunyuanVideo"], 0, 0)
+    cond = g.add("QuantSparseTinyPromptEncode", ["a red circle moving right slowly on a black background", "HunyuanVideo"],
+                  0, 1)
     calib = g.add("EmptyHunyuanLatentVideo", [256, 256, 29, 1], 0, 2, title="Calibration size")
     latent = g.add("EmptyHunyuanLatentVideo", [256, 256, 29, 1], 0, 3, title="Video size (8 frames, 128x128)")
     compressed = g.add("QuantSparseCalibrate", ["4", "8", "msad", 8, 20, 5, 0.1, 0.1, 128, 256, 0, "fixed",
@@ -193,8 +194,8 @@ def tiny_model_demo():
     sparse = g.add("QuantSparseSparseSampler", [0, "fixed", 20, 1.0, "euler", "simple", 1.0, 0.25, 5, 16, -1, 1,
                                                 "auto", True, "auto", False], 2, 2, title="QuantSparse W4A8 + 25%",
                    model=(compressed, 0), positive=(cond, 0), negative=(cond, 0), latent_image=(latent, 0))
-    da = g.add("QuantSparseTinyDecode", [], 3, 0, samples=(dense, 0))
-    db = g.add("QuantSparseTinyDecode", [], 3, 2, samples=(sparse, 0))
+    da = g.add("QuantSparseTinyDecode", ["HunyuanVideo"], 3, 0, samples=(dense, 0))
+    db = g.add("QuantSparseTinyDecode", ["HunyuanVideo"], 3, 2, samples=(sparse, 0))
     both = g.add("ImageStitch", ["right", True, 4, "black"], 4, 1, image1=(da, 0), image2=(db, 0))
     g.add("SaveAnimatedWEBP", ["quantsparse/tiny_dense_vs_quantsparse", 8.0, True, 80, "default"], 5, 1,
           images=(both, 0))

@@ -60,9 +60,9 @@ EXPECTED_INPUTS = {
                                    "warmup_steps": "INT", "warmup_blocks": "INT", "cache_placement": "COMBO",
                                    "fused_blocks": "BOOLEAN", "schedule": "COMBO",
                                    "int8_attention": "BOOLEAN"},
-    "QuantSparseLoadEmbeddedTinyDiT": {},
-    "QuantSparseTinyPromptEncode": {"text": "STRING"},
-    "QuantSparseTinyDecode": {"samples": "LATENT"},
+    "QuantSparseLoadEmbeddedTinyDiT": {"family": "COMBO"},
+    "QuantSparseTinyPromptEncode": {"text": "STRING", "family": "COMBO"},
+    "QuantSparseTinyDecode": {"samples": "LATENT", "family": "COMBO"},
 }
 
 

@@ -197,3 +197,40 @@ def test_calibrate_reads_an_fp8_model_as_bf16(pack, rng):
     _calibrate(nodes, fp8, "msad", "wan-fp8", rng, samples=2)
     core, header = load_compressed(models / "quantsparse" / "wan-fp8.safetensors")
     assert header["calibration"]["settings"]["method"] == "msad" and core.config.variant == "Wan 2.1/2.2 T2V"
+
+
+def test_lora_on_a_compressed_wan_model(pack, rng, tmp_path, caplog):
+    """A LoRA on every block linear of a compressed Wan (ComfyUI's own loader, diffusers key naming): every key
+    maps, every quantized layer takes its side path, and the output equals ComfyUI's bypass LoRA (the same
+    low-rank math in ComfyUI's code) on the same compressed model; weight-only, so the equality is tight."""
+    import logging
+
+    import comfy.model_management
+    import comfy.sd
+    ops = importlib.import_module(f"{PACK}.nodes.comfy_ops")
+    path = tmp_path / "wan-w4a16.safetensors"
+    compress_rtn(random_sd("wan-test", rng), path, 4, 16)
+    base = ops.load_compressed_patcher(path)
+    layers = {n: m for n, m in base.model.diffusion_model.named_modules() if getattr(m, "quant", None) is not None}
+    lora = {}
+    for name, m in layers.items():
+        k = f"diffusion_model.{name}"
+        lora[f"{k}.lora_A.weight"] = torch.randn(4, m.in_features, generator=rng) / m.in_features ** 0.5
+        lora[f"{k}.lora_B.weight"] = torch.randn(m.out_features, 4, generator=rng) * 0.3
+        lora[f"{k}.alpha"] = torch.tensor(2.0)
+    with caplog.at_level(logging.WARNING):
+        patched = comfy.sd.load_lora_for_models(base, None, lora, 0.7, 0.0)[0]
+    assert "lora key not loaded" not in caplog.text and "NOT LOADED" not in caplog.text
+    bypass = comfy.sd.load_bypass_lora_for_models(base, None, lora, 0.7, 0.0)[0]
+    x, t, ctx, kw = inputs(get_wan_preset("wan-test"), rng)
+
+    def run(p):
+        comfy.model_management.load_models_gpu([p])
+        with torch.inference_mode():
+            return p.model.diffusion_model(x, t, ctx, transformer_options={}, **kw).clone()
+    ours = run(patched)
+    assert all(m.lora is not None for m in layers.values())
+    theirs, plain = run(bypass), run(base)
+    rel = float((ours - theirs).norm() / theirs.norm())
+    print(f"Wan LoRA side path vs ComfyUI's bypass LoRA: {rel:.2e}; LoRA effect {float((ours - plain).norm() / plain.norm()):.2e}")
+    assert rel <= 1e-5 and float((ours - plain).norm() / plain.norm()) > 1e-2

@@ -314,13 +314,14 @@ def hunyuan15_image_to_video():
 
 
 def hunyuan15_calibrate_and_save():
-    """A round-to-nearest W4A8 checkpoint of HunyuanVideo 1.5 T2V (the node's MSAD needs 1.0 T2V conditioning)."""
+    """HunyuanVideo 1.5 T2V calibrated with MSAD (its byT5 tokens and zero image channels from ComfyUI's own
+    conds), at a smaller calibration size than it generates (848 x 480 x 61)."""
     g = Graph()
     model = g.add("UNETLoader", [DIT15, "default"], 0, 0)
     pos, _ = hunyuan15_text(g)
-    latent = g.add("EmptyHunyuanVideo15Latent", [1280, 720, 121, 1], 0, 3)
-    g.add("QuantSparseCalibrate", ["4", "8", "rtn", 20, 20, 15, 0.1, 0.1, 128, 256, 0, "fixed", DIT15_Q, *WHOLE], 3, 0,
-          model=(model, 0), positive=(pos, 0), latent=(latent, 0))
+    latent = g.add("EmptyHunyuanVideo15Latent", [848, 480, 61, 1], 0, 3, title="Calibration size")
+    g.add("QuantSparseCalibrate", ["4", "8", "msad", 20, 20, 15, 0.1, 0.1, 128, 256, 0, "fixed", DIT15_Q, *WHOLE],
+          3, 0, model=(model, 0), positive=(pos, 0), latent=(latent, 0))
     return g
 
 

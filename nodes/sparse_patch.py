@@ -426,7 +426,7 @@ def apply_sparse(model, settings: SparseSettings, fused: bool = True, node_name:
         patched.add_wrapper_with_key(kind, KEY, wrapper)
     add_text_mask_batching(patched)
     if fused and variant not in FUSED:
-        log.info("QuantSparse: fused blocks cover HunyuanVideo 1.0 only; %s runs ComfyUI's blocks", variant)
+        log.info("QuantSparse: fused blocks cover HunyuanVideo only; %s runs ComfyUI's blocks", variant)
         fused = False
     (install_fused_blocks if fused else remove_fused_blocks)(patched)
     log.info("QuantSparse sparse attention on %s: %s (fused blocks %s)", variant, asdict(settings),

@@ -26,7 +26,7 @@ _V15 = dict(in_channels=65, out_channels=32, vec_in_dim=None, patch_size=[1, 1, 
 # variant name -> (config changes from BASE, the model class ComfyUI's detection picks)
 UNSUPPORTED = {
     "SkyReels I2V": (dict(in_channels=32), "HunyuanVideoSkyreelsI2V"),
-    "HunyuanVideo 1.5 T2V/I2V": (_V15, "HunyuanVideo15"),
+    # HunyuanVideo 1.5 T2V/I2V: supported by every node since issue 17 (tests/test_comfy_v15_sparse.py)
     "HunyuanVideo 1.5 super-resolution": ({**_V15, "in_channels": 98}, "HunyuanVideo15_SR_Distilled"),
     "HunyuanImage 2.1": (dict(in_channels=64, out_channels=64, vec_in_dim=None, patch_size=[1, 1], axes_dim=[64, 64],
                               byt5=True, guidance_embed=False), "HunyuanImage21"),
@@ -84,8 +84,6 @@ def test_every_node_refuses_an_unsupported_variant_naming_it(pack, rng, variant)
             negative=cond, latent_image=latent, denoise=1.0, **SPARSE),
         "QuantSparse fused blocks": lambda: fused.apply_fused_blocks(model),
     }
-    if variant == "HunyuanVideo 1.5 T2V/I2V":  # sparse-patched and rtn-compressed since issue 17
-        del calls["QuantSparse Sparse Attention"], calls["Sparse Sampler"], calls["QuantSparse Calibrate"]
     for node, call in calls.items():
         with pytest.raises(ValueError) as err:
             call()

@@ -6,7 +6,7 @@ always-dense rows and columns of text in the SVG masks. Shown here: every sparse
 byT5 + text tokens and the latent's T x H x W grid (patch 1); at density 1 the patched model equals ComfyUI's;
 sparse, ComfyUI's KSampler equals our core HunyuanVideoDiT sampled with SSARAttention (same weights, noise,
 sigmas and settings) and differs from dense far more than that tolerance. The 1.5 super-resolution model and
-SkyReels stay refused; 1.5 never gets the fused blocks (written for 1.0's blocks).
+SkyReels stay refused; 1.5 runs the fused blocks (its double blocks are 1.0's).
 
 Small random-weight `test-1.5` models (width 256, 2 heads of 128, 2 double blocks, no single blocks), float32 on
 the CPU, loaded through ComfyUI's own loader. Runs only with COMFYUI_PATH set (tests/comfy_env.py).
@@ -243,14 +243,28 @@ def test_sparse_nodes_still_refuse_super_resolution_and_skyreels(rng, variant):
         assert "HunyuanVideo 1.0 I2V" in msg and "HunyuanVideo 1.5 T2V/I2V" in msg, msg
 
 
-def test_15_gets_no_fused_blocks_and_calibrate_refuses_a_distilled_15(rng):
+def test_15_runs_fused_blocks_equal_to_comfyuis_and_calibrate_refuses_a_distilled_15(rng):
+    """1.5's double blocks are 1.0's: the fused blocks run them (no fallback) equal to ComfyUI's, with byT5 and
+    image tokens; a meanflow-distilled 1.5 is refused for MSAD calibration (rtn only)."""
     sp = _sp()
     nodes = load_pack()
     fused = importlib.import_module(f"{PACK}.nodes.fused_blocks")
     model = _patcher(_random_core(rng).state_dict())
-    with pytest.raises(ValueError, match=r"^QuantSparse fused blocks does not support this MODEL: it is HunyuanVideo "
-                                         r"1\.5 T2V/I2V \(ComfyUI model class HunyuanVideo15\)"):
-        fused.apply_fused_blocks(model)
+    fast = fused.apply_fused_blocks(model)
+    assert fused.is_fused(fast) and not fused.is_fused(model)
+    x = torch.randn(2, 65, 2, 5, 3, generator=rng)
+    t, ctx = torch.rand(2, generator=rng) * 1000, torch.randn(2, 7, CONFIG.context_in_dim, generator=rng)
+    kw = dict(txt_byt5=torch.randn(2, 3, 1472, generator=rng), clip_fea=torch.randn(2, 4, 1152, generator=rng))
+
+    def forward(p):
+        to = dict(p.model_options.get("transformer_options", {}))
+        to["wrappers"] = p.wrappers
+        with torch.inference_mode():
+            return p.model.diffusion_model(x, t, ctx, transformer_options=to, **kw)
+    before = dict(fused.counts)
+    got, ref = forward(fast), forward(model)
+    assert fused.counts["double"] - before.get("double", 0) == CONFIG.depth_double  # every block fused
+    assert _rel(got, ref) <= TOL, _rel(got, ref)
     distilled = _patcher(_random_core(rng, dataclasses.replace(CONFIG, meanflow=True)).state_dict())  # MSAD on 1.5: see
     # test_comfy_variant_checkpoints
     with pytest.raises(ValueError, match=r"HunyuanVideo 1\.5 \(meanflow-distilled\).*round-to-nearest"):
@@ -264,9 +278,9 @@ def test_15_gets_no_fused_blocks_and_calibrate_refuses_a_distilled_15(rng):
     assert run.patch_size == (1, 1, 1) and not run.wan
 
 
-def test_sparse_attention_node_runs_15_on_comfyuis_blocks(rng):
-    """The node's default fused_blocks=True: 1.5 runs ComfyUI's blocks instead of being refused, and the
-    patched model is still ComfyUI's at density 1."""
+def test_sparse_attention_node_runs_15_with_fused_blocks(rng):
+    """The node's default fused_blocks=True: 1.5 runs the fused blocks under the sparse patch, and the patched
+    model is still ComfyUI's at density 1."""
     sp = _sp()
     nodes = load_pack()
     fused = importlib.import_module(f"{PACK}.nodes.fused_blocks")
@@ -274,7 +288,7 @@ def test_sparse_attention_node_runs_15_on_comfyuis_blocks(rng):
     settings = dict(density=1.0, refresh_interval=2, svd_rank=0, warmup_steps=0, warmup_blocks=0,
                     cache_placement="exact")
     (patched,) = nodes["QuantSparseSparseAttention"].execute(model=model, **settings).result
-    assert not fused.is_fused(patched) and sp.KEY in patched.model_options["transformer_options"]
+    assert fused.is_fused(patched) and sp.KEY in patched.model_options["transformer_options"]
     cond = _cond(rng, vision=VISION, image=_image(rng))
     rel = _rel(_sample(patched, cond, cond, steps=2), _sample(model, cond, cond, steps=2))
     assert rel <= TOL, rel

@@ -24,7 +24,7 @@ from test_variant_checkpoints import SUPPORTED_TEXT, UNSUPPORTED, random_model, 
 PACK = "comfyui_quantsparse_under_test"
 # variant file -> (ComfyUI model_base class, model_family.classify name, fused blocks installed)
 EXPECTED = {"test-i2v": ("HunyuanVideoI2V", "HunyuanVideo 1.0 I2V", True),
-            "test-1.5": ("HunyuanVideo15", "HunyuanVideo 1.5 T2V/I2V", False)}
+            "test-1.5": ("HunyuanVideo15", "HunyuanVideo 1.5 T2V/I2V", True)}
 # Weight-only: no activation rounding, the float tolerance (both sides compute in fp32 from the same bf16
 # floats and int4 codes). W4A8: an activation that differs by ~1e-7 between the two graphs (RoPE and fused
 # small-op arithmetic order) can round to the neighbouring int8 code, which moves the output by ~1e-4 per flip;

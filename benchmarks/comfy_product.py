@@ -62,10 +62,11 @@ import memory_peak  # noqa: E402  (benchmarks/memory_peak.py)
 
 RESOLUTIONS = {"544p": (960, 544, 129), "720p": (1280, 720, 129),  # width, height, frames
                "wan720p": (1280, 720, 81), "wan480p": (832, 480, 81)}  # Wan 2.1's defaults (EmptyHunyuanLatentVideo)
-CONFIGS = ("A", "A8", "Q", "QI", "QL")
+CONFIGS = ("A", "A8", "A8F", "Q", "QI", "QL")
 SPARSE_CONFIGS = ("Q", "QI", "QL")
 CONFIG_NAMES = {"A": "ComfyUI native bf16, default attention",
                 "A8": "ComfyUI weight_dtype fp8_e4m3fn",
+                "A8F": "ComfyUI weight_dtype fp8_e4m3fn_fast (fp8 matmuls where the GPU has them: ComfyUI's fastest stock)",
                 "Q": "Load Compressed DiT (W4A8 RTN) + Sparse Sampler defaults",
                 "QI": "(Q) with INT8 dense passes (Sparse Sampler int8_attention: warm-up steps, first blocks, refreshes)",
                 "QL": "(Q) + stacked random LoRAs through ComfyUI's LoRA loader (--loras, --lora-rank)"}
@@ -85,10 +86,12 @@ TARGETS = (  # (name, kind, resolution, target)
 )
 # Step-time priors on one H200 (s), used only to skip what would not fit --budget-s; replaced by
 # measured times as the run goes. 544p from the 2026-12 manual trial, 720p from run 16 scaled to ComfyUI.
-PRIORS = {"544p": {"A": 10.4, "A8": 11.0, "dense": 10.2, "refresh": 11.4, "reuse": 2.7},
-          "720p": {"A": 31.4, "A8": 33.0, "dense": 31.0, "refresh": 30.0, "reuse": 6.5}}
-LOAD_PRIOR_S = {"A": 60.0, "A8": 60.0, "Q": 90.0, "QI": 90.0, "QL": 100.0}
+PRIORS = {"544p": {"A": 10.4, "A8": 11.0, "A8F": 11.0, "dense": 10.2, "refresh": 11.4, "reuse": 2.7},
+          "720p": {"A": 31.4, "A8": 33.0, "A8F": 33.0, "dense": 31.0, "refresh": 30.0, "reuse": 6.5}}
+LOAD_PRIOR_S = {"A": 60.0, "A8": 60.0, "A8F": 60.0, "Q": 90.0, "QI": 90.0, "QL": 100.0}
 # issue 20 (H200): W4A8 + 15% + SSAR with INT8 attention, 50 steps at 720p/129f, against dense bf16; shown where (QI) ran
+# ComfyUI's fastest stock weights (fp8 matmuls): the bar for (Q) that the fp8 row sets, shown where (A8F) ran
+FP8_FAST_TARGET = ("(Q) vs (A8F), 544p/129f, 50-step sampling wall-clock", "ratio:A8F", "544p", 2.5)
 INT8_TARGET = ("(QI) vs (A), 720p/129f, 50-step sampling wall-clock (INT8 dense passes)", "ratio:A:QI", "720p", 4.0)
 # Wan (issue 18): ComfyUI's WanModel, Wan2.1-14B architecture, random weights.
 WAN_TARGETS = (
@@ -586,7 +589,7 @@ def fifty_step_seconds(run, steps: int = None):
     total = run["schedule_steps"]
     if len(per) == total:
         return sum(s["s"] for s in per), None
-    if run["config"] in ("A", "A8") and per:
+    if run["config"] in ("A", "A8", "A8F") and per:
         med = statistics.median(s["s"] for s in per)
         return sum(s["s"] for s in per) + med * (total - len(per)), \
             f"{run['config']} timed over {len(per)} of {total} steps; the other {total - len(per)} counted at the median step"
@@ -623,6 +626,8 @@ def targets(runs, preset: str = "hunyuan-video-13b") -> list:
     rows = WAN_TARGETS if is_wan(preset) else TARGETS
     if not is_wan(preset) and any(r["config"] == "QI" for r in runs):
         rows = rows + (INT8_TARGET,)
+    if not is_wan(preset) and any(r["config"] == "A8F" for r in runs):
+        rows = rows + (FP8_FAST_TARGET,)
     for name, kind, res, target in rows:
         row = dict(name=name, measured=None, target=target, met=False)
         if kind.startswith("ratio:"):
@@ -756,9 +761,12 @@ class Bench:
         comfy, dev = self.comfy, self.a.device
         t0 = time.perf_counter()
         with torch.inference_mode():
-            if config in ("A", "A8"):
+            if config in ("A", "A8", "A8F"):
                 sd = random_state_dict(self.a.preset, dev, self.a.seed)
-                opts = {"dtype": torch.float8_e4m3fn} if config == "A8" else {}
+                # as UNETLoader's weight_dtype fp8_e4m3fn / fp8_e4m3fn_fast sets them
+                opts = {"dtype": torch.float8_e4m3fn} if config in ("A8", "A8F") else {}
+                if config == "A8F":
+                    opts["fp8_optimizations"] = True
                 import comfy.sd
                 patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options=opts)
                 del sd
@@ -1026,7 +1034,8 @@ def merge(paths, out):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--configs", default="A,A8,Q", help="comma list of A, A8, Q, QI (Q + INT8 dense passes), QL (Q + --loras stacked LoRAs)")
+    ap.add_argument("--configs", default="A,A8,Q", help="comma list of A, A8, A8F (fp8_e4m3fn_fast), Q, QI (Q + INT8 "
+                                                        "dense passes), QL (Q + --loras stacked LoRAs)")
     ap.add_argument("--loras", type=int, default=3, help="(QL): how many random LoRAs to stack")
     ap.add_argument("--lora-rank", type=int, default=32, help="(QL): their rank (on every linear of every block)")
     ap.add_argument("--resolutions", default="544p,720p", help="comma list of 544p, 720p or WIDTHxHEIGHTxFRAMES")

@@ -105,7 +105,10 @@ def test_targets_from_runs():
     assert not t["(Q) completes 50 steps at 720p/129f within 24 GB"]["met"]
     stall = t["no step slower than 1.2x its kind's median (measured 50-step runs)"]
     assert stall["met"] and stall["measured"] == 1.0
-    assert not any("(QI)" in name for name in t)  # the INT8 row appears where (QI) ran
+    assert not any("(QI)" in name or "(A8F)" in name for name in t)  # those rows appear where their configs ran
+    fast = {x["name"]: x for x in mod.targets(runs + [_run("A8F", "544p", 3, step_s=9.0)])}
+    row = fast["(Q) vs (A8F), 544p/129f, 50-step sampling wall-clock"]
+    assert row["measured"] == pytest.approx(450 / 200, abs=1e-3) and not row["met"] and "timed over 3 of 50" in row["note"]
     qi = {x["name"]: x for x in mod.targets(runs + [_run("QI", "720p", 50, step_s=7.0, kinds=kinds)])}
     row = qi["(QI) vs (A), 720p/129f, 50-step sampling wall-clock (INT8 dense passes)"]
     assert row["measured"] == pytest.approx(1500 / 350, abs=1e-3) and row["met"] and "(QI) 350.0 s" in row["note"]

@@ -47,6 +47,7 @@ import time
 import traceback
 import types
 import zlib
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 
@@ -279,10 +280,30 @@ def comfy_class(preset: str) -> str:
     return "WanModel" if is_wan(preset) else "HunyuanVideo"
 
 
-@torch.no_grad()
+class RandomWeights(Mapping):
+    """The random model's tensors by key, each made on `device` when read (random_tensor: seeded by name, so
+    every config holds the same model), never all at once; `shapes`: the same keys as meta tensors, from which
+    io/rtn.py reads the architecture without making any."""
+
+    def __init__(self, preset: str, device, seed: int):
+        self.shapes = meta_model(preset).state_dict()
+        self.dims = {k: tuple(v.shape) for k, v in self.shapes.items()}
+        self.device, self.seed = device, seed
+
+    @torch.no_grad()
+    def __getitem__(self, key):
+        return random_tensor(key, self.dims[key], self.dims, self.device, self.seed)
+
+    def __iter__(self):
+        return iter(self.dims)
+
+    def __len__(self):
+        return len(self.dims)
+
+
 def random_state_dict(preset: str, device, seed: int) -> dict:
-    shapes = {k: tuple(v.shape) for k, v in meta_model(preset).state_dict().items()}
-    return {k: random_tensor(k, s, shapes, device, seed) for k, s in shapes.items()}
+    weights = RandomWeights(preset, device, seed)
+    return {k: weights[k] for k in weights}
 
 
 @torch.no_grad()
@@ -322,37 +343,17 @@ def add_random_loras(patcher, n: int, rank: int, device, seed: int):
 
 
 def build_compressed(preset: str, path: Path, device, seed: int) -> dict:
-    """RTN W4A8 checkpoint of the same random weights, built one linear at a time on `device`
-    (quantsparse_core default policy, no calibration); returns its storage summary."""
-    from torch import nn
+    """RTN W4A8 checkpoint of the same random weights (io/rtn.py: one linear at a time on `device`, the
+    default policy, no calibration); returns its storage summary."""
     from quantsparse_core.io.checkpoint import save_compressed
-    from quantsparse_core.quant.linear import QuantLinear
-    from quantsparse_core.quant.policy import default_policy, storage_bytes
+    from quantsparse_core.io.rtn import quantize_state_dict
+    from quantsparse_core.quant.policy import storage_bytes
 
-    model = meta_model(preset)
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    policy = default_policy(model, 4, 8)
-    sizes = storage_bytes(model, policy)
-    named = dict(model.named_modules())
-    for name, rule in policy.items():
-        lin = named[name]
-        real = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None, device="meta")
-        real.weight = nn.Parameter(random_tensor(name + ".weight", shapes[name + ".weight"], shapes, device, seed),
-                                   requires_grad=False)
-        if lin.bias is not None:
-            real.bias = nn.Parameter(random_tensor(name + ".bias", shapes[name + ".bias"], shapes, device, seed),
-                                     requires_grad=False)
-        q = QuantLinear(real, rule.w_bits, rule.a_bits).freeze().to("cpu")
-        parent, _, child = name.rpartition(".")
-        setattr(named[parent] if parent else model, child, q)
-        del real
-    prefixes = tuple(n + "." for n in policy)
-    rest = {k: random_tensor(k, s, shapes, device, seed).cpu() for k, s in shapes.items() if not k.startswith(prefixes)}
-    model.load_state_dict(rest, strict=False, assign=True)
+    model, policy, _ = quantize_state_dict(RandomWeights(preset, device, seed), 4, 8, device=device)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_compressed(model, path, policy, calibration={"method": "rtn", "note": "random weights, speed benchmark"},
                     source_hash=f"random-seed-{seed}")
-    return sizes
+    return storage_bytes(meta_model(preset), policy)
 
 
 # ---- conditioning and latents ----------------------------------------------------------------------

@@ -34,9 +34,9 @@ from quantsparse_core.quant.linear import QuantizedInput, QuantLinear
 SUBFOLDER = "quantsparse"  # inside ComfyUI's diffusion_models folder
 _UNET_PREFIX = "diffusion_model."
 COMFY_CLASS = {"hunyuan_video": "HunyuanVideo", "wan": "WanModel"}  # by models/family.py name
-# Float weights ComfyUI's detection reads the shape of (comfy/model_detection.py): where the file holds such a
-# layer packed, the loader passes a meta tensor of the float shape beside it (no memory; our Linear ignores it).
-DETECTION_WEIGHTS = {"wan": ("blocks.0.ffn.0.weight",)}
+# Float weights ComfyUI's detection reads the shape of (comfy/model_detection.py), by family: where the file holds
+# such a layer packed, the loader passes a meta tensor of that shape beside it (no memory; our Linear ignores it).
+DETECTION_WEIGHTS = {"wan": {"blocks.0.ffn.0.weight": lambda c: (c.ffn_dim, c.dim)}}
 LORA_INJECTION = "quantsparse_lora"  # ModelPatcher injection key
 
 log = logging.getLogger("quantsparse")
@@ -260,11 +260,9 @@ def load_compressed_patcher(path, disable_dynamic: bool = True):
     if _supports_disable_dynamic(comfy.sd.load_diffusion_model_state_dict):
         kwargs["disable_dynamic"] = disable_dynamic
     family = family_of(config)
-    for key in DETECTION_WEIGHTS.get(family.name, ()):
-        layer = key[: -len(".weight")]
-        if key not in tensors and layer in policy:
-            lin = family.build(config, device="meta").get_submodule(layer)
-            tensors[key] = torch.empty(lin.out_features, lin.in_features, device="meta", dtype=torch.bfloat16)
+    for key, shape in DETECTION_WEIGHTS.get(family.name, {}).items():
+        if key not in tensors and key[: -len(".weight")] in policy:
+            tensors[key] = torch.empty(shape(config), device="meta", dtype=torch.bfloat16)
     patcher = comfy.sd.load_diffusion_model_state_dict(tensors, **kwargs)
     if patcher is None or type(patcher.model.diffusion_model).__name__ != COMFY_CLASS[family.name]:
         built = "nothing" if patcher is None else type(patcher.model.diffusion_model).__name__

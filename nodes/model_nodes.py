@@ -135,10 +135,22 @@ def sampling_shift(model) -> float:
     return float(shift) if isinstance(shift, (int, float)) and shift > 0 else 8.0
 
 
-def hunyuan_image_channels(model, positive, latent: torch.Tensor) -> torch.Tensor:
-    """HunyuanVideo 1.0 I2V's image latent + mask channels [1, 17, T, H, W] for a latent of `latent`'s shape,
-    made by ComfyUI's own HunyuanVideoI2V.concat_cond from what HunyuanImageToVideo ("v1 (concat)") set."""
+def comfy_conds(model, positive, latent: torch.Tensor, names) -> dict:
+    """{name: tensor [1, ...] on the CPU} of the model inputs ComfyUI's own extra_conds makes from the first
+    prompt's conditioning for a latent of `latent`'s shape (its scaling, resizing and mask handling), for the
+    names it makes (c_concat: image + mask channels; txt_byt5, clip_fea: tokens)."""
     extra = dict(positive[0][1])
+    for key in ("noise", "device", "cross_attn"):
+        extra.pop(key, None)
+    conds = model.model.extra_conds(noise=torch.zeros_like(latent[:1], dtype=torch.float32),
+                                    device=torch.device("cpu"), cross_attn=positive[0][0][:1], **extra)
+    return {n: conds[n].cond[:1].float().cpu().clone() for n in names if conds.get(n) is not None}
+
+
+def hunyuan_image_channels(model, positive, latent: torch.Tensor) -> torch.Tensor:
+    """HunyuanVideo 1.0 I2V's image latent + mask channels [1, 17, T, H, W], from what HunyuanImageToVideo
+    ("v1 (concat)") set, through ComfyUI's HunyuanVideoI2V.concat_cond."""
+    extra = positive[0][1]
     if "guiding_frame_index" in extra:
         raise ValueError("QuantSparse Calibrate: HunyuanImageToVideo's 'v2 (replace)' guidance writes the image into "
                          "the latent's first frame, which calibration trajectories (from pure noise) cannot "
@@ -146,45 +158,28 @@ def hunyuan_image_channels(model, positive, latent: torch.Tensor) -> torch.Tenso
     if extra.get("concat_latent_image") is None:
         raise ValueError("QuantSparse Calibrate: this HunyuanVideo 1.0 I2V MODEL needs its start image: feed the "
                          "prompt through HunyuanImageToVideo (guidance_type 'v1 (concat)') with a start_image")
-    for key in ("noise", "device"):
-        extra.pop(key, None)
-    conds = model.model.extra_conds(noise=torch.zeros_like(latent[:1], dtype=torch.float32),
-                                    device=torch.device("cpu"), **extra)
-    return conds["c_concat"].cond[:1].float().cpu().clone()
+    return comfy_conds(model, positive, latent, ("c_concat",))["c_concat"]
 
 
 def hunyuan15_inputs(model, positive, latent: torch.Tensor):
-    """HunyuanVideo 1.5's inputs besides the text, made by ComfyUI's own HunyuanVideo15 conds for a latent of
-    `latent`'s shape: (image latent + mask channels [1, 33, T, H, W] (zeros for text-to-video), {"txt_byt5": the
-    glyph byT5 tokens, "clip_fea": the image tokens} where the conditioning has them)."""
+    """HunyuanVideo 1.5's inputs besides the text: (image latent + mask channels [1, 33, T, H, W] (zeros for
+    text-to-video), {"txt_byt5": the glyph byT5 tokens, "clip_fea": the image tokens} where the prompt has them)."""
     if latent.shape[1] != 32:
         raise ValueError(f"QuantSparse Calibrate: HunyuanVideo 1.5 takes its own 32-channel latent, got {latent.shape[1]} "
                          "channels: connect EmptyHunyuanVideo15Latent (or HunyuanVideo15ImageToVideo's latent)")
-    extra = dict(positive[0][1])
-    for key in ("noise", "device", "cross_attn"):
-        extra.pop(key, None)
-    conds = model.model.extra_conds(noise=torch.zeros_like(latent[:1], dtype=torch.float32),
-                                    device=torch.device("cpu"), **extra)
-    tokens = {name: conds[name].cond[:1].float().cpu().clone() for name in ("txt_byt5", "clip_fea") if name in conds}
-    return conds["c_concat"].cond[:1].float().cpu().clone(), tokens or None
+    conds = comfy_conds(model, positive, latent, ("c_concat", "txt_byt5", "clip_fea"))
+    return conds.pop("c_concat"), conds or None
 
 
 def wan_conditioning(model, positive, latent: torch.Tensor) -> WanConditioning:
     """The first prompt of a Wan CONDITIONING as WanDiT consumes it: umt5 tokens, and for image-to-video the CLIP
-    image tokens and the mask + image-latent channels, made by ComfyUI's own WAN21.extra_conds (its scaling,
-    resizing and mask inversion) for a latent of `latent`'s shape."""
+    image tokens and the mask + image-latent channels (ComfyUI's WAN21.extra_conds)."""
     if not positive:
         raise ValueError("the positive conditioning is empty: connect a text encode node (CLIPTextEncode with the "
                          "umt5 text encoder)")
-    tensor, extra = positive[0][0], dict(positive[0][1])
-    for key in ("noise", "device", "cross_attn"):
-        extra.pop(key, None)
-    conds = model.model.extra_conds(noise=torch.zeros_like(latent[:1], dtype=torch.float32),
-                                    device=torch.device("cpu"), cross_attn=tensor[:1], **extra)
-    take = lambda name: None if conds.get(name) is None else conds[name].cond[:1].float().cpu().clone()  # noqa: E731
-    cond = WanConditioning(tensor[:1].float().cpu().clone(), take("clip_fea"), take("c_concat"))
-    dm = model.model.diffusion_model
-    if dm.img_emb is not None and cond.clip_fea is None:
+    conds = comfy_conds(model, positive, latent, ("clip_fea", "c_concat"))
+    cond = WanConditioning(positive[0][0][:1].float().cpu().clone(), conds.get("clip_fea"), conds.get("c_concat"))
+    if model.model.diffusion_model.img_emb is not None and cond.clip_fea is None:
         raise ValueError("this Wan 2.1 image-to-video MODEL needs CLIP image tokens: feed the prompt through "
                          "WanImageToVideo with a CLIPVisionEncode output (clip_vision_output)")
     return cond
@@ -198,7 +193,7 @@ class ComfyWeights(Mapping):
         dm = model.model.diffusion_model
         _refuse_compressed(dm)
         self.sd = dm.state_dict()
-        self.unpatched = self.sd  # for reading shapes (io/rtn.py) without computing a patched tensor
+        self.shapes = self.sd  # the architecture is read from these (io/rtn.py) without computing a patched tensor
         self.patches = dict(model.patches)
 
     def __getitem__(self, key):

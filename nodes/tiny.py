@@ -48,7 +48,7 @@ class LoadEmbeddedTinyDiT(io.ComfyNode):
             if not WAN_WEIGHTS.is_file():
                 raise ValueError(f"the tiny Wan's weights are not at {WAN_WEIGHTS}: train them with `python -m "
                                  "quantsparse_core.models.tiny.train --family wan --out "
-                                 f"{WAN_WEIGHTS}` (a CUDA GPU: about 10 minutes), or pick family HunyuanVideo")
+                                 f"{WAN_WEIGHTS}` (on a CUDA GPU: the tiny HunyuanVideo took 8 minutes on an H100), or pick family HunyuanVideo")
             return io.NodeOutput(comfy.sd.load_diffusion_model(str(WAN_WEIGHTS)))
         model = comfy.sd.load_diffusion_model(str(WEIGHTS))
         # Tiny Prompt Encode gives padded [1, 24] text masks (the model was trained on them); ComfyUI's

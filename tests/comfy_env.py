@@ -37,3 +37,22 @@ def comfyui_version(root) -> str:
     ns = {}
     exec((Path(root) / "comfyui_version.py").read_text(), ns)
     return ns.get("__version__", "unknown")
+
+
+def record_sparse_calls(monkeypatch, sparse_patch, record) -> list:
+    """Every attention call that reaches SSAR through `sparse_patch` (the pack's nodes/sparse_patch module),
+    after it ran: `record(attn, q, mask, call)` (attn = the run's SSARAttention) returns the entry to keep."""
+    seen = []
+    original = sparse_patch.SparseRun.attention_for
+
+    def attention_for(self, group):
+        attn = original(self, group)
+
+        def call(q, k, v, mask, c):
+            out = attn(q, k, v, mask, c)
+            seen.append(record(attn, q, mask, c))
+            return out
+        return call
+
+    monkeypatch.setattr(sparse_patch.SparseRun, "attention_for", attention_for)
+    return seen

@@ -27,3 +27,13 @@ def rng():
     seed = int(os.environ.get("QS_TEST_SEED", torch.seed() % (2**31)))
     print(f"QS_TEST_SEED={seed}")
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: thread hand-offs cost more than the math (5x on a busy 2-core box). Use it in a module with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -16,13 +16,7 @@ from quantsparse_core.quant.policy import default_policy, quantize_model, storag
 from quantsparse_core.quant.transforms import kron_factors
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: thread hand-offs cost more than the math (5x on a busy 2-core box)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _random_model(rng):

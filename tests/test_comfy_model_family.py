@@ -11,6 +11,7 @@ import importlib
 import pytest
 import torch
 
+from comfy_env import record_sparse_calls
 from test_comfy_nodes import load_pack
 from test_comfy_pipeline import pack  # noqa: F401  (fixture: the pack with a temporary models folder)
 
@@ -138,22 +139,10 @@ def test_load_compressed_dit_refuses_a_checkpoint_of_another_variant(pack, rng, 
 # ---- reference-latent tokens are video tokens in the sparse patch -----------------------------------------------
 def _recorder(monkeypatch):
     """(txt_len, grid, sequence length, the block mask after the call) of every sparse attention call."""
-    sp = _module("sparse_patch")
-    seen = []
-    original = sp.SparseRun.attention_for
-
-    def attention_for(self, group):
-        attn = original(self, group)
-
-        def call(q, k, v, mask, c):
-            out = attn(q, k, v, mask, c)
-            bm = attn.block_mask(c.block_type, c.block_index, q.shape[0])
-            seen.append((c.txt_len, tuple(c.grid), q.shape[2], None if bm is None else bm.keep.clone()))
-            return out
-        return call
-
-    monkeypatch.setattr(sp.SparseRun, "attention_for", attention_for)
-    return seen
+    def record(attn, q, mask, c):
+        bm = attn.block_mask(c.block_type, c.block_index, q.shape[0])
+        return c.txt_len, tuple(c.grid), q.shape[2], None if bm is None else bm.keep.clone()
+    return record_sparse_calls(monkeypatch, _module("sparse_patch"), record)
 
 
 def _sample(model, cond, latent, steps=3, seed=5):

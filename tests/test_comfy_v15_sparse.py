@@ -22,6 +22,7 @@ from quantsparse_core.models import HunyuanVideoDiT, get_preset
 from quantsparse_core.models.attention import StepInfo
 from quantsparse_core.sparse.ssar import SparseSettings, SSARAttention
 
+from comfy_env import record_sparse_calls
 from test_comfy_nodes import load_pack
 
 PACK = "comfyui_quantsparse_under_test"
@@ -107,22 +108,8 @@ def _rel(a, b):
 def ssar_calls(monkeypatch):
     """(block type, block index, txt_len, grid, sequence length, step, SSAR stats after the call) of every
     attention call that reaches SSAR."""
-    sp = _sp()
-    seen = []
-    original = sp.SparseRun.attention_for
-
-    def attention_for(self, group):
-        attn = original(self, group)
-
-        def call(q, k, v, mask, c):
-            out = attn(q, k, v, mask, c)
-            seen.append((c.block_type, c.block_index, c.txt_len, tuple(c.grid), q.shape[2], c.step.index,
-                         dict(attn.stats)))
-            return out
-        return call
-
-    monkeypatch.setattr(sp.SparseRun, "attention_for", attention_for)
-    return seen
+    return record_sparse_calls(monkeypatch, _sp(), lambda attn, q, mask, c: (
+        c.block_type, c.block_index, c.txt_len, tuple(c.grid), q.shape[2], c.step.index, dict(attn.stats)))
 
 
 def _check_layout(calls, txt_len, model_calls):

@@ -15,9 +15,7 @@ from quantsparse_core.io import load_compressed
 from quantsparse_core.io.rtn import compress_rtn
 from quantsparse_core.models import WanDiT, get_wan_preset
 
-from comfy_env import require_comfyui
-from test_comfy_nodes import load_pack
-from test_comfy_variant_checkpoints import TOL, _comfy_forward, _load
+from test_comfy_variant_checkpoints import TOL, _comfy_forward, _load, pack  # noqa: F401  (pack: the fixture)
 
 PACK = "comfyui_quantsparse_under_test"
 # preset -> (ComfyUI model_base class, model_family.classify name)
@@ -28,18 +26,6 @@ CONFIGS = {"wan-test-ti2v": dataclasses.replace(get_wan_preset("wan-test"), in_d
 
 def config_of(preset):
     return CONFIGS.get(preset) or get_wan_preset(preset)
-
-
-@pytest.fixture(scope="module")
-def pack(tmp_path_factory):
-    require_comfyui()
-    import folder_paths
-    models = tmp_path_factory.mktemp("models") / "diffusion_models"
-    (models / "quantsparse").mkdir(parents=True)
-    folder_paths.add_model_folder_path("diffusion_models", str(models), is_default=True)
-    nodes = load_pack()
-    return nodes, models, importlib.import_module(f"{PACK}.nodes.model_family"), \
-        importlib.import_module(f"{PACK}.nodes.fused_blocks")
 
 
 def random_sd(preset, rng):

@@ -20,6 +20,7 @@ from quantsparse_core.models.attention import StepInfo
 from quantsparse_core.models.wan import WanDiT, get_wan_preset
 from quantsparse_core.sparse.ssar import SparseSettings, SSARAttention
 
+from comfy_env import record_sparse_calls
 from test_comfy_nodes import load_pack
 
 PACK = "comfyui_quantsparse_under_test"
@@ -112,21 +113,10 @@ def _count_model_calls(patcher, calls):
 @pytest.fixture
 def ssar_calls(monkeypatch):
     """(block index, txt_len, grid, q shape, step) of every attention call that reaches SSAR."""
-    sp = _sp()
-    seen = []
-    original = sp.SparseRun.attention_for
-
-    def attention_for(self, group):
-        attn = original(self, group)
-
-        def call(q, k, v, mask, c):
-            assert mask is None and c.block_type == "double"
-            seen.append((c.block_index, c.txt_len, tuple(c.grid), tuple(q.shape), c.step.index))
-            return attn(q, k, v, mask, c)
-        return call
-
-    monkeypatch.setattr(sp.SparseRun, "attention_for", attention_for)
-    return seen
+    def record(attn, q, mask, c):
+        assert mask is None and c.block_type == "double"
+        return c.block_index, c.txt_len, tuple(c.grid), tuple(q.shape), c.step.index
+    return record_sparse_calls(monkeypatch, _sp(), record)
 
 
 # ---- (a) equal to the core, and to ComfyUI at density 1 --------------------------------------------------------------

@@ -10,12 +10,7 @@ from quantsparse_core.quant.linear import QuantLinear
 from quantsparse_core.quant.policy import default_policy, quantize_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def bf16_source(rng, model):

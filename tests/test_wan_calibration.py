@@ -20,12 +20,7 @@ from test_wan_sparse import random_model
 LATENT = (16, 2, 8, 8)  # -> grid 2 x 4 x 4 = 32 video tokens
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def t2v(rng):

@@ -5,7 +5,6 @@ T2V, I2V and a Wan 2.2 expert segment, and within a stated tolerance of calibrat
 as a WanDiT under the "wan" family; one block is built at a time; a cancelled job resumes after its last
 finished block and writes the same file."""
 import json
-import weakref
 
 import pytest
 import torch
@@ -24,6 +23,7 @@ from quantsparse_core.models.weights import atomic_save_safetensors
 from quantsparse_core.quant.linear import QuantLinear
 from quantsparse_core.quant.policy import default_policy
 
+from test_calibration_streaming import Spy
 from test_wan_sparse import random_model
 
 LATENT = (16, 2, 8, 8)          # noisy latent -> grid 2 x 4 x 4 = 32 video tokens
@@ -31,13 +31,7 @@ KW = dict(n_samples=2, steps=3, seed=7)
 MSAD = CalibSettings(method="msad", epochs=1, stride=8, top_k=8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: one thread avoids OpenMP's spin-waits on a shared 2-core machine (as test_wan_calibration)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _weights(rng, preset="wan-test"):
@@ -88,25 +82,6 @@ def _in_memory(sd, cond, path, settings, calibration, n_samples, steps, seed, co
         report = calibrate_wan(model, cond, LATENT, settings, n_samples=n_samples, steps=steps, seed=seed, **wan_kw)
     save_compressed(model, path, policy, calibration=calibration, source_hash=state_dict_hash(sd))
     return model, report
-
-
-class Spy(StateDictSource):
-    """Counts blocks built from the source, and the most alive at once."""
-
-    def __init__(self, sd):
-        super().__init__(sd)
-        self.alive, self.peak, self.built = 0, 0, 0
-
-    def block(self, kind, idx, device, dtype=None):
-        blk = super().block(kind, idx, device, dtype)
-        self.alive += 1
-        self.built += 1
-        self.peak = max(self.peak, self.alive)
-        weakref.finalize(blk, self._gone)
-        return blk
-
-    def _gone(self):
-        self.alive -= 1
 
 
 def test_streamed_wan_file_equals_the_in_memory_calibration_and_loads_as_wan(rng, tmp_path):

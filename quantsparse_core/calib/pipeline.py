@@ -45,9 +45,19 @@ class Conditioning:
 
 
 def model_latent_shape(cond: Conditioning, latent_shape) -> tuple:
-    """The latent [C, T, H, W] the DiT reads: the noisy latent's, plus I2V's concatenated channels."""
+    """The latent [C, T, H, W] the DiT reads: the noisy latent's, plus image-to-video's concatenated channels
+    (a Conditioning or a WanConditioning)."""
     shape = tuple(latent_shape)[-4:]
     return shape if cond.concat is None else (shape[0] + cond.concat.shape[1], *shape[1:])
+
+
+def job_data(cond: Conditioning, latent_shape, n_samples: int, steps: int, seed: int) -> dict:
+    """What identifies a HunyuanVideo calibration's data (the header's calibration.data; part of the resume key):
+    the sampling plan and a hash of every conditioning tensor."""
+    tensors = {k: v for k, v in (("context", cond.context), ("pooled", cond.pooled), ("mask", cond.mask),
+                                 ("concat", cond.concat), *sorted((cond.tokens or {}).items())) if v is not None}
+    return {"n_samples": n_samples, "steps": steps, "seed": seed, "latent": list(latent_shape[-4:]),
+            "prompt": state_dict_hash(tensors), "guidance": cond.guidance}
 
 
 def state_dict_hash(sd: dict) -> str:
@@ -118,11 +128,7 @@ def compress(sd: dict, cond: Conditioning, latent_shape, out_path, settings: Cal
     source_hash = state_dict_hash(sd)
     model = dit_from_state_dict(sd, device=device)
     check_calibration_latent(model, model_latent_shape(cond, latent_shape))
-    data = {"n_samples": n_samples, "steps": steps, "seed": seed, "latent": list(latent_shape[-4:]),
-            "prompt": state_dict_hash({k: v for k, v in (("context", cond.context), ("pooled", cond.pooled),
-                                                         ("mask", cond.mask), ("concat", cond.concat),
-                                                         *sorted((cond.tokens or {}).items())) if v is not None}),
-            "guidance": cond.guidance}
+    data = job_data(cond, latent_shape, n_samples, steps, seed)
     partial = resume_folder(out_path, source_hash, settings, data)
     # Block inputs go to host memory as they are captured; then the model leaves the accelerator and
     # calibration moves one block at a time onto it (calibrate(device=...)).

@@ -21,7 +21,8 @@ import numpy as np
 from ..models.family import WAN
 from ..models.sampler import flow_sigmas
 from .capture import check_calibration_latent, n_trajectories
-from .pipeline import SAMPLES_PER_TRAJECTORY, Conditioning, resume_folder, state_dict_hash
+from .pipeline import SAMPLES_PER_TRAJECTORY, Conditioning, model_latent_shape, resume_folder, state_dict_hash
+from .pipeline import job_data as hunyuan_job_data
 from .stream_budget import check_fits, estimate
 from .stream_capture import Capture, capture_first_block, streamed_dit, trajectory_runner, wan_trajectory_runner
 from .streaming import assemble, calibrate_streaming
@@ -74,14 +75,6 @@ def _check_cond(source, cond, schedule) -> None:
                              "leave wan_schedule unset")
 
 
-def model_latent(source, cond, latent_shape) -> tuple:
-    """The latent shape the model reads: image-to-video's concatenated channels added to the noisy latent's."""
-    shape = tuple(latent_shape)[-4:]
-    if getattr(cond, "concat", None) is not None:
-        shape = (shape[0] + cond.concat.shape[1], *shape[1:])
-    return shape
-
-
 def job_data(cond, latent_shape, n_samples, steps, seed, source=None, schedule=None) -> dict:
     """What identifies the calibration data (the header's calibration.data, as pipeline.compress).
     Wan: the prompt hash covers text, CLIP and concatenated tensors; shift, sigma range and the experts'
@@ -96,12 +89,7 @@ def job_data(cond, latent_shape, n_samples, steps, seed, source=None, schedule=N
         if schedule.expert is not None:
             data["experts"] = [s.fingerprint() for s in schedule.expert_sources(source, steps)[1:]]
         return data
-    return {"n_samples": n_samples, "steps": steps, "seed": seed, "latent": list(latent_shape[-4:]),
-            "prompt": state_dict_hash({k: v for k, v in (("context", cond.context), ("pooled", cond.pooled),
-                                                         ("mask", cond.mask), ("concat", cond.concat),
-                                                         *sorted((cond.tokens or {}).items()))
-                                       if v is not None}),
-            "guidance": cond.guidance}
+    return hunyuan_job_data(cond, latent_shape, n_samples, steps, seed)
 
 
 def _wan_runner(model, source, cond, latent_shape, steps, seed, n_traj, on_step, schedule, device):
@@ -162,7 +150,7 @@ def compress_streaming(source, cond: Conditioning, latent_shape, out_path, setti
     if out_path.suffix != ".safetensors":
         raise ValueError(f"output name must end in .safetensors, got {out_path.name!r}")
     _check_cond(source, cond, wan_schedule)
-    check_calibration_latent(source.skeleton, model_latent(source, cond, latent_shape))
+    check_calibration_latent(source.skeleton, model_latent_shape(cond, latent_shape))
     if n_samples < 1 or steps < 1:
         raise ValueError("samples and steps must be at least 1")
     if source.family is WAN:

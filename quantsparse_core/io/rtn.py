@@ -26,9 +26,9 @@ def quantize_state_dict(sd: Mapping, w_bits: int = 4, a_bits: int = 8, device="c
                         progress: Optional[Callable[[int, int], None]] = None):
     """(the family's DiT with frozen W{w_bits}A{a_bits} QuantLinears on the CPU, its policy, its config).
 
-    `sd` maps ComfyUI key names to tensors (any dtype, any device; a lazy Mapping works: each value is
-    read once). `progress(done, total)` is called after each quantized layer and may raise to stop."""
-    shapes = getattr(sd, "unpatched", sd)  # a lazy Mapping may offer its tensors unpatched: same shapes, no work
+    `sd` maps ComfyUI key names to tensors (any dtype, any device; a lazy Mapping works: each value is read
+    once, and its `shapes` attribute, if any, stands in for it where only shapes are read). `progress(done, total)` is called after each quantized layer and may raise to stop."""
+    shapes = getattr(sd, "shapes", sd)  # a lazy Mapping may offer tensors of the same shapes that cost nothing to read
     family, config = family_of_state_dict(shapes)
     try:
         require_loadable(config)

@@ -32,31 +32,38 @@ def initial_noise(shape, seed: int, device="cpu", dtype=torch.float32) -> torch.
     return torch.randn(shape, generator=g, dtype=torch.float32).to(device=device, dtype=dtype)
 
 
-@torch.no_grad()
-def sample_euler(model, noise: torch.Tensor, context: torch.Tensor, pooled: Optional[torch.Tensor],
-                 sigmas: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, guidance: float = 6.0,
-                 on_step: Optional[Callable[[StepInfo], None]] = None,
-                 concat: Optional[torch.Tensor] = None, tokens: Optional[dict] = None) -> torch.Tensor:
-    """Integrate from pure noise (sigma = sigmas[0]) to sigmas[-1]; returns the final latent. concat: an
-    image-to-video model's image latent + mask channels, appended to the noisy latent at every call; tokens:
-    further token inputs of the model (HunyuanVideo 1.5: txt_byt5, clip_fea), the same at every call."""
-    # As ComfyUI samples: the state and the timesteps in float32 (a bf16 timestep 914.29 would be 916), the
-    # model's input cast to its dtype per call; float32 models are unaffected.
-    b = noise.shape[0]
-    dev, dt = noise.device, noise.dtype
+def _euler(noise: torch.Tensor, sigmas: torch.Tensor, concat: Optional[torch.Tensor],
+           on_step: Optional[Callable[[StepInfo], None]], velocity: Callable) -> torch.Tensor:
+    """The Euler loop both samplers share, as ComfyUI samples: the state and the timesteps in float32 (a bf16
+    timestep 914.29 would be 916), the model's input cast to the noise's dtype per call, `concat` (an
+    image-to-video model's image latent + mask channels) appended to it; velocity(input, t, step, sigma)."""
+    b, dev, dt = noise.shape[0], noise.device, noise.dtype
+    extra = None if concat is None else concat.to(dev, dt).expand(b, -1, -1, -1, -1)
     x = noise.float() * sigmas[0]
-    g = torch.full((b,), float(guidance), device=dev, dtype=torch.float32)
     for i in range(len(sigmas) - 1):
         step = StepInfo(i, sigmas)
         if on_step is not None:
             on_step(step)
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        inp = x.to(dt) if extra is None else torch.cat([x.to(dt), extra], 1)
         t = torch.full((b,), s * 1000.0, device=dev, dtype=torch.float32)
-        inp = x.to(dt) if concat is None else torch.cat([x.to(dt), concat.to(dev, dt).expand(b, -1, -1, -1, -1)], 1)
-        v = model(inp, t, context, pooled, guidance=g, attention_mask=attention_mask, step=step,
-                  **{k: v.to(dev, dt) for k, v in (tokens or {}).items()})
-        x = x + (s_next - s) * v.float()
+        x = x + (s_next - s) * velocity(inp, t, step, s).float()
     return x.to(dt)
+
+
+@torch.no_grad()
+def sample_euler(model, noise: torch.Tensor, context: torch.Tensor, pooled: Optional[torch.Tensor],
+                 sigmas: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, guidance: float = 6.0,
+                 on_step: Optional[Callable[[StepInfo], None]] = None,
+                 concat: Optional[torch.Tensor] = None, tokens: Optional[dict] = None) -> torch.Tensor:
+    """HunyuanVideo: integrate from pure noise (sigma = sigmas[0]) to sigmas[-1]; returns the final latent.
+    concat: an image-to-video model's image latent + mask channels; tokens: further token inputs of the model
+    (HunyuanVideo 1.5: txt_byt5, clip_fea), the same at every call."""
+    dev, dt = noise.device, noise.dtype
+    g = torch.full((noise.shape[0],), float(guidance), device=dev, dtype=torch.float32)
+    kw = {k: v.to(dev, dt) for k, v in (tokens or {}).items()}
+    return _euler(noise, sigmas, concat, on_step, lambda inp, t, step, s: model(
+        inp, t, context, pooled, guidance=g, attention_mask=attention_mask, step=step, **kw))
 
 
 WAN_SHIFT = 8.0  # ComfyUI's sampling shift for Wan 2.1 T2V/I2V (supported_models.WAN21_T2V)
@@ -67,23 +74,10 @@ def sample_wan(model, noise: torch.Tensor, context: torch.Tensor, sigmas: torch.
                clip_fea: Optional[torch.Tensor] = None, concat: Optional[torch.Tensor] = None,
                on_step: Optional[Callable[[StepInfo], None]] = None,
                expert: Optional[Callable[[float], torch.nn.Module]] = None) -> torch.Tensor:
-    """Euler integration of a Wan model's velocity (noise - x0) from sigmas[0] to sigmas[-1]. concat: I2V's
-    mask + image-latent channels appended to the noisy latent each call; expert(sigma) picks each step's
-    model (Wan 2.2's two experts), else `model` runs every step."""
-    # the state and timesteps in float32 as ComfyUI samples (see sample_euler); the model's input in its dtype
-    b, dev, dt = noise.shape[0], noise.device, noise.dtype
-    x = noise.float() * sigmas[0]
+    """Wan: integrate the velocity (noise - x0) from sigmas[0] to sigmas[-1]. concat: I2V's mask + image-latent
+    channels; expert(sigma) picks each step's model (Wan 2.2's two experts), else `model` runs every step."""
+    dev, dt = noise.device, noise.dtype
     ctx = context.to(dev, dt)
     clip = None if clip_fea is None else clip_fea.to(dev, dt)
-    extra = None if concat is None else concat.to(dev, dt).expand(b, -1, -1, -1, -1)
-    for i in range(len(sigmas) - 1):
-        step = StepInfo(i, sigmas)
-        if on_step is not None:
-            on_step(step)
-        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-        m = model if expert is None else expert(s)
-        inp = x.to(dt) if extra is None else torch.cat([x.to(dt), extra], 1)
-        t = torch.full((b,), s * 1000.0, device=dev, dtype=torch.float32)
-        v = m(inp, t, ctx, clip, step=step)
-        x = x + (s_next - s) * v.float()
-    return x.to(dt)
+    return _euler(noise, sigmas, concat, on_step, lambda inp, t, step, s: (
+        model if expert is None else expert(s))(inp, t, ctx, clip, step=step))

@@ -85,10 +85,11 @@ TARGETS = (  # (name, kind, resolution, target)
     ("(Q) completes 50 steps at 720p/129f within 24 GB", "tier:24", "720p", 24),
     ("no step slower than 1.2x its kind's median (measured 50-step runs)", "stall", None, STALL_RATIO),
 )
-# Step-time priors on one H200 (s), used only to skip what would not fit --budget-s; replaced by
-# measured times as the run goes. 544p from the 2026-12 manual trial, 720p from run 16 scaled to ComfyUI.
-PRIORS = {"544p": {"A": 10.4, "A8": 11.0, "A8F": 11.0, "dense": 10.2, "refresh": 11.4, "reuse": 2.7},
-          "720p": {"A": 31.4, "A8": 33.0, "A8F": 33.0, "dense": 31.0, "refresh": 30.0, "reuse": 6.5}}
+# Step-time priors (s), used only to skip what would not fit --budget-s; replaced by measured times as
+# the run goes. Measured on one H100 on 2026-12-06 (benchmarks/results/2026-12-06_product_*_h100.json);
+# the fp8 rows and (Q)'s first compiles are not in them, so they stay a little pessimistic.
+PRIORS = {"544p": {"A": 10.8, "A8": 10.8, "A8F": 11.0, "dense": 7.1, "refresh": 8.7, "reuse": 2.3},
+          "720p": {"A": 31.0, "A8": 31.0, "A8F": 33.0, "dense": 20.4, "refresh": 25.1, "reuse": 5.8}}
 LOAD_PRIOR_S = {"A": 60.0, "A8": 60.0, "A8F": 60.0, "Q": 90.0, "QI": 90.0, "QL": 100.0}
 # issue 20 (H200): W4A8 + 15% + SSAR with INT8 attention, 50 steps at 720p/129f, against dense bf16; shown where (QI) ran
 # ComfyUI's fastest stock weights (fp8 matmuls): the bar for (Q) that the fp8 row sets, shown where (A8F) ran

@@ -12,6 +12,7 @@ A quantized linear also behaves like a ComfyUI weight where users expect it (doc
   The weights stay packed: a PatcherInjection, which ComfyUI runs when it loads the MODEL for a run
   and undoes when it unloads it, gives each layer the low-rank LoRA patches of the loaded patcher,
   added to the quantized GEMM's output: y = Q(x) + sum_i s_i alpha_i / r_i (x down_i^T) up_i^T;
+  hook LoRAs (per conditioning, keyframed) join that side path per model call;
 - offload: a layer ComfyUI left on another device than its input runs on copies of its tensors made
   for that call (no module is rebuilt);
 - save: ComfyUI's checkpoint format cannot hold the packed layers, so ModelSave / CheckpointSave of
@@ -91,6 +92,7 @@ def make_operations(layers: dict):
                 self.quant = None
                 self.lora = None        # (down [R, in], up [out, R]) of the loaded patcher's LoRAs, fp32
                 self._lora_cast = None  # ((device, dtype), down, up) as the last input needed them
+                self._lora_static, self._lora_hooked = [], []  # the pairs lora joins: MODEL LoRAs, hook LoRAs
                 self.weight_comfy_model_dtype = dtype
                 self.bias_comfy_model_dtype = dtype
 
@@ -197,31 +199,108 @@ def _low_rank(patch, m):
     return down.float(), up.float() * scale
 
 
-def _inject_lora(patcher):
-    """ComfyUI calls this when it loads `patcher` for a run: the quantized layers take its LoRA patches."""
-    skipped = []
-    for key, m in _quantized_layers(patcher):
-        pairs = []
-        for p in patcher.patches.get(key, ()):
-            if p[0] == 0.0:
-                continue  # strength 0: exactly the layer without this LoRA
-            lr = _low_rank(p, m)
-            if isinstance(lr, str):
-                skipped.append(f"{key} ({lr})")
-            else:
-                pairs.append(lr)
-        m.lora = None if not pairs else (torch.cat([d for d, _ in pairs]), torch.cat([u for _, u in pairs], dim=1))
-        m._lora_cast = None
+def _low_rank_pairs(patches, key, m, skipped, strength=1.0) -> list:
+    """The (down, up) side paths of a layer's patch list at `strength` (a hook keyframe's); patches a side path
+    cannot run go to `skipped`."""
+    pairs = []
+    for p in patches:
+        if p[0] * strength == 0.0:
+            continue  # strength 0: exactly the layer without this LoRA
+        lr = _low_rank((p[0] * strength,) + tuple(p[1:]), m)
+        if isinstance(lr, str):
+            skipped.append(f"{key} ({lr})")
+        else:
+            pairs.append(lr)
+    return pairs
+
+
+def _set_lora(m, static=None, hooked=None):
+    """A layer's side path = its MODEL's LoRAs (`static`) + the hook LoRAs of the conditioning running now
+    (`hooked`); None leaves that part as it is. One concatenated (down, up) pair, or None."""
+    if static is not None:
+        m._lora_static = static
+    if hooked is not None:
+        m._lora_hooked = hooked
+    pairs = m._lora_static + m._lora_hooked
+    m.lora = None if not pairs else (torch.cat([d for d, _ in pairs]), torch.cat([u for _, u in pairs], dim=1))
+    m._lora_cast = None
+
+
+def _warn_skipped(skipped):
     if skipped:
         log.warning("QuantSparse: %d weight patches on quantized layers NOT applied (a quantized layer takes "
                     "plain LoRA up/down patches, added beside its packed weight): %s", len(skipped),
                     ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else ""))
 
 
+def _inject_lora(patcher):
+    """ComfyUI calls this when it loads `patcher` for a run: the quantized layers take its LoRA patches."""
+    skipped = []
+    for key, m in _quantized_layers(patcher):
+        _set_lora(m, static=_low_rank_pairs(patcher.patches.get(key, ()), key, m, skipped))
+    _warn_skipped(skipped)
+
+
 def _eject_lora(patcher):
-    """ComfyUI calls this when it unloads `patcher`: the layers drop its LoRAs."""
+    """ComfyUI calls this when it unloads `patcher`: the layers drop its LoRAs (and any hook LoRAs)."""
     for _, m in _quantized_layers(patcher):
-        m.lora = m._lora_cast = None
+        _set_lora(m, static=[], hooked=[])
+    patcher.model.__dict__.pop(_HOOK_STATE, None)
+
+
+# ---- hook LoRAs (CreateHookLora + keyframes, per conditioning) on the quantized layers ------------------------
+# ComfyUI applies a hook LoRA by computing the patched weight of each layer it touches (and, in its MaxSpeed
+# mode, caching it): that would need a dense weight, which a quantized layer does not have. So its patches are
+# taken out of ComfyUI's weight path when ComfyUI registers them, and each model call gives the quantized
+# layers the side paths of the hooks of the conditioning it runs, at their current keyframe strength.
+HOOK_KEY = "quantsparse_hook_lora"   # callback / wrapper key on the ModelPatcher
+_HOOK_PATCHES = "quantsparse_hook_patches"   # on the BaseModel (shared by clones): {hook_ref: {key: [patch]}}
+_HOOK_STATE = "quantsparse_hook_state"       # on the BaseModel: which hooks and strengths the layers hold
+
+
+def _take_hook_patches(patcher, hooks, target_dict, model_options, registered):
+    """ON_REGISTER_ALL_HOOK_PATCHES: move the quantized layers' keys out of ComfyUI's hook patches (their
+    patches for a hook depend only on the hook and the model, so they are kept on the model, per hook)."""
+    quantized = {key for key, _ in _quantized_layers(patcher)}
+    store = patcher.model.__dict__.setdefault(_HOOK_PATCHES, {})
+    for ref, patches in patcher.hook_patches.items():
+        mine = {k: patches.pop(k) for k in list(patches) if k in quantized}
+        if mine:
+            store[ref] = mine
+
+
+def _sync_hook_loras(patcher) -> None:
+    """Give the quantized layers the side paths of `patcher.current_hooks` (the conditioning ComfyUI runs
+    now) at their keyframe strengths; nothing to do while those did not change."""
+    from comfy.hooks import EnumHookType
+
+    store = patcher.model.__dict__.get(_HOOK_PATCHES)
+    hooks = patcher.current_hooks
+    active = [] if not store or hooks is None else \
+        [(h, store[h.hook_ref]) for h in hooks.get_type(EnumHookType.Weight) if h.hook_ref in store]
+    state = tuple((id(h.hook_ref), float(h.strength)) for h, _ in active)
+    if patcher.model.__dict__.get(_HOOK_STATE, ()) == state:
+        return
+    skipped = []
+    for key, m in _quantized_layers(patcher):
+        _set_lora(m, hooked=[pr for h, patches in active
+                             for pr in _low_rank_pairs(patches.get(key, ()), key, m, skipped, float(h.strength))])
+    patcher.model.__dict__[_HOOK_STATE] = state
+    _warn_skipped(skipped)
+
+
+def _hook_lora_wrapper(executor, *args, **kwargs):
+    """APPLY_MODEL wrapper: every model call runs with the hook LoRAs of its own conditioning."""
+    patcher = getattr(executor.class_obj, "current_patcher", None)
+    if patcher is not None:
+        _sync_hook_loras(patcher)
+    return executor(*args, **kwargs)
+
+
+def _add_hook_lora_support(patcher) -> None:
+    from comfy.patcher_extension import CallbacksMP, WrappersMP
+    patcher.add_callback_with_key(CallbacksMP.ON_REGISTER_ALL_HOOK_PATCHES, HOOK_KEY, _take_hook_patches)
+    patcher.add_wrapper_with_key(WrappersMP.APPLY_MODEL, HOOK_KEY, _hook_lora_wrapper)
 
 
 # ---- saving ---------------------------------------------------------------------------------------
@@ -271,5 +350,6 @@ def load_compressed_patcher(path, disable_dynamic: bool = True):
     patcher.cached_patcher_init = (load_compressed_patcher, (str(path),))
     patcher.quantsparse_header = header
     patcher.set_injections(LORA_INJECTION, [PatcherInjection(inject=_inject_lora, eject=_eject_lora)])
+    _add_hook_lora_support(patcher)
     patcher.add_object_patch("state_dict_for_saving", _refuse_save(path))
     return patcher

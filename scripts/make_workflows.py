@@ -92,7 +92,7 @@ class Graph:
 
     def add(self, type_, widgets=(), col=0, row=0, title=None, **inputs):
         sockets, outputs = SOCKETS[type_]
-        node = {"id": len(self.nodes) + 1, "type": type_, "pos": [60 + 380 * col, 80 + 260 * row],
+        node = {"id": len(self.nodes) + 1, "type": type_, "pos": [60 + 380 * col, round(80 + 260 * row)],
                 "size": [340, 200], "flags": {}, "order": len(self.nodes), "mode": 0,
                 "inputs": [{"name": n, "type": t, "link": None} for n, t in sockets],
                 "outputs": [{"name": n, "type": t, "links": [], "slot_index": i} for i, (n, t) in enumerate(outputs)],
@@ -234,19 +234,20 @@ def wan22_text_to_video():
     """Wan 2.2 A14B T2V: both experts compressed, each sampled with sparse attention over its own steps
     (high noise 0-10, low noise 10-20), the stock two-sampler graph."""
     g = Graph()
-    pos, neg = wan_text(g, row=2)
-    latent = g.add("EmptyHunyuanLatentVideo", WAN_SIZE, 0, 4)
+    pos, neg = wan_text(g, row=3)
+    latent = g.add("EmptyHunyuanLatentVideo", WAN_SIZE, 0, 5)
     samplers = []
-    for row, (name, start, end, noise, leftover) in enumerate(((WAN22_HIGH_Q, 0, 10, "enable", "enable"),
-                                                               (WAN22_LOW_Q, 10, 10000, "disable", "disable"))):
+    for i, (name, start, end, noise, leftover) in enumerate(((WAN22_HIGH_Q, 0, 10, "enable", "enable"),
+                                                             (WAN22_LOW_Q, 10, 10000, "disable", "disable"))):
+        row = 1.5 * i  # a Sparse Attention node is taller than one grid row
         model = g.add("QuantSparseLoadCompressedDiT", [f"quantsparse/{name}.safetensors"], 0, row)
         shifted = g.add("ModelSamplingSD3", [8.0], 1, row, model=(model, 0))
         sparse = g.add("QuantSparseSparseAttention", SPARSE, 2, row, model=(shifted, 0))
         src = latent if not samplers else samplers[-1]
         samplers.append(g.add("KSamplerAdvanced", [noise, 0, "fixed", 20, 3.5, "euler", "simple", start, end, leftover],
-                              3 + row, row, title=("High" if row == 0 else "Low") + " noise expert",
+                              3 + i, row, title=("High" if i == 0 else "Low") + " noise expert",
                               model=(sparse, 0), positive=(pos, 0), negative=(neg, 0), latent_image=(src, 0)))
-    wan_decode(g, samplers[-1], 5, 1, "video/wan22_quantsparse")
+    wan_decode(g, samplers[-1], 5, 1.5, "video/wan22_quantsparse")
     return g
 
 
@@ -266,7 +267,7 @@ def wan_calibrate_and_save():
     for row, (model, other, out, role) in enumerate(((high, low, WAN22_HIGH_Q, "high noise"),
                                                      (low, high, WAN22_LOW_Q, "low noise")), start=1):
         g.add("QuantSparseCalibrate", ["4", "8", "msad", 20, 20, 15, 0.1, 0.1, 128, 256, 0, "fixed", out, role, 0.875],
-              3, row, model=(model, 0), positive=(pos, 0), latent=(latent, 0), other_expert=(other, 0))
+              3 + row, 0, model=(model, 0), positive=(pos, 0), latent=(latent, 0), other_expert=(other, 0))  # side by side: tall
     return g
 
 

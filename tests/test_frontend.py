@@ -1,6 +1,6 @@
 """The shipped workflows in ComfyUI's real frontend (its comfyui-frontend-package), in headless
 Chromium driven by playwright: each loads with every node type registered, no node in error (red),
-no error banner, every combo value one of its options and every number in range, and the frontend's
+no error banner, no node drawn over another, every combo value one of its options and every number in range, and the frontend's
 own API prompt equal to what the server tests queue (comfy_workflow.to_api), so a widget value the
 editor puts in another input (as it does for an extra `seed` control) is caught. A screenshot of
 each goes to docs/screenshots/<workflow>.png.
@@ -42,6 +42,14 @@ LOAD_AND_CHECK = """async (wf) => {
         problems.push(`${at}.${w.name}: ${JSON.stringify(w.value)} outside [${o.min}, ${o.max}]`);
     }
   }
+  const t = LiteGraph.NODE_TITLE_HEIGHT, box = n => [n.pos[0], n.pos[1] - t, n.pos[0] + n.size[0], n.pos[1] + n.size[1]];
+  const ns = app.graph._nodes;
+  for (let i = 0; i < ns.length; i++)      // a node drawn over another hides its widgets in the editor
+    for (let j = i + 1; j < ns.length; j++) {
+      const a = box(ns[i]), b = box(ns[j]);
+      if (a[0] < b[2] && b[0] < a[2] && a[1] < b[3] && b[1] < a[3])
+        problems.push(`node ${ns[i].id} (${ns[i].type}) overlaps node ${ns[j].id} (${ns[j].type})`);
+    }
   await new Promise(r => setTimeout(r, 300));   // banners are shown after the load
   for (const e of document.querySelectorAll('[role=status][class*=destructive], .p-toast-message-error'))
     if (e.offsetParent !== null) problems.push(`error banner: ${e.innerText.replace(/\\s+/g, ' ')}`);

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import re
 import time
 from collections.abc import Mapping
@@ -18,6 +17,7 @@ from quantsparse_core.calib.pipeline import SAMPLES_PER_TRAJECTORY, Conditioning
 from quantsparse_core.calib.stream_budget import describe, estimate
 from quantsparse_core.calib.stream_pipeline import WanSchedule, compress_streaming
 from quantsparse_core.calib.wan_calibration import WanConditioning
+from quantsparse_core.hostmem import available_host_memory
 from quantsparse_core.io.rtn import compress_rtn
 from quantsparse_core.models.family import family_of
 
@@ -237,22 +237,6 @@ class ComfyBlockSource(StateDictSource):
 
     def other_tensors(self) -> dict:
         return {k: _readable(v, self.fp8_as) for k, v in self._patched("", super().other_tensors()).items()}
-
-
-def available_host_memory():
-    """Bytes of host memory available now (Linux MemAvailable: free pages plus reclaimable page cache, which after
-    ComfyUI read a 28 GB file is most of it), or None where it cannot be read."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 class ProgressReporter:

@@ -36,8 +36,9 @@ def sparse_inputs() -> list:
                                "Wan: its blocks in order)."),
         io.Combo.Input("cache_placement", options=PLACEMENTS, default="auto",
                        tooltip="Where the SSAR correction cache lives. auto: the most accurate option that fits in "
-                               "free VRAM. gpu-bf16 / gpu-int8: on the GPU; cpu-pinned: in RAM, copied each step; "
-                               "low-rank: compressed, lossy. 720p x 129 frames needs 44 GB in bf16."),
+                               "free VRAM (cpu-pinned only if free RAM holds it, leaving 4 GB). gpu-bf16 / gpu-int8: "
+                               "on the GPU; cpu-pinned: in RAM, copied each step; low-rank: compressed, lossy. "
+                               "720p x 129 frames needs 44 GB in bf16. The choice is logged at the first refresh."),
         io.Boolean.Input("fused_blocks", default=True, optional=True,  # optional: older saved prompts lack it
                          tooltip="Run QuantSparse's fused blocks (grouped small ops, activations quantized by the op "
                                  "that produces them, one q/k norm + RoPE kernel) on this model's weights instead of "

@@ -6,8 +6,9 @@ more than a 13B model leaves free on an 80 GB GPU. The policies trade accuracy f
 
 - "gpu-bf16":   bf16 on the compute device (exact up to bf16 rounding).
 - "gpu-int8":   int8 with one fp32 absmax scale per token row, on the compute device.
-- "cpu-pinned": bf16 in host memory (pinned when CUDA is available, copied back non_blocking);
-                costs host memory and PCIe bandwidth instead of device memory.
+- "cpu-pinned": bf16 in host memory (page-locked when CUDA is available, in slabs that PyTorch's
+                allocator does not round up: host_slabs.py; copied back non_blocking); costs host
+                memory and PCIe bandwidth instead of device memory.
 - "low-rank":   rank-r factors (U S, V^T) per (batch, head) in bf16; lossy, the residual is not low rank.
 - "exact":      fp32 on the compute device; for tests and tiny runs, never chosen by "auto".
 - "auto":       the most accurate of the first four whose bytes for the whole run fit the budget.
@@ -19,6 +20,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from .host_slabs import HostEntry, HostSlabs
 from .low_rank import from_factors, truncated_factors
 
 POLICIES = ("gpu-bf16", "gpu-int8", "cpu-pinned", "low-rank", "exact")
@@ -83,9 +85,14 @@ def choose_placement(tokens: int, hidden: int, layers: int, budget_bytes: Option
                                 factor_rank=factor_rank)
         if dev <= budget_bytes and (host_budget_bytes is None or host <= host_budget_bytes):
             return policy
-        need.append(dev)
+        if host == 0:
+            need.append(dev)
+        else:
+            pinned_host = host
     raise ValueError(f"not enough memory for the SSAR cache: need at least {min(need):,} bytes of device memory "
-                     f"(budget {budget_bytes:,}); lower the resolution or use order=0")
+                     f"(budget {budget_bytes:,}) or {pinned_host:,} bytes of host memory for cpu-pinned (budget "
+                     f"{'unlimited' if host_budget_bytes is None else format(host_budget_bytes, ',')}); lower the "
+                     "resolution or use order=0")
 
 
 def placement_table() -> List[Dict]:
@@ -114,6 +121,7 @@ class CacheStore:
 
     put() takes fp32 (or any float) tensors on the compute device; get() returns fp32 on `device`.
     put_factors()/get_factors() keep small SVD factors in bf16 next to the cache (host for cpu-pinned).
+    cpu-pinned entries live in HostSlabs; a key written again with the same shape is overwritten in place.
     """
 
     def __init__(self, policy: str, rank: int = 16):
@@ -125,14 +133,35 @@ class CacheStore:
         self._data: Dict = {}
         self._ready: Dict = {}        # cpu-pinned entries already on their way to the GPU
         self._copy_stream = None
+        self._slabs: Optional[HostSlabs] = None
 
-    def _host(self, x: torch.Tensor) -> torch.Tensor:
+    def _settle_prefetch(self, key) -> None:
+        """Forget a prefetched copy of `key` (stale once the key changes); the compute stream waits for
+        it, so the host bytes it reads are not overwritten or handed to another entry while it runs."""
+        ready = self._ready.pop(key, None)
+        if ready is not None:
+            torch.cuda.current_stream(ready[0].device).wait_event(ready[1])
+
+    def _host(self, x: torch.Tensor, old=None) -> HostEntry:
+        """x as bf16 in host memory: written into `old` when it has the same shape, else a new entry."""
         x = x.to(torch.bfloat16)
-        if torch.cuda.is_available():
-            host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
-            host.copy_(x, non_blocking=x.is_cuda)
-            return host
-        return x.cpu()
+        if self._slabs is None:
+            self._slabs = HostSlabs(pin=torch.cuda.is_available())
+        if isinstance(old, HostEntry) and old.fits(x):
+            entry = old
+        else:
+            if isinstance(old, HostEntry):
+                self._slabs.give_back(old.pieces)
+            entry = HostEntry(self._slabs, x.shape, x.dtype)
+        entry.write(x)
+        return entry
+
+    def _release(self, entry) -> None:
+        """Give a dropped entry's host bytes back for reuse."""
+        if entry is not None and self._slabs is not None:
+            for part in entry[1:]:
+                if isinstance(part, HostEntry):
+                    self._slabs.give_back(part.pieces)
 
     def put(self, key, x: torch.Tensor, heads: int) -> None:
         x = x.detach()
@@ -141,8 +170,9 @@ class CacheStore:
         elif self.policy == "gpu-bf16":
             entry = ("raw", x.to(torch.bfloat16))
         elif self.policy == "cpu-pinned":
-            entry = ("raw", self._host(x))
-            self._ready.pop(key, None)  # a prefetched copy of the old value is stale
+            self._settle_prefetch(key)  # a prefetched copy of the old value is stale
+            old = self._data.get(key)
+            entry = ("host", self._host(x, old[1] if old is not None and old[0] == "host" else None))
         elif self.policy == "gpu-int8":
             x = x.float()
             scale = x.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) / 127.0
@@ -158,14 +188,14 @@ class CacheStore:
         for the copy's event. A no-op for other placements, missing keys and non-CUDA devices."""
         device = torch.device(device)
         if (self.policy != "cpu-pinned" or device.type != "cuda" or key not in self._data
-                or key in self._ready or self._data[key][0] != "raw"):
+                or key in self._ready or self._data[key][0] != "host"):
             return
         if self._copy_stream is None:
             self._copy_stream = torch.cuda.Stream(device)
         compute = torch.cuda.current_stream(device)
         self._copy_stream.wait_stream(compute)   # the host copy was written by work queued on compute
         with torch.cuda.stream(self._copy_stream):
-            on_device = self._data[key][1].to(device, non_blocking=True)
+            on_device = self._data[key][1].read(device)
             done = torch.cuda.Event()
             done.record(self._copy_stream)
         self._ready[key] = (on_device, done)
@@ -189,6 +219,8 @@ class CacheStore:
                 on_device.record_stream(stream)  # allocated on the copy stream, used on this one
                 return {"dense": on_device}
         entry = self._data[key]
+        if entry[0] == "host":
+            return {"dense": entry[1].read(device)}
         if entry[0] == "raw":
             return {"dense": to_device(entry[1], device)}
         if entry[0] == "int8":
@@ -196,26 +228,38 @@ class CacheStore:
         return {"dense": from_factors(entry[1].to(device), entry[2].to(device))}
 
     def put_factors(self, key, us: torch.Tensor, vh: torch.Tensor) -> None:
-        store = self._host if self.policy == "cpu-pinned" else (lambda t: t.to(torch.bfloat16))
-        if self.policy == "exact":
-            store = lambda t: t.float().clone()  # noqa: E731
+        if self.policy == "cpu-pinned":
+            old = self._data.get(key)
+            old = old[1:] if old is not None and old[0] == "factors" else (None, None)
+            self._data[key] = ("factors", self._host(us, old[0]), self._host(vh, old[1]))
+            return
+        store = (lambda t: t.float().clone()) if self.policy == "exact" else (lambda t: t.to(torch.bfloat16))
         self._data[key] = ("factors", store(us), store(vh))
 
     def get_factors(self, key, device) -> Tuple[torch.Tensor, torch.Tensor]:
         _, us, vh = self._data[key]
+        if isinstance(us, HostEntry):
+            return us.read(device).float(), vh.read(device).float()
         return to_device(us, device).float(), to_device(vh, device).float()
 
     def __contains__(self, key) -> bool:
         return key in self._data
 
     def drop(self, key) -> None:
-        self._data.pop(key, None)
-        self._ready.pop(key, None)
+        self._settle_prefetch(key)
+        self._release(self._data.pop(key, None))
 
     def clear(self) -> None:
+        for key in list(self._ready):
+            self._settle_prefetch(key)
         self._data.clear()
-        self._ready.clear()
+        self._slabs = None   # its slabs go back to PyTorch's pinned cache, for the next run to reuse
 
     def nbytes(self) -> int:
-        """Bytes actually held (device and host together)."""
-        return sum(t.numel() * t.element_size() for e in self._data.values() for t in e[1:])
+        """Bytes of data held (device and host together)."""
+        return sum(t.nbytes if isinstance(t, HostEntry) else t.numel() * t.element_size()
+                   for e in self._data.values() for t in e[1:])
+
+    def host_reserved_bytes(self) -> int:
+        """Host bytes this store keeps page-locked (its data, plus at most one partly used slab and freed runs)."""
+        return 0 if self._slabs is None else self._slabs.reserved_bytes()

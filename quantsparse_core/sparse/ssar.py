@@ -18,12 +18,14 @@ or for short runs of distilled models the few-step schedule (see SparseSettings.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
 import torch
 
 from ..dispatch import Correction, block_sparse_attention, int8_dense_attention, refresh_attention
+from ..hostmem import pinnable_host_bytes
 from ..models.attention import AttentionCall, allowed_keys, dense_attention
 from .cache import CacheStore, check_policy, choose_placement, working_bytes
 from .host_eigh import TopVectorsJob
@@ -36,6 +38,12 @@ FEW_STEP_MAX = 8    # "auto" runs the few-step schedule at this many steps or fe
 FEW_STEP_TAU = 2    # the few-step schedule refreshes every other step, from step 0
 FEW_STEP_ORDER = 1  # ... with the first-order correction only (see SparseSettings)
 
+log = logging.getLogger("quantsparse")
+
+
+def _gb(n) -> str:
+    return "unlimited" if n is None or n == float("inf") else f"{n / 1e9:.1f} GB"
+
 
 @dataclass
 class SparseSettings:
@@ -43,7 +51,9 @@ class SparseSettings:
     second-order denoising (0 = plain second order); order: 0 no cache, 1 first-, 2 second-order;
     warmup_steps: dense first steps (None = round(0.1 * num_steps)); warmup_blocks: dense first joint
     blocks, double then single; n_rows/block/seed: SVG head classification; placement: cache policy
-    ("auto" picks from budget_bytes, default free CUDA memory); placement_rank: rank of the
+    ("auto" picks from budget_bytes, default free CUDA memory, and for the cpu-pinned placement
+    host_budget_bytes, default on CUDA the host memory available minus hostmem.HOST_RESERVE_BYTES:
+    a cache the host cannot hold goes low-rank instead); placement_rank: rank of the
     "low-rank" placement; layers: joint blocks for the auto budget (None = counted from calls);
     host_eigh: the rank-r truncation's eigendecompositions on a host thread, overlapped with the GPU
     (None = when the residual is on CUDA; see host_eigh.py), its D2 kept in the cache meanwhile;
@@ -264,14 +274,18 @@ class SSARAttention:
             if self.placement is None:
                 b, heads, length, dim = q.shape
                 layers = s.layers or max(1, sum(self._num_blocks.values()) - s.warmup_blocks)
-                budget = s.budget_bytes
+                budget, host_budget = s.budget_bytes, s.host_budget_bytes
                 if budget is None and q.is_cuda:
                     budget = max(0, torch.cuda.mem_get_info(q.device)[0] - working_bytes(b, length, heads * dim))
+                if host_budget is None and q.is_cuda:
+                    host_budget = pinnable_host_bytes()
                 order = self._plan.order if self._plan is not None else s.order
                 self.placement = choose_placement(
                     length, heads * dim, layers, budget, self._max_batch, s.placement_rank, heads,
-                    host_budget_bytes=s.host_budget_bytes, tensors=2 if order == 2 and s.svd_rank == 0 else 1,
+                    host_budget_bytes=host_budget, tensors=2 if order == 2 and s.svd_rank == 0 else 1,
                     factor_rank=s.svd_rank if order == 2 else 0)
+                log.info("QuantSparse: SSAR cache placement %s (%d tokens x %d layers; device budget %s, host %s)",
+                         self.placement, length, layers, _gb(budget), _gb(host_budget))
             self._store = CacheStore(self.placement, s.placement_rank)
         return self._store
 

@@ -40,6 +40,7 @@ import logging
 import math
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -143,6 +144,29 @@ def kind_stats(per_step):
 
 
 # ---- ComfyUI in-process ----------------------------------------------------------------------------
+KITCHEN_CUDA_XZ = ROOT / ".devcarry" / "kitchen_cuda" / "_C.abi3.so.xz"   # scripts/prepare_device_carry.sh
+
+
+def unpack_kitchen_cuda() -> str:
+    """comfy_kitchen's CUDA extension travels xz-compressed (143 MB unpacked, 19 MB packed, under the 64 MiB
+    carry limit); put it back where the carried comfy_kitchen looks for it, before ComfyUI imports kitchen, so
+    ComfyUI's RoPE and fp8 paths run as on a user's machine. Returns what happened (for the results)."""
+    import lzma
+    spec = importlib.util.find_spec("comfy_kitchen")
+    if spec is None or not spec.submodule_search_locations:
+        return "comfy_kitchen not importable"
+    target = Path(list(spec.submodule_search_locations)[0]) / "backends" / "cuda" / "_C.abi3.so"
+    if target.is_file():
+        return f"present: {target}"
+    if not KITCHEN_CUDA_XZ.is_file():
+        return f"missing: {target} (no {KITCHEN_CUDA_XZ.name} carried)"
+    tmp = target.with_name(target.name + ".tmp")
+    with lzma.open(KITCHEN_CUDA_XZ) as src, open(tmp, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 24)
+    tmp.replace(target)
+    return f"unpacked: {target}"
+
+
 class Comfy:
     """ComfyUI imported in this process (from COMFYUI_PATH), told the VRAM cap if any."""
 
@@ -153,6 +177,7 @@ class Comfy:
                      "or --comfyui (on the GPU machine: .devcarry/ComfyUI from scripts/prepare_device_carry.sh)")
         if str(self.path) not in sys.path:
             sys.path.insert(1, str(self.path))  # after the repository: the pack's modules load by path anyway
+        self.kitchen_cuda = unpack_kitchen_cuda()
         self.device = device
         self.cap_bytes = None
         if cap_gb:
@@ -1090,15 +1115,17 @@ def main(argv=None):
     cmd = "python benchmarks/comfy_product.py " + " ".join(sys.argv[1:] if argv is None else argv)
     data = dict(run=f"product: {slug}", date=f"{now:%Y-%m-%d}", time_utc=f"{now:%H:%M}", **env, command=cmd,
                 comfyui=dict(version=comfy.version, path=str(comfy.path), in_process=True,
-                             dynamic_vram="off (main.py not run: legacy ModelPatcher)", **comfy.view()),
+                             dynamic_vram="off (main.py not run: legacy ModelPatcher)", kitchen_cuda=comfy.kitchen_cuda,
+                             **comfy.view()),
                 settings=dict(preset=args.preset, steps=args.steps, sampler="euler", scheduler="simple", cfg=1.0,
                               guidance=6.0, text_tokens=args.text_tokens, cap_gb=args.cap_gb,
                               cap_allocator_bytes=comfy.cap_bytes, seed=args.seed, warm_run=not args.no_warm_run),
                 runs=[], notes=[
                     "Headline: wall-clock of the sampling steps (first model call to the last step's end, "
                     "device-synchronized), ComfyUI's comfy.sample.sample, model already loaded by a warm-up run.",
-                    "ComfyUI's RoPE runs comfy_kitchen's eager backend here (its CUDA extension is not carried); "
-                    "it costs (A), (A8) and (Q) the same seconds per step (diagnostics.rope_*).",
+                    "ComfyUI's RoPE runs on comfy_kitchen's selected backend (comfyui.kitchen_backends; its CUDA "
+                    "extension travels xz-compressed, comfyui.kitchen_cuda); it costs (A) and (A8) "
+                    "diagnostics.rope_* per step, while (Q)'s fused blocks apply RoPE in their own kernel.",
                 ])
     report = Report(out, data)
     report.save()

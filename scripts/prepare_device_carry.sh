@@ -9,10 +9,14 @@
 #                     (text encoders are never built), node_helpers.py, folder_paths.py,
 #                     comfyui_version.py, LICENSE; no .git.
 # .devcarry/site/     the pure-Python requirements the GPU image lacks, copied from ComfyUI's venv:
-#                     comfy_kitchen WITHOUT backends/cuda/_C*.so (137 MB; ComfyUI's RoPE then runs
-#                     kitchen's eager backend there, see docs/BENCHMARKS.md), comfy_aimdo (its two
-#                     ctypes libraries are Python-version independent; ComfyUI only turns dynamic VRAM
-#                     on from main.py, which the benchmark does not run), torchsde, trampoline.
+#                     comfy_kitchen without backends/cuda/_C*.so, comfy_aimdo (its two ctypes libraries
+#                     are Python-version independent; ComfyUI only turns dynamic VRAM on from main.py,
+#                     which the benchmark does not run), torchsde, trampoline.
+# .devcarry/kitchen_cuda/_C.abi3.so.xz
+#                     comfy_kitchen's CUDA extension from PyPI's cp312-abi3 manylinux wheel of the same
+#                     version (143 MB; xz -9e: 19 MB), which benchmarks/comfy_product.py unpacks beside
+#                     the carried comfy_kitchen before ComfyUI imports it, so ComfyUI's RoPE and fp8 paths
+#                     run as on a user's machine. KITCHEN_CUDA=0 skips it (kitchen then runs eager there).
 # Use there:  PYTHONPATH=.devcarry/site COMFYUI_PATH=.devcarry/ComfyUI python3 benchmarks/comfy_product.py ...
 # and name .devcarry in the run's carry list. Everything that travels must stay under 64 MiB.
 set -euo pipefail
@@ -57,11 +61,36 @@ if find "$OUT/site/comfy_kitchen" -name '_C*' | grep -q .; then
     echo "comfy_kitchen's CUDA extension was not removed" >&2; exit 1
 fi
 
+# -- comfy_kitchen's CUDA extension, compressed --------------------------------------------------------
+if [ "${KITCHEN_CUDA:-1}" != "0" ]; then
+    KVER="$("$PY" -c "import importlib.metadata as m; print(m.version('comfy-kitchen'))")"
+    WHEELS="$(mktemp -d)"
+    "$PY" -m pip download -q "comfy-kitchen==$KVER" --python-version 3.12 --only-binary :all: --no-deps \
+        --platform manylinux_2_28_x86_64 -d "$WHEELS"
+    mkdir -p "$OUT/kitchen_cuda"
+    "$PY" - "$WHEELS" "$OUT/kitchen_cuda/_C.abi3.so.xz" <<'EOF'
+import glob, lzma, os, sys, zipfile
+wheels, out = sys.argv[1], sys.argv[2]
+(whl,) = glob.glob(f"{wheels}/comfy_kitchen-*.whl")
+name = "comfy_kitchen/backends/cuda/_C.abi3.so"
+with zipfile.ZipFile(whl) as z:
+    data = z.read(name)
+with lzma.open(out + ".tmp", "wb", preset=9 | lzma.PRESET_EXTREME) as f:  # about a minute on 2 cores
+    f.write(data)
+os.replace(out + ".tmp", out)
+print(f"kitchen CUDA extension: {name} from {os.path.basename(whl)}: {len(data):,} bytes -> {os.path.getsize(out):,} (xz)")
+EOF
+    rm -rf "$WHEELS"
+fi
+
 {
     echo "ComfyUI $VERSION ($COMMIT) from $COMFY, trimmed; pure-Python packages from $SITE:"
     for pkg in comfy_kitchen comfy_aimdo torchsde trampoline; do
         ls -d "$OUT/site/${pkg}"-*.dist-info 2>/dev/null | xargs -n1 basename || echo "$pkg"
     done
+    if [ -f "$OUT/kitchen_cuda/_C.abi3.so.xz" ]; then
+        echo "kitchen_cuda/_C.abi3.so.xz: comfy_kitchen's CUDA extension (cp312 abi3, manylinux_2_28 x86_64)"
+    fi
     echo "built $(date -u +%Y-%m-%dT%H:%MZ) by scripts/prepare_device_carry.sh"
 } > "$OUT/MANIFEST.txt"
 

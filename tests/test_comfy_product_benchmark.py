@@ -156,3 +156,28 @@ def test_timed_steps_are_the_first_steps_of_the_real_schedule(tmp_path):
     assert kinds == ["dense", "dense", "refresh", "reuse"]  # 20 steps: 2 dense warm-up steps
     assert q["completed"] and q["output_finite"] and len(q["per_step"]) == 4
     assert [s["observed"] for s in q["per_step"]] == kinds and q["kinds_match_schedule"]
+
+
+def test_kitchen_cuda_extension_is_unpacked_where_the_carried_kitchen_looks(tmp_path, monkeypatch, rng):
+    """The carried xz file is decompressed once into comfy_kitchen/backends/cuda/ (byte for byte), and left
+    alone when the extension is there; without the package or the file it only says so."""
+    import lzma
+    mod = _module()
+    import torch
+    payload = torch.randint(0, 256, (300_000,), generator=rng, dtype=torch.uint8).numpy().tobytes()
+    xz = tmp_path / "carry" / "_C.abi3.so.xz"
+    xz.parent.mkdir()
+    xz.write_bytes(lzma.compress(payload))
+    pkg = tmp_path / "site" / "comfy_kitchen"
+    (pkg / "backends" / "cuda").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    monkeypatch.setattr(mod, "KITCHEN_CUDA_XZ", xz)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.delitem(sys.modules, "comfy_kitchen", raising=False)
+    assert mod.unpack_kitchen_cuda().startswith("unpacked")
+    target = pkg / "backends" / "cuda" / "_C.abi3.so"
+    assert target.read_bytes() == payload
+    assert mod.unpack_kitchen_cuda().startswith("present")
+    target.unlink()
+    xz.unlink()
+    assert mod.unpack_kitchen_cuda().startswith("missing")

@@ -14,6 +14,10 @@ Configurations (each loaded, sampled and freed in turn, in this one process):
   Q   the same weights RTN-quantized to W4A8 (quantsparse_core default policy), saved as a compressed
       checkpoint, loaded by the pack's Load Compressed DiT (nodes/comfy_ops.load_compressed_patcher) and
       patched by nodes/sparse_patch.apply_sparse(patcher, SparseSettings()) = Sparse Sampler's defaults.
+  C   (Q)'s checkpoint and settings run by quantsparse_core alone (io.load_compressed, fuse_small_ops,
+      SSARAttention, the core's Euler sampler with the same conditioning): the "(Q) within 5% of the core"
+      target compares the two on the same card in the same process.
+  A8F, QI, QL: see --configs.
 Sampling is `comfy.sample.sample` (what ComfyUI's KSampler / common_ksampler calls): euler, simple,
 cfg 1.0, a random 256-token x 4096 text conditioning with ComfyUI's attention mask (200 real tokens),
 pooled output, guidance 6.0 (HunyuanVideo's workflow). Each step is timed by a callback with a device
@@ -64,12 +68,14 @@ import memory_peak  # noqa: E402  (benchmarks/memory_peak.py)
 
 RESOLUTIONS = {"544p": (960, 544, 129), "720p": (1280, 720, 129),  # width, height, frames
                "wan720p": (1280, 720, 81), "wan480p": (832, 480, 81)}  # Wan 2.1's defaults (EmptyHunyuanLatentVideo)
-CONFIGS = ("A", "A8", "A8F", "Q", "QI", "QL")
-SPARSE_CONFIGS = ("Q", "QI", "QL")
+CONFIGS = ("A", "A8", "A8F", "Q", "C", "QI", "QL")
+SPARSE_CONFIGS = ("Q", "C", "QI", "QL")
 CONFIG_NAMES = {"A": "ComfyUI native bf16, default attention",
                 "A8": "ComfyUI weight_dtype fp8_e4m3fn",
                 "A8F": "ComfyUI weight_dtype fp8_e4m3fn_fast (fp8 matmuls where the GPU has them: ComfyUI's fastest stock)",
                 "Q": "Load Compressed DiT (W4A8 RTN) + Sparse Sampler defaults",
+                "C": "quantsparse_core alone: (Q)'s checkpoint (io.load_compressed), fused small ops, SSARAttention "
+                     "with (Q)'s settings, the core's Euler sampler (no ComfyUI)",
                 "QI": "(Q) with INT8 dense passes (Sparse Sampler int8_attention: warm-up steps, first blocks, refreshes)",
                 "QL": "(Q) + stacked random LoRAs through ComfyUI's LoRA loader (--loras, --lora-rank)"}
 GIB = 2 ** 30
@@ -91,10 +97,13 @@ TARGETS = (  # (name, kind, resolution, target)
 # the fp8 rows and (Q)'s first compiles are not in them, so they stay a little pessimistic.
 PRIORS = {"544p": {"A": 10.8, "A8": 10.8, "A8F": 11.0, "dense": 7.1, "refresh": 8.7, "reuse": 2.3},
           "720p": {"A": 31.0, "A8": 31.0, "A8F": 33.0, "dense": 20.4, "refresh": 25.1, "reuse": 5.8}}
-LOAD_PRIOR_S = {"A": 60.0, "A8": 60.0, "A8F": 60.0, "Q": 90.0, "QI": 90.0, "QL": 100.0}
+LOAD_PRIOR_S = {"A": 60.0, "A8": 60.0, "A8F": 60.0, "Q": 90.0, "C": 90.0, "QI": 90.0, "QL": 100.0}
 # issue 20 (H200): W4A8 + 15% + SSAR with INT8 attention, 50 steps at 720p/129f, against dense bf16; shown where (QI) ran
 # ComfyUI's fastest stock weights (fp8 matmuls): the bar for (Q) that the fp8 row sets, shown where (A8F) ran
 FP8_FAST_TARGET = ("(Q) vs (A8F), 544p/129f, 50-step sampling wall-clock", "ratio:A8F", "544p", 2.5)
+# issue 19: the product path as fast as the core alone, on the same card in the same run; shown where (C) ran
+CORE_TARGET = ("(Q) inside ComfyUI within 5% of quantsparse_core alone (C), same checkpoint and settings, 50 steps",
+               "core", None, 1.05)
 INT8_TARGET = ("(QI) vs (A), 720p/129f, 50-step sampling wall-clock (INT8 dense passes)", "ratio:A:QI", "720p", 4.0)
 # Wan (issue 18): ComfyUI's WanModel, Wan2.1-14B architecture, random weights.
 WAN_TARGETS = (
@@ -566,6 +575,73 @@ def run_sampling(cx, patcher, shape, cond, steps: int, last_step, seed: int, tim
     return timer.now() - t0, finite
 
 
+class CoreModel:
+    """(C): the compressed checkpoint run by quantsparse_core alone, no ComfyUI: io.load_compressed (W4A8 kernels),
+    fuse_small_ops (compiled on CUDA) and SSARAttention with the settings Sparse Sampler gives (Q)."""
+
+    def __init__(self, path, device: str, settings):
+        from dataclasses import replace
+
+        from quantsparse_core.io.checkpoint import load_compressed
+        from quantsparse_core.sparse.ssar import SSARAttention
+        self.device = torch.device(device)
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.model, _ = load_compressed(path, device=self.device, dtype=self.dtype)
+        self.model.fuse_small_ops(compile=self.device.type == "cuda")
+        self.attn = self.model.attention_fn = SSARAttention(replace(settings))
+
+
+def run_core_sampling(core: CoreModel, shape, cond, steps: int, last_step, seed: int, timer=None):
+    """quantsparse_core's Euler sampler over the `steps`-step schedule (shift 7, guidance 6, the same conditioning
+    and noise seed as ComfyUI's run), timed per step like run_sampling. Returns (seconds, whether finite)."""
+    from quantsparse_core.models.sampler import flow_sigmas, sample_euler
+
+    cuda = core.device.type == "cuda"
+    timer = timer or StepTimer(cuda)
+    ctx, extras = cond[0]
+    dev, dt = core.device, core.dtype
+    pooled = extras.get("pooled_output")
+    mask = extras.get("attention_mask")
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dev, dt)
+    core.attn.reset()   # a new run: its statistics start at zero, so each step's share can be read off them
+    counts = lambda: tuple(core.attn.stats[k] for k in ("dense", "sparse", "refresh"))  # noqa: E731
+    state = {"before": None}
+
+    def close(i, total):
+        _, sparse, refresh = (a - b for a, b in zip(counts(), state["before"]))
+        timer.observed.append("reuse" if sparse > 0 else "refresh" if refresh > 0 else "dense")
+        timer.callback(i, None, None, total)
+
+    def on_step(step):
+        i = step.index
+        if i == 0:
+            timer.starts.append(timer.now())
+        else:
+            close(i - 1, steps)
+        if last_step is not None and i >= last_step:
+            raise _StopSampling
+        state["before"] = counts()
+
+    t0 = timer.now()
+    try:
+        with torch.inference_mode():
+            out = sample_euler(core.model, noise, ctx.to(dev, dt), None if pooled is None else pooled.to(dev, dt),
+                               flow_sigmas(steps).to(dev), attention_mask=None if mask is None else mask.to(dev),
+                               guidance=float(extras.get("guidance", 6.0)), on_step=on_step)
+        close(steps - 1, steps)
+        finite = bool(torch.isfinite(out).all())
+    except _StopSampling:
+        finite = True   # the model's outputs are not seen here; the full runs check the latent
+    return timer.now() - t0, finite
+
+
+def sample_any(cx, model, shape, cond, steps: int, last_step, seed: int, timer=None):
+    """run_sampling for a ComfyUI MODEL, run_core_sampling for (C)."""
+    if isinstance(model, CoreModel):
+        return run_core_sampling(model, shape, cond, steps, last_step, seed, timer)
+    return run_sampling(cx, model, shape, cond, steps, last_step, seed, timer)
+
+
 # ---- report ----------------------------------------------------------------------------------------
 def environment(comfy_version=None) -> dict:
     versions = dict(torch=torch.__version__, cuda=torch.version.cuda, python=platform.python_version(),
@@ -626,6 +702,26 @@ def fifty_step_seconds(run, steps: int = None):
 def _uncapped(runs, config, res):
     return [r for r in runs if r["config"] == config and r["resolution"] == res and not r.get("cap_gb")
             and r.get("completed")]
+
+
+def core_target(runs) -> dict:
+    """(Q) over (C) at each resolution where both ran all steps uncapped; the worst one counts."""
+    name, _, _, target = CORE_TARGET
+    row = dict(name=name, measured=None, target=f"<= {target}x", met=False)
+    pairs = []
+    for res in dict.fromkeys(r["resolution"] for r in runs if r["config"] == "C"):
+        q, c = ([r for r in _uncapped(runs, cfg, res) if len(r["per_step"]) == r["schedule_steps"]] for cfg in ("Q", "C"))
+        if q and c:
+            pairs.append((res, fifty_step_seconds(q[-1])[0], fifty_step_seconds(c[-1])[0]))
+    if not pairs:
+        row["note"] = "not measured: run --configs Q,C at one resolution, all steps, uncapped"
+        return row
+    res, q_s, c_s = max(pairs, key=lambda p: p[1] / p[2])
+    row["measured"] = round(q_s / c_s, 3)
+    row["met"] = row["measured"] <= target
+    row["note"] = f"(Q) {q_s:.1f} s / (C) {c_s:.1f} s at {res}" + "".join(
+        f"; {r}: {a / b:.3f}" for r, a, b in pairs if r != res)
+    return row
 
 
 def lora_target(runs) -> dict:
@@ -699,6 +795,8 @@ def targets(runs, preset: str = "hunyuan-video-13b") -> list:
         out.append(row)
     if any(r["config"] == "QL" for r in runs):
         out.append(lora_target(runs))
+    if any(r["config"] == "C" for r in runs):
+        out.append(core_target(runs))
     return out
 
 
@@ -807,6 +905,12 @@ class Bench:
                         info["storage"] = build_compressed(self.a.preset, path, dev, self.a.seed)
                     info["build_s"] = round(time.perf_counter() - tb, 1)
                 info["checkpoint_gb"] = round(path.stat().st_size / 1e9, 2)
+                if config == "C":
+                    with torch.inference_mode(False):
+                        core = CoreModel(path, dev, self.config_settings(config))
+                    info["fused_blocks"] = "core fuse_small_ops"
+                    info["load_s"] = round(time.perf_counter() - t0, 1)
+                    return core, info
                 patcher = comfy.load_compressed_dit(path)
                 if config == "QL":
                     patcher, info["loras"] = add_random_loras(patcher, self.a.loras, self.a.lora_rank, dev, self.a.seed)
@@ -884,7 +988,7 @@ class Bench:
         for wshape, steps, last, what in jobs:
             t1 = time.perf_counter()
             try:
-                run_sampling(self.comfy, patcher, wshape, self.cond, steps, last, self.a.seed)
+                sample_any(self.comfy, patcher, wshape, self.cond, steps, last, self.a.seed)
             except Exception as e:
                 traceback.print_exc()
                 out["warm_error"] = f"{what}: {type(e).__name__}: {str(e)[:300]}"
@@ -992,7 +1096,7 @@ class Bench:
     def _sample(self, patcher, shape, timed, on_step, timer_ref):
         timer = timer_ref["t"] = StepTimer(self.a.device == "cuda", on_step)
         last = None if timed >= self.a.steps else timed
-        total_s, finite = run_sampling(self.comfy, patcher, shape, self.cond, self.a.steps, last, self.a.seed, timer)
+        total_s, finite = sample_any(self.comfy, patcher, shape, self.cond, self.a.steps, last, self.a.seed, timer)
         return timer, total_s, finite
 
     def rope_diagnostic(self, res_names):
@@ -1061,8 +1165,9 @@ def merge(paths, out):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--configs", default="A,A8,Q", help="comma list of A, A8, A8F (fp8_e4m3fn_fast), Q, QI (Q + INT8 "
-                                                        "dense passes), QL (Q + --loras stacked LoRAs)")
+    ap.add_argument("--configs", default="A,A8,Q", help="comma list of A, A8, A8F (fp8_e4m3fn_fast), Q, C (Q's checkpoint "
+                                                        "by quantsparse_core alone), QI (Q + INT8 dense passes), QL "
+                                                        "(Q + --loras stacked LoRAs)")
     ap.add_argument("--loras", type=int, default=3, help="(QL): how many random LoRAs to stack")
     ap.add_argument("--lora-rank", type=int, default=32, help="(QL): their rank (on every linear of every block)")
     ap.add_argument("--resolutions", default="544p,720p", help="comma list of 544p, 720p or WIDTHxHEIGHTxFRAMES")

@@ -27,7 +27,9 @@ def _check_targets(data):
     names = [t["name"] for t in data["targets"]]
     lora = any(r["config"] == "QL" for r in data["runs"])  # the LoRA row only where (QL) ran
     qi = any(r["config"] == "QI" for r in data["runs"])      # the INT8 row only where (QI) ran
-    assert len(names) == 7 + lora + qi and len(set(names)) == 7 + lora + qi
+    core = any(r["config"] == "C" for r in data["runs"])     # the core-alone row only where (C) ran
+    n = 7 + lora + qi + core
+    assert len(names) == n and len(set(names)) == n
     for t in data["targets"]:
         assert set(t) >= {"name", "measured", "target", "met"}
         if t["measured"] is None:
@@ -39,7 +41,7 @@ def test_cpu_run_schema_and_schedule(tmp_path):
     out = tmp_path / "product.json"
     env = dict(os.environ, COMFYUI_PATH=str(root), CUDA_VISIBLE_DEVICES="")
     cmd = [sys.executable, str(ROOT / "benchmarks" / "comfy_product.py"), "--device", "cpu", "--preset", "test",
-           "--configs", "A,Q,QI,QL", "--loras", "2", "--lora-rank", "4", "--resolutions", "256x256x5", "--steps", str(STEPS), "--text-tokens", "16",
+           "--configs", "A,Q,C,QI,QL", "--loras", "2", "--lora-rank", "4", "--resolutions", "256x256x5", "--steps", str(STEPS), "--text-tokens", "16",
            "--no-warm-run", "--ckpt", str(tmp_path / "q.safetensors"), "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -48,7 +50,7 @@ def test_cpu_run_schema_and_schedule(tmp_path):
     assert data["versions"]["comfyui"] and data["comfyui"]["in_process"]
     _check_targets(data)
     runs = {r["config"]: r for r in data["runs"]}
-    assert set(runs) == {"A", "Q", "QI", "QL"}
+    assert set(runs) == {"A", "Q", "C", "QI", "QL"}
     assert runs["QI"]["sparse_settings"]["int8_attention"] and not runs["Q"]["sparse_settings"]["int8_attention"]
     loras = runs["QL"]["loras"]  # every block linear, quantized ones included, carries both LoRAs
     assert loras["count"] == 2 and loras["layers"] >= 10 and loras["patched_layers"] == loras["layers"]
@@ -70,11 +72,16 @@ def test_cpu_run_schema_and_schedule(tmp_path):
     assert q["kinds_match_schedule"] and set(q["per_kind"]) == {"dense", "refresh", "reuse"}
     assert any("sparse attention calls" in line for line in q["sparse_log"])
     assert all(s["observed"] is None for s in runs["A"]["per_step"])
+    c = runs["C"]   # quantsparse_core alone on the same checkpoint: the same schedule, observed through its SSAR
+    assert [s["observed"] for s in c["per_step"]] == coarse and c["kinds_match_schedule"]
+    core = next(t for t in data["targets"] if t["name"].startswith("(Q) inside ComfyUI within 5%"))
+    assert core["measured"] == pytest.approx(sum(s["s"] for s in q["per_step"]) / sum(s["s"] for s in c["per_step"]),
+                                             rel=0.01)
 
     merged = tmp_path / "merged.json"
     _module().merge([out, out], merged)  # no ComfyUI import: merging is pure bookkeeping
     m = json.loads(merged.read_text())
-    assert len(m["runs"]) == 8
+    assert len(m["runs"]) == 10
     _check_targets(m)
 
 

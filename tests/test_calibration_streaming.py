@@ -125,3 +125,31 @@ def test_too_little_memory_is_refused_before_any_work(rng, tmp_path):
         compress_streaming(StateDictSource(sd), cond, LATENT, tmp_path / "m.safetensors",
                            CalibSettings(method="rtn"), propagation="x", **KW)
     assert not any(tmp_path.rglob("*.safetensors")) and not any(tmp_path.rglob("*.bin"))
+
+
+def test_block_stores_share_the_host_budget_and_count_pinned_rounding(rng, tmp_path):
+    """One block holds its inputs, targets and MSAD maps at once: they share the budget (each store used to be
+    checked alone, so three stores of 0.9 x the budget all stayed in RAM). Page-locked stores count PyTorch's
+    power-of-two rounding; where only the exact size fits, the store stays in RAM unpinned; closing frees."""
+    from quantsparse_core.calib.streaming import _Stores, pinned_bytes
+
+    assert pinned_bytes(20 * 185_600_000, 20) == int(20 * (1 << 28) * 1.02)   # 0.19 GB activations -> 256 MiB each
+    assert pinned_bytes(0, 20) == 0
+    mb = 1 << 20
+    stores = _Stores(tmp_path, host_budget=100 * mb, pinning=True)
+    a = stores.new("a", 40 * mb, entries=4)         # pinned: 4 x 16 MiB x 1.02 = 65.3 MiB
+    assert not a.on_disk and stores.in_ram() == int(64 * mb * 1.02)
+    b = stores.new("b", 30 * mb, entries=3)         # pinned 40.8 MiB does not fit the 34.7 left; exact 30 does
+    assert not b.on_disk and stores.in_ram() == int(64 * mb * 1.02) + 30 * mb
+    c = stores.new("c", 10 * mb, entries=1)         # 4.7 MiB left: to disk
+    assert c.on_disk and stores.spilled_bytes == 10 * mb
+    x = torch.randn(3, 5, generator=rng)
+    c.append((x,))
+    assert torch.equal(c.get(0)[0], x)
+    a.close(delete=True)
+    assert stores.in_ram() == 30 * mb
+    d = stores.new("d", 40 * mb, entries=4)         # room again once `a` is gone
+    assert not d.on_disk
+    for s in (b, c, d):
+        s.close(delete=True)
+    assert stores.in_ram() == 0 and not any(tmp_path.iterdir())

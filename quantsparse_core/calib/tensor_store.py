@@ -41,6 +41,7 @@ class TensorStore:
         self.pin = bool(pin and torch.cuda.is_available())
         self.items, self.index, self.size = [], [], 0
         self._fd = None
+        self.closed = False
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -142,6 +143,7 @@ class TensorStore:
         self.path, self.pin = path, bool(pin and torch.cuda.is_available())
         self.items, self.index, self.size = [], meta["entries"], meta["size"]
         self._fd = os.open(path, os.O_RDONLY)
+        self.closed = False
         return self
 
     def close(self, delete: bool = False) -> None:
@@ -151,6 +153,7 @@ class TensorStore:
         if delete and self.path is not None:
             self.path.unlink(missing_ok=True)
         self.items = []
+        self.closed = True
 
     def __del__(self):
         if getattr(self, "_fd", None) is not None:

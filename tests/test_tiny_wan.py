@@ -45,3 +45,19 @@ def test_a_few_training_steps_write_a_file_load_wan_reads(tmp_path, monkeypatch)
     assert video.latents.shape == (1, 16, 2, 16, 16) and torch.isfinite(video.videos).all()
     with pytest.raises(FileNotFoundError, match="--family wan"):
         load_wan(tmp_path / "missing.safetensors")
+
+
+def test_conditioning_dropout_replaces_prompts_by_the_empty_one(rng):
+    """drop_prompts keeps a prompt exactly where its uniform draw is >= p (the same draws, read back here from a
+    copy of the generator); p = 0 keeps all; the empty prompt encodes as all padding."""
+    prompts = [f"p{i}" for i in range(400)]
+    state = rng.get_state()
+    out = train.drop_prompts(prompts, 0.25, rng)
+    draws = torch.rand(400, generator=torch.Generator().set_state(state))
+    assert out == [t if d >= 0.25 else "" for t, d in zip(prompts, draws.tolist())]
+    assert 0.15 < out.count("") / 400 < 0.35
+    assert train.drop_prompts(prompts, 0.0, rng) == prompts
+    with pytest.raises(ValueError, match="cond-dropout"):
+        train.drop_prompts(prompts, 1.0, rng)
+    ctx, mask, pooled = PromptEncoder().encode(["", "a red circle moving right slowly on a black background"])
+    assert mask[0].sum() == 0 and pooled[0].abs().sum() == 0 and mask[1].sum() == 10

@@ -9,10 +9,8 @@ management (offloading, reloading, memory accounting) then works on the real sto
 A quantized linear also behaves like a ComfyUI weight where users expect it (docs/LORA.md):
 - LoRA: its state dict has an empty `<layer>.weight` entry, so ComfyUI's LoRA loaders map and
   accept LoRA keys for it (keys matching no layer keep ComfyUI's "lora key not loaded" warning).
-  The weights stay packed: a PatcherInjection, which ComfyUI runs when it loads the MODEL for a run
-  and undoes when it unloads it, gives each layer the low-rank LoRA patches of the loaded patcher,
-  added to the quantized GEMM's output: y = Q(x) + sum_i s_i alpha_i / r_i (x down_i^T) up_i^T;
-  hook LoRAs (per conditioning, keyframed) join that side path per model call;
+  The weights stay packed: each layer runs the LoRAs of the loaded patcher, and the hook LoRAs of the
+  conditioning a call runs, as low-rank side paths added to the quantized GEMM's output (lora_side.py);
 - offload: a layer ComfyUI left on another device than its input runs on copies of its tensors made
   for that call (no module is rebuilt);
 - save: ComfyUI's checkpoint format cannot hold the packed layers, so ModelSave / CheckpointSave of
@@ -26,19 +24,20 @@ import logging
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from quantsparse_core.io.checkpoint import read_compressed
 from quantsparse_core.models.family import family_of
 from quantsparse_core.quant.linear import QuantizedInput, QuantLinear
 
+from . import lora_side
+from .lora_side import SidePaths
+
 SUBFOLDER = "quantsparse"  # inside ComfyUI's diffusion_models folder
-_UNET_PREFIX = "diffusion_model."
+_UNET_PREFIX = lora_side.UNET_PREFIX
 COMFY_CLASS = {"hunyuan_video": "HunyuanVideo", "wan": "WanModel"}  # by models/family.py name
 # Float weights ComfyUI's detection reads the shape of (comfy/model_detection.py), by family: where the file holds
 # such a layer packed, the loader passes a meta tensor of that shape beside it (no memory; our Linear ignores it).
 DETECTION_WEIGHTS = {"wan": {"blocks.0.ffn.0.weight": lambda c: (c.ffn_dim, c.dim)}}
-LORA_INJECTION = "quantsparse_lora"  # ModelPatcher injection key
 
 log = logging.getLogger("quantsparse")
 
@@ -90,9 +89,7 @@ def make_operations(layers: dict):
                 self.weight = None
                 self.bias = None
                 self.quant = None
-                self.lora = None        # (down [R, in], up [out, R]) of the loaded patcher's LoRAs, fp32
-                self._lora_cast = None  # ((device, dtype), down, up) as the last input needed them
-                self._lora_static, self._lora_hooked = [], []  # the pairs lora joins: MODEL LoRAs, hook LoRAs
+                self.side_paths = SidePaths()   # LoRAs beside the packed weight (lora_side.py)
                 self.weight_comfy_model_dtype = dtype
                 self.bias_comfy_model_dtype = dtype
 
@@ -121,6 +118,11 @@ def make_operations(layers: dict):
                 if "bias" in mine:
                     self.bias = torch.nn.Parameter(mine["bias"], requires_grad=False)
 
+            @property
+            def lora(self):
+                """The LoRA side path parts in use (None: none)."""
+                return self.side_paths.active
+
             def input_quant_spec(self, x):
                 """QuantLinear.input_quant_spec of the quantized layer where it runs beside x (the fused
                 blocks' producers then hand forward() a QuantizedInput); None: pass x as it is, also
@@ -137,7 +139,7 @@ def make_operations(layers: dict):
                 q = self.quant
                 device = x.codes.device if isinstance(x, QuantizedInput) else x.device
                 y = q(x) if q.w_packed.device == device else _run_on_copies(q, x, device)
-                return y if self.lora is None else y + self._lora_out(x)
+                return y if self.lora is None else y + self.side_paths.out(x)
 
             @property
             def forward_rows(self):
@@ -154,153 +156,9 @@ def make_operations(layers: dict):
                 device = x.codes.device if isinstance(x, QuantizedInput) else x.device
                 y = (q.forward_rows(x, start, end) if q.w_packed.device == device
                      else _run_on_copies(q, x, device, rows=(start, end)))
-                return y if self.lora is None else y + self._lora_out(x, start, end)
-
-            def _lora_out(self, x, start: int = 0, end: int = None):
-                """sum_i s_i alpha_i / r_i (x down_i^T) up_i[start:end]^T, in x's dtype on x's device."""
-                if isinstance(x, QuantizedInput):
-                    raise ValueError("a LoRA on a quantized layer needs the float input, not a QuantizedInput")
-                c = self._lora_cast
-                if c is None or c[0] != (x.device, x.dtype):
-                    down, up = self.lora
-                    c = self._lora_cast = ((x.device, x.dtype), down.to(x.device, x.dtype), up.to(x.device, x.dtype))
-                return F.linear(F.linear(x, c[1]), c[2][start:end])
+                return y if self.lora is None else y + self.side_paths.out(x, start, end)
 
     return QuantSparseOps
-
-
-# ---- LoRA on the quantized layers --------------------------------------------------------------------
-def _quantized_layers(patcher):
-    """(the key ComfyUI patches, module) of each quantized linear of a patcher's model."""
-    for name, m in patcher.model.diffusion_model.named_modules():
-        if isinstance(getattr(m, "quant", None), QuantLinear):
-            yield f"{_UNET_PREFIX}{name}.weight", m
-
-
-def _low_rank(patch, m):
-    """(down [r, in], up [out, r] * strength * alpha / r) in fp32 for a plain LoRA patch, which is what
-    the side path runs exactly; else the reason it cannot (a string)."""
-    from comfy.weight_adapter import LoRAAdapter
-
-    strength, v, strength_model, offset, function = patch
-    if not isinstance(v, LoRAAdapter):
-        if isinstance(v, tuple):  # comfy.lora.calculate_weight's forms: (diff,) or (type, data)
-            return f"'{v[0] if len(v) == 2 else 'diff'}' patch"
-        return "model merge patch" if isinstance(v, list) else f"{type(v).__name__} patch"
-    if strength_model != 1.0 or offset is not None or function is not None:
-        return "scaled, offset or function patch"
-    up, down, alpha, mid, dora_scale, reshape = v.weights
-    if mid is not None or dora_scale is not None or reshape is not None:
-        return "LoRA with mid, DoRA or reshape"
-    if up.ndim != 2 or down.ndim != 2 or tuple(up.shape[:1]) + tuple(down.shape[1:]) != (m.out_features, m.in_features) \
-            or up.shape[1] != down.shape[0]:
-        return f"LoRA of shape {tuple(up.shape)} x {tuple(down.shape)} for a {m.out_features} x {m.in_features} layer"
-    scale = strength * (1.0 if alpha is None else float(alpha) / down.shape[0])
-    return down.float(), up.float() * scale
-
-
-def _low_rank_pairs(patches, key, m, skipped, strength=1.0) -> list:
-    """The (down, up) side paths of a layer's patch list at `strength` (a hook keyframe's); patches a side path
-    cannot run go to `skipped`."""
-    pairs = []
-    for p in patches:
-        if p[0] * strength == 0.0:
-            continue  # strength 0: exactly the layer without this LoRA
-        lr = _low_rank((p[0] * strength,) + tuple(p[1:]), m)
-        if isinstance(lr, str):
-            skipped.append(f"{key} ({lr})")
-        else:
-            pairs.append(lr)
-    return pairs
-
-
-def _set_lora(m, static=None, hooked=None):
-    """A layer's side path = its MODEL's LoRAs (`static`) + the hook LoRAs of the conditioning running now
-    (`hooked`); None leaves that part as it is. One concatenated (down, up) pair, or None."""
-    if static is not None:
-        m._lora_static = static
-    if hooked is not None:
-        m._lora_hooked = hooked
-    pairs = m._lora_static + m._lora_hooked
-    m.lora = None if not pairs else (torch.cat([d for d, _ in pairs]), torch.cat([u for _, u in pairs], dim=1))
-    m._lora_cast = None
-
-
-def _warn_skipped(skipped):
-    if skipped:
-        log.warning("QuantSparse: %d weight patches on quantized layers NOT applied (a quantized layer takes "
-                    "plain LoRA up/down patches, added beside its packed weight): %s", len(skipped),
-                    ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else ""))
-
-
-def _inject_lora(patcher):
-    """ComfyUI calls this when it loads `patcher` for a run: the quantized layers take its LoRA patches."""
-    skipped = []
-    for key, m in _quantized_layers(patcher):
-        _set_lora(m, static=_low_rank_pairs(patcher.patches.get(key, ()), key, m, skipped))
-    _warn_skipped(skipped)
-
-
-def _eject_lora(patcher):
-    """ComfyUI calls this when it unloads `patcher`: the layers drop its LoRAs (and any hook LoRAs)."""
-    for _, m in _quantized_layers(patcher):
-        _set_lora(m, static=[], hooked=[])
-    patcher.model.__dict__.pop(_HOOK_STATE, None)
-
-
-# ---- hook LoRAs (CreateHookLora + keyframes, per conditioning) on the quantized layers ------------------------
-# ComfyUI applies a hook LoRA by computing the patched weight of each layer it touches (and, in its MaxSpeed
-# mode, caching it): that would need a dense weight, which a quantized layer does not have. So its patches are
-# taken out of ComfyUI's weight path when ComfyUI registers them, and each model call gives the quantized
-# layers the side paths of the hooks of the conditioning it runs, at their current keyframe strength.
-HOOK_KEY = "quantsparse_hook_lora"   # callback / wrapper key on the ModelPatcher
-_HOOK_PATCHES = "quantsparse_hook_patches"   # on the BaseModel (shared by clones): {hook_ref: {key: [patch]}}
-_HOOK_STATE = "quantsparse_hook_state"       # on the BaseModel: which hooks and strengths the layers hold
-
-
-def _take_hook_patches(patcher, hooks, target_dict, model_options, registered):
-    """ON_REGISTER_ALL_HOOK_PATCHES: move the quantized layers' keys out of ComfyUI's hook patches (their
-    patches for a hook depend only on the hook and the model, so they are kept on the model, per hook)."""
-    quantized = {key for key, _ in _quantized_layers(patcher)}
-    store = patcher.model.__dict__.setdefault(_HOOK_PATCHES, {})
-    for ref, patches in patcher.hook_patches.items():
-        mine = {k: patches.pop(k) for k in list(patches) if k in quantized}
-        if mine:
-            store[ref] = mine
-
-
-def _sync_hook_loras(patcher) -> None:
-    """Give the quantized layers the side paths of `patcher.current_hooks` (the conditioning ComfyUI runs
-    now) at their keyframe strengths; nothing to do while those did not change."""
-    from comfy.hooks import EnumHookType
-
-    store = patcher.model.__dict__.get(_HOOK_PATCHES)
-    hooks = patcher.current_hooks
-    active = [] if not store or hooks is None else \
-        [(h, store[h.hook_ref]) for h in hooks.get_type(EnumHookType.Weight) if h.hook_ref in store]
-    state = tuple((id(h.hook_ref), float(h.strength)) for h, _ in active)
-    if patcher.model.__dict__.get(_HOOK_STATE, ()) == state:
-        return
-    skipped = []
-    for key, m in _quantized_layers(patcher):
-        _set_lora(m, hooked=[pr for h, patches in active
-                             for pr in _low_rank_pairs(patches.get(key, ()), key, m, skipped, float(h.strength))])
-    patcher.model.__dict__[_HOOK_STATE] = state
-    _warn_skipped(skipped)
-
-
-def _hook_lora_wrapper(executor, *args, **kwargs):
-    """APPLY_MODEL wrapper: every model call runs with the hook LoRAs of its own conditioning."""
-    patcher = getattr(executor.class_obj, "current_patcher", None)
-    if patcher is not None:
-        _sync_hook_loras(patcher)
-    return executor(*args, **kwargs)
-
-
-def _add_hook_lora_support(patcher) -> None:
-    from comfy.patcher_extension import CallbacksMP, WrappersMP
-    patcher.add_callback_with_key(CallbacksMP.ON_REGISTER_ALL_HOOK_PATCHES, HOOK_KEY, _take_hook_patches)
-    patcher.add_wrapper_with_key(WrappersMP.APPLY_MODEL, HOOK_KEY, _hook_lora_wrapper)
 
 
 # ---- saving ---------------------------------------------------------------------------------------
@@ -330,7 +188,6 @@ def load_compressed_patcher(path, disable_dynamic: bool = True):
     go with every clone (LoRA loaders, the pack's own patches).
     """
     import comfy.sd
-    from comfy.patcher_extension import PatcherInjection
 
     path = Path(path)
     header, config, policy, tensors = read_compressed(path)
@@ -349,7 +206,6 @@ def load_compressed_patcher(path, disable_dynamic: bool = True):
                          "update ComfyUI, or re-create the checkpoint with QuantSparse")
     patcher.cached_patcher_init = (load_compressed_patcher, (str(path),))
     patcher.quantsparse_header = header
-    patcher.set_injections(LORA_INJECTION, [PatcherInjection(inject=_inject_lora, eject=_eject_lora)])
-    _add_hook_lora_support(patcher)
+    lora_side.attach(patcher)
     patcher.add_object_patch("state_dict_for_saving", _refuse_save(path))
     return patcher

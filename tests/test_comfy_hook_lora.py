@@ -76,7 +76,7 @@ def test_hook_lora_equals_the_same_lora_loaded_on_the_model(ops, rng, tmp_path, 
     print(f"hook vs static LoRA {_rel(hooked, static):.2e}; LoRA effect {_rel(plain, static):.3f}")
     assert _rel(hooked, static) <= 1e-6
     assert _rel(plain, static) > 1e-2
-    assert all(not m._lora_hooked for m in _quantized(base).values())  # an unhooked run leaves none behind
+    assert all(m.side_paths.parts["hooked"][1] is None for m in _quantized(base).values())  # none left behind
     plain_again = _sample(base, noise, latent, cond, cond, cfg=1.0)
     assert torch.equal(plain_again, plain)
 
@@ -118,3 +118,35 @@ def test_keyframed_hook_on_the_positive_only_follows_its_strength_per_call(ops, 
     with torch.inference_mode():
         without = _call_without_wrappers(base, first[0], first[1])
     assert _rel(first[3], without) > 1e-2
+
+
+def test_side_paths_are_computed_once_and_hook_patches_do_not_pile_up(ops, rng, tmp_path, monkeypatch):
+    """A static LoRA plus a hook on the positive prompt at cfg 2.5: ComfyUI ejects and re-injects the patcher at
+    every switch between cond and uncond, which must not recompute the side paths (each layer's static pair once
+    per run, its hooked pair once per hook state), nor keep hooks of earlier runs; unloading drops them all."""
+    import importlib
+
+    import comfy.hooks
+    import comfy.model_management
+
+    from test_comfy_lora_save import PACK
+    side = importlib.import_module(f"{PACK}.nodes.lora_side")
+    base, sd, cond, latent, noise = _setup(ops, rng, tmp_path)
+    layers = _quantized(base)
+    made = []
+    real = side._low_rank
+    monkeypatch.setattr(side, "_low_rank", lambda patch, m: made.append(m) or real(patch, m))
+    model = _load_lora(base, sd, 0.5)
+    negative = [[torch.randn(1, 7, 32, generator=rng), dict(cond[0][1])]]
+    calls = []
+    for _ in range(2):   # a new hook per run, as a re-executed CreateHookLora makes
+        positive = comfy.hooks.set_hooks_for_conditioning(cond, _hooks(sd))
+        _sample(model, noise, latent, positive, negative, cfg=2.5, record=lambda ex, *a, **k: calls.append(1) or ex(*a, **k))
+        store = model.model.__dict__["quantsparse_hook_patches"]
+        assert len(store) == 1   # only this run's hook
+    assert len(calls) >= 20      # 6 steps x 2 (cond, uncond) per run
+    # per layer and run: the static pair once and the hooked pair once (ComfyUI detaches the first run's clone
+    # when it loads the second's, which drops the side paths), never per model call
+    assert len(made) == 2 * 2 * len(layers), (len(made), len(layers))
+    comfy.model_management.unload_all_models()
+    assert all(m.lora is None and not any(m.side_paths.kept.values()) for m in layers.values())

@@ -25,6 +25,8 @@ def test_entry_round_trip_across_slabs(rng, shape):
 def test_slabs_power_of_two_and_reuse(rng):
     with pytest.raises(ValueError, match="power of two"):
         HostSlabs(pin=False, slab_bytes=3000)
+    with pytest.raises(ValueError, match="at least"):
+        HostSlabs(pin=False, slab_bytes=1024)   # smaller than an entry's alignment
     slabs = HostSlabs(pin=False, slab_bytes=1 << 16)
     runs = [slabs.take(10_000) for _ in range(5)]
     need = 4 * -(-10_000 // ALIGN) * ALIGN + 10_000     # aligned starts
@@ -75,8 +77,28 @@ def test_store_factors_on_the_host(rng):
     assert torch.equal(got_us, (us * 2).to(torch.bfloat16).float()) and torch.equal(got_vh, (vh * 3).to(torch.bfloat16).float())
 
 
-def test_pinnable_host_bytes(monkeypatch):
+def test_pinnable_host_bytes(monkeypatch, tmp_path):
     from quantsparse_core import hostmem
+    # PyTorch's pinned-cache statistics, both schemas: <= 2.9 reserved/allocated, newer allocated/active
+    assert hostmem.cached_from_stats({"reserved_bytes.current": 5 << 30, "allocated_bytes.current": 2 << 30}) == 3 << 30
+    assert hostmem.cached_from_stats({"allocated_bytes.current": 5 << 30, "active_bytes.current": 1 << 30}) == 4 << 30
+    assert hostmem.cached_from_stats({}) == 0
+    # a container's cgroup limit caps what is available (v2, v1; "max" / a huge v1 number: no limit)
+    (tmp_path / "memory.max").write_text("17179869184\n")
+    (tmp_path / "memory.current").write_text(str(6 << 30))
+    assert hostmem._cgroup_room(str(tmp_path)) == 10 << 30
+    (tmp_path / "memory.max").write_text("max\n")
+    assert hostmem._cgroup_room(str(tmp_path)) is None
+    v1 = tmp_path / "v1" / "memory"
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text(str(8 << 30))
+    (v1 / "memory.usage_in_bytes").write_text(str(3 << 30))
+    assert hostmem._cgroup_room(str(tmp_path / "v1")) == 5 << 30
+    (v1 / "memory.limit_in_bytes").write_text(str(1 << 62))
+    assert hostmem._cgroup_room(str(tmp_path / "v1")) is None
+    monkeypatch.setattr(hostmem, "_cgroup_room", lambda: 3 << 30)
+    monkeypatch.setattr(hostmem, "_meminfo_available", lambda: 30 << 30)
+    assert hostmem.available_host_memory() == 3 << 30
     monkeypatch.setattr(hostmem, "available_host_memory", lambda: 30 << 30)
     monkeypatch.setattr(hostmem, "cached_pinned_bytes", lambda: 2 << 30)
     assert hostmem.pinnable_host_bytes() == (30 + 2 - 4) << 30

@@ -212,7 +212,8 @@ class CacheStore:
         {"codes": int8 [B, L, H*D], "scale": fp32 [B, L, 1]}; the low-rank policy's factors are
         expanded to dense. The sparse kernel adds either form in its epilogue."""
         if key in self._ready:
-            on_device, done = self._ready.pop(key)
+            on_device, done = self._ready[key]
+            self._settle_prefetch(key)   # used below, or discarded once its copy is done
             if on_device.device == torch.device(device):
                 stream = torch.cuda.current_stream(on_device.device)
                 stream.wait_event(done)

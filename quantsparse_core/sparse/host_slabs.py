@@ -23,8 +23,9 @@ class HostSlabs:
     """A bump allocator over page-locked slabs, with freed runs kept per size for the next entry of that size."""
 
     def __init__(self, pin: bool, slab_bytes: int = SLAB_BYTES):
-        if slab_bytes <= 0 or slab_bytes & (slab_bytes - 1):
-            raise ValueError(f"slab_bytes must be a power of two (what PyTorch's pinned allocator rounds to), got {slab_bytes}")
+        if slab_bytes < ALIGN or slab_bytes & (slab_bytes - 1):
+            raise ValueError(f"slab_bytes must be a power of two (what PyTorch's pinned allocator rounds to) of at "
+                             f"least {ALIGN}, got {slab_bytes}")
         self.pin, self.slab_bytes = pin, slab_bytes
         self._slabs: List[torch.Tensor] = []
         self._used = 0                              # bytes handed out from the slabs, alignment included
@@ -57,13 +58,16 @@ class HostSlabs:
 
 class HostEntry:
     """One tensor kept in a run of HostSlabs bytes; written from and read to any device, asynchronously
-    towards and from CUDA (stream-ordered on the current stream)."""
+    towards and from CUDA on the device's current stream. Each write and read towards CUDA records an event,
+    and the next access waits for it where streams or the host could overtake it (a read on another stream
+    or to the host waits for the write; a write waits for reads still copying the old bytes)."""
 
     def __init__(self, slabs: HostSlabs, shape, dtype: torch.dtype):
         self.shape, self.dtype = tuple(shape), dtype
         self.nbytes = int(torch.Size(self.shape).numel()) * torch.empty((), dtype=dtype).element_size()
         self.pieces = slabs.take(self.nbytes)
-        self._written: Optional[torch.cuda.Event] = None
+        self._written: Optional[torch.cuda.Event] = None   # the last device->host copy into the pieces
+        self._read: Optional[torch.cuda.Event] = None      # the last host->device copy out of them
 
     def fits(self, x: torch.Tensor) -> bool:
         return tuple(x.shape) == self.shape and x.dtype == self.dtype
@@ -72,6 +76,11 @@ class HostEntry:
         """Copy x (this entry's shape and dtype) in; from CUDA the copy is queued on the current stream."""
         if not self.fits(x):
             raise ValueError(f"a host cache entry of {self.shape} {self.dtype} cannot take {tuple(x.shape)} {x.dtype}")
+        if self._read is not None:   # the old bytes may still be on their way to a device
+            if x.is_cuda:
+                torch.cuda.current_stream(x.device).wait_event(self._read)
+            else:
+                self._read.synchronize()
         src = x.contiguous().reshape(-1).view(torch.uint8)
         off = 0
         for p in self.pieces:
@@ -80,17 +89,24 @@ class HostEntry:
         self._written = None
         if x.is_cuda:
             self._written = torch.cuda.Event()
-            self._written.record()
+            self._written.record(torch.cuda.current_stream(x.device))
 
     def read(self, device) -> torch.Tensor:
         """A new tensor on `device` holding the entry; towards CUDA queued on the current stream."""
         device = torch.device(device)
-        if device.type != "cuda" and self._written is not None:
-            self._written.synchronize()   # the host bytes of a queued device->host copy must have arrived
+        cuda = device.type == "cuda"
+        if self._written is not None:     # the host bytes of a queued device->host copy must have arrived
+            if cuda:
+                torch.cuda.current_stream(device).wait_event(self._written)
+            else:
+                self._written.synchronize()
         out = torch.empty(self.shape, dtype=self.dtype, device=device)
         dst = out.reshape(-1).view(torch.uint8)
         off = 0
         for p in self.pieces:
-            dst[off:off + p.numel()].copy_(p, non_blocking=device.type == "cuda")
+            dst[off:off + p.numel()].copy_(p, non_blocking=cuda)
             off += p.numel()
+        if cuda:
+            self._read = torch.cuda.Event()
+            self._read.record(torch.cuda.current_stream(device))
         return out

@@ -75,6 +75,8 @@ def drop_prompts(prompts: list, p: float, gen: torch.Generator) -> list:
     """Each prompt replaced by "" (the unconditional input) with probability p, drawn from `gen` (CPU)."""
     if not 0.0 <= p < 1.0:
         raise ValueError(f"--cond-dropout must be in [0, 1), got {p}")
+    if p == 0.0:
+        return list(prompts)   # no draw: --cond-dropout 0 keeps the scene sequence of runs made before it existed
     keep = torch.rand(len(prompts), generator=gen) >= p
     return [t if k else "" for t, k in zip(prompts, keep.tolist())]
 

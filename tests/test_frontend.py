@@ -3,7 +3,8 @@ Chromium driven by playwright: each loads with every node type registered, no no
 no error banner, no node drawn over another, every combo value one of its options and every number in range, and the frontend's
 own API prompt equal to what the server tests queue (comfy_workflow.to_api), so a widget value the
 editor puts in another input (as it does for an extra `seed` control) is caught. A screenshot of
-each goes to docs/screenshots/<workflow>.png.
+each is taken; with QS_UPDATE_SCREENSHOTS=1 it replaces docs/screenshots/<workflow>.png (the README's),
+otherwise it goes to the test's temporary folder, so a test run leaves the checkout unchanged.
 
 Needs COMFYUI_PATH (as test_comfy_server.py), `pip install playwright` in that Python and a Chromium
 binary: QS_CHROMIUM, else `chromium` / `chromium-browser` / `google-chrome` on PATH (Debian:
@@ -109,13 +110,16 @@ def _api(prompt):
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
-def test_workflow_loads_clean_in_the_real_frontend(page, server, path):  # noqa: F811
+def test_workflow_loads_clean_in_the_real_frontend(page, server, path, tmp_path):  # noqa: F811
     wf = json.loads(path.read_text())
     got = _load(page, wf)
     page.evaluate(FIT)
     page.wait_for_timeout(300)
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SHOTS / f"{path.stem}.png"))  # before the asserts: a failure is shown too
+    shots = SHOTS if os.environ.get("QS_UPDATE_SCREENSHOTS") == "1" else tmp_path
+    shots.mkdir(parents=True, exist_ok=True)
+    shot = shots / f"{path.stem}.png"
+    page.screenshot(path=str(shot))  # before the asserts: a failure is shown too
+    assert shot.stat().st_size > 10_000   # a drawn graph, not an empty page
     assert got["problems"] == []
     assert _api(got["prompt"]) == _api(to_api(wf, server.get("/object_info")))
 

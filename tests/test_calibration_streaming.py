@@ -93,21 +93,29 @@ def test_tensor_store_disk_round_trip(rng, tmp_path):
         TensorStore.open(tmp_path / "x.json")
 
 
-def test_cancel_then_resume_reuses_capture_and_finished_blocks_and_gives_the_same_file(rng, tmp_path):
-    sd, cond = _job(rng)
-    settings = CalibSettings(method="block+local", epochs=1)
-    ref = tmp_path / "ref" / "m.safetensors"
-    compress_streaming(StateDictSource(sd), cond, LATENT, ref, settings, **KW)
-    out = tmp_path / "job" / "m.safetensors"
+def cancelled_in_second_block(sd, cond, latent, settings, tmp_path, name, **kw):
+    """(the file of the uninterrupted job, the output path and partial folder of the same job cancelled while
+    its second block calibrates); the capture is finished by then and no output file exists."""
+    ref = tmp_path / "ref" / name
+    compress_streaming(StateDictSource(sd), cond, latent, ref, settings, **kw)
+    out = tmp_path / "job" / name
 
     def cancel_in_second_block(block, n, epoch, loss):
         if block == 1:
             raise KeyboardInterrupt("cancel")
     with pytest.raises(KeyboardInterrupt):
-        compress_streaming(StateDictSource(sd), cond, LATENT, out, settings, progress=cancel_in_second_block, **KW)
+        compress_streaming(StateDictSource(sd), cond, latent, out, settings, progress=cancel_in_second_block, **kw)
     assert not out.exists()
     (partial,) = (out.parent / ".quantsparse-partial").iterdir()
-    assert (partial / "capture.index.json").exists() and (partial / "double_blocks.0.safetensors").exists()
+    assert (partial / "capture.index.json").exists()
+    return ref, out, partial
+
+
+def test_cancel_then_resume_reuses_capture_and_finished_blocks_and_gives_the_same_file(rng, tmp_path):
+    sd, cond = _job(rng)
+    settings = CalibSettings(method="block+local", epochs=1)
+    ref, out, partial = cancelled_in_second_block(sd, cond, LATENT, settings, tmp_path, "m.safetensors", **KW)
+    assert (partial / "double_blocks.0.safetensors").exists()
     assert not (partial / "single_blocks.0.safetensors").exists()
     src, seen = Spy(sd), []
     compress_streaming(src, cond, LATENT, out, settings, progress=lambda b, n, e, l: seen.append(b), **KW)

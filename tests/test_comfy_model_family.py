@@ -64,6 +64,18 @@ def _cond(rng, **extra):
 
 
 # ---- telling the family apart, refusing what is not supported -----------------------------------------------------
+def assert_refused(calls: dict, variant: str, comfy_class: str, *supported: str) -> None:
+    """Each {node name: call} raises ValueError naming the node, the variant and ComfyUI's class, then what the
+    node supports (each string of `supported` in the message)."""
+    for node, call in calls.items():
+        with pytest.raises(ValueError) as err:
+            call()
+        msg = str(err.value)
+        assert msg.startswith(f"{node} does not support this MODEL: it is {variant} (ComfyUI model class "
+                              f"{comfy_class})"), msg
+        assert all(s in msg for s in supported), msg
+
+
 @pytest.mark.parametrize("variant", list(UNSUPPORTED))
 def test_every_node_refuses_an_unsupported_variant_naming_it(pack, rng, variant):
     nodes, _ = pack
@@ -85,13 +97,7 @@ def test_every_node_refuses_an_unsupported_variant_naming_it(pack, rng, variant)
             negative=cond, latent_image=latent, denoise=1.0, **SPARSE),
         "QuantSparse fused blocks": lambda: fused.apply_fused_blocks(model),
     }
-    for node, call in calls.items():
-        with pytest.raises(ValueError) as err:
-            call()
-        msg = str(err.value)
-        assert msg.startswith(f"{node} does not support this MODEL: it is {variant} (ComfyUI model class "
-                              f"{comfy_class})"), msg
-        assert "supports HunyuanVideo 1.0 T2V" in msg, msg
+    assert_refused(calls, variant, comfy_class, "supports HunyuanVideo 1.0 T2V")
     assert not (pack[1] / "quantsparse" / "refused.safetensors").exists()  # the refused Calibrate wrote nothing
 
 

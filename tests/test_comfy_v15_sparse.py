@@ -23,6 +23,8 @@ from quantsparse_core.models.attention import StepInfo
 from quantsparse_core.sparse.ssar import SparseSettings, SSARAttention
 
 from comfy_env import record_sparse_calls
+from random_weights import fill_random
+from test_comfy_model_family import assert_refused
 from test_comfy_nodes import load_pack
 
 PACK = "comfyui_quantsparse_under_test"
@@ -43,16 +45,7 @@ def _sp():
 
 
 def _random_core(rng, config=CONFIG) -> HunyuanVideoDiT:
-    """Random weights; q/k RMSNorm gains ~1 so attention rows have contrast (at 0.05 every logit is ~0, rows are
-    uniform and a sparse mask would change little)."""
-    model = HunyuanVideoDiT(config)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith(("query_norm.weight", "key_norm.weight")):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=rng))
-            else:
-                p.copy_(torch.randn(p.shape, generator=rng) * 0.05)
-    return model.eval()
+    return fill_random(HunyuanVideoDiT(config), rng, ("query_norm.weight", "key_norm.weight"))
 
 
 def _patcher(sd, comfy_class="HunyuanVideo15"):
@@ -221,13 +214,7 @@ def test_sparse_nodes_still_refuse_super_resolution_and_skyreels(rng, variant):
             model=model, seed=0, steps=2, cfg=1.0, sampler_name="euler", scheduler="simple", positive=cond,
             negative=cond, latent_image=_latent(), denoise=1.0, **settings),
     }
-    for node, call in calls.items():
-        with pytest.raises(ValueError) as err:
-            call()
-        msg = str(err.value)
-        assert msg.startswith(f"{node} does not support this MODEL: it is {variant} (ComfyUI model class "
-                              f"{comfy_class})"), msg
-        assert "HunyuanVideo 1.0 I2V" in msg and "HunyuanVideo 1.5 T2V/I2V" in msg, msg
+    assert_refused(calls, variant, comfy_class, "HunyuanVideo 1.0 I2V", "HunyuanVideo 1.5 T2V/I2V")
 
 
 def test_15_runs_fused_blocks_equal_to_comfyuis_and_calibrate_refuses_a_distilled_15(rng):

@@ -21,6 +21,7 @@ from quantsparse_core.models.wan import WanDiT, get_wan_preset
 from quantsparse_core.sparse.ssar import SparseSettings, SSARAttention
 
 from comfy_env import record_sparse_calls
+from random_weights import WAN_QK_GAINS, fill_random
 from test_comfy_nodes import load_pack
 
 PACK = "comfyui_quantsparse_under_test"
@@ -44,16 +45,7 @@ def _sp():
 
 
 def _random_wan(rng, name) -> WanDiT:
-    """Random weights; self-attention q/k RMSNorm gains ~1 so attention rows have contrast (at 0.05 every logit
-    is ~0, rows are uniform and a sparse mask would change little)."""
-    model = WanDiT(PRESETS[name])
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith(("self_attn.norm_q.weight", "self_attn.norm_k.weight")):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=rng))
-            else:
-                p.copy_(torch.randn(p.shape, generator=rng) * 0.05)
-    return model.eval()
+    return fill_random(WanDiT(PRESETS[name]), rng, WAN_QK_GAINS)
 
 
 def _patcher(sd):

@@ -64,15 +64,23 @@ def test_calibrated_model_round_trips_through_the_file(captured, tmp_path, rng):
     report = calibrate(q, cap, CalibSettings(method="msad", epochs=1, stride=8, top_k=8))
     assert all(isinstance(m, QuantLinear) for n, m in q.named_modules() if n.endswith("ffn.0"))
     save_compressed(q, tmp_path / "wan.safetensors", policy, calibration={"report": report})
-    loaded, _ = load_compressed(tmp_path / "wan.safetensors")
+    assert_file_runs_as(q, tmp_path / "wan.safetensors", cond.context, rng)
+
+
+def assert_file_runs_as(model, path, context, rng, timestep=700.0):
+    """The compressed file at `path`, loaded, gives `model`'s output (its fake-quantized layers frozen) on a fresh
+    random latent, to float32 rounding of the same operations (1e-5 of the output's largest value)."""
+    loaded, _ = load_compressed(path)
     x = torch.randn(1, *LATENT, generator=rng)
-    t = torch.tensor([700.0])
+    t = torch.tensor([timestep])
     with torch.no_grad():
-        for m in q.modules():
+        for m in model.modules():
             if isinstance(m, QuantLinear) and m.mode != "real":
                 m.freeze()
-        want, got = q(x, t, cond.context), loaded(x, t, cond.context)
+        want, got = model(x, t, context), loaded(x, t, context)
+    assert torch.isfinite(got).all()
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    return loaded
 
 
 def test_expert_segments_capture_only_their_steps(rng):

@@ -23,6 +23,8 @@ from quantsparse_core.sparse.layout import inverse_permutation, temporal_permuta
 from quantsparse_core.sparse.masks import band_keep, svg_masks
 from quantsparse_core.sparse.ssar import SparseSettings, SSARAttention
 
+from random_weights import WAN_QK_GAINS, fill_random
+
 TEXT = 4096
 LATENT = (4, 16, 16)   # patch (1, 2, 2) -> grid (4, 8, 8): 256 video tokens, 16 blocks of 16
 BLOCK_ = 16
@@ -30,17 +32,9 @@ STEPS = 6
 
 
 def random_model(rng, preset, scale=0.05, qk_gain=None):
-    """Random weights. qk_gain sets the self-attention RMSNorm gains of q and k to qk_gain (+10% noise):
-    q and k are RMS-normalized, so at the default gain 0.05 every logit is ~0 and softmax rows are
-    near-uniform; a gain of 1 (RMSNorm's initial value) gives attention with some contrast."""
-    model = WanDiT(get_wan_preset(preset))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if qk_gain is not None and name.endswith(("self_attn.norm_q.weight", "self_attn.norm_k.weight")):
-                p.copy_(qk_gain * (1 + 0.1 * torch.randn(p.shape, generator=rng)))
-            else:
-                p.copy_(torch.randn(p.shape, generator=rng) * scale)
-    return model.eval()
+    """Random weights; qk_gain: the self-attention q/k RMSNorm gains (random_weights.fill_random)."""
+    gains = () if qk_gain is None else WAN_QK_GAINS
+    return fill_random(WanDiT(get_wan_preset(preset)), rng, gains, qk_gain or 1.0, scale)
 
 
 def inputs(rng, config, batch=1, latent=LATENT):

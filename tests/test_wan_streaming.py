@@ -20,10 +20,10 @@ from quantsparse_core.io import load_compressed, save_compressed
 from quantsparse_core.io.checkpoint import HEADER_KEY
 from quantsparse_core.models.wan import WanDiT, wan_config_from_state_dict
 from quantsparse_core.models.weights import atomic_save_safetensors
-from quantsparse_core.quant.linear import QuantLinear
 from quantsparse_core.quant.policy import default_policy
 
-from test_calibration_streaming import Spy
+from test_calibration_streaming import Spy, cancelled_in_second_block
+from test_wan_calibration import assert_file_runs_as
 from test_wan_sparse import random_model
 
 LATENT = (16, 2, 8, 8)          # noisy latent -> grid 2 x 4 x 4 = 32 video tokens
@@ -101,17 +101,7 @@ def test_streamed_wan_file_equals_the_in_memory_calibration_and_loads_as_wan(rng
     assert set(report) == {"blocks.0", "blocks.1"} and {"final_global", "final_local"} <= set(report["blocks.0"])
     assert whole.read_bytes() == streamed.read_bytes()  # tensors and header, byte for byte
 
-    loaded, _ = load_compressed(streamed)
-    assert isinstance(loaded, WanDiT)
-    x = torch.randn(1, *LATENT, generator=rng)
-    t = torch.tensor([640.0])
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, QuantLinear) and m.mode != "real":
-                m.freeze()
-        ref, got = model(x, t, cond.context), loaded(x, t, cond.context)
-    assert torch.isfinite(got).all()
-    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()   # float32 rounding of the same operations
+    assert isinstance(assert_file_runs_as(model, streamed, cond.context, rng, 640.0), WanDiT)
 
     # calibrate_wan itself, with no contiguous copies: WanDiT.patchify hands block 0 contiguous tokens, so the
     # in-memory path's own captures give the same file byte for byte too
@@ -123,18 +113,8 @@ def test_streamed_wan_file_equals_the_in_memory_calibration_and_loads_as_wan(rng
 def test_cancelled_wan_job_resumes_after_its_last_finished_block(rng, tmp_path):
     sd, cond = _weights(rng), _t2v(rng)
     settings = CalibSettings(method="block+local", epochs=1, top_k=8)
-    ref = tmp_path / "ref" / "wan.safetensors"
-    compress_streaming(StateDictSource(sd), cond, LATENT, ref, settings, **KW)
-    out = tmp_path / "job" / "wan.safetensors"
-
-    def cancel_in_second_block(block, n, epoch, loss):
-        if block == 1:
-            raise KeyboardInterrupt("cancel")
-    with pytest.raises(KeyboardInterrupt):
-        compress_streaming(StateDictSource(sd), cond, LATENT, out, settings, progress=cancel_in_second_block, **KW)
-    assert not out.exists()
-    (partial,) = (out.parent / ".quantsparse-partial").iterdir()
-    assert (partial / "capture.index.json").exists() and (partial / "blocks.0.safetensors").exists()
+    ref, out, partial = cancelled_in_second_block(sd, cond, LATENT, settings, tmp_path, "wan.safetensors", **KW)
+    assert (partial / "blocks.0.safetensors").exists()
     assert not (partial / "blocks.1.safetensors").exists()
     # the second run reads the weights from a file, block by block: the same job (same fingerprint)
     weights = tmp_path / "wan_dit.safetensors"

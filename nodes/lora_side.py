@@ -86,11 +86,19 @@ class SidePaths:
         return y
 
 
-def quantized_layers(patcher):
-    """(the key ComfyUI patches, module) of each quantized linear of a patcher's model."""
-    for name, m in patcher.model.diffusion_model.named_modules():
-        if isinstance(getattr(m, "quant", None), QuantLinear):
-            yield f"{UNET_PREFIX}{name}.weight", m
+_LAYERS = "quantsparse_quantized_layers"   # on the BaseModel: its quantized linears, listed once
+
+
+def quantized_layers(patcher) -> list:
+    """(the key ComfyUI patches, module) of each quantized linear of a patcher's model; the walk over the model's
+    modules is made once per model (the layers are fixed once the file is loaded; clones share the model), not at
+    every inject, eject and hook switch."""
+    layers = patcher.model.__dict__.get(_LAYERS)
+    if layers is None:
+        layers = patcher.model.__dict__[_LAYERS] = [
+            (f"{UNET_PREFIX}{name}.weight", m) for name, m in patcher.model.diffusion_model.named_modules()
+            if isinstance(getattr(m, "quant", None), QuantLinear)]
+    return layers
 
 
 def _low_rank(patch, m):

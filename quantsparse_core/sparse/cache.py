@@ -79,7 +79,7 @@ def choose_placement(tokens: int, hidden: int, layers: int, budget_bytes: Option
     `host_budget_bytes` when given. Raises ValueError when nothing fits."""
     if budget_bytes is None:
         budget_bytes = torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else math.inf
-    need = []
+    need, pinned_host = [], None
     for policy in AUTO_ORDER:
         dev, host = cache_bytes(policy, tokens, hidden, layers, batch, rank, heads, tensors=tensors,
                                 factor_rank=factor_rank)
@@ -89,10 +89,11 @@ def choose_placement(tokens: int, hidden: int, layers: int, budget_bytes: Option
             need.append(dev)
         else:
             pinned_host = host
+    host_part = "" if pinned_host is None else (
+        f" or {pinned_host:,} bytes of host memory for cpu-pinned (budget "
+        f"{'unlimited' if host_budget_bytes is None else format(host_budget_bytes, ',')})")
     raise ValueError(f"not enough memory for the SSAR cache: need at least {min(need):,} bytes of device memory "
-                     f"(budget {budget_bytes:,}) or {pinned_host:,} bytes of host memory for cpu-pinned (budget "
-                     f"{'unlimited' if host_budget_bytes is None else format(host_budget_bytes, ',')}); lower the "
-                     "resolution or use order=0")
+                     f"(budget {budget_bytes:,}){host_part}; lower the resolution or use order=0")
 
 
 def placement_table() -> List[Dict]:
@@ -212,12 +213,10 @@ class CacheStore:
         {"codes": int8 [B, L, H*D], "scale": fp32 [B, L, 1]}; the low-rank policy's factors are
         expanded to dense. The sparse kernel adds either form in its epilogue."""
         if key in self._ready:
-            on_device, done = self._ready[key]
-            self._settle_prefetch(key)   # used below, or discarded once its copy is done
+            on_device, _ = self._ready[key]
+            self._settle_prefetch(key)   # the compute stream waits for the copy: used below, or discarded
             if on_device.device == torch.device(device):
-                stream = torch.cuda.current_stream(on_device.device)
-                stream.wait_event(done)
-                on_device.record_stream(stream)  # allocated on the copy stream, used on this one
+                on_device.record_stream(torch.cuda.current_stream(on_device.device))  # made on the copy stream
                 return {"dense": on_device}
         entry = self._data[key]
         if entry[0] == "host":

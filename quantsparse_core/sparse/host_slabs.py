@@ -6,7 +6,7 @@ cache pins 64 GB for 44 GB of data; at refresh time each new residual was also a
 was freed. Here the cache takes its memory as slabs of SLAB_BYTES (a power of two: nothing rounded away)
 and each entry is a run of bytes across them (a few pieces, copied one by one); entries of a size seen
 before reuse freed runs of that size, and a key that is written again is overwritten in place. Host use
-is the data plus at most one partly used slab. Plain PyTorch calls only (no cudaHostRegister, which WSL
+is the data, plus freed runs of a size not asked for again, plus at most one partly used slab. Plain PyTorch calls only (no cudaHostRegister, which WSL
 does not support).
 """
 from __future__ import annotations
@@ -64,7 +64,7 @@ class HostEntry:
 
     def __init__(self, slabs: HostSlabs, shape, dtype: torch.dtype):
         self.shape, self.dtype = tuple(shape), dtype
-        self.nbytes = int(torch.Size(self.shape).numel()) * torch.empty((), dtype=dtype).element_size()
+        self.nbytes = int(torch.Size(self.shape).numel()) * dtype.itemsize
         self.pieces = slabs.take(self.nbytes)
         self._written: Optional[torch.cuda.Event] = None   # the last device->host copy into the pieces
         self._read: Optional[torch.cuda.Event] = None      # the last host->device copy out of them

@@ -8,8 +8,9 @@ the fake-quantized bf16 weights saved for backward and the weight-side temporari
 linear in the tokens (activations saved for backward, per hidden unit, and MSAD's local map, per
 head x salient token), times an allocator margin, plus the prefetch rings (prefetch.py: up to DEPTH
 samples' inputs, targets and MSAD maps in the store dtype, page-locked on the host and on the GPU).
-Measured on an H200 at a 24 GB cap (docs/CALIBRATION.md): 13.5 GB peak against 14.7 GB estimated
-before the rings were added.
+Measured at a 24 GB cap (docs/CALIBRATION.md): 13.5 GB peak against 14.7 GB estimated before the
+rings were added (H200, 2026-12-05); 16.45 GB allocated with the rings (H100, 2026-12-06), which the
+margin below covers.
 
 Wan (a WanConfig) uses the same per-parameter and per-token constants (measured on HunyuanVideo's
 double block, not yet on a Wan block): its tokens are the video tokens (self-attention sees no text),
@@ -35,9 +36,13 @@ from .prefetch import DEPTH as PREFETCH_DEPTH
 GPU_BYTES_PER_PARAM = 11.5
 ACT_BYTES_PER_TOKEN_PER_HIDDEN = 96
 LOCAL_MAP_BYTES = 8          # per head x salient token x token
-ALLOCATOR_MARGIN = 1.10      # caching-allocator fragmentation and kernels' workspaces (not measured)
+# Caching-allocator fragmentation and kernels' workspaces: the 2026-12-06 H100 run (848x480x73, 20 samples,
+# MSAD) peaked at 1.123 x the parts below + the rings; 1.15 keeps the estimate above it.
+ALLOCATOR_MARGIN = 1.15
 # Effective training throughput (FLOP/s) assumed when none is given: bf16 autocast, eager fake quant.
-DEFAULT_RATE = {"h200": 300e12, "24gb": 100e12}
+# Measured on an H100 at the 13B shape (2026-12-06): 198 TFLOP/s, 20% of the bf16 peak; a 24 GB RTX 4090
+# at the same share of its 165 TFLOP/s.
+DEFAULT_RATE = {"h200": 200e12, "24gb": 33e12}
 
 
 def _grid(config, latent_shape):

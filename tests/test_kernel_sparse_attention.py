@@ -14,6 +14,7 @@ from quantsparse_core.sparse.masks import BlockMask, band_keep
 from quantsparse_core.sparse.low_rank import heads_first
 from quantsparse_core.sparse.ssar import SparseSettings, SSARAttention
 from kernel_marks import interpreted
+from launch_recorder import LaunchRecorder
 
 
 TXT, GRID = 7, (3, 4, 5)  # L = 67: partial last block for block 16 (and 32)
@@ -282,35 +283,6 @@ def test_bias_blocks_answer_is_reused_only_for_the_same_unmodified_mask(rng, mon
     assert sa._bias_blocks(key_bias(other, 2, length), perm, block) == {False: 3, True: 3} and len(calls) == 6
 
 
-class _Recorder:
-    """Stands in for the Triton kernel: records each launch's arguments by name instead of running."""
-
-    def __init__(self, kernel):
-        self.names, self.launches = list(kernel.arg_names), []
-        self.skip = set(kernel.kwargs["do_not_specialize"]) if hasattr(kernel, "kwargs") \
-            else {kernel.arg_names[i] if isinstance(i, int) else i for i in kernel.do_not_specialize}
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            named = dict(zip(self.names, args))
-            named.update({k: v for k, v in kwargs.items() if k in self.names})
-            self.launches.append(named)
-        return launch
-
-    def keys(self):
-        """Per launch, what Triton would specialise the compiled kernel on: each specialised integer's class
-        (== 1, divisible by 16, other) and every constexpr's value."""
-        out = []
-        for named in self.launches:
-            key = {}
-            for name, v in named.items():
-                if isinstance(v, bool) or not isinstance(v, int) or name in self.skip:
-                    continue
-                key[name] = "one" if v == 1 else "x16" if v % 16 == 0 else "other"
-            out.append(tuple(sorted(key.items())))
-        return out
-
-
 def test_a_new_resolution_or_rank_reuses_the_compiled_kernel(rng, monkeypatch):
     """Resolution-dependent sizes and strides are kept out of the kernel's specialisation, so a run at a new
     resolution (and a second-order correction of another rank) launches the variant compiled for the
@@ -320,7 +292,7 @@ def test_a_new_resolution_or_rank_reuses_the_compiled_kernel(rng, monkeypatch):
     b, h, d, block = 1, 2, 32, 16
     keys = []
     for length, rank in ((103, 16), (256, 7), (16 * 16 * 2 + 9, 16)):
-        rec = _Recorder(sa._sparse_attn_fwd)
+        rec = LaunchRecorder(sa._sparse_attn_fwd)
         monkeypatch.setattr(sa, "_sparse_attn_fwd", rec)
         q, k, v = strided_qkv(rng, b, h, length, d, torch.bfloat16)
         nq = -(-length // block)

@@ -1,6 +1,11 @@
 #!/usr/bin/env python
 """The product path, timed: HunyuanVideo-13B (random weights) sampled through ComfyUI's own loader and
-sampler, in-process, 50 steps, wall-clock of the whole sampling.
+sampler, in-process, 50 steps, wall-clock of the whole sampling. --preset hunyuan-video-1.5-8b times
+HunyuanVideo 1.5 T2V (8.3B) the same way: ComfyUI detects it as its HunyuanVideo15 model, the latent is
+EmptyHunyuanVideo15Latent's (32 channels, 1/16 spatial, patch 1), `720p` is 1280x720x121 there, and the
+conditioning is 3584-wide text tokens, unpadded, with pooled_output None (v15_extras); e.g.
+    python3 benchmarks/gpu_benchmark.py --product --preset hunyuan-video-1.5-8b --configs Q,A --resolutions 720p \
+        --baseline-steps 720p=3
 
     PYTHONPATH=.devcarry/site COMFYUI_PATH=.devcarry/ComfyUI python3 benchmarks/comfy_product.py \\
         [--configs A,A8,Q] [--resolutions 544p,720p] [--steps 50] [--baseline-steps 720p=3] \\
@@ -20,8 +25,8 @@ Configurations (each loaded, sampled and freed in turn, in this one process):
   A8F, QI, QL: see --configs.
 Sampling is `comfy.sample.sample` (what ComfyUI's KSampler / common_ksampler calls): euler, simple,
 cfg 1.0, a random 256-token x 4096 text conditioning with ComfyUI's attention mask (200 real tokens),
-pooled output, guidance 6.0 (HunyuanVideo's workflow). Each step is timed by a callback with a device
-sync; step kinds of Q follow the SparseSettings schedule and are checked against what SSAR actually did.
+pooled output, guidance 6.0 (HunyuanVideo's workflow; 1.5's differs: v15_extras). Each step is timed by a
+callback with a device sync; step kinds of Q follow the SparseSettings schedule and are checked against what SSAR actually did.
 A tiny sampling run first (same model, 8 steps, small latent) loads the model and compiles the kernels,
 so the timed run measures sampling; its time is reported as warm_s.
 
@@ -68,6 +73,11 @@ import memory_peak  # noqa: E402  (benchmarks/memory_peak.py)
 
 RESOLUTIONS = {"544p": (960, 544, 129), "720p": (1280, 720, 129),  # width, height, frames
                "wan720p": (1280, 720, 81), "wan480p": (832, 480, 81)}  # Wan 2.1's defaults (EmptyHunyuanLatentVideo)
+# HunyuanVideo 1.5 names its sizes with 121 frames (its 720p / 480p T2V checkpoints, EmptyHunyuanVideo15Latent):
+# for a 1.5 preset these names win over RESOLUTIONS, so `720p` there is 1280x720x121 and the 13B's stays 129 frames.
+V15_RESOLUTIONS = {"720p": (1280, 720, 121), "480p": (848, 480, 121)}
+BASE_PRESET = "hunyuan-video-13b"   # the preset PRIORS were measured on; others' priors are scaled from it
+V15_PRESET = "hunyuan-video-1.5-8b"
 CONFIGS = ("A", "A8", "A8F", "Q", "C", "QI", "QL")
 SPARSE_CONFIGS = ("Q", "C", "QI", "QL")
 CONFIG_NAMES = {"A": "ComfyUI native bf16, default attention",
@@ -80,9 +90,10 @@ CONFIG_NAMES = {"A": "ComfyUI native bf16, default attention",
                 "QL": "(Q) + stacked random LoRAs through ComfyUI's LoRA loader (--loras, --lora-rank)"}
 GIB = 2 ** 30
 CONTEXT_GIB = 0.5      # what a real card loses to the CUDA context, outside torch's allocator
-WARM_LATENT = (17, 256, 256)  # frames, height, width of the warm-up run: 5 x 16 x 16 latent tokens
+WARM_LATENT = (17, 256, 256)  # frames, height, width of the warm-up run: 5 x 16 x 16 latent tokens (13B and 1.5)
 WARM_STEPS = 8         # dense, refresh1, reuse x4, refresh2, reuse2a with the default schedule
 STALL_RATIO = 1.2
+BUDGET_S = 560.0       # --budget-s default: one call of under 10 minutes on the GPU machine, with room to save
 TARGETS = (  # (name, kind, resolution, target)
     ("(Q) vs (A), 720p/129f, 50-step sampling wall-clock", "ratio:A", "720p", 3.0),
     ("(Q) vs (A), 544p/129f, 50-step sampling wall-clock", "ratio:A", "544p", 2.7),
@@ -97,6 +108,7 @@ TARGETS = (  # (name, kind, resolution, target)
 # the fp8 rows and (Q)'s first compiles are not in them, so they stay a little pessimistic.
 PRIORS = {"544p": {"A": 10.8, "A8": 10.8, "A8F": 11.0, "dense": 7.1, "refresh": 8.7, "reuse": 2.3},
           "720p": {"A": 31.0, "A8": 31.0, "A8F": 33.0, "dense": 20.4, "refresh": 25.1, "reuse": 5.8}}
+# Load priors (s) of the full-size presets, the 13B's: the 8.3B HunyuanVideo 1.5 loads less, so they stay pessimistic.
 LOAD_PRIOR_S = {"A": 60.0, "A8": 60.0, "A8F": 60.0, "Q": 90.0, "C": 90.0, "QI": 90.0, "QL": 100.0}
 # issue 20 (H200): W4A8 + 15% + SSAR with INT8 attention, 50 steps at 720p/129f, against dense bf16; shown where (QI) ran
 # ComfyUI's fastest stock weights (fp8 matmuls): the bar for (Q) that the fp8 row sets, shown where (A8F) ran
@@ -110,7 +122,12 @@ WAN_TARGETS = (
     ("(Q) vs (A), Wan2.1-14B 1280x720x81, 50-step sampling wall-clock", "ratio:A", "wan720p", 2.5),
     ("no step slower than 1.2x its kind's median (measured 50-step runs)", "stall", None, STALL_RATIO),
 )
-LORA_TARGET = ("3 stacked LoRAs on (Q), 720p/129f: sampling time over (Q)'s, same steps", "lora", "720p", 1.10)
+# HunyuanVideo 1.5 (issue 17): ComfyUI's HunyuanVideo15 model, 8.3B T2V architecture, random weights.
+V15_TARGETS = (
+    ("(Q) vs (A), HunyuanVideo 1.5, 720p x 121, 50-step sampling wall-clock", "ratio:A", "720p", 2.5),
+    ("no step slower than 1.2x its kind's median (measured 50-step runs)", "stall", None, STALL_RATIO),
+)
+LORA_TARGET = ("3 stacked LoRAs on (Q), {size}: sampling time over (Q)'s, same steps", "lora", "720p", 1.10)
 
 
 def log(*a):
@@ -195,11 +212,8 @@ class Comfy:
         if device == "cpu":
             args.cpu = True
         import comfy.model_management as mm
-        import comfy.patcher_extension  # noqa: F401
-        import comfy.sample  # noqa: F401
-        import comfy.samplers  # noqa: F401
-        import comfy.sd  # noqa: F401
-        import comfy.utils  # noqa: F401
+        for name in ("comfy.patcher_extension", "comfy.sample", "comfy.samplers", "comfy.sd", "comfy.utils"):
+            importlib.import_module(name)  # now, before the pack's modules, which use them as submodules of comfy
         self.mm = mm
         ns = {}
         exec((self.path / "comfyui_version.py").read_text(), ns)
@@ -303,6 +317,17 @@ def is_wan(preset: str) -> bool:
     return preset in WAN_PRESETS
 
 
+def is_v15(preset: str) -> bool:
+    """A HunyuanVideo 1.5 (T2V/I2V) architecture: ComfyUI builds its HunyuanVideo15 model and latent format."""
+    from quantsparse_core.models.config import V15, get_preset
+    return not is_wan(preset) and get_preset(preset).variant == V15
+
+
+def model_config(preset: str):
+    from quantsparse_core.models import get_preset, get_wan_preset
+    return get_wan_preset(preset) if is_wan(preset) else get_preset(preset)
+
+
 def meta_model(preset: str):
     from quantsparse_core.models import HunyuanVideoDiT, WanDiT, get_preset, get_wan_preset
     if is_wan(preset):
@@ -313,6 +338,15 @@ def meta_model(preset: str):
 def comfy_class(preset: str) -> str:
     """The diffusion-model class ComfyUI must build for the preset."""
     return "WanModel" if is_wan(preset) else "HunyuanVideo"
+
+
+def comfy_model_class(preset: str):
+    """The model_base class ComfyUI must wrap it in, where it tells variants apart: 1.0 and 1.5 share the
+    diffusion class, and only HunyuanVideo15 builds 1.5's conditioning (zero image channels + mask) and latent
+    format. None: not checked (Wan's depends on the variant)."""
+    if is_wan(preset):
+        return None
+    return "HunyuanVideo15" if is_v15(preset) else "HunyuanVideo"
 
 
 class RandomWeights(Mapping):
@@ -401,6 +435,8 @@ def conditioning(preset: str, text_tokens: int, seed: int):
         return [[torch.randn(1, text_tokens, get_wan_preset(preset).text_dim, generator=g), {}]], text_tokens
     cfg = get_preset(preset)
     ctx = torch.randn(1, text_tokens, cfg.context_in_dim, generator=g)
+    if is_v15(preset):
+        return [[ctx, v15_extras()]], text_tokens
     real = max(1, text_tokens * 200 // 256)
     mask = torch.zeros(1, text_tokens, dtype=torch.long)
     mask[:, :real] = 1
@@ -410,27 +446,54 @@ def conditioning(preset: str, text_tokens: int, seed: int):
     return [[ctx, extras]], real
 
 
-def parse_resolution(name: str):
-    """'544p' / '720p' or WIDTHxHEIGHTxFRAMES -> (width, height, frames)."""
-    if name in RESOLUTIONS:
-        return RESOLUTIONS[name]
+def v15_extras() -> dict:
+    """HunyuanVideo 1.5 T2V's conditioning extras as ComfyUI's CLIPTextEncode with its Qwen2.5-VL encoder gives a
+    prompt. pooled_output None: 1.5 has no pooled-text input, but HunyuanVideo.encode_adm (which HunyuanVideo15
+    inherits) reads the key, and the encoder sets it to None. No attention_mask: 1.5's tokenizer does not pad
+    (the 1.0 one pads to 256), so the mask is all ones and HunyuanVideo15.extra_conds drops it; (A) then runs
+    ComfyUI's unmasked attention, as in the stock workflow. No guidance (1.5 has no guidance embedding; its
+    workflow has no FluxGuidance), no byT5 tokens (only for quoted text) and no image tokens (I2V only)."""
+    return {"pooled_output": None}
+
+
+def named_resolutions(preset: str) -> dict:
+    """The resolution names valid for the preset: 1.5's own (121 frames) over the shared ones."""
+    return {**RESOLUTIONS, **V15_RESOLUTIONS} if is_v15(preset) else RESOLUTIONS
+
+
+def parse_resolution(name: str, preset: str = BASE_PRESET):
+    """A named size ('544p', '720p': 129 frames, but 121 for HunyuanVideo 1.5) or WIDTHxHEIGHTxFRAMES ->
+    (width, height, frames)."""
+    names = named_resolutions(preset)
+    if name in names:
+        return names[name]
     try:
         w, h, f = (int(x) for x in name.lower().split("x"))
     except ValueError:
-        raise SystemExit(f"unknown resolution {name!r}: use 544p, 720p or WIDTHxHEIGHTxFRAMES") from None
+        raise SystemExit(f"unknown resolution {name!r}: use one of {sorted(names)} or WIDTHxHEIGHTxFRAMES") from None
     if w % 16 or h % 16 or (f - 1) % 4:
         raise SystemExit(f"resolution {name}: width and height must be multiples of 16 and frames 4k+1")
     return w, h, f
 
 
-def latent_shape(res):
-    """EmptyHunyuanLatentVideo's latent for (width, height, frames)."""
+def latent_geometry(preset: str):
+    """(latent channels, spatial downscale) of the empty latent ComfyUI's stock graph gives the preset:
+    EmptyHunyuanLatentVideo's 16 channels at 1/8 (HunyuanVideo 1.0, Wan 2.1), EmptyHunyuanVideo15Latent's 32
+    at 1/16 (1.5: latent_formats.HunyuanVideo15). Both compress time by 4 (frames 4k+1 -> k+1)."""
+    return (32, 16) if is_v15(preset) else (16, 8)
+
+
+def latent_shape(res, preset: str = BASE_PRESET):
+    """The stock empty latent (EmptyHunyuanLatentVideo / EmptyHunyuanVideo15Latent) for (width, height, frames)."""
     w, h, f = res
-    return (1, 16, (f - 1) // 4 + 1, h // 8, w // 8)
+    channels, down = latent_geometry(preset)
+    return (1, channels, (f - 1) // 4 + 1, h // down, w // down)
 
 
-def video_tokens(shape) -> int:
-    return shape[2] * (shape[3] // 2) * (shape[4] // 2)
+def video_tokens(shape, preset: str = BASE_PRESET) -> int:
+    """Video tokens of a latent after the model's patchify: 1x2x2 for 1.0 and Wan, 1x1x1 for 1.5."""
+    pt, ph, pw = model_config(preset).patch_size
+    return (shape[2] // pt) * (shape[3] // ph) * (shape[4] // pw)
 
 
 # ---- one sampling run ------------------------------------------------------------------------------
@@ -603,6 +666,10 @@ def run_core_sampling(core: CoreModel, shape, cond, steps: int, last_step, seed:
     pooled = extras.get("pooled_output")
     mask = extras.get("attention_mask")
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dev, dt)
+    # channels the model reads beyond the latent: 1.5 T2V gets zero image-latent channels and a zero mask, as
+    # ComfyUI's HunyuanVideo15.concat_cond gives them when no start image is set
+    extra = core.model.config.in_channels - shape[1]
+    concat = torch.zeros(shape[0], extra, *shape[2:], device=dev, dtype=dt) if extra > 0 else None
     core.attn.reset()   # a new run: its statistics start at zero, so each step's share can be read off them
     counts = lambda: tuple(core.attn.stats[k] for k in ("dense", "sparse", "refresh"))  # noqa: E731
     state = {"before": None}
@@ -627,7 +694,7 @@ def run_core_sampling(core: CoreModel, shape, cond, steps: int, last_step, seed:
         with torch.inference_mode():
             out = sample_euler(core.model, noise, ctx.to(dev, dt), None if pooled is None else pooled.to(dev, dt),
                                flow_sigmas(steps).to(dev), attention_mask=None if mask is None else mask.to(dev),
-                               guidance=float(extras.get("guidance", 6.0)), on_step=on_step)
+                               guidance=float(extras.get("guidance", 6.0)), on_step=on_step, concat=concat)
         close(steps - 1, steps)
         finite = bool(torch.isfinite(out).all())
     except _StopSampling:
@@ -675,7 +742,7 @@ class Report:
 
     def save(self):
         self.data["tables"] = tables(self.data["runs"])
-        self.data["targets"] = targets(self.data["runs"], self.data.get("settings", {}).get("preset", "hunyuan-video-13b"))
+        self.data["targets"] = targets(self.data["runs"], self.data.get("settings", {}).get("preset", BASE_PRESET))
         self.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.out.with_suffix(self.out.suffix + ".tmp")
         tmp.write_text(json.dumps(self.data, indent=1, default=str) + "\n")
@@ -724,9 +791,10 @@ def core_target(runs) -> dict:
     return row
 
 
-def lora_target(runs) -> dict:
+def lora_target(runs, preset: str = BASE_PRESET) -> dict:
     """(QL) against (Q): sampling seconds over the steps both timed (same step kinds, same resolution)."""
     name, _, res, target = LORA_TARGET
+    name = name.format(size="720p x 121" if is_v15(preset) else "720p/129f")  # what `720p` means for the preset
     row = dict(name=name, measured=None, target=f"<= {target}x", met=False)
     pairs = [(r, _uncapped(runs, "QL", r), _uncapped(runs, "Q", r)) for r in dict.fromkeys(
         [res] + [x["resolution"] for x in runs if x["config"] == "QL"])]
@@ -744,14 +812,23 @@ def lora_target(runs) -> dict:
     return row
 
 
-def targets(runs, preset: str = "hunyuan-video-13b") -> list:
-    out = []
-    rows = WAN_TARGETS if is_wan(preset) else TARGETS
-    if not is_wan(preset) and any(r["config"] == "QI" for r in runs):
+def target_rows(runs, preset: str) -> tuple:
+    """The preset family's rows; the 13B's INT8 / fp8-fast rows (its 129-frame shapes) where those configs ran."""
+    if is_wan(preset):
+        return WAN_TARGETS
+    if is_v15(preset):
+        return V15_TARGETS
+    rows = TARGETS
+    if any(r["config"] == "QI" for r in runs):
         rows = rows + (INT8_TARGET,)
-    if not is_wan(preset) and any(r["config"] == "A8F" for r in runs):
+    if any(r["config"] == "A8F" for r in runs):
         rows = rows + (FP8_FAST_TARGET,)
-    for name, kind, res, target in rows:
+    return rows
+
+
+def targets(runs, preset: str = BASE_PRESET) -> list:
+    out = []
+    for name, kind, res, target in target_rows(runs, preset):
         row = dict(name=name, measured=None, target=target, met=False)
         if kind.startswith("ratio:"):
             base_cfg, cfg = (kind.split(":") + ["Q"])[1:3]
@@ -794,7 +871,7 @@ def targets(runs, preset: str = "hunyuan-video-13b") -> list:
                                + ", ".join(r["label"] for r in full))
         out.append(row)
     if any(r["config"] == "QL" for r in runs):
-        out.append(lora_target(runs))
+        out.append(lora_target(runs, preset))
     if any(r["config"] == "C" for r in runs):
         out.append(core_target(runs))
     return out
@@ -830,6 +907,53 @@ def print_table(data):
             f"{'; ' + t['note'] if t.get('note') else ''}")
 
 
+def check_comfy_model(patcher, preset: str, config: str) -> dict:
+    """What ComfyUI built from the state dict (its detect_unet_config -> supported model -> model_base class),
+    refused unless it is the preset's model and its latent format is the latent this benchmark makes (1.0 and 1.5
+    share the diffusion class; a 1.5 file read as 1.0 would sample a 16-channel latent). Returns it for the run."""
+    if patcher is None:
+        raise RuntimeError(f"ComfyUI did not recognise ({config})'s state dict as any model")
+    dm, model = type(patcher.model.diffusion_model).__name__, type(patcher.model).__name__
+    want_dm, want_model = comfy_class(preset), comfy_model_class(preset)
+    if dm != want_dm or want_model not in (None, model):
+        raise RuntimeError(f"ComfyUI loaded ({config}) as {model}/{dm}, not {want_model or 'a'}/{want_dm} for {preset}")
+    fmt = patcher.model.latent_format
+    got = (fmt.latent_channels, getattr(fmt, "spacial_downscale_ratio", 8))
+    if not is_wan(preset) and got != latent_geometry(preset):
+        raise RuntimeError(f"ComfyUI's latent format {type(fmt).__name__} for ({config}) has (channels, downscale) "
+                           f"{got}; the benchmark's latent for {preset} is {latent_geometry(preset)}")
+    return dict(comfy_model=model, comfy_diffusion_model=dm,
+                latent_format=dict(name=type(fmt).__name__, channels=got[0], spatial_downscale=got[1]))
+
+
+# ---- budget estimates ------------------------------------------------------------------------------
+def has_priors(preset: str) -> bool:
+    """The full-size HunyuanVideo presets, whose runs the budget estimates (13B measured, 1.5 scaled from it) and
+    whose warm-up runs at WARM_LATENT; the small test presets and Wan run unestimated."""
+    return preset in (BASE_PRESET, V15_PRESET)
+
+
+def step_flops(preset: str, shape, text_tokens: int) -> float:
+    """A dense model call's matmul FLOPs, the part that scales between models and sizes: per block, attention
+    4 N^2 H (QK^T and PV) and the linears 2 N H^2 (4 + 2 mlp_ratio) (QKV, output, MLP in and out)."""
+    cfg = model_config(preset)
+    n, h = video_tokens(shape, preset) + text_tokens, cfg.hidden_size
+    return (cfg.depth_double + cfg.depth_single) * (4 * n * n * h + 2 * n * h * h * (4 + 2 * cfg.mlp_ratio))
+
+
+def prior_steps(preset: str, res_name: str, shape, text_tokens: int) -> dict:
+    """Step-time priors (s) by config / step kind for the preset at this latent: the 13B's measured rows at
+    544p / 720p, other 13B sizes from 544p by video tokens^1.7 (fitted to the two measured sizes), other presets
+    from the 13B's 720p by the ratio of their FLOPs per step (step_flops)."""
+    if preset == BASE_PRESET:
+        if res_name in PRIORS:
+            return PRIORS[res_name]
+        f = (video_tokens(shape) / video_tokens(latent_shape(RESOLUTIONS["544p"]))) ** 1.7
+        return {k: v * f for k, v in PRIORS["544p"].items()}
+    f = step_flops(preset, shape, text_tokens) / step_flops(BASE_PRESET, latent_shape(RESOLUTIONS["720p"]), text_tokens)
+    return {k: v * f for k, v in PRIORS["720p"].items()}
+
+
 # ---- the benchmark ---------------------------------------------------------------------------------
 class Budget:
     def __init__(self, seconds):
@@ -856,12 +980,9 @@ class Bench:
 
     # -- estimates --
     def estimate(self, config, res_name, shape, timed_steps, kinds):
-        if self.a.preset != "hunyuan-video-13b":
+        if not has_priors(self.a.preset):
             return 0.0
-        pri = PRIORS.get(res_name)
-        if pri is None:  # another size: scale 544p by tokens^1.7
-            f = (video_tokens(shape) / video_tokens(latent_shape(RESOLUTIONS["544p"]))) ** 1.7
-            pri = {k: v * f for k, v in PRIORS["544p"].items()}
+        pri = prior_steps(self.a.preset, res_name, shape, self.a.text_tokens)
         if config in SPARSE_CONFIGS:
             s = sum(pri[k] for k in kinds[:timed_steps]) + pri["refresh"] * self.a.warm_full_steps
         else:
@@ -920,24 +1041,22 @@ class Bench:
         if dev == "cuda":
             torch.cuda.empty_cache()
         info["load_s"] = round(time.perf_counter() - t0, 1)
-        want = comfy_class(self.a.preset)
-        if patcher is None or type(patcher.model.diffusion_model).__name__ != want:
-            raise RuntimeError(f"ComfyUI did not load ({config}) as {want}")
+        info.update(check_comfy_model(patcher, self.a.preset, config))
         return patcher, info
 
     # -- runs --
     def run_config(self, config, res_names):
         plans = []
         for res_name in res_names:
-            res = parse_resolution(res_name)
-            shape = latent_shape(res)
+            res = parse_resolution(res_name, self.a.preset)
+            shape = latent_shape(res, self.a.preset)
             coarse, fine = step_kinds(self.settings, self.a.steps) if config in SPARSE_CONFIGS else \
                 (["dense"] * self.a.steps, ["dense"] * self.a.steps)
             timed = self.a.steps if config in SPARSE_CONFIGS else self.baseline_steps(res_name)
             if self.a.timed_steps:
                 timed = min(timed, self.a.timed_steps)
             plans.append((res_name, res, shape, coarse, fine, timed))
-        need = LOAD_PRIOR_S[config] * (self.a.preset == "hunyuan-video-13b")
+        need = LOAD_PRIOR_S[config] * has_priors(self.a.preset)
         fits = []
         for p in plans:
             est = self.estimate(config, p[0], p[2], p[5], p[3])
@@ -980,8 +1099,9 @@ class Bench:
         out, t0 = {}, time.perf_counter()
         jobs = []
         if first:
-            f, h, w = WARM_LATENT if self.a.preset == "hunyuan-video-13b" else (9, 128, 128)
-            jobs.append((latent_shape((w, h, f)), WARM_STEPS, None, f"{WARM_STEPS} steps at {w}x{h}x{f}"))
+            f, h, w = WARM_LATENT if has_priors(self.a.preset) else (9, 128, 128)
+            jobs.append((latent_shape((w, h, f), self.a.preset), WARM_STEPS, None,
+                         f"{WARM_STEPS} steps at {w}x{h}x{f}"))
         if config in SPARSE_CONFIGS and self.a.warm_full_steps > 0:
             jobs.append((shape, self.a.steps, self.a.warm_full_steps,
                          f"{self.a.warm_full_steps} step(s) at the timed latent"))
@@ -1012,7 +1132,7 @@ class Bench:
         label = f"{config}@{res_name}" + (f"/{self.a.cap_gb:g}GiB" if self.a.cap_gb else "")
         run = dict(label=label, config=config, name=CONFIG_NAMES[config], resolution=res_name,
                    pixels=dict(width=res[0], height=res[1], frames=res[2]), latent=list(shape),
-                   tokens=video_tokens(shape) + (0 if is_wan(self.a.preset) else self.a.text_tokens),
+                   tokens=video_tokens(shape, self.a.preset) + (0 if is_wan(self.a.preset) else self.a.text_tokens),
                    text_tokens=self.a.text_tokens,
                    text_real_tokens=self.txt_real, cap_gb=self.a.cap_gb, schedule_steps=self.a.steps,
                    timed_steps=timed, completed=False, per_step=[], **info, **(warm or {}))
@@ -1084,8 +1204,8 @@ class Bench:
         run["schedule_s"] = None if fifty is None else round(fifty, 2)
         if note:
             run["note"] = note
-        if run["completed"] and self.a.preset == "hunyuan-video-13b" and res_name in PRIORS and run["per_step"]:
-            pri = PRIORS[res_name]
+        if run["completed"] and has_priors(self.a.preset) and run["per_step"]:
+            pri = prior_steps(self.a.preset, res_name, shape, self.a.text_tokens)
             exp = sum(pri[config] if config not in SPARSE_CONFIGS else pri[s["kind"]] for s in run["per_step"])
             self.scale = max(0.5, min(3.0, run["sampling_s"] / exp))
         log(f"   {label}: {'completed' if run['completed'] else 'FAILED ' + str(run.get('error'))}; sampling "
@@ -1100,17 +1220,19 @@ class Bench:
         return timer, total_s, finite
 
     def rope_diagnostic(self, res_names):
-        """ComfyUI's RoPE as it runs here (comfy_kitchen's selected backend), per step (60 blocks)."""
-        if self.a.device != "cuda" or self.a.preset != "hunyuan-video-13b":
+        """ComfyUI's RoPE as it runs here (comfy_kitchen's selected backend), per step (every block)."""
+        if self.a.device != "cuda" or not has_priors(self.a.preset):
             return
         from comfy.ldm.flux.math import apply_rope
+        cfg = model_config(self.a.preset)
+        blocks = cfg.depth_double + cfg.depth_single
         diag = self.report.data.setdefault("diagnostics", {})
         for res_name in res_names:
-            shape = latent_shape(parse_resolution(res_name))
-            n = video_tokens(shape) + self.a.text_tokens
-            q = torch.randn(1, 24, n, 128, device="cuda", dtype=torch.bfloat16)
+            shape = latent_shape(parse_resolution(res_name, self.a.preset), self.a.preset)
+            n = video_tokens(shape, self.a.preset) + self.a.text_tokens
+            q = torch.randn(1, cfg.num_heads, n, cfg.head_dim, device="cuda", dtype=torch.bfloat16)
             k = torch.randn_like(q)
-            pe = torch.randn(1, 1, n, 64, 2, 2, device="cuda", dtype=torch.float32)
+            pe = torch.randn(1, 1, n, cfg.head_dim // 2, 2, 2, device="cuda", dtype=torch.float32)
             with torch.inference_mode():
                 for _ in range(2):
                     apply_rope(q, k, pe)
@@ -1120,9 +1242,11 @@ class Bench:
                     apply_rope(q, k, pe)
                 torch.cuda.synchronize()
             ms = (time.perf_counter() - t0) / 5 * 1e3
-            diag[f"rope_{res_name}"] = dict(ms_per_call=round(ms, 2), s_per_step_60_blocks=round(ms * 60 / 1e3, 2),
-                                            backends=self.comfy.view().get("kitchen_backends"))
-            log(f"   RoPE (ComfyUI -> comfy_kitchen) at {res_name}: {ms:.1f} ms per block, {ms * 60 / 1e3:.2f} s per step")
+            diag[f"rope_{res_name}"] = {"ms_per_call": round(ms, 2),  # the 13B's key stays s_per_step_60_blocks
+                                        f"s_per_step_{blocks}_blocks": round(ms * blocks / 1e3, 2),
+                                        "backends": self.comfy.view().get("kitchen_backends")}
+            log(f"   RoPE (ComfyUI -> comfy_kitchen) at {res_name}: {ms:.1f} ms per block, "
+                f"{ms * blocks / 1e3:.2f} s per step ({blocks} blocks)")
             del q, k, pe
             torch.cuda.empty_cache()
 
@@ -1170,18 +1294,22 @@ def main(argv=None):
                                                         "(Q + --loras stacked LoRAs)")
     ap.add_argument("--loras", type=int, default=3, help="(QL): how many random LoRAs to stack")
     ap.add_argument("--lora-rank", type=int, default=32, help="(QL): their rank (on every linear of every block)")
-    ap.add_argument("--resolutions", default="544p,720p", help="comma list of 544p, 720p or WIDTHxHEIGHTxFRAMES")
+    ap.add_argument("--resolutions", default="544p,720p",
+                    help="comma list of 544p, 720p (x129; x121 for HunyuanVideo 1.5 presets), 480p (1.5: 848x480x121), "
+                         "wan720p, wan480p or WIDTHxHEIGHTxFRAMES")
     ap.add_argument("--steps", type=int, default=50, help="sampling steps (the schedule); default 50")
     ap.add_argument("--baseline-steps", default="",
                     help="time (A)/(A8) over only the first N steps of the schedule: N, or RES=N,... "
                          "(dense steps are uniform); e.g. 720p=3")
     ap.add_argument("--cap-gb", type=float, default=None,
                     help="cap this process like a card of this many GiB (allocator fraction + what ComfyUI sees)")
-    ap.add_argument("--budget-s", type=float, default=560.0, help="skip runs estimated not to fit, and say so")
+    ap.add_argument("--budget-s", type=float, default=BUDGET_S, help="skip runs estimated not to fit, and say so")
     ap.add_argument("--out", default=None, help="result JSON (default benchmarks/results/<date>_product_<slug>.json)")
     ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH", str(ROOT / ".devcarry" / "ComfyUI")),
                     help="ComfyUI checkout (default $COMFYUI_PATH, else .devcarry/ComfyUI)")
-    ap.add_argument("--preset", default="hunyuan-video-13b", help="quantsparse_core model preset (tests: test)")
+    ap.add_argument("--preset", default=BASE_PRESET, help="quantsparse_core model preset: hunyuan-video-13b, "
+                                                          "hunyuan-video-1.5-8b, Wan presets (tests: test, test-1.5, "
+                                                          "wan-test)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"))
     ap.add_argument("--text-tokens", type=int, default=None, help="text tokens (default 256; Wan presets 512)")
     ap.add_argument("--seed", type=int, default=0)
@@ -1209,7 +1337,7 @@ def main(argv=None):
         sys.exit(f"unknown config(s) {bad}; choose from {CONFIGS}")
     res_names = [r.strip() for r in args.resolutions.split(",") if r.strip()]
     for r in res_names:
-        parse_resolution(r)
+        parse_resolution(r, args.preset)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device: run on the GPU machine, or --device cpu --preset test for a dry run")
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -1223,7 +1351,8 @@ def main(argv=None):
                              dynamic_vram="off (main.py not run: legacy ModelPatcher)", kitchen_cuda=comfy.kitchen_cuda,
                              **comfy.view()),
                 settings=dict(preset=args.preset, steps=args.steps, sampler="euler", scheduler="simple", cfg=1.0,
-                              guidance=6.0, text_tokens=args.text_tokens, cap_gb=args.cap_gb,
+                              guidance=None if is_v15(args.preset) else 6.0, text_tokens=args.text_tokens,
+                              cap_gb=args.cap_gb,
                               cap_allocator_bytes=comfy.cap_bytes, seed=args.seed, warm_run=not args.no_warm_run),
                 runs=[], notes=[
                     "Headline: wall-clock of the sampling steps (first model call to the last step's end, "

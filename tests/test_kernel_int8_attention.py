@@ -178,6 +178,7 @@ def test_dispatch_takes_the_reference_on_cpu_and_reports_the_operation(rng, monk
         assert dispatch.report("cpu")["int8_attention"].startswith("torch")
 
 
+@interpreted  # quantize_qk launches for real: CPU tensors need the interpreter
 def test_a_new_resolution_reuses_the_compiled_kernel_and_tiles_stay_aligned(rng, monkeypatch):
     """Lengths (and the scale / LSE strides that follow them) are kept out of the kernel's specialisation,
     so a new resolution launches the variant already compiled; the batch and head strides of the codes, V

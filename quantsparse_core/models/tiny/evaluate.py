@@ -1,6 +1,7 @@
 """Has the embedded model learned its task? Generate for a fixed prompt set and analyse the videos.
 
     python -m quantsparse_core.models.tiny.evaluate [--weights FILE] [--steps 16] [--device cuda]
+    python -m quantsparse_core.models.tiny.evaluate --family wan [--weights FILE]   # the tiny Wan
 """
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import argparse
 
 import torch
 
-from .embedded import generate, load_embedded
+from .embedded import WAN_WEIGHTS, generate, generate_wan, load_embedded, load_wan
 from .prompts import Scene
 from .shapes import analyse, agrees
 from ..weights import load_dit
@@ -28,12 +29,14 @@ FIXED_SCENES = [
 ]
 
 
-def prompt_agreement(model, scenes=FIXED_SCENES, steps: int = 16, seed0: int = 0, batch: int = 5, keep=None):
-    """Fraction of generated videos whose analysed color and direction match the prompt, and details."""
+def prompt_agreement(model, scenes=FIXED_SCENES, steps: int = 16, seed0: int = 0, batch: int = 5, keep=None,
+                     sample=generate):
+    """Fraction of generated videos whose analysed color and direction match the prompt, and details.
+    sample: embedded.generate (the tiny HunyuanVideo) or embedded.generate_wan (the tiny Wan)."""
     rows = []
     for i in range(0, len(scenes), batch):
         chunk = scenes[i:i + batch]
-        gen = generate(model, [s.prompt() for s in chunk], [seed0 + i + j for j in range(len(chunk))], steps=steps)
+        gen = sample(model, [s.prompt() for s in chunk], [seed0 + i + j for j in range(len(chunk))], steps=steps)
         for s, video in zip(chunk, gen.videos):
             found = analyse(video)
             rows.append((s, found, agrees(video, s)))
@@ -49,10 +52,15 @@ def main(argv=None):
     ap.add_argument("--random", type=int, default=0, help="also score this many random scenes")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--strip", default=None, help="write the fixed set's videos as one PNG (a row each)")
+    ap.add_argument("--family", choices=("hunyuan", "wan"), default="hunyuan")
     args = ap.parse_args(argv)
-    model = load_dit(args.weights, device=args.device)[0] if args.weights else load_embedded(args.device)[0]
+    if args.family == "wan":
+        model, sample = load_wan(args.weights or WAN_WEIGHTS, device=args.device)[0], generate_wan
+    else:
+        model = load_dit(args.weights, device=args.device)[0] if args.weights else load_embedded(args.device)[0]
+        sample = generate
     videos = []
-    score, rows = prompt_agreement(model, steps=args.steps, keep=videos)
+    score, rows = prompt_agreement(model, steps=args.steps, keep=videos, sample=sample)
     if args.strip:
         from ...png import strip, to_uint8, write_png
         import numpy as np
@@ -63,7 +71,7 @@ def main(argv=None):
     if args.random:
         from .shapes import random_scenes
         scenes = random_scenes(args.random, torch.Generator().manual_seed(1234))
-        score_r, _ = prompt_agreement(model, scenes, steps=args.steps, seed0=1000, batch=25)
+        score_r, _ = prompt_agreement(model, scenes, steps=args.steps, seed0=1000, batch=25, sample=sample)
         print(f"random set agreement ({args.random} scenes): {score_r:.0%}")
 
 

@@ -22,6 +22,8 @@ Configurations (each loaded, sampled and freed in turn, in this one process):
   C   (Q)'s checkpoint and settings run by quantsparse_core alone (io.load_compressed, fuse_small_ops,
       SSARAttention, the core's Euler sampler with the same conditioning): the "(Q) within 5% of the core"
       target compares the two on the same card in the same process.
+  AK  (A) with ComfyUI's "comfy kitchen attention" (ModelAttentionBackend / --use-ck-attention: comfy-kitchen's
+      INT8 attention), ComfyUI >= 0.33 with kitchen's CUDA extension; refused with the reason elsewhere.
   A8F, QI, QL: see --configs.
 Sampling is `comfy.sample.sample` (what ComfyUI's KSampler / common_ksampler calls): euler, simple,
 cfg 1.0, a random 256-token x 4096 text conditioning with ComfyUI's attention mask (200 real tokens),
@@ -78,11 +80,13 @@ RESOLUTIONS = {"544p": (960, 544, 129), "720p": (1280, 720, 129),  # width, heig
 V15_RESOLUTIONS = {"720p": (1280, 720, 121), "480p": (848, 480, 121)}
 BASE_PRESET = "hunyuan-video-13b"   # the preset PRIORS were measured on; others' priors are scaled from it
 V15_PRESET = "hunyuan-video-1.5-8b"
-CONFIGS = ("A", "A8", "A8F", "Q", "C", "QI", "QL")
+CONFIGS = ("A", "A8", "A8F", "AK", "Q", "C", "QI", "QL")
+BASELINE_CONFIGS = ("A", "A8", "A8F", "AK")  # ComfyUI's own model, dense
 SPARSE_CONFIGS = ("Q", "C", "QI", "QL")
 CONFIG_NAMES = {"A": "ComfyUI native bf16, default attention",
                 "A8": "ComfyUI weight_dtype fp8_e4m3fn",
                 "A8F": "ComfyUI weight_dtype fp8_e4m3fn_fast (fp8 matmuls where the GPU has them: ComfyUI's fastest stock)",
+                "AK": "ComfyUI bf16 with its comfy kitchen INT8 attention (ModelAttentionBackend, ComfyUI >= 0.33)",
                 "Q": "Load Compressed DiT (W4A8 RTN) + Sparse Sampler defaults",
                 "C": "quantsparse_core alone: (Q)'s checkpoint (io.load_compressed), fused small ops, SSARAttention "
                      "with (Q)'s settings, the core's Euler sampler (no ComfyUI)",
@@ -106,13 +110,16 @@ TARGETS = (  # (name, kind, resolution, target)
 # Step-time priors (s), used only to skip what would not fit --budget-s; replaced by measured times as
 # the run goes. Measured on one H100 on 2026-12-06 (benchmarks/results/2026-12-06_product_*_h100.json);
 # the fp8 rows and (Q)'s first compiles are not in them, so they stay a little pessimistic.
-PRIORS = {"544p": {"A": 10.8, "A8": 10.8, "A8F": 11.0, "dense": 7.1, "refresh": 8.7, "reuse": 2.3},
-          "720p": {"A": 31.0, "A8": 31.0, "A8F": 33.0, "dense": 20.4, "refresh": 25.1, "reuse": 5.8}}
+PRIORS = {"544p": {"A": 10.8, "A8": 10.8, "A8F": 11.0, "AK": 10.8, "dense": 7.1, "refresh": 8.7, "reuse": 2.3},
+          "720p": {"A": 31.0, "A8": 31.0, "A8F": 33.0, "AK": 31.0, "dense": 20.4, "refresh": 25.1, "reuse": 5.8}}
 # Load priors (s) of the full-size presets, the 13B's: the 8.3B HunyuanVideo 1.5 loads less, so they stay pessimistic.
-LOAD_PRIOR_S = {"A": 60.0, "A8": 60.0, "A8F": 60.0, "Q": 90.0, "C": 90.0, "QI": 90.0, "QL": 100.0}
+LOAD_PRIOR_S = {"A": 60.0, "A8": 60.0, "A8F": 60.0, "AK": 60.0, "Q": 90.0, "C": 90.0, "QI": 90.0, "QL": 100.0}
 # issue 20 (H200): W4A8 + 15% + SSAR with INT8 attention, 50 steps at 720p/129f, against dense bf16; shown where (QI) ran
 # ComfyUI's fastest stock weights (fp8 matmuls): the bar for (Q) that the fp8 row sets, shown where (A8F) ran
 FP8_FAST_TARGET = ("(Q) vs (A8F), 544p/129f, 50-step sampling wall-clock", "ratio:A8F", "544p", 2.5)
+# issue 20: ComfyUI's own INT8 attention (comfy kitchen), its best stock attention; shown where (AK) ran
+CK_TARGET = ("(Q) vs (AK), 544p/129f, 50-step sampling wall-clock: faster than ComfyUI's comfy kitchen INT8 attention",
+             "ratio:AK", "544p", 1.0)
 # issue 19: the product path as fast as the core alone, on the same card in the same run; shown where (C) ran
 CORE_TARGET = ("(Q) inside ComfyUI within 5% of quantsparse_core alone (C), same checkpoint and settings, 50 steps",
                "core", None, 1.05)
@@ -759,7 +766,7 @@ def fifty_step_seconds(run, steps: int = None):
     total = run["schedule_steps"]
     if len(per) == total:
         return sum(s["s"] for s in per), None
-    if run["config"] in ("A", "A8", "A8F") and per:
+    if run["config"] in BASELINE_CONFIGS and per:
         med = statistics.median(s["s"] for s in per)
         return sum(s["s"] for s in per) + med * (total - len(per)), \
             f"{run['config']} timed over {len(per)} of {total} steps; the other {total - len(per)} counted at the median step"
@@ -823,6 +830,8 @@ def target_rows(runs, preset: str) -> tuple:
         rows = rows + (INT8_TARGET,)
     if any(r["config"] == "A8F" for r in runs):
         rows = rows + (FP8_FAST_TARGET,)
+    if any(r["config"] == "AK" for r in runs):
+        rows = rows + (CK_TARGET,)
     return rows
 
 
@@ -905,6 +914,23 @@ def print_table(data):
     for t in data["targets"]:
         log(f"  {'MET ' if t['met'] else 'not '} {t['name']}: measured {t['measured']} (target {t['target']})"
             f"{'; ' + t['note'] if t.get('note') else ''}")
+
+
+def use_kitchen_attention(patcher) -> str:
+    """Sets ComfyUI's "comfy kitchen attention" on the patcher as its ModelAttentionBackend node does
+    (ComfyUI >= 0.33 registers it where comfy-kitchen's CUDA extension runs); RuntimeError naming what is
+    missing otherwise. Returns the attention function's name."""
+    import comfy.ldm.modules.attention as attention
+    get = getattr(attention, "get_attention_function", None)
+    if get is None or not hasattr(patcher, "set_model_optimized_attention"):
+        raise RuntimeError("(AK) needs ComfyUI >= 0.33 (its attention registry and ModelAttentionBackend); this "
+                         "ComfyUI has none: point COMFYUI_PATH at a newer one")
+    fn = get("comfy_kitchen_int8", None)
+    if fn is None:
+        raise RuntimeError("ComfyUI has no comfy kitchen INT8 attention here (comfy_kitchen.int8_attention_is_available() "
+                         "is false: its CUDA extension did not load, or the GPU is older than sm75)")
+    patcher.set_model_optimized_attention(fn)
+    return "comfy_kitchen_int8"
 
 
 def check_comfy_model(patcher, preset: str, config: str) -> dict:
@@ -1007,7 +1033,7 @@ class Bench:
         comfy, dev = self.comfy, self.a.device
         t0 = time.perf_counter()
         with torch.inference_mode():
-            if config in ("A", "A8", "A8F"):
+            if config in BASELINE_CONFIGS:
                 sd = random_state_dict(self.a.preset, dev, self.a.seed)
                 # as UNETLoader's weight_dtype fp8_e4m3fn / fp8_e4m3fn_fast sets them
                 opts = {"dtype": torch.float8_e4m3fn} if config in ("A8", "A8F") else {}
@@ -1017,6 +1043,8 @@ class Bench:
                 patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options=opts)
                 del sd
                 info = {}
+                if config == "AK":
+                    info["attention"] = use_kitchen_attention(patcher)
             else:
                 path = Path(self.a.ckpt or f"/tmp/quantsparse_bench_{self.a.preset}_w4a8_rtn_seed{self.a.seed}.safetensors")
                 info = {"checkpoint": str(path)}
@@ -1289,7 +1317,8 @@ def merge(paths, out):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--configs", default="A,A8,Q", help="comma list of A, A8, A8F (fp8_e4m3fn_fast), Q, C (Q's checkpoint "
+    ap.add_argument("--configs", default="A,A8,Q", help="comma list of A, A8, A8F (fp8_e4m3fn_fast), AK (comfy kitchen INT8 "
+                                                        "attention, ComfyUI >= 0.33), Q, C (Q's checkpoint "
                                                         "by quantsparse_core alone), QI (Q + INT8 dense passes), QL "
                                                         "(Q + --loras stacked LoRAs)")
     ap.add_argument("--loras", type=int, default=3, help="(QL): how many random LoRAs to stack")

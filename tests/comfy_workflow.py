@@ -2,7 +2,8 @@
 (what ComfyUI's frontend does before queueing), for the server tests."""
 from __future__ import annotations
 
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"  # ComfyUI >= 0.3x: a combo whose chosen option brings its own inputs
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO", DYNAMIC_COMBO}
 
 
 def _inputs(info: dict) -> list:
@@ -20,7 +21,17 @@ def _inputs(info: dict) -> list:
 
 
 def widget_inputs(info: dict) -> list:
-    return [(n, t, o) for n, t, o in _inputs(info) if t in WIDGET_TYPES and not o.get("forceInput")]
+    """Top-level widgets; hidden ones (a dynamic combo's legacy twin) take no widget value."""
+    return [(n, t, o) for n, t, o in _inputs(info) if t in WIDGET_TYPES and not o.get("forceInput")
+            and not o.get("hidden")]
+
+
+def _chosen(opts: dict, key) -> list:
+    """The widget inputs a dynamic combo's option `key` adds (required, then optional), or None if no such option."""
+    for option in opts.get("options", []):
+        if option.get("key") == key:
+            return widget_inputs({"input": option.get("inputs", {})})
+    return None
 
 
 def socket_type(info: dict, name: str):
@@ -31,22 +42,40 @@ def socket_type(info: dict, name: str):
 
 
 def _widget_values(node: dict, info: dict) -> dict:
-    """{input name: value}, skipping the editor's extra entries: 'control after generate' after a seed, and the
+    return _read_widgets(node, info)[0]
+
+
+def _read_widgets(node: dict, info: dict) -> tuple:
+    """({input name: value}, [(input name, type, options)] in widget order), skipping the editor's extra entries: 'control after generate' after a seed, and the
     upload button's value after a file combo that takes uploads (LoadImage: ["example.png", "image"])."""
     values = list(node.get("widgets_values") or [])
-    out, i = {}, 0
-    for name, _, opts in widget_inputs(info):
-        if i >= len(values):
-            raise ValueError(f"node {node['id']} ({node['type']}): no widget value for {name!r}")
-        out[name] = values[i]
-        upload = any(opts.get(k) for k in ("image_upload", "video_upload", "audio_upload"))
-        i += 2 if opts.get("control_after_generate") or upload else 1
+    out, specs = {}, []
+
+    def take(inputs, i, prefix=""):
+        """A dynamic combo's chosen option's widgets follow it, named parent.child (ComfyUI's prompt keys)."""
+        for name, t, opts in inputs:
+            if i >= len(values):
+                raise ValueError(f"node {node['id']} ({node['type']}): no widget value for {prefix + name!r}")
+            out[prefix + name] = values[i]
+            specs.append((prefix + name, t, opts))
+            upload = any(opts.get(k) for k in ("image_upload", "video_upload", "audio_upload"))
+            i += 2 if opts.get("control_after_generate") or upload else 1
+            if t == DYNAMIC_COMBO:
+                children = _chosen(opts, values[i - 1])
+                if children is None:
+                    raise ValueError(f"node {node['id']} ({node['type']}).{prefix + name}: {values[i - 1]!r} is not one of "
+                                     f"the options {[o.get('key') for o in opts.get('options', [])]}")
+                i = take(children, i, f"{prefix}{name}.")
+        return i
+    i = take(widget_inputs(info), 0)
     if i != len(values):
         raise ValueError(f"node {node['id']} ({node['type']}): {len(values)} widget values, expected {i}")
-    return out
+    return out, specs
 
 
 def _check_value(where: str, t: str, opts: dict, v) -> list:
+    if t == DYNAMIC_COMBO:  # its key was checked when its children were read
+        return []
     if t == "COMBO":
         return [] if v in opts.get("options", []) else [f"{where}: {v!r} is not one of the options"]
     if t == "INT":
@@ -74,11 +103,11 @@ def validate(workflow: dict, object_info: dict) -> list:
             problems.append(f"node {n['id']}: unknown type {n['type']}")
             continue
         try:
-            values = _widget_values(n, info)
+            values, specs = _read_widgets(n, info)
         except ValueError as e:
             problems.append(str(e))
             continue
-        for name, t, opts in widget_inputs(info):
+        for name, t, opts in specs:
             problems += _check_value(f"node {n['id']} ({n['type']}).{name}", t, opts, values[name])
         required = info["input"].get("required", {})
         linked = {i["name"] for i in n.get("inputs", []) if i.get("link") is not None}

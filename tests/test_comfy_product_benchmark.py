@@ -116,6 +116,9 @@ def test_targets_from_runs():
     fast = {x["name"]: x for x in mod.targets(runs + [_run("A8F", "544p", 3, step_s=9.0)])}
     row = fast["(Q) vs (A8F), 544p/129f, 50-step sampling wall-clock"]
     assert row["measured"] == pytest.approx(450 / 200, abs=1e-3) and not row["met"] and "timed over 3 of 50" in row["note"]
+    ck = {x["name"]: x for x in mod.targets(runs + [_run("AK", "544p", 3, step_s=7.0)])}
+    row = ck["(Q) vs (AK), 544p/129f, 50-step sampling wall-clock: faster than ComfyUI's comfy kitchen INT8 attention"]
+    assert row["measured"] == pytest.approx(350 / 200, abs=1e-3) and row["met"] and "AK timed over 3 of 50" in row["note"]
     qi = {x["name"]: x for x in mod.targets(runs + [_run("QI", "720p", 50, step_s=7.0, kinds=kinds)])}
     row = qi["(QI) vs (A), 720p/129f, 50-step sampling wall-clock (INT8 dense passes)"]
     assert row["measured"] == pytest.approx(1500 / 350, abs=1e-3) and row["met"] and "(QI) 350.0 s" in row["note"]
@@ -188,3 +191,32 @@ def test_kitchen_cuda_extension_is_unpacked_where_the_carried_kitchen_looks(tmp_
     target.unlink()
     xz.unlink()
     assert mod.unpack_kitchen_cuda().startswith("missing")
+
+
+def test_kitchen_attention_baseline_is_set_as_comfyuis_node_sets_it_or_refused(monkeypatch):
+    """(AK): ComfyUI's registered "comfy_kitchen_int8" attention put on the patcher through
+    set_model_optimized_attention (what its ModelAttentionBackend node does); a ComfyUI without the registry
+    (< 0.33) or without kitchen's INT8 kernel is refused with the reason."""
+    import sys
+    import types
+    mod = _module()
+    calls = []
+
+    class Patcher:
+        def set_model_optimized_attention(self, fn):
+            calls.append(fn)
+
+    def kitchen(*a, **k):
+        return None
+    attention = types.ModuleType("comfy.ldm.modules.attention")
+    for name in ("comfy", "comfy.ldm", "comfy.ldm.modules"):
+        monkeypatch.setitem(sys.modules, name, sys.modules.get(name) or types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "comfy.ldm.modules.attention", attention)
+    monkeypatch.setattr(sys.modules["comfy.ldm.modules"], "attention", attention, raising=False)
+    with pytest.raises(RuntimeError, match="needs ComfyUI >= 0.33"):
+        mod.use_kitchen_attention(Patcher())
+    attention.get_attention_function = lambda name, default=None: {"pytorch": print}.get(name, default)
+    with pytest.raises(RuntimeError, match="CUDA extension"):
+        mod.use_kitchen_attention(Patcher())
+    attention.get_attention_function = lambda name, default=None: {"comfy_kitchen_int8": kitchen}.get(name, default)
+    assert mod.use_kitchen_attention(Patcher()) == "comfy_kitchen_int8" and calls == [kitchen]

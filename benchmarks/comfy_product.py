@@ -80,9 +80,9 @@ RESOLUTIONS = {"544p": (960, 544, 129), "720p": (1280, 720, 129),  # width, heig
 V15_RESOLUTIONS = {"720p": (1280, 720, 121), "480p": (848, 480, 121)}
 BASE_PRESET = "hunyuan-video-13b"   # the preset PRIORS were measured on; others' priors are scaled from it
 V15_PRESET = "hunyuan-video-1.5-8b"
-CONFIGS = ("A", "A8", "A8F", "AK", "Q", "C", "QI", "QL")
+CONFIGS = ("A", "A8", "A8F", "AK", "Q", "C", "QI", "QK", "QL")
 BASELINE_CONFIGS = ("A", "A8", "A8F", "AK")  # ComfyUI's own model, dense
-SPARSE_CONFIGS = ("Q", "C", "QI", "QL")
+SPARSE_CONFIGS = ("Q", "C", "QI", "QK", "QL")
 CONFIG_NAMES = {"A": "ComfyUI native bf16, default attention",
                 "A8": "ComfyUI weight_dtype fp8_e4m3fn",
                 "A8F": "ComfyUI weight_dtype fp8_e4m3fn_fast (fp8 matmuls where the GPU has them: ComfyUI's fastest stock)",
@@ -91,6 +91,8 @@ CONFIG_NAMES = {"A": "ComfyUI native bf16, default attention",
                 "C": "quantsparse_core alone: (Q)'s checkpoint (io.load_compressed), fused small ops, SSARAttention "
                      "with (Q)'s settings, the core's Euler sampler (no ComfyUI)",
                 "QI": "(Q) with INT8 dense passes (Sparse Sampler int8_attention: warm-up steps, first blocks, refreshes)",
+                "QK": "(Q) with its dense passes on ComfyUI's comfy kitchen INT8 attention (Sparse Sampler dense_attention "
+                      "comfyui after a Model Attention Backend; ComfyUI >= 0.33)",
                 "QL": "(Q) + stacked random LoRAs through ComfyUI's LoRA loader (--loras, --lora-rank)"}
 GIB = 2 ** 30
 CONTEXT_GIB = 0.5      # what a real card loses to the CUDA context, outside torch's allocator
@@ -113,7 +115,7 @@ TARGETS = (  # (name, kind, resolution, target)
 PRIORS = {"544p": {"A": 10.8, "A8": 10.8, "A8F": 11.0, "AK": 10.8, "dense": 7.1, "refresh": 8.7, "reuse": 2.3},
           "720p": {"A": 31.0, "A8": 31.0, "A8F": 33.0, "AK": 31.0, "dense": 20.4, "refresh": 25.1, "reuse": 5.8}}
 # Load priors (s) of the full-size presets, the 13B's: the 8.3B HunyuanVideo 1.5 loads less, so they stay pessimistic.
-LOAD_PRIOR_S = {"A": 60.0, "A8": 60.0, "A8F": 60.0, "AK": 60.0, "Q": 90.0, "C": 90.0, "QI": 90.0, "QL": 100.0}
+LOAD_PRIOR_S = {"A": 60.0, "A8": 60.0, "A8F": 60.0, "AK": 60.0, "Q": 90.0, "C": 90.0, "QI": 90.0, "QK": 90.0, "QL": 100.0}
 # issue 20 (H200): W4A8 + 15% + SSAR with INT8 attention, 50 steps at 720p/129f, against dense bf16; shown where (QI) ran
 # ComfyUI's fastest stock weights (fp8 matmuls): the bar for (Q) that the fp8 row sets, shown where (A8F) ran
 FP8_FAST_TARGET = ("(Q) vs (A8F), 544p/129f, 50-step sampling wall-clock", "ratio:A8F", "544p", 2.5)
@@ -124,6 +126,8 @@ CK_TARGET = ("(Q) vs (AK), 544p/129f, 50-step sampling wall-clock: faster than C
 CORE_TARGET = ("(Q) inside ComfyUI within 5% of quantsparse_core alone (C), same checkpoint and settings, 50 steps",
                "core", None, 1.05)
 INT8_TARGET = ("(QI) vs (A), 720p/129f, 50-step sampling wall-clock (INT8 dense passes)", "ratio:A:QI", "720p", 4.0)
+CK_INT8_TARGET = ("(QK) vs (A), 720p/129f, 50-step sampling wall-clock (dense passes on ComfyUI's INT8 attention)",
+                  "ratio:A:QK", "720p", 4.0)
 # Wan (issue 18): ComfyUI's WanModel, Wan2.1-14B architecture, random weights.
 WAN_TARGETS = (
     ("(Q) vs (A), Wan2.1-14B 1280x720x81, 50-step sampling wall-clock", "ratio:A", "wan720p", 2.5),
@@ -832,6 +836,8 @@ def target_rows(runs, preset: str) -> tuple:
         rows = rows + (FP8_FAST_TARGET,)
     if any(r["config"] == "AK" for r in runs):
         rows = rows + (CK_TARGET,)
+    if any(r["config"] == "QK" for r in runs):
+        rows = rows + (CK_INT8_TARGET,)
     return rows
 
 
@@ -1000,9 +1006,10 @@ class Bench:
         self.cond, self.txt_real = conditioning(args.preset, args.text_tokens, args.seed)
 
     def config_settings(self, config):
-        """Sparse Sampler's settings for a sparse config: (QI) turns on the INT8 dense passes."""
+        """Sparse Sampler's settings for a sparse config: (QI) turns on our INT8 dense passes, (QK) hands the
+        dense passes to ComfyUI's attention (dense_attention comfyui)."""
         from dataclasses import replace
-        return replace(self.settings, int8_attention=config == "QI")
+        return replace(self.settings, int8_attention=config == "QI", host_attention=config == "QK")
 
     # -- estimates --
     def estimate(self, config, res_name, shape, timed_steps, kinds):
@@ -1061,6 +1068,8 @@ class Bench:
                     info["load_s"] = round(time.perf_counter() - t0, 1)
                     return core, info
                 patcher = comfy.load_compressed_dit(path)
+                if config == "QK":  # a Model Attention Backend node before the Sparse Sampler
+                    info["attention"] = use_kitchen_attention(patcher)
                 if config == "QL":
                     patcher, info["loras"] = add_random_loras(patcher, self.a.loras, self.a.lora_rank, dev, self.a.seed)
                 patcher = comfy.sparse_patch.apply_sparse(patcher, self.config_settings(config))  # Sparse Sampler's defaults
@@ -1319,7 +1328,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--configs", default="A,A8,Q", help="comma list of A, A8, A8F (fp8_e4m3fn_fast), AK (comfy kitchen INT8 "
                                                         "attention, ComfyUI >= 0.33), Q, C (Q's checkpoint "
-                                                        "by quantsparse_core alone), QI (Q + INT8 dense passes), QL "
+                                                        "by quantsparse_core alone), QI (Q + INT8 dense passes), QK (Q + "
+                                                        "dense passes on ComfyUI's kitchen INT8 attention), QL "
                                                         "(Q + --loras stacked LoRAs)")
     ap.add_argument("--loras", type=int, default=3, help="(QL): how many random LoRAs to stack")
     ap.add_argument("--lora-rank", type=int, default=32, help="(QL): their rank (on every linear of every block)")

@@ -11,6 +11,7 @@ from .sparse_patch import apply_sparse
 
 CATEGORY = "QuantSparse"
 PLACEMENTS = ["auto", *AUTO_ORDER]
+DENSE_ATTENTION = ("quantsparse", "comfyui")  # who runs the dense passes: SparseSettings.host_attention
 
 
 def sparse_inputs() -> list:
@@ -54,22 +55,30 @@ def sparse_inputs() -> list:
                                "with a fresh mask each step and no correction cache (least memory, less faithful)."),
         io.Boolean.Input("int8_attention", default=False, optional=True,
                          tooltip="Run the dense passes (warm-up steps, the first blocks, each refresh's full "
-                                 "attention) with INT8 Q.K^T (per-block scales, K smoothed) instead of bf16. Costs at "
-                                 "most 0.16 dB on the tiny model (docs/RESULTS.md) but the kernel is currently SLOWER "
-                                 "than cuDNN bf16 (0.32-0.35x on an H100, docs/BENCHMARKS.md): off by default, kept "
-                                 "for experiments."),
+                                 "attention) with QuantSparse's INT8 Q.K^T (per-block scales, K smoothed) instead of "
+                                 "bf16. Costs at most 0.16 dB on the tiny model (docs/RESULTS.md) but the kernel is "
+                                 "only as fast as cuDNN bf16 (0.96-1.04x on an H100, docs/BENCHMARKS.md): off by "
+                                 "default, kept for experiments."),
+        io.Combo.Input("dense_attention", options=list(DENSE_ATTENTION), default="quantsparse", optional=True,
+                       tooltip="Who runs the dense passes (warm-up steps, the first blocks, each refresh's full "
+                               "attention). quantsparse: cuDNN bf16 (or INT8 above). comfyui: the attention ComfyUI is "
+                               "set to for this model, e.g. comfy kitchen's INT8 attention (--use-ck-attention, or a "
+                               "Model Attention Backend node BEFORE this one); the sparse passes stay QuantSparse's."),
     ]
 
 
 def sparse_settings(density, refresh_interval, svd_rank, warmup_steps, warmup_blocks, cache_placement,
-                    schedule: str = "auto", int8_attention: bool = False) -> SparseSettings:
+                    schedule: str = "auto", int8_attention: bool = False,
+                    dense_attention: str = "quantsparse") -> SparseSettings:
     """Node inputs -> SparseSettings; out-of-range values raise a ValueError naming the input."""
+    if dense_attention not in DENSE_ATTENTION:
+        raise ValueError(f"dense_attention must be one of {', '.join(DENSE_ATTENTION)}, got {dense_attention!r}")
     if svd_rank > 128:
         raise ValueError(f"svd_rank {svd_rank} exceeds the head dimension 128 of HunyuanVideo and Wan; use 0-128")
     return SparseSettings(density=density, tau=refresh_interval, svd_rank=svd_rank,
                           warmup_steps=None if warmup_steps < 0 else warmup_steps,
                           warmup_blocks=warmup_blocks, placement=cache_placement, schedule=schedule,
-                          int8_attention=bool(int8_attention))
+                          int8_attention=bool(int8_attention), host_attention=dense_attention == "comfyui")
 
 
 class SparseAttentionPatch(io.ComfyNode):

@@ -82,8 +82,9 @@ SOCKETS = {
                                    [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent", "LATENT")]),
 }
 WHOLE = ["whole trajectory", 0.875]  # QuantSparse Calibrate's expert_role, expert_boundary for single models
-SPARSE = [0.15, 5, 16, -1, 1, "auto", True, "auto", False]  # density, refresh, svd rank, warm-up steps (-1 = 10%),
-# warm-up blocks, placement, fused blocks, schedule (auto: few-step at <= 8 steps, else standard), INT8 dense passes
+SPARSE = [0.15, 5, 16, -1, 1, "auto", True, "auto", False, "quantsparse"]  # density, refresh, svd rank, warm-up
+# steps (-1 = 10%), warm-up blocks, placement, fused blocks, schedule (auto: few-step at <= 8 steps, else standard),
+# INT8 dense passes, who runs the dense passes
 
 
 class Graph:
@@ -192,7 +193,8 @@ def tiny_model_demo():
     dense = g.add("KSampler", [0, "fixed", 20, 1.0, "euler", "simple", 1.0], 2, 0, title="Dense",
                   model=(model, 0), positive=(cond, 0), negative=(cond, 0), latent_image=(latent, 0))
     sparse = g.add("QuantSparseSparseSampler", [0, "fixed", 20, 1.0, "euler", "simple", 1.0, 0.25, 5, 16, -1, 1,
-                                                "auto", True, "auto", False], 2, 2, title="QuantSparse W4A8 + 25%",
+                                                "auto", True, "auto", False, "quantsparse"], 2, 2,
+                   title="QuantSparse W4A8 + 25%",
                    model=(compressed, 0), positive=(cond, 0), negative=(cond, 0), latent_image=(latent, 0))
     da = g.add("QuantSparseTinyDecode", ["HunyuanVideo"], 3, 0, samples=(dense, 0))
     db = g.add("QuantSparseTinyDecode", ["HunyuanVideo"], 3, 2, samples=(sparse, 0))

@@ -9,7 +9,7 @@
 #                     (text encoders are never built), node_helpers.py, folder_paths.py,
 #                     comfyui_version.py, LICENSE; no .git.
 # .devcarry/site/     the pure-Python requirements the GPU image lacks, copied from ComfyUI's venv:
-#                     comfy_kitchen without backends/cuda/_C*.so, comfy_aimdo (its two ctypes libraries
+#                     comfy_kitchen without its compiled backends/*/_C*.so (CUDA; HIP from 0.2.31), comfy_aimdo (its two ctypes libraries
 #                     are Python-version independent; ComfyUI only turns dynamic VRAM on from main.py,
 #                     which the benchmark does not run), torchsde, trampoline.
 # .devcarry/kitchen_cuda/_C.abi3.so.xz
@@ -30,11 +30,16 @@ if [ ! -f "$COMFY/comfy/ldm/hunyuan_video/model.py" ]; then
     echo "COMFYUI_PATH=$COMFY is not a ComfyUI checkout (no comfy/ldm/hunyuan_video/model.py)" >&2
     exit 1
 fi
-SITE="$("$PY" - <<'EOF'
-import pathlib, comfy_kitchen
-print(pathlib.Path(comfy_kitchen.__file__).resolve().parents[1])
+# Where each package lives (they may sit in different folders, e.g. a newer comfy_kitchen on PYTHONPATH).
+site_of() {
+    "$PY" - "$1" <<'EOF'
+import importlib.util, pathlib, sys
+spec = importlib.util.find_spec(sys.argv[1])
+where = pathlib.Path(spec.origin if spec.origin not in (None, "namespace") else list(spec.submodule_search_locations)[0])
+print(where.resolve().parents[1] if where.name == "__init__.py" else where.resolve().parent)
 EOF
-)" || { echo "$PY cannot import comfy_kitchen: set COMFY_PYTHON to ComfyUI's venv python" >&2; exit 1; }
+}
+SITE="$(site_of comfy_kitchen)" || { echo "$PY cannot import comfy_kitchen: set COMFY_PYTHON to ComfyUI's venv python" >&2; exit 1; }
 
 rm -rf "$OUT"
 mkdir -p "$OUT/ComfyUI" "$OUT/site"
@@ -52,9 +57,10 @@ VERSION="$(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$COMFY/comfyui_version.py")"
 
 # -- pure-Python requirements ---------------------------------------------------------------------
 for pkg in comfy_kitchen comfy_aimdo torchsde trampoline; do
+    SITE="$(site_of "$pkg")" || { echo "$PY cannot import $pkg (ComfyUI's requirements)" >&2; exit 1; }
     [ -d "$SITE/$pkg" ] || { echo "missing $SITE/$pkg in ComfyUI's venv" >&2; exit 1; }
     (cd "$SITE" && tar -cf - --exclude='__pycache__' --exclude='*.pyc' \
-        --exclude='backends/cuda/_C*' --exclude='*.cuh' --exclude='*.h' "$pkg" $(ls -d ${pkg}-*.dist-info 2>/dev/null)) \
+        --exclude='backends/*/_C*' --exclude='*.cuh' --exclude='*.h' "$pkg" $(ls -d ${pkg}-*.dist-info 2>/dev/null)) \
         | tar -xf - -C "$OUT/site"
 done
 if find "$OUT/site/comfy_kitchen" -name '_C*' | grep -q .; then
@@ -84,7 +90,7 @@ EOF
 fi
 
 {
-    echo "ComfyUI $VERSION ($COMMIT) from $COMFY, trimmed; pure-Python packages from $SITE:"
+    echo "ComfyUI $VERSION ($COMMIT) from $COMFY, trimmed; pure-Python packages from $PY's path:"
     for pkg in comfy_kitchen comfy_aimdo torchsde trampoline; do
         ls -d "$OUT/site/${pkg}"-*.dist-info 2>/dev/null | xargs -n1 basename || echo "$pkg"
     done

@@ -136,7 +136,12 @@ def to_api(workflow: dict, object_info: dict) -> dict:
     for n in workflow["nodes"]:
         if n.get("mode", 0) != 0:
             continue
-        inputs = dict(_widget_values(n, object_info[n["type"]]))
+        info = object_info[n["type"]]
+        inputs = dict(_widget_values(n, info))
+        for name, t, opts in _inputs(info):  # hidden widgets (a dynamic combo's legacy twin): the frontend sends
+            if t in WIDGET_TYPES and opts.get("hidden") and name not in inputs:  # their default
+                first = (opts.get("options") or [None])[0]
+                inputs[name] = opts.get("default", first.get("key") if isinstance(first, dict) else first)
         for i in n.get("inputs", []):
             if i.get("link") is not None:
                 _, src, slot, _, _, _ = links[i["link"]]

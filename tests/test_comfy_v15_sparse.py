@@ -266,3 +266,55 @@ def test_sparse_attention_node_runs_15_with_fused_blocks(rng):
     cond = _cond(rng, vision=VISION, image=_image(rng))
     rel = _rel(_sample(patched, cond, cond, steps=2), _sample(model, cond, cond, steps=2))
     assert rel <= TOL, rel
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_dense_passes_run_comfyuis_attention_with_dense_attention_comfyui(rng, fused):
+    """HunyuanVideo (1.5 here; 1.0 shares the blocks): with SparseSettings.host_attention (the Sparse Sampler's
+    dense_attention "comfyui") the joint blocks' dense passes (step 0, each refresh's full output) run the
+    override placed before ours (a Model Attention Backend node's place), with ComfyUI's byT5 + text mask;
+    sparse passes do not. That override calling ComfyUI's attention unchanged gives the quantsparse path's
+    samples, with ComfyUI's blocks and with our fused blocks."""
+    sp = _sp()
+    base = _patcher(_random_core(rng).state_dict())
+    pos = neg = _cond(rng)
+    out, joint = {}, {}
+    for host in (False, True):
+        record = []
+
+        def previous(func, *args, **kwargs):
+            to = kwargs["transformer_options"]
+            record.append(to.get("block_type"))
+            return func(*args, **kwargs)
+        clone = base.clone()
+        to = dict(clone.model_options.get("transformer_options", {}))
+        to["optimized_attention_override"] = previous
+        clone.model_options["transformer_options"] = to
+        patched = sp.apply_sparse(clone, dataclasses.replace(SETTINGS, host_attention=host), fused=fused)
+        out[host] = _sample(patched, pos, neg)
+        joint[host] = [t for t in record if t in ("double", "single")]
+    kinds = SETTINGS.plan(STEPS).kinds()
+    blocks = CONFIG.depth_double + CONFIG.depth_single
+    assert joint[False] == []  # our dense path: nothing of the joint blocks reaches ComfyUI's attention
+    assert len(joint[True]) == blocks * sum(k in ("dense", "refresh") for k in kinds) > 0
+    assert _rel(out[True], out[False]) < TOL
+
+
+def test_a_later_node_replacing_the_attention_hook_is_reported(rng, caplog):
+    """A node applied after ours that sets its own optimized_attention_override (Model Attention Backend does)
+    leaves the run dense: the run says so instead of passing silently; a normal run does not."""
+    import logging
+    sp = _sp()
+    patched = sp.apply_sparse(_patcher(_random_core(rng).state_dict()), SETTINGS, fused=False)
+    pos = _cond(rng)
+    with caplog.at_level(logging.INFO):
+        _sample(patched, pos, pos, steps=2)
+    assert "sparse attention calls" in caplog.text and "replaced its attention hook" not in caplog.text
+    caplog.clear()
+    later = patched.clone()
+    later.model_options["transformer_options"] = dict(later.model_options["transformer_options"])
+    later.model_options["transformer_options"]["optimized_attention_override"] = \
+        lambda func, *args, **kwargs: func(*args, **kwargs)
+    with caplog.at_level(logging.INFO):
+        _sample(later, pos, pos, steps=2)
+    assert "replaced its attention hook" in caplog.text and "sparse attention calls" not in caplog.text

@@ -277,3 +277,35 @@ def test_wan_based_models_are_refused(rng, kind):
     msg = str(err.value)
     assert msg.startswith(f"QuantSparse Sparse Attention does not support this MODEL: it is {seen}"), msg
     assert "supports HunyuanVideo 1.0 T2V, HunyuanVideo 1.0 I2V, Wan 2.1/2.2 T2V, Wan 2.1 I2V" in msg, msg
+
+
+def test_dense_passes_run_comfyuis_attention_with_dense_attention_comfyui(rng):
+    """Sparse Sampler dense_attention "comfyui" (SparseSettings.host_attention): the dense passes (step 0, each
+    refresh's full output) go to the attention ComfyUI is set to, here an override placed before ours (as a Model
+    Attention Backend node does), as head-split [B, H, L, D] calls; the sparse passes never do. With that
+    override calling ComfyUI's SDPA unchanged the samples equal the quantsparse dense path's."""
+    sp = _sp()
+    base = _patcher(_random_wan(rng, "t2v").state_dict())
+    cond, latent = _cond(rng, 9), _latent(16)
+    out, seen = {}, {}
+    for host in (False, True):
+        record = []
+
+        def previous(func, *args, **kwargs):
+            record.append((bool(kwargs.get("skip_reshape")), tuple(args[0].shape)))
+            return func(*args, **kwargs)
+        clone = base.clone()
+        to = dict(clone.model_options.get("transformer_options", {}))
+        to["optimized_attention_override"] = previous
+        clone.model_options["transformer_options"] = to
+        out[host] = _sample(sp.apply_sparse(clone, dataclasses.replace(SETTINGS, host_attention=host)), cond, cond,
+                            latent)
+        seen[host] = record
+    kinds = SETTINGS.plan(STEPS).kinds()
+    blocks = PRESETS["t2v"].num_layers
+    self_calls = [s for flag, s in seen[True] if flag]
+    assert len(self_calls) == blocks * sum(k in ("dense", "refresh") for k in kinds) > 0
+    assert all(s == (1, PRESETS["t2v"].num_heads, VIDEO, 128) for s in self_calls)
+    assert not any(flag for flag, _ in seen[False])  # without it only cross-attention reaches the override
+    assert len(seen[True]) - len(self_calls) == len(seen[False])  # the same cross-attention calls either way
+    assert _rel(out[True], out[False]) < 1e-5

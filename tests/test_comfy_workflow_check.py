@@ -1,6 +1,7 @@
 """The workflow checker the server tests use (tests/comfy_workflow.py) reads newer ComfyUI's dynamic combos:
 a combo whose chosen option adds its own widgets (SaveVideo's format -> codec in ComfyUI >= 0.33), named
-parent.child in the API prompt, and hidden legacy inputs that take no widget value. No ComfyUI needed: the
+parent.child in the API prompt, and hidden legacy inputs that take no widget value (the frontend sends their
+default). No ComfyUI needed: the
 node info below has /object_info's shape."""
 from comfy_workflow import to_api, validate
 
@@ -29,7 +30,7 @@ def test_dynamic_combo_children_follow_their_parent_and_become_dotted_prompt_key
     wf = workflow(["video/x", "auto", "h264", 18.0])  # format auto -> codec h264 -> crf
     assert validate(wf, INFO) == []
     assert to_api(wf, INFO)["2"]["inputs"] == {"filename_prefix": "video/x", "format": "auto", "format.codec": "h264",
-                                               "format.codec.crf": 18.0, "video": ["1", 0]}
+                                               "format.codec.crf": 18.0, "codec": "auto", "video": ["1", 0]}
     assert to_api(workflow(["v", "webm"]), INFO)["2"]["inputs"]["format"] == "webm"  # an option without children
 
 

@@ -132,7 +132,7 @@ def test_the_frontend_check_is_not_blind(page, server):  # noqa: F811
     by_type = {n["type"]: n for n in bad["nodes"]}
     by_type["DualCLIPLoader"]["type"] = "NoSuchNode"
     sampler = by_type["QuantSparseSparseSampler"]["widgets_values"]
-    sampler[-4] = "vram-please"   # cache_placement
+    sampler[-5] = "vram-please"   # cache_placement
     sampler[2] = 0                # steps (after seed and its control), minimum 1
     problems = "\n".join(_load(page, bad)["problems"])
     for expected in ("NoSuchNode): node type not registered", "NoSuchNode): node in error", "Missing node",

@@ -91,3 +91,42 @@ def test_other_masks_and_calls_outside_a_run_stay_on_sdpa(rng):
     assert torch.equal(a(q, k, v, None, call(None)), dense_attention(q, k, v, None, call(None)))
     assert a.stats["int8_dense"] == 0
     assert SparseSettings().int8_attention is False  # off until measured faster on the GPU in the product path
+
+
+def host_call(step, dense, index=0):
+    return AttentionCall("double", index, 2, TXT, GRID, StepInfo(step, SIGMAS), dense=dense)
+
+
+def test_host_attention_serves_the_dense_passes_and_the_refresh_full_output(rng):
+    """host_attention: dense warm-up steps, dense first blocks and a refresh's full output come from the call's
+    host attention (ComfyUI's configured one, here our INT8 reference standing in for comfy kitchen's); the
+    residual is that output minus the sparse pass; reuse steps never call it; without the setting (or without
+    a host function) the run's own dense path serves, and host_attention wins over int8_attention and
+    merged_refresh."""
+    q, k, v = qkv(rng)
+    mask = padding_mask()
+    calls = []
+
+    def host(q_, k_, v_, m_):
+        calls.append(m_)
+        return int8_dense_attention(q_, k_, v_, m_)
+    want = int8_dense_attention(q, k, v, mask)
+    a = SSARAttention(settings(host_attention=True, int8_attention=True, merged_refresh=True, warmup_blocks=1,
+                               warmup_steps=1, tau=2))
+    assert torch.equal(a(q, k, v, mask, host_call(0, host)), want)            # dense warm-up step
+    assert torch.equal(a(q, k, v, mask, host_call(1, host, index=0)), want)   # dense first block
+    assert len(calls) == 2 and all(m is mask for m in calls)
+    c = host_call(1, host, index=1)                                          # first sparse-phase step: a refresh
+    full = a(q, k, v, mask, c)
+    assert len(calls) == 3 and torch.equal(full, want) and a.stats["host_dense"] == 3
+    assert a.stats["refresh_sparse"] > 0  # full output + a sparse pass, not the merged kernel
+    sparse = block_sparse_attention(q, k, v, mask, a._states[("double", 1, 1)].mask, TXT, GRID)
+    d = a._store_for(q).get((("double", 1, 1), "D"), q.device)  # placement "exact": stored as computed
+    torch.testing.assert_close(d.float().reshape(sparse.shape), want.float() - sparse.float(), rtol=0, atol=1e-6)
+    a(q, k, v, mask, host_call(2, host, index=1))                            # reuse: sparse + correction only
+    assert len(calls) == 3
+    plain = SSARAttention(settings(int8_attention=False, warmup_blocks=1))
+    assert torch.equal(plain(q, k, v, mask, host_call(0, host)), dense_attention(q, k, v, mask, call(0)))
+    no_host = SSARAttention(settings(host_attention=True, warmup_blocks=1))
+    assert torch.equal(no_host(q, k, v, mask, call(0)), dense_attention(q, k, v, mask, call(0)))
+    assert len(calls) == 3 and SparseSettings().host_attention is False

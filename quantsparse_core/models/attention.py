@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -33,6 +33,9 @@ class AttentionCall:
     txt_len: text tokens at the start of the joint sequence ([text, video] order).
     grid: video token grid (frames, rows, columns) after patchify.
     step: the sampling step, or None outside a sampler.
+    dense: the host's own dense attention for this call, (q, k, v, mask) -> [B, L, H*D] (ComfyUI: the
+        attention it is configured with), which SparseSettings.host_attention uses for the dense passes;
+        keyword-only, left out of equality.
     """
     block_type: str
     block_index: int
@@ -40,6 +43,7 @@ class AttentionCall:
     txt_len: int
     grid: tuple
     step: Optional[StepInfo] = None
+    dense: Optional[Callable] = field(default=None, kw_only=True, compare=False, repr=False)
 
     @property
     def video_len(self) -> int:

@@ -83,7 +83,13 @@ class SparseSettings:
     refresh's full output) compute Q.K^T in INT8 (dispatch.int8_dense_attention: K smoothed by its mean,
     per-block scales, fp32 softmax, P.V in V's dtype), so the refresh residual D = O_full - O_sparse
     carries that rounding too. Attention outside a sampling run and masks that are not key padding stay
-    on dense_attention; merged_refresh keeps its own (bf16) kernel."""
+    on dense_attention; merged_refresh keeps its own (bf16) kernel.
+
+    host_attention: the same dense passes run the host's attention where the call brings one
+    (AttentionCall.dense; ComfyUI: the attention it is set to, e.g. comfy kitchen's INT8 attention with
+    --use-ck-attention or a Model Attention Backend node), so a faster stock kernel serves the ~60% of a
+    50-step run that is dense; a refresh then takes its full output from it and a sparse pass (not
+    merged_refresh), D carrying the host kernel's rounding. Takes precedence over int8_attention."""
     density: float = 0.15
     tau: int = 5
     svd_rank: int = 16
@@ -101,6 +107,7 @@ class SparseSettings:
     host_eigh: Optional[bool] = None
     merged_refresh: bool = False
     int8_attention: bool = False
+    host_attention: bool = False
     schedule: str = "auto"
     few_step_max: int = FEW_STEP_MAX
 
@@ -204,7 +211,7 @@ class SSARAttention:
         # refresh: the dense calls that refreshed; refresh_sparse: the refreshes' sparse passes (densities);
         # profile: SVG mask selection, in dense-call units (see attention_cost); int8_dense: dense passes run in INT8
         self.stats = dict(dense=0.0, sparse=0.0, sparse_density=0.0, refresh=0.0, mask_changed=0.0,
-                          refresh_sparse=0.0, profile=0.0, int8_dense=0.0)
+                          refresh_sparse=0.0, profile=0.0, int8_dense=0.0, host_dense=0.0)
 
     def _rows_generator(self, call: AttentionCall) -> torch.Generator:
         """SVG's sampled query rows depend only on the seed and the block, so a refresh on unchanged
@@ -402,7 +409,7 @@ class SSARAttention:
         self.stats["refresh"] += b
         if order == 0:
             return self._dense(q, k, v, mask, call)
-        if not s.merged_refresh:  # dense SDPA plus a sparse pass; merged: the two halves of one dense call
+        if not self._merged(call):  # dense SDPA plus a sparse pass; merged: the two halves of one dense call
             self.stats["refresh_sparse"] += b * st.density
         full, d = self._full_and_residual(q, k, v, mask, st.mask, call)
         store = self._store_for(q)
@@ -431,8 +438,16 @@ class SSARAttention:
         st.has_d = True
         return full
 
+    def _merged(self, call: AttentionCall) -> bool:
+        """Whether a refresh runs merged_refresh's kernel (not when the host's dense attention serves it)."""
+        return self.settings.merged_refresh and not (self.settings.host_attention and call.dense is not None)
+
     def _dense(self, q, k, v, mask, call: AttentionCall) -> torch.Tensor:
-        """A dense pass of the run: INT8 Q.K^T with int8_attention (key-padding masks only), else SDPA."""
+        """A dense pass of the run: the host's attention with host_attention (where the call brings one), INT8
+        Q.K^T with int8_attention (key-padding masks only), else SDPA."""
+        if self.settings.host_attention and call.dense is not None:
+            self.stats["host_dense"] += q.shape[0]
+            return call.dense(q, k, v, mask)
         if self.settings.int8_attention:
             keep = "all" if mask is None else allowed_keys(mask)
             if keep is not None:
@@ -443,7 +458,7 @@ class SSARAttention:
     def _full_and_residual(self, q, k, v, mask, block_mask: BlockMask, call: AttentionCall):
         """(O_full, D = O_full - O_sparse in fp32) of a refresh: merged from the kernel's runs over the
         mask and its complement with merged_refresh, else dense SDPA and a sparse pass."""
-        if self.settings.merged_refresh:
+        if self._merged(call):
             return refresh_attention(q, k, v, mask, block_mask, call.txt_len, call.grid)
         full = self._dense(q, k, v, mask, call)
         sparse = block_sparse_attention(q, k, v, mask, block_mask, call.txt_len, call.grid)

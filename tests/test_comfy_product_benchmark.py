@@ -28,7 +28,8 @@ def _check_targets(data):
     lora = any(r["config"] == "QL" for r in data["runs"])  # the LoRA row only where (QL) ran
     qi = any(r["config"] == "QI" for r in data["runs"])      # the INT8 row only where (QI) ran
     core = any(r["config"] == "C" for r in data["runs"])     # the core-alone row only where (C) ran
-    n = 7 + lora + qi + core
+    kitchen = sum(any(r["config"] == c for r in data["runs"]) for c in ("AK", "QK"))  # ComfyUI's INT8 rows
+    n = 7 + lora + qi + core + kitchen
     assert len(names) == n and len(set(names)) == n
     for t in data["targets"]:
         assert set(t) >= {"name", "measured", "target", "met"}
@@ -41,7 +42,7 @@ def test_cpu_run_schema_and_schedule(tmp_path):
     out = tmp_path / "product.json"
     env = dict(os.environ, COMFYUI_PATH=str(root), CUDA_VISIBLE_DEVICES="")
     cmd = [sys.executable, str(ROOT / "benchmarks" / "comfy_product.py"), "--device", "cpu", "--preset", "test",
-           "--configs", "A,Q,C,QI,QL", "--loras", "2", "--lora-rank", "4", "--resolutions", "256x256x5", "--steps", str(STEPS), "--text-tokens", "16",
+           "--configs", "A,AK,Q,C,QI,QK,QL", "--loras", "2", "--lora-rank", "4", "--resolutions", "256x256x5", "--steps", str(STEPS), "--text-tokens", "16",
            "--no-warm-run", "--ckpt", str(tmp_path / "q.safetensors"), "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -50,6 +51,10 @@ def test_cpu_run_schema_and_schedule(tmp_path):
     assert data["versions"]["comfyui"] and data["comfyui"]["in_process"]
     _check_targets(data)
     runs = {r["config"]: r for r in data["runs"]}
+    for config in ("AK", "QK"):  # ComfyUI's kitchen INT8 attention: refused with the reason on this ComfyUI / CPU
+        refused = runs.pop(config)
+        assert not refused["completed"] and "load failed" in refused["error"], refused
+        assert "ComfyUI >= 0.33" in refused["error"] or "CUDA extension" in refused["error"], refused
     assert set(runs) == {"A", "Q", "C", "QI", "QL"}
     assert runs["QI"]["sparse_settings"]["int8_attention"] and not runs["Q"]["sparse_settings"]["int8_attention"]
     loras = runs["QL"]["loras"]  # every block linear, quantized ones included, carries both LoRAs
@@ -81,7 +86,7 @@ def test_cpu_run_schema_and_schedule(tmp_path):
     merged = tmp_path / "merged.json"
     _module().merge([out, out], merged)  # no ComfyUI import: merging is pure bookkeeping
     m = json.loads(merged.read_text())
-    assert len(m["runs"]) == 10
+    assert len(m["runs"]) == 14
     _check_targets(m)
 
 

@@ -24,6 +24,7 @@ Configurations (each loaded, sampled and freed in turn, in this one process):
       target compares the two on the same card in the same process.
   AK  (A) with ComfyUI's "comfy kitchen attention" (ModelAttentionBackend / --use-ck-attention: comfy-kitchen's
       INT8 attention), ComfyUI >= 0.33 with kitchen's CUDA extension; refused with the reason elsewhere.
+  QK  (Q) with its dense passes on (AK)'s attention (Sparse Sampler dense_attention comfyui).
   A8F, QI, QL: see --configs.
 Sampling is `comfy.sample.sample` (what ComfyUI's KSampler / common_ksampler calls): euler, simple,
 cfg 1.0, a random 256-token x 4096 text conditioning with ComfyUI's attention mask (200 real tokens),

@@ -13,7 +13,8 @@ Two launches per call:
 Allowed keys (text padding left out, models.attention.allowed_keys) are selected before quantising,
 so blocked keys neither take part nor move the mean. The arithmetic, and the PyTorch reference the
 kernel is tested against, are in kernels/int8_attention_ref.py. On an H100 (2026-12-06) it runs at
-1.04x cuDNN bf16 at 67,576 tokens, 1.18x our bf16 Triton kernel (the bf16 P.V half, untouched by INT8, is the likely bound).
+1.04x cuDNN bf16 at 67,576 tokens with its best tile (kernel alone); the bf16 P.V half, untouched by INT8,
+is the likely bound.
 """
 from __future__ import annotations
 

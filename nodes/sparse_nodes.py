@@ -57,7 +57,7 @@ def sparse_inputs() -> list:
                          tooltip="Run the dense passes (warm-up steps, the first blocks, each refresh's full "
                                  "attention) with QuantSparse's INT8 Q.K^T (per-block scales, K smoothed) instead of "
                                  "bf16. Costs at most 0.16 dB on the tiny model (docs/RESULTS.md) but the kernel is "
-                                 "only as fast as cuDNN bf16 (0.96-1.04x on an H100, docs/BENCHMARKS.md): off by "
+                                 "only about as fast as cuDNN bf16 (0.91-1.04x on an H100, docs/BENCHMARKS.md): off by "
                                  "default, kept for experiments."),
         io.Combo.Input("dense_attention", options=list(DENSE_ATTENTION), default="quantsparse", optional=True,
                        tooltip="Who runs the dense passes (warm-up steps, the first blocks, each refresh's full "

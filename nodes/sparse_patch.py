@@ -66,6 +66,7 @@ class SparseRun:
         self.call_marker: Optional[object] = None  # a new object per model call (Wan without grid_sizes)
         self.wan_marker: Optional[object] = None   # the model call whose Wan blocks wan_seen lists
         self.wan_seen: set = set()                 # block indices whose self-attention that call has run
+        self.scheduled_calls = 0  # model calls on the run's schedule: each should reach SSARAttention
 
     def fresh(self) -> "SparseRun":
         return SparseRun(self.settings, self.patch_size, self.wan)
@@ -275,6 +276,7 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
             sample = sample.detach().float().cpu()
             idx = step_index(sigma, sample)
             run.step = None if idx is None else StepInfo(idx, sample)
+            run.scheduled_calls += run.step is not None
     out = executor(*args, **kwargs)
     if run is not None:
         check_finite(out, args[0] if args else None, to)
@@ -407,7 +409,8 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     finally:
         if run.by_group:
             log.info("QuantSparse: %s", run.summary())
-        elif done:  # sampled, yet no attention call came to us: our hook was replaced after we set it
+        elif done and run.scheduled_calls:  # model calls on the schedule, none of whose attention came to us:
+            # our hook was replaced after we set it
             log.warning("QuantSparse: no attention call of this run reached sparse attention, so it ran dense: a node "
                         "applied after the Sparse Sampler / Sparse Attention node replaced its attention hook (e.g. "
                         "Model Attention Backend). Put such nodes before it.")

@@ -58,7 +58,7 @@ VERSION="$(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$COMFY/comfyui_version.py")"
 # -- pure-Python requirements ---------------------------------------------------------------------
 for pkg in comfy_kitchen comfy_aimdo torchsde trampoline; do
     SITE="$(site_of "$pkg")" || { echo "$PY cannot import $pkg (ComfyUI's requirements)" >&2; exit 1; }
-    [ -d "$SITE/$pkg" ] || { echo "missing $SITE/$pkg in ComfyUI's venv" >&2; exit 1; }
+    [ -d "$SITE/$pkg" ] || { echo "missing $SITE/$pkg in ComfyUI's venv (a package folder is expected)" >&2; exit 1; }
     (cd "$SITE" && tar -cf - --exclude='__pycache__' --exclude='*.pyc' \
         --exclude='backends/*/_C*' --exclude='*.cuh' --exclude='*.h' "$pkg" $(ls -d ${pkg}-*.dist-info 2>/dev/null)) \
         | tar -xf - -C "$OUT/site"

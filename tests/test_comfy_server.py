@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from comfy_env import require_comfyui
-from comfy_workflow import to_api, validate, widget_inputs
+from comfy_workflow import to_api, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))

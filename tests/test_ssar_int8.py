@@ -2,7 +2,6 @@
 and a refresh's full output run dispatch.int8_dense_attention; the refresh residual D = O_full - O_sparse
 stays the residual (quantization noise is a small part of it); other masks and calls outside a run stay on
 SDPA. CPU, float32: the INT8 arithmetic is the kernel's PyTorch reference (kernels/int8_attention_ref.py)."""
-import pytest
 import torch
 
 from quantsparse_core.dispatch import block_sparse_attention, int8_dense_attention

@@ -111,9 +111,10 @@ TARGETS = (  # (name, kind, resolution, target)
     ("no step slower than 1.2x its kind's median (measured 50-step runs)", "stall", None, STALL_RATIO),
 )
 # Step-time priors (s), used only to skip what would not fit --budget-s; replaced by measured times as
-# the run goes. Measured on one H100 on 2026-12-06 (benchmarks/results/2026-12-06_product_*_h100.json);
-# the fp8 rows and (Q)'s first compiles are not in them, so they stay a little pessimistic.
-PRIORS = {"544p": {"A": 10.8, "A8": 10.8, "A8F": 11.0, "AK": 10.8, "dense": 7.1, "refresh": 8.7, "reuse": 2.3},
+# the run goes. Measured on one H100 on 2026-12-06 (benchmarks/results/2026-12-06_product_*_h100.json; 544p
+# (A) and (Q) with kitchen's CUDA RoPE); the fp8 rows and (Q)'s first compiles are not in them, so they stay a
+# little pessimistic.
+PRIORS = {"544p": {"A": 10.5, "A8": 10.8, "A8F": 11.0, "AK": 10.5, "dense": 7.05, "refresh": 8.6, "reuse": 2.28},
           "720p": {"A": 31.0, "A8": 31.0, "A8F": 33.0, "AK": 31.0, "dense": 20.4, "refresh": 25.1, "reuse": 5.8}}
 # Load priors (s) of the full-size presets, the 13B's: the 8.3B HunyuanVideo 1.5 loads less, so they stay pessimistic.
 LOAD_PRIOR_S = {"A": 60.0, "A8": 60.0, "A8F": 60.0, "AK": 60.0, "Q": 90.0, "C": 90.0, "QI": 90.0, "QK": 90.0, "QL": 100.0}

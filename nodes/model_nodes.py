@@ -11,13 +11,13 @@ import torch
 from comfy_api.latest import io
 
 from quantsparse_core.calib.calibrate import METHODS, CalibSettings
-from quantsparse_core.calib.capture import n_trajectories
+from quantsparse_core.calib.capture import check_calibration_latent, n_trajectories
 from quantsparse_core.calib.block_source import StateDictSource
-from quantsparse_core.calib.pipeline import SAMPLES_PER_TRAJECTORY, Conditioning
+from quantsparse_core.calib.pipeline import SAMPLES_PER_TRAJECTORY, Conditioning, model_latent_shape
 from quantsparse_core.calib.stream_budget import describe, estimate
 from quantsparse_core.calib.stream_pipeline import WanSchedule, compress_streaming
 from quantsparse_core.calib.wan_calibration import WanConditioning
-from quantsparse_core.hostmem import available_host_memory
+from quantsparse_core.hostmem import available_host_memory, cached_pinned_bytes
 from quantsparse_core.io.rtn import compress_rtn
 from quantsparse_core.models.family import family_of
 
@@ -358,6 +358,10 @@ class Calibrate(io.ComfyNode):
                                  lambda_g=lambda_global, lambda_l=lambda_local, stride=pool_stride,
                                  top_k=salient_tokens, seed=seed % (2**31))
         lat = latent["samples"]
+        if lat.ndim != 5:  # before anything is unloaded or estimated
+            raise ValueError(f"QuantSparse Calibrate needs a video latent [batch, channels, frames, height, width], got "
+                             f"shape {tuple(lat.shape)} (an image latent?): connect EmptyHunyuanLatentVideo, "
+                             "EmptyHunyuanVideo15Latent or a Wan latent video node")
         # ComfyUI executes nodes under torch.inference_mode(); calibration trains (autograd), and
         # tensors created in inference mode cannot take part, so everything is copied in here.
         with torch.inference_mode(False), torch.enable_grad():
@@ -378,10 +382,13 @@ class Calibrate(io.ComfyNode):
             n_blocks = len(source.names())
             n_traj = n_trajectories(samples, SAMPLES_PER_TRAJECTORY)
             latent_shape = tuple(lat.shape[1:])
+            check_calibration_latent(source.skeleton, model_latent_shape(cond, latent_shape))  # its message, not estimate's
             est = estimate(source.config, latent_shape, cond.context.shape[1], samples, steps, settings)
             logging.info("QuantSparse Calibrate: %s", describe(est))
             gpu_free = comfy.model_management.get_free_memory(device) if device.type == "cuda" else None
             host = available_host_memory()
+            if host is not None:  # pinned memory PyTorch keeps cached from an earlier run is ours to reuse
+                host += cached_pinned_bytes()
             bar = ProgressReporter(n_traj * steps * 3, n_blocks * epochs)  # a capture call ~ 1/3 block epoch
             compress_streaming(source, cond, latent_shape, out, settings, n_samples=samples, steps=steps,
                                seed=seed % (2**31), device=device, amp=device.type == "cuda",

@@ -161,3 +161,47 @@ def test_block_stores_share_the_host_budget_and_count_pinned_rounding(rng, tmp_p
     for s in (b, c, d):
         s.close(delete=True)
     assert stores.in_ram() == 0 and not any(tmp_path.iterdir())
+
+
+def test_a_cancelled_job_leaves_no_spill_files(rng, tmp_path):
+    """With every block's data on disk (host budget 1 byte), a job cancelled while its second block calibrates
+    deletes the targets / inputs / MSAD files it had open; the capture and the finished block stay for the
+    resume, which still gives the uninterrupted job's file."""
+    sd, cond = _job(rng)
+    settings = CalibSettings(method="block+local", epochs=1)
+    ref, out, partial = cancelled_in_second_block(sd, cond, LATENT, settings, tmp_path, "m.safetensors",
+                                                  host_budget=1, **KW)
+    left = sorted(p.name for p in partial.rglob("*.bin"))
+    assert left and all(name.startswith("capture") for name in left), left
+    assert (partial / "double_blocks.0.safetensors").exists()
+    compress_streaming(StateDictSource(sd), cond, LATENT, out, settings, host_budget=1, **KW)
+    assert ref.read_bytes() == out.read_bytes()
+
+
+def test_disk_check_counts_the_compressed_parts_and_output_and_credits_a_resumed_job(rng, tmp_path, monkeypatch):
+    """The disk a job needs: capture + one block's data + the packed per-block parts + the output file (about
+    the compressed size each); a resumed job is credited with what its partial folder already holds, so a rerun
+    after Cancel is not refused for the capture it wrote itself."""
+    from quantsparse_core.calib import stream_pipeline
+    from quantsparse_core.calib.stream_budget import check_fits
+    g = 2 ** 30
+    est = {"gpu_bytes": 0, "tokens": 1, "host_capture_bytes": 10 * g, "host_block_bytes": 4 * g}
+    with pytest.raises(MemoryError, match="16.0 GB of disk"):
+        check_fits(est, None, disk_free=15 * g, output_bytes=g)
+    check_fits(est, None, disk_free=15 * g, output_bytes=g, on_disk=2 * g)  # 14 GB still to write: fits
+    with pytest.raises(MemoryError, match="already in the job's partial folder"):
+        check_fits(est, None, disk_free=13 * g, output_bytes=g, on_disk=2 * g)
+
+    calls = []
+
+    def spy(est, gpu_budget, disk_free=None, output_bytes=0, on_disk=0):
+        calls.append((disk_free is not None, output_bytes, on_disk))
+        return check_fits(est, gpu_budget, disk_free, output_bytes, on_disk)
+    monkeypatch.setattr(stream_pipeline, "check_fits", spy)
+    sd, cond = _job(rng)
+    settings = CalibSettings(method="block", epochs=1)
+    _, out, partial = cancelled_in_second_block(sd, cond, LATENT, settings, tmp_path, "m.safetensors", **KW)
+    calls.clear()
+    compress_streaming(StateDictSource(sd), cond, LATENT, out, settings, **KW)
+    (disk_call,) = [c for c in calls if c[0]]
+    assert disk_call[1] > 0 and disk_call[2] > 0  # the compressed size counted, the partial folder credited

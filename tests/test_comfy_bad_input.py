@@ -32,6 +32,9 @@ def test_calibrate_refuses_bad_input_before_writing(pack):
     with pytest.raises(ValueError, match="channels"):
         calib.execute(model=model, positive=cond, latent={"samples": torch.zeros(1, 4, 2, 8, 8)},
                       output_name="chan", **CALIB)
+    with pytest.raises(ValueError, match="needs a video latent.*image latent"):  # EmptyLatentImage's [B, C, H, W]
+        calib.execute(model=model, positive=cond, latent={"samples": torch.zeros(1, 16, 8, 8)},
+                      output_name="image", **CALIB)
     folder = models / "quantsparse"
     assert not folder.exists() or not [p for p in folder.rglob("*") if p.is_file()]
 
@@ -95,3 +98,26 @@ def test_calibrate_honours_cancel_and_resumes(pack, monkeypatch):
     a = load_file(str(models / "quantsparse" / "whole.safetensors"))
     b = load_file(str(models / "quantsparse" / "resumed.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_calibrate_counts_pinned_memory_pytorch_keeps_cached_as_available(pack, monkeypatch):
+    """Page-locked memory PyTorch caches from an earlier run is reused, not lost: Calibrate's host budget is half
+    of (available + cached pinned) bytes, so a second Calibrate in the same process does not spill to disk."""
+    import sys
+    nodes, _ = pack
+    model_nodes = sys.modules[nodes["QuantSparseCalibrate"].__module__]
+    g = 2 ** 30
+    monkeypatch.setattr(model_nodes, "available_host_memory", lambda: 10 * g)
+    monkeypatch.setattr(model_nodes, "cached_pinned_bytes", lambda: 4 * g)
+    seen = {}
+
+    def stop(*args, **kwargs):
+        seen["host_budget"] = kwargs["host_budget"]
+        raise RuntimeError("stop here")
+    monkeypatch.setattr(model_nodes, "compress_streaming", stop)
+    (model,) = nodes["QuantSparseLoadEmbeddedTinyDiT"].execute().result
+    (cond,) = nodes["QuantSparseTinyPromptEncode"].execute("a red circle moving right slowly on a black background").result
+    with pytest.raises(RuntimeError, match="stop here"):
+        nodes["QuantSparseCalibrate"].execute(model=model, positive=cond, latent=_empty_latent(width=64, height=64, length=5),
+                                              output_name="budget", **CALIB)
+    assert seen["host_budget"] == 7 * g

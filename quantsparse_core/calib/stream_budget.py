@@ -134,17 +134,23 @@ def describe(est: dict) -> str:
             f"{est['rate'] / 1e12:.0f} TFLOP/s")
 
 
-def check_fits(est: dict, gpu_budget: int | None, disk_free: int | None = None) -> None:
-    """MemoryError naming what does not fit and what to change; nothing happens when it fits."""
+def check_fits(est: dict, gpu_budget: int | None, disk_free: int | None = None, output_bytes: int = 0,
+               on_disk: int = 0) -> None:
+    """MemoryError naming what does not fit and what to change; nothing happens when it fits.
+    output_bytes: the compressed file's size (its per-block parts and the file itself both go to disk);
+    on_disk: bytes the job's partial folder already holds (a resumed job: its capture is written)."""
     g = 2 ** 30
     if gpu_budget is not None and est["gpu_bytes"] > gpu_budget:
         raise MemoryError(f"calibrating one block at {est['tokens']:,} tokens needs about {est['gpu_bytes'] / g:.1f} GB "
                           f"of GPU memory but {gpu_budget / g:.1f} GB are free: use a smaller calibration latent "
                           "(fewer frames or a lower resolution; docs/CALIBRATION.md), close other programs, "
                           "or use a larger GPU")
-    # the capture always goes to disk; one block's data go there too when host memory is short
-    disk = est["host_capture_bytes"] + est["host_block_bytes"]   # the read-ahead buffers stay in RAM
-    if disk_free is not None and disk > disk_free:
-        raise MemoryError(f"the captured inputs and one block's data need up to {disk / g:.1f} GB of disk "
-                          f"beside the output but {disk_free / g:.1f} GB are free: free disk space, use fewer samples "
-                          "or a smaller calibration latent")
+    # the capture always goes to disk; one block's data go there too when host memory is short; then the
+    # packed per-block parts and the output file
+    disk = est["host_capture_bytes"] + est["host_block_bytes"] + 2 * output_bytes  # read-ahead buffers stay in RAM
+    if disk_free is not None and disk - on_disk > disk_free:
+        held = f" ({on_disk / g:.1f} GB of it already in the job's partial folder)" if on_disk else ""
+        raise MemoryError(f"the captured inputs, one block's data, the compressed parts and the output file need up to "
+                          f"{disk / g:.1f} GB of disk beside the output{held} but {disk_free / g:.1f} GB are free: "
+                          "free disk space (not the partial folder: it holds the resume), use fewer samples or a "
+                          "smaller calibration latent")

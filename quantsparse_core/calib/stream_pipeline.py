@@ -20,6 +20,7 @@ import numpy as np
 
 from ..models.family import WAN
 from ..models.sampler import flow_sigmas
+from ..quant.policy import default_policy, storage_bytes
 from .capture import check_calibration_latent, n_trajectories
 from .pipeline import SAMPLES_PER_TRAJECTORY, Conditioning, model_latent_shape, resume_folder, state_dict_hash
 from .pipeline import job_data as hunyuan_job_data
@@ -158,13 +159,17 @@ def compress_streaming(source, cond: Conditioning, latent_shape, out_path, setti
     est = estimate(source.config, latent_shape, cond.context.shape[1], n_samples, steps, settings,
                    store_dtype or source.dtype, propagation)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    check_fits(est, gpu_budget, shutil.disk_usage(out_path.parent).free)
+    check_fits(est, gpu_budget)
     source_hash = source_hash or source.fingerprint()
     data = job_data(cond, latent_shape, n_samples, steps, seed, source, wan_schedule)
     extra = dict(data)
     if propagation != "fp" or amp or (store_dtype not in (None, source.dtype)):
         extra["stream"] = {"propagation": propagation, "amp": amp, "store_dtype": str(store_dtype)}
     partial = resume_folder(out_path, source_hash, settings, extra)
+    # disk: counted once the partial folder is known, so a resumed job is credited with what it already wrote
+    output = storage_bytes(source.skeleton, default_policy(source.skeleton, settings.w_bits, settings.a_bits))["total"]
+    held = sum(f.stat().st_size for f in partial.rglob("*") if f.is_file()) if partial.exists() else 0
+    check_fits(est, None, shutil.disk_usage(out_path.parent).free, output_bytes=output, on_disk=held)
     partial.mkdir(parents=True, exist_ok=True)
     cap = capture_to(partial, source, cond, latent_shape, n_samples, steps, seed, device,
                      store_dtype or source.dtype, on_step=capture_progress, wan_schedule=wan_schedule)

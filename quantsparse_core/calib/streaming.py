@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+import weakref
 from dataclasses import asdict
 from pathlib import Path
 
@@ -86,6 +87,15 @@ class _Stores:
         self.workdir, self.host_budget, self.spilled_bytes = workdir, host_budget, 0
         self.pinning = torch.cuda.is_available() if pinning is None else pinning
         self._ram = []   # (store, host bytes it takes) of the RAM stores made here
+        self._made = weakref.WeakSet()  # the stores made here still alive: a failed or cancelled job deletes their
+        # spill files (weak: a store dropped on the way frees its memory as before)
+
+    def discard(self) -> None:
+        """Close every store made here and delete its file (a job that stops early: its per-block data are
+        rebuilt on resume, and on disk they can be a whole block's worth, ~14 GB at 848x480x73)."""
+        for st in list(self._made):
+            st.close(delete=True)
+        self._made, self._ram = weakref.WeakSet(), []
 
     def in_ram(self) -> int:
         """Host bytes of this job's RAM stores still open."""
@@ -93,6 +103,11 @@ class _Stores:
         return sum(n for _, n in self._ram)
 
     def new(self, tag: str, expected_bytes: int, entries: int = 1, pin: bool = True) -> TensorStore:
+        store = self._new(tag, expected_bytes, entries, pin)
+        self._made.add(store)
+        return store
+
+    def _new(self, tag: str, expected_bytes: int, entries: int, pin: bool) -> TensorStore:
         if self.workdir is None or self.host_budget is None:
             return TensorStore(pin=pin)
         left = self.host_budget - self.in_ram()
@@ -143,76 +158,80 @@ def calibrate_streaming(source, capture, settings, *, device="cpu", workdir=None
     report, parts = {}, {}
     cur, prev_kind = capture.store, None
     use_msad = settings.trained and (settings.uses_global or settings.uses_local) and msad_targets == "store"
-    for bi, (kind, idx) in enumerate(names):
-        name = block_name(kind, idx)
-        t0 = time.perf_counter()
-        last = bi == len(names) - 1
-        marker = ckpt / f"{name}.safetensors" if ckpt is not None else None
-        fp = source.block(kind, idx, device)
-        data = BlockData(capture, cur, kind, idx, source.count(kind), device, next(fp.parameters()).dtype,
-                         joint=kind == "single" and prev_kind == "double")
-        tokens = sum(m["txt_len"] + m["grid"][0] * m["grid"][1] * m["grid"][2] for m in capture.meta)
-        one_set = tokens * hidden * torch.empty((), dtype=store_dtype).element_size()
-        nxt = None
-        if bi < first_block or (marker is not None and marker.exists()):
-            entry = {} if bi < first_block else json.loads((ckpt / f"{name}.json").read_text())
-            if not last:  # replay this block's forward to rebuild the next block's inputs
-                block = fp
-                if propagation == "quant":
-                    block = quantized_copy(fp, policy, name, settings)
-                    block.load_state_dict({k: v.to(device) for k, v in load_file(str(marker)).items()}, strict=False)
-                nxt = stores.new(f"inputs-{bi + 1}", one_set, len(data))
-                for j in range(len(data)):
-                    with torch.no_grad(), autocast(device, amp):
-                        nxt.append(tuple(o.to(store_dtype) for o in _call(block, kind, data.sample(j))))
-                del block
-            phase = "replayed"
-        else:
-            targets = stores.new(f"targets-{bi}", one_set, len(data))
-            msad_store = None
-            if use_msad:
-                heads, k = source.config.num_heads, settings.top_k
-                per = sum(heads * min(k, m["txt_len"] + m["grid"][0] * m["grid"][1] * m["grid"][2]) *
-                          (m["txt_len"] + m["grid"][0] * m["grid"][1] * m["grid"][2]) for m in capture.meta)
-                msad_store = stores.new(f"msad-{bi}", per * torch.empty((), dtype=store_dtype).element_size(), len(data))
-            fp_pass(fp, data, settings, amp, targets, msad_store, store_dtype)
-            data.targets = targets
-            q = quantized_copy(fp, policy, name, settings)
-            if settings.method == "smoothquant":
-                _smoothquant_init(fp, q, kind, (data.sample(j) for j in range(len(data))), settings.sq_alpha)
-            entry = {}
-            if settings.trained:
-                entry = train_block(fp, q, data, settings, bi, len(names), progress, msad_store, amp)
-            elif progress:
-                progress(bi, len(names), settings.epochs, None)
-            qstore = stores.new(f"inputs-{bi + 1}", one_set, len(data)) if propagation == "quant" and not last else None
-            entry["quant"] = output_pass(q, data, amp, qstore)
-            nxt = None if last else (targets if propagation == "fp" else qstore)
-            if propagation == "quant" or last:
-                targets.close(delete=True)
-            if msad_store is not None:
-                msad_store.close(delete=True)
-            packed = packed_block(q, name)
-            if ckpt is not None:  # the calibration state (the completion marker) is written last
-                _atomic_write_text(ckpt / f"{name}.json", json.dumps(entry))
-                atomic_save_safetensors(packed, ckpt / f"{name}.packed.safetensors")
-                atomic_save_safetensors(_calib_state(q), marker)
+    try:
+        for bi, (kind, idx) in enumerate(names):
+            name = block_name(kind, idx)
+            t0 = time.perf_counter()
+            last = bi == len(names) - 1
+            marker = ckpt / f"{name}.safetensors" if ckpt is not None else None
+            fp = source.block(kind, idx, device)
+            data = BlockData(capture, cur, kind, idx, source.count(kind), device, next(fp.parameters()).dtype,
+                             joint=kind == "single" and prev_kind == "double")
+            tokens = sum(m["txt_len"] + m["grid"][0] * m["grid"][1] * m["grid"][2] for m in capture.meta)
+            one_set = tokens * hidden * torch.empty((), dtype=store_dtype).element_size()
+            nxt = None
+            if bi < first_block or (marker is not None and marker.exists()):
+                entry = {} if bi < first_block else json.loads((ckpt / f"{name}.json").read_text())
+                if not last:  # replay this block's forward to rebuild the next block's inputs
+                    block = fp
+                    if propagation == "quant":
+                        block = quantized_copy(fp, policy, name, settings)
+                        block.load_state_dict({k: v.to(device) for k, v in load_file(str(marker)).items()}, strict=False)
+                    nxt = stores.new(f"inputs-{bi + 1}", one_set, len(data))
+                    for j in range(len(data)):
+                        with torch.no_grad(), autocast(device, amp):
+                            nxt.append(tuple(o.to(store_dtype) for o in _call(block, kind, data.sample(j))))
+                    del block
+                phase = "replayed"
             else:
-                parts[name] = packed
-            del q
-            phase = "calibrated"
-        if bi >= first_block:
-            report[name] = entry
-        del fp, data
-        if cur is not capture.store:
+                targets = stores.new(f"targets-{bi}", one_set, len(data))
+                msad_store = None
+                if use_msad:
+                    heads, k = source.config.num_heads, settings.top_k
+                    per = sum(heads * min(k, m["txt_len"] + m["grid"][0] * m["grid"][1] * m["grid"][2]) *
+                              (m["txt_len"] + m["grid"][0] * m["grid"][1] * m["grid"][2]) for m in capture.meta)
+                    msad_store = stores.new(f"msad-{bi}", per * torch.empty((), dtype=store_dtype).element_size(), len(data))
+                fp_pass(fp, data, settings, amp, targets, msad_store, store_dtype)
+                data.targets = targets
+                q = quantized_copy(fp, policy, name, settings)
+                if settings.method == "smoothquant":
+                    _smoothquant_init(fp, q, kind, (data.sample(j) for j in range(len(data))), settings.sq_alpha)
+                entry = {}
+                if settings.trained:
+                    entry = train_block(fp, q, data, settings, bi, len(names), progress, msad_store, amp)
+                elif progress:
+                    progress(bi, len(names), settings.epochs, None)
+                qstore = stores.new(f"inputs-{bi + 1}", one_set, len(data)) if propagation == "quant" and not last else None
+                entry["quant"] = output_pass(q, data, amp, qstore)
+                nxt = None if last else (targets if propagation == "fp" else qstore)
+                if propagation == "quant" or last:
+                    targets.close(delete=True)
+                if msad_store is not None:
+                    msad_store.close(delete=True)
+                packed = packed_block(q, name)
+                if ckpt is not None:  # the calibration state (the completion marker) is written last
+                    _atomic_write_text(ckpt / f"{name}.json", json.dumps(entry))
+                    atomic_save_safetensors(packed, ckpt / f"{name}.packed.safetensors")
+                    atomic_save_safetensors(_calib_state(q), marker)
+                else:
+                    parts[name] = packed
+                del q
+                phase = "calibrated"
+            if bi >= first_block:
+                report[name] = entry
+            del fp, data
+            if cur is not capture.store:
+                cur.close(delete=True)
+            cur, prev_kind = nxt, kind
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if on_block is not None:
+                on_block(name, time.perf_counter() - t0, phase)
+        if cur is not None and cur is not capture.store:
             cur.close(delete=True)
-        cur, prev_kind = nxt, kind
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if on_block is not None:
-            on_block(name, time.perf_counter() - t0, phase)
-    if cur is not None and cur is not capture.store:
-        cur.close(delete=True)
+    except BaseException:  # cancelled or failed: no spill file stays behind (the capture and finished blocks do,
+        stores.discard()    # for the resume)
+        raise
     if stats is not None:
         stats["spilled_bytes"] = stores.spilled_bytes
     return policy, report, (ckpt if ckpt is not None else parts)

@@ -182,6 +182,8 @@ def calibrate_streaming(source, capture, settings, *, device="cpu", workdir=None
                         with torch.no_grad(), autocast(device, amp):
                             nxt.append(tuple(o.to(store_dtype) for o in _call(block, kind, data.sample(j))))
                     del block
+                if progress and bi >= first_block:  # a finished block replayed on resume: the bar moves, Cancel works
+                    progress(bi, len(names), settings.epochs, None)
                 phase = "replayed"
             else:
                 targets = stores.new(f"targets-{bi}", one_set, len(data))

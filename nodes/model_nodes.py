@@ -222,6 +222,11 @@ class ComfyBlockSource(StateDictSource):
         self.patches = dict(model.patches)
         self.fp8_as = fp8_as
 
+    def on_block_read(self) -> None:
+        """Cancel works while the source is fingerprinted (30-60 s for a 14B model)."""
+        import comfy.model_management
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
     def _patched(self, prefix: str, tensors: dict) -> dict:
         if not self.patches:
             return tensors

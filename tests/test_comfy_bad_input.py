@@ -123,3 +123,23 @@ def test_calibrate_counts_pinned_memory_pytorch_keeps_cached_as_available(pack, 
         nodes["QuantSparseCalibrate"].execute(model=model, positive=cond, latent=_empty_latent(width=64, height=64, length=5),
                                               output_name="budget", **CALIB)
     assert seen["host_budget"] == 7 * g
+
+
+def test_cancel_stops_the_source_fingerprint(pack):
+    """Calibrate fingerprints the whole source model first (30-60 s for 14B): ComfyUI's Cancel stops it at the
+    next block instead of being ignored until calibration starts."""
+    import sys
+
+    import comfy.model_management
+    nodes, _ = pack
+    model_nodes = sys.modules[nodes["QuantSparseCalibrate"].__module__]
+    (model,) = nodes["QuantSparseLoadEmbeddedTinyDiT"].execute().result
+    source = model_nodes.ComfyBlockSource(model, torch.float32)
+    want = source.fingerprint()
+    comfy.model_management.interrupt_current_processing(True)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            source.fingerprint()
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+    assert source.fingerprint() == want

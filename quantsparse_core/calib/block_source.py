@@ -122,6 +122,7 @@ class BlockSource:
                 t = other[key]
             else:
                 if blk != cached:
+                    self.on_block_read()  # a host (ComfyUI) stops a long fingerprint here on Cancel
                     cached, cache = blk, self.tensors(*blk)
                 t = cache[key[len(f"{self.prefixes[blk[0]]}{blk[1]}."):]]
             t = t.detach().cpu().contiguous()
@@ -132,6 +133,9 @@ class BlockSource:
 
     def _block_keys(self, kind, idx) -> list:
         return list(self.skeleton_block(kind, idx).state_dict().keys())
+
+    def on_block_read(self) -> None:
+        """Called before each block's weights are read for the fingerprint; a subclass may raise to stop."""
 
 
 class StateDictSource(BlockSource):

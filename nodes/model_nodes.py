@@ -11,9 +11,9 @@ import torch
 from comfy_api.latest import io
 
 from quantsparse_core.calib.calibrate import METHODS, CalibSettings
-from quantsparse_core.calib.capture import check_calibration_latent, n_trajectories
+from quantsparse_core.calib.capture import n_trajectories
 from quantsparse_core.calib.block_source import StateDictSource
-from quantsparse_core.calib.pipeline import SAMPLES_PER_TRAJECTORY, Conditioning, model_latent_shape
+from quantsparse_core.calib.pipeline import SAMPLES_PER_TRAJECTORY, Conditioning
 from quantsparse_core.calib.stream_budget import describe, estimate
 from quantsparse_core.calib.stream_pipeline import WanSchedule, compress_streaming
 from quantsparse_core.calib.wan_calibration import WanConditioning
@@ -387,7 +387,6 @@ class Calibrate(io.ComfyNode):
             n_blocks = len(source.names())
             n_traj = n_trajectories(samples, SAMPLES_PER_TRAJECTORY)
             latent_shape = tuple(lat.shape[1:])
-            check_calibration_latent(source.skeleton, model_latent_shape(cond, latent_shape))  # its message, not estimate's
             est = estimate(source.config, latent_shape, cond.context.shape[1], samples, steps, settings)
             logging.info("QuantSparse Calibrate: %s", describe(est))
             gpu_free = comfy.model_management.get_free_memory(device) if device.type == "cuda" else None

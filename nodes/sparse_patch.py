@@ -109,7 +109,7 @@ class SparseRun:
         cost = sum(s["sparse_density"] for s in stats)
         total = dense + sparse
         eff = (dense + cost) / total if total else 1.0
-        host = sum(s.get("host_dense", 0) for s in stats)
+        host = sum(s["host_dense"] for s in stats)
         return (f"{int(dense)} dense and {int(sparse)} sparse attention calls; effective attention cost "
                 f"{eff:.2f} of dense (density {self.settings.density:.2f}, refresh every {self.settings.tau})"
                 + (f"; {int(host)} dense passes on ComfyUI's attention" if host else ""))
@@ -127,10 +127,13 @@ def _fall_through(previous, func, args, kwargs):
     return previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
 
 
-def _comfy_dense(previous, func, heads: int, kwargs):
+def _comfy_dense(run: SparseRun, previous, func, heads: int, kwargs):
     """This call's attention as ComfyUI is set to run it (the override before ours, else ComfyUI's
     optimized_attention: comfy kitchen INT8 with --use-ck-attention), as (q, k, v [B, H, L, D], mask) ->
-    [B, L, H*D]: what SparseSettings.host_attention runs the dense passes with."""
+    [B, L, H*D]: what SparseSettings.host_attention runs the dense passes with; None when the run does not."""
+    if not run.settings.host_attention:
+        return None
+
     def dense(q, k, v, mask):
         kw = dict(kwargs, mask=mask, skip_reshape=True, skip_output_reshape=False)
         kw.pop("heads", None)
@@ -158,7 +161,7 @@ def make_override(previous=None):
             raise ValueError(f"attention sequence of {q.shape[2]} tokens is shorter than the latent's video grid "
                              f"{grid}: this model's token layout is not HunyuanVideo's [text, video]")
         call = AttentionCall(block_type, int(to.get("block_index", 0)), int(to.get("total_blocks", 1)),
-                             txt_len, grid, run.step, dense=_comfy_dense(previous, func, q.shape[1], kwargs))
+                             txt_len, grid, run.step, dense=_comfy_dense(run, previous, func, q.shape[1], kwargs))
         out = run.attention_for(_group(to))(q, k, v, kwargs.get("mask"), call)
         if kwargs.get("skip_output_reshape", False):
             b, length, _ = out.shape
@@ -223,7 +226,7 @@ def _wan_attention(run: SparseRun, to: dict, previous, func, args, kwargs):
         raise ValueError(f"Wan self-attention called with heads={heads!r} for a width of {width}: cannot split heads")
     qh, kh, vh = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
     call = AttentionCall(to["block_type"], int(to.get("block_index", 0)), int(to.get("total_blocks", 1)), 0,
-                         grid, run.step, dense=_comfy_dense(previous, func, heads, kwargs))
+                         grid, run.step, dense=_comfy_dense(run, previous, func, heads, kwargs))
     out = run.attention_for(_group(to))(qh, kh, vh, kwargs.get("mask"), call)  # [B, L, H*D]
     if kwargs.get("skip_output_reshape", False):
         out = out.view(b, length, heads, -1).transpose(1, 2)

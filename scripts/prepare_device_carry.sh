@@ -39,7 +39,10 @@ where = pathlib.Path(spec.origin if spec.origin not in (None, "namespace") else 
 print(where.resolve().parents[1] if where.name == "__init__.py" else where.resolve().parent)
 EOF
 }
-SITE="$(site_of comfy_kitchen)" || { echo "$PY cannot import comfy_kitchen: set COMFY_PYTHON to ComfyUI's venv python" >&2; exit 1; }
+declare -A SITES  # found before anything is deleted: a missing package fails with the old .devcarry intact
+for pkg in comfy_kitchen comfy_aimdo torchsde trampoline; do
+    SITES[$pkg]="$(site_of "$pkg")" || { echo "$PY cannot import $pkg: set COMFY_PYTHON to ComfyUI's venv python" >&2; exit 1; }
+done
 
 rm -rf "$OUT"
 mkdir -p "$OUT/ComfyUI" "$OUT/site"
@@ -57,7 +60,7 @@ VERSION="$(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$COMFY/comfyui_version.py")"
 
 # -- pure-Python requirements ---------------------------------------------------------------------
 for pkg in comfy_kitchen comfy_aimdo torchsde trampoline; do
-    SITE="$(site_of "$pkg")" || { echo "$PY cannot import $pkg (ComfyUI's requirements)" >&2; exit 1; }
+    SITE="${SITES[$pkg]}"
     [ -d "$SITE/$pkg" ] || { echo "missing $SITE/$pkg in ComfyUI's venv (a package folder is expected)" >&2; exit 1; }
     (cd "$SITE" && tar -cf - --exclude='__pycache__' --exclude='*.pyc' \
         --exclude='backends/*/_C*' --exclude='*.cuh' --exclude='*.h' "$pkg" $(ls -d ${pkg}-*.dist-info 2>/dev/null)) \

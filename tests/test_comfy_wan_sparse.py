@@ -289,23 +289,14 @@ def test_dense_passes_run_comfyuis_attention_with_dense_attention_comfyui(rng):
     cond, latent = _cond(rng, 9), _latent(16)
     out, seen = {}, {}
     for host in (False, True):
-        record = []
-
-        def previous(func, *args, **kwargs):
-            record.append((bool(kwargs.get("skip_reshape")), tuple(args[0].shape)))
-            return func(*args, **kwargs)
-        clone = base.clone()
-        to = dict(clone.model_options.get("transformer_options", {}))
-        to["optimized_attention_override"] = previous
-        clone.model_options["transformer_options"] = to
+        seen[host] = []  # (block index, q.shape[1], k.shape[1]): heads for a head-split call, tokens otherwise
+        clone = _with_previous_override(base, seen[host])
         out[host] = _sample(sp.apply_sparse(clone, dataclasses.replace(SETTINGS, host_attention=host)), cond, cond,
                             latent)
-        seen[host] = record
     kinds = SETTINGS.plan(STEPS).kinds()
-    blocks = PRESETS["t2v"].num_layers
-    self_calls = [s for flag, s in seen[True] if flag]
-    assert len(self_calls) == blocks * sum(k in ("dense", "refresh") for k in kinds) > 0
-    assert all(s == (1, PRESETS["t2v"].num_heads, VIDEO, 128) for s in self_calls)
-    assert not any(flag for flag, _ in seen[False])  # without it only cross-attention reaches the override
+    heads = PRESETS["t2v"].num_heads
+    self_calls = [r for r in seen[True] if r[1:] == (heads, heads)]  # head-split q and k: the dense passes
+    assert len(self_calls) == PRESETS["t2v"].num_layers * sum(k in ("dense", "refresh") for k in kinds) > 0
+    assert not [r for r in seen[False] if r[1] == heads]  # without it only cross-attention reaches the override
     assert len(seen[True]) - len(self_calls) == len(seen[False])  # the same cross-attention calls either way
     assert _rel(out[True], out[False]) < 1e-5

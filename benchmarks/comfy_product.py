@@ -1011,7 +1011,8 @@ class Bench:
         """Sparse Sampler's settings for a sparse config: (QI) turns on our INT8 dense passes, (QK) hands the
         dense passes to ComfyUI's attention (dense_attention comfyui)."""
         from dataclasses import replace
-        return replace(self.settings, int8_attention=config == "QI", host_attention=config == "QK")
+        return replace(self.settings, int8_attention=config == "QI", host_attention=config == "QK",
+                       attention_precision=getattr(self.a, "attention_precision", "bf16"))
 
     # -- estimates --
     def estimate(self, config, res_name, shape, timed_steps, kinds):
@@ -1334,6 +1335,9 @@ def main(argv=None):
                                                         "dense passes on ComfyUI's kitchen INT8 attention), QL "
                                                         "(Q + --loras stacked LoRAs)")
     ap.add_argument("--loras", type=int, default=3, help="(QL): how many random LoRAs to stack")
+    ap.add_argument("--attention-precision", default="bf16", choices=("bf16", "int8", "int8-fp8"),
+                    help="the sparse configs' SparseSettings.attention_precision (every attention pass of the run on "
+                         "the quantised block-sparse kernel; bf16 = the Sparse Sampler's default)")
     ap.add_argument("--lora-rank", type=int, default=32, help="(QL): their rank (on every linear of every block)")
     ap.add_argument("--resolutions", default="544p,720p",
                     help="comma list of 544p, 720p (x129; x121 for HunyuanVideo 1.5 presets), 480p (1.5: 848x480x121), "

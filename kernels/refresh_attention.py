@@ -39,17 +39,17 @@ def merge(sparse: torch.Tensor, lse_sparse: torch.Tensor, rest: torch.Tensor,
 
 
 def refresh_attention(q, k, v, kv_index, kv_count, rest_index, rest_count, *, block: int = 128, key_bias=None,
-                      perm=None, permuted_heads=None) -> Tuple[torch.Tensor, torch.Tensor]:
+                      perm=None, permuted_heads=None, precision: str = "bf16") -> Tuple[torch.Tensor, torch.Tensor]:
     """(O_full [B, L, H*D] in q's dtype, D = O_full - O_sparse [B, L, H*D] fp32) through the Triton
     kernel: the mask's key blocks (kv_index / kv_count) and the complement's (rest_index / rest_count:
     every other key block, same head orders), merged by log-sum-exp. q, k, v [B, H, L, D]; the other
-    keywords as kernels.sparse_attention takes them."""
+    keywords as kernels.sparse_attention takes them (precision: both runs)."""
     b, heads, length, _ = q.shape
     runs = []
     for index, count in ((kv_index, kv_count), (rest_index, rest_count)):
         lse = torch.empty(b, heads, length, dtype=torch.float32, device=q.device)
         out = sparse_attention(q, k, v, index, count, block=block, key_bias=key_bias, perm=perm,
-                               permuted_heads=permuted_heads, lse=lse)
+                               permuted_heads=permuted_heads, lse=lse, precision=precision)
         runs += [out, lse]
     return merge(*runs)
 

@@ -24,6 +24,10 @@ import triton
 import triton.language as tl
 
 from .interpreter import interpreting
+from .act_quant import _codes
+from .attention_quant import _prep_kv, _round_e4m3
+from .int8_attention_ref import key_mean
+from .sparse_attention_ref import v_channel_scale
 from .correction import Correction, as_correction
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
@@ -37,6 +41,12 @@ LOG2E = 1.4426950408889634
 # (half the heads temporal) runs at 1.12 / 1.11 x d x dense at 15% / 25% (benchmarks/results/, runs 5 and 10).
 KV_COPY = True
 KV_COPY_BYTES = 512 * 2 ** 20
+# The quantised passes, per precision: D = 128 from a 48-tile sweep at 720p / 15% on an H100 (2026-12-06,
+# benchmarks/quantized_attention_bench.py --sweep, per-key K scales then): int8 128x128 / 8 warps / 4 stages
+# 64.6 ms, int8-fp8 64x128 / 4 warps / 3 stages 53.9 ms (its 128x64 / 4 warps: 105.8); other head dims untuned.
+_QCONFIGS = {"int8": {32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 128, 8, 4), 256: (64, 64, 8, 2)},
+             "int8-fp8": {32: (64, 64, 4, 3), 64: (64, 128, 4, 3), 128: (64, 128, 4, 3), 256: (64, 64, 8, 2)}}
+PRECISIONS = ("bf16", "int8", "int8-fp8")
 _CONFIGS = {16: (128, 128, 4, 3), 32: (128, 128, 4, 3), 64: (128, 128, 4, 3), 128: (128, 128, 8, 5),
             256: (64, 64, 8, 2)}
 
@@ -55,13 +65,18 @@ def _rows(PERM, offs, ok, PERMUTED: tl.constexpr, ROW64: tl.constexpr):
 
 
 @triton.jit
-def _tiles(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, j0, j1, L, skl, svl, qk_scale,
+def _tiles(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, j0, j1, L, skl, svl, qk_scale, ks_base, rs,
            HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr, PERMUTED: tl.constexpr,
            MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, ROW64: tl.constexpr,
-           WS: tl.constexpr, KV_COPY: tl.constexpr):
+           WS: tl.constexpr, KV_COPY: tl.constexpr, QK8: tl.constexpr, PV8: tl.constexpr):
     """Key tiles j0 <= j < j1 of the listed blocks. MASKED: bounds check + additive bias; otherwise
-    every key is valid and unbiased (the fast path). WS: Triton's automatic warp specialization."""
-    if WS:
+    every key is valid and unbiased (the fast path). WS: Triton's automatic warp specialization.
+    QK8: INT8 codes of q and of the (copied) keys, per-row scales rs / one scale per key block at ks_base."""
+    if QK8:
+        for j in range(j0, j1):
+            acc, l_i, m_i = _tile8(acc, l_i, m_i, q, rs, k_base, v_base, ks_base, idx_base, bias_base, PERM, j, L,
+                                   skl, svl, HEAD_D, BLOCK_N, SUB, PERMUTED, MASKED, HAS_BIAS, IEEE, ROW64, PV8)
+    elif WS:
         for j in tl.range(j0, j1, warp_specialize=True):
             acc, l_i, m_i = _tile(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, j, L, skl, svl,
                                   qk_scale, HEAD_D, BLOCK_N, SUB, PERMUTED, MASKED, HAS_BIAS, IEEE, ROW64, KV_COPY)
@@ -70,6 +85,68 @@ def _tiles(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, j0, j1, 
             acc, l_i, m_i = _tile(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, j, L, skl, svl,
                                   qk_scale, HEAD_D, BLOCK_N, SUB, PERMUTED, MASKED, HAS_BIAS, IEEE, ROW64, KV_COPY)
     return acc, l_i, m_i
+
+
+@triton.jit
+def _tile8(acc, l_i, m_i, q8, rs, k_base, v_base, ks_base, idx_base, bias_base, PERM, j, L, skl, svl,
+           HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr, PERMUTED: tl.constexpr,
+           MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, ROW64: tl.constexpr,
+           PV8: tl.constexpr):
+    """One key tile of the quantised pass: int8 x int8 -> int32 Q.K^T times the rows' scale (with
+    log2(e) / sqrt(D)) and the scale of the tile's key block (one per mask block: BLOCK_N divides it).
+    k/v come from attention_quant's copy in this head's order.
+    PV8: P x 448 in e4m3 times V^T's e4m3 tile [D, BLOCK_N] (stride svl between channels) into a fresh
+    fp32 MMA result added to acc (Hopper's FP8 MMA accumulates with fewer bits: not across tiles);
+    else P rounded to V's dtype, as the bf16 kernel."""
+    offs_d = tl.arange(0, HEAD_D)
+    kb = tl.load(idx_base + j // SUB)
+    offs_n = kb * (BLOCK_N * SUB) + (j % SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = offs_n
+    if ROW64:
+        rows = rows.to(tl.int64)
+    if MASKED:
+        n_ok = offs_n < L
+        kc = tl.load(k_base + rows[:, None] * skl + offs_d[None, :], mask=n_ok[:, None], other=0)
+        if PV8:
+            v = tl.load(v_base + offs_d[:, None] * svl + rows[None, :], mask=n_ok[None, :], other=0.0)
+        else:
+            v = tl.load(v_base + rows[:, None] * svl + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+        if HAS_BIAS:
+            b_rows = _rows(PERM, offs_n, n_ok, PERMUTED, ROW64)  # the bias stays in the original order
+            bias = tl.load(bias_base + b_rows, mask=n_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+            add = tl.where(n_ok, bias, float("-inf"))
+        else:
+            add = tl.where(n_ok, 0.0, float("-inf"))
+    else:
+        kc = tl.load(k_base + rows[:, None] * skl + offs_d[None, :])
+        if PV8:
+            v = tl.load(v_base + offs_d[:, None] * svl + rows[None, :])
+        else:
+            v = tl.load(v_base + rows[:, None] * svl + offs_d[None, :])
+    s = tl.dot(q8, tl.trans(kc), out_dtype=tl.int32).to(tl.float32) * (rs * tl.load(ks_base + kb))[:, None]
+    if MASKED:
+        s = s + add[None, :]
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = m_new
+    p = tl.math.exp2(s - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if PV8:
+        if IEEE:  # the interpreter: e4m3 rounding by bits, exact fp32 products
+            pv = tl.dot(_round_e4m3(p * 448.0), tl.trans(v.to(tl.float32)), input_precision="ieee")
+        else:
+            pv = tl.dot((p * 448.0).to(tl.float8e4nv), tl.trans(v))
+        acc = acc * alpha[:, None] + pv
+    else:
+        acc = acc * alpha[:, None]
+        if IEEE:
+            acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i, m_new
 
 
 @triton.jit
@@ -139,15 +216,15 @@ def _tile(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, j, L, skl
 # but not in the warm-up, gave new specialisations). Strides of the q/k/v/out/correction rows, which set the main loads' alignment and are
 # multiples of the head width at every resolution, stay specialised.
 @triton.jit(do_not_specialize=["L", "NH", "BH", "T", "NM", "NB_BIAS", "ssb", "sbb", "slb", "slh", "sih", "siq",
-                               "sch", "sub", "suh", "sul", "R"])
-def _sparse_attn_fwd(Q, K, V, O, LSE, C, CS, US, VH, BIAS, PERM, HEADS, KV_IDX, KV_CNT,
-                     sqb, sqh, sql, skb, skh, skl, svb, svh, svl,
+                               "sch", "sub", "suh", "sul", "R", "sksb", "sksh", "svsb", "svsh", "smb", "smh"])
+def _sparse_attn_fwd(Q, K, V, O, LSE, C, CS, US, VH, BIAS, PERM, HEADS, KV_IDX, KV_CNT, KS, VS, MEAN,
+                     sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sksb, sksh, svsb, svsh, smb, smh,
                      sob, sol, slb, slh, scb, scl, ssb, ssl, sub, suh, sul, svhb, svhh, svhr, R, sbb, sih, siq, sch,
                      L, NH, BH, T, NM, NB_BIAS, qk_scale,
                      HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr,
                      PERMUTED: tl.constexpr, HAS_BIAS: tl.constexpr, CORR: tl.constexpr, HAS_LR: tl.constexpr,
                      R_PAD: tl.constexpr, IEEE: tl.constexpr, ROW64: tl.constexpr, WS: tl.constexpr,
-                     KV_COPY: tl.constexpr, HAS_LSE: tl.constexpr):
+                     KV_COPY: tl.constexpr, HAS_LSE: tl.constexpr, QK8: tl.constexpr, PV8: tl.constexpr):
     pid = tl.program_id(0)
     heavy = BH * T
     if pid < heavy:  # text query tiles first: they visit every key block
@@ -166,6 +243,17 @@ def _sparse_attn_fwd(Q, K, V, O, LSE, C, CS, US, VH, BIAS, PERM, HEADS, KV_IDX, 
     m_ok = offs_m < L
     q_rows = _rows(PERM, offs_m, m_ok, PERMUTED, ROW64)
     q = tl.load(Q + b * sqb + h * sqh + q_rows[:, None] * sql + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+    if QK8:  # the tile's rows quantised here, once: scale per row = amax / 127, codes round half even
+        qf = q.to(tl.float32)
+        sq = tl.math.div_rn(tl.maximum(tl.max(tl.abs(qf), 1), 1e-20), 127.0)
+        inv = tl.math.div_rn(tl.full(sq.shape, 1.0, tl.float32), sq)
+        q_in = _codes(qf, sq[:, None], inv[:, None], 127.0, True)
+        rs = sq * qk_scale
+        ks_base = KS + b * sksb + (bh % NH).to(tl.int64) * sksh
+    else:
+        q_in = q
+        rs = tl.zeros([BLOCK_M], tl.float32)
+        ks_base = KS
 
     if KV_COPY:  # the copy holds this launch's heads in order
         k_base = K + b * skb + (bh % NH).to(tl.int64) * skh
@@ -193,16 +281,23 @@ def _sparse_attn_fwd(Q, K, V, O, LSE, C, CS, US, VH, BIAS, PERM, HEADS, KV_IDX, 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
-    acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, 0, ja * SUB, L, skl, svl,
-                           qk_scale, HEAD_D, BLOCK_N, SUB, PERMUTED, True, HAS_BIAS, IEEE, ROW64, WS, KV_COPY)
-    acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, ja * SUB, jc * SUB, L,
-                           skl, svl, qk_scale, HEAD_D, BLOCK_N, SUB, PERMUTED, False, HAS_BIAS, IEEE, ROW64, WS, KV_COPY)
-    acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, jc * SUB, cnt * SUB, L,
-                           skl, svl, qk_scale, HEAD_D, BLOCK_N, SUB, PERMUTED, True, HAS_BIAS, IEEE, ROW64, WS, KV_COPY)
+    acc, l_i, m_i = _tiles(acc, l_i, m_i, q_in, k_base, v_base, idx_base, bias_base, PERM, 0, ja * SUB, L, skl, svl,
+                           qk_scale, ks_base, rs, HEAD_D, BLOCK_N, SUB, PERMUTED, True, HAS_BIAS, IEEE, ROW64, WS,
+                           KV_COPY, QK8, PV8)
+    acc, l_i, m_i = _tiles(acc, l_i, m_i, q_in, k_base, v_base, idx_base, bias_base, PERM, ja * SUB, jc * SUB, L,
+                           skl, svl, qk_scale, ks_base, rs, HEAD_D, BLOCK_N, SUB, PERMUTED, False, HAS_BIAS, IEEE, ROW64,
+                           WS, KV_COPY, QK8, PV8)
+    acc, l_i, m_i = _tiles(acc, l_i, m_i, q_in, k_base, v_base, idx_base, bias_base, PERM, jc * SUB, cnt * SUB, L,
+                           skl, svl, qk_scale, ks_base, rs, HEAD_D, BLOCK_N, SUB, PERMUTED, True, HAS_BIAS, IEEE, ROW64,
+                           WS, KV_COPY, QK8, PV8)
 
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # nothing allowed -> 0, as the reference
+    if PV8:  # acc is in units of 448 x V / (V's channel scale)
+        out = out * (tl.load(VS + b * svsb + h * svsh + offs_d) * (1.0 / 448.0))[None, :]
     if HAS_LSE:  # base-2 log-sum-exp of the row's scaled scores; -inf where nothing was allowed
         lse = tl.where(l_i > 0.0, m_i + tl.math.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
+        if QK8:  # smoothing took q . mean(K) out of every score of the row: add it back
+            lse = lse + tl.sum(qf * tl.load(MEAN + b * smb + h * smh + offs_d)[None, :], 1) * qk_scale
         tl.store(LSE + b * slb + h * slh + q_rows, lse, mask=m_ok)
     o_off = b * sob + h * HEAD_D + q_rows[:, None] * sol + offs_d[None, :]
     if CORR > 0:
@@ -336,7 +431,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index
                      kv_count: torch.Tensor, *, block: int = 128, key_bias: Optional[torch.Tensor] = None,
                      perm: Optional[torch.Tensor] = None, permuted_heads: Optional[Sequence[bool]] = None,
                      correction=None, out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None,
-                     config: Optional[tuple] = None) -> torch.Tensor:
+                     config: Optional[tuple] = None, precision: str = "bf16") -> torch.Tensor:
     """Block-sparse attention. q, k, v: [B, H, L, D] (any strides with a contiguous last dim);
     kv_index [H, nq, max_k] int32 / kv_count [H, nq] int32 list the key blocks (in each head's own
     order) that each query block visits; key_bias [B|1, L] additive, original order; perm [L]: the
@@ -350,7 +445,13 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index
     tuning. kv_copy (default KV_COPY): temporal heads read k/v from a permuted copy made per group of
     heads (at most KV_COPY_BYTES), not through the permutation inside the loop (which makes them 21%
     slower than spatial heads on H100).
+    precision: "bf16" (scores and P.V in the inputs' precision), "int8" (Q.K^T from INT8 codes: Q per
+    row, K minus its mean per mask block; P.V as bf16) or "int8-fp8" (also P.V in float8 e4m3: P x 448, V per
+    channel); the arithmetic is kernels/sparse_attention_ref.py's quantized_sparse_attention_ref. The
+    quantised passes need head_dim >= 32 (the INT8 MMA's reduction).
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     heads = q.shape[1] if q.ndim == 4 else 0
     permuted = [bool(x) for x in (permuted_heads if permuted_heads is not None else [False] * heads)]
     if len(permuted) != heads:
@@ -369,7 +470,12 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index
         return out
     kv_index = kv_index.contiguous()
     kv_count = kv_count.contiguous()
-    block_m, block_n, warps, stages, *rest = config or _CONFIGS[d]
+    quant = precision != "bf16"
+    if quant and not _quant_ok(q, block, precision):
+        raise ValueError(f"precision {precision!r} needs head_dim >= 32 (the INT8 MMA reduces over 32), got {d}"
+                         + ("" if precision != "int8-fp8" else ", a mask block >= 32 (the FP8 MMA's reduction) and "
+                            "a GPU with float8 (compute capability 8.9+)") + ": use precision 'bf16' or 'int8'")
+    block_m, block_n, warps, stages, *rest = config or (_QCONFIGS[precision] if quant else _CONFIGS)[d]
     ws = bool(rest and rest[0]) and not interpreting()
     kv_copy = bool(rest[1]) if len(rest) > 1 else KV_COPY
     block_n = min(block, block_n)
@@ -395,19 +501,28 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index
     dummy = kv_count
     corr_args, corr_flags = _correction_args(correction, dummy)
     scale = LOG2E / math.sqrt(d)
+    pv8 = precision == "int8-fp8"
+    q_args = (dummy, dummy, dummy, 0, 0, 0, 0, 0, 0)
+    if quant:
+        mean = key_mean(k)
+        vscale = v_channel_scale(v) if pv8 else mean
     for flag in (True, False):
         heads_all = [h for h in range(heads) if permuted[h] == flag]
         if not heads_all:
             continue
-        copy = flag and kv_copy
-        group = max(1, KV_COPY_BYTES // (2 * b * length * d * k.element_size())) if copy else len(heads_all)
+        copy = quant or (flag and kv_copy)
+        per_head = b * length * (2 * d * k.element_size() if not quant else d * (2 if pv8 else 1 + v.element_size()) + 1)
+        group = max(1, KV_COPY_BYTES // per_head) if copy else len(heads_all)
         t = min(-(-_text_rows(kv_count, heads_all, block) // block_m), nm)
         for g0 in range(0, len(heads_all), group):
             heads_list = heads_all[g0:g0 + group]
             hl = _head_list(tuple(heads_list), q.device)
             bh = b * len(heads_list)
             kk, vv = k, v
-            if copy:
+            if quant:
+                kk, vv, q_args = _quantized_copy(k, v, mean, vscale, perm if flag else None, hl, len(heads_list),
+                                                 pv8, block)
+            elif copy:
                 kk = torch.empty(b, len(heads_list), length, d, dtype=k.dtype, device=k.device)
                 vv = torch.empty_like(kk)
                 _gather_rows[(bh, triton.cdiv(length, 64))](
@@ -417,16 +532,42 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index
             _sparse_attn_fwd[(bh * nm,)](
                 q, kk, vv, out, lse if lse is not None else dummy, *corr_args[:4],
                 key_bias if key_bias is not None else dummy, perm if flag else dummy, hl, kv_index, kv_count,
-                q.stride(0), q.stride(1), q.stride(2), kk.stride(0), kk.stride(1), kk.stride(2),
-                vv.stride(0), vv.stride(1), vv.stride(2), out.stride(0), out.stride(1),
+                *q_args[:3], q.stride(0), q.stride(1), q.stride(2), kk.stride(0), kk.stride(1), kk.stride(2),
+                vv.stride(0), vv.stride(1), vv.stride(2), *q_args[3:], out.stride(0), out.stride(1),
                 lse.stride(0) if lse is not None else 0, lse.stride(1) if lse is not None else 0, *corr_args[4:],
                 sbb, kv_index.stride(0), kv_index.stride(1), kv_count.stride(0),
                 length, len(heads_list), bh, t, nm, nb_bias[flag], scale,
                 HEAD_D=d, BLOCK_M=block_m, BLOCK_N=block_n, SUB=sub, PERMUTED=flag,
                 HAS_BIAS=key_bias is not None, **corr_flags,
                 IEEE=q.dtype == torch.float32 or interpreting(),
-                ROW64=row64, WS=ws, KV_COPY=copy, HAS_LSE=lse is not None, num_warps=warps, num_stages=stages)
+                ROW64=row64, WS=ws and not quant, KV_COPY=copy, HAS_LSE=lse is not None, QK8=quant, PV8=pv8,
+                num_warps=warps, num_stages=stages)
     return out
+
+
+def _quantized_copy(k, v, mean, vscale, perm, heads: torch.Tensor, n: int, pv8: bool, block: int):
+    """The listed heads' keys as INT8 codes [B, n, L, D] + a scale per block of `block` keys [B, n, nb], and V as e4m3
+    transposed [B, n, D, L] (pv8) or copied [B, n, L, D], rows in each head's order
+    (attention_quant._prep_kv); with the kernel's extra pointers and strides."""
+    b, _, length, d = k.shape
+    kc = torch.empty(b, n, length, d, dtype=torch.int8, device=k.device)
+    nb = -(-length // block)
+    ks = torch.empty(b, n, nb, dtype=torch.float32, device=k.device)
+    if pv8:  # rows padded to a multiple of 16: aligned, and one compiled variant for every resolution
+        vc = torch.empty(b, n, d, -(-length // 16) * 16, dtype=torch.float8_e4m3fn, device=k.device)
+        sod = vc.stride(2)
+    else:
+        vc = torch.empty(b, n, length, d, dtype=v.dtype, device=k.device)
+        sod = vc.stride(2)
+    _prep_kv[(b * n, nb)](
+        k, v, mean, vscale, perm if perm is not None else heads, heads, kc, ks, vc, length, n,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), mean.stride(0), mean.stride(1),
+        vscale.stride(0), vscale.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), ks.stride(0), ks.stride(1),
+        vc.stride(0), vc.stride(1), sod,
+        HEAD_D=d, BLOCK_R=block, PERMUTED=perm is not None, PV8=pv8, EXACT=interpreting(),
+        num_warps=8 if block * d >= 8192 else 4)
+    return kc, vc, (ks, vscale, mean, ks.stride(0), ks.stride(1), vscale.stride(0), vscale.stride(1),
+                    mean.stride(0), mean.stride(1))
 
 
 @functools.lru_cache(maxsize=256)
@@ -485,10 +626,24 @@ def _host_counts(kv_count: torch.Tensor):
     return counts
 
 
-def supports(q: torch.Tensor, block: int) -> bool:
-    """Whether the kernel takes q's dtype / head_dim and this mask block (else: the reference)."""
+def supports(q: torch.Tensor, block: int, precision: str = "bf16") -> bool:
+    """Whether the kernel takes q's dtype / head_dim and this mask block in this precision (else: the
+    reference)."""
     d = q.shape[-1]
-    return q.dtype in _FLOAT and 16 <= d <= 256 and not d & (d - 1) and block >= 16 and not block & (block - 1)
+    ok = q.dtype in _FLOAT and 16 <= d <= 256 and not d & (d - 1) and block >= 16 and not block & (block - 1)
+    return ok and (precision == "bf16" or (precision in PRECISIONS and _quant_ok(q, block, precision)))
 
 
-__all__ = ["sparse_attention", "supports", "tensor_version", "MAX_CORRECTION_RANK"]
+def _quant_ok(q: torch.Tensor, block: int, precision: str) -> bool:
+    """Whether a quantised precision compiles for these inputs: the INT8 MMA reduces over >= 32 (head_dim),
+    the FP8 one too (P.V over the key tile: mask block >= 32), and float8 exists from compute capability 8.9."""
+    if q.shape[-1] < 32:
+        return False
+    if precision != "int8-fp8":
+        return True
+    if block < 32:
+        return False
+    return q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) >= (8, 9)
+
+
+__all__ = ["sparse_attention", "supports", "PRECISIONS", "tensor_version", "MAX_CORRECTION_RANK"]

@@ -92,6 +92,62 @@ def sparse_attention_ref(q, k, v, kv_index, kv_count, *, block: int = 128, key_b
         out = out.float() + correction.to(out.device).materialize()
     return out.to(q.dtype)
 
+def quantize_rows_ref(x: torch.Tensor, mean: Optional[torch.Tensor] = None):
+    """x [B, H, L, D] (minus mean [B, H, D] in fp32) -> (int8 codes, fp32 scales [B, H, L]): one scale per
+    token = max(amax, 1e-20) / 127, codes round-half-even (the quantised kernel's Q and K)."""
+    xf = x.float() if mean is None else x.float() - mean.float()[:, :, None, :]
+    scale = xf.abs().amax(-1).clamp_min(1e-20) / 127.0
+    codes = torch.round(xf / scale[..., None]).clamp(-127, 127).to(torch.int8)
+    return codes, scale
+
+
+def v_channel_scale(v: torch.Tensor) -> torch.Tensor:
+    """[B, H, D] fp32 = max |v| over the tokens / 448, floored: V's float8 e4m3 scale per channel. Two
+    reductions and no |v| temporary of V's size (the kernel's wrapper calls this too)."""
+    amax = torch.maximum(v.amax(dim=2).float(), v.amin(dim=2).float().neg())
+    return amax.clamp_min(1e-20) / 448.0
+
+
+def quantize_v_fp8_ref(v: torch.Tensor):
+    """(V / scale as float8 e4m3fn [B, H, L, D], the scale [B, H, D]), rounded to nearest even."""
+    scale = v_channel_scale(v)
+    return (v.float() * (1.0 / scale)[:, :, None, :]).to(torch.float8_e4m3fn), scale
+
+
+def quantized_sparse_attention_ref(q, k, v, kv_index, kv_count, *, precision: str = "int8", block: int = 128,
+                                   key_bias=None, perm=None, permuted_heads: Optional[Sequence[bool]] = None,
+                                   correction=None) -> torch.Tensor:
+    """The quantised kernel's arithmetic (kernels.sparse_attention with precision "int8" / "int8-fp8"),
+    exact in float64: Q quantised per token, K minus its mean over the tokens per block of `block` keys
+    in each head's own order (temporal heads: permuted; the mean shifts each score row by a constant,
+    which softmax ignores), with "int8-fp8" V in e4m3 per channel; then
+    exact block-sparse softmax attention of the dequantised tensors. What the kernel adds on top is the
+    rounding of P (to bf16, or x 448 to e4m3) before the P.V product. Returns [B, L, H*D] in q's dtype."""
+    from .int8_attention_ref import key_mean  # noqa: PLC0415 (one definition of the mean for both paths)
+    if precision not in ("int8", "int8-fp8"):
+        raise ValueError(f"precision must be 'int8' or 'int8-fp8', got {precision!r}")
+    from .int8_attention_ref import quantize_blocks_ref  # noqa: PLC0415
+    qc, qs = quantize_rows_ref(q)
+    qd = qc.double() * qs.double()[..., None]
+    mean = key_mean(k)
+    kd = torch.empty(k.shape, dtype=torch.float64, device=k.device)
+    length = k.shape[2]
+    for h in range(k.shape[1]):
+        permuted = permuted_heads is not None and permuted_heads[h]
+        order = perm.long().to(k.device) if permuted else torch.arange(length, device=k.device)
+        codes, scale = quantize_blocks_ref(k[:, h:h + 1, order], block, mean[:, h:h + 1])
+        kd[:, h, order] = (codes.double() * scale.double().repeat_interleave(block, -1)[..., :length, None])[:, 0]
+    if precision == "int8-fp8":
+        v8, vs = quantize_v_fp8_ref(v)
+        vd = v8.double() * vs.double()[:, :, None, :]
+    else:
+        vd = v.double()
+    out = sparse_attention_ref(qd, kd, vd, kv_index, kv_count, block=block,
+                               key_bias=None if key_bias is None else key_bias.double(), perm=perm,
+                               permuted_heads=permuted_heads, correction=correction)
+    return out.to(q.dtype)
+
+
 def dense_masked_attention_f64(q, k, v, keep: torch.Tensor, block: int, *, key_bias=None, perm=None,
                                permuted_heads: Optional[Sequence[bool]] = None,
                                correction=None) -> torch.Tensor:
@@ -121,4 +177,5 @@ def dense_masked_attention_f64(q, k, v, keep: torch.Tensor, block: int, *, key_b
     return out
 
 
-__all__ = ["sparse_attention_ref", "dense_masked_attention_f64"]
+__all__ = ["sparse_attention_ref", "dense_masked_attention_f64", "quantized_sparse_attention_ref", "quantize_rows_ref",
+           "quantize_v_fp8_ref", "v_channel_scale"]

@@ -209,14 +209,18 @@ def _mask_arguments(q, mask, block_mask, txt_len: int, grid) -> dict:
                 key_bias=None if bias is None else bias.to(q.device))
 
 
-def block_sparse_attention(q, k, v, mask, block_mask, txt_len: int, grid, correction=None) -> torch.Tensor:
+def block_sparse_attention(q, k, v, mask, block_mask, txt_len: int, grid, correction=None,
+                           precision: str = "bf16") -> torch.Tensor:
     """Exact softmax over the key blocks `block_mask` keeps, plus the SSAR `correction` (a [B, L, H*D]
     tensor or a Correction) added to the result. q, k, v: [B, H, L, D]; mask: the model's additive key
     mask [B|1, 1, L] or None; heads of kind "temporal" are computed in temporal order and put back.
     Returns [B, L, H*D] in q's dtype. The Triton kernel (correction rebuilt in its epilogue) where
     the mode picks it and it takes the inputs; else the PyTorch reference (memory-bounded, the
-    correction materialised and added in fp32)."""
+    correction materialised and added in fp32). precision: "bf16" (the inputs' own), "int8" (Q.K^T from
+    INT8 codes) or "int8-fp8" (also P.V in float8 e4m3): kernels/sparse_attention_ref.py's
+    quantized_sparse_attention_ref is the arithmetic."""
     b, heads, length, d = q.shape
+    _check_precision(precision)
     _check_call(q, block_mask, txt_len, grid)
     correction = as_correction(correction)
     if correction is not None and tuple(correction.shape) != (b, length, heads * d):
@@ -224,24 +228,80 @@ def block_sparse_attention(q, k, v, mask, block_mask, txt_len: int, grid, correc
     index, count = _indices(block_mask.keep, block_mask, q.device)
     kw = _mask_arguments(q, mask, block_mask, txt_len, grid)
     kernel = _kernel("sparse_attention", q.device)
-    if kernel is not None and kernel.supports(q, block_mask.block):
+    precision = _runnable_precision(q, block_mask.block, precision, kernel)
+    if kernel is not None and kernel.supports(q, block_mask.block, precision):
         if correction is not None:
             correction = correction.to(q.device)
-        return kernel.sparse_attention(q, k, v, index, count, correction=correction, **kw)
-    return _module("sparse_attention_ref").sparse_attention_ref(q, k, v, index, count, correction=correction, **kw)
+        return kernel.sparse_attention(q, k, v, index, count, correction=correction, precision=precision, **kw)
+    ref = _module("sparse_attention_ref")
+    if precision != "bf16":
+        return ref.quantized_sparse_attention_ref(q, k, v, index, count, correction=correction, precision=precision,
+                                                  **kw)
+    return ref.sparse_attention_ref(q, k, v, index, count, correction=correction, **kw)
 
 
-def refresh_attention(q, k, v, mask, block_mask, txt_len: int, grid) -> Tuple[torch.Tensor, torch.Tensor]:
+PRECISIONS = ("bf16", "int8", "int8-fp8")
+_precision_warned = set()
+
+
+def _runnable_precision(q, block: int, precision: str, kernel) -> str:
+    """The precision a call runs in: a quantised one on CUDA only where the Triton kernel takes it (else
+    bf16, said once per precision: the PyTorch emulation in float64 would copy q/k/v in float64, ~9 GB
+    at 720p, and run for minutes); on the CPU the emulation is the reference and stays."""
+    if precision == "bf16" or not q.is_cuda or (kernel is not None and kernel.supports(q, block, precision)):
+        return precision
+    if precision not in _precision_warned:
+        _precision_warned.add(precision)
+        why = "the Triton kernels are not in use" if kernel is None else (
+            f"the kernel does not take head_dim {q.shape[-1]}, mask block {block}, {q.dtype} on this GPU")
+        log.warning("QuantSparse: attention precision %r is not available here (%s); running bf16 attention instead. "
+                    "int8 needs head_dim >= 32; int8-fp8 also a mask block >= 32 and a GPU with float8 "
+                    "(compute capability 8.9+: Ada, Hopper, Blackwell).", precision, why)
+    return "bf16"
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"attention precision must be one of {PRECISIONS}, got {precision!r}")
+
+
+@functools.lru_cache(maxsize=2)
+def _all_blocks(heads: int, length: int, block: int):
+    """A BlockMask keeping every block of every head, kept for the last two shapes: its kernel indices are
+    cached on it (83 MB of int32 on the GPU at 720p x 129 frames, 24 heads)."""
+    from .sparse.masks import BlockMask
+    n = -(-length // block)
+    return BlockMask(torch.ones(heads, n, n, dtype=torch.bool), ["dense"] * heads, block, length)
+
+
+def quantized_dense_attention(q, k, v, mask, txt_len: int, grid, precision: str, block: int = 128) -> torch.Tensor:
+    """Dense attention in a quantised precision ("int8" / "int8-fp8"): the block-sparse kernel over every
+    key block, so a dense pass rounds exactly as the run's sparse passes do. [B, L, H*D] in q's dtype."""
+    if precision == "bf16":
+        raise ValueError("quantized_dense_attention takes precision 'int8' or 'int8-fp8'")
+    return block_sparse_attention(q, k, v, mask, _all_blocks(q.shape[1], q.shape[2], block), txt_len, grid,
+                                  precision=precision)
+
+
+def refresh_attention(q, k, v, mask, block_mask, txt_len: int, grid,
+                      precision: str = "bf16") -> Tuple[torch.Tensor, torch.Tensor]:
     """An SSAR refresh's (O_full in q's dtype, D = O_full - O_sparse in fp32) under the new mask: the
     kernel's two runs over the mask and its complement merged by log-sum-exp (one read of the keys),
-    else dense SDPA and the sparse reference."""
+    else dense SDPA and the sparse reference. precision as block_sparse_attention's (both runs)."""
+    _check_precision(precision)
     _check_call(q, block_mask, txt_len, grid)
     index, count = _indices(block_mask.keep, block_mask, q.device)
     kw = _mask_arguments(q, mask, block_mask, txt_len, grid)
     kernel = _kernel("refresh_attention", q.device)
-    if kernel is not None and _triton_module("sparse_attention").supports(q, block_mask.block):
+    precision = _runnable_precision(q, block_mask.block, precision,
+                                    None if kernel is None else _triton_module("sparse_attention"))
+    if kernel is not None and _triton_module("sparse_attention").supports(q, block_mask.block, precision):
         rest = _indices(~block_mask.keep, block_mask, q.device)
-        return kernel.refresh_attention(q, k, v, index, count, *rest, **kw)
+        return kernel.refresh_attention(q, k, v, index, count, *rest, precision=precision, **kw)
+    if precision != "bf16":
+        full = quantized_dense_attention(q, k, v, mask, txt_len, grid, precision, block_mask.block)
+        sparse = block_sparse_attention(q, k, v, mask, block_mask, txt_len, grid, precision=precision)
+        return full, full.float() - sparse.float()
     return _module("refresh_attention_ref").refresh_attention_ref(q, k, v, index, count, **kw)
 
 
@@ -279,6 +339,16 @@ def svg_profile_kernel(q, k, v, block: int):
     return module.svg_errors if module is not None and module.supports(q, k, v, block) else None
 
 
+def refresh_residuals(full, sparse, prev=None, out_dtype: torch.dtype = torch.bfloat16):
+    """An SSAR refresh's (D = full - sparse in out_dtype, D2 = D - prev in fp32 or None), computed in fp32
+    in one pass (kernels/residual.py) where the mode picks Triton and the kernel takes the tensors, else
+    kernels/residual_ref.py. full, sparse: [B, L, H*D]; prev: the previous refresh's stored D or None."""
+    kernel = _kernel("residual", full.device)
+    if kernel is not None and kernel.supports(full, sparse, prev):
+        return kernel.refresh_residuals(full, sparse, prev, out_dtype)
+    return _module("residual_ref").refresh_residuals_ref(full, sparse, prev, out_dtype)
+
+
 def head_gram_kernel(x: torch.Tensor, heads: int):
     """kernels.gram.head_gram for an fp32 [B, L, H*D] residual where the mode picks Triton and the
     kernel takes it (bf16 hi/lo products on the tensor cores, ~1e-5 relative), else None: the
@@ -310,7 +380,7 @@ def qk_norm_rope_kernel(qkvs, weights, table, heads: int) -> Optional[ModuleType
 
 
 # ---- the report ---------------------------------------------------------------------------------------
-OPERATIONS = ("sparse_attention", "refresh_attention", "int8_attention", "svg_profile", "gram", "act_quant",
+OPERATIONS = ("sparse_attention", "refresh_attention", "int8_attention", "svg_profile", "gram", "residual", "act_quant",
               "int_gemm", "producer_quant", "qk_norm_rope")
 
 

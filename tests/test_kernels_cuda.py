@@ -229,3 +229,60 @@ def test_qk_norm_rope_on_gpu_equals_reference(rng):
             assert bool(torch.isfinite(g).all())
             assert bool((off <= bound).all()), float((off / bound).max())
             assert float((off > 0).float().mean()) < 1e-3
+
+
+@pytest.mark.parametrize("precision,tol", [("int8", 1.5e-2), ("int8-fp8", 5e-2)])
+def test_quantized_sparse_attention_on_gpu_equals_quantized_reference(rng, precision, tol):
+    """The quantised block-sparse kernel compiled on the GPU (INT8 tensor-core Q.K^T; FP8 e4m3 P.V, which
+    the CPU interpreter cannot check) against the float64 quantised reference: mixed head kinds, padded
+    text, the SSAR correction in the epilogue, and the merged refresh's O_full and D in that precision."""
+    from quantsparse_core.dispatch import block_sparse_attention, refresh_attention
+    from quantsparse_kernels.sparse_attention_ref import quantized_sparse_attention_ref
+    from quantsparse_core.sparse.layout import temporal_permutation
+    from quantsparse_core.sparse.masks import BlockMask, band_keep
+    txt, grid, h, d = 77, (5, 12, 20), 4, 128
+    length = txt + 5 * 12 * 20
+    q, k, v = (torch.randn(1, h, length, d, generator=rng) for _ in range(3))
+    # where quantisation moves the result: key magnitudes 16x apart along the sequence, value channels 100x
+    # apart, a shared key offset
+    k = k * torch.exp2(torch.rand(1, 1, length, 1, generator=rng) * 4) + 2.0 * torch.randn(1, h, 1, d, generator=rng)
+    v = v * torch.logspace(0, 2, d)[torch.randperm(d, generator=rng)]
+    q, k, v = (x.to(torch.bfloat16).to(DEV) for x in (q, k, v))
+    keep = band_keep(length, txt, 0.3, 128).unsqueeze(0).expand(h, -1, -1).clone()
+    keep[3] = True
+    kinds = ["spatial", "temporal", "temporal", "dense"]
+    mask = torch.zeros(1, 1, length)
+    mask[..., 60:txt] = float("-inf")
+    corr = torch.randn(1, length, h * d, generator=rng) * 0.1
+    bm = BlockMask(keep.clone(), kinds, 128, length)
+    index, count = bm.to_indices()
+    kw = dict(block=128, key_bias=mask.reshape(1, length), perm=temporal_permutation(txt, grid),
+              permuted_heads=[x == "temporal" for x in kinds])
+    with torch.inference_mode():
+        out = block_sparse_attention(q, k, v, mask.to(DEV), bm, txt, grid, correction=corr.to(DEV), precision=precision)
+        full, res = refresh_attention(q, k, v, mask.to(DEV), bm, txt, grid, precision=precision)
+    qc, kc, vc = (x.cpu() for x in (q, k, v))
+    ref = quantized_sparse_attention_ref(qc, kc, vc, index, count, precision=precision, correction=corr, **kw).double()
+    assert out.dtype == torch.bfloat16 and rel(out.cpu(), ref) < tol
+    with torch.inference_mode():  # the bf16 kernel is much further from the quantised reference: it really quantises
+        plain = block_sparse_attention(q, k, v, mask.to(DEV), bm, txt, grid, correction=corr.to(DEV))
+    assert rel(out.cpu(), ref) < 0.6 * rel(plain.cpu(), ref)
+    n = -(-length // 128)
+    all_index = torch.arange(n, dtype=torch.int32).expand(h, n, n).contiguous()
+    full_ref = quantized_sparse_attention_ref(qc, kc, vc, all_index, torch.full((h, n), n, dtype=torch.int32),
+                                              precision=precision, **kw).double()
+    sparse_ref = quantized_sparse_attention_ref(qc, kc, vc, index, count, precision=precision, **kw).double()
+    assert rel(full.cpu(), full_ref) < tol and rel(res.cpu(), full_ref - sparse_ref) < 2 * tol
+
+
+def test_refresh_residuals_on_gpu_equal_reference_bit_for_bit(rng):
+    """kernels.residual compiled on the GPU at a 544p-like row width: D (bf16, rounded to nearest even
+    as torch rounds) and D2 (fp32) equal the PyTorch reference exactly."""
+    from quantsparse_kernels.residual import refresh_residuals
+    from quantsparse_kernels.residual_ref import refresh_residuals_ref
+    shape = (1, 4099, 3072)
+    full, sparse = (torch.randn(shape, generator=rng).to(torch.bfloat16).to(DEV) for _ in range(2))
+    prev = (torch.randn(shape, generator=rng) * 0.1).to(torch.bfloat16).to(DEV)
+    d, d2 = refresh_residuals(full, sparse, prev)
+    rd, rd2 = refresh_residuals_ref(full, sparse, prev)
+    assert torch.equal(d, rd) and torch.equal(d2, rd2)

@@ -66,7 +66,7 @@ def test_refresh_residual_is_not_dominated_by_int8_noise(rng):
         a = SSARAttention(settings(int8_attention=int8))
         c = call(2)
         block_mask = a._new_mask(q, k, v, mask, c)
-        out[int8] = a._full_and_residual(q, k, v, mask, block_mask, c)
+        out[int8] = a._refresh_outputs(q, k, v, mask, block_mask, c, None, False)[:2]
         masks = block_mask
         if int8:
             assert a.stats["int8_dense"] == 1

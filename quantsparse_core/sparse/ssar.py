@@ -24,7 +24,8 @@ from typing import Dict, Optional
 
 import torch
 
-from ..dispatch import Correction, block_sparse_attention, int8_dense_attention, refresh_attention
+from ..dispatch import (PRECISIONS, Correction, block_sparse_attention, int8_dense_attention,
+                        quantized_dense_attention, refresh_attention, refresh_residuals)
 from ..hostmem import pinnable_host_bytes
 from ..models.attention import AttentionCall, allowed_keys, dense_attention
 from .cache import CacheStore, check_policy, choose_placement, working_bytes
@@ -89,7 +90,15 @@ class SparseSettings:
     (AttentionCall.dense; ComfyUI: the attention it is set to, e.g. comfy kitchen's INT8 attention with
     --use-ck-attention or a Model Attention Backend node), so a faster stock kernel serves the ~60% of a
     50-step run that is dense; a refresh then takes its full output from it and a sparse pass (not
-    merged_refresh), D carrying the host kernel's rounding. Takes precedence over int8_attention."""
+    merged_refresh), D carrying the host kernel's rounding. Takes precedence over int8_attention.
+
+    attention_precision: "bf16" (default), "int8" or "int8-fp8": every pass of the run, sparse and dense,
+    on the block-sparse kernel with Q.K^T from INT8 codes (Q per token, K minus its mean per mask block) and,
+    for "int8-fp8", P.V in float8 e4m3 (P x 448, V per channel): a dense pass is that kernel over every
+    key block and a refresh its runs over the mask and the complement merged (merged_refresh's one read
+    of the keys), so O_full and O_sparse round alike and D = O_full - O_sparse carries no mismatch
+    between two kernels. Takes precedence over int8_attention; host_attention still serves dense
+    passes where the call brings one."""
     density: float = 0.15
     tau: int = 5
     svd_rank: int = 16
@@ -108,6 +117,7 @@ class SparseSettings:
     merged_refresh: bool = False
     int8_attention: bool = False
     host_attention: bool = False
+    attention_precision: str = "bf16"
     schedule: str = "auto"
     few_step_max: int = FEW_STEP_MAX
 
@@ -126,6 +136,8 @@ class SparseSettings:
         if self.n_rows < 1 or self.block < 1:
             raise ValueError(f"n_rows and block must be >= 1, got {self.n_rows} and {self.block}")
         check_policy(self.placement)
+        if self.attention_precision not in PRECISIONS:
+            raise ValueError(f"unknown attention_precision {self.attention_precision!r}; use one of {', '.join(PRECISIONS)}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown sparse schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}")
         if isinstance(self.few_step_max, bool) or int(self.few_step_max) != self.few_step_max or self.few_step_max < 0:
@@ -209,9 +221,10 @@ class SSARAttention:
         self._plan: Optional[StepPlan] = None
         # dense / sparse: attention calls (x batch entries); sparse_density: their masks' densities summed;
         # refresh: the dense calls that refreshed; refresh_sparse: the refreshes' sparse passes (densities);
-        # profile: SVG mask selection, in dense-call units (see attention_cost); int8_dense: dense passes run in INT8
+        # profile: SVG mask selection, in dense-call units (see attention_cost); int8_dense: dense passes run in INT8;
+        # quantized_dense: dense passes on the quantised block-sparse kernel (attention_precision)
         self.stats = dict(dense=0.0, sparse=0.0, sparse_density=0.0, refresh=0.0, mask_changed=0.0,
-                          refresh_sparse=0.0, profile=0.0, int8_dense=0.0, host_dense=0.0)
+                          refresh_sparse=0.0, profile=0.0, int8_dense=0.0, host_dense=0.0, quantized_dense=0.0)
 
     def _rows_generator(self, call: AttentionCall) -> torch.Generator:
         """SVG's sampled query rows depend only on the seed and the block, so a refresh on unchanged
@@ -389,7 +402,8 @@ class SSARAttention:
             st.mask = self._new_mask(q, k, v, mask, call)
             st.density = st.mask.density()
             self._count("sparse", b, st.density)
-            return block_sparse_attention(q, k, v, mask, st.mask, call.txt_len, call.grid)
+            return block_sparse_attention(q, k, v, mask, st.mask, call.txt_len, call.grid,
+                                          precision=s.attention_precision)
         order = plan.order
         refresh = kind == "refresh" or st.mask is None or (order > 0 and not st.has_d)
         if not refresh:
@@ -398,7 +412,8 @@ class SSARAttention:
                 self._prefetch_after(key, q.device)
             corr = None if order == 0 else self.correction(key, q.device)
             self._count("sparse", b, st.density)
-            return block_sparse_attention(q, k, v, mask, st.mask, call.txt_len, call.grid, correction=corr)
+            return block_sparse_attention(q, k, v, mask, st.mask, call.txt_len, call.grid, correction=corr,
+                                          precision=s.attention_precision)
 
         # Refresh: new mask from this step's q/k, exact output, new residual cache.
         old_mask = st.mask
@@ -411,18 +426,16 @@ class SSARAttention:
             return self._dense(q, k, v, mask, call)
         if not self._merged(call):  # dense SDPA plus a sparse pass; merged: the two halves of one dense call
             self.stats["refresh_sparse"] += b * st.density
-        full, d = self._full_and_residual(q, k, v, mask, st.mask, call)
+        second = order == 2 and st.has_d and _same_mask(old_mask, st.mask)
+        full, d, d2 = self._refresh_outputs(q, k, v, mask, st.mask, call, key, second)
         store = self._store_for(q)
-        if order == 2 and st.has_d and not _same_mask(old_mask, st.mask):
+        if order == 2 and st.has_d and not second:
             # D and D_prev are residuals of different sparse operators; their difference is the mask
             # change, not the drift over steps. Fall back to first order until two refreshes agree.
             store.drop((key, "corr"))
             st.corr = None
             self.stats["mask_changed"] += b
-        elif order == 2 and st.has_d:
-            # d - D_prev, in the fp32 tensor get() returned (one [B, L, H*D] fp32 temporary fewer at the
-            # peak; with the "exact" placement that is the stored D itself, replaced just below)
-            d2 = store.get((key, "D"), q.device).neg_().add_(d)
+        elif second:
             # The low-rank placement would truncate the pending D2 itself, on this thread: no gain.
             deferred = d2.is_cuda if s.host_eigh is None else s.host_eigh
             if s.svd_rank > 0 and deferred and store.policy != "low-rank":
@@ -439,8 +452,10 @@ class SSARAttention:
         return full
 
     def _merged(self, call: AttentionCall) -> bool:
-        """Whether a refresh runs merged_refresh's kernel (not when the host's dense attention serves it)."""
-        return self.settings.merged_refresh and not (self.settings.host_attention and call.dense is not None)
+        """Whether a refresh runs merged_refresh's kernel (always in a quantised attention_precision; not when
+        the host's dense attention serves it)."""
+        s = self.settings
+        return (s.merged_refresh or s.attention_precision != "bf16") and not (s.host_attention and call.dense is not None)
 
     def _dense(self, q, k, v, mask, call: AttentionCall) -> torch.Tensor:
         """A dense pass of the run: the host's attention with host_attention (where the call brings one), INT8
@@ -448,6 +463,10 @@ class SSARAttention:
         if self.settings.host_attention and call.dense is not None:
             self.stats["host_dense"] += q.shape[0]
             return call.dense(q, k, v, mask)
+        if self.settings.attention_precision != "bf16" and call.grid is not None:
+            self.stats["quantized_dense"] += q.shape[0]
+            return quantized_dense_attention(q, k, v, mask, call.txt_len, call.grid, self.settings.attention_precision,
+                                             self.settings.block)
         if self.settings.int8_attention:
             keep = "all" if mask is None else allowed_keys(mask)
             if keep is not None:
@@ -455,14 +474,36 @@ class SSARAttention:
                 return int8_dense_attention(q, k, v, keep=keep)
         return dense_attention(q, k, v, mask, call)
 
-    def _full_and_residual(self, q, k, v, mask, block_mask: BlockMask, call: AttentionCall):
-        """(O_full, D = O_full - O_sparse in fp32) of a refresh: merged from the kernel's runs over the
-        mask and its complement with merged_refresh, else dense SDPA and a sparse pass."""
+    def _refresh_outputs(self, q, k, v, mask, block_mask: BlockMask, call: AttentionCall, key, second: bool):
+        """(O_full, D = O_full - O_sparse, D2 = D - D_prev in fp32 or None) of a refresh. O_full and O_sparse:
+        merged from the kernel's runs over the mask and its complement with merged_refresh (D in fp32), else
+        dense SDPA and a sparse pass. With second (a second-order refresh under an unchanged mask) D2 against
+        the cached D. Where the cache keeps D in bf16 (gpu-bf16, cpu-pinned) D and D2 come from one pass over
+        O_full, O_sparse and D_prev (dispatch.refresh_residuals: D computed in fp32 and stored in bf16, as
+        the cache would round it; ~11 -> ~3.7 GB of memory traffic per layer at 544p), at the same peak."""
+        def drift(d):  # d - D_prev in the fp32 tensor get() returns (the "exact" placement: its own copy)
+            return self._store.get((key, "D"), q.device).neg_().add_(d) if second else None
+
         if self._merged(call):
-            return refresh_attention(q, k, v, mask, block_mask, call.txt_len, call.grid)
+            full, d = refresh_attention(q, k, v, mask, block_mask, call.txt_len, call.grid,
+                                        precision=self.settings.attention_precision)
+            return full, d, drift(d)
         full = self._dense(q, k, v, mask, call)
-        sparse = block_sparse_attention(q, k, v, mask, block_mask, call.txt_len, call.grid)
-        return full, full.to(torch.float32, copy=True).sub_(sparse)  # = full.float() - sparse.float(), one temporary fewer
+        # in the run's precision, as every later sparse pass that D corrects (with host_attention too)
+        sparse = block_sparse_attention(q, k, v, mask, block_mask, call.txt_len, call.grid,
+                                        precision=self.settings.attention_precision)
+        store = self._store  # None until the first refresh resolves "auto" (from free memory, after D exists)
+        if store is not None and store.policy in BF16_POLICIES:
+            prev = store.get_parts((key, "D"), q.device).get("dense") if second else None
+            if prev is not None or not second:
+                d, d2 = refresh_residuals(full, sparse, prev, torch.bfloat16)
+                return full, d, d2
+        d = full.to(torch.float32, copy=True).sub_(sparse)  # = full.float() - sparse.float(), one temporary fewer
+        del sparse
+        return full, d, drift(d)
+
+
+BF16_POLICIES = ("gpu-bf16", "cpu-pinned")  # cache placements that keep D in bf16 (CacheStore.put)
 
 
 def _same_mask(a: Optional[BlockMask], b: BlockMask) -> bool:

@@ -43,10 +43,14 @@ def supports(full: torch.Tensor, sparse: torch.Tensor, prev: Optional[torch.Tens
 def refresh_residuals(full: torch.Tensor, sparse: torch.Tensor, prev: Optional[torch.Tensor],
                       out_dtype: torch.dtype = torch.bfloat16) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(D in out_dtype, D2 = D - prev in fp32 or None): kernels/residual_ref.py's contract, one pass."""
+    ts = [t for t in (full, sparse, prev) if t is not None]
+    if any(t.shape != full.shape or t.device != full.device for t in ts):
+        raise ValueError(f"full, sparse (and prev) must have one shape on one device, got "
+                         f"{[(tuple(t.shape), str(t.device)) for t in ts]}")
     if not supports(full, sparse, prev) or out_dtype not in _FLOAT:
-        raise ValueError(f"full, sparse (and prev) must be contiguous float tensors of one shape on one device, and "
-                         f"out_dtype float; got {full.dtype} {tuple(full.shape)}, {sparse.dtype} {tuple(sparse.shape)}, "
-                         f"{None if prev is None else (prev.dtype, tuple(prev.shape))}, out_dtype {out_dtype}")
+        raise ValueError(f"full, sparse (and prev) must be contiguous fp16/bf16/fp32 tensors and out_dtype one of "
+                         f"those; got {[t.dtype for t in ts]}, contiguous {[t.is_contiguous() for t in ts]}, "
+                         f"out_dtype {out_dtype}")
     d = torch.empty(full.shape, dtype=out_dtype, device=full.device)
     d2 = None if prev is None else torch.empty(full.shape, dtype=torch.float32, device=full.device)
     n = full.numel()

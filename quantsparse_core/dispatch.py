@@ -339,14 +339,13 @@ def svg_profile_kernel(q, k, v, block: int):
     return module.svg_errors if module is not None and module.supports(q, k, v, block) else None
 
 
-def refresh_residuals(full, sparse, prev=None, out_dtype: torch.dtype = torch.bfloat16):
-    """An SSAR refresh's (D = full - sparse in out_dtype, D2 = D - prev in fp32 or None), computed in fp32
-    in one pass (kernels/residual.py) where the mode picks Triton and the kernel takes the tensors, else
-    kernels/residual_ref.py. full, sparse: [B, L, H*D]; prev: the previous refresh's stored D or None."""
-    kernel = _kernel("residual", full.device)
-    if kernel is not None and kernel.supports(full, sparse, prev):
-        return kernel.refresh_residuals(full, sparse, prev, out_dtype)
-    return _module("residual_ref").refresh_residuals_ref(full, sparse, prev, out_dtype)
+def residual_kernel(full, sparse, prev=None):
+    """kernels.residual.refresh_residuals where the mode picks Triton and the kernel takes these tensors
+    (an SSAR refresh's D = full - sparse in the cache's dtype and D2 = D - prev in fp32, in one pass), else
+    None: the caller keeps its own fp32 sequence, which frees O_sparse before making D2 (the PyTorch
+    version of the one pass would hold more at once)."""
+    module = _kernel("residual", full.device)
+    return module.refresh_residuals if module is not None and module.supports(full, sparse, prev) else None
 
 
 def head_gram_kernel(x: torch.Tensor, heads: int):

@@ -25,7 +25,7 @@ from typing import Dict, Optional
 import torch
 
 from ..dispatch import (PRECISIONS, Correction, block_sparse_attention, int8_dense_attention,
-                        quantized_dense_attention, refresh_attention, refresh_residuals)
+                        quantized_dense_attention, refresh_attention, residual_kernel)
 from ..hostmem import pinnable_host_bytes
 from ..models.attention import AttentionCall, allowed_keys, dense_attention
 from .cache import CacheStore, check_policy, choose_placement, working_bytes
@@ -98,7 +98,9 @@ class SparseSettings:
     key block and a refresh its runs over the mask and the complement merged (merged_refresh's one read
     of the keys), so O_full and O_sparse round alike and D = O_full - O_sparse carries no mismatch
     between two kernels. Takes precedence over int8_attention; host_attention still serves dense
-    passes where the call brings one."""
+    passes where the call brings one. Measured: within 0.6 dB of bf16 attention at 50 steps on the tiny
+    model, but not faster than the bf16 kernel on an H100 in its first version (docs/BENCHMARKS.md), hence
+    off by default and not in the nodes."""
     density: float = 0.15
     tau: int = 5
     svd_rank: int = 16
@@ -479,9 +481,10 @@ class SSARAttention:
         merged from the kernel's runs over the mask and its complement with merged_refresh (D in fp32), else
         dense SDPA and a sparse pass. With second (a second-order refresh under an unchanged mask) D2 against
         the cached D. Where the cache keeps D in bf16 (gpu-bf16, cpu-pinned) D and D2 come from one pass over
-        O_full, O_sparse and D_prev (dispatch.refresh_residuals: D computed in fp32 and stored in bf16, as
-        the cache would round it; ~11 -> ~3.7 GB of memory traffic per layer at 544p), at the same peak."""
-        def drift(d):  # d - D_prev in the fp32 tensor get() returns (the "exact" placement: its own copy)
+        O_full, O_sparse and D_prev (kernels/residual.py where Triton runs: D computed in fp32 and stored in
+        bf16, as the cache would round it; ~11 -> ~3.7 GB of memory traffic per layer at 544p), at a lower peak."""
+        def drift(d):  # d - D_prev in the fp32 tensor get() returned (one [B, L, H*D] fp32 temporary fewer at
+            # the peak; with the "exact" placement that is the stored D itself, replaced by the caller)
             return self._store.get((key, "D"), q.device).neg_().add_(d) if second else None
 
         if self._merged(call):
@@ -495,8 +498,9 @@ class SSARAttention:
         store = self._store  # None until the first refresh resolves "auto" (from free memory, after D exists)
         if store is not None and store.policy in BF16_POLICIES:
             prev = store.get_parts((key, "D"), q.device).get("dense") if second else None
-            if prev is not None or not second:
-                d, d2 = refresh_residuals(full, sparse, prev, torch.bfloat16)
+            one_pass = residual_kernel(full, sparse, prev) if (prev is not None or not second) else None
+            if one_pass is not None:
+                d, d2 = one_pass(full, sparse, prev, torch.bfloat16)
                 return full, d, d2
         d = full.to(torch.float32, copy=True).sub_(sparse)  # = full.float() - sparse.float(), one temporary fewer
         del sparse

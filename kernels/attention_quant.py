@@ -20,9 +20,8 @@ import triton.language as tl
 
 from .act_quant import _codes
 
-QMAX = 127.0
-FP8_MAX = 448.0          # largest finite float8 e4m3fn
-SCALE_FLOOR = 1e-20      # an all-zero row / channel gets codes 0 and a finite scale
+# The literals below are int8_attention_ref's QMAX (127) and SCALE_FLOOR (1e-20), and float8 e4m3fn's
+# largest finite value (448, sparse_attention_ref.v_channel_scale's divisor).
 
 
 @triton.jit
@@ -81,4 +80,4 @@ def _prep_kv(K, V, MEAN, VS, PERM, HEADS, KC, KS, VC, L, NH,
         tl.store(VC + b * sob + i * soh + rows[:, None] * sod + d[None, :], v, mask=ok[:, None])
 
 
-__all__ = ["QMAX", "FP8_MAX", "SCALE_FLOOR"]
+__all__ = []

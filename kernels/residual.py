@@ -3,8 +3,9 @@
 A second-order refresh needs D = O_full - O_sparse (kept in the cache, bf16 in the GPU and host
 placements) and D2 = D - D_prev (fp32, for the rank-r truncation). In PyTorch that is an fp32 copy
 of O_full, a subtraction, an fp32 copy of D_prev, a negation, an addition and a bf16 copy for the
-cache: about 11 GB of memory traffic per layer at 544p x 129 frames. Here one pass reads O_full,
-O_sparse and D_prev and writes D (already in the cache's dtype) and D2: about 3.7 GB. The arithmetic
+cache: about 10 GB of memory traffic per layer at 544p x 129 frames (computed from the tensor sizes).
+Here one pass reads O_full, O_sparse and D_prev and writes D (already in the cache's dtype) and D2:
+about 2.5 GB. The arithmetic
 is the reference's (kernels/residual_ref.py): fp32 differences, D rounded once when stored (to nearest
 even: under the CPU interpreter, whose bf16 cast truncates, by bits first).
 """

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .correction import as_correction
+from .int8_attention_ref import key_mean, quantize_blocks_ref
 
 CHUNK_ELEMENTS = 1 << 24  # score elements per chunk of query blocks (64 MiB in float32)
 
@@ -92,15 +93,6 @@ def sparse_attention_ref(q, k, v, kv_index, kv_count, *, block: int = 128, key_b
         out = out.float() + correction.to(out.device).materialize()
     return out.to(q.dtype)
 
-def quantize_rows_ref(x: torch.Tensor, mean: Optional[torch.Tensor] = None):
-    """x [B, H, L, D] (minus mean [B, H, D] in fp32) -> (int8 codes, fp32 scales [B, H, L]): one scale per
-    token = max(amax, 1e-20) / 127, codes round-half-even (the quantised kernel's Q and K)."""
-    xf = x.float() if mean is None else x.float() - mean.float()[:, :, None, :]
-    scale = xf.abs().amax(-1).clamp_min(1e-20) / 127.0
-    codes = torch.round(xf / scale[..., None]).clamp(-127, 127).to(torch.int8)
-    return codes, scale
-
-
 def v_channel_scale(v: torch.Tensor) -> torch.Tensor:
     """[B, H, D] fp32 = max |v| over the tokens / 448, floored: V's float8 e4m3 scale per channel. Two
     reductions and no |v| temporary of V's size (the kernel's wrapper calls this too)."""
@@ -123,11 +115,9 @@ def quantized_sparse_attention_ref(q, k, v, kv_index, kv_count, *, precision: st
     which softmax ignores), with "int8-fp8" V in e4m3 per channel; then
     exact block-sparse softmax attention of the dequantised tensors. What the kernel adds on top is the
     rounding of P (to bf16, or x 448 to e4m3) before the P.V product. Returns [B, L, H*D] in q's dtype."""
-    from .int8_attention_ref import key_mean  # noqa: PLC0415 (one definition of the mean for both paths)
     if precision not in ("int8", "int8-fp8"):
         raise ValueError(f"precision must be 'int8' or 'int8-fp8', got {precision!r}")
-    from .int8_attention_ref import quantize_blocks_ref  # noqa: PLC0415
-    qc, qs = quantize_rows_ref(q)
+    qc, qs = quantize_blocks_ref(q, 1)  # one scale per token
     qd = qc.double() * qs.double()[..., None]
     mean = key_mean(k)
     kd = torch.empty(k.shape, dtype=torch.float64, device=k.device)
@@ -177,5 +167,5 @@ def dense_masked_attention_f64(q, k, v, keep: torch.Tensor, block: int, *, key_b
     return out
 
 
-__all__ = ["sparse_attention_ref", "dense_masked_attention_f64", "quantized_sparse_attention_ref", "quantize_rows_ref",
+__all__ = ["sparse_attention_ref", "dense_masked_attention_f64", "quantized_sparse_attention_ref",
            "quantize_v_fp8_ref", "v_channel_scale"]

@@ -164,6 +164,13 @@ class CacheStore:
                 if isinstance(part, HostEntry):
                     self._slabs.give_back(part.pieces)
 
+    @property
+    def dense_dtype(self) -> Optional[torch.dtype]:
+        """The dtype put() keeps a residual in as it is (a tensor already in it is stored without a copy or,
+        cpu-pinned, copied to the host as it is); None where put() transforms it (fp32 clone, int8 codes,
+        low-rank factors)."""
+        return torch.bfloat16 if self.policy in ("gpu-bf16", "cpu-pinned") else None
+
     def put(self, key, x: torch.Tensor, heads: int) -> None:
         x = x.detach()
         if self.policy == "exact":

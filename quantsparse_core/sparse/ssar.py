@@ -482,7 +482,8 @@ class SSARAttention:
         dense SDPA and a sparse pass. With second (a second-order refresh under an unchanged mask) D2 against
         the cached D. Where the cache keeps D in bf16 (gpu-bf16, cpu-pinned) D and D2 come from one pass over
         O_full, O_sparse and D_prev (kernels/residual.py where Triton runs: D computed in fp32 and stored in
-        bf16, as the cache would round it; ~11 -> ~3.7 GB of memory traffic per layer at 544p), at a lower peak."""
+        bf16, as the cache would round it; ~10 -> ~2.5 GB of memory traffic per layer at 544p, computed), at a
+        lower peak."""
         def drift(d):  # d - D_prev in the fp32 tensor get() returned (one [B, L, H*D] fp32 temporary fewer at
             # the peak; with the "exact" placement that is the stored D itself, replaced by the caller)
             return self._store.get((key, "D"), q.device).neg_().add_(d) if second else None
@@ -496,18 +497,15 @@ class SSARAttention:
         sparse = block_sparse_attention(q, k, v, mask, block_mask, call.txt_len, call.grid,
                                         precision=self.settings.attention_precision)
         store = self._store  # None until the first refresh resolves "auto" (from free memory, after D exists)
-        if store is not None and store.policy in BF16_POLICIES:
+        if store is not None and store.dense_dtype is not None:
             prev = store.get_parts((key, "D"), q.device).get("dense") if second else None
             one_pass = residual_kernel(full, sparse, prev) if (prev is not None or not second) else None
             if one_pass is not None:
-                d, d2 = one_pass(full, sparse, prev, torch.bfloat16)
+                d, d2 = one_pass(full, sparse, prev, store.dense_dtype)
                 return full, d, d2
         d = full.to(torch.float32, copy=True).sub_(sparse)  # = full.float() - sparse.float(), one temporary fewer
         del sparse
         return full, d, drift(d)
-
-
-BF16_POLICIES = ("gpu-bf16", "cpu-pinned")  # cache placements that keep D in bf16 (CacheStore.put)
 
 
 def _same_mask(a: Optional[BlockMask], b: BlockMask) -> bool:

@@ -9,7 +9,11 @@ is first checked against the cuDNN bf16 SDPA output (relative Frobenius error; t
 error above MAX_REL_ERR), then CUDA-event medians of: cuDNN SDPA (SDPBackend.CUDNN_ATTENTION; the
 default SDPA backends where cuDNN is unavailable, named in the result), the INT8 path with its
 quantisation (what a model call costs), the attention kernel alone on precomputed codes, and the
-quantisation alone. Target (issue 20): INT8 at least TARGET x faster than cuDNN bf16 at 720p.
+quantisation alone; and, where comfy-kitchen's INT8 attention loads (the attention ComfyUI >= 0.33 runs with
+--use-ck-attention; PYTHONPATH=.devcarry/site, its CUDA extension unpacked from the carry), that kernel unmasked
+and with HunyuanVideo's text mask (TEXT_PADDED of the last keys blocked, an additive [1, 1, L] mask as ComfyUI
+passes it), each checked against SDPA first. Target (issue 20): INT8 at least TARGET x faster than cuDNN bf16
+at 720p.
 --sweep times the attention kernel alone over BLOCK_M / BLOCK_N / num_warps / num_stages (and the
 K scale block, which must be a multiple of BLOCK_N), each candidate checked first, and prints the best.
 The table is printed and the results written as JSON (--out, default out/int8_attention_bench.json).
@@ -35,6 +39,24 @@ HEADS, HEAD_DIM = 24, 128
 MAX_REL_ERR = 5e-2
 TARGET = 1.5
 K_OFFSET = 1.0  # a shared per-channel key offset (in sigmas), as DiT keys carry: smoothing is exercised
+TEXT_PADDED = 56  # HunyuanVideo's benchmark text: 256 tokens, 200 real (benchmarks/comfy_product.py)
+
+
+def _kitchen_int8():
+    """comfy_kitchen's INT8 attention function where it runs on this GPU, else None (and why, printed). Its CUDA
+    extension travels xz-compressed in .devcarry: unpacked here as benchmarks/comfy_product.py does."""
+    import importlib.util
+    if importlib.util.find_spec("comfy_kitchen") is None:
+        print("comfy_kitchen not importable (PYTHONPATH=.devcarry/site): its INT8 attention is not timed", flush=True)
+        return None
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from comfy_product import unpack_kitchen_cuda
+    print(f"comfy_kitchen CUDA extension: {unpack_kitchen_cuda()}", flush=True)
+    from comfy_kitchen import sage_attention
+    if not sage_attention.is_available():
+        print("comfy_kitchen's INT8 attention is unavailable on this GPU: not timed", flush=True)
+        return None
+    return sage_attention.int8_attention
 
 
 def _timer(device):
@@ -163,6 +185,23 @@ def bench_int8_attention(n_tokens: int = 119056, heads: int = HEADS, d: int = HE
         kernel_ms = timed(lambda: int8_attention_codes(qk, v, out=out, config=config), reps)
         quant_ms = timed(lambda: quantize_qk(q, k, q_block=q_block, k_block=k_block), reps)
         triton_bf16_ms = _triton_bf16_dense_ms(q, k, v, timed, reps) if device.type == "cuda" else None
+        kitchen = _kitchen_int8() if device.type == "cuda" else None
+        ck = {}
+        if kitchen is not None:
+            mask = torch.zeros(1, 1, 1, n_tokens, device=device, dtype=q.dtype)
+            mask[..., n_tokens - TEXT_PADDED:] = torch.finfo(q.dtype).min  # as ComfyUI's HunyuanVideo blocks padding
+            ref = sdpa(q, k, v)
+            ck["kitchen_rel_err"] = _rel_err(kitchen(q, k, v).transpose(1, 2).reshape(1, n_tokens, -1), ref)
+            del ref
+            ref = sdpa(q, k[:, :, :n_tokens - TEXT_PADDED], v[:, :, :n_tokens - TEXT_PADDED])
+            ck["kitchen_masked_rel_err"] = _rel_err(
+                kitchen(q, k, v, attn_mask=mask).transpose(1, 2).reshape(1, n_tokens, -1), ref)
+            del ref
+            if max(ck.values()) > MAX_REL_ERR:
+                raise RuntimeError(f"comfy kitchen's INT8 attention is off against SDPA: {ck} (limit {MAX_REL_ERR})")
+            ck["kitchen_ms"] = timed(lambda: kitchen(q, k, v), reps)
+            ck["kitchen_masked_ms"] = timed(lambda: kitchen(q, k, v, attn_mask=mask), reps)
+            ck["kitchen_speedup"] = sdpa_ms / ck["kitchen_ms"]
     from quantsparse_kernels import int8_attention as kernel_module
     compiled = _compiled_stats(kernel_module._int8_attn_fwd) if device.type == "cuda" else []
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
@@ -171,7 +210,7 @@ def bench_int8_attention(n_tokens: int = 119056, heads: int = HEADS, d: int = HE
                 sdpa_ms=sdpa_ms, int8_ms=int8_ms, int8_kernel_ms=kernel_ms, quant_ms=quant_ms,
                 speedup=sdpa_ms / int8_ms, speedup_kernel_only=sdpa_ms / kernel_ms, target=TARGET,
                 target_met=sdpa_ms / int8_ms >= TARGET, triton_bf16_dense_ms=triton_bf16_ms,
-                int8_kernel_compiled=compiled)
+                int8_kernel_compiled=compiled, **ck)
 
 
 def sweep_candidates():
@@ -224,13 +263,16 @@ def sweep(n_tokens: int = SIZES["720p"], heads: int = HEADS, d: int = HEAD_DIM, 
 
 def _table(results) -> str:
     lines = ["| tokens | baseline | SDPA ms | INT8 ms (with quant) | INT8 kernel ms | quant ms | speed-up | "
-             "kernel only | Triton bf16 dense ms | rel. err vs SDPA |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "kernel only | Triton bf16 dense ms | rel. err vs SDPA | kitchen INT8 ms (masked) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         tb = r.get("triton_bf16_dense_ms")
+        ck = (f"{r['kitchen_ms']:.1f} ({r['kitchen_masked_ms']:.1f}), {r['kitchen_speedup']:.3f}x"
+              if "kitchen_ms" in r else "-")
         lines.append(f"| {r['n_tokens']:,} | {r['baseline']} | {r['sdpa_ms']:.1f} | {r['int8_ms']:.1f} | "
                      f"{r['int8_kernel_ms']:.1f} | {r['quant_ms']:.2f} | {r['speedup']:.3f}x | "
                      f"{r['speedup_kernel_only']:.3f}x | {'-' if tb is None else f'{tb:.1f}'} | "
-                     f"{r['rel_err_vs_sdpa']:.2e} |")
+                     f"{r['rel_err_vs_sdpa']:.2e} | {ck} |")
     for r in results[:1]:
         for c in r.get("int8_kernel_compiled") or []:
             lines.append(f"compiled INT8 kernel: {c}")

@@ -10,7 +10,9 @@ frames: 24 heads, D = 128, 256 text tokens, bf16, keys with a shared per-channel
 carry) CUDA-event medians of: cuDNN SDPA; for each precision (bf16 / int8 / int8-fp8) the kernel over
 every key block (what a dense pass costs, its output also checked against cuDNN's), over a 15% band
 mask (the sparse pass; ratio to d x cuDNN), and a refresh (the mask and its complement, merged).
---sweep tries tiles for the quantised 15% pass at the first size. Targets (issue 20): dense >= 1.5x
+--sweep tries tiles, warps, stages and soft_exp2 (half the exp2 on the FMA pipe) for the quantised 15% pass, and
+soft_exp2 for the bf16 pass at its default tile, at the first size, each candidate's output checked against the
+default config's first. Targets (issue 20): dense >= 1.5x
 cuDNN bf16 at 119,056 tokens; block-sparse at 15% <= 0.75 x d x cuDNN. JSON to --out.
 """
 from __future__ import annotations
@@ -156,19 +158,28 @@ def sweep(name: str, reps: int, budget_s: float, device, log) -> list:
     permuted = [bm.permuted(h) for h in range(HEADS)]
     timed = _timer(device)
     t0, rows = time.perf_counter(), []
-    for prec, (bm_, bn, w, st) in itertools.product(("int8-fp8", "int8"), itertools.product((128, 64), (64, 128),
-                                                                                           (4, 8), (2, 3, 4))):
+    base = {prec: sa.sparse_attention(q, k, v, mi, mc, perm=perm, permuted_heads=permuted, precision=prec)
+            for prec in ("bf16", "int8-fp8", "int8")}
+    # bf16: its default tile with and without soft_exp2 (its tiles were swept before); quantised: tiles x warps x
+    # stages x soft_exp2 (half the exp2 on the FMA pipe), with (False, True): no warp specialisation (the quantised
+    # passes never take it), the head-ordered K/V copy (they always make it)
+    cands = [("bf16", (*sa._CONFIGS[HEAD_DIM][:4], False, True, soft)) for soft in (False, True)]
+    cands += [(prec, (bm_, bn, w, st, False, True, soft)) for prec, ((bm_, bn), w, st, soft) in itertools.product(
+        ("int8-fp8", "int8"), itertools.product(((128, 64), (64, 128), (128, 128)), (4, 8), (3, 4), (False, True)))]
+    for prec, cfg in cands:
         if time.perf_counter() - t0 > budget_s:
             break
-        cfg = (bm_, bn, w, st)
         try:
             run = lambda: sa.sparse_attention(q, k, v, mi, mc, perm=perm, permuted_heads=permuted, precision=prec,  # noqa: E731
                                               config=cfg)
+            err = _rel_err(run(), base[prec].view(1, n, HEADS, HEAD_DIM).transpose(1, 2))
+            if not err < 1e-2:
+                raise RuntimeError(f"output {err:.2e} from the default config's (limit 1e-2)")
             ms = timed(run, reps)
-            rows.append(dict(precision=prec, config=cfg, ms=ms))
+            rows.append(dict(precision=prec, config=cfg, ms=ms, rel_err_vs_default=err))
         except Exception as e:
             rows.append(dict(precision=prec, config=cfg, error=f"{type(e).__name__}: {str(e)[:200]}"))
-    for prec in ("int8-fp8", "int8"):
+    for prec in ("bf16", "int8-fp8", "int8"):
         ok = sorted((r for r in rows if r["precision"] == prec and "ms" in r), key=lambda r: r["ms"])
         if ok:
             log(f"sweep {prec}: best {ok[0]['config']} {ok[0]['ms']:.1f} ms; top 5 " +

@@ -13,8 +13,12 @@ the FP8 rounding by bits):
 - int8 dense passes (SparseSettings.int8_attention): the dense INT8 kernel minus the sparse kernel in the
   model's dtype;
 - int8 / int8-fp8 (SparseSettings.attention_precision): both passes quantised alike, merged refresh.
+- comfy kitchen int8 dense passes (CUDA, where comfy_kitchen's INT8 attention loads: the attention ComfyUI
+  >= 0.33 runs with --use-ck-attention, which Sparse Sampler's dense_attention "comfyui" hands the dense
+  passes to): that kernel (INT8 Q, K, V and P) minus the sparse kernel in the model's dtype.
 It prints ||D_path - D_exact|| / ||D_exact|| per call (noise-to-signal; 1 would mean D is all noise)
-and ||D_exact|| / ||O_full||, and writes them as JSON.
+and ||D_exact|| / ||O_full||, and writes them as JSON. With a CUDA GPU the model and kernels run there
+(compiled Triton); without one, on the CPU under Triton's interpreter.
 """
 from __future__ import annotations
 
@@ -25,14 +29,15 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU: the kernels run in Triton's interpreter
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+if not torch.cuda.is_available():  # before any kernel module is imported: they pick the interpreter then
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from quantsparse_core import dispatch  # noqa: E402
 from quantsparse_core.demo import DemoSettings, compressed_model  # noqa: E402
@@ -42,6 +47,18 @@ from quantsparse_core.results import _block_for  # noqa: E402
 from quantsparse_core.sparse.ssar import SparseSettings, SSARAttention  # noqa: E402
 
 PATHS = ("model dtype", "int8 dense passes", "int8", "int8-fp8")
+KITCHEN = "comfy kitchen int8 dense passes"
+
+
+def kitchen_int8_attention():
+    """comfy_kitchen's INT8 attention function where it runs here (CUDA extension loaded), else None."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from comfy_kitchen import sage_attention
+    except ImportError:
+        return None
+    return sage_attention.int8_attention if sage_attention.is_available() else None
 
 
 class _Recorded(Exception):
@@ -85,6 +102,10 @@ def residuals(q, k, v, mask, bm, call) -> dict:
     with dispatch.forced("triton"):
         int8_dense = dispatch.int8_dense_attention(q, k, v, keep=allowed_keys(mask) if mask is not None else None)
     out = {"model dtype": sdpa.double() - sparse, "int8 dense passes": int8_dense.double() - sparse}
+    kitchen = kitchen_int8_attention()
+    if kitchen is not None:
+        o = kitchen(q.contiguous(), k.contiguous(), v.contiguous(), attn_mask=None if m is None else m.to(q.dtype))
+        out[KITCHEN] = o.transpose(1, 2).reshape(b, length, heads * dim).double() - sparse
     for prec in ("int8", "int8-fp8"):
         out[prec] = refresh_attention(q, k, v, index, count, *rest, block=block, precision=prec, **kw)[1].double()
     return out, d64, full64
@@ -97,7 +118,8 @@ def main(argv=None) -> int:
     ap.add_argument("--density", type=float, default=0.15)
     ap.add_argument("--out", default=str(ROOT / "out" / "residual_noise.json"))
     a = ap.parse_args(argv)
-    model, cache, status = compressed_model(DemoSettings(), print)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, cache, status = compressed_model(DemoSettings(device=device), print)
     settings = SparseSettings(density=a.density, block=_block_for(a.density), schedule="standard")
     rec = Recorder(settings, a.step)
     if settings.plan(a.steps).kind(a.step) != "refresh":
@@ -114,14 +136,16 @@ def main(argv=None) -> int:
         paths, d64, full64 = residuals(q, k, v, mask, bm, call)
         row = dict(block=f"{call.block_type} {call.block_index}", tokens=q.shape[2], heads=q.shape[1],
                    density=bm.density(), d_over_o=float(d64.norm() / full64.norm()))
-        for name in PATHS:
-            row[name] = float((paths[name] - d64).norm() / d64.norm())
+        names = [n for n in (*PATHS, KITCHEN) if n in paths]
+        for name in names:
+            row[name] = float((paths[name].to(d64.device) - d64).norm() / d64.norm())
         rows.append(row)
         print(f"{row['block']:10s} |D|/|O| {row['d_over_o']:.3f}  noise/|D|: " +
-              "  ".join(f"{n} {row[n]:.4f}" for n in PATHS), flush=True)
+              "  ".join(f"{n} {row[n]:.4f}" for n in names), flush=True)
     res = dict(run="SSAR refresh residual: quantisation noise", date=time.strftime("%Y-%m-%d"),
                command="python benchmarks/residual_noise.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                model=f"embedded tiny HunyuanVideo, W4A8 ({status})", step=a.step, steps=a.steps, rows=rows,
+               device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
                versions=dict(torch=torch.__version__))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(a.out).with_suffix(".tmp")

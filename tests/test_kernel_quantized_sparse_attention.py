@@ -6,14 +6,17 @@ block, the SSAR correction epilogue, the log-sum-exp and the merged refresh. The
 only on a GPU (tests/test_kernels_cuda.py); here the e4m3 rounding is emulated by bits."""
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from quantsparse_core import dispatch
 from quantsparse_core.models.attention import AttentionCall, StepInfo
 from quantsparse_core.sparse.layout import temporal_permutation
 from quantsparse_core.sparse.masks import BlockMask
 from quantsparse_core.sparse.ssar import SparseSettings, SSARAttention
+from quantsparse_kernels.attention_quant import _offset_float
 from quantsparse_kernels.refresh_attention import refresh_attention
-from quantsparse_kernels.sparse_attention import sparse_attention
+from quantsparse_kernels.sparse_attention import _CONFIGS, _QCONFIGS, _exp2_fma, sparse_attention
 from quantsparse_kernels.sparse_attention import supports as sparse_supports
 from quantsparse_kernels.sparse_attention_ref import (dense_masked_attention_f64, quantize_v_fp8_ref,
                                                       quantized_sparse_attention_ref)
@@ -211,3 +214,66 @@ def test_a_quantised_precision_the_gpu_kernel_cannot_take_falls_back_to_bf16_onc
     said = [r for r in caplog.records if "not available here" in r.getMessage()]
     assert len(said) == 1 and "int8-fp8" in said[0].getMessage()
     assert dispatch._runnable_precision(torch.zeros(1, 2, 100, 16), 128, "int8", None) == "int8"
+
+
+
+@triton.jit
+def _offset_roundtrip(X, Y, N: tl.constexpr):
+    i = tl.arange(0, N)
+    tl.store(Y + i, _offset_float(tl.load(X + i)) - 12582912.0)
+
+
+@interpreted
+def test_int32_scores_become_floats_exactly_without_i2f(rng):
+    """attention_quant._offset_float (the INT8 Q.K^T sums as floats by an integer add on the bits of 1.5 x 2^23,
+    then minus that offset): equal to the int32 -> fp32 conversion for every sum an INT8 head of up to 256 channels
+    can make, the extremes +-2^22 included."""
+    bound = 256 * 128 * 128
+    x = torch.randint(-bound, bound + 1, (1024,), generator=rng, dtype=torch.int32)
+    x[:4] = torch.tensor([-bound, bound, 0, -1], dtype=torch.int32)
+    y = torch.empty(1024, dtype=torch.float32)
+    _offset_roundtrip[(1,)](x, y, 1024)
+    assert torch.equal(y.double(), x.double())
+
+
+@triton.jit
+def _exp2_fma_rows(X, Y, N: tl.constexpr):
+    i = tl.arange(0, N)
+    tl.store(Y + i, _exp2_fma(tl.load(X + i)))
+
+
+@interpreted
+def test_exp2_on_the_fma_pipe_is_within_its_stated_error(rng):
+    """sparse_attention._exp2_fma (the soft_exp2 option's exp2 without MUFU): relative error <= 3.5e-6 against float64
+    over the exponents an unmasked tile makes (scores minus the row's max, + log2(448) for FP8 P: -125 <= x <= 9),
+    integers and half-integers included; 2^-125 below -125."""
+    x = torch.rand(4096, generator=rng, dtype=torch.float64) * 134 - 125
+    x[:9] = torch.tensor([0.0, -0.5, -1.0, -1.5, -124.5, -125.0, -200.0, -1e-7, 8.807354922057604], dtype=torch.float64)
+    y = torch.empty(4096, dtype=torch.float32)
+    _exp2_fma_rows[(1,)](x.float(), y, 4096)
+    want = torch.exp2(x.float().double().clamp_min(-125.0))
+    assert float(((y.double() - want) / want).abs().max()) < 3.5e-6 and float(y[0]) == 1.0
+
+
+@interpreted
+@pytest.mark.parametrize("precision", ["bf16", "int8", "int8-fp8"])
+def test_soft_exp2_option_gives_the_same_attention(rng, precision):
+    """config's soft_exp2 (half the unmasked tiles' exp2 by _exp2_fma): as close to the reference (quantised, or
+    exact for bf16) as the default kernel, and to the default kernel's output far closer than that."""
+    q, k, v, keep, index, count, kw = case(rng)
+    kw["key_bias"] = None  # keys without a bias take the unmasked path, the one soft_exp2 changes
+    exact_out = exact(q, k, v, keep, kw)
+    if precision == "bf16":
+        ref, tol, cfg = exact_out, 1e-2, _CONFIGS[32]
+    else:
+        ref, tol, cfg = (quantized_sparse_attention_ref(q, k, v, index, count, precision=precision, **kw),
+                         TOL[precision], _QCONFIGS[precision][32])
+    lse_plain, lse_soft = torch.empty(2, 3, L), torch.empty(2, 3, L)
+    plain = sparse_attention(q, k, v, index, count, precision=precision, lse=lse_plain, **kw)
+    soft = sparse_attention(q, k, v, index, count, precision=precision, lse=lse_soft, config=(*cfg, False, True, True),
+                            **kw)
+    assert bool(torch.isfinite(soft).all()) and rel(soft, ref) < tol
+    assert rel(soft, plain) < 0.1 * max(rel(plain, exact_out), 1e-2)
+    fin = torch.isfinite(lse_plain)
+    gap = float((lse_soft - lse_plain)[fin].abs().max())
+    assert 0 < gap < 1e-5  # the soft path ran (fp32 sums moved by its ~3e-6), and by no more than that

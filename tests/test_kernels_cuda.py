@@ -273,6 +273,18 @@ def test_quantized_sparse_attention_on_gpu_equals_quantized_reference(rng, preci
                                               precision=precision, **kw).double()
     sparse_ref = quantized_sparse_attention_ref(qc, kc, vc, index, count, precision=precision, **kw).double()
     assert rel(full.cpu(), full_ref) < tol and rel(res.cpu(), full_ref - sparse_ref) < 2 * tol
+    # soft_exp2 (half the exp2 on the FMA pipe; no key bias, so the unmasked tiles take it), compiled
+    from quantsparse_kernels.sparse_attention import _QCONFIGS, sparse_attention
+    idx = index.to(DEV)
+    cnt = count.to(DEV)
+    kw_dev = dict(block=128, perm=kw["perm"].to(DEV), permuted_heads=kw["permuted_heads"])
+    with torch.inference_mode():
+        base = sparse_attention(q, k, v, idx, cnt, precision=precision, **kw_dev)
+        soft = sparse_attention(q, k, v, idx, cnt, precision=precision, config=(*_QCONFIGS[precision][d], False, True, True),
+                                **kw_dev)
+    no_bias = {x: y for x, y in kw.items() if x != "key_bias"}
+    ref_nb = quantized_sparse_attention_ref(qc, kc, vc, index, count, precision=precision, **no_bias).double()
+    assert rel(soft.cpu(), ref_nb) < tol and rel(soft.cpu(), base.cpu()) < 0.1 * tol
 
 
 def test_refresh_residuals_on_gpu_equal_reference_bit_for_bit(rng):

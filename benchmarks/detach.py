@@ -10,7 +10,8 @@ exists or --for-s seconds pass, prints the log's tail, and once the run has ende
 files to --copy. Why not `pgrep -f`: a pattern matches every shell whose command line holds the word, the
 waiting shell's own included (2026-12-06: two calls, 1000 s of device time, lost that way).
 
-Exit status of `wait`: the command's own once it has ended, 3 while it still runs, 4 if it died unrecorded.
+Exit status of `wait`: the command's own once it has ended (128 + N if signal N killed it), 75 while it still
+runs, 76 if it died without recording its status; the last line printed says which ("detach: NAME ...").
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-STILL_RUNNING, VANISHED = 3, 4
+STILL_RUNNING, VANISHED = 75, 76  # outside the range commands use for themselves (pytest: 0-5)
 DEFAULT_DIR = Path(os.environ.get("TMPDIR", "/tmp")) / "quantsparse_detached"
 
 
@@ -46,22 +47,29 @@ def start(directory: Path, name: str, command: list) -> int:
         proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "_supervise", str(directory), name, "--",
                                  *command], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-    p["pid"].write_text(f"{proc.pid}\n")
+    _write(p["pid"], proc.pid)
     return proc.pid
 
 
 def supervise(directory: Path, name: str, command: list) -> int:
     """Runs the command (output inherited: the log) and records its exit status atomically when it ends."""
     p = paths(directory, name)
+    _write(p["pid"], os.getpid())  # again, in case start was interrupted before it wrote it
     try:
         rc = subprocess.call(command)
     except OSError as e:
         print(f"detach: could not run {command[0]!r}: {e}", flush=True)
         rc = 127
-    tmp = p["rc"].with_suffix(".rc.tmp")
-    tmp.write_text(f"{rc}\n")
-    tmp.replace(p["rc"])
+    if rc < 0:  # killed by signal -rc: the shell's convention
+        rc = 128 - rc
+    _write(p["rc"], rc)
     return rc
+
+
+def _write(path: Path, value: int) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(f"{value}\n")
+    tmp.replace(path)
 
 
 def _alive(pid: int) -> bool:
@@ -86,18 +94,20 @@ def wait(directory: Path, name: str, for_s: float, copy_to, files: list, tail: i
     deadline = time.monotonic() + for_s
     while not p["rc"].exists() and _alive(pid) and time.monotonic() < deadline:
         time.sleep(poll_s)
-    ended = p["rc"].exists()
-    if ended:
+    if p["rc"].exists():
         rc = int(p["rc"].read_text())
+        state = f"ended with exit status {rc}"
     elif _alive(pid):
-        rc = STILL_RUNNING
+        rc, state = STILL_RUNNING, "still running"
+    elif p["rc"].exists():  # it ended between the two checks
+        rc = int(p["rc"].read_text())
+        state = f"ended with exit status {rc}"
     else:
-        rc = VANISHED if not p["rc"].exists() else int(p["rc"].read_text())
-        ended = True
+        rc, state = VANISHED, "ended without recording its exit status"
+    ended = state != "still running"
     lines = p["log"].read_text(errors="replace").splitlines() if p["log"].exists() else []
-    print("\n".join(lines[-tail:]))
-    state = {STILL_RUNNING: "still running", VANISHED: "ended without recording its exit status"}.get(
-        rc, f"ended with exit status {rc}")
+    if tail > 0:
+        print("\n".join(lines[-tail:]))
     print(f"detach: {name} {state}", flush=True)
     if ended and copy_to:
         dest = Path(copy_to)

@@ -14,7 +14,7 @@ import detach  # noqa: E402
 
 
 def test_detached_run_reports_its_status_log_and_files(tmp_path, capsys):
-    token, code = f"{random.getrandbits(48):x}", random.randint(5, 60)
+    token, code = f"{random.getrandbits(48):x}", random.choice([3, 4, random.randint(5, 60)])  # 3, 4: pytest's own
     made = tmp_path / "result.json"
     script = (f"import time, pathlib; time.sleep(0.3); print({token!r}, flush=True); "
               f"pathlib.Path({str(made)!r}).write_text('{{}}'); raise SystemExit({code})")
@@ -47,3 +47,9 @@ def test_a_missing_program_and_bad_names_fail_clearly(tmp_path):
         detach.start(tmp_path, "../x", [sys.executable, "-c", "pass"])
     with pytest.raises(SystemExit, match="start it first"):
         detach.wait(tmp_path, "never", for_s=1, copy_to=None, files=[], tail=1)
+
+
+def test_a_signal_kill_reads_as_128_plus_the_signal(tmp_path, capsys):
+    detach.start(tmp_path, "killed", [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"])
+    assert detach.wait(tmp_path, "killed", for_s=60, copy_to=None, files=[], tail=0, poll_s=0.05) == 128 + signal.SIGTERM
+    assert capsys.readouterr().out.strip() == f"detach: killed ended with exit status {128 + signal.SIGTERM}"

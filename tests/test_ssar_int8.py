@@ -3,6 +3,7 @@ and a refresh's full output run dispatch.int8_dense_attention; the refresh resid
 stays the residual (quantization noise is a small part of it); other masks and calls outside a run stay on
 SDPA. CPU, float32: the INT8 arithmetic is the kernel's PyTorch reference (kernels/int8_attention_ref.py)."""
 import torch
+import torch.nn.functional as F
 
 from quantsparse_core.dispatch import block_sparse_attention, int8_dense_attention
 from quantsparse_core.models.attention import AttentionCall, StepInfo, dense_attention
@@ -145,9 +146,13 @@ def test_host_attention_gets_padded_keys_left_out_not_the_mask(rng):
         return dense_attention(q_, k_, v_, m_, call(0))
     a = SSARAttention(settings(host_attention=True, warmup_steps=1))
     got = a(q, k, v, mask.double(), host_call(0, host))
-    torch.testing.assert_close(got, dense_attention(q, k, v, mask.double(), call(0)), rtol=0, atol=1e-12)
+    masked = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.double().unsqueeze(1))  # the mask applied as is
+    torch.testing.assert_close(got, masked.transpose(1, 2).reshape(got.shape), rtol=0, atol=1e-12)
     assert seen == [(None, int((mask == 0).sum()))]
     rows = torch.zeros(1, 1, N, N, dtype=torch.float64)  # query-dependent: not key padding
     rows[0, 0, :TXT, TXT:] = TEXT_MASK_FLOOR
     a(q, k, v, rows, host_call(0, host))
     assert seen[-1][0] is rows and seen[-1][1] == N
+    two = torch.cat([mask, padding_mask(pad=2)]).double()  # batch rows padded differently: handed over as they are
+    a(*(t.expand(2, -1, -1, -1) for t in (q, k, v)), two, host_call(0, host))
+    assert seen[-1][0] is two and seen[-1][1] == N

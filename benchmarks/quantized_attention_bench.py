@@ -160,12 +160,12 @@ def sweep(name: str, reps: int, budget_s: float, device, log) -> list:
     t0, rows = time.perf_counter(), []
     base = {prec: sa.sparse_attention(q, k, v, mi, mc, perm=perm, permuted_heads=permuted, precision=prec)
             for prec in ("bf16", "int8-fp8", "int8")}
-    # bf16: its default tile with and without soft_exp2 (its tiles were swept before); quantised: tiles x warps x
-    # stages x soft_exp2 (half the exp2 on the FMA pipe), with (False, True): no warp specialisation (the quantised
-    # passes never take it), the head-ordered K/V copy (they always make it)
-    cands = [("bf16", (*sa._CONFIGS[HEAD_DIM][:4], False, True, soft)) for soft in (False, True)]
+    # bf16: its default tile with each soft_exp2 (its tiles were swept before); quantised: tiles x warps x stages x
+    # soft_exp2 (0, or half the exp2 on the FMA pipe by key 1 / by tile 2), with (False, True): no warp
+    # specialisation (the quantised passes never take it), the head-ordered K/V copy (they always make it)
+    cands = [("bf16", (*sa._CONFIGS[HEAD_DIM][:4], False, True, soft)) for soft in (0, 1, 2)]
     cands += [(prec, (bm_, bn, w, st, False, True, soft)) for prec, ((bm_, bn), w, st, soft) in itertools.product(
-        ("int8-fp8", "int8"), itertools.product(((128, 64), (64, 128), (128, 128)), (4, 8), (3, 4), (False, True)))]
+        ("int8-fp8", "int8"), itertools.product(((128, 64), (64, 128), (128, 128)), (4, 8), (3, 4), (0, 1, 2)))]
     for prec, cfg in cands:
         if time.perf_counter() - t0 > budget_s:
             break

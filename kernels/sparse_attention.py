@@ -47,12 +47,13 @@ KV_COPY_BYTES = 512 * 2 ** 20
 _QCONFIGS = {"int8": {32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 128, 8, 4), 256: (64, 64, 8, 2)},
              "int8-fp8": {32: (64, 64, 4, 3), 64: (64, 128, 4, 3), 128: (64, 128, 4, 3), 256: (64, 64, 8, 2)}}
 PRECISIONS = ("bf16", "int8", "int8-fp8")
-# Every other key's exp2 of the unmasked tiles by _exp2_fma. Per score the kernel issues an exp2 and half a P cast
-# at MUFU's rate (16 per clock per SM) against ~5 fp32 ops on the FMA pipe (128): in the INT8/FP8 passes MUFU, not
-# the halved MMA, is the likely bound, and moving half the exp2 balances the two; in bf16 it leaves the MMA more
-# room (computed from the instruction rates, not measured: off until a GPU sweep,
-# benchmarks/quantized_attention_bench.py --sweep, says).
-SOFT_EXP2 = False
+# Part of the unmasked tiles' exp2 by _exp2_fma on the fp32 pipe: 0 none, 1 every other key of each tile, 2 every
+# other tile (no layout change of the tile: 1 reshapes the MMA result, which Triton may route through shared
+# memory). Per score the kernel issues an exp2 and half a P cast at MUFU's rate (16 per clock per SM) against ~5
+# fp32 ops on the FMA pipe (128): in the INT8/FP8 passes MUFU, not the halved MMA, is the likely bound, and moving
+# half the exp2 balances the two; in bf16 it leaves the MMA more room (computed from the instruction rates, not
+# measured: 0 until a GPU sweep, benchmarks/quantized_attention_bench.py --sweep, says).
+SOFT_EXP2 = 0
 _CONFIGS = {16: (128, 128, 4, 3), 32: (128, 128, 4, 3), 64: (128, 128, 4, 3), 128: (128, 128, 8, 5),
             256: (64, 64, 8, 2)}
 
@@ -112,13 +113,20 @@ def _exp2_fma(x):
 
 
 @triton.jit
-def _exp2_tile(x, BLOCK_N: tl.constexpr, SOFT: tl.constexpr):
-    """2^x of a [rows, BLOCK_N] tile of finite exponents; SOFT: every other column by _exp2_fma on the fp32
-    pipe, the rest on MUFU, which also does the P casts (see SOFT_EXP2)."""
-    if SOFT:
+def _exp2_tile(x, j, BLOCK_N: tl.constexpr, SOFT: tl.constexpr):
+    """2^x of the j-th [rows, BLOCK_N] tile of finite exponents. SOFT (see SOFT_EXP2): 1, every other column by
+    _exp2_fma on the fp32 pipe and the rest on MUFU (which also does the P casts); 2, every other tile."""
+    if SOFT == 1:
         xa, xb = tl.split(tl.reshape(x, [x.shape[0], BLOCK_N // 2, 2]))
-        return tl.reshape(tl.join(tl.math.exp2(xa), _exp2_fma(xb)), [x.shape[0], BLOCK_N])
-    return tl.math.exp2(x)
+        p = tl.reshape(tl.join(tl.math.exp2(xa), _exp2_fma(xb)), [x.shape[0], BLOCK_N])
+    elif SOFT == 2:
+        if j % 2 == 1:
+            p = _exp2_fma(x)
+        else:
+            p = tl.math.exp2(x)
+    else:
+        p = tl.math.exp2(x)
+    return p
 
 
 @triton.jit
@@ -176,7 +184,7 @@ def _tile8(acc, l_i, m_i, q8, rs, k_base, v_base, ks_base, idx_base, bias_base, 
             x = (f - 12582912.0) * c[:, None] - (m_use - 8.807354922057604)[:, None]
         else:
             x = (f - 12582912.0) * c[:, None] - m_use[:, None]
-        p = _exp2_tile(x, BLOCK_N, SOFT)
+        p = _exp2_tile(x, j, BLOCK_N, SOFT)
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)  # PV8: in units of 448, as acc
     if PV8:
@@ -243,7 +251,7 @@ def _tile(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, j, L, skl
     else:  # all keys valid: m_new is finite
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         m_use = m_new
-        p = _exp2_tile(qk * qk_scale - m_use[:, None], BLOCK_N, SOFT)
+        p = _exp2_tile(qk * qk_scale - m_use[:, None], j, BLOCK_N, SOFT)
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
@@ -493,8 +501,8 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index
     config: (BLOCK_M, BLOCK_N, num_warps, num_stages[, warp_specialize[, kv_copy[, soft_exp2]]]) override,
     for tuning. kv_copy (default KV_COPY): temporal heads read k/v from a permuted copy made per group of
     heads (at most KV_COPY_BYTES), not through the permutation inside the loop (which makes them 21%
-    slower than spatial heads on H100). soft_exp2 (default SOFT_EXP2): half of the unmasked tiles' exp2 on
-    the FMA pipe (_exp2_fma) instead of MUFU.
+    slower than spatial heads on H100). soft_exp2 (default SOFT_EXP2): 1 or 2, half of the unmasked tiles'
+    exp2 on the FMA pipe (_exp2_fma) instead of MUFU, by column or by tile.
     precision: "bf16" (scores and P.V in the inputs' precision), "int8" (Q.K^T from INT8 codes: Q per
     row, K minus its mean per mask block; P.V as bf16) or "int8-fp8" (also P.V in float8 e4m3: P x 448, V per
     channel); the arithmetic is kernels/sparse_attention_ref.py's quantized_sparse_attention_ref. The
@@ -528,7 +536,9 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index
     block_m, block_n, warps, stages, *rest = config or (_QCONFIGS[precision] if quant else _CONFIGS)[d]
     ws = bool(rest and rest[0]) and not interpreting()
     kv_copy = bool(rest[1]) if len(rest) > 1 else KV_COPY
-    soft = bool(rest[2]) if len(rest) > 2 else SOFT_EXP2
+    soft = int(rest[2]) if len(rest) > 2 else SOFT_EXP2
+    if soft not in (0, 1, 2):
+        raise ValueError(f"config's soft_exp2 must be 0, 1 or 2 (see SOFT_EXP2), got {rest[2]!r}")
     block_n = min(block, block_n)
     block_m = min(block_m, block)
     if q.dtype == torch.float32:

@@ -279,19 +279,21 @@ def test_quantized_sparse_attention_on_gpu_equals_quantized_reference(rng, preci
     idx, cnt = index.to(DEV), count.to(DEV)
     kw_dev = dict(block=128, perm=kw["perm"].to(DEV), permuted_heads=kw["permuted_heads"])
     no_bias = {x: y for x, y in kw.items() if x != "key_bias"}
-    for prec, cfg, limit in ((precision, _QCONFIGS[precision][d], tol), ("bf16", _CONFIGS[d], 1e-2)):
+    cases = [(p, c, lim, mode) for p, c, lim in ((precision, _QCONFIGS[precision][d], tol), ("bf16", _CONFIGS[d], 1e-2))
+             for mode in (1, 2)]
+    for prec, cfg, limit, mode in cases:
         lse_base, lse_soft = (torch.empty(1, h, length, device=DEV) for _ in range(2))
         with torch.inference_mode():
             base = sparse_attention(q, k, v, idx, cnt, precision=prec, lse=lse_base, **kw_dev)
-            soft = sparse_attention(q, k, v, idx, cnt, precision=prec, lse=lse_soft, config=(*cfg, False, True, True),
+            soft = sparse_attention(q, k, v, idx, cnt, precision=prec, lse=lse_soft, config=(*cfg, False, True, mode),
                                     **kw_dev)
         want = (quantized_sparse_attention_ref(qc, kc, vc, index, count, precision=prec, **no_bias) if prec != "bf16"
                 else dense_masked_attention_f64(qc, kc, vc, keep, 128, perm=kw["perm"],
                                                 permuted_heads=kw["permuted_heads"])).double()
-        assert rel(soft.cpu(), want) < limit and rel(soft.cpu(), base.cpu()) < 0.1 * limit, prec
+        assert rel(soft.cpu(), want) < limit and rel(soft.cpu(), base.cpu()) < 0.1 * limit, (prec, mode)
         fin = torch.isfinite(lse_base)
         gap = float((lse_soft - lse_base)[fin].abs().max())
-        assert 0 < gap < 1e-4, (prec, gap)  # the soft path ran, and moved the sums by its ~3e-6 alone
+        assert 0 < gap < 1e-4, (prec, mode, gap)  # the soft path ran, and moved the sums by its ~3e-6 alone
 
 
 def test_refresh_residuals_on_gpu_equal_reference_bit_for_bit(rng):

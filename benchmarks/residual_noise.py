@@ -51,14 +51,13 @@ KITCHEN = "comfy kitchen int8 dense passes"
 
 
 def kitchen_int8_attention():
-    """comfy_kitchen's INT8 attention function where it runs here (CUDA extension loaded), else None."""
+    """comfy_kitchen's INT8 attention where it runs here (int8_attention_bench's loader: its CUDA extension
+    unpacked from .devcarry), else None."""
     if not torch.cuda.is_available():
         return None
-    try:
-        from comfy_kitchen import sage_attention
-    except ImportError:
-        return None
-    return sage_attention.int8_attention if sage_attention.is_available() else None
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from int8_attention_bench import _kitchen_int8
+    return _kitchen_int8()
 
 
 class _Recorded(Exception):
@@ -83,7 +82,7 @@ class Recorder(SSARAttention):
         return super()._refresh_outputs(q, k, v, mask, block_mask, call, key, second)
 
 
-def residuals(q, k, v, mask, bm, call) -> dict:
+def residuals(q, k, v, mask, bm, call, kitchen=None) -> dict:
     """{path: D [B, L, H*D] fp64} and the exact D, O_full for one recorded call."""
     from quantsparse_kernels.refresh_attention import refresh_attention
     from quantsparse_kernels.sparse_attention import sparse_attention
@@ -102,7 +101,6 @@ def residuals(q, k, v, mask, bm, call) -> dict:
     with dispatch.forced("triton"):
         int8_dense = dispatch.int8_dense_attention(q, k, v, keep=allowed_keys(mask) if mask is not None else None)
     out = {"model dtype": sdpa.double() - sparse, "int8 dense passes": int8_dense.double() - sparse}
-    kitchen = kitchen_int8_attention()
     if kitchen is not None:
         o = kitchen(q.contiguous(), k.contiguous(), v.contiguous(), attn_mask=None if m is None else m.to(q.dtype))
         out[KITCHEN] = o.transpose(1, 2).reshape(b, length, heads * dim).double() - sparse
@@ -131,9 +129,9 @@ def main(argv=None) -> int:
     except _Recorded:
         pass
     print(f"generated ({time.time() - t0:.0f} s); {len(rec.calls)} refresh calls recorded at step {a.step}", flush=True)
-    rows = []
+    rows, kitchen = [], kitchen_int8_attention()
     for q, k, v, mask, bm, call in rec.calls:
-        paths, d64, full64 = residuals(q, k, v, mask, bm, call)
+        paths, d64, full64 = residuals(q, k, v, mask, bm, call, kitchen)
         row = dict(block=f"{call.block_type} {call.block_index}", tokens=q.shape[2], heads=q.shape[1],
                    density=bm.density(), d_over_o=float(d64.norm() / full64.norm()))
         names = [n for n in (*PATHS, KITCHEN) if n in paths]

@@ -24,18 +24,15 @@ from .act_quant import _codes
 # largest finite value (448, sparse_attention_ref.v_channel_scale's divisor).
 
 
-# int32 -> fp32 without the conversion instruction: an INT8 Q.K^T sum s (|s| <= 256 x 128 x 128 = 2^22 for head
-# dims up to 256) added to the bits 0x4B400000 of 1.5 x 2^23 = 12582912.0 is the float 12582912 + s exactly (ulp 1
-# there). I2F runs at a quarter of the fp32 rate on NVIDIA GPUs (16 per clock per SM from sm80 to sm90, the rate
-# of exp2, which every score also needs), where the bf16 kernel's scores need no conversion at all; the kernels
-# subtract the offset again (exact: both lie in [2^23, 2^24]), so a score costs an integer add and an fp32 add
-# at the full rate instead of one I2F.
-
-
 @triton.jit
-def _offset_float(s):
-    """int32 s (|s| <= 2^22) -> fp32 12582912 + s, exactly, by an integer add and a bitcast."""
-    return (s + 0x4B400000).to(tl.float32, bitcast=True)
+def _int32_to_float(s):
+    """int32 s (|s| <= 2^22: every INT8 Q.K^T sum of a head of up to 256 channels) -> fp32, exactly, without the
+    conversion instruction: s added to the bits 0x4B400000 of 1.5 x 2^23 is the float 1.5 x 2^23 + s (ulp 1
+    there), minus 1.5 x 2^23 (exact: both lie in [2^23, 2^24]); act_quant._quant_codes_fast's trick run backwards.
+    Why: I2F issues at a quarter of the fp32 rate (the CUDA programming guide's throughput table, as recalled,
+    not re-checked here), the rate of exp2, which every score also needs; an integer add and an fp32 add run at
+    the full rate."""
+    return (s + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
 
 
 @triton.jit

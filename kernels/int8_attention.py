@@ -6,8 +6,7 @@ Two launches per call:
   (Dc = D, or 32 for D = 16: the int8 tensor-core MMA reduces over at least 32, so the codes are
   zero-padded) plus one fp32 scale per block.
 - `_int8_attn_fwd`: flash-style online softmax, one program per (BLOCK_M query rows, batch, head):
-  int8 x int8 -> int32 tl.dot, made fp32 by an integer add on the bits of 1.5 x 2^23 and an exact
-  subtraction (attention_quant._offset_float: I2F runs at a quarter of the fp32 rate, as exp2 does),
+  int8 x int8 -> int32 tl.dot, made fp32 without I2F (attention_quant._int32_to_float),
   times (scale_q of the row's block) x (scale_k of the tile's block) x log2(e) / sqrt(D) in the same
   FMA that subtracts the row's max, exp2, P rounded to V's dtype for a bf16/fp16 MMA with fp32
   accumulation. Full key tiles take an unmasked path; only the last, partial one is masked.
@@ -28,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .act_quant import _codes
-from .attention_quant import _offset_float
+from .attention_quant import _int32_to_float
 from .int8_attention_ref import (K_BLOCK, LOG2E, Q_BLOCK, QMAX, SCALE_FLOOR, Int8QK, Keep, key_mean,
                                  select_keys)
 from .interpreter import interpreting
@@ -116,17 +115,16 @@ def _tile(acc, l_i, m_i, q, rs, k_base, v_base, ks_base, j, LK, skl, svl,
         k = tl.load(k_base + rows[:, None] * skl + offs_c[None, :])
         v = tl.load(v_base + rows[:, None] * svl + offs_d[None, :])
     c = rs * tl.load(ks_base + j // K_SUB)
-    f = _offset_float(tl.dot(q, tl.trans(k), out_dtype=tl.int32))  # 12582912 + the int32 sum, exactly: no I2F
+    qk = _int32_to_float(tl.dot(q, tl.trans(k), out_dtype=tl.int32))
     if MASKED:
-        s = tl.where(n_ok[None, :], (f - 12582912.0) * c[:, None], float("-inf"))
+        s = tl.where(n_ok[None, :], qk * c[:, None], float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no allowed key in the row so far
         p = tl.math.exp2(s - m_use[:, None])
-    else:  # c > 0, so (max(f) - offset) * c is the largest scaled score. f - offset is the sum exactly (an add
-        # and an FMA a score, as exact as I2F: folding the offset into the row's bias instead rounded it ~4e-5)
-        m_new = tl.maximum(m_i, (tl.max(f, 1) - 12582912.0) * c)
+    else:  # c > 0, so max(qk) * c is the largest scaled score
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * c)
         m_use = m_new
-        p = tl.math.exp2((f - 12582912.0) * c[:, None] - m_use[:, None])
+        p = tl.math.exp2(qk * c[:, None] - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]

@@ -25,7 +25,7 @@ import triton.language as tl
 
 from .interpreter import interpreting
 from .act_quant import _codes
-from .attention_quant import _offset_float, _prep_kv, _round_e4m3
+from .attention_quant import _int32_to_float, _prep_kv, _round_e4m3
 from .int8_attention_ref import key_mean
 from .sparse_attention_ref import v_channel_scale
 from .correction import Correction, as_correction
@@ -49,7 +49,7 @@ _QCONFIGS = {"int8": {32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 128, 
 PRECISIONS = ("bf16", "int8", "int8-fp8")
 # Part of the unmasked tiles' exp2 by _exp2_fma on the fp32 pipe: 0 none, 1 every other key of each tile, 2 every
 # other tile (no layout change of the tile: 1 reshapes the MMA result, which Triton may route through shared
-# memory). Per score the kernel issues an exp2 and half a P cast at MUFU's rate (16 per clock per SM) against ~5
+# memory). Per score the kernel issues an exp2 and half a P cast at MUFU's rate (16 per clock per SM, as recalled from the programming guide) against ~5
 # fp32 ops on the FMA pipe (128): in the INT8/FP8 passes MUFU, not the halved MMA, is the likely bound, and moving
 # half the exp2 balances the two; in bf16 it leaves the MMA more room (computed from the instruction rates, not
 # measured: 0 until a GPU sweep, benchmarks/quantized_attention_bench.py --sweep, says).
@@ -135,7 +135,7 @@ def _tile8(acc, l_i, m_i, q8, rs, k_base, v_base, ks_base, idx_base, bias_base, 
            MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, ROW64: tl.constexpr,
            PV8: tl.constexpr, SOFT: tl.constexpr):
     """One key tile of the quantised pass: int8 x int8 -> int32 Q.K^T, made fp32 without I2F
-    (attention_quant._offset_float), times the rows' scale (with log2(e) / sqrt(D)) and the scale of the
+    (attention_quant._int32_to_float), times the rows' scale (with log2(e) / sqrt(D)) and the scale of the
     tile's key block (one per mask block: BLOCK_N divides it). k/v come from attention_quant's copy in
     this head's order.
     PV8: P x 448 (by the exponent: exp2(s - m + log2 448), so l_i and acc are in units of 448) in e4m3 times
@@ -168,22 +168,22 @@ def _tile8(acc, l_i, m_i, q8, rs, k_base, v_base, ks_base, idx_base, bias_base, 
         else:
             v = tl.load(v_base + rows[:, None] * svl + offs_d[None, :])
     c = rs * tl.load(ks_base + kb)  # > 0
-    f = _offset_float(tl.dot(q8, tl.trans(kc), out_dtype=tl.int32))  # 12582912 + the int32 sum, exactly: no I2F
+    qk = _int32_to_float(tl.dot(q8, tl.trans(kc), out_dtype=tl.int32))
     if MASKED:
-        s = (f - 12582912.0) * c[:, None] + add[None, :]
+        s = qk * c[:, None] + add[None, :]
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         if PV8:  # P x 448 for e4m3 by the exponent: exp2(s - m + log2(448))
             p = tl.math.exp2(s - (m_use - 8.807354922057604)[:, None])
         else:
             p = tl.math.exp2(s - m_use[:, None])
-    else:  # f - offset is the sum exactly: an add and an FMA a score (as exact as I2F, at the full fp32 rate)
-        m_new = tl.maximum(m_i, (tl.max(f, 1) - 12582912.0) * c)
+    else:  # c > 0, so max(qk) * c is the largest scaled score
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * c)
         m_use = m_new
         if PV8:
-            x = (f - 12582912.0) * c[:, None] - (m_use - 8.807354922057604)[:, None]
+            x = qk * c[:, None] - (m_use - 8.807354922057604)[:, None]
         else:
-            x = (f - 12582912.0) * c[:, None] - m_use[:, None]
+            x = qk * c[:, None] - m_use[:, None]
         p = _exp2_tile(x, j, BLOCK_N, SOFT)
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)  # PV8: in units of 448, as acc

@@ -14,7 +14,7 @@ from quantsparse_core.models.attention import AttentionCall, StepInfo
 from quantsparse_core.sparse.layout import temporal_permutation
 from quantsparse_core.sparse.masks import BlockMask
 from quantsparse_core.sparse.ssar import SparseSettings, SSARAttention
-from quantsparse_kernels.attention_quant import _offset_float
+from quantsparse_kernels.attention_quant import _int32_to_float
 from quantsparse_kernels.refresh_attention import refresh_attention
 from quantsparse_kernels.sparse_attention import _CONFIGS, _QCONFIGS, _exp2_fma, sparse_attention
 from quantsparse_kernels.sparse_attention import supports as sparse_supports
@@ -220,12 +220,12 @@ def test_a_quantised_precision_the_gpu_kernel_cannot_take_falls_back_to_bf16_onc
 @triton.jit
 def _offset_roundtrip(X, Y, N: tl.constexpr):
     i = tl.arange(0, N)
-    tl.store(Y + i, _offset_float(tl.load(X + i)) - 12582912.0)
+    tl.store(Y + i, _int32_to_float(tl.load(X + i)))
 
 
 @interpreted
 def test_int32_scores_become_floats_exactly_without_i2f(rng):
-    """attention_quant._offset_float (the INT8 Q.K^T sums as floats by an integer add on the bits of 1.5 x 2^23,
+    """attention_quant._int32_to_float (the INT8 Q.K^T sums as floats by an integer add on the bits of 1.5 x 2^23,
     then minus that offset): equal to the int32 -> fp32 conversion for every sum an INT8 head of up to 256 channels
     can make, the extremes +-2^22 included."""
     bound = 256 * 128 * 128

@@ -27,7 +27,7 @@ import torch
 from ..dispatch import (PRECISIONS, Correction, block_sparse_attention, int8_dense_attention,
                         quantized_dense_attention, refresh_attention, residual_kernel)
 from ..hostmem import pinnable_host_bytes
-from ..models.attention import AttentionCall, allowed_keys, dense_attention
+from ..models.attention import AttentionCall, allowed_keys, dense_attention, without_padded_keys
 from .cache import CacheStore, check_policy, choose_placement, working_bytes
 from .host_eigh import TopVectorsJob
 from .low_rank import factor_rank, gram_matrices, heads_first, project, truncated_factors
@@ -464,7 +464,7 @@ class SSARAttention:
         Q.K^T with int8_attention (key-padding masks only), else SDPA."""
         if self.settings.host_attention and call.dense is not None:
             self.stats["host_dense"] += q.shape[0]
-            return call.dense(*_without_padded_keys(q, k, v, mask))
+            return call.dense(q, *without_padded_keys(k, v, mask))  # the host's unmasked kernel
         if self.settings.attention_precision != "bf16" and call.grid is not None:
             self.stats["quantized_dense"] += q.shape[0]
             return quantized_dense_attention(q, k, v, mask, call.txt_len, call.grid, self.settings.attention_precision,
@@ -506,20 +506,6 @@ class SSARAttention:
         d = full.to(torch.float32, copy=True).sub_(sparse)  # = full.float() - sparse.float(), one temporary fewer
         del sparse
         return full, d, drift(d)
-
-
-def _without_padded_keys(q, k, v, mask):
-    """(q, k, v, mask) for a host attention: a mask that only blocks whole keys (text padding; one row for the
-    whole batch) becomes those keys left out and no mask, the same attention up to the host's own rounding (an
-    INT8 host quantises the keys that take part), so the host runs its unmasked kernel. Measured why (H100, 544p,
-    ComfyUI 0.33): comfy kitchen's INT8 attention with HunyuanVideo's text mask took 16.3 s per step where
-    ComfyUI's default SDPA took 10.5. Any other mask is handed over as it is."""
-    keep = None if mask is None else allowed_keys(mask)
-    if keep is None:
-        return q, k, v, mask
-    if isinstance(keep, torch.Tensor):
-        k, v = k.index_select(2, keep), v.index_select(2, keep)
-    return q, k, v, None
 
 
 def _same_mask(a: Optional[BlockMask], b: BlockMask) -> bool:

@@ -140,7 +140,11 @@ def main(argv=None) -> int:
     w.add_argument("--copy", default=None, help="folder to copy the log and FILES to once the run has ended ($OUT)")
     w.add_argument("--tail", type=int, default=40, help="log lines to print")
     w.add_argument("files", nargs="*", help="files the run writes (its --out), copied with the log")
-    a = ap.parse_args(argv)
+    a, extra = ap.parse_known_args(argv)  # argparse alone refuses FILES after an option (`--copy $OUT out.json`)
+    if extra and (a.action != "wait" or any(x.startswith("-") for x in extra)):
+        ap.error(f"unrecognized arguments: {' '.join(extra)}")
+    if a.action == "wait":
+        a.files = list(a.files) + extra
     if a.action == "start":
         print(f"detach: {a.name} started, pid {start(a.dir, a.name, command)}; log {paths(a.dir, a.name)['log']}")
         return 0

@@ -50,9 +50,9 @@ PRECISIONS = ("bf16", "int8", "int8-fp8")
 # Part of the unmasked tiles' exp2 by _exp2_fma on the fp32 pipe: 0 none, 1 every other key of each tile, 2 every
 # other tile (no layout change of the tile: 1 reshapes the MMA result, which Triton may route through shared
 # memory). Per score the kernel issues an exp2 and half a P cast at MUFU's rate (16 per clock per SM, as recalled from the programming guide) against ~5
-# fp32 ops on the FMA pipe (128): in the INT8/FP8 passes MUFU, not the halved MMA, is the likely bound, and moving
-# half the exp2 balances the two; in bf16 it leaves the MMA more room (computed from the instruction rates, not
-# measured: 0 until a GPU sweep, benchmarks/quantized_attention_bench.py --sweep, says).
+# fp32 ops on the FMA pipe (128): the idea was that MUFU, not the halved MMA, bounds the INT8/FP8 passes. Measured
+# (H100, 720p, 15%, 2026-12-07, quantized_attention_bench.py --sweep): both modes are slower, bf16 51.4 -> 55.1 / 58.7
+# ms and int8-fp8 48.9 -> 53.7 / 55.4 ms, so MUFU is not the bound; 0 stays the default, the modes stay for sweeps.
 SOFT_EXP2 = 0
 _CONFIGS = {16: (128, 128, 4, 3), 32: (128, 128, 4, 3), 64: (128, 128, 4, 3), 128: (128, 128, 8, 5),
             256: (64, 64, 8, 2)}

@@ -53,3 +53,16 @@ def test_a_signal_kill_reads_as_128_plus_the_signal(tmp_path, capsys):
     detach.start(tmp_path, "killed", [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"])
     assert detach.wait(tmp_path, "killed", for_s=60, copy_to=None, files=[], tail=0, poll_s=0.05) == 128 + signal.SIGTERM
     assert capsys.readouterr().out.strip() == f"detach: killed ended with exit status {128 + signal.SIGTERM}"
+
+
+def test_wait_takes_its_files_before_or_after_the_options(tmp_path, capsys):
+    """The recipe's `wait NAME --for-s 560 --copy $OUT FILE` once failed in argparse and lost a GPU run."""
+    name = f"j{random.getrandbits(24):x}"
+    made = tmp_path / f"{name}.json"
+    detach.start(tmp_path / "runs", name, [sys.executable, "-c", f"open({str(made)!r}, 'w').write('[1]')"])
+    out = tmp_path / "out"
+    rc = detach.main(["--dir", str(tmp_path / "runs"), "wait", name, "--for-s", "60", "--copy", str(out),
+                      str(made), "--tail", "0"])
+    assert rc == 0 and (out / made.name).read_text() == "[1]"
+    with pytest.raises(SystemExit):
+        detach.main(["--dir", str(tmp_path / "runs"), "wait", name, "--no-such-option"])

@@ -139,7 +139,8 @@ def test_host_attention_gets_padded_keys_left_out_not_the_mask(rng):
     default SDPA on an H100), with the
     same output as the masked attention (float64 host: exact); any other mask is handed over as it is."""
     q, k, v = (t.double() for t in qkv(rng))
-    mask = padding_mask(pad=int(torch.randint(1, TXT - 1, (1,), generator=rng)))
+    pad = int(torch.randint(1, TXT - 1, (1,), generator=rng))
+    mask = padding_mask(pad=pad)
     seen = []
 
     def host(q_, k_, v_, m_):
@@ -154,6 +155,7 @@ def test_host_attention_gets_padded_keys_left_out_not_the_mask(rng):
     rows[0, 0, :TXT, TXT:] = TEXT_MASK_FLOOR
     a(q, k, v, rows, host_call(0, host))
     assert seen[-1][0] is rows and seen[-1][1] == N
-    two = torch.cat([mask, padding_mask(pad=2)]).double()  # batch rows padded differently: handed over as they are
+    other = 2 if pad != 2 else 3  # padded differently from row 0 (equal rows would be one key set to leave out)
+    two = torch.cat([mask, padding_mask(pad=other)]).double()  # batch rows padded differently: handed over as is
     a(*(t.expand(2, -1, -1, -1) for t in (q, k, v)), two, host_call(0, host))
     assert seen[-1][0] is two and seen[-1][1] == N

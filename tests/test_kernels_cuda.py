@@ -296,6 +296,33 @@ def test_quantized_sparse_attention_on_gpu_equals_quantized_reference(rng, preci
         assert 0 < gap < 1e-4, (prec, mode, gap)  # the soft path ran, and moved the sums by its ~3e-6 alone
 
 
+@pytest.mark.parametrize("pv8", [False, True])
+def test_int8_dense_attention_on_gpu_equals_reference(rng, pv8):
+    """The dense INT8 kernel compiled on the GPU (INT8 tensor-core Q.K^T; with pv8 the FP8 e4m3 P.V, which the
+    interpreter emulates by bits) against its PyTorch reference: a partial last key tile, a shared key offset,
+    value channels 100x apart. The kernel rounds P against the running row maximum and the reference
+    against the final one, so they differ by less than the reference differs from exact attention; the
+    log-sum-exp sums the unrounded P."""
+    if pv8 and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 MMAs need compute capability 8.9+")
+    from quantsparse_kernels.int8_attention import int8_attention
+    from quantsparse_kernels.int8_attention_ref import exact_attention_f64, int8_attention_ref
+    b, h, length, d = 1, 4, 2053, 128
+    q, k, v = (torch.randn(b, length, h, d, generator=rng) for _ in range(3))
+    k = k + 2.0 * torch.randn(b, 1, h, d, generator=rng)
+    v = v * torch.logspace(0, 2, d)[torch.randperm(d, generator=rng)]
+    q, k, v = (x.to(torch.bfloat16).to(DEV).transpose(1, 2) for x in (q, k, v))
+    lse = torch.empty(b, h, length, device=DEV)
+    with torch.inference_mode():
+        out = int8_attention(q, k, v, lse=lse, pv8=pv8)
+        ref, lse_ref = int8_attention_ref(q, k, v, return_lse=True, pv8=pv8)
+    exact = exact_attention_f64(q, k, v)
+    quant_err = rel(ref.cpu(), exact)
+    assert rel(out.cpu(), exact) < (5e-2 if pv8 else 2e-2)
+    assert rel(out.cpu(), ref.cpu()) < (0.9 if pv8 else 0.5) * quant_err, (rel(out.cpu(), ref.cpu()), quant_err)
+    assert float((lse - lse_ref).abs().max()) < 1e-3
+
+
 def test_refresh_residuals_on_gpu_equal_reference_bit_for_bit(rng):
     """kernels.residual compiled on the GPU at a 544p-like row width: D (bf16, rounded to nearest even
     as torch rounds) and D2 (fp32) equal the PyTorch reference exactly."""

@@ -14,8 +14,8 @@ Two launches per call:
   score; l_i in the same units) in float8 e4m3 times V in e4m3 per channel, stored transposed [B, H, D, Lk]
   (the FP8 MMA's B operand runs along the keys), each tile's product a fresh fp32 MMA result added to the
   accumulator (Hopper's FP8 MMA accumulates with fewer bits: not across tiles); the epilogue multiplies by
-  V's channel scales. The same arithmetic as the block-sparse kernel's "int8-fp8" tiles, which took that
-  kernel's dense pass from 403 to 321 ms at 720p on an H100 (2026-12-07).
+  V's channel scales. The same arithmetic as the block-sparse kernel's "int8-fp8" tiles, whose dense pass at 720p
+  took 320.7 ms against 390.1 for its int8 (bf16 P.V) tiles on an H100 (2026-12-07).
 
 Allowed keys (text padding left out, models.attention.allowed_keys) are selected before quantising,
 so blocked keys neither take part nor move the mean. The arithmetic, and the PyTorch reference the
@@ -33,8 +33,8 @@ import triton
 import triton.language as tl
 
 from .act_quant import _codes
-from .attention_quant import _int32_to_float, _round_e4m3
-from .int8_attention_ref import (E4M3_MAX, K_BLOCK, LOG2E, Q_BLOCK, QMAX, SCALE_FLOOR, Int8QK, Keep, key_mean,
+from .attention_quant import _int32_to_float, _round_e4m3, v_e4m3_transposed
+from .int8_attention_ref import (K_BLOCK, LOG2E, Q_BLOCK, QMAX, SCALE_FLOOR, Int8QK, Keep, key_mean,
                                  select_keys, v_channel_scale)
 from .interpreter import interpreting
 
@@ -42,7 +42,6 @@ _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_DIMS = (16, 32, 64, 128)
 MIN_CODE_D = 32  # int8 tl.dot needs K >= 32 on NVIDIA GPUs
 MIN_PV8_BLOCK_N = 32  # the FP8 MMA reduces over at least 32 keys
-LOG2_E4M3_MAX = math.log2(E4M3_MAX)
 
 # head_dim -> (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_N must divide the K quantisation
 # block (K_BLOCK). D = 128: the best of 36 tiles on an H100 at 67,576 tokens (benchmarks/
@@ -107,11 +106,11 @@ def _quant_blocks(X, MEAN, C, S, SHIFT, L, NH, sxb, sxh, sxl, scb, sch, scl, ssb
 def _tile(acc, l_i, m_i, q, rs, k_base, v_base, ks_base, j, LK, skl, svl,
           HEAD_D: tl.constexpr, CODE_D: tl.constexpr, BLOCK_N: tl.constexpr, K_SUB: tl.constexpr,
           MASKED: tl.constexpr, IEEE: tl.constexpr, ROUND_P: tl.constexpr, ROW64: tl.constexpr,
-          PV8: tl.constexpr, LOG2_PMAX: tl.constexpr):
+          PV8: tl.constexpr):
     """One key tile: online-softmax update of (acc, l_i, m_i) in base-2 units. rs: the rows'
     scale_q x log2(e) / sqrt(D); the tile's scale_k is one scalar (BLOCK_N divides the K block).
-    PV8: v_base is V^T in e4m3 (svl: the stride between channels), P is x 448 (LOG2_PMAX = log2 448) by
-    the exponent, and acc and l_i are in units of 448."""
+    PV8: v_base is V^T in e4m3 (svl: the stride between channels), P is x 448 by the exponent
+    (exp2(s - m + log2 448)), and acc and l_i are in units of 448."""
     offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_c = tl.arange(0, CODE_D)
     offs_d = tl.arange(0, HEAD_D)
@@ -137,11 +136,14 @@ def _tile(acc, l_i, m_i, q, rs, k_base, v_base, ks_base, j, LK, skl, svl,
         s = tl.where(n_ok[None, :], qk * c[:, None], float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no allowed key in the row so far
-        p = tl.math.exp2(s - (m_use - LOG2_PMAX)[:, None])
     else:  # c > 0, so max(qk) * c is the largest scaled score
         m_new = tl.maximum(m_i, tl.max(qk, 1) * c)
         m_use = m_new
-        p = tl.math.exp2(qk * c[:, None] - (m_use - LOG2_PMAX)[:, None])
+        s = qk * c[:, None]
+    if PV8:  # P x 448 for e4m3 by the exponent: exp2(s - m + log2(448))
+        p = tl.math.exp2(s - (m_use - 8.807354922057604)[:, None])
+    else:
+        p = tl.math.exp2(s - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     if PV8:
@@ -170,8 +172,7 @@ def _int8_attn_fwd(QC, QS, KC, KS, QSH, V, VS, O, LSE,
                    svb, svh, svl, svsb, svsh, sob, sol, slb, slh, LQ, LK, NH, qk_scale,
                    HEAD_D: tl.constexpr, CODE_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    Q_BLOCK: tl.constexpr, K_SUB: tl.constexpr, IEEE: tl.constexpr, ROUND_P: tl.constexpr,
-                   ROUND_O: tl.constexpr, ROW64: tl.constexpr, HAS_LSE: tl.constexpr, PV8: tl.constexpr,
-                   LOG2_PMAX: tl.constexpr):
+                   ROUND_O: tl.constexpr, ROW64: tl.constexpr, HAS_LSE: tl.constexpr, PV8: tl.constexpr):
     mb = tl.program_id(0)
     bh = tl.program_id(1)  # programs of one (batch, head) run together: its K/V stay in L2
     b = (bh // NH).to(tl.int64)
@@ -195,10 +196,10 @@ def _int8_attn_fwd(QC, QS, KC, KS, QSH, V, VS, O, LSE,
     n_full = LK // BLOCK_N
     for j in range(0, n_full):
         acc, l_i, m_i = _tile(acc, l_i, m_i, q, rs, k_base, v_base, ks_base, j, LK, skcl, svl,
-                              HEAD_D, CODE_D, BLOCK_N, K_SUB, False, IEEE, ROUND_P, ROW64, PV8, LOG2_PMAX)
+                              HEAD_D, CODE_D, BLOCK_N, K_SUB, False, IEEE, ROUND_P, ROW64, PV8)
     for j in range(n_full, tl.cdiv(LK, BLOCK_N)):  # the partial last tile, if any
         acc, l_i, m_i = _tile(acc, l_i, m_i, q, rs, k_base, v_base, ks_base, j, LK, skcl, svl,
-                              HEAD_D, CODE_D, BLOCK_N, K_SUB, True, IEEE, ROUND_P, ROW64, PV8, LOG2_PMAX)
+                              HEAD_D, CODE_D, BLOCK_N, K_SUB, True, IEEE, ROUND_P, ROW64, PV8)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -206,7 +207,9 @@ def _int8_attn_fwd(QC, QS, KC, KS, QSH, V, VS, O, LSE,
         out = out * tl.load(VS + b * svsb + h * svsh + offs_d)[None, :]
     if HAS_LSE:  # of the unsmoothed scores: add back q . mean(K), which smoothing took out of every score
         shift = tl.load(QSH + b * shb + h * shh + offs_m, mask=m_ok, other=0.0) * qk_scale
-        lse = tl.where(l_i > 0.0, m_i + tl.math.log2(l_safe) - LOG2_PMAX + shift, float("-inf"))
+        lse = tl.where(l_i > 0.0, m_i + tl.math.log2(l_safe) + shift, float("-inf"))
+        if PV8:  # l_i is in units of 448
+            lse = lse - 8.807354922057604
         tl.store(LSE + b * slb + h * slh + offs_m, lse, mask=m_ok)
     out = _round_to(out, ROUND_O)
     tl.store(O + b * sob + h * HEAD_D + rows_m[:, None] * sol + offs_d[None, :], out.to(O.dtype.element_ty),
@@ -257,19 +260,10 @@ def _check_pv8(device: torch.device) -> None:
 
 
 def v_fp8_transposed(v: torch.Tensor):
-    """(V / its channel scale in float8 e4m3fn, transposed to [B, H, D, L] with the keys' stride rounded up
-    to 16 (the compiler then knows every channel's row 16-byte aligned and loads tiles as vectors); the
-    [B, H, D] fp32 scales): the FP8 MMA's B operand runs along the keys. torch's cast rounds to nearest
-    even, as the reference's; one (batch, head) at a time, so the fp32 temporary is a head's, not V's."""
+    """(V / its channel scale in float8 e4m3fn, transposed to [B, H, D, L] with the keys' stride rounded up to
+    16; the [B, H, D] fp32 scales): the FP8 MMA's B operand runs along the keys (attention_quant)."""
     scale = v_channel_scale(v)
-    inv = 1.0 / scale
-    b, heads, length, d = v.shape
-    store = torch.empty(b, heads, d, -(-length // 16) * 16, dtype=torch.float8_e4m3fn, device=v.device)
-    out = store[..., :length]
-    for bi in range(b):
-        for h in range(heads):
-            out[bi, h].copy_((v[bi, h].float() * inv[bi, h]).T)
-    return out, scale
+    return v_e4m3_transposed(v, scale, interpreting()), scale
 
 
 def _quantize(x: torch.Tensor, block: int, mean: torch.Tensor, smooth: bool):
@@ -366,7 +360,7 @@ def int8_attention_codes(qk: Int8QK, v: torch.Tensor, *, out_dtype: Optional[tor
         lq, lk, heads, LOG2E / math.sqrt(d),
         HEAD_D=d, CODE_D=code_d, BLOCK_M=block_m, BLOCK_N=block_n, Q_BLOCK=qk.q_block, K_SUB=qk.k_block // block_n,
         IEEE=ieee, ROUND_P=round_p, ROUND_O=round_o, ROW64=row64, HAS_LSE=lse is not None,
-        PV8=pv8, LOG2_PMAX=LOG2_E4M3_MAX if pv8 else 0.0, num_warps=warps, num_stages=stages)
+        PV8=pv8, num_warps=warps, num_stages=stages)
     return out
 
 

@@ -25,7 +25,7 @@ import triton.language as tl
 
 from .interpreter import interpreting
 from .act_quant import _codes
-from .attention_quant import _int32_to_float, _prep_kv, _round_e4m3
+from .attention_quant import _int32_to_float, _prep_kv, _round_e4m3, e4m3_transposed_buffer
 from .int8_attention_ref import key_mean
 from .sparse_attention_ref import v_channel_scale
 from .correction import Correction, as_correction
@@ -47,13 +47,6 @@ KV_COPY_BYTES = 512 * 2 ** 20
 _QCONFIGS = {"int8": {32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 128, 8, 4), 256: (64, 64, 8, 2)},
              "int8-fp8": {32: (64, 64, 4, 3), 64: (64, 128, 4, 3), 128: (64, 128, 4, 3), 256: (64, 64, 8, 2)}}
 PRECISIONS = ("bf16", "int8", "int8-fp8")
-# Part of the unmasked tiles' exp2 by _exp2_fma on the fp32 pipe: 0 none, 1 every other key of each tile, 2 every
-# other tile (no layout change of the tile: 1 reshapes the MMA result, which Triton may route through shared
-# memory). Per score the kernel issues an exp2 and half a P cast at MUFU's rate (16 per clock per SM, as recalled from the programming guide) against ~5
-# fp32 ops on the FMA pipe (128): the idea was that MUFU, not the halved MMA, bounds the INT8/FP8 passes. Measured
-# (H100, 720p, 15%, 2026-12-07, quantized_attention_bench.py --sweep): both modes are slower, bf16 51.4 -> 55.1 / 58.7
-# ms and int8-fp8 48.9 -> 53.7 / 55.4 ms, so MUFU is not the bound; 0 stays the default, the modes stay for sweeps.
-SOFT_EXP2 = 0
 _CONFIGS = {16: (128, 128, 4, 3), 32: (128, 128, 4, 3), 64: (128, 128, 4, 3), 128: (128, 128, 8, 5),
             256: (64, 64, 8, 2)}
 
@@ -75,65 +68,30 @@ def _rows(PERM, offs, ok, PERMUTED: tl.constexpr, ROW64: tl.constexpr):
 def _tiles(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, j0, j1, L, skl, svl, qk_scale, ks_base, rs,
            HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr, PERMUTED: tl.constexpr,
            MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, ROW64: tl.constexpr,
-           WS: tl.constexpr, KV_COPY: tl.constexpr, QK8: tl.constexpr, PV8: tl.constexpr, SOFT: tl.constexpr):
+           WS: tl.constexpr, KV_COPY: tl.constexpr, QK8: tl.constexpr, PV8: tl.constexpr):
     """Key tiles j0 <= j < j1 of the listed blocks. MASKED: bounds check + additive bias; otherwise
     every key is valid and unbiased (the fast path). WS: Triton's automatic warp specialization.
     QK8: INT8 codes of q and of the (copied) keys, per-row scales rs / one scale per key block at ks_base."""
     if QK8:
         for j in range(j0, j1):
             acc, l_i, m_i = _tile8(acc, l_i, m_i, q, rs, k_base, v_base, ks_base, idx_base, bias_base, PERM, j, L,
-                                   skl, svl, HEAD_D, BLOCK_N, SUB, PERMUTED, MASKED, HAS_BIAS, IEEE, ROW64, PV8, SOFT)
+                                   skl, svl, HEAD_D, BLOCK_N, SUB, PERMUTED, MASKED, HAS_BIAS, IEEE, ROW64, PV8)
     elif WS:
         for j in tl.range(j0, j1, warp_specialize=True):
             acc, l_i, m_i = _tile(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, j, L, skl, svl,
-                                  qk_scale, HEAD_D, BLOCK_N, SUB, PERMUTED, MASKED, HAS_BIAS, IEEE, ROW64, KV_COPY, SOFT)
+                                  qk_scale, HEAD_D, BLOCK_N, SUB, PERMUTED, MASKED, HAS_BIAS, IEEE, ROW64, KV_COPY)
     else:
         for j in range(j0, j1):
             acc, l_i, m_i = _tile(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, j, L, skl, svl,
-                                  qk_scale, HEAD_D, BLOCK_N, SUB, PERMUTED, MASKED, HAS_BIAS, IEEE, ROW64, KV_COPY, SOFT)
+                                  qk_scale, HEAD_D, BLOCK_N, SUB, PERMUTED, MASKED, HAS_BIAS, IEEE, ROW64, KV_COPY)
     return acc, l_i, m_i
-
-
-@triton.jit
-def _exp2_fma(x):
-    """2^x for finite x <= 9 (scores minus the row's max, + log2(448) for FP8 P) without MUFU: x = n + f (n by
-    the 1.5 x 2^23 rounding trick, |f| <= 1/2), a degree-4 polynomial for 2^f (relative error <= 2.9e-6 in
-    fp32, below a bf16 P's rounding), and n added to its exponent bits. x below -125 gives 2^-125 (not 0):
-    for unmasked tiles only, where the row's largest term is 1 (or 448)."""
-    x = tl.maximum(x, -125.0)
-    t = x + 12582912.0
-    n = t - 12582912.0
-    f = x - n
-    p = 0.009582852944731712 * f + 0.055906426161527634
-    p = p * f + 0.24024099111557007
-    p = p * f + 0.6931241750717163
-    p = p * f + 1.0  # exactly 1 at x = 0: a row's largest term stays exact
-    e = (t.to(tl.int32, bitcast=True) - 0x4B400000) << 23
-    return (p.to(tl.int32, bitcast=True) + e).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _exp2_tile(x, j, BLOCK_N: tl.constexpr, SOFT: tl.constexpr):
-    """2^x of the j-th [rows, BLOCK_N] tile of finite exponents. SOFT (see SOFT_EXP2): 1, every other column by
-    _exp2_fma on the fp32 pipe and the rest on MUFU (which also does the P casts); 2, every other tile."""
-    if SOFT == 1:
-        xa, xb = tl.split(tl.reshape(x, [x.shape[0], BLOCK_N // 2, 2]))
-        p = tl.reshape(tl.join(tl.math.exp2(xa), _exp2_fma(xb)), [x.shape[0], BLOCK_N])
-    elif SOFT == 2:
-        if j % 2 == 1:
-            p = _exp2_fma(x)
-        else:
-            p = tl.math.exp2(x)
-    else:
-        p = tl.math.exp2(x)
-    return p
 
 
 @triton.jit
 def _tile8(acc, l_i, m_i, q8, rs, k_base, v_base, ks_base, idx_base, bias_base, PERM, j, L, skl, svl,
            HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr, PERMUTED: tl.constexpr,
            MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, ROW64: tl.constexpr,
-           PV8: tl.constexpr, SOFT: tl.constexpr):
+           PV8: tl.constexpr):
     """One key tile of the quantised pass: int8 x int8 -> int32 Q.K^T, made fp32 without I2F
     (attention_quant._int32_to_float), times the rows' scale (with log2(e) / sqrt(D)) and the scale of the
     tile's key block (one per mask block: BLOCK_N divides it). k/v come from attention_quant's copy in
@@ -184,7 +142,7 @@ def _tile8(acc, l_i, m_i, q8, rs, k_base, v_base, ks_base, idx_base, bias_base, 
             x = qk * c[:, None] - (m_use - 8.807354922057604)[:, None]
         else:
             x = qk * c[:, None] - m_use[:, None]
-        p = _exp2_tile(x, j, BLOCK_N, SOFT)
+        p = tl.math.exp2(x)
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)  # PV8: in units of 448, as acc
     if PV8:
@@ -206,10 +164,9 @@ def _tile8(acc, l_i, m_i, q8, rs, k_base, v_base, ks_base, idx_base, bias_base, 
 def _tile(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, j, L, skl, svl, qk_scale,
           HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr, PERMUTED: tl.constexpr,
           MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, ROW64: tl.constexpr,
-          KV_COPY: tl.constexpr, SOFT: tl.constexpr):
+          KV_COPY: tl.constexpr):
     """One key tile: online-softmax update of (acc, l_i, m_i). KV_COPY: k/v are already in this head's
-    order (a permuted copy), so their rows are contiguous; only the bias goes through PERM. SOFT: every
-    other key's exp2 of an unmasked tile by _exp2_fma."""
+    order (a permuted copy), so their rows are contiguous; only the bias goes through PERM."""
     offs_d = tl.arange(0, HEAD_D)
     kb = tl.load(idx_base + j // SUB)
     offs_n = kb * (BLOCK_N * SUB) + (j % SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -251,7 +208,7 @@ def _tile(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, j, L, skl
     else:  # all keys valid: m_new is finite
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         m_use = m_new
-        p = _exp2_tile(qk * qk_scale - m_use[:, None], j, BLOCK_N, SOFT)
+        p = tl.math.exp2(qk * qk_scale - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
@@ -278,8 +235,7 @@ def _sparse_attn_fwd(Q, K, V, O, LSE, C, CS, US, VH, BIAS, PERM, HEADS, KV_IDX, 
                      HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr,
                      PERMUTED: tl.constexpr, HAS_BIAS: tl.constexpr, CORR: tl.constexpr, HAS_LR: tl.constexpr,
                      R_PAD: tl.constexpr, IEEE: tl.constexpr, ROW64: tl.constexpr, WS: tl.constexpr,
-                     KV_COPY: tl.constexpr, HAS_LSE: tl.constexpr, QK8: tl.constexpr, PV8: tl.constexpr,
-                     SOFT: tl.constexpr):
+                     KV_COPY: tl.constexpr, HAS_LSE: tl.constexpr, QK8: tl.constexpr, PV8: tl.constexpr):
     pid = tl.program_id(0)
     heavy = BH * T
     if pid < heavy:  # text query tiles first: they visit every key block
@@ -338,13 +294,13 @@ def _sparse_attn_fwd(Q, K, V, O, LSE, C, CS, US, VH, BIAS, PERM, HEADS, KV_IDX, 
     acc = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
     acc, l_i, m_i = _tiles(acc, l_i, m_i, q_in, k_base, v_base, idx_base, bias_base, PERM, 0, ja * SUB, L, skl, svl,
                            qk_scale, ks_base, rs, HEAD_D, BLOCK_N, SUB, PERMUTED, True, HAS_BIAS, IEEE, ROW64, WS,
-                           KV_COPY, QK8, PV8, SOFT)
+                           KV_COPY, QK8, PV8)
     acc, l_i, m_i = _tiles(acc, l_i, m_i, q_in, k_base, v_base, idx_base, bias_base, PERM, ja * SUB, jc * SUB, L,
                            skl, svl, qk_scale, ks_base, rs, HEAD_D, BLOCK_N, SUB, PERMUTED, False, HAS_BIAS, IEEE, ROW64,
-                           WS, KV_COPY, QK8, PV8, SOFT)
+                           WS, KV_COPY, QK8, PV8)
     acc, l_i, m_i = _tiles(acc, l_i, m_i, q_in, k_base, v_base, idx_base, bias_base, PERM, jc * SUB, cnt * SUB, L,
                            skl, svl, qk_scale, ks_base, rs, HEAD_D, BLOCK_N, SUB, PERMUTED, True, HAS_BIAS, IEEE, ROW64,
-                           WS, KV_COPY, QK8, PV8, SOFT)
+                           WS, KV_COPY, QK8, PV8)
 
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # nothing allowed -> 0, as the reference
     if PV8:  # acc and l_i are in units of 448, acc in units of V / (V's channel scale)
@@ -498,11 +454,10 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index
     (contiguous last dim) to receive each row's base-2 log-sum-exp of its scaled scores
     log2(sum 2^(s * log2 e)), s = q.k / sqrt(D) + bias, over the keys it visits (-inf if none), in
     the original token order: two runs over disjoint key sets merge exactly (kernels/refresh_attention.py).
-    config: (BLOCK_M, BLOCK_N, num_warps, num_stages[, warp_specialize[, kv_copy[, soft_exp2]]]) override,
+    config: (BLOCK_M, BLOCK_N, num_warps, num_stages[, warp_specialize[, kv_copy]]) override,
     for tuning. kv_copy (default KV_COPY): temporal heads read k/v from a permuted copy made per group of
     heads (at most KV_COPY_BYTES), not through the permutation inside the loop (which makes them 21%
-    slower than spatial heads on H100). soft_exp2 (default SOFT_EXP2): 1 or 2, half of the unmasked tiles'
-    exp2 on the FMA pipe (_exp2_fma) instead of MUFU, by column or by tile.
+    slower than spatial heads on H100).
     precision: "bf16" (scores and P.V in the inputs' precision), "int8" (Q.K^T from INT8 codes: Q per
     row, K minus its mean per mask block; P.V as bf16) or "int8-fp8" (also P.V in float8 e4m3: P x 448, V per
     channel); the arithmetic is kernels/sparse_attention_ref.py's quantized_sparse_attention_ref. The
@@ -536,9 +491,6 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index
     block_m, block_n, warps, stages, *rest = config or (_QCONFIGS[precision] if quant else _CONFIGS)[d]
     ws = bool(rest and rest[0]) and not interpreting()
     kv_copy = bool(rest[1]) if len(rest) > 1 else KV_COPY
-    soft = int(rest[2]) if len(rest) > 2 else SOFT_EXP2
-    if soft not in (0, 1, 2):
-        raise ValueError(f"config's soft_exp2 must be 0, 1 or 2 (see SOFT_EXP2), got {rest[2]!r}")
     block_n = min(block, block_n)
     block_m = min(block_m, block)
     if q.dtype == torch.float32:
@@ -602,7 +554,6 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index
                 HAS_BIAS=key_bias is not None, **corr_flags,
                 IEEE=q.dtype == torch.float32 or interpreting(),
                 ROW64=row64, WS=ws and not quant, KV_COPY=copy, HAS_LSE=lse is not None, QK8=quant, PV8=pv8,
-                SOFT=soft,
                 num_warps=warps, num_stages=stages)
     return out
 
@@ -615,12 +566,11 @@ def _quantized_copy(k, v, mean, vscale, perm, heads: torch.Tensor, n: int, pv8: 
     kc = torch.empty(b, n, length, d, dtype=torch.int8, device=k.device)
     nb = -(-length // block)
     ks = torch.empty(b, n, nb, dtype=torch.float32, device=k.device)
-    if pv8:  # rows padded to a multiple of 16: aligned, and one compiled variant for every resolution
-        vc = torch.empty(b, n, d, -(-length // 16) * 16, dtype=torch.float8_e4m3fn, device=k.device)
-        sod = vc.stride(2)
+    if pv8:
+        vc = e4m3_transposed_buffer(b, n, d, length, k.device)
     else:
         vc = torch.empty(b, n, length, d, dtype=v.dtype, device=k.device)
-        sod = vc.stride(2)
+    sod = vc.stride(2)
     _prep_kv[(b * n, nb)](
         k, v, mean, vscale, perm if perm is not None else heads, heads, kc, ks, vc, length, n,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), mean.stride(0), mean.stride(1),

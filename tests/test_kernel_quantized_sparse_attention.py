@@ -16,7 +16,7 @@ from quantsparse_core.sparse.masks import BlockMask
 from quantsparse_core.sparse.ssar import SparseSettings, SSARAttention
 from quantsparse_kernels.attention_quant import _int32_to_float
 from quantsparse_kernels.refresh_attention import refresh_attention
-from quantsparse_kernels.sparse_attention import _CONFIGS, _QCONFIGS, _exp2_fma, sparse_attention
+from quantsparse_kernels.sparse_attention import sparse_attention
 from quantsparse_kernels.sparse_attention import supports as sparse_supports
 from quantsparse_kernels.sparse_attention_ref import (dense_masked_attention_f64, quantize_v_fp8_ref,
                                                       quantized_sparse_attention_ref)
@@ -234,51 +234,3 @@ def test_int32_scores_become_floats_exactly_without_i2f(rng):
     y = torch.empty(1024, dtype=torch.float32)
     _offset_roundtrip[(1,)](x, y, 1024)
     assert torch.equal(y.double(), x.double())
-
-
-@triton.jit
-def _exp2_fma_rows(X, Y, N: tl.constexpr):
-    i = tl.arange(0, N)
-    tl.store(Y + i, _exp2_fma(tl.load(X + i)))
-
-
-@interpreted
-def test_exp2_on_the_fma_pipe_is_within_its_stated_error(rng):
-    """sparse_attention._exp2_fma (the soft_exp2 option's exp2 without MUFU): relative error <= 3.5e-6 against float64
-    over the exponents an unmasked tile makes (scores minus the row's max, + log2(448) for FP8 P: -125 <= x <= 9),
-    integers and half-integers included; 2^-125 below -125."""
-    x = torch.rand(4096, generator=rng, dtype=torch.float64) * 134 - 125
-    x[:9] = torch.tensor([0.0, -0.5, -1.0, -1.5, -124.5, -125.0, -200.0, -1e-7, 8.807354922057604], dtype=torch.float64)
-    y = torch.empty(4096, dtype=torch.float32)
-    _exp2_fma_rows[(1,)](x.float(), y, 4096)
-    want = torch.exp2(x.float().double().clamp_min(-125.0))
-    assert float(((y.double() - want) / want).abs().max()) < 3.5e-6 and float(y[0]) == 1.0
-
-
-@interpreted
-@pytest.mark.parametrize("soft", [1, 2])
-@pytest.mark.parametrize("precision", ["bf16", "int8", "int8-fp8"])
-def test_soft_exp2_option_gives_the_same_attention(rng, precision, soft):
-    """config's soft_exp2 (half the unmasked tiles' exp2 by _exp2_fma: every other key, or every other tile): as
-    close to the reference (quantised, or exact for bf16) as the default kernel, and to the default kernel's output
-    far closer than that; other values are refused."""
-    q, k, v, keep, index, count, kw = case(rng)
-    kw["key_bias"] = None  # keys without a bias take the unmasked path, the one soft_exp2 changes
-    exact_out = exact(q, k, v, keep, kw)
-    if precision == "bf16":
-        ref, tol, cfg = exact_out, 1e-2, _CONFIGS[32]
-    else:
-        ref, tol, cfg = (quantized_sparse_attention_ref(q, k, v, index, count, precision=precision, **kw),
-                         TOL[precision], _QCONFIGS[precision][32])
-    lse_plain, lse_soft = torch.empty(2, 3, L), torch.empty(2, 3, L)
-    plain = sparse_attention(q, k, v, index, count, precision=precision, lse=lse_plain, **kw)
-    out = sparse_attention(q, k, v, index, count, precision=precision, lse=lse_soft, config=(*cfg, False, True, soft),
-                           **kw)
-    with pytest.raises(ValueError, match="soft_exp2"):
-        sparse_attention(q, k, v, index, count, precision=precision, config=(*cfg, False, True, 3), **kw)
-    soft = out
-    assert bool(torch.isfinite(soft).all()) and rel(soft, ref) < tol
-    assert rel(soft, plain) < 0.1 * max(rel(plain, exact_out), 1e-2)
-    fin = torch.isfinite(lse_plain)
-    gap = float((lse_soft - lse_plain)[fin].abs().max())
-    assert 0 < gap < 1e-4  # the soft path ran (fp32 sums moved by its ~3e-6; an lse near 2^7 has ulps of 1.5e-5)

@@ -237,7 +237,7 @@ def test_quantized_sparse_attention_on_gpu_equals_quantized_reference(rng, preci
     the CPU interpreter cannot check) against the float64 quantised reference: mixed head kinds, padded
     text, the SSAR correction in the epilogue, and the merged refresh's O_full and D in that precision."""
     from quantsparse_core.dispatch import block_sparse_attention, refresh_attention
-    from quantsparse_kernels.sparse_attention_ref import dense_masked_attention_f64, quantized_sparse_attention_ref
+    from quantsparse_kernels.sparse_attention_ref import quantized_sparse_attention_ref
     from quantsparse_core.sparse.layout import temporal_permutation
     from quantsparse_core.sparse.masks import BlockMask, band_keep
     txt, grid, h, d = 77, (5, 12, 20), 4, 128
@@ -273,27 +273,6 @@ def test_quantized_sparse_attention_on_gpu_equals_quantized_reference(rng, preci
                                               precision=precision, **kw).double()
     sparse_ref = quantized_sparse_attention_ref(qc, kc, vc, index, count, precision=precision, **kw).double()
     assert rel(full.cpu(), full_ref) < tol and rel(res.cpu(), full_ref - sparse_ref) < 2 * tol
-    # soft_exp2 (half the exp2 on the FMA pipe; no key bias, so the unmasked tiles take it), compiled, in this
-    # precision and in bf16 (its default tile holds the most shared memory)
-    from quantsparse_kernels.sparse_attention import _CONFIGS, _QCONFIGS, sparse_attention
-    idx, cnt = index.to(DEV), count.to(DEV)
-    kw_dev = dict(block=128, perm=kw["perm"].to(DEV), permuted_heads=kw["permuted_heads"])
-    no_bias = {x: y for x, y in kw.items() if x != "key_bias"}
-    cases = [(p, c, lim, mode) for p, c, lim in ((precision, _QCONFIGS[precision][d], tol), ("bf16", _CONFIGS[d], 1e-2))
-             for mode in (1, 2)]
-    for prec, cfg, limit, mode in cases:
-        lse_base, lse_soft = (torch.empty(1, h, length, device=DEV) for _ in range(2))
-        with torch.inference_mode():
-            base = sparse_attention(q, k, v, idx, cnt, precision=prec, lse=lse_base, **kw_dev)
-            soft = sparse_attention(q, k, v, idx, cnt, precision=prec, lse=lse_soft, config=(*cfg, False, True, mode),
-                                    **kw_dev)
-        want = (quantized_sparse_attention_ref(qc, kc, vc, index, count, precision=prec, **no_bias) if prec != "bf16"
-                else dense_masked_attention_f64(qc, kc, vc, keep, 128, perm=kw["perm"],
-                                                permuted_heads=kw["permuted_heads"])).double()
-        assert rel(soft.cpu(), want) < limit and rel(soft.cpu(), base.cpu()) < 0.1 * limit, (prec, mode)
-        fin = torch.isfinite(lse_base)
-        gap = float((lse_soft - lse_base)[fin].abs().max())
-        assert 0 < gap < 1e-4, (prec, mode, gap)  # the soft path ran, and moved the sums by its ~3e-6 alone
 
 
 @pytest.mark.parametrize("pv8", [False, True])

@@ -86,7 +86,7 @@ class SparseSettings:
     carries that rounding too. Attention outside a sampling run and masks that are not key padding stay
     on dense_attention; merged_refresh keeps its own (bf16) kernel. int8_pv8: those passes also take
     P.V in float8 e4m3 (P x 448, V per channel; GPUs of compute capability 8.9+), the arithmetic that made
-    the block-sparse kernel's INT8 pass 1.26x faster on an H100; its own speed is not yet measured, so off.
+    the block-sparse kernel's dense INT8 pass 1.22x faster on an H100; its own speed is not yet measured, so off.
 
     host_attention: the same dense passes run the host's attention where the call brings one
     (AttentionCall.dense; ComfyUI: the attention it is set to, e.g. comfy kitchen's INT8 attention with

@@ -35,17 +35,38 @@ class Generation:
     videos: torch.Tensor    # [B, 3, F, H, W] in [0, 1]
 
 
+class ClassifierFreeGuidance:
+    """A model's velocity under classifier-free guidance, as ComfyUI's cfg applies it: v(empty prompt) +
+    cfg * (v(prompt) - v(empty prompt)). Two calls per step (prompt, then the unconditional input), so the
+    padded text masks of the two never meet in one batch."""
+
+    def __init__(self, model, cfg: float, batch: int, like: torch.Tensor):
+        self.model, self.cfg = model, float(cfg)
+        ctx, mask, pooled = PromptEncoder().encode([""] * batch)
+        self.uncond = ctx.to(like), mask.to(like.device), pooled.to(like)
+
+    def __call__(self, x, t, context, pooled, attention_mask=None, **kw):
+        cond = self.model(x, t, context, pooled, attention_mask=attention_mask, **kw).float()
+        ctx_u, mask_u, pooled_u = self.uncond
+        uncond = self.model(x, t, ctx_u, pooled_u, attention_mask=mask_u, **kw).float()
+        return (uncond + self.cfg * (cond - uncond)).to(x.dtype)
+
+
 def generate(model, prompts, seeds, steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE,
-             shift: float = HUNYUAN_SHIFT, latent_shape=LATENT_SHAPE, on_step=None) -> Generation:
-    """Text-to-video with the flow-matching Euler sampler; one seed per prompt."""
+             shift: float = HUNYUAN_SHIFT, latent_shape=LATENT_SHAPE, on_step=None, cfg: float = 1.0) -> Generation:
+    """Text-to-video with the flow-matching Euler sampler; one seed per prompt. cfg > 1: classifier-free
+    guidance against the empty prompt (weights trained with --cond-dropout > 0 only)."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    if not cfg >= 1.0:
+        raise ValueError(f"cfg must be >= 1 (1 = no guidance), got {cfg}")
     param = next(model.parameters())
     ctx, mask, pooled = PromptEncoder().encode(list(prompts))
     ctx, pooled = ctx.to(param), pooled.to(param)
     mask = mask.to(param.device)
     noise = torch.cat([initial_noise((1, *latent_shape), s, param.device, param.dtype) for s in seeds])
-    lat = sample_euler(model, noise, ctx, pooled, flow_sigmas(steps, shift), attention_mask=mask,
+    velocity = model if cfg == 1.0 else ClassifierFreeGuidance(model, cfg, len(prompts), param)
+    lat = sample_euler(velocity, noise, ctx, pooled, flow_sigmas(steps, shift), attention_mask=mask,
                        guidance=guidance, on_step=on_step)
     return Generation(lat, LatentCodec().decode(lat.float()))
 

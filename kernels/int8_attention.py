@@ -21,7 +21,9 @@ Allowed keys (text padding left out, models.attention.allowed_keys) are selected
 so blocked keys neither take part nor move the mean. The arithmetic, and the PyTorch reference the
 kernel is tested against, are in kernels/int8_attention_ref.py. On an H100 it ran at 1.04x cuDNN bf16 at
 67,576 tokens with its best tile (2026-12-06, kernel alone, with an I2F per score then) and, without the I2F,
-at 1.03x at 119,056 tokens with its quantisation (2026-12-07: 298.5 ms against 306.5); pv8: not yet measured.
+at 1.03x at 119,056 tokens with its quantisation (2026-12-07: 298.5 ms against 306.5). pv8 on the same GPU:
+521.5 ms at the default tile (0.60x: 70 spilled registers), 292.2 ms at 64x128 with 128-key K scales (1.02x): no
+gain over bf16 P.V, and its log-sum-exp is up to 2e-3 off the reference (docs/BENCHMARKS.md).
 """
 from __future__ import annotations
 

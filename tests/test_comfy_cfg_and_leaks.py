@@ -138,11 +138,13 @@ def test_cfg_above_one_makes_videos_that_match_their_prompts(env):
     frame size, decoded by Tiny Decode): the prompt's color and motion, not saturated frames (the weights
     shipped before 2026-12-07 never saw the empty prompt: 40% of the fixed set at cfg 2.5, frames black or
     white). Needs weights trained with --cond-dropout."""
-    from quantsparse_core.models.tiny.embedded import load_embedded
+    import comfy.latent_formats
+
+    from quantsparse_core.models.tiny.embedded import load_embedded, trained_for_cfg
     from quantsparse_core.models.tiny.evaluate import FIXED_SCENES
     from quantsparse_core.models.tiny.shapes import agrees
 
-    if not float(load_embedded()[1].get("cond_dropout", 0) or 0) > 0:
+    if not trained_for_cfg(load_embedded()[1]):
         pytest.skip("the shipped tiny weights were trained without --cond-dropout (README): cfg 1 only")
     nodes, model, _ = env
     empty, scenes, ok = _encode(nodes, ""), FIXED_SCENES[:5], []
@@ -156,15 +158,10 @@ def test_cfg_above_one_makes_videos_that_match_their_prompts(env):
         finally:
             torch.set_num_threads(threads)
         (frames,) = nodes["QuantSparseTinyDecode"].execute(
-            {"samples": got / comfy_latent_scale()}).result    # [F, H, W, 3]
+            {"samples": got / comfy.latent_formats.HunyuanVideo().scale_factor}).result    # [F, H, W, 3]
         video = frames.permute(3, 0, 1, 2)                       # [3, F, H, W], as the analyser reads it
         ok.append(agrees(video, scene))
     assert sum(ok) >= 4, [(s.prompt(), k) for s, k in zip(scenes, ok)]
-
-
-def comfy_latent_scale() -> float:
-    import comfy.latent_formats
-    return comfy.latent_formats.HunyuanVideo().scale_factor
 
 
 def _nan_conditioning(nodes):

@@ -35,6 +35,12 @@ class Generation:
     videos: torch.Tensor    # [B, 3, F, H, W] in [0, 1]
 
 
+def trained_for_cfg(meta: dict) -> bool:
+    """Whether weights (their header) saw the empty prompt in training (--cond-dropout > 0): only such weights
+    take cfg > 1."""
+    return float(meta.get("cond_dropout", 0) or 0) > 0
+
+
 class ClassifierFreeGuidance:
     """A model's velocity under classifier-free guidance, as ComfyUI's cfg applies it: v(empty prompt) +
     cfg * (v(prompt) - v(empty prompt)). Two calls per step (prompt, then the unconditional input), so the

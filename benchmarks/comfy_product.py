@@ -1012,7 +1012,6 @@ class Bench:
         dense passes to ComfyUI's attention (dense_attention comfyui)."""
         from dataclasses import replace
         return replace(self.settings, int8_attention=config == "QI", host_attention=config == "QK",
-                       int8_pv8=config == "QI" and getattr(self.a, "int8_pv8", False),
                        attention_precision=getattr(self.a, "attention_precision", "bf16"))
 
     # -- estimates --
@@ -1339,8 +1338,6 @@ def main(argv=None):
     ap.add_argument("--attention-precision", default="bf16", choices=("bf16", "int8", "int8-fp8"),
                     help="the sparse configs' SparseSettings.attention_precision (every attention pass of the run on "
                          "the quantised block-sparse kernel; bf16 = the Sparse Sampler's default)")
-    ap.add_argument("--int8-pv8", action="store_true",
-                    help="(QI): its INT8 dense passes with FP8 P.V (SparseSettings.int8_pv8; compute capability 8.9+)")
     ap.add_argument("--lora-rank", type=int, default=32, help="(QL): their rank (on every linear of every block)")
     ap.add_argument("--resolutions", default="544p,720p",
                     help="comma list of 544p, 720p (x129; x121 for HunyuanVideo 1.5 presets), 480p (1.5: 848x480x121), "

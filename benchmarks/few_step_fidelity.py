@@ -57,10 +57,6 @@ def candidates(density: float) -> list:
                                                       int8_attention=True, **base), False),
         ("W4A8 + standard, INT8 dense passes", SparseSettings(schedule="standard", int8_attention=True, **base), False),
         ("W4A8 + few-step, INT8 dense passes", SparseSettings(schedule="few-step", int8_attention=True, **base), False),
-        ("W4A8 dense, INT8 Q.K + FP8 P.V attention",
-         SparseSettings(schedule="standard", warmup_steps=10 ** 6, int8_attention=True, int8_pv8=True, **base), False),
-        ("W4A8 + standard, INT8 Q.K + FP8 P.V dense passes",
-         SparseSettings(schedule="standard", int8_attention=True, int8_pv8=True, **base), False),
         # every pass, sparse and dense, on the quantised block-sparse kernel (SparseSettings.attention_precision)
         ("W4A8 + standard, INT8 attention (all passes)",
          SparseSettings(schedule="standard", attention_precision="int8", **base), False),

@@ -8,9 +8,8 @@
   V / scale in float8 e4m3 stored transposed, [B, H, D, L]: Hopper's FP8 MMA needs its B operand
   contiguous along the reduction (here the keys), as Triton's own FP8 attention tutorial stores V. The
   keys' stride is rounded up to 16 (e4m3_transposed_buffer): every channel's row starts 16-byte aligned, so
-  the attention kernels load tiles as vectors, and one compiled variant serves every length.
-  `_prep_kv` makes K and V together for the block-sparse kernel (heads listed, rows permuted); `_prep_v8`
-  (v_e4m3_transposed) makes V alone for the dense INT8 kernel.
+  the attention kernel loads tiles as vectors, and one compiled variant serves every length.
+  `_prep_kv` makes K and V together for the block-sparse kernel (heads listed, rows permuted).
 
 The rows are written in the order the attention kernel reads them: through the temporal permutation
 for permuted heads, so its key loop reads contiguous rows. Rounding to e4m3 is done by bit arithmetic
@@ -73,18 +72,6 @@ def _store_v_e4m3(V, VS, VC, b, i, h, src, rows, ok, svb, svh, svl, svsb, svsh, 
     tl.store(VC + b * sob + i * soh + d[None, :] * sod + rows[:, None], v8, mask=ok[:, None])
 
 
-@triton.jit(do_not_specialize=["L", "NH"])
-def _prep_v8(V, VS, VC, L, NH, svb, svh, svl, svsb, svsh, sob, soh, sod,
-             HEAD_D: tl.constexpr, BLOCK_R: tl.constexpr, EXACT: tl.constexpr):
-    """Program (batch x head, block of BLOCK_R rows): the rows' V in e4m3, transposed, in token order."""
-    bi = tl.program_id(0)
-    b = (bi // NH).to(tl.int64)
-    h = (bi % NH).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rows = offs.to(tl.int64)
-    _store_v_e4m3(V, VS, VC, b, h, h, rows, rows, offs < L, svb, svh, svl, svsb, svsh, sob, soh, sod, HEAD_D, EXACT)
-
-
 @triton.jit(do_not_specialize=["L", "NH", "sksb", "sksh"])
 def _prep_kv(K, V, MEAN, VS, PERM, HEADS, KC, KS, VC, L, NH,
              skb, skh, skl, svb, svh, svl, smb, smh, svsb, svsh, scb, sch, scl, sksb, sksh, sob, soh, sod,
@@ -123,18 +110,4 @@ def e4m3_transposed_buffer(b: int, n: int, d: int, length: int, device) -> torch
     return torch.empty(b, n, d, -(-length // 16) * 16, dtype=torch.float8_e4m3fn, device=device)[..., :length]
 
 
-def v_e4m3_transposed(v: torch.Tensor, vscale: torch.Tensor, exact: bool) -> torch.Tensor:
-    """V [B, H, L, D] (contiguous last dim) / its [B, H, D] fp32 channel scales as e4m3 [B, H, D, L] (the keys'
-    stride rounded up to 16), in one launch. exact: round by bits (the CPU interpreter's cast truncates)."""
-    b, heads, length, d = v.shape
-    out = e4m3_transposed_buffer(b, heads, d, length, v.device)
-    block = 64
-    if b and heads and length:
-        _prep_v8[(b * heads, -(-length // block))](
-            v, vscale, out, length, heads, v.stride(0), v.stride(1), v.stride(2), vscale.stride(0), vscale.stride(1),
-            out.stride(0), out.stride(1), out.stride(2), HEAD_D=d, BLOCK_R=block, EXACT=exact,
-            num_warps=8 if block * d >= 8192 else 4)
-    return out
-
-
-__all__ = ["e4m3_transposed_buffer", "v_e4m3_transposed"]
+__all__ = ["e4m3_transposed_buffer"]

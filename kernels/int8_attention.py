@@ -1,4 +1,4 @@
-"""Dense attention with INT8 Q.K^T (Triton), SageAttention-style: smoothed K, per-block scales, bf16 or FP8 P.V.
+"""Dense attention with INT8 Q.K^T (Triton), SageAttention-style: smoothed K, per-block scales, bf16 P.V.
 
 Two launches per call:
 - `_quant_blocks` (twice: Q, then K minus its per-(batch, head) mean): one program per block of
@@ -10,20 +10,14 @@ Two launches per call:
   times (scale_q of the row's block) x (scale_k of the tile's block) x log2(e) / sqrt(D) in the same
   FMA that subtracts the row's max, exp2, P rounded to V's dtype for a bf16/fp16 MMA with fp32
   accumulation. Full key tiles take an unmasked path; only the last, partial one is masked.
-  pv8 (FP8 P.V, compute capability 8.9+): P x 448 by the exponent (exp2(s - m + log2 448): no multiply a
-  score; l_i in the same units) in float8 e4m3 times V in e4m3 per channel, stored transposed [B, H, D, Lk]
-  (the FP8 MMA's B operand runs along the keys), each tile's product a fresh fp32 MMA result added to the
-  accumulator (Hopper's FP8 MMA accumulates with fewer bits: not across tiles); the epilogue multiplies by
-  V's channel scales. The same arithmetic as the block-sparse kernel's "int8-fp8" tiles, whose dense pass at 720p
-  took 320.7 ms against 390.1 for its int8 (bf16 P.V) tiles on an H100 (2026-12-07).
 
 Allowed keys (text padding left out, models.attention.allowed_keys) are selected before quantising,
 so blocked keys neither take part nor move the mean. The arithmetic, and the PyTorch reference the
 kernel is tested against, are in kernels/int8_attention_ref.py. On an H100 it ran at 1.04x cuDNN bf16 at
 67,576 tokens with its best tile (2026-12-06, kernel alone, with an I2F per score then) and, without the I2F,
-at 1.03x at 119,056 tokens with its quantisation (2026-12-07: 298.5 ms against 306.5). pv8 on the same GPU:
-521.5 ms at the default tile (0.60x: 70 spilled registers), 292.2 ms at 64x128 with 128-key K scales (1.02x): no
-gain over bf16 P.V, and its log-sum-exp is up to 2e-3 off the reference (docs/BENCHMARKS.md).
+at 1.03x at 119,056 tokens with its quantisation (2026-12-07: 298.5 ms against 306.5). P.V in float8 e4m3
+was tried and removed (2026-12-07): 292.2 ms at its best tile against 303.1 for bf16 P.V at the default one,
+with 3x the error: this kernel is not bound by its P.V (docs/BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -35,15 +29,13 @@ import triton
 import triton.language as tl
 
 from .act_quant import _codes
-from .attention_quant import _int32_to_float, _round_e4m3, v_e4m3_transposed
-from .int8_attention_ref import (K_BLOCK, LOG2E, Q_BLOCK, QMAX, SCALE_FLOOR, Int8QK, Keep, key_mean,
-                                 select_keys, v_channel_scale)
+from .attention_quant import _int32_to_float
+from .int8_attention_ref import K_BLOCK, LOG2E, Q_BLOCK, QMAX, SCALE_FLOOR, Int8QK, Keep, key_mean, select_keys
 from .interpreter import interpreting
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_DIMS = (16, 32, 64, 128)
 MIN_CODE_D = 32  # int8 tl.dot needs K >= 32 on NVIDIA GPUs
-MIN_PV8_BLOCK_N = 32  # the FP8 MMA reduces over at least 32 keys
 
 # head_dim -> (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_N must divide the K quantisation
 # block (K_BLOCK). D = 128: the best of 36 tiles on an H100 at 67,576 tokens (benchmarks/
@@ -107,12 +99,9 @@ def _quant_blocks(X, MEAN, C, S, SHIFT, L, NH, sxb, sxh, sxl, scb, sch, scl, ssb
 @triton.jit
 def _tile(acc, l_i, m_i, q, rs, k_base, v_base, ks_base, j, LK, skl, svl,
           HEAD_D: tl.constexpr, CODE_D: tl.constexpr, BLOCK_N: tl.constexpr, K_SUB: tl.constexpr,
-          MASKED: tl.constexpr, IEEE: tl.constexpr, ROUND_P: tl.constexpr, ROW64: tl.constexpr,
-          PV8: tl.constexpr):
+          MASKED: tl.constexpr, IEEE: tl.constexpr, ROUND_P: tl.constexpr, ROW64: tl.constexpr):
     """One key tile: online-softmax update of (acc, l_i, m_i) in base-2 units. rs: the rows'
-    scale_q x log2(e) / sqrt(D); the tile's scale_k is one scalar (BLOCK_N divides the K block).
-    PV8: v_base is V^T in e4m3 (svl: the stride between channels), P is x 448 by the exponent
-    (exp2(s - m + log2 448)), and acc and l_i are in units of 448."""
+    scale_q x log2(e) / sqrt(D); the tile's scale_k is one scalar (BLOCK_N divides the K block)."""
     offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_c = tl.arange(0, CODE_D)
     offs_d = tl.arange(0, HEAD_D)
@@ -122,16 +111,10 @@ def _tile(acc, l_i, m_i, q, rs, k_base, v_base, ks_base, j, LK, skl, svl,
     if MASKED:
         n_ok = offs_n < LK
         k = tl.load(k_base + rows[:, None] * skl + offs_c[None, :], mask=n_ok[:, None], other=0)
-        if PV8:
-            v = tl.load(v_base + offs_d[:, None] * svl + rows[None, :], mask=n_ok[None, :], other=0.0)
-        else:
-            v = tl.load(v_base + rows[:, None] * svl + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+        v = tl.load(v_base + rows[:, None] * svl + offs_d[None, :], mask=n_ok[:, None], other=0.0)
     else:
         k = tl.load(k_base + rows[:, None] * skl + offs_c[None, :])
-        if PV8:
-            v = tl.load(v_base + offs_d[:, None] * svl + rows[None, :])
-        else:
-            v = tl.load(v_base + rows[:, None] * svl + offs_d[None, :])
+        v = tl.load(v_base + rows[:, None] * svl + offs_d[None, :])
     c = rs * tl.load(ks_base + j // K_SUB)
     qk = _int32_to_float(tl.dot(q, tl.trans(k), out_dtype=tl.int32))
     if MASKED:
@@ -142,24 +125,14 @@ def _tile(acc, l_i, m_i, q, rs, k_base, v_base, ks_base, j, LK, skl, svl,
         m_new = tl.maximum(m_i, tl.max(qk, 1) * c)
         m_use = m_new
         s = qk * c[:, None]
-    if PV8:  # P x 448 for e4m3 by the exponent: exp2(s - m + log2(448))
-        p = tl.math.exp2(s - (m_use - 8.807354922057604)[:, None])
-    else:
-        p = tl.math.exp2(s - m_use[:, None])
+    p = tl.math.exp2(s - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
-    if PV8:
-        if IEEE:  # the interpreter: e4m3 rounding by bits (its float8 cast truncates), exact fp32 products
-            pv = tl.dot(_round_e4m3(p), tl.trans(v.to(tl.float32)), input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(tl.float8e4nv), tl.trans(v))
-        acc = acc * alpha[:, None] + pv
+    acc = acc * alpha[:, None]
+    if IEEE:  # fp32 V, or the CPU interpreter: P rounded as the GPU's cast would, exact fp32 products
+        acc = tl.dot(_round_to(p, ROUND_P), v.to(tl.float32), acc, input_precision="ieee")
     else:
-        acc = acc * alpha[:, None]
-        if IEEE:  # fp32 V, or the CPU interpreter: P rounded as the GPU's cast would, exact fp32 products
-            acc = tl.dot(_round_to(p, ROUND_P), v.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(p.to(v.dtype), v, acc)
+        acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, l_i, m_new
 
 
@@ -169,12 +142,12 @@ def _tile(acc, l_i, m_i, q, rs, k_base, v_base, ks_base, j, LK, skl, svl,
 # divisible by 16, no recompile), and without that the compiler cannot prove the tiles' rows aligned and
 # loads them element by element (2026-12-06: 0.35x cuDNN at 720p with them unspecialised).
 @triton.jit(do_not_specialize=["LQ", "LK", "NH", "sqsb", "sqsh", "sksb", "sksh", "shb", "shh", "slb", "slh"])
-def _int8_attn_fwd(QC, QS, KC, KS, QSH, V, VS, O, LSE,
+def _int8_attn_fwd(QC, QS, KC, KS, QSH, V, O, LSE,
                    sqcb, sqch, sqcl, sqsb, sqsh, skcb, skch, skcl, sksb, sksh, shb, shh,
-                   svb, svh, svl, svsb, svsh, sob, sol, slb, slh, LQ, LK, NH, qk_scale,
+                   svb, svh, svl, sob, sol, slb, slh, LQ, LK, NH, qk_scale,
                    HEAD_D: tl.constexpr, CODE_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    Q_BLOCK: tl.constexpr, K_SUB: tl.constexpr, IEEE: tl.constexpr, ROUND_P: tl.constexpr,
-                   ROUND_O: tl.constexpr, ROW64: tl.constexpr, HAS_LSE: tl.constexpr, PV8: tl.constexpr):
+                   ROUND_O: tl.constexpr, ROW64: tl.constexpr, HAS_LSE: tl.constexpr):
     mb = tl.program_id(0)
     bh = tl.program_id(1)  # programs of one (batch, head) run together: its K/V stay in L2
     b = (bh // NH).to(tl.int64)
@@ -198,20 +171,16 @@ def _int8_attn_fwd(QC, QS, KC, KS, QSH, V, VS, O, LSE,
     n_full = LK // BLOCK_N
     for j in range(0, n_full):
         acc, l_i, m_i = _tile(acc, l_i, m_i, q, rs, k_base, v_base, ks_base, j, LK, skcl, svl,
-                              HEAD_D, CODE_D, BLOCK_N, K_SUB, False, IEEE, ROUND_P, ROW64, PV8)
+                              HEAD_D, CODE_D, BLOCK_N, K_SUB, False, IEEE, ROUND_P, ROW64)
     for j in range(n_full, tl.cdiv(LK, BLOCK_N)):  # the partial last tile, if any
         acc, l_i, m_i = _tile(acc, l_i, m_i, q, rs, k_base, v_base, ks_base, j, LK, skcl, svl,
-                              HEAD_D, CODE_D, BLOCK_N, K_SUB, True, IEEE, ROUND_P, ROW64, PV8)
+                              HEAD_D, CODE_D, BLOCK_N, K_SUB, True, IEEE, ROUND_P, ROW64)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
-    if PV8:  # acc / l_i is P.V in V's e4m3 units (the 448s cancel): times the channel scales
-        out = out * tl.load(VS + b * svsb + h * svsh + offs_d)[None, :]
     if HAS_LSE:  # of the unsmoothed scores: add back q . mean(K), which smoothing took out of every score
         shift = tl.load(QSH + b * shb + h * shh + offs_m, mask=m_ok, other=0.0) * qk_scale
         lse = tl.where(l_i > 0.0, m_i + tl.math.log2(l_safe) + shift, float("-inf"))
-        if PV8:  # l_i is in units of 448
-            lse = lse - 8.807354922057604
         tl.store(LSE + b * slb + h * slh + offs_m, lse, mask=m_ok)
     out = _round_to(out, ROUND_O)
     tl.store(O + b * sob + h * HEAD_D + rows_m[:, None] * sol + offs_d[None, :], out.to(O.dtype.element_ty),
@@ -239,12 +208,10 @@ def _check(q, k, v, q_block: int, k_block: int) -> None:
             raise ValueError(f"{name} must be a power of two >= 16, got {n}")
 
 
-def _check_config(config, k_block: int, pv8: bool = False) -> tuple:
+def _check_config(config, k_block: int) -> tuple:
     block_m, block_n, warps, stages = config
     if block_m < 16 or block_n < 16 or not (_pow2(block_m) and _pow2(block_n)):
         raise ValueError(f"BLOCK_M and BLOCK_N must be powers of two >= 16 (the MMA's minimum), got {config}")
-    if pv8 and block_n < MIN_PV8_BLOCK_N:
-        raise ValueError(f"pv8 needs BLOCK_N >= {MIN_PV8_BLOCK_N} (the FP8 MMA reduces over 32 keys), got {config}")
     if k_block % block_n:
         raise ValueError(f"BLOCK_N {block_n} must divide the K quantisation block {k_block} (one scale per tile)")
     return block_m, block_n, warps, stages
@@ -252,20 +219,6 @@ def _check_config(config, k_block: int, pv8: bool = False) -> tuple:
 
 def _code_dim(d: int) -> int:
     return max(d, MIN_CODE_D)
-
-
-def _check_pv8(device: torch.device) -> None:
-    if device.type == "cuda" and not interpreting() and torch.cuda.get_device_capability(device) < (8, 9):
-        raise ValueError(f"pv8 (FP8 P.V) needs a GPU with float8 MMAs (compute capability 8.9+, e.g. Ada, Hopper); "
-                         f"{torch.cuda.get_device_name(device)} has {torch.cuda.get_device_capability(device)}: "
-                         "use pv8=False")
-
-
-def v_fp8_transposed(v: torch.Tensor):
-    """(V / its channel scale in float8 e4m3fn, transposed to [B, H, D, L] with the keys' stride rounded up to
-    16; the [B, H, D] fp32 scales): the FP8 MMA's B operand runs along the keys (attention_quant)."""
-    scale = v_channel_scale(v)
-    return v_e4m3_transposed(v, scale, interpreting()), scale
 
 
 def _quantize(x: torch.Tensor, block: int, mean: torch.Tensor, smooth: bool):
@@ -301,12 +254,11 @@ def quantize_qk(q: torch.Tensor, k: torch.Tensor, *, q_block: int = Q_BLOCK, k_b
 
 def int8_attention_codes(qk: Int8QK, v: torch.Tensor, *, out_dtype: Optional[torch.dtype] = None,
                          out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None,
-                         config: Optional[tuple] = None, pv8: bool = False) -> torch.Tensor:
+                         config: Optional[tuple] = None) -> torch.Tensor:
     """Attention of quantised Q/K (quantize_qk) over v [B, H, Lk, D] (the allowed keys, contiguous last
     dim). Returns [B, Lq, H*D] in out_dtype (default v's), written into `out` if given; lse: an fp32
     [B, H, Lq] tensor to receive the base-2 log-sum-exp of the unsmoothed scaled scores (-inf where
-    no key is allowed). config: (BLOCK_M, BLOCK_N, num_warps, num_stages) override, for tuning.
-    pv8: P.V in float8 e4m3 (V per channel; needs compute capability 8.9+ and BLOCK_N >= 32)."""
+    no key is allowed). config: (BLOCK_M, BLOCK_N, num_warps, num_stages) override, for tuning."""
     b, heads, lq, code_d = qk.q_codes.shape
     lk, d = v.shape[2], v.shape[3]
     out_dtype = out_dtype or v.dtype
@@ -337,50 +289,40 @@ def int8_attention_codes(qk: Int8QK, v: torch.Tensor, *, out_dtype: Optional[tor
         if lse is not None:
             lse.fill_(float("-inf"))
         return out
-    block_m, block_n, warps, stages = _check_config(config or _CONFIGS[d], qk.k_block, pv8)
-    if pv8:
-        _check_pv8(v.device)
-        v_in, v_scale = v_fp8_transposed(v)  # [B, H, D, Lk]: svl below is the stride between channels
-    else:
-        v_in, v_scale = v, qk.q_scale  # the scale pointer is not read
-    if v.dtype == torch.float32 and not pv8:  # fp32 V tiles: shared memory
+    block_m, block_n, warps, stages = _check_config(config or _CONFIGS[d], qk.k_block)
+    if v.dtype == torch.float32:  # fp32 V tiles: shared memory
         block_m, stages = min(block_m, 64), min(stages, 2)
     ieee = v.dtype == torch.float32 or interpreting()
     round_p = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[v.dtype] if ieee else 0
     round_o = 1 if out_dtype == torch.bfloat16 and interpreting() else 0
-    strides = [qk.q_codes.stride(2), qk.k_codes.stride(2), v_in.stride(2), out.stride(1)]
+    strides = [qk.q_codes.stride(2), qk.k_codes.stride(2), v.stride(2), out.stride(1)]
     row64 = max(lq, lk) * max(strides) >= 2 ** 31
     dummy = qk.q_scale
     _int8_attn_fwd[(triton.cdiv(lq, block_m), b * heads)](
-        qk.q_codes, qk.q_scale, qk.k_codes, qk.k_scale, qk.q_shift, v_in, v_scale, out,
-        lse if lse is not None else dummy,
+        qk.q_codes, qk.q_scale, qk.k_codes, qk.k_scale, qk.q_shift, v, out, lse if lse is not None else dummy,
         qk.q_codes.stride(0), qk.q_codes.stride(1), qk.q_codes.stride(2), qk.q_scale.stride(0), qk.q_scale.stride(1),
         qk.k_codes.stride(0), qk.k_codes.stride(1), qk.k_codes.stride(2), qk.k_scale.stride(0), qk.k_scale.stride(1),
-        qk.q_shift.stride(0), qk.q_shift.stride(1), v_in.stride(0), v_in.stride(1), v_in.stride(2),
-        v_scale.stride(0) if pv8 else 0, v_scale.stride(1) if pv8 else 0, out.stride(0), out.stride(1),
+        qk.q_shift.stride(0), qk.q_shift.stride(1), v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
         lse.stride(0) if lse is not None else 0, lse.stride(1) if lse is not None else 0,
         lq, lk, heads, LOG2E / math.sqrt(d),
         HEAD_D=d, CODE_D=code_d, BLOCK_M=block_m, BLOCK_N=block_n, Q_BLOCK=qk.q_block, K_SUB=qk.k_block // block_n,
         IEEE=ieee, ROUND_P=round_p, ROUND_O=round_o, ROW64=row64, HAS_LSE=lse is not None,
-        PV8=pv8, num_warps=warps, num_stages=stages)
+        num_warps=warps, num_stages=stages)
     return out
 
 
 def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, keep: Keep = None,
                    q_block: int = Q_BLOCK, k_block: int = K_BLOCK, out: Optional[torch.Tensor] = None,
-                   lse: Optional[torch.Tensor] = None, config: Optional[tuple] = None,
-                   pv8: bool = False) -> torch.Tensor:
+                   lse: Optional[torch.Tensor] = None, config: Optional[tuple] = None) -> torch.Tensor:
     """Dense attention with INT8 Q.K^T. q, k, v [B, H, L, D] (fp16/bf16/fp32, any strides with a
     contiguous last dim, D in HEAD_DIMS); keep: None / "all" / an integer index of the allowed keys
     (models.attention.allowed_keys: text padding left out; none allowed -> 0). Returns [B, L, H*D] in
-    q's dtype (into `out` if given); lse / config / pv8 as int8_attention_codes."""
+    q's dtype (into `out` if given); lse / config as int8_attention_codes."""
     _check(q, k, v, q_block, k_block)
-    _check_config(config or _CONFIGS[q.shape[-1]], k_block, pv8)  # before any launch: a bad tile fails with its fix
-    if pv8:
-        _check_pv8(q.device)
+    _check_config(config or _CONFIGS[q.shape[-1]], k_block)  # before any launch: a bad tile fails with its fix
     k, v = select_keys(k, v, keep)
     qk = quantize_qk(q, k, q_block=q_block, k_block=k_block)
-    return int8_attention_codes(qk, v, out_dtype=q.dtype, out=out, lse=lse, config=config, pv8=pv8)
+    return int8_attention_codes(qk, v, out_dtype=q.dtype, out=out, lse=lse, config=config)
 
 
 def supports(q: torch.Tensor) -> bool:

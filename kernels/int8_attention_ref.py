@@ -10,9 +10,7 @@ The arithmetic, step by step (the Triton kernel does the same, in tiles):
 3. scores = (q8 . k8^T) * scale_q * scale_k / sqrt(D): exact int32 products (|sum| < 2^24, exact in
    fp32 too), softmax in fp32.
 4. P . V with P rounded to V's dtype (the kernel's bf16 tensor-core MMA), accumulated in fp32; the
-   normaliser sums the unrounded P. With pv8 (the FP8 P.V of Hopper-class GPUs): V per channel in float8
-   e4m3 (scale = max |v| over the keys / 448) and P x 448 rounded to e4m3 (P <= 1, so P x 448 uses the
-   format's whole range), the product divided back by 448 and by V's scale.
+   normaliser sums the unrounded P.
 
 The optional base-2 log-sum-exp is that of the unsmoothed scores, log2 sum 2^(s log2 e): the row's
 q.mean (from the unquantised q: quantising it would add Q's rounding times K's large mean) is added
@@ -32,7 +30,6 @@ QMAX = 127.0
 SCALE_FLOOR = 1e-20  # amax floor: an all-zero block gets codes 0 and a finite scale
 CHUNK_ELEMENTS = 1 << 24  # score elements per chunk of query rows (64 MiB in float32)
 LOG2E = 1.4426950408889634
-E4M3_MAX = 448.0  # float8 e4m3fn's largest finite value: V's per-channel scale divisor and P's factor (pv8)
 
 Keep = Union[None, str, torch.Tensor]
 
@@ -102,29 +99,15 @@ def quantize_qk_ref(q: torch.Tensor, k: torch.Tensor, *, q_block: int = Q_BLOCK,
     return Int8QK(qc, qs, kc, ks, mean, shift, q_block, k_block)
 
 
-def v_channel_scale(v: torch.Tensor) -> torch.Tensor:
-    """[B, H, D] fp32 = max |v| over the tokens / 448, floored: V's float8 e4m3 scale per channel. Two
-    reductions and no |v| temporary of V's size (the kernels' wrappers call this too)."""
-    amax = torch.maximum(v.amax(dim=2).float(), v.amin(dim=2).float().neg())
-    return amax.clamp_min(SCALE_FLOOR) / E4M3_MAX
-
-
-def quantize_v_fp8_ref(v: torch.Tensor):
-    """(V / scale as float8 e4m3fn [B, H, L, D], the scale [B, H, D]), rounded to nearest even."""
-    scale = v_channel_scale(v)
-    return (v.float() * (1.0 / scale)[:, :, None, :]).to(torch.float8_e4m3fn), scale
-
-
 def _expand(scale: torch.Tensor, block: int, length: int) -> torch.Tensor:
     """[B, H, n] per-block scales -> [B, H, length] per-token."""
     return scale.repeat_interleave(block, dim=-1)[..., :length]
 
 
 def int8_attention_from_codes_ref(qk: Int8QK, v: torch.Tensor, out_dtype: torch.dtype, *,
-                                  return_lse: bool = False, pv8: bool = False):
+                                  return_lse: bool = False):
     """Attention of quantised Q/K codes over v [B, H, Lk, D] (the allowed keys). Returns [B, Lq, H*D] in
-    out_dtype, and with return_lse the fp32 [B, H, Lq] base-2 log-sum-exp of the unsmoothed scores.
-    pv8: P.V in float8 e4m3 (step 4 of the module's arithmetic)."""
+    out_dtype, and with return_lse the fp32 [B, H, Lq] base-2 log-sum-exp of the unsmoothed scores."""
     b, heads, lq, _ = qk.q_codes.shape
     lk, d = v.shape[2], v.shape[3]
     sm_scale = 1.0 / math.sqrt(d)
@@ -134,13 +117,11 @@ def int8_attention_from_codes_ref(qk: Int8QK, v: torch.Tensor, out_dtype: torch.
         return (out.reshape(b, lq, heads * d).to(out_dtype), lse) if return_lse else out.reshape(b, lq, heads * d).to(out_dtype)
     sq = _expand(qk.q_scale, qk.q_block, lq)
     sk = _expand(qk.k_scale, qk.k_block, lk)
-    if pv8:
-        v8, vscale = quantize_v_fp8_ref(v)
     rows = max(1, CHUNK_ELEMENTS // lk)
     for bi in range(b):
         for h in range(heads):
             kf = qk.k_codes[bi, h, :, :d].float()
-            vh = v8[bi, h].float() if pv8 else v[bi, h]
+            vh = v[bi, h]
             for r0 in range(0, lq, rows):
                 r1 = min(lq, r0 + rows)
                 qf = qk.q_codes[bi, h, r0:r1, :d].float()
@@ -148,10 +129,7 @@ def int8_attention_from_codes_ref(qk: Int8QK, v: torch.Tensor, out_dtype: torch.
                 top = s.amax(-1, keepdim=True)
                 p = torch.exp(s - top)
                 den = p.sum(-1, keepdim=True)
-                if pv8:
-                    pv = ((p * E4M3_MAX).to(torch.float8_e4m3fn).float() @ vh) * (vscale[bi, h] / E4M3_MAX)
-                else:
-                    pv = p.to(vh.dtype).float() @ vh.float()
+                pv = p.to(vh.dtype).float() @ vh.float()
                 out[bi, r0:r1, h] = pv / den
                 if return_lse:
                     shift = qk.q_shift[bi, h, r0:r1] * sm_scale
@@ -162,15 +140,14 @@ def int8_attention_from_codes_ref(qk: Int8QK, v: torch.Tensor, out_dtype: torch.
 
 def int8_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, keep: Keep = None,
                        q_block: int = Q_BLOCK, k_block: int = K_BLOCK, smooth: bool = True,
-                       return_lse: bool = False, pv8: bool = False):
+                       return_lse: bool = False):
     """kernels.int8_attention's contract in PyTorch. q, k, v [B, H, L, D] (fp16/bf16/fp32); keep: None /
     "all" / an integer index of the allowed keys (others are left out; none allowed -> output 0,
     lse -inf). smooth=False skips K's mean subtraction (for comparison only). Returns [B, L, H*D] in
-    q's dtype, and with return_lse the fp32 [B, H, L] base-2 log-sum-exp of the scaled scores.
-    pv8: P.V in float8 e4m3."""
+    q's dtype, and with return_lse the fp32 [B, H, L] base-2 log-sum-exp of the scaled scores."""
     k, v = select_keys(k, v, keep)
     qk = quantize_qk_ref(q, k, q_block=q_block, k_block=k_block, smooth=smooth)
-    return int8_attention_from_codes_ref(qk, v, q.dtype, return_lse=return_lse, pv8=pv8)
+    return int8_attention_from_codes_ref(qk, v, q.dtype, return_lse=return_lse)
 
 
 def exact_attention_f64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, keep: Keep = None,
@@ -191,5 +168,4 @@ def exact_attention_f64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ke
 
 
 __all__ = ["Int8QK", "Q_BLOCK", "K_BLOCK", "select_keys", "key_mean", "quantize_blocks_ref", "quantize_qk_ref",
-           "int8_attention_from_codes_ref", "int8_attention_ref", "exact_attention_f64",
-           "v_channel_scale", "quantize_v_fp8_ref", "E4M3_MAX"]
+           "int8_attention_from_codes_ref", "int8_attention_ref", "exact_attention_f64"]

@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from .correction import as_correction
-from .int8_attention_ref import key_mean, quantize_blocks_ref, quantize_v_fp8_ref, v_channel_scale  # noqa: F401 (re-exported)
+from .int8_attention_ref import SCALE_FLOOR, key_mean, quantize_blocks_ref
 
 CHUNK_ELEMENTS = 1 << 24  # score elements per chunk of query blocks (64 MiB in float32)
+E4M3_MAX = 448.0  # float8 e4m3fn's largest finite value: V's per-channel scale divisor ("int8-fp8")
 
 
 def _blocks(x: torch.Tensor, n: int, block: int) -> torch.Tensor:
@@ -92,6 +93,20 @@ def sparse_attention_ref(q, k, v, kv_index, kv_count, *, block: int = 128, key_b
     if correction is not None:
         out = out.float() + correction.to(out.device).materialize()
     return out.to(q.dtype)
+
+
+def v_channel_scale(v: torch.Tensor) -> torch.Tensor:
+    """[B, H, D] fp32 = max |v| over the tokens / 448, floored: V's float8 e4m3 scale per channel. Two
+    reductions and no |v| temporary of V's size (the kernel's wrapper calls this too)."""
+    amax = torch.maximum(v.amax(dim=2).float(), v.amin(dim=2).float().neg())
+    return amax.clamp_min(SCALE_FLOOR) / E4M3_MAX
+
+
+def quantize_v_fp8_ref(v: torch.Tensor):
+    """(V / scale as float8 e4m3fn [B, H, L, D], the scale [B, H, D]), rounded to nearest even."""
+    scale = v_channel_scale(v)
+    return (v.float() * (1.0 / scale)[:, :, None, :]).to(torch.float8_e4m3fn), scale
+
 
 def quantized_sparse_attention_ref(q, k, v, kv_index, kv_count, *, precision: str = "int8", block: int = 128,
                                    key_bias=None, perm=None, permuted_heads: Optional[Sequence[bool]] = None,

@@ -304,16 +304,15 @@ def refresh_attention(q, k, v, mask, block_mask, txt_len: int, grid,
     return _module("refresh_attention_ref").refresh_attention_ref(q, k, v, index, count, **kw)
 
 
-def int8_dense_attention(q, k, v, mask=None, *, keep=None, return_lse: bool = False, pv8: bool = False):
+def int8_dense_attention(q, k, v, mask=None, *, keep=None, return_lse: bool = False):
     """Dense attention with INT8 Q.K^T (K smoothed by its mean, per-block INT8 scales, fp32 softmax,
     P.V in V's dtype): the arithmetic of kernels/int8_attention_ref.py. q, k, v: [B, H, L, D]. Keys
     left out by `mask` (the model's additive mask; only one that blocks whole keys, as text padding
     does, models.attention.allowed_keys) or by `keep` (allowed_keys's answer: None / "all" / an index
     of the allowed keys) take no part; a row with no allowed key gives 0. Returns [B, L, H*D] in q's
     dtype, and with return_lse also the fp32 [B, H, L] base-2 log-sum-exp of the scaled scores (two
-    runs over disjoint key sets merge exactly, kernels/refresh_attention.merge). pv8: P.V in float8 e4m3
-    (P x 448, V per channel; the kernel needs compute capability 8.9+). The Triton kernel where the mode
-    picks it and it takes the inputs; else the PyTorch reference."""
+    runs over disjoint key sets merge exactly, kernels/refresh_attention.merge). The Triton kernel
+    where the mode picks it and it takes the inputs; else the PyTorch reference."""
     if mask is not None:
         if keep is not None:
             raise ValueError("int8_dense_attention takes mask or keep, not both")
@@ -327,9 +326,9 @@ def int8_dense_attention(q, k, v, mask=None, *, keep=None, return_lse: bool = Fa
     if kernel is not None and kernel.supports(q):
         b, heads, length, _ = q.shape
         lse = torch.empty(b, heads, length, dtype=torch.float32, device=q.device) if return_lse else None
-        out = kernel.int8_attention(q, k, v, keep=keep, lse=lse, pv8=pv8)
+        out = kernel.int8_attention(q, k, v, keep=keep, lse=lse)
         return (out, lse) if return_lse else out
-    return _module("int8_attention_ref").int8_attention_ref(q, k, v, keep=keep, return_lse=return_lse, pv8=pv8)
+    return _module("int8_attention_ref").int8_attention_ref(q, k, v, keep=keep, return_lse=return_lse)
 
 
 def svg_profile_kernel(q, k, v, block: int):

@@ -92,36 +92,6 @@ def test_kernel_matches_reference(rng, dtype, d, config, tol):
     assert float((lse.double() - lse_exact).abs().max()) < 0.1
 
 
-FP8_TOL = 6e-2  # e4m3 keeps 3 mantissa bits (rounding up to 2^-4 relative): V and P each ~2% rms, 3.5% measured
-
-
-@interpreted
-def test_fp8_pv_one_tile_equals_reference_and_more_tiles_stay_within_fp8_error(rng):
-    """pv8: V per channel and P x 448 in float8 e4m3. With one key tile the kernel's running maximum is the
-    row's maximum, so it rounds P exactly as the reference does (5e-5 measured: the bf16 output's rounding);
-    over several tiles (a partial last one) P is rounded against the running maximum, a different rounding
-    of the same size. The log-sum-exp sums the unrounded P: as without pv8. The result differs from the
-    bf16 P.V kernel's by the FP8 rounding (so pv8 really ran)."""
-    d = 64
-    q, k, v = qkv(rng, d, torch.bfloat16, offset=4.0, length=64)
-    one = int8_attention(q, k, v, q_block=32, k_block=64, pv8=True, config=(32, 64, 4, 2))
-    ref64 = int8_attention_ref(q, k, v, q_block=32, k_block=64, pv8=True)
-    assert rel_err(one, ref64) < 1e-3
-    q, k, v = qkv(rng, d, torch.bfloat16, offset=4.0)  # L = 67: three tiles of 32, the last partial
-    lse = torch.full((B, H, L), float("nan"))
-    out = int8_attention(q, k, v, q_block=32, k_block=64, pv8=True, lse=lse, config=(32, 32, 4, 2))
-    ref, lse_ref = int8_attention_ref(q, k, v, q_block=32, k_block=64, pv8=True, return_lse=True)
-    exact = exact_attention_f64(q, k, v)
-    bf16_pv = int8_attention(q, k, v, q_block=32, k_block=64, config=(32, 32, 4, 2))
-    assert bool(torch.isfinite(out).all())
-    assert rel_err(ref, exact) < FP8_TOL and rel_err(out, exact) < FP8_TOL
-    assert rel_err(out, ref) < 0.75 * rel_err(ref, exact)
-    assert rel_err(out, bf16_pv) > 5e-3  # FP8 rounding is visible: not the bf16 P.V path
-    assert float((lse - lse_ref).abs().max()) < 1e-4
-    with pytest.raises(ValueError, match="BLOCK_N >= 32"):
-        int8_attention(q, k, v, pv8=True, config=(32, 16, 4, 2))
-
-
 @interpreted
 def test_padding_keys_left_out_by_keep_and_by_mask(rng):
     """ComfyUI's padded text keys (-inf in the additive mask, or an index of the allowed keys): the
@@ -209,14 +179,12 @@ def test_dispatch_takes_the_reference_on_cpu_and_reports_the_operation(rng, monk
 
 
 @interpreted  # quantize_qk launches for real: CPU tensors need the interpreter
-@pytest.mark.parametrize("pv8", [False, True])
-def test_a_new_resolution_reuses_the_compiled_kernel_and_tiles_stay_aligned(rng, monkeypatch, pv8):
+def test_a_new_resolution_reuses_the_compiled_kernel_and_tiles_stay_aligned(rng, monkeypatch):
     """Lengths (and the scale / LSE strides that follow them) are kept out of the kernel's specialisation,
     so a new resolution launches the variant already compiled; the batch and head strides of the codes, V
     and O are specialised (multiples of the head dim: divisible by 16), so the compiler can prove each
     tile's rows aligned and load them as vectors. With those strides unspecialised the kernel ran at
-    0.35x cuDNN on an H100 (2026-12-06). pv8: V^T's stride between channels is the key count rounded up to 16,
-    so its rows stay aligned at any length too."""
+    0.35x cuDNN on an H100 (2026-12-06)."""
     import quantsparse_kernels.int8_attention as ia
     from launch_recorder import LaunchRecorder
     d = 64
@@ -225,12 +193,11 @@ def test_a_new_resolution_reuses_the_compiled_kernel_and_tiles_stay_aligned(rng,
         rec = LaunchRecorder(ia._int8_attn_fwd)
         monkeypatch.setattr(ia, "_int8_attn_fwd", rec)
         q, k, v = qkv(rng, d, torch.bfloat16, length=length)
-        int8_attention(q, k, v, lse=torch.empty(B, H, length), pv8=pv8)
+        int8_attention(q, k, v, lse=torch.empty(B, H, length))
         monkeypatch.undo()
         assert rec.launches and rec.launches[0]["LQ"] == length
         keys.append(rec.keys())
         assert {"sqcb", "sqch", "skcb", "skch", "svb", "svh", "sob", "sol"}.isdisjoint(rec.skip)
         named = dict(keys[-1][0])
-        aligned = ("sqcb", "sqch", "skcb", "skch", "svb", "svh", "sob", "sol") + (("svl",) if pv8 else ())
-        assert all(named[s] == "x16" for s in aligned), named
+        assert all(named[s] == "x16" for s in ("sqcb", "sqch", "skcb", "skch", "svb", "svh", "sob", "sol")), named
     assert keys[0] == keys[1] == keys[2], keys

@@ -82,26 +82,6 @@ def test_refresh_residual_is_not_dominated_by_int8_noise(rng):
     torch.testing.assert_close(d8, full8.float() - sparse.float(), rtol=0, atol=1e-6)
 
 
-def test_fp8_pv_dense_passes_run_and_the_residual_stays_signal(rng):
-    """int8_pv8: the same dense passes with P.V in float8 e4m3 (the reference on the CPU): the dense steps
-    take it, a refresh's D carries its rounding as a small part, and the setting alone is refused."""
-    import pytest
-    q, k, v = qkv(rng)
-    mask = padding_mask()
-    a = SSARAttention(settings(int8_attention=True, int8_pv8=True))
-    want = int8_dense_attention(q, k, v, mask, pv8=True)
-    assert torch.equal(a(q, k, v, mask, call(0)), want)
-    assert rel(want, int8_dense_attention(q, k, v, mask)) > 5e-3  # FP8 P.V ran, not the bf16 P.V path
-    c = call(2)
-    ref = SSARAttention(settings())
-    block_mask = ref._new_mask(q, k, v, mask, c)
-    full, d = ref._refresh_outputs(q, k, v, mask, block_mask, c, None, False)[:2]
-    full8, d8 = a._refresh_outputs(q, k, v, mask, block_mask, c, None, False)[:2]
-    assert 0 < rel(full8, full) < 0.06 and rel(d8, d) < 0.1  # e4m3's 3 mantissa bits: ~2-4% of O_full
-    with pytest.raises(ValueError, match="needs int8_attention"):
-        settings(int8_pv8=True)
-
-
 def test_other_masks_and_calls_outside_a_run_stay_on_sdpa(rng):
     q, k, v = qkv(rng)
     a = SSARAttention(settings(int8_attention=True))

@@ -84,9 +84,7 @@ class SparseSettings:
     refresh's full output) compute Q.K^T in INT8 (dispatch.int8_dense_attention: K smoothed by its mean,
     per-block scales, fp32 softmax, P.V in V's dtype), so the refresh residual D = O_full - O_sparse
     carries that rounding too. Attention outside a sampling run and masks that are not key padding stay
-    on dense_attention; merged_refresh keeps its own (bf16) kernel. int8_pv8: those passes also take
-    P.V in float8 e4m3 (P x 448, V per channel; GPUs of compute capability 8.9+), the arithmetic that made
-    the block-sparse kernel's dense INT8 pass 1.22x faster on an H100; its own speed is not yet measured, so off.
+    on dense_attention; merged_refresh keeps its own (bf16) kernel.
 
     host_attention: the same dense passes run the host's attention where the call brings one
     (AttentionCall.dense; ComfyUI: the attention it is set to, e.g. comfy kitchen's INT8 attention with
@@ -120,7 +118,6 @@ class SparseSettings:
     host_eigh: Optional[bool] = None
     merged_refresh: bool = False
     int8_attention: bool = False
-    int8_pv8: bool = False
     host_attention: bool = False
     attention_precision: str = "bf16"
     schedule: str = "auto"
@@ -141,8 +138,6 @@ class SparseSettings:
         if self.n_rows < 1 or self.block < 1:
             raise ValueError(f"n_rows and block must be >= 1, got {self.n_rows} and {self.block}")
         check_policy(self.placement)
-        if self.int8_pv8 and not self.int8_attention:
-            raise ValueError("int8_pv8 (FP8 P.V in the INT8 dense passes) needs int8_attention=True")
         if self.attention_precision not in PRECISIONS:
             raise ValueError(f"unknown attention_precision {self.attention_precision!r}; use one of {', '.join(PRECISIONS)}")
         if self.schedule not in SCHEDULES:
@@ -478,7 +473,7 @@ class SSARAttention:
             keep = "all" if mask is None else allowed_keys(mask)
             if keep is not None:
                 self.stats["int8_dense"] += q.shape[0]
-                return int8_dense_attention(q, k, v, keep=keep, pv8=self.settings.int8_pv8)
+                return int8_dense_attention(q, k, v, keep=keep)
         return dense_attention(q, k, v, mask, call)
 
     def _refresh_outputs(self, q, k, v, mask, block_mask: BlockMask, call: AttentionCall, key, second: bool):

@@ -83,7 +83,11 @@ def quantize_blocks_ref(x: torch.Tensor, block: int, mean: Optional[torch.Tensor
     padded = torch.zeros(b, h, n * block, d, dtype=torch.float32, device=x.device)
     padded[:, :, :length] = xf
     blocks = padded.view(b, h, n, block * d)
-    scale = blocks.abs().amax(-1).clamp_min(SCALE_FLOOR) / QMAX
+    amax = blocks.abs().amax(-1).clamp_min(SCALE_FLOOR)
+    # A tensor divisor: on CUDA, torch divides by a Python number as a multiply by its reciprocal (up to
+    # 1 ulp off), which moved some scales, flipped codes at rounding ties and put 17 of 8,212 rows' LSE
+    # ~2e-3 off the kernel's correctly rounded scales on an H100 (2026-12-07).
+    scale = amax / torch.full_like(amax, QMAX)
     codes = torch.round(blocks / scale[..., None]).clamp(-QMAX, QMAX).to(torch.int8)
     return codes.view(b, h, n * block, d)[:, :, :length], scale
 

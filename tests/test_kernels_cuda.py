@@ -293,9 +293,12 @@ def test_int8_dense_attention_on_gpu_equals_reference(rng):
         ref, lse_ref = int8_attention_ref(q, k, v, return_lse=True)
     exact = exact_attention_f64(q, k, v)
     quant_err = rel(ref.cpu(), exact)
-    assert rel(out.cpu(), exact) < 2e-2
+    assert rel(out.cpu(), exact) < 2e-2, rel(out.cpu(), exact)
     assert rel(out.cpu(), ref.cpu()) < 0.5 * quant_err, (rel(out.cpu(), ref.cpu()), quant_err)
-    assert float((lse - lse_ref).abs().max()) < 1e-3
+    gap = (lse - lse_ref).abs()
+    worst = divmod(int(gap.argmax()), length)
+    assert float(gap.max()) < 1e-3, (f"LSE max gap {float(gap.max()):.2e} at (head, row) {worst}; "
+                                     f"rows over 1e-4: {int((gap > 1e-4).sum())} of {gap.numel()}")
 
 
 def test_refresh_residuals_on_gpu_equal_reference_bit_for_bit(rng):

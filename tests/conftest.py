@@ -18,7 +18,10 @@ if os.environ.get("QS_TEST_INSTALLED", "0") in ("", "0") and str(ROOT) not in sy
 
 import quantsparse_core.dispatch  # noqa: E402,F401  (makes the kernels importable as quantsparse_kernels)
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under pytest-xdist (./run tests: one worker per core) each worker gets its share of the cores, so the
+# workers do not oversubscribe the machine.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 
 @pytest.fixture
@@ -37,3 +40,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """The shipped tiny model (float32, CPU) and its header, loaded once per test process."""
+    from quantsparse_core.models.tiny.embedded import load_embedded
+    return load_embedded()
+
+
+def pytest_collection_modifyitems(items):
+    """Test files that set RUN_FIRST = True (the suite's longest: the tiny model's prompt-agreement runs) are
+    handed out first, so the pytest-xdist workers of ./run tests finish together instead of one long file last."""
+    items.sort(key=lambda item: not getattr(getattr(item, "module", None), "RUN_FIRST", False))

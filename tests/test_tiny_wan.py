@@ -61,3 +61,12 @@ def test_conditioning_dropout_replaces_prompts_by_the_empty_one(rng):
         train.drop_prompts(prompts, 1.0, rng)
     ctx, mask, pooled = PromptEncoder().encode(["", "a red circle moving right slowly on a black background"])
     assert mask[0].sum() == 0 and pooled[0].abs().sum() == 0 and mask[1].sum() == 10
+
+
+def test_training_loss_readout_is_the_mean_of_the_last_steps(rng):
+    """The trainer keeps per-step losses on the device and reads back the mean of the last 200."""
+    from quantsparse_core.models.tiny.train import recent_loss
+    values = torch.rand(350, generator=rng, dtype=torch.float64) * 3
+    losses = [v.float() for v in values]
+    assert abs(recent_loss(losses) - float(values.float().double()[-200:].mean())) < 1e-6
+    assert abs(recent_loss(losses[:7]) - float(values.float().double()[:7].mean())) < 1e-6

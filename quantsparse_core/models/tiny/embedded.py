@@ -112,7 +112,7 @@ def generate_wan(model, prompts, seeds, steps: int = DEFAULT_STEPS, shift: float
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     param = next(model.parameters())
-    ctx = PromptEncoder().encode_wan(list(prompts), model.config.text_dim).to(param)
+    ctx = PromptEncoder().encode_wan(list(prompts), model.config.text_dim, param.device).to(param)
     noise = torch.cat([initial_noise((1, *latent_shape), s, param.device, param.dtype) for s in seeds])
     lat = sample_wan(model, noise, ctx, flow_sigmas(steps, shift), on_step=on_step)
     return Generation(lat, LatentCodec().decode(lat.float()))

@@ -60,7 +60,7 @@ def build(family: str, device):
         model = WanDiT(config, device=device)
 
         def forward(m, xt, t, prompts, encoder, batch):
-            return m(xt, t, encoder.encode_wan(prompts, config.text_dim).to(device))
+            return m(xt, t, encoder.encode_wan(prompts, config.text_dim, device))
         return model, config, forward, zero_init_wan
     config = get_preset("tiny")
     model = HunyuanVideoDiT(config, device=device)
@@ -79,6 +79,11 @@ def drop_prompts(prompts: list, p: float, gen: torch.Generator) -> list:
         return list(prompts)   # no draw: --cond-dropout 0 keeps the scene sequence of runs made before it existed
     keep = torch.rand(len(prompts), generator=gen) >= p
     return [t if k else "" for t, k in zip(prompts, keep.tolist())]
+
+
+def recent_loss(losses: list, n: int = 200) -> float:
+    """Mean of the last n per-step losses (0-dim tensors, kept on the device until read here)."""
+    return float(torch.stack(losses[-n:]).float().mean())
 
 
 def sample_sigmas(n, gen, device, shift: float = HUNYUAN_SHIFT):
@@ -152,7 +157,7 @@ def main(argv=None):
         with torch.no_grad():
             for pe, pm in zip(ema.parameters(), model.parameters()):
                 pe.lerp_(pm, 1 - args.ema)
-        losses.append(loss.item())
+        losses.append(loss.detach())  # read back every 200 steps: a per-step .item() stalls the host on the GPU
         step += 1
         if args.minutes > 0 and step == 50:
             t50 = time.time()
@@ -161,10 +166,10 @@ def main(argv=None):
             total = max(step + 1, int((args.minutes * 60 - (time.time() - t0)) / per_step) + step)
             print(f"{per_step * 1000:.0f} ms/step -> {total} steps to fit {args.minutes} min", flush=True)
         if step % 200 == 0 or step == total:
-            print(f"step {step}/{total} loss {sum(losses[-200:]) / len(losses[-200:]):.4f} "
+            print(f"step {step}/{total} loss {recent_loss(losses):.4f} "
                   f"lr {lr_at(step, total):.2e} {time.time() - t0:.0f}s", flush=True)
 
-    final = sum(losses[-200:]) / len(losses[-200:])
+    final = recent_loss(losses)
     meta = {
         "format": "quantsparse-tiny-wan" if args.family == "wan" else "quantsparse-tiny-dit",
         "config": config.to_dict(), "steps": step, "batch": args.batch, "cond_dropout": args.cond_dropout,

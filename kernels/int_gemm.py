@@ -1,5 +1,7 @@
 """W8A8 and W4A8 GEMMs (Triton): int8 activations x int8 / packed-int4 weights, int32 accumulation,
-per-token x per-output-channel scales and bias in the epilogue, bf16 (or given dtype) out.
+per-token x per-output-channel scales and bias in the epilogue, bf16 (or given dtype) out. The epilogue can
+also add a low-rank side path h @ up^T (a LoRA beside the packed weight: `lora`) in fp32 before the output
+is rounded, so a LoRA costs no pass over the output of its own.
 
 Weight layout (prepare_weight, done once at load time):
 - 8/6-bit: int8 codes [N, K], K contiguous. int8 tensor-core MMAs on Hopper take both operands
@@ -70,8 +72,27 @@ def prepare_weight(w: torch.Tensor, w_bits: int, scale: torch.Tensor) -> Prepare
 
 
 @triton.jit
-def _epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sb_ptr, bias_ptr, c_ptr, stride_cm, HAS_BIAS: tl.constexpr):
-    """Shared by both GEMM kernels: int32 tile -> per-token x per-channel scales (+ bias) -> output dtype."""
+def _lora_tile(y, offs_m, offs_n, M, N, h_ptr, u_ptr, R, LORA_RB: tl.constexpr, LORA_PREC: tl.constexpr):
+    """y + h[offs_m] @ u[offs_n]^T: a LoRA side path's up projection added to an fp32 output tile before
+    it is stored (h [M, R] = x down^T, u [N, R] = the scaled up weights, R a multiple of LORA_RB), so
+    the low-rank term costs no pass over the output of its own. Rows / columns past M / N wrap (their
+    results are never stored)."""
+    rm = (offs_m % M).to(tl.int64)
+    rn = (offs_n % N).to(tl.int64)
+    offs_r = tl.arange(0, LORA_RB)
+    for r in range(0, R, LORA_RB):
+        h = tl.load(h_ptr + rm[:, None] * R + r + offs_r[None, :])
+        u = tl.load(u_ptr + rn[None, :] * R + r + offs_r[:, None])
+        if LORA_PREC == "ieee":   # fp32 side paths, and the CPU interpreter (its half-precision dots are not exact)
+            h, u = h.to(tl.float32), u.to(tl.float32)
+        y = tl.dot(h, u, y, input_precision=LORA_PREC)
+    return y
+
+
+@triton.jit
+def _epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sb_ptr, bias_ptr, c_ptr, stride_cm, h_ptr, u_ptr, R,
+              HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, LORA_RB: tl.constexpr, LORA_PREC: tl.constexpr):
+    """Shared by both GEMM kernels: int32 tile -> per-token x per-channel scales (+ bias, + LoRA) -> output dtype."""
     mmask = offs_m < M
     nmask = offs_n < N
     sa = tl.load(sa_ptr + offs_m, mask=mmask, other=0.0)
@@ -79,14 +100,17 @@ def _epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sb_ptr, bias_ptr, c_ptr, stride
     y = acc.to(tl.float32) * sa[:, None] * sb[None, :]
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + offs_n, mask=nmask, other=0.0)[None, :]
+    if HAS_LORA:
+        y = _lora_tile(y, offs_m, offs_n, M, N, h_ptr, u_ptr, R, LORA_RB, LORA_PREC)
     c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
 
 
 @triton.jit
 def _int_gemm_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, c_ptr, M, N, K_ITER, HALF,
-                     stride_am, stride_bn, stride_cm, M_BUCKET,
+                     stride_am, stride_bn, stride_cm, M_BUCKET, h_ptr, u_ptr, R,
                      W4: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+                     HAS_LORA: tl.constexpr, LORA_RB: tl.constexpr, LORA_PREC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
@@ -129,7 +153,8 @@ def _int_gemm_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, c_ptr, M, N, K_ITER
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
 
-    _epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sb_ptr, bias_ptr, c_ptr, stride_cm, HAS_BIAS)
+    _epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sb_ptr, bias_ptr, c_ptr, stride_cm, h_ptr, u_ptr, R,
+              HAS_BIAS, HAS_LORA, LORA_RB, LORA_PREC)
 
 
 @triton.jit
@@ -165,19 +190,23 @@ def _tma_tile_coords(tile, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _scaled_tile(acc, offs_m, offs_n, M, N, sa_ptr, sb_ptr, bias_ptr, HAS_BIAS: tl.constexpr):
-    """int32 tile -> fp32 with the per-token x per-channel scales (+ bias), as _epilogue computes it."""
+def _scaled_tile(acc, offs_m, offs_n, M, N, sa_ptr, sb_ptr, bias_ptr, h_ptr, u_ptr, R, HAS_BIAS: tl.constexpr,
+                 HAS_LORA: tl.constexpr, LORA_RB: tl.constexpr, LORA_PREC: tl.constexpr):
+    """int32 tile -> fp32 with the per-token x per-channel scales (+ bias, + LoRA), as _epilogue computes it."""
     sa = tl.load(sa_ptr + offs_m, mask=offs_m < M, other=0.0)
     sb = tl.load(sb_ptr + offs_n, mask=offs_n < N, other=0.0)
     y = acc.to(tl.float32) * sa[:, None] * sb[None, :]
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
+    if HAS_LORA:
+        y = _lora_tile(y, offs_m, offs_n, M, N, h_ptr, u_ptr, R, LORA_RB, LORA_PREC)
     return y
 
 
 @triton.jit
 def _int_gemm_tma_kernel(a_desc, b_desc, c_desc, sa_ptr, sb_ptr, bias_ptr, c_ptr, M, N, K, stride_cm,
-                         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         h_ptr, u_ptr, R, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
+                         LORA_RB: tl.constexpr, LORA_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_PROGS: tl.constexpr,
                          TMA_STORE: tl.constexpr, SUBTILE: tl.constexpr, FLATTEN: tl.constexpr,
                          WARP_SPEC: tl.constexpr):
@@ -202,17 +231,21 @@ def _int_gemm_tma_kernel(a_desc, b_desc, c_desc, sa_ptr, sb_ptr, bias_ptr, c_ptr
                 HALF_N: tl.constexpr = BLOCK_N // 2
                 acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF_N)), (0, 2, 1)))
                 offs_n = pid_n * BLOCK_N + tl.arange(0, HALF_N)
-                y0 = _scaled_tile(acc0, offs_m, offs_n, M, N, sa_ptr, sb_ptr, bias_ptr, HAS_BIAS)
+                y0 = _scaled_tile(acc0, offs_m, offs_n, M, N, sa_ptr, sb_ptr, bias_ptr, h_ptr, u_ptr, R,
+                                  HAS_BIAS, HAS_LORA, LORA_RB, LORA_PREC)
                 c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], y0.to(c_desc.dtype))
-                y1 = _scaled_tile(acc1, offs_m, offs_n + HALF_N, M, N, sa_ptr, sb_ptr, bias_ptr, HAS_BIAS)
+                y1 = _scaled_tile(acc1, offs_m, offs_n + HALF_N, M, N, sa_ptr, sb_ptr, bias_ptr, h_ptr, u_ptr, R,
+                                  HAS_BIAS, HAS_LORA, LORA_RB, LORA_PREC)
                 c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N + HALF_N], y1.to(c_desc.dtype))
             else:
                 offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-                y = _scaled_tile(acc, offs_m, offs_n, M, N, sa_ptr, sb_ptr, bias_ptr, HAS_BIAS)
+                y = _scaled_tile(acc, offs_m, offs_n, M, N, sa_ptr, sb_ptr, bias_ptr, h_ptr, u_ptr, R,
+                                  HAS_BIAS, HAS_LORA, LORA_RB, LORA_PREC)
                 c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], y.to(c_desc.dtype))
         else:
             offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            _epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sb_ptr, bias_ptr, c_ptr, stride_cm, HAS_BIAS)
+            _epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sb_ptr, bias_ptr, c_ptr, stride_cm, h_ptr, u_ptr, R,
+                      HAS_BIAS, HAS_LORA, LORA_RB, LORA_PREC)
 
 
 # Persistent-TMA launches: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages[, options]) where options is a
@@ -231,6 +264,12 @@ TMA_CONFIGS = {
     (15360, 3072): (256, 128, 128, 8, 4, "flatten"),                 # single linear2
 }
 TMA_MIN_M = 8192  # persistent tiles pay off once there are many output tiles per SM
+TMA_MIN_N = 256
+
+# A LoRA side path's rank R is a multiple of this (its tiles are [BLOCK_M, LORA_RANK_MULTIPLE] x
+# [LORA_RANK_MULTIPLE, BLOCK_N] dots, 16 being the smallest K of a tensor-core MMA); callers pad with
+# zero rows / columns (quantsparse_core.quant.low_rank), which add exactly nothing.
+LORA_RANK_MULTIPLE = 16
 
 
 def _tma_config(K: int, N: int) -> tuple:
@@ -259,11 +298,22 @@ def _use_tma(a: torch.Tensor, w: "PreparedWeight", tile: tuple | None) -> bool:
     elif not a.is_cuda or torch.cuda.get_device_capability(a.device) < (9, 0):
         return False
     K = a.shape[1]
-    return (tile is not None or a.shape[0] >= TMA_MIN_M) and K % 16 == 0 and a.stride(0) % 16 == 0 \
+    # N >= TMA_MIN_N: the default tiles' weight boxes (up to 256 rows) stay inside the weight (a LoRA's
+    # down projection on int8 codes has N = its rank, e.g. 96: the pointer kernel serves it)
+    return (tile is not None or (a.shape[0] >= TMA_MIN_M and w.out_features >= TMA_MIN_N)) and K % 16 == 0 \
+        and a.stride(0) % 16 == 0 \
         and a.data_ptr() % 16 == 0 and w.data.data_ptr() % 16 == 0
 
 
-def _launch_tma(a, sa, w, bias, c, tile):
+def _lora_args(lora):
+    """(h, u, R, HAS_LORA, LORA_PREC) kernel arguments for a checked side path, or its absence."""
+    if lora is None:
+        return None, None, 0, False, None
+    h, u = lora
+    return h, u, h.shape[1], True, ("ieee" if h.dtype == torch.float32 or interpreting() else None)
+
+
+def _launch_tma(a, sa, w, bias, c, tile, lora=None):
     from triton.tools.tensor_descriptor import TensorDescriptor
     bm, bn, bk, warps, stages = tile[:5]
     opts = _tma_options(tile)
@@ -275,11 +325,33 @@ def _launch_tma(a, sa, w, bias, c, tile):
     c_desc = TensorDescriptor.from_tensor(c, [bm, bn // 2 if "subtile" in opts else bn]) if store else a_desc
     sms = torch.cuda.get_device_properties(a.device).multi_processor_count if a.is_cuda else 4
     progs = min(sms, triton.cdiv(M, bm) * triton.cdiv(N, bn))
+    h, u, r, has_lora, prec = _lora_args(lora)
     _int_gemm_tma_kernel[(progs,)](a_desc, b_desc, c_desc, sa, w.scale, bias if bias is not None else w.scale, c,
-                                   M, N, K, c.stride(0), HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn,
+                                   M, N, K, c.stride(0), h if has_lora else w.scale, u if has_lora else w.scale, r,
+                                   HAS_BIAS=bias is not None, HAS_LORA=has_lora, LORA_RB=LORA_RANK_MULTIPLE,
+                                   LORA_PREC=prec, BLOCK_M=bm, BLOCK_N=bn,
                                    BLOCK_K=bk, GROUP_M=8, NUM_PROGS=progs, TMA_STORE=store,
                                    SUBTILE=store and "subtile" in opts, FLATTEN="flatten" in opts,
                                    WARP_SPEC="ws" in opts, num_warps=warps, num_stages=stages)
+
+
+_LORA_TILES: dict = {}   # TMA tile -> the same tile with fewer stages where a side path did not fit
+
+
+def _launch_tma_lora(a, sa, w, bias, c, tile, lora):
+    """_launch_tma with a side path: its h / up tiles take shared memory beside the main loop's pipeline
+    stages; where a tile's stages leave too little (Triton's OutOfResources when it compiles), the same
+    tile with one stage fewer, remembered per tile."""
+    from triton.runtime.errors import OutOfResources
+    first, tile = tile, _LORA_TILES.get(tile, tile)
+    while True:
+        try:
+            return _launch_tma(a, sa, w, bias, c, tile, lora)
+        except OutOfResources:
+            if tile[4] <= 2:
+                raise
+            tile = tile[:4] + (tile[4] - 1,) + tuple(tile[5:])
+            _LORA_TILES[first] = tile
 
 
 def _cfg(bm, bn, bk, warps, stages, group=8):
@@ -298,19 +370,36 @@ _CONFIGS = [
     _cfg(256, 128, 64, 8, 4),
     _cfg(128, 128, 128, 4, 4),
 ]
-_tuned = triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "N", "K_ITER", "W4", "HAS_BIAS", "EVEN_K"])(_int_gemm_kernel)
+_tuned = triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "N", "K_ITER", "W4", "HAS_BIAS", "EVEN_K",
+                                                "HAS_LORA"])(_int_gemm_kernel)
 _INTERP = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)  # small tiles for the CPU interpreter
+
+
+def _check_lora(lora, M: int, N: int):
+    """The side path (h [M, R], u [N, R]) made contiguous, or a ValueError naming what is wrong with it."""
+    if lora is None:
+        return None
+    h, u = lora
+    if h.dim() != 2 or u.dim() != 2 or h.shape[0] != M or u.shape[0] != N or h.shape[1] != u.shape[1]:
+        raise ValueError(f"LoRA side path must be h [M={M}, R] and up [N={N}, R], got {tuple(h.shape)} and {tuple(u.shape)}")
+    if h.shape[1] == 0 or h.shape[1] % LORA_RANK_MULTIPLE:
+        raise ValueError(f"LoRA side path rank {h.shape[1]} must be a positive multiple of {LORA_RANK_MULTIPLE} "
+                         "(pad down / up with zeros)")
+    if h.dtype != u.dtype or h.dtype not in OUT_DTYPES or h.device != u.device:
+        raise ValueError(f"LoRA side path h and up must share one float dtype and device, got {h.dtype} / {u.dtype}")
+    return h.contiguous(), u.contiguous()
 
 
 def int_gemm(a: torch.Tensor, sa: torch.Tensor, w: PreparedWeight, bias: torch.Tensor | None = None,
              out_dtype: torch.dtype = torch.bfloat16, config: dict | None = None,
-             unpack: str = "auto", tma_tile: tuple | None = None) -> torch.Tensor:
+             unpack: str = "auto", tma_tile: tuple | None = None, lora: tuple | None = None) -> torch.Tensor:
     """a int8 [M, K] codes, sa fp32 [M, 1] per-token scales, w from prepare_weight -> [M, N] out_dtype.
 
     Large M on Hopper (8/6-bit, or 4-bit expanded): persistent TMA kernel, tiles from TMA_CONFIGS
     (tma_tile=(BM, BN, BK, warps, stages[, "+"-joined TMA_OPTIONS]) overrides). Otherwise the pointer kernel, autotuned, or
     config: a fixed {BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages}.
     unpack (4-bit only): "fused" in the GEMM, "separate" to a transient int8 buffer, "auto" by M.
+    lora: (h [M, R], up [N, R]) adds h @ up^T to the fp32 result in the epilogue (R % LORA_RANK_MULTIPLE == 0).
     """
     if not isinstance(w, PreparedWeight):
         raise ValueError("w must come from kernels.int_gemm.prepare_weight(codes_or_packed, w_bits, scale)")
@@ -337,16 +426,24 @@ def int_gemm(a: torch.Tensor, sa: torch.Tensor, w: PreparedWeight, bias: torch.T
     if a.stride(1) != 1:
         a = a.contiguous()
     sa = sa.reshape(M).contiguous()
+    lora = _check_lora(lora, M, N)
     c = torch.empty((M, N), dtype=out_dtype, device=a.device)
     if M == 0:
         return c
     if config is None and _use_tma(a, w, tma_tile):
-        _launch_tma(a, sa, w, bias, c, tma_tile or _tma_config(K, N))
+        tile = tma_tile or _tma_config(K, N)
+        if lora is None:
+            _launch_tma(a, sa, w, bias, c, tile)
+        else:
+            _launch_tma_lora(a, sa, w, bias, c, tile, lora)
         return c
     k_iter = K // 2 if w.w_bits == 4 else K
     args = (a, w.data, sa, w.scale, bias if bias is not None else w.scale, c, M, N, k_iter, K // 2,
             a.stride(0), w.data.stride(0), c.stride(0), min(triton.next_power_of_2(M), 65536))
+    h, u, r, has_lora, prec = _lora_args(lora)
+    args += (h if has_lora else w.scale, u if has_lora else w.scale, r)
     W4, HAS_BIAS = w.w_bits == 4, bias is not None
+    lora_kw = dict(HAS_LORA=has_lora, LORA_RB=LORA_RANK_MULTIPLE, LORA_PREC=prec)
     if config is None and interpreting():
         config = _INTERP
     if config is not None:
@@ -354,8 +451,8 @@ def int_gemm(a: torch.Tensor, sa: torch.Tensor, w: PreparedWeight, bias: torch.T
         warps, stages = cfg.pop("num_warps", 4), cfg.pop("num_stages", 2)
         grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
         _int_gemm_kernel[grid](*args, W4=W4, HAS_BIAS=HAS_BIAS, EVEN_K=k_iter % cfg["BLOCK_K"] == 0,
-                               num_warps=warps, num_stages=stages, **cfg)
+                               num_warps=warps, num_stages=stages, **lora_kw, **cfg)
     else:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-        _tuned[grid](*args, W4=W4, HAS_BIAS=HAS_BIAS, EVEN_K=k_iter % 128 == 0)
+        _tuned[grid](*args, W4=W4, HAS_BIAS=HAS_BIAS, EVEN_K=k_iter % 128 == 0, **lora_kw)
     return c

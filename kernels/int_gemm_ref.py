@@ -17,8 +17,10 @@ def weight_codes(w: torch.Tensor, w_bits: int) -> torch.Tensor:
 
 
 def int_gemm_ref(a: torch.Tensor, sa: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, w_bits: int,
-                 bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """a int8 [M, K], sa [M, 1], w storage codes [N, K] (or packed [N, K/2] for 4 bits), sw [N, 1]."""
+                 bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32,
+                 lora: tuple | None = None) -> torch.Tensor:
+    """a int8 [M, K], sa [M, 1], w storage codes [N, K] (or packed [N, K/2] for 4 bits), sw [N, 1];
+    lora (h [M, R], up [N, R]): + h @ up^T, in float64 like the rest."""
     codes = weight_codes(w, w_bits)
     if a.device.type == "cpu":
         acc = (a.to(torch.int64) @ codes.to(torch.int64).t()).double()
@@ -27,4 +29,6 @@ def int_gemm_ref(a: torch.Tensor, sa: torch.Tensor, w: torch.Tensor, sw: torch.T
     y = acc * sa.double().reshape(-1, 1) * sw.double().reshape(1, -1)
     if bias is not None:
         y = y + bias.double()
+    if lora is not None:
+        y = y + lora[0].double() @ lora[1].double().t()
     return y.to(out_dtype)

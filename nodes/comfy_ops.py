@@ -21,6 +21,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -58,21 +59,32 @@ class _Rows(torch.nn.Module):
         super().__init__()
         self.q = q
 
-    def forward(self, x, start: int, end: int):
-        return self.q.forward_rows(x, start, end)
+    def forward(self, x, start: int, end: int, side=None):
+        return self.q.forward_rows(x, start, end, side)
 
 
-def _run_on_copies(q: QuantLinear, x, device, rows=None):
-    """q(x) (or q.forward_rows(x, *rows)) with q's tensors copied to `device` for this call only: a
+def _run_on_copies(q: QuantLinear, x, device, rows=None, side=None):
+    """q(x, side) (or q.forward_rows(x, *rows, side)) with q's tensors copied to `device` for this call only: a
     layer ComfyUI offloaded runs where its input is, with the same math (so the same output) as if it
     had been moved there."""
     tensors = {k: t.to(device, copy=True) for k, t in itertools.chain(q.named_parameters(), q.named_buffers())}
     try:
         if rows is None:
-            return torch.func.functional_call(q, tensors, (x,))
-        return torch.func.functional_call(_Rows(q), {f"q.{k}": t for k, t in tensors.items()}, (x, *rows))
+            return torch.func.functional_call(q, tensors, (x,), {"side": side})
+        return torch.func.functional_call(_Rows(q), {f"q.{k}": t for k, t in tensors.items()}, (x, *rows, side))
     finally:
         q._kernel_state = None  # the kernel layout made from the copies must not stay on the device
+
+
+LORA_FLOAT_INPUT_ENV = "QUANTSPARSE_LORA_FLOAT_INPUT"
+
+
+def lora_on_float_input() -> bool:
+    """QUANTSPARSE_LORA_FLOAT_INPUT=1: LoRAs on quantized layers take the float activation (exact LoRA term;
+    the fused blocks then do not quantize those layers' inputs for them: slower) instead of the int8 codes
+    the layer itself runs on (the default: the LoRA's term carries the activation quantization error, as a
+    LoRA merged before compression would)."""
+    return os.environ.get(LORA_FLOAT_INPUT_ENV, "").strip() not in ("", "0")
 
 
 def make_operations(layers: dict):
@@ -125,11 +137,13 @@ def make_operations(layers: dict):
 
             def input_quant_spec(self, x):
                 """QuantLinear.input_quant_spec of the quantized layer where it runs beside x (the fused
-                blocks' producers then hand forward() a QuantizedInput); None: pass x as it is, also
-                when a LoRA side path (ours, or ComfyUI's bypass LoRA, which replaces forward on the
-                instance) needs the float input."""
+                blocks' producers then hand forward() a QuantizedInput; our LoRA side paths take it too,
+                unless lora_on_float_input());
+                None: pass x as it is, also where ComfyUI's bypass LoRA replaced forward on the instance
+                (it needs the float input)."""
                 q = self.quant
-                if q is None or self.lora is not None or "forward" in self.__dict__ or q.w_packed.device != x.device:
+                if q is None or "forward" in self.__dict__ or q.w_packed.device != x.device \
+                        or (self.lora is not None and lora_on_float_input()):
                     return None
                 return q.input_quant_spec(x)
 
@@ -138,8 +152,8 @@ def make_operations(layers: dict):
                     return super().forward(x, *args, **kwargs)
                 q = self.quant
                 device = x.codes.device if isinstance(x, QuantizedInput) else x.device
-                y = q(x) if q.w_packed.device == device else _run_on_copies(q, x, device)
-                return y if self.lora is None else y + self.side_paths.out(x)
+                side = None if self.lora is None else self.side_paths.low_rank(x)
+                return q(x, side=side) if q.w_packed.device == device else _run_on_copies(q, x, device, side=side)
 
             @property
             def forward_rows(self):
@@ -154,9 +168,9 @@ def make_operations(layers: dict):
             def _forward_rows(self, x, start: int, end: int):
                 q = self.quant
                 device = x.codes.device if isinstance(x, QuantizedInput) else x.device
-                y = (q.forward_rows(x, start, end) if q.w_packed.device == device
-                     else _run_on_copies(q, x, device, rows=(start, end)))
-                return y if self.lora is None else y + self.side_paths.out(x, start, end)
+                side = None if self.lora is None else self.side_paths.low_rank(x)
+                return (q.forward_rows(x, start, end, side) if q.w_packed.device == device
+                        else _run_on_copies(q, x, device, rows=(start, end), side=side))
 
     return QuantSparseOps
 

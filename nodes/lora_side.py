@@ -1,5 +1,7 @@
 """LoRAs on the quantized layers of a compressed MODEL, as low-rank side paths beside the packed weight
-(docs/LORA.md): y = Q(x) + sum_i s_i alpha_i / r_i (x down_i^T) up_i^T. No dense weight is ever made.
+(docs/LORA.md): y = Q(x) + sum_i s_i alpha_i / r_i (x down_i^T) up_i^T. No dense weight is ever made: the
+LoRAs' down projections run as one GEMM (on the producer's int8 codes where the fused blocks quantize the
+layer's input, quant.low_rank), their up projections inside the quantized GEMM's epilogue.
 
 Each quantized layer holds two parts, each one concatenated (down, up) pair or none:
 - "static": the LoRAs on the MODEL (LoraLoader, ...), taken from the patcher ComfyUI loads for a run (a
@@ -15,9 +17,9 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.nn.functional as F
 
 from quantsparse_core.quant.linear import QuantizedInput, QuantLinear
+from quantsparse_core.quant.low_rank import LowRank
 
 UNET_PREFIX = "diffusion_model."
 INJECTION = "quantsparse_lora"        # PatcherInjection key
@@ -33,12 +35,14 @@ KEEP = 2   # pairs (and device copies) kept per part: a hook on the positive pro
 
 
 class SidePaths:
-    """A quantized layer's LoRA parts: {part: (key, (down, up) fp32 or None)}, the last KEEP pairs of each part
-    with their copies in the input's device and dtype, and whether they are on (the patcher is injected)."""
+    """A quantized layer's LoRA parts: {part: (key, (down, up) fp32 or None)}, the last KEEP pairs of each part,
+    whether they are on (the patcher is injected), and the active parts joined into one (down, up) in the
+    input's device and dtype (the last KEEP * KEEP joins: cond and uncond may each have their own)."""
 
     def __init__(self):
         self.parts = {p: (None, None) for p in PARTS}
-        self.kept = {p: {} for p in PARTS}   # part -> {key: [pair, cast (device, dtype, down, up) or None]}
+        self.kept = {p: {} for p in PARTS}   # part -> {key: [pair, sources]}
+        self.joined = {}                     # (part keys, device, dtype) -> (down [R, in], up [out, R])
         self.active = None                   # the parts in use, or None
 
     def use(self, part: str, key) -> bool:
@@ -52,9 +56,11 @@ class SidePaths:
         """`sources`: what `key` names by id, held while the pair is kept (so no id is reused meanwhile)."""
         pair = None if not pairs else (torch.cat([d for d, _ in pairs]), torch.cat([u for _, u in pairs], dim=1))
         kept = self.kept[part]
-        kept[key] = [pair, None, sources]
+        kept[key] = [pair, sources]
         while len(kept) > KEEP:
-            del kept[next(iter(kept))]
+            gone = next(iter(kept))
+            del kept[gone]
+            self.joined = {k: v for k, v in self.joined.items() if (part, gone) not in k[0]}
         self.parts[part] = (key, pair)
 
     def key(self, part: str):
@@ -70,20 +76,20 @@ class SidePaths:
     def forget(self) -> None:
         self.__init__()
 
-    def out(self, x, start: int = 0, end: int = None):
-        """sum over the active parts of (x down^T) up[start:end]^T, in x's dtype on x's device."""
-        if isinstance(x, QuantizedInput):
-            raise ValueError("a LoRA on a quantized layer needs the float input, not a QuantizedInput")
-        y = None
-        for part in self.active:
-            key, (down, up) = self.parts[part]
-            slot = self.kept[part][key]
-            c = slot[1]
-            if c is None or c[:2] != (x.device, x.dtype):
-                c = slot[1] = (x.device, x.dtype, down.to(x.device, x.dtype), up.to(x.device, x.dtype))
-            z = F.linear(F.linear(x, c[2]), c[3][start:end])
-            y = z if y is None else y + z
-        return y
+    def low_rank(self, x) -> LowRank:
+        """The active parts as one side path for QuantLinear(x, side=...): their ranks concatenated, in x's
+        dtype on x's device (x float, or a producer's QuantizedInput: LowRank makes h from either)."""
+        device = x.codes.device if isinstance(x, QuantizedInput) else x.device
+        key = (tuple((part, self.parts[part][0]) for part in self.active), device, x.dtype)
+        side = self.joined.get(key)
+        if side is None:
+            down = torch.cat([self.parts[part][1][0] for part in self.active])
+            up = torch.cat([self.parts[part][1][1] for part in self.active], dim=1)
+            side = LowRank(down.to(device, x.dtype), up.to(device, x.dtype))
+            while len(self.joined) >= KEEP * KEEP:
+                del self.joined[next(iter(self.joined))]
+            self.joined[key] = side
+        return side
 
 
 _LAYERS = "quantsparse_quantized_layers"   # on the BaseModel: its quantized linears, listed once

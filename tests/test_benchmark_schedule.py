@@ -36,3 +36,30 @@ def test_what_if_schedules_use_only_measured_kinds(tau, warmup):
 def test_first_order_schedule_has_no_second_order_kinds():
     kinds, _ = gb.schedule(gb.SparseSettings(order=1))
     assert "refresh2" not in kinds and "reuse2" not in kinds and "reuse2a" not in kinds
+
+
+def _run(config, kinds, seconds, schedule_kinds, steps=50):
+    import comfy_product as cp  # noqa: F401  (benchmarks/ is on sys.path above)
+    per = [dict(i=i, s=s, kind=k) for i, (k, s) in enumerate(zip(kinds, seconds))]
+    per_kind = {k: dict(median_s=sorted(s for kk, s in zip(kinds, seconds) if kk == k)[
+        (kinds.count(k) - 1) // 2]) for k in set(kinds)}
+    return dict(config=config, resolution="720p", cap_gb=None, completed=True, per_step=per, per_kind=per_kind,
+                schedule_steps=steps, schedule_kinds=schedule_kinds, loras={"count": 3})
+
+
+def test_lora_target_counts_the_worst_step_kind_of_a_partial_run():
+    """A run timed over the first steps of the 50-step plan: every kind's median ratio must be within the
+    target, not only the sum over the (dense-heavy) steps timed; a kind not timed leaves the row unmet."""
+    import comfy_product as cp
+    kinds = ["dense"] * 5 + ["refresh"] + ["reuse"] * 4 + ["refresh", "reuse"]
+    counts = {"dense": 5, "refresh": 9, "reuse": 36}
+    q = [20.0] * 5 + [25.0] + [5.0] * 4 + [25.0, 5.0]
+    ql = [20.6] * 5 + [25.7] + [5.6] * 4 + [25.7, 5.6]          # reuse +12%: over the 10% line
+    row = cp.lora_target([_run("Q", kinds, q, counts), _run("QL", kinds, ql, counts)])
+    assert row["measured"] == pytest.approx(1.12, abs=1e-3) and not row["met"]
+    weighted = (5 * 20.6 + 9 * 25.7 + 36 * 5.6) / (5 * 20.0 + 9 * 25.0 + 36 * 5.0)
+    assert f"{weighted:.3f}" in row["note"] and f"{sum(ql) / sum(q):.3f}" in row["note"]
+    ql_ok = [x * 1.05 for x in q]
+    assert cp.lora_target([_run("Q", kinds, q, counts), _run("QL", kinds, ql_ok, counts)])["met"]
+    short = cp.lora_target([_run("Q", kinds[:6], q[:6], counts), _run("QL", kinds[:6], ql_ok[:6], counts)])
+    assert not short["met"] and "not every step kind timed" in short["note"]

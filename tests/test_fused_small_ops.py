@@ -127,7 +127,7 @@ def test_producer_quantized_inputs_equal_separate_quantization(rng, monkeypatch,
     args = (x, torch.tensor([640.0]), ctx, y, torch.tensor([6.0]))
     calls = []
     real = QuantLinear._forward_quantized
-    monkeypatch.setattr(QuantLinear, "_forward_quantized", lambda self, q: calls.append(q) or real(self, q))
+    monkeypatch.setattr(QuantLinear, "_forward_quantized", lambda self, q, *a: calls.append(q) or real(self, q, *a))
     with torch.no_grad(), dispatch.forced("triton"):
         separate = model.fuse_small_ops(compile=False, quantize_inputs=False)(*args, attention_mask=mask)
         assert not calls

@@ -64,6 +64,58 @@ def test_persistent_tma_gemm_on_gpu(rng, tile):
     assert torch.isfinite(y).all() and rel(y.cpu(), ref) < 4e-3  # bf16 output rounding (2^-9 relative)
 
 
+@pytest.mark.parametrize("m,n,tile", [(37, 1280, None), (8192 + 1001, 1280, None),
+                                      (8192 + 1001, 12288, (256, 128, 128, 8, 4, "flatten")),
+                                      (8192 + 1001, 3072, (128, 256, 128, 8, 3, "store+subtile+flatten"))])
+def test_int_gemm_lora_epilogue_on_gpu(rng, m, n, tile):
+    """A LoRA side path (rank 96, bf16, as three stacked rank-32 LoRAs) added in the GEMM's epilogue: the
+    pointer kernel, the TMA kernel at its default and its 4-stage fc1 tile (its h / up tiles need shared
+    memory beside the stages: one stage fewer where it does not fit) and the split TMA store."""
+    from quantsparse_kernels import int_gemm as ig
+    from quantsparse_kernels.int_gemm_ref import int_gemm_ref
+    k, r = 3072, 96
+    a = torch.randint(-127, 128, (m, k), generator=rng, dtype=torch.int8)
+    sa = torch.rand(m, 1, generator=rng) * 1e-3 + 1e-4
+    sw = torch.rand(n, 1, generator=rng) * 1e-3 + 1e-4
+    codes = torch.randint(-127, 128, (n, k), generator=rng, dtype=torch.int8)
+    h = (torch.randn(m, r, generator=rng) * 0.5).bfloat16()
+    up = torch.randn(n, r, generator=rng).bfloat16()
+    w = ig.prepare_weight(codes.to(DEV), 8, sw.to(DEV))
+    y = ig.int_gemm(a.to(DEV), sa.to(DEV), w, None, out_dtype=torch.bfloat16, tma_tile=tile,
+                    lora=(h.to(DEV), up.to(DEV)))
+    # float64 on the GPU (exact for these integer sums; the CPU's int64 matmul takes minutes at these sizes)
+    plain = int_gemm_ref(a.to(DEV), sa.to(DEV), codes.to(DEV), sw.to(DEV), 8, None, torch.float64)
+    ref = plain + h.to(DEV).double() @ up.to(DEV).double().t()
+    print("LoRA tiles with fewer stages:", ig._LORA_TILES)
+    assert rel(plain, ref) > 0.1 and torch.isfinite(y).all() and rel(y, ref) < 4e-3
+
+
+def test_low_rank_from_codes_on_gpu_equals_its_integer_math(rng):
+    """A LoRA's down projection on a producer's int8 codes at a large token count (the int8 GEMM with
+    N = R = 96: the pointer kernel, N being under TMA_MIN_N), then its up projection in the layer's epilogue
+    (M over TMA_MIN_M: the TMA kernel), against float64."""
+    from quantsparse_core import dispatch
+    from quantsparse_core.quant.linear import QuantizedInput, QuantLinear
+    from quantsparse_core.quant.low_rank import LowRank
+    lin = torch.nn.Linear(3072, 1024)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(1024, 3072, generator=rng) * 0.02)
+    q = QuantLinear(lin, 4, 8, smooth=True)
+    with torch.no_grad():
+        q.log_smooth.copy_(torch.randn(3072, generator=rng) * 0.3)
+    q = q.freeze().to(DEV)
+    lr = LowRank((torch.randn(96, 3072, generator=rng) * 0.02).to(DEV), (torch.randn(1024, 96, generator=rng) * 0.05).to(DEV))
+    codes = torch.randint(-127, 128, (9000, 3072), generator=rng, dtype=torch.int8).to(DEV)
+    scale = (torch.rand(9000, 1, generator=rng) * 1e-2 + 1e-3).to(DEV)
+    qi = QuantizedInput(codes, scale, (1, 9000), torch.float32)   # fp32 out: the term's own error shows
+    with dispatch.forced("triton"):
+        term = (q(qi, side=lr) - q(qi)).double()
+    dq, ds, _ = next(iter(lr._int8.values()))
+    h = (codes.double() @ dq.double().t()) * scale.double() * ds.double().t()
+    exact = h @ lr.up.double().t()
+    assert rel(term.reshape(9000, 1024), exact) < 1e-4
+
+
 @pytest.mark.parametrize("rotation", [None, "hadamard"])
 def test_quant_linear_triton_path_on_gpu_equals_torch_path(rng, rotation):
     from quantsparse_core import dispatch

@@ -45,6 +45,38 @@ class QuantizedInput(NamedTuple):
     dtype: torch.dtype
 
 
+# The rank multiple kernels.int_gemm takes a side path at (its LORA_RANK_MULTIPLE): side paths padded to it
+# once (quant.low_rank.LowRank) run in the GEMM's epilogue as they are; others are padded per call.
+SIDE_RANK_MULTIPLE = 16
+
+
+def _projected(side, x, layer):
+    """A side path as (h, up): a LowRank (quant.low_rank) projects x itself."""
+    return side.project(x, layer) if side is not None and not isinstance(side, tuple) else side
+
+
+def _side_term(side, lead: tuple) -> torch.Tensor:
+    """h @ up^T of a low-rank side path (h [..., R], up [N, R]) in fp32, shaped [*lead, N]."""
+    h, up = side
+    return (h.float().reshape(*lead, h.shape[-1]) @ up.float().t())
+
+
+def _side_rows(side, start: int, end: int):
+    return None if side is None else (side[0], side[1][start:end])
+
+
+def _kernel_side(side, m: int, dtype):
+    """The side path as kernels.int_gemm takes it: h [M, R], up [N, R], both in the output dtype."""
+    if side is None:
+        return None
+    h, up = side
+    h, up = h.reshape(m, h.shape[-1]).to(dtype), up.to(dtype)
+    pad = -h.shape[1] % SIDE_RANK_MULTIPLE
+    if pad:
+        h, up = F.pad(h, (0, pad)), F.pad(up, (0, pad))
+    return h, up
+
+
 def _kernels_on(device: torch.device) -> bool:
     """Whether the fused Triton kernels run for tensors on `device` (quantsparse_core.dispatch)."""
     return dispatch.quantized_linear_kernels(device) is not None
@@ -105,29 +137,41 @@ class QuantLinear(nn.Module):
         return absmax_scale(x, self.a_bits, dim=-1, clip=self.a_clip.clamp(CLIP_MIN, 1.0))
 
     # -- modes ------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, side: tuple | None = None) -> torch.Tensor:
+        """side: a low-rank side path (h = x down^T [..., R], up [out_features, R]) whose h @ up^T is
+        added to the output before it is rounded to x's dtype (a LoRA beside the packed weight; on the
+        kernel path inside the GEMM's epilogue, R a multiple of kernels.int_gemm.LORA_RANK_MULTIPLE); or a
+        quant.low_rank.LowRank, which makes h from x (float, or a producer's codes) itself."""
+        side = _projected(side, x, self)
         if isinstance(x, QuantizedInput):
-            return self._forward_quantized(x)
+            return self._forward_quantized(x, side)
         if self.mode == "real" and self.a_bits < 16 and x.dtype in _KERNEL_DTYPES and _kernels_on(x.device):
-            return self._triton_forward(x)  # fused: no fp32 copy of x is made
+            return self._triton_forward(x, side)  # fused: no fp32 copy of x is made
         if self.mode == "fake" and LEAN_AMP and torch.is_autocast_enabled(x.device.type):
-            return self._fake_amp(x)
-        dtype = x.dtype
+            y = self._fake_amp(x)
+            return y if side is None else y + _side_term(side, tuple(x.shape[:-1])).to(y.dtype)
+        y = self._forward_fp32(x)
+        if side is not None:
+            y = y + _side_term(side, tuple(x.shape[:-1]))
+        return y.to(x.dtype)
+
+    def _forward_fp32(self, x: torch.Tensor) -> torch.Tensor:
+        """forward() off the kernel path and outside autocast, in fp32 (before the cast to x's dtype)."""
         xt = self.transform_input(x.float())
         if self.mode == "fake":
             w = self.transformed_weight()
             w = fake_quant(w, absmax_scale(w, self.w_bits, dim=1, clip=self.w_clip.clamp(CLIP_MIN, 1.0)), self.w_bits)
             if self.a_bits < 16:
                 xt = fake_quant(xt, self._act_scale(xt), self.a_bits)
-            return F.linear(xt, w, self.bias).to(dtype)
+            return F.linear(xt, w, self.bias)
         if self.a_bits < 16:
             sx = self._act_scale(xt)
-            return self._int_gemm_torch(quantize(xt, sx, self.a_bits), sx).to(dtype)
+            return self._int_gemm_torch(quantize(xt, sx, self.a_bits), sx)
         codes = unpack_int4(self.w_packed) if self.w_bits == 4 else self.w_packed
         y = xt @ (codes.float() * self.w_scale).t()
         if self.bias is not None:
             y = y + self.bias
-        return y.to(dtype)
+        return y
 
     def _fake_amp(self, x: torch.Tensor) -> torch.Tensor:
         """Fake mode under autocast (calibration on the GPU): the values of the plain path (the linear
@@ -171,7 +215,7 @@ class QuantLinear(nn.Module):
         st = self.prepare_kernels()
         return st["inv_smooth"], st["clip"], self.a_bits
 
-    def _forward_quantized(self, q: QuantizedInput) -> torch.Tensor:
+    def _forward_quantized(self, q: QuantizedInput, side: tuple | None = None) -> torch.Tensor:
         if self.mode != "real" or self.a_bits >= 16 or self.rotation:
             raise ValueError(f"a QuantizedInput needs a frozen layer with quantized activations and no rotation; "
                              f"this one is {self.extra_repr()}: pass the float input instead")
@@ -180,17 +224,22 @@ class QuantLinear(nn.Module):
         if q.dtype in _KERNEL_DTYPES and _kernels_on(q.codes.device):
             st = self.prepare_kernels()
             _, gemm = dispatch.quantized_linear_kernels(q.codes.device)
-            y = gemm.int_gemm(q.codes, q.scale, st["weight"], st["bias"], out_dtype=q.dtype)
+            y = gemm.int_gemm(q.codes, q.scale, st["weight"], st["bias"], out_dtype=q.dtype,
+                              lora=_kernel_side(side, q.codes.shape[0], q.dtype))
         else:
-            y = self._int_gemm_torch(q.codes, q.scale).to(q.dtype)
+            y = self._int_gemm_torch(q.codes, q.scale)
+            if side is not None:
+                y = y + _side_term(side, (q.codes.shape[0],))
+            y = y.to(q.dtype)
         return y.reshape(*q.lead, self.out_features)
 
-    def forward_rows(self, x, start: int, end: int) -> torch.Tensor:
+    def forward_rows(self, x, start: int, end: int, side: tuple | None = None) -> torch.Tensor:
         """Output features [start, end) only, exactly as forward(x)[..., start:end]: a frozen layer's
         weight rows are independent (per-channel scales, per-token activation quantization of the input),
         so a block can compute one part of a fused projection now and another later, per token chunk,
         instead of holding the whole output (the single block's linear1: qkv before attention, the MLP
-        half after it)."""
+        half after it). side: as in forward(), its up weights for all out_features."""
+        side = _projected(side, x, self)
         if self.mode != "real":
             raise ValueError("forward_rows() needs a frozen layer: call freeze() first")
         if not 0 <= start < end <= self.out_features:
@@ -210,17 +259,21 @@ class QuantLinear(nn.Module):
             w = st["weight"]
             part = type(w)(w.data[start:end], w.w_bits, w.in_features, w.scale[start:end])
             bias = None if st["bias"] is None else st["bias"][start:end]
-            return gemm.int_gemm(codes, sx, part, bias, out_dtype=dtype).reshape(*lead, end - start)
+            return gemm.int_gemm(codes, sx, part, bias, out_dtype=dtype,
+                                 lora=_kernel_side(_side_rows(side, start, end), codes.shape[0], dtype)
+                                 ).reshape(*lead, end - start)
         if quantized:
-            return self._forward_quantized(x)[..., start:end]  # reference path: the whole output
+            return self._forward_quantized(x, side)[..., start:end]  # reference path: the whole output
         if self.a_bits >= 16:
-            return self.forward(x)[..., start:end]
+            return self.forward(x, side)[..., start:end]
         xt = self.transform_input(x.float())
         sx = self._act_scale(xt)
         codes = (unpack_int4(self.w_packed) if self.w_bits == 4 else self.w_packed)[start:end]
         y = (quantize(xt, sx, self.a_bits).float() @ codes.float().t()) * sx * self.w_scale[start:end].t()
         if self.bias is not None:
             y = y + self.bias[start:end]
+        if side is not None:
+            y = y + _side_term(_side_rows(side, start, end), tuple(x.shape[:-1]))
         return y.to(dtype)
 
     # -- the Triton path (real mode, quantized activations) -----------------------------------------
@@ -251,14 +304,15 @@ class QuantLinear(nn.Module):
             self._kernel_state = st
         return st
 
-    def _triton_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _triton_forward(self, x: torch.Tensor, side: tuple | None = None) -> torch.Tensor:
         act, gemm = dispatch.quantized_linear_kernels(x.device)
         act_quant = act.act_quant
         st = self.prepare_kernels()
         f = self._factors()
         r1, r2 = (None, None) if f is None else f
         codes, sx = act_quant(x, self.a_bits, st["inv_smooth"], st["clip"], r1, r2)
-        y = gemm.int_gemm(codes, sx, st["weight"], st["bias"], out_dtype=x.dtype)  # x.dtype is a kernel dtype
+        y = gemm.int_gemm(codes, sx, st["weight"], st["bias"], out_dtype=x.dtype,  # x.dtype is a kernel dtype
+                          lora=_kernel_side(side, codes.shape[0], x.dtype))
         return y.reshape(*x.shape[:-1], self.out_features)
 
     @torch.no_grad()

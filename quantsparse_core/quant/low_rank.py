@@ -30,7 +30,7 @@ class LowRank:
                              f"and {tuple(up.shape)}")
         pad = -down.shape[0] % SIDE_RANK_MULTIPLE
         self.down, self.up = F.pad(down, (0, 0, 0, pad)), F.pad(up, (0, pad))
-        self._int8 = {}   # (device, smoothing) -> (int8 codes [R, in], fp32 scale [R, 1], kernel layout or None)
+        self._int8 = {}   # (device, layer) -> [int8 codes [R, in], fp32 scale [R, 1], kernel layout or None]
 
     def project(self, x, layer) -> tuple:
         """(h = x down^T [..., R], up) for QuantLinear's `side`; x float, or a QuantizedInput for `layer`."""
@@ -39,10 +39,14 @@ class LowRank:
         return F.linear(x, self.down.to(x.dtype)), self.up
 
     def _int8_down(self, layer, device):
-        """down diag(smooth) (the codes are of x / smooth) as per-row int8 codes + scales, made once."""
+        """down diag(smooth) (the codes are of x / smooth) as per-row int8 codes + scales, made once per device
+        and layer (a LowRank serves one layer; the key is the layer itself, not its smoothing tensor, whose
+        storage changes when the layer runs on copies of its tensors)."""
         smooth = getattr(layer, "log_smooth", None)
-        key = (device, None if smooth is None else smooth.data_ptr())
+        key = (device, id(layer))
         if key not in self._int8:
+            if len(self._int8) >= 2:
+                self._int8.clear()
             d = self.down.to(device, torch.float32)
             if smooth is not None:
                 d = d * torch.exp(smooth.detach().float().to(device))

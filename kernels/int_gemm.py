@@ -298,8 +298,8 @@ def _use_tma(a: torch.Tensor, w: "PreparedWeight", tile: tuple | None) -> bool:
     elif not a.is_cuda or torch.cuda.get_device_capability(a.device) < (9, 0):
         return False
     K = a.shape[1]
-    # N >= TMA_MIN_N: the default tiles' weight boxes (up to 256 rows) stay inside the weight (a LoRA's
-    # down projection on int8 codes has N = its rank, e.g. 96: the pointer kernel serves it)
+    # N >= TMA_MIN_N: the default tiles were picked for the model's widths (N >= 3072); a LoRA's down
+    # projection on int8 codes (N = its rank, e.g. 96, under one weight tile) runs on the pointer kernel
     return (tile is not None or (a.shape[0] >= TMA_MIN_M and w.out_features >= TMA_MIN_N)) and K % 16 == 0 \
         and a.stride(0) % 16 == 0 \
         and a.data_ptr() % 16 == 0 and w.data.data_ptr() % 16 == 0
@@ -333,25 +333,6 @@ def _launch_tma(a, sa, w, bias, c, tile, lora=None):
                                    BLOCK_K=bk, GROUP_M=8, NUM_PROGS=progs, TMA_STORE=store,
                                    SUBTILE=store and "subtile" in opts, FLATTEN="flatten" in opts,
                                    WARP_SPEC="ws" in opts, num_warps=warps, num_stages=stages)
-
-
-_LORA_TILES: dict = {}   # TMA tile -> the same tile with fewer stages where a side path did not fit
-
-
-def _launch_tma_lora(a, sa, w, bias, c, tile, lora):
-    """_launch_tma with a side path: its h / up tiles take shared memory beside the main loop's pipeline
-    stages; where a tile's stages leave too little (Triton's OutOfResources when it compiles), the same
-    tile with one stage fewer, remembered per tile."""
-    from triton.runtime.errors import OutOfResources
-    first, tile = tile, _LORA_TILES.get(tile, tile)
-    while True:
-        try:
-            return _launch_tma(a, sa, w, bias, c, tile, lora)
-        except OutOfResources:
-            if tile[4] <= 2:
-                raise
-            tile = tile[:4] + (tile[4] - 1,) + tuple(tile[5:])
-            _LORA_TILES[first] = tile
 
 
 def _cfg(bm, bn, bk, warps, stages, group=8):
@@ -431,11 +412,7 @@ def int_gemm(a: torch.Tensor, sa: torch.Tensor, w: PreparedWeight, bias: torch.T
     if M == 0:
         return c
     if config is None and _use_tma(a, w, tma_tile):
-        tile = tma_tile or _tma_config(K, N)
-        if lora is None:
-            _launch_tma(a, sa, w, bias, c, tile)
-        else:
-            _launch_tma_lora(a, sa, w, bias, c, tile, lora)
+        _launch_tma(a, sa, w, bias, c, tma_tile or _tma_config(K, N), lora)
         return c
     k_iter = K // 2 if w.w_bits == 4 else K
     args = (a, w.data, sa, w.scale, bias if bias is not None else w.scale, c, M, N, k_iter, K // 2,

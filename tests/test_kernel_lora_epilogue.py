@@ -138,7 +138,7 @@ def test_low_rank_from_a_producers_codes(rng, path):
         qi = QuantizedInput(codes, scale, (2, 19), torch.float32)
         term_codes = q(qi, side=lr) - q(qi)
         term_float = q(x, side=lr) - q(x)
-    dq, ds, _ = next(iter(lr._int8.values()))
+    _, dq, ds, _ = lr._int8
     exact = ((codes.double() @ dq.double().t()) * scale.double() * ds.double().t()) @ lr.up.double().t()
     torch.testing.assert_close(term_codes.reshape(-1, 48).double(), exact, rtol=0, atol=1e-5 * float(exact.abs().max()))
     float_term = (x.reshape(-1, 96).double() @ down.double().t()) @ up.double().t()

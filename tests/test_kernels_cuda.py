@@ -70,7 +70,7 @@ def test_persistent_tma_gemm_on_gpu(rng, tile):
 def test_int_gemm_lora_epilogue_on_gpu(rng, m, n, tile):
     """A LoRA side path (rank 96, bf16, as three stacked rank-32 LoRAs) added in the GEMM's epilogue: the
     pointer kernel, the TMA kernel at its default and its 4-stage fc1 tile (its h / up tiles need shared
-    memory beside the stages: one stage fewer where it does not fit) and the split TMA store."""
+    memory beside the stages) and the split TMA store."""
     from quantsparse_kernels import int_gemm as ig
     from quantsparse_kernels.int_gemm_ref import int_gemm_ref
     k, r = 3072, 96
@@ -86,7 +86,6 @@ def test_int_gemm_lora_epilogue_on_gpu(rng, m, n, tile):
     # float64 on the GPU (exact for these integer sums; the CPU's int64 matmul takes minutes at these sizes)
     plain = int_gemm_ref(a.to(DEV), sa.to(DEV), codes.to(DEV), sw.to(DEV), 8, None, torch.float64)
     ref = plain + h.to(DEV).double() @ up.to(DEV).double().t()
-    print("LoRA tiles with fewer stages:", ig._LORA_TILES)
     assert rel(plain, ref) > 0.1 and torch.isfinite(y).all() and rel(y, ref) < 4e-3
 
 
@@ -110,7 +109,7 @@ def test_low_rank_from_codes_on_gpu_equals_its_integer_math(rng):
     qi = QuantizedInput(codes, scale, (1, 9000), torch.float32)   # fp32 out: the term's own error shows
     with dispatch.forced("triton"):
         term = (q(qi, side=lr) - q(qi)).double()
-    dq, ds, _ = next(iter(lr._int8.values()))
+    _, dq, ds, _ = lr._int8
     h = (codes.double() @ dq.double().t()) * scale.double() * ds.double().t()
     exact = h @ lr.up.double().t()
     assert rel(term.reshape(9000, 1024), exact) < 1e-4

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import dispatch
-from .linear import SIDE_RANK_MULTIPLE, QuantizedInput
-from .quantizers import absmax_scale, quantize
+from .linear import _KERNEL_DTYPES, SIDE_RANK_MULTIPLE, QuantizedInput
+from .quantizers import quantize_per_token
 
 
 class LowRank:
@@ -30,7 +30,7 @@ class LowRank:
                              f"and {tuple(up.shape)}")
         pad = -down.shape[0] % SIDE_RANK_MULTIPLE
         self.down, self.up = F.pad(down, (0, 0, 0, pad)), F.pad(up, (0, pad))
-        self._int8 = {}   # (device, layer) -> [int8 codes [R, in], fp32 scale [R, 1], kernel layout or None]
+        self._int8 = None   # [device, int8 codes [R, in], fp32 scale [R, 1], kernel layout or None]
 
     def project(self, x, layer) -> tuple:
         """(h = x down^T [..., R], up) for QuantLinear's `side`; x float, or a QuantizedInput for `layer`."""
@@ -39,29 +39,22 @@ class LowRank:
         return F.linear(x, self.down.to(x.dtype)), self.up
 
     def _int8_down(self, layer, device):
-        """down diag(smooth) (the codes are of x / smooth) as per-row int8 codes + scales, made once per device
-        and layer (a LowRank serves one layer; the key is the layer itself, not its smoothing tensor, whose
-        storage changes when the layer runs on copies of its tensors)."""
-        smooth = getattr(layer, "log_smooth", None)
-        key = (device, id(layer))
-        if key not in self._int8:
-            if len(self._int8) >= 2:
-                self._int8.clear()
+        """down diag(smooth) (the codes are of x / smooth) as per-row int8 codes + scales, made once (a
+        LowRank serves one layer, on the device its side paths were joined for)."""
+        if self._int8 is None or self._int8[0] != device:
             d = self.down.to(device, torch.float32)
+            smooth = getattr(layer, "log_smooth", None)
             if smooth is not None:
                 d = d * torch.exp(smooth.detach().float().to(device))
-            scale = absmax_scale(d, 8, dim=1)
-            self._int8[key] = [quantize(d, scale, 8), scale, None]
-        return self._int8[key]
+            self._int8 = [device, *quantize_per_token(d, 8), None]
+        return self._int8
 
     def _from_codes(self, q: QuantizedInput, layer) -> torch.Tensor:
-        device = q.codes.device
-        entry = self._int8_down(layer, device)
-        kernels = dispatch.quantized_linear_kernels(device) if q.dtype in (torch.float32, torch.float16,
-                                                                            torch.bfloat16) else None
+        entry = self._int8_down(layer, q.codes.device)
+        kernels = dispatch.quantized_linear_kernels(q.codes.device) if q.dtype in _KERNEL_DTYPES else None
         if kernels is None:   # the same integer math in PyTorch
-            return ((q.codes.float() @ entry[0].float().t()) * q.scale * entry[1].t()).to(q.dtype)
+            return ((q.codes.float() @ entry[1].float().t()) * q.scale * entry[2].t()).to(q.dtype)
         gemm = kernels[1]
-        if entry[2] is None:
-            entry[2] = gemm.prepare_weight(entry[0], 8, entry[1])
-        return gemm.int_gemm(q.codes, q.scale, entry[2], out_dtype=q.dtype)
+        if entry[3] is None:
+            entry[3] = gemm.prepare_weight(entry[1], 8, entry[2])
+        return gemm.int_gemm(q.codes, q.scale, entry[3], out_dtype=q.dtype)

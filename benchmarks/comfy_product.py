@@ -805,14 +805,30 @@ def core_target(runs) -> dict:
     return row
 
 
+def _timed(runs, config, res):
+    """Uncapped runs of `config` at `res` with timed steps, completed or cut off by the time limit (the steps
+    a cut-off run finished are measured like any other; the caller compares only steps both runs timed)."""
+    return [r for r in runs if r["config"] == config and r["resolution"] == res and not r.get("cap_gb")
+            and r.get("per_step")]
+
+
+def kind_medians(per_step) -> dict:
+    """Median seconds of each step kind over these steps."""
+    kinds = {}
+    for s in per_step:
+        kinds.setdefault(s["kind"], []).append(s["s"])
+    return {k: statistics.median(v) for k, v in kinds.items()}
+
+
 def lora_target(runs, preset: str = BASE_PRESET) -> dict:
-    """(QL) against (Q), same resolution: over the whole schedule where both ran it; else per step kind
-    (median over median), where the worst kind counts (no step kind may cost more than the target), with the
-    ratio over the steps both timed and the schedule-weighted ratio of the kinds' medians as notes."""
+    """(QL) against (Q), same resolution, over the steps both timed: the whole schedule where both ran it; else
+    per step kind (median over median on those steps), where the worst kind counts (no step kind may cost more
+    than the target), with the ratio over those steps and the schedule-weighted ratio of the kinds' medians as
+    notes. A run cut off by the time limit counts for the steps it finished, and the note says so."""
     name, _, res, target = LORA_TARGET
     name = name.format(size="720p x 121" if is_v15(preset) else "720p/129f")  # what `720p` means for the preset
     row = dict(name=name, measured=None, target=f"<= {target}x", met=False)
-    pairs = [(r, _uncapped(runs, "QL", r), _uncapped(runs, "Q", r)) for r in dict.fromkeys(
+    pairs = [(r, _timed(runs, "QL", r), _timed(runs, "Q", r)) for r in dict.fromkeys(
         [res] + [x["resolution"] for x in runs if x["config"] == "QL"])]
     pairs = [p for p in pairs if p[1] and p[2]]
     if not pairs:
@@ -821,21 +837,26 @@ def lora_target(runs, preset: str = BASE_PRESET) -> dict:
     at, ql, q = pairs[0]  # the target's resolution first
     ql, q = ql[-1], q[-1]
     n = min(len(ql["per_step"]), len(q["per_step"]))
-    a, b = (sum(s["s"] for s in r["per_step"][:n]) for r in (ql, q))
-    kinds = [k for k in ("dense", "refresh", "reuse") if k in (ql.get("per_kind") or {}) and k in (q.get("per_kind") or {})]
-    ratios = {k: ql["per_kind"][k]["median_s"] / q["per_kind"][k]["median_s"] for k in kinds}
-    whole = n == q["schedule_steps"]
+    steps = [r["per_step"][:n] for r in (ql, q)]
+    a, b = (sum(s["s"] for s in st) for st in steps)
+    med_ql, med_q = (kind_medians(st) for st in steps)
+    kinds = [k for k in ("dense", "refresh", "reuse") if k in med_ql and k in med_q]
+    ratios = {k: med_ql[k] / med_q[k] for k in kinds}
+    whole = n == q["schedule_steps"] and ql.get("completed") and q.get("completed")
     if whole:
         row["measured"] = round(a / b, 3)
         note = f"(QL) {a:.1f} s / (Q) {b:.1f} s, all {n} steps at {at}"
     else:
         row["measured"] = round(max(ratios.values()), 3) if ratios else None
         counts = q.get("schedule_kinds") or {}
-        weighted = sum(counts[k] * ql["per_kind"][k]["median_s"] for k in kinds) / \
-            sum(counts[k] * q["per_kind"][k]["median_s"] for k in kinds) if kinds and set(counts) <= set(kinds) else None
+        weighted = sum(counts[k] * med_ql[k] for k in kinds) / sum(counts[k] * med_q[k] for k in kinds) \
+            if kinds and set(counts) <= set(kinds) else None
+        cut = [f"({r['config']}) stopped after {len(r['per_step'])} of its {r['timed_steps']} timed steps"
+               for r in (ql, q) if not r.get("completed")]
         note = (f"worst step kind of {', '.join(f'{k} {v:.3f}' for k, v in ratios.items())} (median over median, "
-                f"steps 0-{n - 1} timed at {at}); (QL) {a:.1f} s / (Q) {b:.1f} s = {a / b:.3f} over those steps"
-                + (f"; weighted by the {q['schedule_steps']}-step schedule's kinds: {weighted:.3f}" if weighted else ""))
+                f"steps 0-{n - 1}, timed in both, at {at}); (QL) {a:.1f} s / (Q) {b:.1f} s = {a / b:.3f} over those "
+                f"steps" + (f"; weighted by the {q['schedule_steps']}-step schedule's kinds: {weighted:.3f}" if weighted else "")
+                + "".join(f"; {c} (time limit)" for c in cut))
     complete = whole or set(ratios) == {"dense", "refresh", "reuse"}
     row["met"] = at == res and complete and row["measured"] is not None and row["measured"] <= target
     row["note"] = (note + f"; {ql.get('loras')}" + ("" if at == res else f"; not at {res}, so not the target")

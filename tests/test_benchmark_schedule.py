@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import gpu_benchmark as gb  # noqa: E402
@@ -63,3 +64,25 @@ def test_lora_target_counts_the_worst_step_kind_of_a_partial_run():
     assert cp.lora_target([_run("Q", kinds, q, counts), _run("QL", kinds, ql_ok, counts)])["met"]
     short = cp.lora_target([_run("Q", kinds[:6], q[:6], counts), _run("QL", kinds[:6], ql_ok[:6], counts)])
     assert not short["met"] and "not every step kind timed" in short["note"]
+
+
+def test_lora_target_compares_a_cut_off_run_over_the_steps_both_timed(rng):
+    """(QL) stopped by the time limit one step short: the kinds' medians come from the steps both runs timed
+    (a slow last step of (Q), here a kernel compile, is not compared with nothing), and the note says which
+    run stopped. Random step times, medians checked against statistics.median on the common steps."""
+    import statistics
+    import comfy_product as cp
+    kinds = ["dense"] * 5 + ["refresh"] + ["reuse"] * 4 + ["refresh", "reuse"]
+    counts = {"dense": 5, "refresh": 9, "reuse": 36}
+    base = {"dense": 20.0, "refresh": 25.0, "reuse": 5.6}
+    q = [base[k] * (1 + 0.02 * float(torch.rand(1, generator=rng))) for k in kinds]
+    q[-1] = 9.0                                                   # (Q)'s last step compiled a kernel
+    ql = [x * (1.02 + 0.05 * float(torch.rand(1, generator=rng))) for x in q[:-1]]
+    cut = _run("QL", kinds[:-1], ql, counts)
+    cut.update(completed=False, timed_steps=12)
+    row = cp.lora_target([_run("Q", kinds, q, counts), cut])
+    ratios = {k: statistics.median(b for kk, b in zip(kinds[:-1], ql) if kk == k)
+              / statistics.median(a for kk, a in zip(kinds[:-1], q[:-1]) if kk == k) for k in base}
+    assert row["measured"] == pytest.approx(max(ratios.values()), abs=1e-3)
+    assert row["met"] == (max(ratios.values()) <= 1.10)
+    assert "(QL) stopped after 11 of its 12 timed steps" in row["note"] and "steps 0-10" in row["note"]

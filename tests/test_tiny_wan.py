@@ -64,9 +64,13 @@ def test_conditioning_dropout_replaces_prompts_by_the_empty_one(rng):
 
 
 def test_training_loss_readout_is_the_mean_of_the_last_steps(rng):
-    """The trainer keeps per-step losses on the device and reads back the mean of the last 200."""
-    from quantsparse_core.models.tiny.train import recent_loss
+    """The trainer keeps per-step losses in one fixed device buffer and reads back the mean of the last 200."""
+    from quantsparse_core.models.tiny.train import LossWindow
     values = torch.rand(350, generator=rng, dtype=torch.float64) * 3
-    losses = [v.float() for v in values]
-    assert abs(recent_loss(losses) - float(values.float().double()[-200:].mean())) < 1e-6
-    assert abs(recent_loss(losses[:7]) - float(values.float().double()[:7].mean())) < 1e-6
+    window = LossWindow(torch.device("cpu"))
+    for i, v in enumerate(values):
+        window.add(v.float())
+        if i == 6:
+            assert abs(window.mean() - float(values.float().double()[:7].mean())) < 1e-6
+    assert abs(window.mean() - float(values.float().double()[-200:].mean())) < 1e-6
+    assert window.values.numel() == 200

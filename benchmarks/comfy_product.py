@@ -780,9 +780,11 @@ def fifty_step_seconds(run, steps: int = None):
     return None, None
 
 
-def _uncapped(runs, config, res):
+def _uncapped(runs, config, res, cut_off: bool = False):
+    """Uncapped runs of `config` at `res` that completed; with cut_off also those the time limit stopped
+    after some timed steps (a caller then compares only the steps both runs finished)."""
     return [r for r in runs if r["config"] == config and r["resolution"] == res and not r.get("cap_gb")
-            and r.get("completed")]
+            and (r.get("completed") or (cut_off and r.get("per_step")))]
 
 
 def core_target(runs) -> dict:
@@ -805,21 +807,6 @@ def core_target(runs) -> dict:
     return row
 
 
-def _timed(runs, config, res):
-    """Uncapped runs of `config` at `res` with timed steps, completed or cut off by the time limit (the steps
-    a cut-off run finished are measured like any other; the caller compares only steps both runs timed)."""
-    return [r for r in runs if r["config"] == config and r["resolution"] == res and not r.get("cap_gb")
-            and r.get("per_step")]
-
-
-def kind_medians(per_step) -> dict:
-    """Median seconds of each step kind over these steps."""
-    kinds = {}
-    for s in per_step:
-        kinds.setdefault(s["kind"], []).append(s["s"])
-    return {k: statistics.median(v) for k, v in kinds.items()}
-
-
 def lora_target(runs, preset: str = BASE_PRESET) -> dict:
     """(QL) against (Q), same resolution, over the steps both timed: the whole schedule where both ran it; else
     per step kind (median over median on those steps), where the worst kind counts (no step kind may cost more
@@ -828,7 +815,7 @@ def lora_target(runs, preset: str = BASE_PRESET) -> dict:
     name, _, res, target = LORA_TARGET
     name = name.format(size="720p x 121" if is_v15(preset) else "720p/129f")  # what `720p` means for the preset
     row = dict(name=name, measured=None, target=f"<= {target}x", met=False)
-    pairs = [(r, _timed(runs, "QL", r), _timed(runs, "Q", r)) for r in dict.fromkeys(
+    pairs = [(r, _uncapped(runs, "QL", r, cut_off=True), _uncapped(runs, "Q", r, cut_off=True)) for r in dict.fromkeys(
         [res] + [x["resolution"] for x in runs if x["config"] == "QL"])]
     pairs = [p for p in pairs if p[1] and p[2]]
     if not pairs:
@@ -839,7 +826,7 @@ def lora_target(runs, preset: str = BASE_PRESET) -> dict:
     n = min(len(ql["per_step"]), len(q["per_step"]))
     steps = [r["per_step"][:n] for r in (ql, q)]
     a, b = (sum(s["s"] for s in st) for st in steps)
-    med_ql, med_q = (kind_medians(st) for st in steps)
+    med_ql, med_q = ({k: v["median_s"] for k, v in kind_stats(st).items()} for st in steps)
     kinds = [k for k in ("dense", "refresh", "reuse") if k in med_ql and k in med_q]
     ratios = {k: med_ql[k] / med_q[k] for k in kinds}
     whole = n == q["schedule_steps"] and ql.get("completed") and q.get("completed")

@@ -82,9 +82,9 @@ RESOLUTIONS = {"544p": (960, 544, 129), "720p": (1280, 720, 129),  # width, heig
 V15_RESOLUTIONS = {"720p": (1280, 720, 121), "480p": (848, 480, 121)}
 BASE_PRESET = "hunyuan-video-13b"   # the preset PRIORS were measured on; others' priors are scaled from it
 V15_PRESET = "hunyuan-video-1.5-8b"
-CONFIGS = ("A", "A8", "A8F", "AK", "Q", "C", "QI", "QK", "QL")
+CONFIGS = ("A", "A8", "A8F", "AK", "Q", "C", "QI", "QK", "QL", "QM")
 BASELINE_CONFIGS = ("A", "A8", "A8F", "AK")  # ComfyUI's own model, dense
-SPARSE_CONFIGS = ("Q", "C", "QI", "QK", "QL")
+SPARSE_CONFIGS = ("Q", "C", "QI", "QK", "QL", "QM")
 CONFIG_NAMES = {"A": "ComfyUI native bf16, default attention",
                 "A8": "ComfyUI weight_dtype fp8_e4m3fn",
                 "A8F": "ComfyUI weight_dtype fp8_e4m3fn_fast (fp8 matmuls where the GPU has them: ComfyUI's fastest stock)",
@@ -95,7 +95,9 @@ CONFIG_NAMES = {"A": "ComfyUI native bf16, default attention",
                 "QI": "(Q) with INT8 dense passes (Sparse Sampler int8_attention: warm-up steps, first blocks, refreshes)",
                 "QK": "(Q) with its dense passes on ComfyUI's comfy kitchen INT8 attention (Sparse Sampler dense_attention "
                       "comfyui after a Model Attention Backend; ComfyUI >= 0.33)",
-                "QL": "(Q) + stacked random LoRAs through ComfyUI's LoRA loader (--loras, --lora-rank)"}
+                "QL": "(Q) + stacked random LoRAs through ComfyUI's LoRA loader (--loras, --lora-rank)",
+                "QM": "(Q) with merged refreshes (SparseSettings.merged_refresh: a refresh's full attention as our kernel "
+                      "over the mask and its complement, instead of cuDNN + the sparse pass)"}
 GIB = 2 ** 30
 CONTEXT_GIB = 0.5      # what a real card loses to the CUDA context, outside torch's allocator
 WARM_LATENT = (17, 256, 256)  # frames, height, width of the warm-up run: 5 x 16 x 16 latent tokens (13B and 1.5)
@@ -118,7 +120,7 @@ TARGETS = (  # (name, kind, resolution, target)
 PRIORS = {"544p": {"A": 10.5, "A8": 10.8, "A8F": 11.0, "AK": 10.5, "dense": 7.05, "refresh": 8.6, "reuse": 2.28},
           "720p": {"A": 31.0, "A8": 31.0, "A8F": 33.0, "AK": 31.0, "dense": 20.4, "refresh": 25.1, "reuse": 5.8}}
 # Load priors (s) of the full-size presets, the 13B's: the 8.3B HunyuanVideo 1.5 loads less, so they stay pessimistic.
-LOAD_PRIOR_S = {"A": 60.0, "A8": 60.0, "A8F": 60.0, "AK": 60.0, "Q": 90.0, "C": 90.0, "QI": 90.0, "QK": 90.0, "QL": 100.0}
+LOAD_PRIOR_S = {"A": 60.0, "A8": 60.0, "A8F": 60.0, "AK": 60.0, "Q": 90.0, "C": 90.0, "QI": 90.0, "QK": 90.0, "QL": 100.0, "QM": 90.0}
 # issue 20 (H200): W4A8 + 15% + SSAR with INT8 attention, 50 steps at 720p/129f, against dense bf16; shown where (QI) ran
 # ComfyUI's fastest stock weights (fp8 matmuls): the bar for (Q) that the fp8 row sets, shown where (A8F) ran
 FP8_FAST_TARGET = ("(Q) vs (A8F), 544p/129f, 50-step sampling wall-clock", "ratio:A8F", "544p", 2.5)
@@ -1035,9 +1037,10 @@ class Bench:
 
     def config_settings(self, config):
         """Sparse Sampler's settings for a sparse config: (QI) turns on our INT8 dense passes, (QK) hands the
-        dense passes to ComfyUI's attention (dense_attention comfyui)."""
+        dense passes to ComfyUI's attention (dense_attention comfyui), (QM) merges each refresh's passes."""
         from dataclasses import replace
         return replace(self.settings, int8_attention=config == "QI", host_attention=config == "QK",
+                       merged_refresh=config == "QM",
                        attention_precision=getattr(self.a, "attention_precision", "bf16"))
 
     # -- estimates --
@@ -1360,7 +1363,7 @@ def main(argv=None):
                                                         "attention, ComfyUI >= 0.33), Q, C (Q's checkpoint "
                                                         "by quantsparse_core alone), QI (Q + INT8 dense passes), QK (Q + "
                                                         "dense passes on ComfyUI's kitchen INT8 attention), QL "
-                                                        "(Q + --loras stacked LoRAs)")
+                                                        "(Q + --loras stacked LoRAs), QM (Q + merged refreshes)")
     ap.add_argument("--loras", type=int, default=3, help="(QL): how many random LoRAs to stack")
     ap.add_argument("--attention-precision", default="bf16", choices=("bf16", "int8", "int8-fp8"),
                     help="the sparse configs' SparseSettings.attention_precision (every attention pass of the run on "

@@ -41,6 +41,10 @@ LOG2E = 1.4426950408889634
 # (half the heads temporal) runs at 1.12 / 1.11 x d x dense at 15% / 25% (benchmarks/results/, runs 5 and 10).
 KV_COPY = True
 KV_COPY_BYTES = 512 * 2 ** 20
+# The bf16 pass's unmasked key tiles by TMA (tensor descriptors) instead of pointer loads, where the layout allows
+# (Hopper+): on an H100 at 720p (119,056 tokens, 2026-12-07, benchmarks/quantized_attention_bench.py) the 15% pass
+# 49.2 ms against 51.5, every key block 334.9 against 342.8, the merged refresh 339.8 against 371.2.
+TMA = True
 # The quantised passes, per precision: D = 128 from a 48-tile sweep at 720p / 15% on an H100 (2026-12-06,
 # benchmarks/quantized_attention_bench.py --sweep, per-key K scales then): int8 128x128 / 8 warps / 4 stages
 # 64.6 ms, int8-fp8 64x128 / 4 warps / 3 stages 53.9 ms (its 128x64 / 4 warps: 105.8); other head dims untuned.
@@ -66,12 +70,14 @@ def _rows(PERM, offs, ok, PERMUTED: tl.constexpr, ROW64: tl.constexpr):
 
 @triton.jit
 def _tiles(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, j0, j1, L, skl, svl, qk_scale, ks_base, rs,
+           k_desc, v_desc, row0, col0,
            HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr, PERMUTED: tl.constexpr,
            MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, ROW64: tl.constexpr,
-           WS: tl.constexpr, KV_COPY: tl.constexpr, QK8: tl.constexpr, PV8: tl.constexpr):
+           WS: tl.constexpr, KV_COPY: tl.constexpr, QK8: tl.constexpr, PV8: tl.constexpr, TMA: tl.constexpr):
     """Key tiles j0 <= j < j1 of the listed blocks. MASKED: bounds check + additive bias; otherwise
     every key is valid and unbiased (the fast path). WS: Triton's automatic warp specialization.
-    QK8: INT8 codes of q and of the (copied) keys, per-row scales rs / one scale per key block at ks_base."""
+    QK8: INT8 codes of q and of the (copied) keys, per-row scales rs / one scale per key block at ks_base.
+    TMA: the fast path's K/V tiles through tensor descriptors (rows row0 + key, columns col0 of a 2-D view)."""
     if QK8:
         for j in range(j0, j1):
             acc, l_i, m_i = _tile8(acc, l_i, m_i, q, rs, k_base, v_base, ks_base, idx_base, bias_base, PERM, j, L,
@@ -79,11 +85,13 @@ def _tiles(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, j0, j1, 
     elif WS:
         for j in tl.range(j0, j1, warp_specialize=True):
             acc, l_i, m_i = _tile(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, j, L, skl, svl,
-                                  qk_scale, HEAD_D, BLOCK_N, SUB, PERMUTED, MASKED, HAS_BIAS, IEEE, ROW64, KV_COPY)
+                                  qk_scale, k_desc, v_desc, row0, col0, HEAD_D, BLOCK_N, SUB, PERMUTED, MASKED,
+                                  HAS_BIAS, IEEE, ROW64, KV_COPY, TMA)
     else:
         for j in range(j0, j1):
             acc, l_i, m_i = _tile(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, j, L, skl, svl,
-                                  qk_scale, HEAD_D, BLOCK_N, SUB, PERMUTED, MASKED, HAS_BIAS, IEEE, ROW64, KV_COPY)
+                                  qk_scale, k_desc, v_desc, row0, col0, HEAD_D, BLOCK_N, SUB, PERMUTED, MASKED,
+                                  HAS_BIAS, IEEE, ROW64, KV_COPY, TMA)
     return acc, l_i, m_i
 
 
@@ -162,11 +170,13 @@ def _tile8(acc, l_i, m_i, q8, rs, k_base, v_base, ks_base, idx_base, bias_base, 
 
 @triton.jit
 def _tile(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, j, L, skl, svl, qk_scale,
+          k_desc, v_desc, row0, col0,
           HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr, PERMUTED: tl.constexpr,
           MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, ROW64: tl.constexpr,
-          KV_COPY: tl.constexpr):
+          KV_COPY: tl.constexpr, TMA: tl.constexpr):
     """One key tile: online-softmax update of (acc, l_i, m_i). KV_COPY: k/v are already in this head's
-    order (a permuted copy), so their rows are contiguous; only the bias goes through PERM."""
+    order (a permuted copy), so their rows are contiguous; only the bias goes through PERM. TMA (fast
+    path only, rows in order): K and V tiles by tensor-descriptor loads instead of pointer loads."""
     offs_d = tl.arange(0, HEAD_D)
     kb = tl.load(idx_base + j // SUB)
     offs_n = kb * (BLOCK_N * SUB) + (j % SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -187,6 +197,10 @@ def _tile(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, j, L, skl
             add = tl.where(n_ok, bias, float("-inf"))
         else:
             add = tl.where(n_ok, 0.0, float("-inf"))
+    elif TMA:
+        n0 = kb * (BLOCK_N * SUB) + (j % SUB) * BLOCK_N
+        kt = tl.trans(k_desc.load([row0 + n0, col0]))
+        v = v_desc.load([row0 + n0, col0])
     else:
         if PERMUTED and not KV_COPY:
             k_rows = tl.load(PERM + offs_n)
@@ -226,16 +240,18 @@ def _tile(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, j, L, skl
 # reuse; the likely cause, not yet confirmed on a GPU: the block-index strides, multiples of 16 at 544p
 # but not in the warm-up, gave new specialisations). Strides of the q/k/v/out/correction rows, which set the main loads' alignment and are
 # multiples of the head width at every resolution, stay specialised.
-@triton.jit(do_not_specialize=["L", "NH", "BH", "T", "NM", "NB_BIAS", "ssb", "sbb", "slb", "slh", "sih", "siq",
+@triton.jit(do_not_specialize=["L", "NH", "RB", "RH", "CH", "BH", "T", "NM", "NB_BIAS", "ssb", "sbb", "slb", "slh", "sih", "siq",
                                "sch", "sub", "suh", "sul", "R", "sksb", "sksh", "svsb", "svsh", "smb", "smh"])
 def _sparse_attn_fwd(Q, K, V, O, LSE, C, CS, US, VH, BIAS, PERM, HEADS, KV_IDX, KV_CNT, KS, VS, MEAN,
+                     K_DESC, V_DESC, RB, RH, CH,
                      sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sksb, sksh, svsb, svsh, smb, smh,
                      sob, sol, slb, slh, scb, scl, ssb, ssl, sub, suh, sul, svhb, svhh, svhr, R, sbb, sih, siq, sch,
                      L, NH, BH, T, NM, NB_BIAS, qk_scale,
                      HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr,
                      PERMUTED: tl.constexpr, HAS_BIAS: tl.constexpr, CORR: tl.constexpr, HAS_LR: tl.constexpr,
                      R_PAD: tl.constexpr, IEEE: tl.constexpr, ROW64: tl.constexpr, WS: tl.constexpr,
-                     KV_COPY: tl.constexpr, HAS_LSE: tl.constexpr, QK8: tl.constexpr, PV8: tl.constexpr):
+                     KV_COPY: tl.constexpr, HAS_LSE: tl.constexpr, QK8: tl.constexpr, PV8: tl.constexpr,
+                     TMA: tl.constexpr):
     pid = tl.program_id(0)
     heavy = BH * T
     if pid < heavy:  # text query tiles first: they visit every key block
@@ -273,6 +289,12 @@ def _sparse_attn_fwd(Q, K, V, O, LSE, C, CS, US, VH, BIAS, PERM, HEADS, KV_IDX, 
         k_base = K + b * skb + h * skh
         v_base = V + b * svb + h * svh
     bias_base = BIAS + b * sbb
+    if KV_COPY:  # TMA's 2-D view: row of key 0 of this (batch, head), column of its channel 0
+        row0 = (b * RB + (bh % NH) * RH).to(tl.int32)
+        col0 = ((bh % NH) * CH).to(tl.int32)
+    else:
+        row0 = (b * RB + h * RH).to(tl.int32)
+        col0 = (h * CH).to(tl.int32)
     idx_base = KV_IDX + h * sih + qblk * siq
     cnt = tl.load(KV_CNT + h * sch + qblk)
 
@@ -293,14 +315,14 @@ def _sparse_attn_fwd(Q, K, V, O, LSE, C, CS, US, VH, BIAS, PERM, HEADS, KV_IDX, 
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
     acc, l_i, m_i = _tiles(acc, l_i, m_i, q_in, k_base, v_base, idx_base, bias_base, PERM, 0, ja * SUB, L, skl, svl,
-                           qk_scale, ks_base, rs, HEAD_D, BLOCK_N, SUB, PERMUTED, True, HAS_BIAS, IEEE, ROW64, WS,
-                           KV_COPY, QK8, PV8)
+                           qk_scale, ks_base, rs, K_DESC, V_DESC, row0, col0, HEAD_D, BLOCK_N, SUB, PERMUTED, True, HAS_BIAS, IEEE, ROW64, WS,
+                           KV_COPY, QK8, PV8, TMA)
     acc, l_i, m_i = _tiles(acc, l_i, m_i, q_in, k_base, v_base, idx_base, bias_base, PERM, ja * SUB, jc * SUB, L,
-                           skl, svl, qk_scale, ks_base, rs, HEAD_D, BLOCK_N, SUB, PERMUTED, False, HAS_BIAS, IEEE, ROW64,
-                           WS, KV_COPY, QK8, PV8)
+                           skl, svl, qk_scale, ks_base, rs, K_DESC, V_DESC, row0, col0, HEAD_D, BLOCK_N, SUB, PERMUTED, False, HAS_BIAS, IEEE, ROW64,
+                           WS, KV_COPY, QK8, PV8, TMA)
     acc, l_i, m_i = _tiles(acc, l_i, m_i, q_in, k_base, v_base, idx_base, bias_base, PERM, jc * SUB, cnt * SUB, L,
-                           skl, svl, qk_scale, ks_base, rs, HEAD_D, BLOCK_N, SUB, PERMUTED, True, HAS_BIAS, IEEE, ROW64,
-                           WS, KV_COPY, QK8, PV8)
+                           skl, svl, qk_scale, ks_base, rs, K_DESC, V_DESC, row0, col0, HEAD_D, BLOCK_N, SUB, PERMUTED, True, HAS_BIAS, IEEE, ROW64,
+                           WS, KV_COPY, QK8, PV8, TMA)
 
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # nothing allowed -> 0, as the reference
     if PV8:  # acc and l_i are in units of 448, acc in units of V / (V's channel scale)
@@ -454,8 +476,9 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index
     (contiguous last dim) to receive each row's base-2 log-sum-exp of its scaled scores
     log2(sum 2^(s * log2 e)), s = q.k / sqrt(D) + bias, over the keys it visits (-inf if none), in
     the original token order: two runs over disjoint key sets merge exactly (kernels/refresh_attention.py).
-    config: (BLOCK_M, BLOCK_N, num_warps, num_stages[, warp_specialize[, kv_copy]]) override,
-    for tuning. kv_copy (default KV_COPY): temporal heads read k/v from a permuted copy made per group of
+    config: (BLOCK_M, BLOCK_N, num_warps, num_stages[, warp_specialize[, kv_copy[, tma]]]) override,
+    for tuning; tma: the bf16 pass's unmasked key tiles by tensor-descriptor (TMA) loads where the layout
+    allows (Hopper+, default TMA). kv_copy (default KV_COPY): temporal heads read k/v from a permuted copy made per group of
     heads (at most KV_COPY_BYTES), not through the permutation inside the loop (which makes them 21%
     slower than spatial heads on H100).
     precision: "bf16" (scores and P.V in the inputs' precision), "int8" (Q.K^T from INT8 codes: Q per
@@ -491,6 +514,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index
     block_m, block_n, warps, stages, *rest = config or (_QCONFIGS[precision] if quant else _CONFIGS)[d]
     ws = bool(rest and rest[0]) and not interpreting()
     kv_copy = bool(rest[1]) if len(rest) > 1 else KV_COPY
+    tma = bool(rest[2]) if len(rest) > 2 else (TMA and not interpreting())
     block_n = min(block, block_n)
     block_m = min(block_m, block)
     if q.dtype == torch.float32:
@@ -542,10 +566,11 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index
                     k, v, kk, vv, perm, hl, length, len(heads_list), k.stride(0), k.stride(1), k.stride(2),
                     v.stride(0), v.stride(1), v.stride(2), kk.stride(0), kk.stride(1), kk.stride(2),
                     HEAD_D=d, BLOCK_R=64)
+            descs = _kv_descriptors(kk, vv, block_n) if tma and not quant and (copy or not flag) else None
             _sparse_attn_fwd[(bh * nm,)](
                 q, kk, vv, out, lse if lse is not None else dummy, *corr_args[:4],
                 key_bias if key_bias is not None else dummy, perm if flag else dummy, hl, kv_index, kv_count,
-                *q_args[:3], q.stride(0), q.stride(1), q.stride(2), kk.stride(0), kk.stride(1), kk.stride(2),
+                *q_args[:3], *(descs or (dummy, dummy, 0, 0, 0)), q.stride(0), q.stride(1), q.stride(2), kk.stride(0), kk.stride(1), kk.stride(2),
                 vv.stride(0), vv.stride(1), vv.stride(2), *q_args[3:], out.stride(0), out.stride(1),
                 lse.stride(0) if lse is not None else 0, lse.stride(1) if lse is not None else 0, *corr_args[4:],
                 sbb, kv_index.stride(0), kv_index.stride(1), kv_count.stride(0),
@@ -554,8 +579,44 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index
                 HAS_BIAS=key_bias is not None, **corr_flags,
                 IEEE=q.dtype == torch.float32 or interpreting(),
                 ROW64=row64, WS=ws and not quant, KV_COPY=copy, HAS_LSE=lse is not None, QK8=quant, PV8=pv8,
-                num_warps=warps, num_stages=stages)
+                TMA=descs is not None, num_warps=warps, num_stages=stages)
     return out
+
+
+def _rows_view(t: torch.Tensor):
+    """(2-D view [rows, cols] of t [B, H, L, D], rows per batch, rows per head, columns per head) such that
+    t[b, h, l] is the view's row b * RB + h * RH + l from column h * CH; None for other layouts. Two layouts:
+    heads interleaved in each token's row ([B, L, H, D] transposed, as ComfyUI's q/k/v) and head-major
+    contiguous (the kernel's own copies)."""
+    b, heads, length, d = t.shape
+    sb, sh, sl, sd = t.stride()
+    if sd != 1:
+        return None
+    if sh == d and (b == 1 or sb == length * sl) and sl >= heads * d:
+        return t.as_strided((b * length, heads * d), (sl, 1)), length, 0, d
+    if sl == d and (heads == 1 or sh == length * d) and (b == 1 or sb == heads * length * d):
+        return t.as_strided((b * heads * length, d), (d, 1)), heads * length, length, 0
+    return None
+
+
+def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int):
+    """(K descriptor, V descriptor, RB, RH, CH) for the kernel's TMA loads of [block_n, D] key tiles, or None
+    where the layouts differ between k and v or break TMA's rules (16-byte aligned base and row stride,
+    2-byte floats; Hopper or newer, or the interpreter)."""
+    if k.dtype not in (torch.float16, torch.bfloat16) or v.dtype != k.dtype:
+        return None
+    if not interpreting() and not (k.is_cuda and torch.cuda.get_device_capability(k.device) >= (9, 0)):
+        return None
+    kv = _rows_view(k)
+    vv = _rows_view(v)
+    if kv is None or vv is None or kv[1:] != vv[1:]:
+        return None
+    if any(x[0].data_ptr() % 16 or (x[0].stride(0) * x[0].element_size()) % 16 for x in (kv, vv)):
+        return None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    d = k.shape[-1]
+    return (TensorDescriptor.from_tensor(kv[0], [block_n, d]), TensorDescriptor.from_tensor(vv[0], [block_n, d]),
+            *kv[1:])
 
 
 def _quantized_copy(k, v, mean, vscale, perm, heads: torch.Tensor, n: int, pv8: bool, block: int):

@@ -94,6 +94,51 @@ def test_temporal_heads_kv_copy_and_in_loop_gather_match_float64(rng, monkeypatc
     assert rel_err(out, ref) < 1e-4
 
 
+@interpreted
+@pytest.mark.parametrize("layout", ["interleaved", "head_major"])
+def test_tma_key_tiles_equal_pointer_loads_and_float64(rng, monkeypatch, layout):
+    """The bf16 pass with its unmasked key tiles read through tensor descriptors (TMA): q/k/v as ComfyUI
+    passes them (heads interleaved in each token's row) and head-major contiguous, spatial and temporal
+    heads (the latter from the head-ordered copy), a padded-text bias and a partial last block (masked
+    tiles stay on pointer loads). Same loads, so the same output as the pointer path, bit for bit."""
+    import quantsparse_kernels.sparse_attention as sa
+    b, h, d, block = 2, 4, 32, 16
+    q, k, v = strided_qkv(rng, b, h, L, d, torch.bfloat16)
+    if layout == "head_major":
+        q, k, v = (x.contiguous() for x in (q, k, v))
+    view = sa._rows_view(k)
+    assert view is not None and view[1:] == ((L, 0, d) if layout == "interleaved" else (h * L, L, 0))
+    assert sa._kv_descriptors(k, v, 16) is not None
+    keep = random_keep(rng, h, -(-L // block), p=0.6)
+    kinds = ["spatial", "temporal", "spatial", "temporal"]
+    index, count = BlockMask(keep, kinds, block, L).to_indices()
+    perm = temporal_permutation(TXT, GRID)
+    permuted = [x == "temporal" for x in kinds]
+    bias = torch.zeros(b, L)
+    bias[0, 4:TXT] = float("-inf")  # padded text only, as ComfyUI's mask: the other key blocks take the fast path
+    args = dict(block=block, key_bias=bias, perm=perm, permuted_heads=permuted)
+    with_tma = sparse_attention(q, k, v, index, count, config=(32, 16, 4, 2, False, True, True), **args)
+    without = sparse_attention(q, k, v, index, count, config=(32, 16, 4, 2, False, True, False), **args)
+    ref = dense_masked_attention_f64(q, k, v, keep, block, key_bias=bias, perm=perm, permuted_heads=permuted)
+    assert torch.equal(with_tma, without)
+    assert rel_err(with_tma, ref) < 1e-2
+    descriptors = sa._kv_descriptors  # the descriptors are read: with K's and V's swapped the output changes
+    monkeypatch.setattr(sa, "_kv_descriptors", lambda k_, v_, n: (lambda r: (r[1], r[0], *r[2:]))(descriptors(k_, v_, n)))
+    swapped = sparse_attention(q, k, v, index, count, config=(32, 16, 4, 2, False, True, True), **args)
+    assert not torch.equal(swapped, with_tma)
+
+
+def test_tma_is_not_used_for_layouts_it_cannot_address(rng):
+    """k and v in different layouts, a row stride that is not 16-byte aligned, or fp32: pointer loads."""
+    import quantsparse_kernels.sparse_attention as sa
+    q, k, v = strided_qkv(rng, 1, 2, 40, 16, torch.bfloat16)
+    assert sa._kv_descriptors(k, v.contiguous(), 16) is None          # layouts differ
+    odd = torch.randn(1, 40, 2 * 16 + 1, generator=rng).to(torch.bfloat16)[..., :32].view(1, 40, 2, 16)
+    odd = odd.transpose(1, 2)                                          # row stride 33 elements
+    assert sa._rows_view(odd) is not None and sa._kv_descriptors(odd, odd, 16) is None
+    assert sa._kv_descriptors(k.float(), v.float(), 16) is None
+
+
 def int8_rows(x):
     """x [B, L, H*D] as int8 codes + fp32 row scales (the gpu-int8 cache's format)."""
     scale = x.abs().amax(-1, keepdim=True) / 127.0

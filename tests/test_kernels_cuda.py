@@ -140,10 +140,15 @@ def test_quant_linear_triton_path_on_gpu_equals_torch_path(rng, rotation):
     assert rel(got_inf, ref_inf) < 1e-5
 
 
-@pytest.mark.parametrize("inference,form", [(False, "dense"), (True, "dense"), (False, "int8+factors")])
-def test_sparse_attention_on_gpu_equals_float64(rng, inference, form):
+@pytest.mark.parametrize("inference,form,tma", [(False, "dense", False), (True, "dense", False),
+                                                (False, "int8+factors", False), (False, "dense", True),
+                                                (True, "int8+factors", True)])
+def test_sparse_attention_on_gpu_equals_float64(rng, monkeypatch, inference, form, tma):
     """inference: ComfyUI runs nodes under torch.inference_mode. form: the SSAR correction as a dense
-    tensor, or as the int8 cache keeps it (codes x row scale + rank-16 bf16 factors) for the epilogue."""
+    tensor, or as the int8 cache keeps it (codes x row scale + rank-16 bf16 factors) for the epilogue.
+    tma: the unmasked key tiles by tensor-descriptor loads (Hopper)."""
+    import quantsparse_kernels.sparse_attention as sa
+    monkeypatch.setattr(sa, "TMA", tma)
     from quantsparse_core.dispatch import block_sparse_attention
     from quantsparse_kernels.sparse_attention_ref import dense_masked_attention_f64
     from quantsparse_core.dispatch import Correction
@@ -152,6 +157,8 @@ def test_sparse_attention_on_gpu_equals_float64(rng, inference, form):
     txt, grid, h, d = 77, (5, 12, 20), 4, 128
     length = txt + 5 * 12 * 20                       # 1,277 tokens: a partial last block of 128
     q, k, v = ((torch.randn(1, h, length, d, generator=rng)).to(torch.bfloat16).to(DEV) for _ in range(3))
+    if tma:
+        assert torch.cuda.get_device_capability() < (9, 0) or sa._kv_descriptors(k, v, 128) is not None
     keep = band_keep(length, txt, 0.3, 128).unsqueeze(0).expand(h, -1, -1).clone()
     kinds = ["spatial", "temporal", "temporal", "dense"]
     keep[3] = True

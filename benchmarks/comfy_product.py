@@ -513,6 +513,47 @@ def video_tokens(shape, preset: str = BASE_PRESET) -> int:
 
 
 # ---- one sampling run ------------------------------------------------------------------------------
+def _split_top(text: str) -> list:
+    """text split at the commas outside brackets and quotes."""
+    parts, depth, quote, cur = [], 0, None, []
+    for ch in text:
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append("".join(cur).strip())
+            cur = []
+            continue
+        cur.append(ch)
+    if "".join(cur).strip():
+        parts.append("".join(cur).strip())
+    return parts
+
+
+def kernel_args(repr_text: str) -> dict:
+    """{argument: its specialisation} from the repr Triton's compile hook passes
+    ("name[num_warps=...](a: spec, b: spec, ...)"); {} if it has another form."""
+    start = repr_text.find("](")
+    if start < 0 or not repr_text.endswith(")"):
+        return {}
+    out = {}
+    for part in _split_top(repr_text[start + 2:-1]):
+        name, sep, spec = part.partition(": ")
+        if sep:
+            out[name.strip()] = spec.strip()
+    return out
+
+
+def spec_diff(old: dict, new: dict) -> list:
+    """["arg: old -> new", ...] for the arguments whose specialisation differs."""
+    return [f"{k}: {old.get(k)} -> {new.get(k)}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
 class StallTrace:
     """What happened inside each step besides its math, to explain stalled steps: Triton kernels compiled
     (JIT cache misses, autotuner candidates included), new torch.compile graphs, and the caching allocator's
@@ -520,6 +561,7 @@ class StallTrace:
 
     def __init__(self, cuda: bool):
         self.cuda, self.compiled, self.hooked = cuda, [], False
+        self.seen, self.differences = {}, []  # kernel -> argument specialisations compiled; this step's new ones
         try:
             from triton import knobs  # Triton >= 3.4
             knobs.runtime.jit_post_compile_hook = self._hook
@@ -535,7 +577,14 @@ class StallTrace:
 
     def _hook(self, *args, **kwargs):
         fn = kwargs.get("fn")
-        self.compiled.append(getattr(getattr(fn, "fn", fn), "__name__", None) or str(fn)[:60])
+        name = getattr(fn, "name", None) or getattr(getattr(fn, "fn", fn), "__name__", None) or str(fn)[:60]
+        self.compiled.append(name)
+        new = kernel_args(kwargs.get("repr", ""))
+        known = self.seen.setdefault(name, [])
+        if known and new:  # which arguments' specialisation made this compile: the nearest earlier one's differences
+            self.differences.append(dict(kernel=name, differs=min((spec_diff(old, new) for old in known), key=len)[:10]))
+        if new:
+            known.append(new)
         return False
 
     def _counters(self) -> dict:
@@ -559,6 +608,9 @@ class StallTrace:
         if self.hooked:
             out["triton_compiles"] = len(names)
             out["triton_kernels"] = sorted(set(names))[:12]
+            if self.differences:
+                out["triton_new_specialisations"] = self.differences[:6]
+        self.differences = []
         self.last = now
         return out
 

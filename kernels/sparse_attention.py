@@ -70,14 +70,15 @@ def _rows(PERM, offs, ok, PERMUTED: tl.constexpr, ROW64: tl.constexpr):
 
 @triton.jit
 def _tiles(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, j0, j1, L, skl, svl, qk_scale, ks_base, rs,
-           k_desc, v_desc, row0, col0,
+           k_desc, v_desc, krow, kcol, vrow, vcol,
            HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr, PERMUTED: tl.constexpr,
            MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, ROW64: tl.constexpr,
            WS: tl.constexpr, KV_COPY: tl.constexpr, QK8: tl.constexpr, PV8: tl.constexpr, TMA: tl.constexpr):
     """Key tiles j0 <= j < j1 of the listed blocks. MASKED: bounds check + additive bias; otherwise
     every key is valid and unbiased (the fast path). WS: Triton's automatic warp specialization.
     QK8: INT8 codes of q and of the (copied) keys, per-row scales rs / one scale per key block at ks_base.
-    TMA: the fast path's K/V tiles through tensor descriptors (rows row0 + key, columns col0 of a 2-D view)."""
+    TMA: the fast path's K/V tiles through tensor descriptors (rows krow / vrow + key, columns kcol / vcol of
+    2-D views)."""
     if QK8:
         for j in range(j0, j1):
             acc, l_i, m_i = _tile8(acc, l_i, m_i, q, rs, k_base, v_base, ks_base, idx_base, bias_base, PERM, j, L,
@@ -85,12 +86,12 @@ def _tiles(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, j0, j1, 
     elif WS:
         for j in tl.range(j0, j1, warp_specialize=True):
             acc, l_i, m_i = _tile(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, j, L, skl, svl,
-                                  qk_scale, k_desc, v_desc, row0, col0, HEAD_D, BLOCK_N, SUB, PERMUTED, MASKED,
+                                  qk_scale, k_desc, v_desc, krow, kcol, vrow, vcol, HEAD_D, BLOCK_N, SUB, PERMUTED, MASKED,
                                   HAS_BIAS, IEEE, ROW64, KV_COPY, TMA)
     else:
         for j in range(j0, j1):
             acc, l_i, m_i = _tile(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, j, L, skl, svl,
-                                  qk_scale, k_desc, v_desc, row0, col0, HEAD_D, BLOCK_N, SUB, PERMUTED, MASKED,
+                                  qk_scale, k_desc, v_desc, krow, kcol, vrow, vcol, HEAD_D, BLOCK_N, SUB, PERMUTED, MASKED,
                                   HAS_BIAS, IEEE, ROW64, KV_COPY, TMA)
     return acc, l_i, m_i
 
@@ -170,7 +171,7 @@ def _tile8(acc, l_i, m_i, q8, rs, k_base, v_base, ks_base, idx_base, bias_base, 
 
 @triton.jit
 def _tile(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, j, L, skl, svl, qk_scale,
-          k_desc, v_desc, row0, col0,
+          k_desc, v_desc, krow, kcol, vrow, vcol,
           HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr, PERMUTED: tl.constexpr,
           MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, ROW64: tl.constexpr,
           KV_COPY: tl.constexpr, TMA: tl.constexpr):
@@ -199,8 +200,8 @@ def _tile(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, j, L, skl
             add = tl.where(n_ok, 0.0, float("-inf"))
     elif TMA:
         n0 = kb * (BLOCK_N * SUB) + (j % SUB) * BLOCK_N
-        kt = tl.trans(k_desc.load([row0 + n0, col0]))
-        v = v_desc.load([row0 + n0, col0])
+        kt = tl.trans(k_desc.load([krow + n0, kcol]))
+        v = v_desc.load([vrow + n0, vcol])
     else:
         if PERMUTED and not KV_COPY:
             k_rows = tl.load(PERM + offs_n)
@@ -240,10 +241,10 @@ def _tile(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, j, L, skl
 # reuse; the likely cause, not yet confirmed on a GPU: the block-index strides, multiples of 16 at 544p
 # but not in the warm-up, gave new specialisations). Strides of the q/k/v/out/correction rows, which set the main loads' alignment and are
 # multiples of the head width at every resolution, stay specialised.
-@triton.jit(do_not_specialize=["L", "NH", "RB", "RH", "CH", "BH", "T", "NM", "NB_BIAS", "ssb", "sbb", "slb", "slh", "sih", "siq",
+@triton.jit(do_not_specialize=["L", "NH", "KRB", "KRH", "KCH", "VRB", "VRH", "VCH", "BH", "T", "NM", "NB_BIAS", "ssb", "sbb", "slb", "slh", "sih", "siq",
                                "sch", "sub", "suh", "sul", "R", "sksb", "sksh", "svsb", "svsh", "smb", "smh"])
 def _sparse_attn_fwd(Q, K, V, O, LSE, C, CS, US, VH, BIAS, PERM, HEADS, KV_IDX, KV_CNT, KS, VS, MEAN,
-                     K_DESC, V_DESC, RB, RH, CH,
+                     K_DESC, V_DESC, KRB, KRH, KCH, VRB, VRH, VCH,
                      sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sksb, sksh, svsb, svsh, smb, smh,
                      sob, sol, slb, slh, scb, scl, ssb, ssl, sub, suh, sul, svhb, svhh, svhr, R, sbb, sih, siq, sch,
                      L, NH, BH, T, NM, NB_BIAS, qk_scale,
@@ -289,12 +290,15 @@ def _sparse_attn_fwd(Q, K, V, O, LSE, C, CS, US, VH, BIAS, PERM, HEADS, KV_IDX, 
         k_base = K + b * skb + h * skh
         v_base = V + b * svb + h * svh
     bias_base = BIAS + b * sbb
-    if KV_COPY:  # TMA's 2-D view: row of key 0 of this (batch, head), column of its channel 0
-        row0 = (b * RB + (bh % NH) * RH).to(tl.int32)
-        col0 = ((bh % NH) * CH).to(tl.int32)
+    # TMA's 2-D views: row of key 0 of this (batch, head), column of its channel 0 (k and v may differ)
+    if KV_COPY:  # the copy holds this launch's heads in order
+        hk = (bh % NH).to(tl.int64)
     else:
-        row0 = (b * RB + h * RH).to(tl.int32)
-        col0 = (h * CH).to(tl.int32)
+        hk = h
+    krow = (b * KRB + hk * KRH).to(tl.int32)
+    kcol = (hk * KCH).to(tl.int32)
+    vrow = (b * VRB + hk * VRH).to(tl.int32)
+    vcol = (hk * VCH).to(tl.int32)
     idx_base = KV_IDX + h * sih + qblk * siq
     cnt = tl.load(KV_CNT + h * sch + qblk)
 
@@ -315,13 +319,13 @@ def _sparse_attn_fwd(Q, K, V, O, LSE, C, CS, US, VH, BIAS, PERM, HEADS, KV_IDX, 
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
     acc, l_i, m_i = _tiles(acc, l_i, m_i, q_in, k_base, v_base, idx_base, bias_base, PERM, 0, ja * SUB, L, skl, svl,
-                           qk_scale, ks_base, rs, K_DESC, V_DESC, row0, col0, HEAD_D, BLOCK_N, SUB, PERMUTED, True, HAS_BIAS, IEEE, ROW64, WS,
+                           qk_scale, ks_base, rs, K_DESC, V_DESC, krow, kcol, vrow, vcol, HEAD_D, BLOCK_N, SUB, PERMUTED, True, HAS_BIAS, IEEE, ROW64, WS,
                            KV_COPY, QK8, PV8, TMA)
     acc, l_i, m_i = _tiles(acc, l_i, m_i, q_in, k_base, v_base, idx_base, bias_base, PERM, ja * SUB, jc * SUB, L,
-                           skl, svl, qk_scale, ks_base, rs, K_DESC, V_DESC, row0, col0, HEAD_D, BLOCK_N, SUB, PERMUTED, False, HAS_BIAS, IEEE, ROW64,
+                           skl, svl, qk_scale, ks_base, rs, K_DESC, V_DESC, krow, kcol, vrow, vcol, HEAD_D, BLOCK_N, SUB, PERMUTED, False, HAS_BIAS, IEEE, ROW64,
                            WS, KV_COPY, QK8, PV8, TMA)
     acc, l_i, m_i = _tiles(acc, l_i, m_i, q_in, k_base, v_base, idx_base, bias_base, PERM, jc * SUB, cnt * SUB, L,
-                           skl, svl, qk_scale, ks_base, rs, K_DESC, V_DESC, row0, col0, HEAD_D, BLOCK_N, SUB, PERMUTED, True, HAS_BIAS, IEEE, ROW64,
+                           skl, svl, qk_scale, ks_base, rs, K_DESC, V_DESC, krow, kcol, vrow, vcol, HEAD_D, BLOCK_N, SUB, PERMUTED, True, HAS_BIAS, IEEE, ROW64,
                            WS, KV_COPY, QK8, PV8, TMA)
 
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # nothing allowed -> 0, as the reference
@@ -570,7 +574,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index
             _sparse_attn_fwd[(bh * nm,)](
                 q, kk, vv, out, lse if lse is not None else dummy, *corr_args[:4],
                 key_bias if key_bias is not None else dummy, perm if flag else dummy, hl, kv_index, kv_count,
-                *q_args[:3], *(descs or (dummy, dummy, 0, 0, 0)), q.stride(0), q.stride(1), q.stride(2), kk.stride(0), kk.stride(1), kk.stride(2),
+                *q_args[:3], *(descs or (dummy, dummy, 0, 0, 0, 0, 0, 0)), q.stride(0), q.stride(1), q.stride(2), kk.stride(0), kk.stride(1), kk.stride(2),
                 vv.stride(0), vv.stride(1), vv.stride(2), *q_args[3:], out.stride(0), out.stride(1),
                 lse.stride(0) if lse is not None else 0, lse.stride(1) if lse is not None else 0, *corr_args[4:],
                 sbb, kv_index.stride(0), kv_index.stride(1), kv_count.stride(0),
@@ -592,6 +596,7 @@ def _rows_view(t: torch.Tensor):
     sb, sh, sl, sd = t.stride()
     if sd != 1:
         return None
+    # each view holds exactly t's elements, so it stays inside t's storage
     if sh == d and (b == 1 or sb == length * sl) and sl >= heads * d:
         return t.as_strided((b * length, heads * d), (sl, 1)), length, 0, d
     if sl == d and (heads == 1 or sh == length * d) and (b == 1 or sb == heads * length * d):
@@ -600,23 +605,24 @@ def _rows_view(t: torch.Tensor):
 
 
 def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int):
-    """(K descriptor, V descriptor, RB, RH, CH) for the kernel's TMA loads of [block_n, D] key tiles, or None
-    where the layouts differ between k and v or break TMA's rules (16-byte aligned base and row stride,
-    2-byte floats; Hopper or newer, or the interpreter)."""
+    """(K descriptor, V descriptor, K's RB, RH, CH, V's RB, RH, CH) for the kernel's TMA loads of [block_n, D] key
+    tiles (k and v may be laid out differently: the single blocks' new k beside v, a view of linear1's output), or
+    None where a layout breaks TMA's rules (16-byte aligned base and row stride, 2-byte floats; Hopper or newer,
+    or the interpreter)."""
     if k.dtype not in (torch.float16, torch.bfloat16) or v.dtype != k.dtype:
         return None
     if not interpreting() and not (k.is_cuda and torch.cuda.get_device_capability(k.device) >= (9, 0)):
         return None
     kv = _rows_view(k)
     vv = _rows_view(v)
-    if kv is None or vv is None or kv[1:] != vv[1:]:
+    if kv is None or vv is None:
         return None
     if any(x[0].data_ptr() % 16 or (x[0].stride(0) * x[0].element_size()) % 16 for x in (kv, vv)):
         return None
     from triton.tools.tensor_descriptor import TensorDescriptor
     d = k.shape[-1]
     return (TensorDescriptor.from_tensor(kv[0], [block_n, d]), TensorDescriptor.from_tensor(vv[0], [block_n, d]),
-            *kv[1:])
+            *kv[1:], *vv[1:])
 
 
 def _quantized_copy(k, v, mean, vscale, perm, heads: torch.Tensor, n: int, pv8: bool, block: int):

@@ -225,3 +225,35 @@ def test_kitchen_attention_baseline_is_set_as_comfyuis_node_sets_it_or_refused(m
         mod.use_kitchen_attention(Patcher())
     attention.get_attention_function = lambda name, default=None: {"comfy_kitchen_int8": kitchen}.get(name, default)
     assert mod.use_kitchen_attention(Patcher()) == "comfy_kitchen_int8" and calls == [kitchen]
+
+
+def test_stall_trace_names_the_arguments_that_made_a_compile(rng):
+    """A compile during a timed step is explained by the arguments whose specialisation differs from the
+    nearest earlier compile of the same kernel (Triton's compile-hook repr, nested brackets and quotes kept)."""
+    import torch
+    mod = _module()
+    trace = mod.StallTrace(cuda=False)
+
+    class Info:  # what Triton passes as fn: JitFunctionInfo(module, name, jit_function)
+        name = "_sparse_attn_fwd"
+
+    names = [f"a{i}" for i in range(8)]
+    specs = {n: f"('i32', '{'D' if i % 2 else ''}')" for i, n in enumerate(names)}
+    specs["Q"], specs["ROW64"] = "('*bf16', 'D')", "('constexpr', False)"
+
+    def repr_of(spec):
+        return "_sparse_attn_fwd[num_warps=8, num_ctas=1](" + ", ".join(f"{k}: {v}" for k, v in spec.items()) + ")"
+
+    assert mod.kernel_args(repr_of(specs)) == specs
+    trace._hook(key=1, repr=repr_of(specs), fn=Info())
+    first = trace.take()
+    assert "triton_new_specialisations" not in first or not first["triton_new_specialisations"]
+    changed = dict(specs)
+    pick = names[int(torch.randint(0, len(names), (1,), generator=rng))]
+    changed[pick] = "('i32', '')" if "D" in specs[pick] else "('i32', 'D')"
+    changed["ROW64"] = "('constexpr', True)"
+    trace._hook(key=2, repr=repr_of(changed), fn=Info())
+    out = trace.take()["triton_new_specialisations"]
+    assert out == [dict(kernel="_sparse_attn_fwd", differs=sorted(
+        [f"{pick}: {specs[pick]} -> {changed[pick]}", "ROW64: ('constexpr', False) -> ('constexpr', True)"]))]
+    assert mod.kernel_args("not a repr") == {}

@@ -95,20 +95,26 @@ def test_temporal_heads_kv_copy_and_in_loop_gather_match_float64(rng, monkeypatc
 
 
 @interpreted
-@pytest.mark.parametrize("layout", ["interleaved", "head_major"])
+@pytest.mark.parametrize("layout", ["interleaved", "head_major", "mixed"])
 def test_tma_key_tiles_equal_pointer_loads_and_float64(rng, monkeypatch, layout):
     """The bf16 pass with its unmasked key tiles read through tensor descriptors (TMA): q/k/v as ComfyUI
     passes them (heads interleaved in each token's row) and head-major contiguous, spatial and temporal
     heads (the latter from the head-ordered copy), a padded-text bias and a partial last block (masked
-    tiles stay on pointer loads). Same loads, so the same output as the pointer path, bit for bit."""
+    tiles stay on pointer loads); mixed: new head-major q and k beside v as a view of a wider row (the single
+    blocks' layout). Same loads, so the same output as the pointer path, bit for bit."""
     import quantsparse_kernels.sparse_attention as sa
     b, h, d, block = 2, 4, 32, 16
     q, k, v = strided_qkv(rng, b, h, L, d, torch.bfloat16)
     if layout == "head_major":
         q, k, v = (x.contiguous() for x in (q, k, v))
+    if layout == "mixed":
+        q, k = q.contiguous(), k.contiguous()
+        wide = torch.randn(b, L, 3 * h * d + 8, generator=rng).to(torch.bfloat16)   # [qkv | more] rows
+        v = wide[..., 2 * h * d:3 * h * d].view(b, L, h, d).transpose(1, 2)
     view = sa._rows_view(k)
     assert view is not None and view[1:] == ((L, 0, d) if layout == "interleaved" else (h * L, L, 0))
-    assert sa._kv_descriptors(k, v, 16) is not None
+    descs = sa._kv_descriptors(k, v, 16)
+    assert descs is not None and descs[5:] == ((h * L, L, 0) if layout == "head_major" else (L, 0, d))
     keep = random_keep(rng, h, -(-L // block), p=0.6)
     kinds = ["spatial", "temporal", "spatial", "temporal"]
     index, count = BlockMask(keep, kinds, block, L).to_indices()
@@ -129,10 +135,12 @@ def test_tma_key_tiles_equal_pointer_loads_and_float64(rng, monkeypatch, layout)
 
 
 def test_tma_is_not_used_for_layouts_it_cannot_address(rng):
-    """k and v in different layouts, a row stride that is not 16-byte aligned, or fp32: pointer loads."""
+    """A row stride that is not 16-byte aligned, a layout with heads neither interleaved nor head-major, or fp32:
+    pointer loads."""
     import quantsparse_kernels.sparse_attention as sa
     q, k, v = strided_qkv(rng, 1, 2, 40, 16, torch.bfloat16)
-    assert sa._kv_descriptors(k, v.contiguous(), 16) is None          # layouts differ
+    assert sa._kv_descriptors(k, v, 16) is not None
+    assert sa._rows_view(k.transpose(2, 3).contiguous().transpose(2, 3)) is None   # channels not contiguous
     odd = torch.randn(1, 40, 2 * 16 + 1, generator=rng).to(torch.bfloat16)[..., :32].view(1, 40, 2, 16)
     odd = odd.transpose(1, 2)                                          # row stride 33 elements
     assert sa._rows_view(odd) is not None and sa._kv_descriptors(odd, odd, 16) is None
@@ -355,3 +363,4 @@ def test_a_new_resolution_or_rank_reuses_the_compiled_kernel(rng, monkeypatch):
         keys.append(rec.keys())
         monkeypatch.undo()
     assert keys[0] == keys[1] == keys[2], keys
+

@@ -157,7 +157,10 @@ def test_sparse_attention_on_gpu_equals_float64(rng, monkeypatch, inference, for
     txt, grid, h, d = 77, (5, 12, 20), 4, 128
     length = txt + 5 * 12 * 20                       # 1,277 tokens: a partial last block of 128
     q, k, v = ((torch.randn(1, h, length, d, generator=rng)).to(torch.bfloat16).to(DEV) for _ in range(3))
-    if tma:
+    if tma:  # v as the single blocks pass it: a view of linear1's wider output rows, beside new q and k
+        wide = torch.randn(1, length, 7 * h * d, generator=rng).to(torch.bfloat16).to(DEV)
+        wide[..., 2 * h * d:3 * h * d] = v.transpose(1, 2).reshape(1, length, h * d)
+        v = wide[..., 2 * h * d:3 * h * d].view(1, length, h, d).transpose(1, 2)
         assert torch.cuda.get_device_capability() < (9, 0) or sa._kv_descriptors(k, v, 128) is not None
     keep = band_keep(length, txt, 0.3, 128).unsqueeze(0).expand(h, -1, -1).clone()
     kinds = ["spatial", "temporal", "temporal", "dense"]

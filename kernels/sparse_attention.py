@@ -86,13 +86,13 @@ def _tiles(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, j0, j1, 
     elif WS:
         for j in tl.range(j0, j1, warp_specialize=True):
             acc, l_i, m_i = _tile(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, j, L, skl, svl,
-                                  qk_scale, k_desc, v_desc, krow, kcol, vrow, vcol, HEAD_D, BLOCK_N, SUB, PERMUTED, MASKED,
-                                  HAS_BIAS, IEEE, ROW64, KV_COPY, TMA)
+                                  qk_scale, k_desc, v_desc, krow, kcol, vrow, vcol, HEAD_D, BLOCK_N, SUB, PERMUTED,
+                                  MASKED, HAS_BIAS, IEEE, ROW64, KV_COPY, TMA)
     else:
         for j in range(j0, j1):
             acc, l_i, m_i = _tile(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, j, L, skl, svl,
-                                  qk_scale, k_desc, v_desc, krow, kcol, vrow, vcol, HEAD_D, BLOCK_N, SUB, PERMUTED, MASKED,
-                                  HAS_BIAS, IEEE, ROW64, KV_COPY, TMA)
+                                  qk_scale, k_desc, v_desc, krow, kcol, vrow, vcol, HEAD_D, BLOCK_N, SUB, PERMUTED,
+                                  MASKED, HAS_BIAS, IEEE, ROW64, KV_COPY, TMA)
     return acc, l_i, m_i
 
 
@@ -241,8 +241,9 @@ def _tile(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, j, L, skl
 # reuse; the likely cause, not yet confirmed on a GPU: the block-index strides, multiples of 16 at 544p
 # but not in the warm-up, gave new specialisations). Strides of the q/k/v/out/correction rows, which set the main loads' alignment and are
 # multiples of the head width at every resolution, stay specialised.
-@triton.jit(do_not_specialize=["L", "NH", "KRB", "KRH", "KCH", "VRB", "VRH", "VCH", "BH", "T", "NM", "NB_BIAS", "ssb", "sbb", "slb", "slh", "sih", "siq",
-                               "sch", "sub", "suh", "sul", "R", "sksb", "sksh", "svsb", "svsh", "smb", "smh"])
+@triton.jit(do_not_specialize=["L", "NH", "KRB", "KRH", "KCH", "VRB", "VRH", "VCH", "BH", "T", "NM", "NB_BIAS",
+                               "ssb", "sbb", "slb", "slh", "sih", "siq", "sch", "sub", "suh", "sul", "R", "sksb",
+                               "sksh", "svsb", "svsh", "smb", "smh"])
 def _sparse_attn_fwd(Q, K, V, O, LSE, C, CS, US, VH, BIAS, PERM, HEADS, KV_IDX, KV_CNT, KS, VS, MEAN,
                      K_DESC, V_DESC, KRB, KRH, KCH, VRB, VRH, VCH,
                      sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sksb, sksh, svsb, svsh, smb, smh,
@@ -319,14 +320,14 @@ def _sparse_attn_fwd(Q, K, V, O, LSE, C, CS, US, VH, BIAS, PERM, HEADS, KV_IDX, 
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
     acc, l_i, m_i = _tiles(acc, l_i, m_i, q_in, k_base, v_base, idx_base, bias_base, PERM, 0, ja * SUB, L, skl, svl,
-                           qk_scale, ks_base, rs, K_DESC, V_DESC, krow, kcol, vrow, vcol, HEAD_D, BLOCK_N, SUB, PERMUTED, True, HAS_BIAS, IEEE, ROW64, WS,
-                           KV_COPY, QK8, PV8, TMA)
+                           qk_scale, ks_base, rs, K_DESC, V_DESC, krow, kcol, vrow, vcol, HEAD_D, BLOCK_N, SUB,
+                           PERMUTED, True, HAS_BIAS, IEEE, ROW64, WS, KV_COPY, QK8, PV8, TMA)
     acc, l_i, m_i = _tiles(acc, l_i, m_i, q_in, k_base, v_base, idx_base, bias_base, PERM, ja * SUB, jc * SUB, L,
-                           skl, svl, qk_scale, ks_base, rs, K_DESC, V_DESC, krow, kcol, vrow, vcol, HEAD_D, BLOCK_N, SUB, PERMUTED, False, HAS_BIAS, IEEE, ROW64,
-                           WS, KV_COPY, QK8, PV8, TMA)
+                           skl, svl, qk_scale, ks_base, rs, K_DESC, V_DESC, krow, kcol, vrow, vcol, HEAD_D, BLOCK_N,
+                           SUB, PERMUTED, False, HAS_BIAS, IEEE, ROW64, WS, KV_COPY, QK8, PV8, TMA)
     acc, l_i, m_i = _tiles(acc, l_i, m_i, q_in, k_base, v_base, idx_base, bias_base, PERM, jc * SUB, cnt * SUB, L,
-                           skl, svl, qk_scale, ks_base, rs, K_DESC, V_DESC, krow, kcol, vrow, vcol, HEAD_D, BLOCK_N, SUB, PERMUTED, True, HAS_BIAS, IEEE, ROW64,
-                           WS, KV_COPY, QK8, PV8, TMA)
+                           skl, svl, qk_scale, ks_base, rs, K_DESC, V_DESC, krow, kcol, vrow, vcol, HEAD_D, BLOCK_N,
+                           SUB, PERMUTED, True, HAS_BIAS, IEEE, ROW64, WS, KV_COPY, QK8, PV8, TMA)
 
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # nothing allowed -> 0, as the reference
     if PV8:  # acc and l_i are in units of 448, acc in units of V / (V's channel scale)
@@ -482,8 +483,8 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index
     the original token order: two runs over disjoint key sets merge exactly (kernels/refresh_attention.py).
     config: (BLOCK_M, BLOCK_N, num_warps, num_stages[, warp_specialize[, kv_copy[, tma]]]) override,
     for tuning; tma: the bf16 pass's unmasked key tiles by tensor-descriptor (TMA) loads where the layout
-    allows (Hopper+, default TMA). kv_copy (default KV_COPY): temporal heads read k/v from a permuted copy made per group of
-    heads (at most KV_COPY_BYTES), not through the permutation inside the loop (which makes them 21%
+    allows (Hopper+, default TMA). kv_copy (default KV_COPY): temporal heads read k/v from a permuted copy made
+    per group of heads (at most KV_COPY_BYTES), not through the permutation inside the loop (which makes them 21%
     slower than spatial heads on H100).
     precision: "bf16" (scores and P.V in the inputs' precision), "int8" (Q.K^T from INT8 codes: Q per
     row, K minus its mean per mask block; P.V as bf16) or "int8-fp8" (also P.V in float8 e4m3: P x 448, V per
@@ -574,7 +575,8 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index
             _sparse_attn_fwd[(bh * nm,)](
                 q, kk, vv, out, lse if lse is not None else dummy, *corr_args[:4],
                 key_bias if key_bias is not None else dummy, perm if flag else dummy, hl, kv_index, kv_count,
-                *q_args[:3], *(descs or (dummy, dummy, 0, 0, 0, 0, 0, 0)), q.stride(0), q.stride(1), q.stride(2), kk.stride(0), kk.stride(1), kk.stride(2),
+                *q_args[:3], *(descs or (dummy, dummy, 0, 0, 0, 0, 0, 0)),
+                q.stride(0), q.stride(1), q.stride(2), kk.stride(0), kk.stride(1), kk.stride(2),
                 vv.stride(0), vv.stride(1), vv.stride(2), *q_args[3:], out.stride(0), out.stride(1),
                 lse.stride(0) if lse is not None else 0, lse.stride(1) if lse is not None else 0, *corr_args[4:],
                 sbb, kv_index.stride(0), kv_index.stride(1), kv_count.stride(0),

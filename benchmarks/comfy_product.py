@@ -143,6 +143,9 @@ V15_TARGETS = (
     ("(Q) vs (A), HunyuanVideo 1.5, 720p x 121, 50-step sampling wall-clock", "ratio:A", "720p", 2.5),
     ("no step slower than 1.2x its kind's median (measured 50-step runs)", "stall", None, STALL_RATIO),
 )
+# issue 20: 4- and 8-step sampling (the Sparse Sampler's few-step schedule); shown where (Q) ran at that step count
+FEW_STEP_TARGETS = tuple((f"(Q) vs (A), 720p/129f, {n}-step sampling wall-clock (few-step schedule)", f"ratio:A:Q:{n}",
+                          "720p", 2.0) for n in (4, 8))
 LORA_TARGET = ("3 stacked LoRAs on (Q), {size}: sampling time over (Q)'s, same steps", "lora", "720p", 1.10)
 
 
@@ -152,23 +155,23 @@ def log(*a):
 
 # ---- schedule ------------------------------------------------------------------------------------
 def step_kinds(settings, steps: int):
-    """(coarse, fine) kinds of the `steps` steps SSARAttention runs under `settings`: coarse is
-    dense (warm-up) / refresh / reuse; fine splits refresh1 (first-order only) / refresh2 and reuse
-    (after a first-order refresh) / reuse2a (first step after a second-order refresh) / reuse2."""
-    warm = int(round(0.1 * steps)) if settings.warmup_steps is None else int(settings.warmup_steps)
+    """(coarse, fine) kinds of the `steps` steps SSARAttention runs under `settings` (its StepPlan: the
+    standard schedule, or few-step where "auto" picks it): coarse is dense (warm-up) / refresh / reuse; fine
+    splits refresh1 (first-order only) / refresh2 and reuse (after a first-order refresh) / reuse2a (first
+    step after a second-order refresh) / reuse2."""
+    plan = settings.plan(steps)
     coarse, fine, refreshes, last = [], [], 0, None
     for i in range(steps):
-        if i < warm:
-            coarse.append("dense")
-            fine.append("dense")
-        elif (i - warm) % settings.tau == 0:
-            last = "refresh1" if refreshes == 0 or settings.order < 2 else "refresh2"
-            coarse.append("refresh")
+        kind = plan.kind(i)
+        coarse.append(kind)
+        if kind == "refresh":
+            last = "refresh1" if refreshes == 0 or plan.order < 2 else "refresh2"
             fine.append(last)
             refreshes += 1
-        else:
-            coarse.append("reuse")
+        elif kind == "reuse":
             fine.append(("reuse2a" if fine[-1] == "refresh2" else "reuse2") if last == "refresh2" else "reuse")
+        else:
+            fine.append(kind)
     return coarse, fine
 
 
@@ -834,6 +837,20 @@ def fifty_step_seconds(run, steps: int = None):
     return None, None
 
 
+def baseline_seconds(run, steps: int):
+    """A dense baseline's sampling seconds over `steps` steps: its first `steps` measured steps, and the median
+    step for each one it did not run (dense steps are uniform), with a note when any was counted so."""
+    per = [s["s"] for s in run["per_step"]]
+    if not per:
+        return None, None
+    used = per[:steps]
+    total = sum(used) + statistics.median(per) * (steps - len(used))
+    if len(used) == steps:
+        return total, None
+    return total, (f"{run['config']} timed over {len(used)} of {steps} steps; the other {steps - len(used)} counted at "
+                   f"the median step")
+
+
 def _uncapped(runs, config, res, cut_off: bool = False):
     """Uncapped runs of `config` at `res` that completed; with cut_off also those the time limit stopped
     after some timed steps (a caller then compares only the steps both runs finished)."""
@@ -920,6 +937,8 @@ def target_rows(runs, preset: str) -> tuple:
         rows = rows + (CK_TARGET,)
     if any(r["config"] == "QK" for r in runs):
         rows = rows + (CK_INT8_TARGET,)
+    rows = rows + tuple(t for t in FEW_STEP_TARGETS
+                        if any(r["config"] == "Q" and r["schedule_steps"] == int(t[1].split(":")[3]) for r in runs))
     return rows
 
 
@@ -928,15 +947,17 @@ def targets(runs, preset: str = BASE_PRESET) -> list:
     for name, kind, res, target in target_rows(runs, preset):
         row = dict(name=name, measured=None, target=target, met=False)
         if kind.startswith("ratio:"):
-            base_cfg, cfg = (kind.split(":") + ["Q"])[1:3]
-            qs = [r for r in _uncapped(runs, cfg, res) if len(r["per_step"]) == r["schedule_steps"]]
+            base_cfg, cfg, steps = (kind.split(":") + ["Q", "50"][len(kind.split(":")) - 2:])[1:4]
+            steps = int(steps)
+            qs = [r for r in _uncapped(runs, cfg, res) if len(r["per_step"]) == r["schedule_steps"] == steps]
             bs = _uncapped(runs, base_cfg, res)
             if not qs or not bs:
                 row["note"] = "not measured: needs " + " and ".join(
-                    x for x, ok in ((f"a full uncapped ({cfg}) run at {res}", qs), (f"an uncapped ({base_cfg}) run at {res}", bs)) if not ok)
+                    x for x, ok in ((f"a full uncapped {steps}-step ({cfg}) run at {res}", qs),
+                                    (f"an uncapped ({base_cfg}) run at {res}", bs)) if not ok)
             else:
                 q_s, _ = fifty_step_seconds(qs[-1])
-                b_s, note = fifty_step_seconds(bs[-1])
+                b_s, note = baseline_seconds(bs[-1], steps)
                 row["measured"] = round(b_s / q_s, 3)
                 row["met"] = row["measured"] >= target
                 row["note"] = f"({base_cfg}) {b_s:.1f} s / ({cfg}) {q_s:.1f} s" + (f"; {note}" if note else "")
@@ -1084,7 +1105,10 @@ class Bench:
         self.runs = report.data["runs"]
         self.scale = 1.0  # measured / prior step time, refined as runs finish
         from quantsparse_core.sparse.ssar import SparseSettings
-        self.settings = SparseSettings(schedule="standard")
+        # 50 steps: the standard schedule also for the 8-step warm-up run, so that it compiles what the timed
+        # run's kinds need; at most few_step_max steps: the Sparse Sampler's default ("auto": few-step) throughout
+        few = args.steps <= SparseSettings().few_step_max
+        self.settings = SparseSettings(schedule="auto" if few else "standard")
         self.cond, self.txt_real = conditioning(args.preset, args.text_tokens, args.seed)
 
     def config_settings(self, config):
@@ -1424,7 +1448,9 @@ def main(argv=None):
     ap.add_argument("--resolutions", default="544p,720p",
                     help="comma list of 544p, 720p (x129; x121 for HunyuanVideo 1.5 presets), 480p (1.5: 848x480x121), "
                          "wan720p, wan480p or WIDTHxHEIGHTxFRAMES")
-    ap.add_argument("--steps", type=int, default=50, help="sampling steps (the schedule); default 50")
+    ap.add_argument("--steps", type=int, default=50,
+                    help="sampling steps (the schedule); default 50. At 8 or fewer, (Q) runs the Sparse Sampler's "
+                         "few-step schedule (its default there) and issue 20's 4/8-step rows are reported")
     ap.add_argument("--baseline-steps", default="",
                     help="time (A)/(A8) over only the first N steps of the schedule: N, or RES=N,... "
                          "(dense steps are uniform); e.g. 720p=3")

@@ -34,7 +34,7 @@ def merge(sparse: torch.Tensor, lse_sparse: torch.Tensor, rest: torch.Tensor,
     d = rest.to(torch.float32, copy=True)  # the caller's tensors stay as they are
     d -= sparse
     d.view(b, length, heads, hd // heads).mul_(w.transpose(1, 2).unsqueeze(-1))
-    full = (d + sparse).to(sparse.dtype)
+    full = torch.add(d, sparse, out=torch.empty_like(sparse))  # rounded once, without an fp32 [B, L, H*D] temporary
     return full, d
 
 

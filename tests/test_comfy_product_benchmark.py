@@ -13,7 +13,7 @@ import pytest
 from comfy_env import require_comfyui
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = 7  # default schedule at 7 steps: dense, refresh, reuse x 4, refresh
+STEPS = 9  # the standard schedule (above few_step_max = 8): dense, refresh, reuse x 4, refresh, reuse x 2
 
 
 def _module():
@@ -69,7 +69,7 @@ def test_cpu_run_schema_and_schedule(tmp_path):
 
     from quantsparse_core.sparse.ssar import SparseSettings
     coarse, _ = _module().step_kinds(SparseSettings(), STEPS)
-    assert coarse == ["dense", "refresh", "reuse", "reuse", "reuse", "reuse", "refresh"]
+    assert coarse == ["dense", "refresh", "reuse", "reuse", "reuse", "reuse", "refresh", "reuse", "reuse"]
     q = runs["Q"]
     assert [s["kind"] for s in runs["QL"]["per_step"]] == coarse
     assert [s["kind"] for s in q["per_step"]] == coarse
@@ -173,6 +173,24 @@ def test_timed_steps_are_the_first_steps_of_the_real_schedule(tmp_path):
     assert [s["observed"] for s in q["per_step"]] == kinds and q["kinds_match_schedule"]
 
 
+def test_a_four_step_run_samples_the_few_step_schedule_through_comfyui(tmp_path):
+    """--steps 4: (Q) runs what the Sparse Sampler runs at 4 steps (few-step: refresh, reuse, refresh, reuse, seen
+    in each model call). The 4-step row's arithmetic is tested above (its resolution, 720p, is too big here)."""
+    root = require_comfyui()
+    out = tmp_path / "four.json"
+    env = dict(os.environ, COMFYUI_PATH=str(root), CUDA_VISIBLE_DEVICES="")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "comfy_product.py"), "--device", "cpu", "--preset", "test",
+           "--configs", "Q", "--resolutions", "256x256x5", "--steps", "4", "--text-tokens", "16",
+           "--no-warm-run", "--ckpt", str(tmp_path / "q.safetensors"), "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    runs = {r["config"]: r for r in data["runs"]}
+    assert [s["observed"] for s in runs["Q"]["per_step"]] == ["refresh", "reuse", "refresh", "reuse"]
+    assert runs["Q"]["sparse_settings"]["schedule"] == "auto" and runs["Q"]["kinds_match_schedule"]
+    assert runs["Q"]["completed"] and runs["Q"]["output_finite"]
+
+
 def test_kitchen_cuda_extension_is_unpacked_where_the_carried_kitchen_looks(tmp_path, monkeypatch, rng):
     """The carried xz file is decompressed once into comfy_kitchen/backends/cuda/ (byte for byte), and left
     alone when the extension is there; without the package or the file it only says so."""
@@ -257,3 +275,30 @@ def test_stall_trace_names_the_arguments_that_made_a_compile(rng):
     assert out == [dict(kernel="_sparse_attn_fwd", differs=sorted(
         [f"{pick}: {specs[pick]} -> {changed[pick]}", "ROW64: ('constexpr', False) -> ('constexpr', True)"]))]
     assert mod.kernel_args("not a repr") == {}
+
+
+def test_few_step_runs_are_scored_against_the_baseline_at_their_own_step_count(rng):
+    """A 4- or 8-step (Q) run (few-step schedule) against a dense baseline timed over a few steps of a 50-step
+    schedule: the baseline counted over the same number of steps (its measured ones, then its median step);
+    the 50-step rows never take a few-step run."""
+    import torch
+    mod = _module()
+    from quantsparse_core.sparse.ssar import SparseSettings
+    kinds4, fine4 = mod.step_kinds(SparseSettings(), 4)
+    assert kinds4 == ["refresh", "reuse", "refresh", "reuse"] and fine4 == ["refresh1", "reuse", "refresh1", "reuse"]
+    assert mod.step_kinds(SparseSettings(schedule="standard"), 4)[0] == ["refresh", "reuse", "reuse", "reuse"]
+    a_steps = (25.0 + 10.0 * torch.rand(3, generator=rng)).tolist()
+    base = _run("A", "720p", 3)
+    for st, x in zip(base["per_step"], a_steps):
+        st["s"] = x
+    q4 = _run("Q", "720p", 4, schedule=4, step_s=float(5.0 + 10.0 * torch.rand(1, generator=rng)), kinds=kinds4)
+    q8 = _run("Q", "720p", 8, schedule=8, step_s=30.0, kinds=mod.step_kinds(SparseSettings(), 8)[0])
+    t = {x["name"]: x for x in mod.targets([base, q4, q8])}
+    r4 = t["(Q) vs (A), 720p/129f, 4-step sampling wall-clock (few-step schedule)"]
+    want = (sum(a_steps) + sorted(a_steps)[1]) / (4 * q4["per_step"][0]["s"])
+    assert r4["measured"] == pytest.approx(want, abs=1e-3) and r4["met"] == (want >= 2.0)
+    r8 = t["(Q) vs (A), 720p/129f, 8-step sampling wall-clock (few-step schedule)"]
+    assert r8["measured"] == pytest.approx((sum(a_steps) + 5 * sorted(a_steps)[1]) / 240.0, abs=1e-3)
+    assert not r8["met"]
+    r50 = t["(Q) vs (A), 720p/129f, 50-step sampling wall-clock"]
+    assert r50["measured"] is None and "50-step" in r50["note"]

@@ -820,20 +820,15 @@ class Report:
         tmp.replace(self.out)
 
 
-def fifty_step_seconds(run, steps: int = None):
+def fifty_step_seconds(run):
     """The run's sampling seconds over its whole schedule: measured when every step ran; for a dense
-    baseline timed over fewer steps, the measured steps plus the median step for each step not run
-    (dense steps are uniform). None otherwise."""
+    baseline timed over fewer steps, baseline_seconds over the schedule. None otherwise."""
     if not run.get("completed"):
         return None, None
-    per = run["per_step"]
-    total = run["schedule_steps"]
-    if len(per) == total:
-        return sum(s["s"] for s in per), None
-    if run["config"] in BASELINE_CONFIGS and per:
-        med = statistics.median(s["s"] for s in per)
-        return sum(s["s"] for s in per) + med * (total - len(per)), \
-            f"{run['config']} timed over {len(per)} of {total} steps; the other {total - len(per)} counted at the median step"
+    if len(run["per_step"]) == run["schedule_steps"]:
+        return sum(s["s"] for s in run["per_step"]), None
+    if run["config"] in BASELINE_CONFIGS:
+        return baseline_seconds(run, run["schedule_steps"])
     return None, None
 
 

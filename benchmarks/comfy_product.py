@@ -557,31 +557,32 @@ def spec_diff(old: dict, new: dict) -> list:
     return [f"{k}: {old.get(k)} -> {new.get(k)}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
-class StallTrace:
-    """What happened inside each step besides its math, to explain stalled steps: Triton kernels compiled
-    (JIT cache misses, autotuner candidates included), new torch.compile graphs, and the caching allocator's
-    device allocations and out-of-memory retries (each retry frees the cache and synchronizes)."""
+class CompileLog:
+    """Every Triton compile of the process (warm-up runs included), through Triton's post-compile hook,
+    installed once: a compile in a timed step is then compared with all earlier compiles of its kernel,
+    the warm-up's too (a per-run record saw only the timed run's own, so the first reuse step's compile,
+    whose earlier variants came from the warm-up, went unexplained)."""
 
-    def __init__(self, cuda: bool):
-        self.cuda, self.compiled, self.hooked = cuda, [], False
-        self.seen, self.differences = {}, []  # kernel -> argument specialisations compiled; this step's new ones
+    def __init__(self):
+        self.seen = {}  # kernel -> argument specialisations compiled so far
+        self.names, self.differences = [], []  # since the last take(): kernels compiled, what made them new
+        self.hooked = False
         try:
             from triton import knobs  # Triton >= 3.4
-            knobs.runtime.jit_post_compile_hook = self._hook
+            knobs.runtime.jit_post_compile_hook = self.hook
             self.hooked = True
         except (ImportError, AttributeError):
             try:
                 from triton.runtime.jit import JITFunction
-                JITFunction.compiled_hook = self._hook
+                JITFunction.compiled_hook = self.hook
                 self.hooked = True
             except (ImportError, AttributeError):
                 pass
-        self.last = self._counters()
 
-    def _hook(self, *args, **kwargs):
+    def hook(self, *args, **kwargs):
         fn = kwargs.get("fn")
         name = getattr(fn, "name", None) or getattr(getattr(fn, "fn", fn), "__name__", None) or str(fn)[:60]
-        self.compiled.append(name)
+        self.names.append(name)
         new = kernel_args(kwargs.get("repr", ""))
         known = self.seen.setdefault(name, [])
         if known and new:  # which arguments' specialisation made this compile: the nearest earlier one's differences
@@ -589,6 +590,41 @@ class StallTrace:
         if new:
             known.append(new)
         return False
+
+    def take(self) -> dict:
+        """Compiles since the previous take(): count, kernel names, new specialisations."""
+        names, diffs = self.names, self.differences
+        self.names, self.differences = [], []
+        if not self.hooked:
+            return {}
+        out = dict(triton_compiles=len(names), triton_kernels=sorted(set(names))[:12])
+        if diffs:
+            out["triton_new_specialisations"] = diffs[:6]
+        return out
+
+
+_COMPILE_LOG = None
+
+
+def compile_log() -> CompileLog:
+    """The process's one CompileLog (installing Triton's hook the first time)."""
+    global _COMPILE_LOG
+    if _COMPILE_LOG is None:
+        _COMPILE_LOG = CompileLog()
+    return _COMPILE_LOG
+
+
+class StallTrace:
+    """What happened inside each step besides its math, to explain stalled steps: Triton kernels compiled
+    (JIT cache misses, autotuner candidates included, with the arguments that made each one new against every
+    earlier compile in the process), new torch.compile graphs, and the caching allocator's device allocations
+    and out-of-memory retries (each retry frees the cache and synchronizes)."""
+
+    def __init__(self, cuda: bool, log: CompileLog = None):
+        self.cuda = cuda
+        self.log = log or compile_log()
+        self.log.take()  # compiles before this run (warm-up) are known kernels, not this run's events
+        self.last = self._counters()
 
     def _counters(self) -> dict:
         out = {}
@@ -607,15 +643,18 @@ class StallTrace:
         """Events since the previous call (the step that just ended)."""
         now = self._counters()
         out = {k: now[k] - self.last.get(k, 0) for k in now}
-        names, self.compiled = self.compiled, []
-        if self.hooked:
-            out["triton_compiles"] = len(names)
-            out["triton_kernels"] = sorted(set(names))[:12]
-            if self.differences:
-                out["triton_new_specialisations"] = self.differences[:6]
-        self.differences = []
+        out.update(self.log.take())
         self.last = now
         return out
+
+
+def warm_compiles(events: list) -> dict:
+    """A warm-up run's Triton compiles summed over its steps' events: count, kernels, and what made each new
+    (so a variant that the warm-up compiles at the timed latent, and would otherwise stall a timed step, is named)."""
+    kernels = sorted({k for e in events for k in e.get("triton_kernels", [])})
+    new = [d for e in events for d in e.get("triton_new_specialisations", [])]
+    return dict(triton_compiles=sum(e.get("triton_compiles", 0) for e in events), triton_kernels=kernels[:16],
+                triton_new_specialisations=new[:12])
 
 
 class StepTimer:
@@ -1237,7 +1276,7 @@ class Bench:
         compiles the kernels of every step kind); for (Q) also --warm-full-steps steps at the timed
         latent (torch.compile and the GEMM autotuner specialise on the real shapes)."""
         out, t0 = {}, time.perf_counter()
-        jobs = []
+        jobs, compiles = [], []
         if first:
             f, h, w = WARM_LATENT if has_priors(self.a.preset) else (9, 128, 128)
             jobs.append((latent_shape((w, h, f), self.a.preset), WARM_STEPS, None,
@@ -1247,15 +1286,19 @@ class Bench:
                          f"{self.a.warm_full_steps} step(s) at the timed latent"))
         for wshape, steps, last, what in jobs:
             t1 = time.perf_counter()
+            timer = StepTimer(self.a.device == "cuda")
             try:
-                sample_any(self.comfy, patcher, wshape, self.cond, steps, last, self.a.seed)
+                sample_any(self.comfy, patcher, wshape, self.cond, steps, last, self.a.seed, timer=timer)
             except Exception as e:
                 traceback.print_exc()
                 out["warm_error"] = f"{what}: {type(e).__name__}: {str(e)[:300]}"
                 break
+            finally:
+                compiles.append(dict(job=what, **warm_compiles(timer.events + [timer.trace.take()])))
             log(f"   warm-up, {what}: {time.perf_counter() - t1:.1f} s")
         out["warm_s"] = round(time.perf_counter() - t0, 1)
         out["warm"] = [j[3] for j in jobs]
+        out["warm_compiles"] = compiles
         return out
 
     def skip(self, config, plan, why, error=False):
@@ -1514,6 +1557,7 @@ def main(argv=None):
     log(f"ComfyUI {comfy.version} in-process from {comfy.path}; {env['device']}; {env['versions']}")
     log(f"ComfyUI sees: {comfy.view()}")
     bench = Bench(args, comfy, report)
+    compile_log()  # from the first kernel on: a timed step's compile is compared with the warm-up's
     order = [c for c in CONFIGS if c in configs]
     for config in order:
         try:

@@ -250,7 +250,8 @@ def test_stall_trace_names_the_arguments_that_made_a_compile(rng):
     nearest earlier compile of the same kernel (Triton's compile-hook repr, nested brackets and quotes kept)."""
     import torch
     mod = _module()
-    trace = mod.StallTrace(cuda=False)
+    log = mod.CompileLog()  # the process's own (mod.compile_log()) would install Triton's hook here
+    warm_trace = mod.StallTrace(cuda=False, log=log)
 
     class Info:  # what Triton passes as fn: JitFunctionInfo(module, name, jit_function)
         name = "_sparse_attn_fwd"
@@ -263,18 +264,29 @@ def test_stall_trace_names_the_arguments_that_made_a_compile(rng):
         return "_sparse_attn_fwd[num_warps=8, num_ctas=1](" + ", ".join(f"{k}: {v}" for k, v in spec.items()) + ")"
 
     assert mod.kernel_args(repr_of(specs)) == specs
-    trace._hook(key=1, repr=repr_of(specs), fn=Info())
-    first = trace.take()
+    log.hook(key=1, repr=repr_of(specs), fn=Info())  # e.g. compiled by the warm-up run, before the timed run
+    first = warm_trace.take()
     assert "triton_new_specialisations" not in first or not first["triton_new_specialisations"]
+    log.hook(key=1, repr=repr_of(specs), fn=Info())
+    trace = mod.StallTrace(cuda=False, log=log)  # the timed run: earlier compiles are not its events ...
+    assert trace.take().get("triton_compiles", 0) == 0
     changed = dict(specs)
     pick = names[int(torch.randint(0, len(names), (1,), generator=rng))]
     changed[pick] = "('i32', '')" if "D" in specs[pick] else "('i32', 'D')"
     changed["ROW64"] = "('constexpr', True)"
-    trace._hook(key=2, repr=repr_of(changed), fn=Info())
+    log.hook(key=2, repr=repr_of(changed), fn=Info())  # ... but its compile is compared with them
     out = trace.take()["triton_new_specialisations"]
     assert out == [dict(kernel="_sparse_attn_fwd", differs=sorted(
         [f"{pick}: {specs[pick]} -> {changed[pick]}", "ROW64: ('constexpr', False) -> ('constexpr', True)"]))]
     assert mod.kernel_args("not a repr") == {}
+    # a warm-up run's steps summed: its compiles and what made them new end up in the run's warm_compiles
+    counts = torch.randint(0, 5, (3,), generator=rng).tolist()
+    events = [dict(triton_compiles=counts[0], triton_kernels=["_tile8", "_sparse_attn_fwd"],
+                   triton_new_specialisations=out), {},
+              dict(triton_compiles=counts[1], triton_kernels=["_gram"]), dict(triton_compiles=counts[2])]
+    assert mod.warm_compiles(events) == dict(triton_compiles=sum(counts),
+                                             triton_kernels=["_gram", "_sparse_attn_fwd", "_tile8"],
+                                             triton_new_specialisations=out)
 
 
 def test_few_step_runs_are_scored_against_the_baseline_at_their_own_step_count(rng):

@@ -62,8 +62,9 @@ class SparseSettings:
     complement merged by log-sum-exp, one read of the keys (kernels/refresh_attention.py), instead of
     dense SDPA plus a second sparse pass. Off by default: on an H200 at 720p / 15% it took 367 ms per
     layer against 361 for cuDNN + the sparse pass (benchmarks/results/, run 10); with the kernel's TMA
-    key tiles 339.8 against 356.7 on an H100 (2026-12-07, kernel alone), not yet measured in a sampling
-    run (benchmarks/comfy_product.py config QM). Without Triton it runs the kernel's PyTorch reference.
+    key tiles 339.8 against 356.7 on an H100 (2026-12-07, kernel alone), which in ComfyUI's 720p sampling
+    (config QM, 4 steps) saved only 0.14 s of a 24-s refresh step. Without Triton it runs the kernel's PyTorch
+    reference.
 
     schedule: which steps are dense, refreshed or reused, resolved per run from the step count the
     sampler passes in (StepPlan). "standard": warmup_steps dense steps, then a refresh every tau steps

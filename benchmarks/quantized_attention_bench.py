@@ -35,7 +35,8 @@ from int8_attention_bench import HEAD_DIM, HEADS, K_OFFSET, _compiled_stats, _re
 GRIDS = {"720p": (33, 45, 80), "544p": (33, 34, 60)}   # latent frames x rows x columns at 129 frames
 TXT = 256
 PRECISIONS = ("bf16", "int8", "int8-fp8")
-ROWS = ("bf16", "bf16-tma", "int8", "int8-fp8")   # bf16-tma: the bf16 kernel with its key tiles loaded by TMA
+# bf16-tma: the bf16 kernel with its key tiles loaded by TMA; bf16-lazy: that with lazy rescaling (sparse_attention.LAZY)
+ROWS = ("bf16", "bf16-tma", "bf16-lazy", "int8", "int8-fp8")
 CHECK_TOL = {"int8": 2e-2, "int8-fp8": 6e-2}   # vs the float64 quantised reference (P rounding only)
 DENSE_TOL = {"bf16": 1e-2, "int8": 3e-2, "int8-fp8": 6e-2}   # dense pass vs cuDNN bf16
 DENSITY = 0.15
@@ -119,10 +120,11 @@ def bench_size(name: str, reps: int, device, log, grid=None) -> dict:
     permuted = [bm.permuted(h) for h in range(HEADS)]
     from quantsparse_kernels import sparse_attention as sa
     for name in ROWS:
-        prec = "bf16" if name == "bf16-tma" else name
+        prec = "bf16" if name.startswith("bf16") else name
         row = dict(precision=name, density=real)
-        tma_default = sa.TMA
-        sa.TMA = name == "bf16-tma"  # "bf16": pointer loads; the quantised passes have no TMA form
+        tma_default, lazy_default = sa.TMA, sa.LAZY
+        sa.TMA = name in ("bf16-tma", "bf16-lazy")  # "bf16": pointer loads; the quantised passes have no TMA form
+        sa.LAZY = name == "bf16-lazy"
         try:
             out = sparse_attention(q, k, v, fi, fc, precision=prec)
             row["dense_rel_err_vs_cudnn"] = _rel_err(out, ref)
@@ -144,7 +146,7 @@ def bench_size(name: str, reps: int, device, log, grid=None) -> dict:
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             log(f"  {name}: FAILED {row['error']}")
         finally:
-            sa.TMA = tma_default
+            sa.TMA, sa.LAZY = tma_default, lazy_default
         res["rows"].append(row)
     return res
 
@@ -166,13 +168,15 @@ def sweep(name: str, reps: int, budget_s: float, device, log) -> list:
     t0, rows = time.perf_counter(), []
     base = {prec: sa.sparse_attention(q, k, v, mi, mc, perm=perm, permuted_heads=permuted, precision=prec)
             for prec in ("bf16", "int8-fp8", "int8")}
-    # bf16: its default tile with pointer and with TMA key tiles, with and without warp specialisation, then TMA
-    # at other tiles; quantised: tiles x warps x stages, the two precisions alternating so that a budget cut leaves
+    # bf16: its default tile with pointer and with TMA key tiles, with and without warp specialisation, TMA with lazy
+    # rescaling, then TMA at other tiles with and without it; quantised: tiles x warps x stages, the two precisions alternating so that a budget cut leaves
     # both covered, with (False, True, False): no warp specialisation (the quantised passes never take it), the
     # head-ordered K/V copy (they always make it), no TMA (the quantised tiles have no TMA form)
     cands = [("bf16", (*sa._CONFIGS[HEAD_DIM][:4], ws, True, tma)) for tma in (False, True) for ws in (False, True)]
-    cands += [("bf16", (bm_, bn, w, st, False, True, True))
-              for bm_, bn, w, st in ((128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 4, 3), (128, 64, 8, 4), (64, 128, 4, 3))]
+    cands += [("bf16", (*sa._CONFIGS[HEAD_DIM][:4], ws, True, True, True)) for ws in (False, True)]  # lazy rescaling
+    cands += [("bf16", (bm_, bn, w, st, False, True, True, lazy))
+              for bm_, bn, w, st in ((128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 4, 3), (128, 64, 8, 4), (64, 128, 4, 3))
+              for lazy in (False, True)]
     cands += [(prec, (bm_, bn, w, st, False, True, False)) for ((bm_, bn), w, st), prec in itertools.product(
         itertools.product(((64, 128), (128, 128), (128, 64)), (4, 8), (3, 4)), ("int8-fp8", "int8"))]
     for prec, cfg in cands:
@@ -202,7 +206,7 @@ def targets(results: list) -> list:
     best_dense = best_sparse = None
     for r in big:
         for row in r["rows"]:
-            if row["precision"] not in ("bf16", "bf16-tma") and row.get("ok"):
+            if row["precision"] not in ("bf16", "bf16-tma", "bf16-lazy") and row.get("ok"):
                 best_dense = max(best_dense or 0.0, row["dense_speedup_vs_cudnn"])
                 best_sparse = min(best_sparse or 9e9, row["sparse_vs_d_dense"])
     out.append(dict(name="INT8 dense attention >= 1.5x cuDNN bf16 at 119,056 tokens", measured=best_dense,

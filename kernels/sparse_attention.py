@@ -45,6 +45,12 @@ KV_COPY_BYTES = 512 * 2 ** 20
 # (Hopper+): on an H100 at 720p (119,056 tokens, 2026-12-07, benchmarks/quantized_attention_bench.py) the 15% pass
 # 49.2 ms against 51.5, every key block 334.9 against 342.8, the merged refresh 339.8 against 371.2.
 TMA = True
+# Lazy rescaling of the bf16 pass's unmasked tiles: the row maxima the exponentials subtract move only when some
+# row's maximum grew by more than LAZY_BITS (base 2) in the tile, so most tiles skip rescaling the accumulator
+# (one multiply per output element and tile) at the cost of one block-wide max; P then stays below 2^LAZY_BITS,
+# well inside bf16 and fp32. Off until measured on a GPU (benchmarks/quantized_attention_bench.py --sweep).
+LAZY = False
+LAZY_BITS = tl.constexpr(8.0)
 # The quantised passes, per precision: D = 128 from a 48-tile sweep at 720p / 15% on an H100 (2026-12-06,
 # benchmarks/quantized_attention_bench.py --sweep, per-key K scales then): int8 128x128 / 8 warps / 4 stages
 # 64.6 ms, int8-fp8 64x128 / 4 warps / 3 stages 53.9 ms (its 128x64 / 4 warps: 105.8); other head dims untuned.
@@ -73,12 +79,13 @@ def _tiles(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, j0, j1, 
            k_desc, v_desc, krow, kcol, vrow, vcol,
            HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr, PERMUTED: tl.constexpr,
            MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, ROW64: tl.constexpr,
-           WS: tl.constexpr, KV_COPY: tl.constexpr, QK8: tl.constexpr, PV8: tl.constexpr, TMA: tl.constexpr):
+           WS: tl.constexpr, KV_COPY: tl.constexpr, QK8: tl.constexpr, PV8: tl.constexpr, TMA: tl.constexpr,
+           LAZY: tl.constexpr):
     """Key tiles j0 <= j < j1 of the listed blocks. MASKED: bounds check + additive bias; otherwise
     every key is valid and unbiased (the fast path). WS: Triton's automatic warp specialization.
     QK8: INT8 codes of q and of the (copied) keys, per-row scales rs / one scale per key block at ks_base.
     TMA: the fast path's K/V tiles through tensor descriptors (rows krow / vrow + key, columns kcol / vcol of
-    2-D views)."""
+    2-D views). LAZY: lazy rescaling on the fast path (see LAZY above)."""
     if QK8:
         for j in range(j0, j1):
             acc, l_i, m_i = _tile8(acc, l_i, m_i, q, rs, k_base, v_base, ks_base, idx_base, bias_base, PERM, j, L,
@@ -87,12 +94,12 @@ def _tiles(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, j0, j1, 
         for j in tl.range(j0, j1, warp_specialize=True):
             acc, l_i, m_i = _tile(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, j, L, skl, svl,
                                   qk_scale, k_desc, v_desc, krow, kcol, vrow, vcol, HEAD_D, BLOCK_N, SUB, PERMUTED,
-                                  MASKED, HAS_BIAS, IEEE, ROW64, KV_COPY, TMA)
+                                  MASKED, HAS_BIAS, IEEE, ROW64, KV_COPY, TMA, LAZY)
     else:
         for j in range(j0, j1):
             acc, l_i, m_i = _tile(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, j, L, skl, svl,
                                   qk_scale, k_desc, v_desc, krow, kcol, vrow, vcol, HEAD_D, BLOCK_N, SUB, PERMUTED,
-                                  MASKED, HAS_BIAS, IEEE, ROW64, KV_COPY, TMA)
+                                  MASKED, HAS_BIAS, IEEE, ROW64, KV_COPY, TMA, LAZY)
     return acc, l_i, m_i
 
 
@@ -174,7 +181,7 @@ def _tile(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, j, L, skl
           k_desc, v_desc, krow, kcol, vrow, vcol,
           HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr, PERMUTED: tl.constexpr,
           MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, ROW64: tl.constexpr,
-          KV_COPY: tl.constexpr, TMA: tl.constexpr):
+          KV_COPY: tl.constexpr, TMA: tl.constexpr, LAZY: tl.constexpr):
     """One key tile: online-softmax update of (acc, l_i, m_i). KV_COPY: k/v are already in this head's
     order (a permuted copy), so their rows are contiguous; only the bias goes through PERM. TMA (fast
     path only, rows in order): K and V tiles by tensor-descriptor loads instead of pointer loads."""
@@ -220,6 +227,20 @@ def _tile(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, j, L, skl
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no allowed key so far
         p = tl.math.exp2(qk - m_use[:, None])
+    elif LAZY:  # all keys valid; the reference maxima m_i move only when some row grew by > LAZY_BITS
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        if tl.max(m_new - m_i, 0) > LAZY_BITS:  # the first tile too: m_i is -inf there
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha
+            acc = acc * alpha[:, None]
+            m_i = m_new
+        p = tl.math.exp2(qk * qk_scale - m_i[:, None])
+        l_i = l_i + tl.sum(p, 1)
+        if IEEE:
+            acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc)
+        return acc, l_i, m_i
     else:  # all keys valid: m_new is finite
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         m_use = m_new
@@ -253,7 +274,7 @@ def _sparse_attn_fwd(Q, K, V, O, LSE, C, CS, US, VH, BIAS, PERM, HEADS, KV_IDX, 
                      PERMUTED: tl.constexpr, HAS_BIAS: tl.constexpr, CORR: tl.constexpr, HAS_LR: tl.constexpr,
                      R_PAD: tl.constexpr, IEEE: tl.constexpr, ROW64: tl.constexpr, WS: tl.constexpr,
                      KV_COPY: tl.constexpr, HAS_LSE: tl.constexpr, QK8: tl.constexpr, PV8: tl.constexpr,
-                     TMA: tl.constexpr):
+                     TMA: tl.constexpr, LAZY: tl.constexpr):
     pid = tl.program_id(0)
     heavy = BH * T
     if pid < heavy:  # text query tiles first: they visit every key block
@@ -321,13 +342,13 @@ def _sparse_attn_fwd(Q, K, V, O, LSE, C, CS, US, VH, BIAS, PERM, HEADS, KV_IDX, 
     acc = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
     acc, l_i, m_i = _tiles(acc, l_i, m_i, q_in, k_base, v_base, idx_base, bias_base, PERM, 0, ja * SUB, L, skl, svl,
                            qk_scale, ks_base, rs, K_DESC, V_DESC, krow, kcol, vrow, vcol, HEAD_D, BLOCK_N, SUB,
-                           PERMUTED, True, HAS_BIAS, IEEE, ROW64, WS, KV_COPY, QK8, PV8, TMA)
+                           PERMUTED, True, HAS_BIAS, IEEE, ROW64, WS, KV_COPY, QK8, PV8, TMA, LAZY)
     acc, l_i, m_i = _tiles(acc, l_i, m_i, q_in, k_base, v_base, idx_base, bias_base, PERM, ja * SUB, jc * SUB, L,
                            skl, svl, qk_scale, ks_base, rs, K_DESC, V_DESC, krow, kcol, vrow, vcol, HEAD_D, BLOCK_N,
-                           SUB, PERMUTED, False, HAS_BIAS, IEEE, ROW64, WS, KV_COPY, QK8, PV8, TMA)
+                           SUB, PERMUTED, False, HAS_BIAS, IEEE, ROW64, WS, KV_COPY, QK8, PV8, TMA, LAZY)
     acc, l_i, m_i = _tiles(acc, l_i, m_i, q_in, k_base, v_base, idx_base, bias_base, PERM, jc * SUB, cnt * SUB, L,
                            skl, svl, qk_scale, ks_base, rs, K_DESC, V_DESC, krow, kcol, vrow, vcol, HEAD_D, BLOCK_N,
-                           SUB, PERMUTED, True, HAS_BIAS, IEEE, ROW64, WS, KV_COPY, QK8, PV8, TMA)
+                           SUB, PERMUTED, True, HAS_BIAS, IEEE, ROW64, WS, KV_COPY, QK8, PV8, TMA, LAZY)
 
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # nothing allowed -> 0, as the reference
     if PV8:  # acc and l_i are in units of 448, acc in units of V / (V's channel scale)
@@ -481,9 +502,9 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index
     (contiguous last dim) to receive each row's base-2 log-sum-exp of its scaled scores
     log2(sum 2^(s * log2 e)), s = q.k / sqrt(D) + bias, over the keys it visits (-inf if none), in
     the original token order: two runs over disjoint key sets merge exactly (kernels/refresh_attention.py).
-    config: (BLOCK_M, BLOCK_N, num_warps, num_stages[, warp_specialize[, kv_copy[, tma]]]) override,
+    config: (BLOCK_M, BLOCK_N, num_warps, num_stages[, warp_specialize[, kv_copy[, tma[, lazy]]]]) override,
     for tuning; tma: the bf16 pass's unmasked key tiles by tensor-descriptor (TMA) loads where the layout
-    allows (Hopper+, default TMA). kv_copy (default KV_COPY): temporal heads read k/v from a permuted copy made
+    allows (Hopper+, default TMA); lazy: the bf16 pass's lazy rescaling (default LAZY). kv_copy (default KV_COPY): temporal heads read k/v from a permuted copy made
     per group of heads (at most KV_COPY_BYTES), not through the permutation inside the loop (which makes them 21%
     slower than spatial heads on H100).
     precision: "bf16" (scores and P.V in the inputs' precision), "int8" (Q.K^T from INT8 codes: Q per
@@ -520,6 +541,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index
     ws = bool(rest and rest[0]) and not interpreting()
     kv_copy = bool(rest[1]) if len(rest) > 1 else KV_COPY
     tma = bool(rest[2]) if len(rest) > 2 else (TMA and not interpreting())
+    lazy = bool(rest[3]) if len(rest) > 3 else LAZY
     block_n = min(block, block_n)
     block_m = min(block_m, block)
     if q.dtype == torch.float32:
@@ -585,7 +607,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index
                 HAS_BIAS=key_bias is not None, **corr_flags,
                 IEEE=q.dtype == torch.float32 or interpreting(),
                 ROW64=row64, WS=ws and not quant, KV_COPY=copy, HAS_LSE=lse is not None, QK8=quant, PV8=pv8,
-                TMA=descs is not None, num_warps=warps, num_stages=stages)
+                TMA=descs is not None, LAZY=lazy and not quant, num_warps=warps, num_stages=stages)
     return out
 
 

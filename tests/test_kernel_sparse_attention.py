@@ -134,6 +134,40 @@ def test_tma_key_tiles_equal_pointer_loads_and_float64(rng, monkeypatch, layout)
     assert not torch.equal(swapped, with_tma)
 
 
+@interpreted
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the overflow the last part provokes
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)])
+def test_lazy_rescaling_matches_float64_and_its_threshold_is_what_keeps_it_finite(rng, monkeypatch, dtype, tol):
+    """LAZY: the fast path rescales only when some row's maximum grew by more than LAZY_BITS. Keys whose scores
+    climb by ~70 (base 2) per tile force a rescale at every tile, random scores at few: both match float64 over
+    spatial and temporal heads with a partial last block. With the threshold out of reach the stale maxima
+    overflow exp2: the rescale branch is what keeps the output right."""
+    import triton.language as tl
+    import quantsparse_kernels.sparse_attention as sa
+    b, h, d, block = 1, 4, 16, 16
+    direction = torch.randn(d, generator=rng)
+    direction /= direction.norm()
+    q = torch.randn(b, h, L, d, generator=rng) + 4.0 * direction
+    k = torch.randn(b, h, L, d, generator=rng)
+    k[:, :2] += torch.arange(L, dtype=torch.float32)[:, None] * 3.0 * direction   # heads 0-1: climbing scores
+    v = torch.randn(b, h, L, d, generator=rng)
+    q, k, v = (x.to(dtype) for x in (q, k, v))
+    keep = random_keep(rng, h, -(-L // block), p=0.7)
+    kinds = ["spatial", "temporal", "spatial", "temporal"]
+    index, count = BlockMask(keep, kinds, block, L).to_indices()
+    perm = temporal_permutation(TXT, GRID)
+    permuted = [x == "temporal" for x in kinds]
+    args = dict(block=block, perm=perm, permuted_heads=permuted)
+    ref = dense_masked_attention_f64(q, k, v, keep, block, perm=perm, permuted_heads=permuted)
+    lazy = sparse_attention(q, k, v, index, count, config=(32, 16, 4, 2, False, True, False, True), **args)
+    plain = sparse_attention(q, k, v, index, count, config=(32, 16, 4, 2, False, True, False, False), **args)
+    assert rel_err(lazy, ref) < tol and rel_err(plain, ref) < tol
+    monkeypatch.setattr(sa, "LAZY_BITS", tl.constexpr(1e30))   # never rescale after the first tile
+    stale = sparse_attention(q, k, v, index, count, config=(32, 16, 4, 2, False, True, False, True), **args)
+    assert not torch.isfinite(stale[..., :2 * d]).all()        # the climbing heads overflow
+    assert rel_err(stale[..., 2 * d:], ref[..., 2 * d:]) < tol  # random scores stay within 2^128
+
+
 def test_tma_is_not_used_for_layouts_it_cannot_address(rng):
     """A row stride that is not 16-byte aligned, a layout with heads neither interleaved nor head-major, or fp32:
     pointer loads."""

@@ -140,15 +140,17 @@ def test_quant_linear_triton_path_on_gpu_equals_torch_path(rng, rotation):
     assert rel(got_inf, ref_inf) < 1e-5
 
 
-@pytest.mark.parametrize("inference,form,tma", [(False, "dense", False), (True, "dense", False),
-                                                (False, "int8+factors", False), (False, "dense", True),
-                                                (True, "int8+factors", True)])
-def test_sparse_attention_on_gpu_equals_float64(rng, monkeypatch, inference, form, tma):
+@pytest.mark.parametrize("inference,form,tma,lazy", [(False, "dense", False, False), (True, "dense", False, False),
+                                                     (False, "int8+factors", False, False),
+                                                     (False, "dense", True, False), (True, "int8+factors", True, False),
+                                                     (True, "dense", True, True)])
+def test_sparse_attention_on_gpu_equals_float64(rng, monkeypatch, inference, form, tma, lazy):
     """inference: ComfyUI runs nodes under torch.inference_mode. form: the SSAR correction as a dense
     tensor, or as the int8 cache keeps it (codes x row scale + rank-16 bf16 factors) for the epilogue.
-    tma: the unmasked key tiles by tensor-descriptor loads (Hopper)."""
+    tma: the unmasked key tiles by tensor-descriptor loads (Hopper). lazy: lazy rescaling (sparse_attention.LAZY)."""
     import quantsparse_kernels.sparse_attention as sa
     monkeypatch.setattr(sa, "TMA", tma)
+    monkeypatch.setattr(sa, "LAZY", lazy)
     from quantsparse_core.dispatch import block_sparse_attention
     from quantsparse_kernels.sparse_attention_ref import dense_masked_attention_f64
     from quantsparse_core.dispatch import Correction

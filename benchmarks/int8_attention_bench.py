@@ -284,6 +284,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", default="720p,544p", help=f"comma-separated names of {sorted(SIZES)} or token counts")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--config", default=None, help="BLOCK_M/BLOCK_N/WARPS/STAGES[/K_BLOCK] override")
+    ap.add_argument("--lazy", action="store_true", help="the kernel's lazy rescaling (int8_attention.LAZY) on")
     ap.add_argument("--sweep", action="store_true", help="tune the attention kernel's tiles at --sweep-size")
     ap.add_argument("--sweep-size", default="720p")
     ap.add_argument("--budget-s", type=float, default=420.0, help="--sweep stops starting candidates after this")
@@ -315,6 +316,10 @@ def main(argv=None) -> int:
         device, heads, d = "cuda", HEADS, HEAD_DIM
         sizes = [size(s) for s in args.sizes.split(",") if s]
         cands = None
+    if args.lazy:  # the tile given (or the default one) with its 5th element, lazy rescaling
+        from quantsparse_kernels.int8_attention import _CONFIGS
+        config = (*(config or _CONFIGS[d]), True)
+        report["lazy"] = True
     if args.sweep:
         n = sizes[0] if args.smoke else size(args.sweep_size)
         rows = sweep(n, heads, d, args.reps, args.budget_s, device, cands)

@@ -42,6 +42,10 @@ MIN_CODE_D = 32  # int8 tl.dot needs K >= 32 on NVIDIA GPUs
 # int8_attention_bench.py --sweep, 2026-12-06: 90.1 ms, cuDNN bf16 93.5; 8 warps 99.3); smaller
 # head dims are not tuned on a GPU.
 _CONFIGS = {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 64, 4, 3)}
+# Lazy rescaling of the full key tiles (as kernels/sparse_attention.py's LAZY): the row maxima move only when some
+# row's grew by more than LAZY_BITS (base 2) in the tile; off until measured on a GPU (config's 5th element).
+LAZY = False
+LAZY_BITS = tl.constexpr(8.0)
 
 
 @triton.jit
@@ -99,9 +103,11 @@ def _quant_blocks(X, MEAN, C, S, SHIFT, L, NH, sxb, sxh, sxl, scb, sch, scl, ssb
 @triton.jit
 def _tile(acc, l_i, m_i, q, rs, k_base, v_base, ks_base, j, LK, skl, svl,
           HEAD_D: tl.constexpr, CODE_D: tl.constexpr, BLOCK_N: tl.constexpr, K_SUB: tl.constexpr,
-          MASKED: tl.constexpr, IEEE: tl.constexpr, ROUND_P: tl.constexpr, ROW64: tl.constexpr):
+          MASKED: tl.constexpr, IEEE: tl.constexpr, ROUND_P: tl.constexpr, ROW64: tl.constexpr,
+          LAZY: tl.constexpr):
     """One key tile: online-softmax update of (acc, l_i, m_i) in base-2 units. rs: the rows'
-    scale_q x log2(e) / sqrt(D); the tile's scale_k is one scalar (BLOCK_N divides the K block)."""
+    scale_q x log2(e) / sqrt(D); the tile's scale_k is one scalar (BLOCK_N divides the K block).
+    LAZY (full tiles): m_i moves only when some row's maximum grew by more than LAZY_BITS."""
     offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_c = tl.arange(0, CODE_D)
     offs_d = tl.arange(0, HEAD_D)
@@ -125,6 +131,19 @@ def _tile(acc, l_i, m_i, q, rs, k_base, v_base, ks_base, j, LK, skl, svl,
         m_new = tl.maximum(m_i, tl.max(qk, 1) * c)
         m_use = m_new
         s = qk * c[:, None]
+    if LAZY and not MASKED:
+        if tl.max(m_new - m_i, 0) > LAZY_BITS:  # the first tile too: m_i is -inf there
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha
+            acc = acc * alpha[:, None]
+            m_i = m_new
+        p = tl.math.exp2(s - m_i[:, None])
+        l_i = l_i + tl.sum(p, 1)
+        if IEEE:
+            acc = tl.dot(_round_to(p, ROUND_P), v.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc)
+        return acc, l_i, m_i
     p = tl.math.exp2(s - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
@@ -147,7 +166,7 @@ def _int8_attn_fwd(QC, QS, KC, KS, QSH, V, O, LSE,
                    svb, svh, svl, sob, sol, slb, slh, LQ, LK, NH, qk_scale,
                    HEAD_D: tl.constexpr, CODE_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    Q_BLOCK: tl.constexpr, K_SUB: tl.constexpr, IEEE: tl.constexpr, ROUND_P: tl.constexpr,
-                   ROUND_O: tl.constexpr, ROW64: tl.constexpr, HAS_LSE: tl.constexpr):
+                   ROUND_O: tl.constexpr, ROW64: tl.constexpr, HAS_LSE: tl.constexpr, LAZY: tl.constexpr):
     mb = tl.program_id(0)
     bh = tl.program_id(1)  # programs of one (batch, head) run together: its K/V stay in L2
     b = (bh // NH).to(tl.int64)
@@ -171,10 +190,10 @@ def _int8_attn_fwd(QC, QS, KC, KS, QSH, V, O, LSE,
     n_full = LK // BLOCK_N
     for j in range(0, n_full):
         acc, l_i, m_i = _tile(acc, l_i, m_i, q, rs, k_base, v_base, ks_base, j, LK, skcl, svl,
-                              HEAD_D, CODE_D, BLOCK_N, K_SUB, False, IEEE, ROUND_P, ROW64)
+                              HEAD_D, CODE_D, BLOCK_N, K_SUB, False, IEEE, ROUND_P, ROW64, LAZY)
     for j in range(n_full, tl.cdiv(LK, BLOCK_N)):  # the partial last tile, if any
         acc, l_i, m_i = _tile(acc, l_i, m_i, q, rs, k_base, v_base, ks_base, j, LK, skcl, svl,
-                              HEAD_D, CODE_D, BLOCK_N, K_SUB, True, IEEE, ROUND_P, ROW64)
+                              HEAD_D, CODE_D, BLOCK_N, K_SUB, True, IEEE, ROUND_P, ROW64, LAZY)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -209,7 +228,7 @@ def _check(q, k, v, q_block: int, k_block: int) -> None:
 
 
 def _check_config(config, k_block: int) -> tuple:
-    block_m, block_n, warps, stages = config
+    block_m, block_n, warps, stages = config[:4]
     if block_m < 16 or block_n < 16 or not (_pow2(block_m) and _pow2(block_n)):
         raise ValueError(f"BLOCK_M and BLOCK_N must be powers of two >= 16 (the MMA's minimum), got {config}")
     if k_block % block_n:
@@ -258,7 +277,8 @@ def int8_attention_codes(qk: Int8QK, v: torch.Tensor, *, out_dtype: Optional[tor
     """Attention of quantised Q/K (quantize_qk) over v [B, H, Lk, D] (the allowed keys, contiguous last
     dim). Returns [B, Lq, H*D] in out_dtype (default v's), written into `out` if given; lse: an fp32
     [B, H, Lq] tensor to receive the base-2 log-sum-exp of the unsmoothed scaled scores (-inf where
-    no key is allowed). config: (BLOCK_M, BLOCK_N, num_warps, num_stages) override, for tuning."""
+    no key is allowed). config: (BLOCK_M, BLOCK_N, num_warps, num_stages[, lazy]) override, for tuning (lazy:
+    lazy rescaling, default LAZY)."""
     b, heads, lq, code_d = qk.q_codes.shape
     lk, d = v.shape[2], v.shape[3]
     out_dtype = out_dtype or v.dtype
@@ -290,6 +310,7 @@ def int8_attention_codes(qk: Int8QK, v: torch.Tensor, *, out_dtype: Optional[tor
             lse.fill_(float("-inf"))
         return out
     block_m, block_n, warps, stages = _check_config(config or _CONFIGS[d], qk.k_block)
+    lazy = bool(config[4]) if config is not None and len(config) > 4 else LAZY
     if v.dtype == torch.float32:  # fp32 V tiles: shared memory
         block_m, stages = min(block_m, 64), min(stages, 2)
     ieee = v.dtype == torch.float32 or interpreting()
@@ -306,7 +327,7 @@ def int8_attention_codes(qk: Int8QK, v: torch.Tensor, *, out_dtype: Optional[tor
         lse.stride(0) if lse is not None else 0, lse.stride(1) if lse is not None else 0,
         lq, lk, heads, LOG2E / math.sqrt(d),
         HEAD_D=d, CODE_D=code_d, BLOCK_M=block_m, BLOCK_N=block_n, Q_BLOCK=qk.q_block, K_SUB=qk.k_block // block_n,
-        IEEE=ieee, ROUND_P=round_p, ROUND_O=round_o, ROW64=row64, HAS_LSE=lse is not None,
+        IEEE=ieee, ROUND_P=round_p, ROUND_O=round_o, ROW64=row64, HAS_LSE=lse is not None, LAZY=lazy,
         num_warps=warps, num_stages=stages)
     return out
 

@@ -75,6 +75,8 @@ def test_quantizer_kernel_equals_reference_bit_for_bit(rng, d):
     (torch.float32, 64, (32, 16, 4, 2), 1e-5),    # several full key tiles, two tiles per K scale block
     (torch.bfloat16, 64, (16, 16, 4, 2), 4e-3),
     (torch.bfloat16, 128, None, 4e-3),            # the GPU config: one partial tile of 64 keys
+    (torch.float32, 64, (32, 16, 4, 2, True), 1e-5),   # lazy rescaling (LAZY)
+    (torch.bfloat16, 64, (16, 16, 4, 2, True), 4e-3),
 ])
 def test_kernel_matches_reference(rng, dtype, d, config, tol):
     q, k, v = qkv(rng, d, dtype, offset=4.0)
@@ -90,6 +92,26 @@ def test_kernel_matches_reference(rng, dtype, d, config, tol):
     assert rel_err(res, exact) < QUANT_TOL
     assert float((lse - lse_ref).abs().max()) < 1e-4
     assert float((lse.double() - lse_exact).abs().max()) < 0.1
+
+
+@interpreted
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the overflow the last part provokes
+def test_lazy_rescaling_follows_climbing_scores_and_its_threshold_keeps_them_finite(rng, monkeypatch):
+    """Scores that climb by ~35 (base 2) per key tile on average make the lazy kernel rescale at every tile: it still does
+    the reference's arithmetic. With the threshold out of reach the stale maxima overflow exp2."""
+    import triton.language as tl
+    import quantsparse_kernels.int8_attention as ia
+    q, k, v = qkv(rng, 64)
+    direction = torch.randn(64, generator=rng)
+    direction /= direction.norm()
+    q = q + 3.0 * direction
+    k = k + torch.arange(L, dtype=torch.float32)[:, None] * 4.0 * direction   # [B, H, L, D] + [L, D]
+    ref = int8_attention_ref(q, k, v, q_block=32, k_block=32)
+    lazy = int8_attention(q, k, v, q_block=32, k_block=32, config=(32, 16, 4, 2, True))
+    assert rel_err(lazy, ref) < 1e-5
+    monkeypatch.setattr(ia, "LAZY_BITS", tl.constexpr(1e30))   # never rescale after the first tile
+    stale = int8_attention(q, k, v, q_block=32, k_block=32, config=(32, 16, 4, 2, True))
+    assert not bool(torch.isfinite(stale).all())
 
 
 @interpreted

@@ -101,6 +101,7 @@ CONFIG_NAMES = {"A": "ComfyUI native bf16, default attention",
 GIB = 2 ** 30
 CONTEXT_GIB = 0.5      # what a real card loses to the CUDA context, outside torch's allocator
 WARM_LATENT = (17, 256, 256)  # frames, height, width of the warm-up run: 5 x 16 x 16 latent tokens (13B and 1.5)
+COMPACT_WARM_STEPS = 4  # refresh, reuse, refresh, second-order reuse (Bench.compact_settings)
 WARM_STEPS = 8         # dense, refresh1, reuse x4, refresh2, reuse2a with the default schedule
 STALL_RATIO = 1.2
 BUDGET_S = 560.0       # --budget-s default: one call of under 10 minutes on the GPU machine, with room to save
@@ -1160,6 +1161,8 @@ class Bench:
         pri = prior_steps(self.a.preset, res_name, shape, self.a.text_tokens)
         if config in SPARSE_CONFIGS:
             s = sum(pri[k] for k in kinds[:timed_steps]) + pri["refresh"] * self.a.warm_full_steps
+            if self.compact_settings(config) is not None and self.a.warm_full_steps > 0:
+                s += 2 * (pri["refresh"] + pri["reuse"])
         else:
             s = pri[config] * (timed_steps + 1)
         return s * self.scale * (1.3 if self.a.cap_gb else 1.0)
@@ -1284,22 +1287,49 @@ class Bench:
         if config in SPARSE_CONFIGS and self.a.warm_full_steps > 0:
             jobs.append((shape, self.a.steps, self.a.warm_full_steps,
                          f"{self.a.warm_full_steps} step(s) at the timed latent"))
-        for wshape, steps, last, what in jobs:
+            compact = self.compact_settings(config)
+            if compact is not None:
+                jobs.append((shape, self.a.steps, COMPACT_WARM_STEPS,
+                             f"{COMPACT_WARM_STEPS} steps at the timed latent on a compact schedule (refresh, reuse, "
+                             f"refresh, second-order reuse)", compact))
+        for wshape, steps, last, what, *settings in jobs:
             t1 = time.perf_counter()
             timer = StepTimer(self.a.device == "cuda")
+            model = self.comfy.sparse_patch.apply_sparse(patcher, settings[0]) if settings else patcher
             try:
-                sample_any(self.comfy, patcher, wshape, self.cond, steps, last, self.a.seed, timer=timer)
+                sample_any(self.comfy, model, wshape, self.cond, steps, last, self.a.seed, timer=timer)
             except Exception as e:
                 traceback.print_exc()
                 out["warm_error"] = f"{what}: {type(e).__name__}: {str(e)[:300]}"
                 break
             finally:
-                compiles.append(dict(job=what, **warm_compiles(timer.events + [timer.trace.take()])))
+                compiles.append(dict(job=what, kinds=list(timer.observed),
+                                     **warm_compiles(timer.events + [timer.trace.take()])))
+                if settings:  # its masks and residual cache go now, before the timed run places its own
+                    model.model_options["transformer_options"][StepTimer.SPARSE_KEY].close()
+                    del model
+                    gc.collect()
+                    if self.a.device == "cuda":
+                        torch.cuda.empty_cache()
             log(f"   warm-up, {what}: {time.perf_counter() - t1:.1f} s")
         out["warm_s"] = round(time.perf_counter() - t0, 1)
         out["warm"] = [j[3] for j in jobs]
-        out["warm_compiles"] = compiles
+        out["warm_jobs"] = compiles  # per job: the step kinds SSAR ran, the Triton compiles and what made them new
         return out
+
+    def compact_settings(self, config):
+        """Settings for the extra warm-up of a standard-schedule (Q)-like config: no dense warm-up steps and a
+        refresh every 2nd step, so steps 0-3 at the timed latent run each step kind the timed schedule reaches
+        only at steps 5, 6, 10 and 11 (the first reuse and first second-order reuse compiled kernel variants
+        there, 3-4 s each at 720p, after a warm-up that had covered the dense steps only). None where the
+        schedule is not the standard one (few-step runs reach their kinds at steps 0-1) or for (C)."""
+        if self.a.no_compact_warm or config == "C":
+            return None
+        from dataclasses import replace
+        settings = self.config_settings(config)
+        if settings.resolved_schedule(self.a.steps) != "standard" or settings.order < 1:
+            return None
+        return replace(settings, warmup_steps=0, tau=2)
 
     def skip(self, config, plan, why, error=False):
         res_name, res, shape, coarse, fine, timed = plan
@@ -1508,6 +1538,9 @@ def main(argv=None):
     ap.add_argument("--no-warm-run", action="store_true", help="skip the untimed warm-up sampling before timing")
     ap.add_argument("--warm-full-steps", type=int, default=1,
                     help="(Q): untimed steps at the timed latent before the timed run (compile/autotune at real shapes)")
+    ap.add_argument("--no-compact-warm", action="store_true",
+                    help="(Q) on the standard schedule: skip the warm-up's 4 compact-schedule steps at the timed latent "
+                         "(refresh, reuse, refresh, second-order reuse), which compile every step kind's kernels")
     ap.add_argument("--timed-steps", type=int, default=0,
                     help="stop every config after this many steps of the schedule (diagnostics; 0: all)")
     ap.add_argument("--memory-profile", action="store_true",

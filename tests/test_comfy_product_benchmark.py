@@ -154,15 +154,17 @@ def test_wan_cpu_run_through_comfyuis_wanmodel(tmp_path):
     assert ratio["measured"] is None and "wan720p" in ratio["note"]
 
 
-def test_timed_steps_are_the_first_steps_of_the_real_schedule(tmp_path):
+def test_timed_steps_are_the_first_steps_of_the_real_schedule_after_a_warm_up_of_every_kind(tmp_path):
     """--timed-steps N stops after N steps of the --steps schedule: the sparse plan is the full schedule's
-    (dense warm-up first), not one planned for N steps."""
+    (dense warm-up first), not one planned for N steps. The warm-up before it: a tiny run, one step of the real
+    schedule at the timed latent, and 4 steps there on the compact schedule that reaches every step kind
+    (refresh, reuse, refresh, second-order reuse), which leaves the timed run's schedule as it was."""
     root = require_comfyui()
     out = tmp_path / "short.json"
     env = dict(os.environ, COMFYUI_PATH=str(root), CUDA_VISIBLE_DEVICES="")
     cmd = [sys.executable, str(ROOT / "benchmarks" / "comfy_product.py"), "--device", "cpu", "--preset", "test",
            "--configs", "Q", "--resolutions", "256x256x5", "--steps", "20", "--timed-steps", "4", "--text-tokens", "16",
-           "--no-warm-run", "--ckpt", str(tmp_path / "q.safetensors"), "--out", str(out)]
+           "--ckpt", str(tmp_path / "q.safetensors"), "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     q = json.loads(out.read_text())["runs"][0]
@@ -171,6 +173,10 @@ def test_timed_steps_are_the_first_steps_of_the_real_schedule(tmp_path):
     assert kinds == ["dense", "dense", "refresh", "reuse"]  # 20 steps: 2 dense warm-up steps
     assert q["completed"] and q["output_finite"] and len(q["per_step"]) == 4
     assert [s["observed"] for s in q["per_step"]] == kinds and q["kinds_match_schedule"]
+    jobs = q["warm_jobs"]
+    assert len(jobs) == 3 and not q.get("warm_error")
+    assert jobs[1]["kinds"] == ["dense"] and jobs[2]["kinds"] == ["refresh", "reuse", "refresh", "reuse"]
+    assert all("triton_compiles" in j or not j.get("triton_kernels") for j in jobs)
 
 
 def test_a_four_step_run_samples_the_few_step_schedule_through_comfyui(tmp_path):

@@ -298,6 +298,16 @@ class Comfy:
 PACK = "quantsparse_pack_nodes"
 
 
+def set_kernel_lazy(on: bool) -> list:
+    """The attention kernels' lazy rescaling (their LAZY constants), in the one kernels package every caller
+    imports (quantsparse_core.dispatch.PACKAGE). Returns the modules set."""
+    from quantsparse_core import dispatch
+    mods = [importlib.import_module(f"{dispatch.PACKAGE}.{name}") for name in ("sparse_attention", "int8_attention")]
+    for m in mods:
+        m.LAZY = bool(on)
+    return mods
+
+
 def _load_pack_module(name: str, optional: bool = False):
     """nodes/<name>.py, imported as a module of the pack's `nodes` folder registered under another name
     (ComfyUI has its own top-level `nodes`) whose __init__ is not run: it registers the V3 nodes through
@@ -1323,7 +1333,7 @@ class Bench:
         only at steps 5, 6, 10 and 11 (the first reuse and first second-order reuse compiled kernel variants
         there, 3-4 s each at 720p, after a warm-up that had covered the dense steps only). None where the
         schedule is not the standard one (few-step runs reach their kinds at steps 0-1) or for (C)."""
-        if self.a.no_compact_warm or config == "C":
+        if getattr(self.a, "no_compact_warm", False) or config == "C":
             return None
         from dataclasses import replace
         settings = self.config_settings(config)
@@ -1538,6 +1548,9 @@ def main(argv=None):
     ap.add_argument("--no-warm-run", action="store_true", help="skip the untimed warm-up sampling before timing")
     ap.add_argument("--warm-full-steps", type=int, default=1,
                     help="(Q): untimed steps at the timed latent before the timed run (compile/autotune at real shapes)")
+    ap.add_argument("--kernel-lazy", action="store_true",
+                    help="the attention kernels' lazy rescaling on (sparse_attention.LAZY, int8_attention.LAZY; off by "
+                         "default until measured)")
     ap.add_argument("--no-compact-warm", action="store_true",
                     help="(Q) on the standard schedule: skip the warm-up's 4 compact-schedule steps at the timed latent "
                          "(refresh, reuse, refresh, second-order reuse), which compile every step kind's kernels")
@@ -1568,6 +1581,8 @@ def main(argv=None):
     slug = "-".join(configs) + "_" + "-".join(res_names) + (f"_cap{args.cap_gb:g}" if args.cap_gb else "")
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"{now:%Y-%m-%d}_product_{slug}.json")
     comfy = Comfy(args.comfyui, args.device, args.cap_gb)
+    if args.kernel_lazy:
+        set_kernel_lazy(True)
     env = environment(comfy.version)
     cmd = "python benchmarks/comfy_product.py " + " ".join(sys.argv[1:] if argv is None else argv)
     data = dict(run=f"product: {slug}", date=f"{now:%Y-%m-%d}", time_utc=f"{now:%H:%M}", **env, command=cmd,
@@ -1577,7 +1592,8 @@ def main(argv=None):
                 settings=dict(preset=args.preset, steps=args.steps, sampler="euler", scheduler="simple", cfg=1.0,
                               guidance=None if is_v15(args.preset) else 6.0, text_tokens=args.text_tokens,
                               cap_gb=args.cap_gb,
-                              cap_allocator_bytes=comfy.cap_bytes, seed=args.seed, warm_run=not args.no_warm_run),
+                              cap_allocator_bytes=comfy.cap_bytes, seed=args.seed, warm_run=not args.no_warm_run,
+                              kernel_lazy=args.kernel_lazy),
                 runs=[], notes=[
                     "Headline: wall-clock of the sampling steps (first model call to the last step's end, "
                     "device-synchronized), ComfyUI's comfy.sample.sample, model already loaded by a warm-up run.",

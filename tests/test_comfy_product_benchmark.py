@@ -320,3 +320,18 @@ def test_few_step_runs_are_scored_against_the_baseline_at_their_own_step_count(r
     assert not r8["met"]
     r50 = t["(Q) vs (A), 720p/129f, 50-step sampling wall-clock"]
     assert r50["measured"] is None and "50-step" in r50["note"]
+
+
+def test_kernel_lazy_flag_reaches_the_kernels_the_dispatch_calls():
+    """--kernel-lazy turns on LAZY in the kernels package quantsparse_core.dispatch launches from (one import
+    name, whoever imports it), and off again."""
+    mod = _module()
+    from quantsparse_core import dispatch
+    import importlib
+    try:
+        mods = mod.set_kernel_lazy(True)
+        assert [m.__name__ for m in mods] == [f"{dispatch.PACKAGE}.sparse_attention", f"{dispatch.PACKAGE}.int8_attention"]
+        assert all(importlib.import_module(m.__name__).LAZY is True for m in mods)
+    finally:
+        mods = mod.set_kernel_lazy(False)
+    assert not any(m.LAZY for m in mods)

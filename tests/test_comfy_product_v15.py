@@ -87,8 +87,8 @@ def test_v15_budget_fits_the_documented_gpu_command(mod):
     config is skipped before a measured step has refined the scale."""
     from quantsparse_core.sparse.ssar import SparseSettings
     bench = object.__new__(mod.Bench)  # only the estimate: no ComfyUI
-    bench.a = argparse.Namespace(preset=V15, text_tokens=256, warm_full_steps=1, cap_gb=None)
-    bench.scale = 1.0
+    bench.a = argparse.Namespace(preset=V15, text_tokens=256, warm_full_steps=1, cap_gb=None, steps=50)
+    bench.scale, bench.settings = 1.0, SparseSettings()   # the compact warm-up's 4 steps are counted too
     shape = mod.latent_shape(mod.parse_resolution("720p", V15), V15)
     kinds, _ = mod.step_kinds(SparseSettings(schedule="standard"), 50)
     a = mod.LOAD_PRIOR_S["A"] + bench.estimate("A", "720p", shape, 3, ["dense"] * 50)

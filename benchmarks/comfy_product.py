@@ -1315,8 +1315,7 @@ class Bench:
             finally:
                 compiles.append(dict(job=what, kinds=list(timer.observed),
                                      **warm_compiles(timer.events + [timer.trace.take()])))
-                if settings:  # its masks and residual cache go now, before the timed run places its own
-                    model.model_options["transformer_options"][StepTimer.SPARSE_KEY].close()
+                if settings:  # its run closed its masks and cache as it ended: free them before the timed run places its own
                     del model
                     gc.collect()
                     if self.a.device == "cuda":

@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 
 import torch
 import triton
+from torch.utils.weak import WeakIdKeyDictionary
 import triton.language as tl
 
 from .interpreter import interpreting
@@ -706,27 +707,32 @@ def _bias_blocks(key_bias, perm, block: int) -> dict:
 
 def _text_rows(kv_count: torch.Tensor, heads: list, block: int) -> int:
     """Rows of the leading query blocks that visit the most key blocks (the text rows), scheduled first.
-    Read on the host from the counts of the first head: 0 when no leading block is heavier."""
-    c = _host_counts(kv_count)[heads[0]]
+    Read on the host from the counts of the first head (0 when no leading block is heavier), once per count
+    tensor: a mask's indices live as long as the mask, so every reuse step between two refreshes launches
+    each layer without reading device memory, i.e. without waiting for the GPU (the earlier one-entry cache
+    missed at every layer, 60 host syncs a 13B step)."""
+    key = (tensor_version(kv_count), heads[0], block)
+    known = _TEXT_ROWS.get(kv_count)
+    if known is not None and key in known:
+        return known[key]
+    c = kv_count[heads[0]].tolist()
     n = 0
     while n < len(c) and c[n] == max(c) and max(c) > min(c):
         n += 1
+    if known is None:
+        known = _TEXT_ROWS[kv_count] = {}
+    known[key] = n * block
     return n * block
+
+
+# kv_count tensor -> {(its version, first head, block): text rows}; entries go with their tensors
+_TEXT_ROWS = WeakIdKeyDictionary()
 
 
 def tensor_version(t: torch.Tensor) -> int:
     """In-place modification counter; inference tensors (ComfyUI runs nodes under
     torch.inference_mode) have none and cannot be modified outside inference mode, so -1."""
     return -1 if t.is_inference() else t._version
-
-
-def _host_counts(kv_count: torch.Tensor):
-    cached = getattr(_host_counts, "cache", None)
-    if cached is not None and cached[0] is kv_count and cached[1] == tensor_version(kv_count):
-        return cached[2]
-    counts = kv_count.tolist()
-    _host_counts.cache = (kv_count, tensor_version(kv_count), counts)
-    return counts
 
 
 def supports(q: torch.Tensor, block: int, precision: str = "bf16") -> bool:

@@ -398,3 +398,28 @@ def test_a_new_resolution_or_rank_reuses_the_compiled_kernel(rng, monkeypatch):
         monkeypatch.undo()
     assert keys[0] == keys[1] == keys[2], keys
 
+
+
+def test_text_rows_are_read_once_per_count_tensor(rng, monkeypatch):
+    """The text rows come from each layer's own counts, read on the host once per count tensor (and again after
+    an in-place change), so the reuse steps' launches of 60 layers alternating do not wait for the device."""
+    import quantsparse_kernels.sparse_attention as sa
+    reads = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(1) or tolist(self))
+    layers = []
+    for _ in range(3):
+        heavy = int(torch.randint(1, 4, (1,), generator=rng))
+        counts = torch.randint(1, 5, (2, 9), generator=rng, dtype=torch.int32)
+        counts[:, :heavy] = 9                                        # leading query blocks visit every key block
+        counts[:, heavy] = torch.randint(1, 5, (1,), generator=rng, dtype=torch.int32)   # and then one that does not
+        layers.append((counts, heavy))
+    for _ in range(4):                                               # four "steps" over the same layers
+        for counts, heavy in layers:
+            assert sa._text_rows(counts, [0, 1], 16) == heavy * 16
+    assert len(reads) == len(layers)
+    counts, heavy = layers[0]
+    counts[:, heavy] = 9                                             # changed in place: read again
+    assert sa._text_rows(counts, [0, 1], 16) == (heavy + 1) * 16 and len(reads) == len(layers) + 1
+    flat = torch.full((2, 9), 3, dtype=torch.int32)                  # no heavier leading block
+    assert sa._text_rows(flat, [1], 16) == 0

@@ -46,10 +46,11 @@ def refresh_attention(q, k, v, kv_index, kv_count, rest_index, rest_count, *, bl
     keywords as kernels.sparse_attention takes them (precision: both runs)."""
     b, heads, length, _ = q.shape
     runs = []
-    for index, count in ((kv_index, kv_count), (rest_index, rest_count)):
+    # the complement's heavy rows are none: the text rows the mask run schedules first visit every key block there
+    for index, count, heavy in ((kv_index, kv_count, None), (rest_index, rest_count, 0)):
         lse = torch.empty(b, heads, length, dtype=torch.float32, device=q.device)
         out = sparse_attention(q, k, v, index, count, block=block, key_bias=key_bias, perm=perm,
-                               permuted_heads=permuted_heads, lse=lse, precision=precision)
+                               permuted_heads=permuted_heads, lse=lse, precision=precision, heavy_rows=heavy)
         runs += [out, lse]
     return merge(*runs)
 

@@ -493,7 +493,8 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index
                      kv_count: torch.Tensor, *, block: int = 128, key_bias: Optional[torch.Tensor] = None,
                      perm: Optional[torch.Tensor] = None, permuted_heads: Optional[Sequence[bool]] = None,
                      correction=None, out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None,
-                     config: Optional[tuple] = None, precision: str = "bf16") -> torch.Tensor:
+                     config: Optional[tuple] = None, precision: str = "bf16",
+                     heavy_rows: Optional[int] = None) -> torch.Tensor:
     """Block-sparse attention. q, k, v: [B, H, L, D] (any strides with a contiguous last dim);
     kv_index [H, nq, max_k] int32 / kv_count [H, nq] int32 list the key blocks (in each head's own
     order) that each query block visits; key_bias [B|1, L] additive, original order; perm [L]: the
@@ -512,6 +513,8 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index
     row, K minus its mean per mask block; P.V as bf16) or "int8-fp8" (also P.V in float8 e4m3: P x 448, V per
     channel); the arithmetic is kernels/sparse_attention_ref.py's quantized_sparse_attention_ref. The
     quantised passes need head_dim >= 32 (the INT8 MMA's reduction).
+    heavy_rows: rows of the leading query blocks to schedule first (they visit the most key blocks); None reads
+    them from kv_count (once per count tensor: a host sync). Scheduling only: any value gives the same output.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -578,7 +581,8 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index
         copy = quant or (flag and kv_copy)
         per_head = b * length * (2 * d * k.element_size() if not quant else d * (2 if pv8 else 1 + v.element_size()) + 1)
         group = max(1, KV_COPY_BYTES // per_head) if copy else len(heads_all)
-        t = min(-(-_text_rows(kv_count, heads_all, block) // block_m), nm)
+        rows = _text_rows(kv_count, heads_all, block) if heavy_rows is None else max(0, int(heavy_rows))
+        t = min(-(-rows // block_m), nm)
         for g0 in range(0, len(heads_all), group):
             heads_list = heads_all[g0:g0 + group]
             hl = _head_list(tuple(heads_list), q.device)

@@ -188,6 +188,18 @@ def _indices(keep: torch.Tensor, block_mask, device) -> Tuple[torch.Tensor, torc
     return val
 
 
+def _complement_indices(block_mask, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """kv_index / kv_count of the key blocks the mask leaves out, made on the mask's device without reading
+    anything back to the host: every row is padded to all nk blocks (-1 past its count) instead of to the
+    longest row, whose length would cost a host sync per refresh and layer."""
+    keep = ~block_mask.keep
+    nk = keep.shape[-1]
+    cols = torch.arange(nk, device=keep.device)
+    order = torch.where(keep, cols, cols + nk).sort(dim=-1).values
+    index = torch.where(order < nk, order, torch.full_like(order, -1)).to(torch.int32)
+    return index.to(device), keep.sum(-1).to(torch.int32).to(device)
+
+
 @functools.lru_cache(maxsize=16)
 def _temporal_perm(txt_len: int, grid: tuple, device: torch.device) -> torch.Tensor:
     """The temporal permutation as the kernel reads it (int32, contiguous), made once per layout: one
@@ -295,7 +307,7 @@ def refresh_attention(q, k, v, mask, block_mask, txt_len: int, grid,
     precision = _runnable_precision(q, block_mask.block, precision,
                                     None if kernel is None else _triton_module("sparse_attention"))
     if kernel is not None and _triton_module("sparse_attention").supports(q, block_mask.block, precision):
-        rest = _indices(~block_mask.keep, block_mask, q.device)
+        rest = _complement_indices(block_mask, q.device)
         return kernel.refresh_attention(q, k, v, index, count, *rest, precision=precision, **kw)
     if precision != "bf16":
         full = quantized_dense_attention(q, k, v, mask, txt_len, grid, precision, block_mask.block)

@@ -91,16 +91,36 @@ def test_refresh_attention_matches_float64(rng, dtype, tol):
 
 
 def test_complement_indices_are_disjoint_and_not_cached(rng):
-    """The refresh's second run visits exactly the key blocks the mask leaves out; the complement's
-    (mostly dense) index is not kept on the mask."""
+    """The refresh's second run visits exactly the key blocks the mask leaves out, in ascending order, each row
+    padded with -1 to all nk blocks (no host read of the longest row); the complement's (mostly dense) index is
+    not kept on the mask, and it lists what BlockMask's own indices of the complement list."""
     *_, bm = inputs(rng, torch.float32)
-    index, count = dispatch._indices(~bm.keep, bm, "cpu")
+    index, count = dispatch._complement_indices(bm, "cpu")
+    nk = bm.keep.shape[-1]
+    assert index.shape == (bm.num_heads, bm.keep.shape[1], nk) and index.dtype == count.dtype == torch.int32
     rest = torch.zeros_like(bm.keep)
     for h in range(bm.num_heads):
         for i in range(bm.keep.shape[1]):
-            rest[h, i, index[h, i, :count[h, i]].long()] = True
+            listed = index[h, i, :count[h, i]]
+            assert bool((listed[1:] > listed[:-1]).all()) and bool((index[h, i, count[h, i]:] == -1).all())
+            rest[h, i, listed.long()] = True
     assert not bool((rest & bm.keep).any()) and bool((rest | bm.keep).all())
+    ref_index, ref_count = BlockMask(~bm.keep, list(KINDS), bm.block, L).to_indices()
+    assert torch.equal(count, ref_count) and torch.equal(index[..., :ref_index.shape[-1]], ref_index)
     assert "_qs_kernel_indices" not in bm.__dict__
+
+
+@interpreted
+def test_heavy_rows_only_schedule(rng):
+    """heavy_rows (the leading query rows launched first) changes the order of the programs, not the output:
+    bit-equal for none, some, every row, and read from the counts."""
+    q, k, v, mask, bm = inputs(rng, torch.bfloat16)
+    index, count = dispatch._indices(bm.keep, bm, "cpu")
+    perm = temporal_permutation(TXT, GRID)
+    args = dict(block=16, perm=perm, permuted_heads=[x == "temporal" for x in KINDS])
+    read = sparse_attention(q, k, v, index, count, **args)
+    for rows in (0, 16, 48, 10 * L):
+        assert torch.equal(sparse_attention(q, k, v, index, count, heavy_rows=rows, **args), read)
 
 
 def test_merge_matches_a_softmax_over_the_union_and_leaves_its_inputs_alone(rng):

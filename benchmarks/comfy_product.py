@@ -74,6 +74,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import memory_peak  # noqa: E402  (benchmarks/memory_peak.py)
+from step_profile import StepProfiler  # noqa: E402  (benchmarks/step_profile.py)
 
 RESOLUTIONS = {"544p": (960, 544, 129), "720p": (1280, 720, 129),  # width, height, frames
                "wan720p": (1280, 720, 81), "wan480p": (832, 480, 81)}  # Wan 2.1's defaults (EmptyHunyuanLatentVideo)
@@ -1373,8 +1374,15 @@ class Bench:
         captured = _capture_log("quantsparse")
         timer_ref = {}
         profiling = self.a.memory_profile and memory_peak.start()
+        profile_steps = getattr(self.a, "profile_steps", None)
+        steps_profiled = StepProfiler(profile_steps, cuda) if profile_steps else None
+        if profile_steps:
+            run["profiled_steps"] = sorted(profile_steps)  # their times include the profiler's overhead
 
         def on_step(i, total):
+            if steps_profiled is not None:
+                steps_profiled.end(i)
+                steps_profiled.begin(i + 1)
             t = timer_ref.get("t")
             if t is None or i >= len(t.ends):
                 return
@@ -1387,6 +1395,8 @@ class Bench:
             run["per_step"] = [dict(s, kind=coarse[s["i"]], fine_kind=fine[s["i"]]) for s in t.steps()]
             self.report.save()
 
+        if steps_profiled is not None:
+            steps_profiled.begin(0)
         try:
             timer, total_s, finite = self._sample(patcher, shape, timed, on_step, timer_ref)
             run["completed"] = True
@@ -1398,6 +1408,12 @@ class Bench:
             run["error"] = f"{type(e).__name__}: {str(e)[:400]}"
         finally:
             captured.close()
+            if steps_profiled is not None:
+                steps_profiled.close()
+                run["step_profiles"] = steps_profiled.summaries()
+                for i, p in run["step_profiles"].items():
+                    log(f"   profile step {i}: wall {p['wall_s']} s, device busy {p['device_busy_fraction']}, "
+                        f"syncs {p['syncs']}; top {[(r['op'][:40], r['device_ms']) for r in p['top'][:5]]}")
             if profiling:
                 run["memory_peak"] = memory_peak.stop_and_summarize()
                 for g in run["memory_peak"]["groups"][:15]:
@@ -1547,6 +1563,9 @@ def main(argv=None):
     ap.add_argument("--no-warm-run", action="store_true", help="skip the untimed warm-up sampling before timing")
     ap.add_argument("--warm-full-steps", type=int, default=1,
                     help="(Q): untimed steps at the timed latent before the timed run (compile/autotune at real shapes)")
+    ap.add_argument("--profile-steps", type=lambda t: [int(x) for x in t.split(",") if x.strip()], default=[],
+                    help="comma list of step indices to run under torch.profiler (runs[].step_profiles: top operators, "
+                         "host syncs, device busy fraction); those steps' times include the profiler's overhead")
     ap.add_argument("--kernel-lazy", action="store_true",
                     help="the attention kernels' lazy rescaling on (sparse_attention.LAZY, int8_attention.LAZY; off by "
                          "default until measured)")

@@ -181,18 +181,21 @@ def test_timed_steps_are_the_first_steps_of_the_real_schedule_after_a_warm_up_of
 
 def test_a_four_step_run_samples_the_few_step_schedule_through_comfyui(tmp_path):
     """--steps 4: (Q) runs what the Sparse Sampler runs at 4 steps (few-step: refresh, reuse, refresh, reuse, seen
-    in each model call). The 4-step row's arithmetic is tested above (its resolution, 720p, is too big here)."""
+    in each model call). The 4-step row's arithmetic is tested above (its resolution, 720p, is too big here).
+    --profile-steps 1 profiles that one step."""
     root = require_comfyui()
     out = tmp_path / "four.json"
     env = dict(os.environ, COMFYUI_PATH=str(root), CUDA_VISIBLE_DEVICES="")
     cmd = [sys.executable, str(ROOT / "benchmarks" / "comfy_product.py"), "--device", "cpu", "--preset", "test",
            "--configs", "Q", "--resolutions", "256x256x5", "--steps", "4", "--text-tokens", "16",
-           "--no-warm-run", "--ckpt", str(tmp_path / "q.safetensors"), "--out", str(out)]
+           "--no-warm-run", "--profile-steps", "1", "--ckpt", str(tmp_path / "q.safetensors"), "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads(out.read_text())
     runs = {r["config"]: r for r in data["runs"]}
     assert [s["observed"] for s in runs["Q"]["per_step"]] == ["refresh", "reuse", "refresh", "reuse"]
+    assert runs["Q"]["profiled_steps"] == [1] and list(runs["Q"]["step_profiles"]) == ["1"]   # the reuse step
+    assert runs["Q"]["step_profiles"]["1"]["top"] and runs["Q"]["step_profiles"]["1"]["wall_s"] > 0
     assert runs["Q"]["sparse_settings"]["schedule"] == "auto" and runs["Q"]["kinds_match_schedule"]
     assert runs["Q"]["completed"] and runs["Q"]["output_finite"]
 
@@ -335,3 +338,28 @@ def test_kernel_lazy_flag_reaches_the_kernels_the_dispatch_calls():
     finally:
         mods = mod.set_kernel_lazy(False)
     assert not any(m.LAZY for m in mods)
+
+
+def test_step_profiler_summarises_the_listed_steps_with_their_host_syncs(rng):
+    """benchmarks/step_profile.py on the CPU: only the listed steps are profiled (begin/end as the step callback
+    calls them), each summary counts the host reads of tensor values (item() -> _local_scalar_dense) and lists
+    the matmuls among its operators."""
+    _module()  # puts benchmarks/ on sys.path
+    import torch
+    from step_profile import StepProfiler
+    prof = StepProfiler([1], cuda=False)
+    n_items = int(torch.randint(2, 6, (1,), generator=rng))
+    x = torch.randn(64, 64, generator=rng)
+    prof.begin(0)                          # not listed: nothing starts
+    for step in range(3):
+        for _ in range(n_items if step == 1 else 1):
+            float((x @ x).sum().item())
+        prof.end(step)
+        prof.begin(step + 1)
+    prof.close()
+    out = prof.summaries()
+    assert list(out) == ["1"]
+    s = out["1"]
+    assert s["syncs"].get("aten::_local_scalar_dense") == n_items and s["sorted_by"] == "cpu_ms"
+    mm = [r for r in s["top"] if r["op"] in ("aten::mm", "aten::matmul")]
+    assert mm and all(r["count"] == n_items for r in mm)

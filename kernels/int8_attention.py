@@ -131,7 +131,7 @@ def _tile(acc, l_i, m_i, q, rs, k_base, v_base, ks_base, j, LK, skl, svl,
         m_new = tl.maximum(m_i, tl.max(qk, 1) * c)
         m_use = m_new
         s = qk * c[:, None]
-    if LAZY and not MASKED:
+    if LAZY and not MASKED:  # the reference maxima m_i move only when some row grew by > LAZY_BITS
         if tl.max(m_new - m_i, 0) > LAZY_BITS:  # the first tile too: m_i is -inf there
             alpha = tl.math.exp2(m_i - m_new)
             l_i = l_i * alpha
@@ -139,20 +139,17 @@ def _tile(acc, l_i, m_i, q, rs, k_base, v_base, ks_base, j, LK, skl, svl,
             m_i = m_new
         p = tl.math.exp2(s - m_i[:, None])
         l_i = l_i + tl.sum(p, 1)
-        if IEEE:
-            acc = tl.dot(_round_to(p, ROUND_P), v.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(p.to(v.dtype), v, acc)
-        return acc, l_i, m_i
-    p = tl.math.exp2(s - m_use[:, None])
-    alpha = tl.math.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
+    else:
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        m_i = m_new
     if IEEE:  # fp32 V, or the CPU interpreter: P rounded as the GPU's cast would, exact fp32 products
         acc = tl.dot(_round_to(p, ROUND_P), v.to(tl.float32), acc, input_precision="ieee")
     else:
         acc = tl.dot(p.to(v.dtype), v, acc)
-    return acc, l_i, m_new
+    return acc, l_i, m_i
 
 
 # Lengths and the strides of the per-block scales, shifts and LSE (they follow L / block) are not

@@ -228,32 +228,28 @@ def _tile(acc, l_i, m_i, q, k_base, v_base, idx_base, bias_base, PERM, j, L, skl
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no allowed key so far
         p = tl.math.exp2(qk - m_use[:, None])
-    elif LAZY:  # all keys valid; the reference maxima m_i move only when some row grew by > LAZY_BITS
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        if tl.max(m_new - m_i, 0) > LAZY_BITS:  # the first tile too: m_i is -inf there
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha
-            acc = acc * alpha[:, None]
-            m_i = m_new
-        p = tl.math.exp2(qk * qk_scale - m_i[:, None])
-        l_i = l_i + tl.sum(p, 1)
-        if IEEE:
-            acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(p.to(v.dtype), v, acc)
-        return acc, l_i, m_i
     else:  # all keys valid: m_new is finite
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         m_use = m_new
+        if LAZY:  # the reference maxima m_i move only when some row grew by > LAZY_BITS (the first tile: m_i -inf)
+            if tl.max(m_new - m_i, 0) > LAZY_BITS:
+                alpha = tl.math.exp2(m_i - m_new)
+                l_i = l_i * alpha
+                acc = acc * alpha[:, None]
+                m_i = m_new
+            m_use = m_i
         p = tl.math.exp2(qk * qk_scale - m_use[:, None])
-    alpha = tl.math.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
+    if LAZY and not MASKED:  # rescaled above where it had to be
+        l_i = l_i + tl.sum(p, 1)
+    else:
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        m_i = m_new
     if IEEE:  # p rounded to v's dtype as on the GPU path, then multiplied in fp32
         acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc, input_precision="ieee")
     else:
         acc = tl.dot(p.to(v.dtype), v, acc)
-    m_i = m_new
     return acc, l_i, m_i
 
 
@@ -714,7 +710,7 @@ def _text_rows(kv_count: torch.Tensor, heads: list, block: int) -> int:
     Read on the host from the counts of the first head (0 when no leading block is heavier), once per count
     tensor: a mask's indices live as long as the mask, so every reuse step between two refreshes launches
     each layer without reading device memory, i.e. without waiting for the GPU (the earlier one-entry cache
-    missed at every layer, 60 host syncs a 13B step)."""
+    missed at every layer: one host read per layer and step)."""
     key = (tensor_version(kv_count), heads[0], block)
     known = _TEXT_ROWS.get(kv_count)
     if known is not None and key in known:

@@ -172,11 +172,12 @@ def _check_call(q, block_mask, txt_len: int, grid) -> None:
 
 def _indices(keep: torch.Tensor, block_mask, device) -> Tuple[torch.Tensor, torch.Tensor]:
     """kv_index / kv_count of the mask (or, keep=~mask.keep, of its complement) on `device`, cached on
-    the mask object for the mask itself (masks are never modified in place)."""
+    the mask object for the mask itself (masks are never modified in place). The complement, made at every
+    merged refresh of every layer, is padded to every key block: its longest row is not read to the host."""
     if keep is not block_mask.keep:
         from .sparse.masks import BlockMask
         return tuple(t.to(device) for t in BlockMask(keep, list(block_mask.kinds), block_mask.block,
-                                                       block_mask.seq_len).to_indices())
+                                                       block_mask.seq_len).to_indices(full_width=True))
     version = -1 if keep.is_inference() else keep._version
     key = (str(device), version, id(keep))
     cached = block_mask.__dict__.get("_qs_kernel_indices")
@@ -186,18 +187,6 @@ def _indices(keep: torch.Tensor, block_mask, device) -> Tuple[torch.Tensor, torc
     val = (index.to(device), count.to(device))
     block_mask.__dict__["_qs_kernel_indices"] = (key, val)
     return val
-
-
-def _complement_indices(block_mask, device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """kv_index / kv_count of the key blocks the mask leaves out, made on the mask's device without reading
-    anything back to the host: every row is padded to all nk blocks (-1 past its count) instead of to the
-    longest row, whose length would cost a host sync per refresh and layer."""
-    keep = ~block_mask.keep
-    nk = keep.shape[-1]
-    cols = torch.arange(nk, device=keep.device)
-    order = torch.where(keep, cols, cols + nk).sort(dim=-1).values
-    index = torch.where(order < nk, order, torch.full_like(order, -1)).to(torch.int32)
-    return index.to(device), keep.sum(-1).to(torch.int32).to(device)
 
 
 @functools.lru_cache(maxsize=16)
@@ -307,7 +296,7 @@ def refresh_attention(q, k, v, mask, block_mask, txt_len: int, grid,
     precision = _runnable_precision(q, block_mask.block, precision,
                                     None if kernel is None else _triton_module("sparse_attention"))
     if kernel is not None and _triton_module("sparse_attention").supports(q, block_mask.block, precision):
-        rest = _complement_indices(block_mask, q.device)
+        rest = _indices(~block_mask.keep, block_mask, q.device)
         return kernel.refresh_attention(q, k, v, index, count, *rest, precision=precision, **kw)
     if precision != "bf16":
         full = quantized_dense_attention(q, k, v, mask, txt_len, grid, precision, block_mask.block)

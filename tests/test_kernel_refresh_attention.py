@@ -95,7 +95,7 @@ def test_complement_indices_are_disjoint_and_not_cached(rng):
     padded with -1 to all nk blocks (no host read of the longest row); the complement's (mostly dense) index is
     not kept on the mask, and it lists what BlockMask's own indices of the complement list."""
     *_, bm = inputs(rng, torch.float32)
-    index, count = dispatch._complement_indices(bm, "cpu")
+    index, count = dispatch._indices(~bm.keep, bm, "cpu")
     nk = bm.keep.shape[-1]
     assert index.shape == (bm.num_heads, bm.keep.shape[1], nk) and index.dtype == count.dtype == torch.int32
     rest = torch.zeros_like(bm.keep)

@@ -87,15 +87,17 @@ class BlockMask:
             return self.known[2]
         return float(self.head_density().mean())
 
-    def to_indices(self):
-        """(kv_index [H, nq, max_k] int32, ascending, padded with -1; kv_count [H, nq] int32)."""
+    def to_indices(self, full_width: bool = False):
+        """(kv_index [H, nq, max_k] int32, ascending, padded with -1; kv_count [H, nq] int32). full_width:
+        max_k = every key block instead of the longest row, which is then not read back from the mask's
+        device (a host sync)."""
         if self.known is not None:
             return self.known[0], self.known[1]
         nk = self.keep.shape[-1]
         cols = torch.arange(nk, device=self.keep.device)
         order = torch.where(self.keep, cols, cols + nk).sort(dim=-1).values
         count = self.keep.sum(-1)
-        max_k = max(int(count.max()), 1)
+        max_k = nk if full_width else max(int(count.max()), 1)
         index = order[..., :max_k]
         index = torch.where(index < nk, index, torch.full_like(index, -1))
         return index.to(torch.int32), count.to(torch.int32)

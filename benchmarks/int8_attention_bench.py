@@ -52,7 +52,11 @@ def _kitchen_int8():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from comfy_product import unpack_kitchen_cuda
     print(f"comfy_kitchen CUDA extension: {unpack_kitchen_cuda()}", flush=True)
-    from comfy_kitchen import sage_attention
+    try:
+        from comfy_kitchen import sage_attention
+    except ImportError as e:  # comfy_kitchen before its INT8 attention (0.2.24, carried for ComfyUI 0.29)
+        print(f"comfy_kitchen has no INT8 attention here ({e}): not timed", flush=True)
+        return None
     if not sage_attention.is_available():
         print("comfy_kitchen's INT8 attention is unavailable on this GPU: not timed", flush=True)
         return None

@@ -28,9 +28,44 @@ def _device_us(avg) -> float:
     return 0.0
 
 
+OUR_CODE = ("quantsparse_core/", "nodes/", "kernels/", "benchmarks/", "tests/")  # frames that name who asked for a sync
+
+
+def _python_frame(name: str) -> bool:
+    return "): " in name and "(" in name and not name.startswith("<")
+
+
+def _caller(event) -> str:
+    """The innermost frame of this repository's code that led to `event`, else its innermost Python frame: from
+    the recorded stack where the profiler keeps one per event, else by walking up the Python-function events
+    that with_stack adds to the tree (torch 2.9+)."""
+    frames = [f for f in (getattr(event, "stack", None) or []) if _python_frame(f)]
+    if not frames:
+        parent = event.cpu_parent
+        while parent is not None:
+            if _python_frame(parent.name):
+                frames.append(parent.name)
+            parent = parent.cpu_parent
+    ours = [f for f in frames if any(part in f for part in OUR_CODE)]
+    return (ours or frames or ["?"])[0]
+
+
+def sync_sources(prof, top: int = 10) -> list:
+    """Where the host syncs come from: the aten-level SYNC_OPS events (the CUDA runtime calls below them carry no
+    Python frames) counted by their caller (_caller). Needs a profile taken with_stack=True; else all "?"."""
+    counts = {}
+    for e in prof.events():
+        if e.name.startswith("aten::") and e.name in SYNC_OPS and e.name != "aten::item":  # item wraps the read
+            key = (e.name, _caller(e))
+            counts[key] = counts.get(key, 0) + 1
+    rows = [dict(op=op, where=where, count=n) for (op, where), n in counts.items()]
+    return sorted(rows, key=lambda r: -r["count"])[:top]
+
+
 def summarize(prof, wall_s: float, top: int = 20) -> dict:
     """The profile of one step: operators by self device time (CPU time where there is no device), counts of
-    SYNC_OPS, and the device's busy time (its kernels' summed durations) against the step's wall-clock."""
+    SYNC_OPS (and, with stacks recorded, where they come from), and the device's busy time (its kernels' summed
+    durations) against the step's wall-clock."""
     rows = []
     syncs = {}
     for avg in prof.key_averages():
@@ -47,7 +82,8 @@ def summarize(prof, wall_s: float, top: int = 20) -> dict:
                       if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA) / 1e3
     return dict(wall_s=round(wall_s, 3), device_busy_ms=None if busy_ms is None else round(busy_ms, 1),
                 device_busy_fraction=None if busy_ms is None or wall_s <= 0 else round(busy_ms / 1e3 / wall_s, 3),
-                syncs=syncs, top=rows[:top], sorted_by="device_ms" if on_device else "cpu_ms")
+                syncs=syncs, sync_sources=sync_sources(prof), top=rows[:top],
+                sorted_by="device_ms" if on_device else "cpu_ms")
 
 
 class StepProfiler:
@@ -67,7 +103,7 @@ class StepProfiler:
         acts = [torch.profiler.ProfilerActivity.CPU]
         if self.cuda:
             acts.append(torch.profiler.ProfilerActivity.CUDA)
-        prof = torch.profiler.profile(activities=acts)
+        prof = torch.profiler.profile(activities=acts, with_stack=True)  # sync_sources names the callers
         prof.start()
         self.active = (i, prof, time.perf_counter())
 

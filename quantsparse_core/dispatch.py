@@ -348,6 +348,30 @@ def residual_kernel(full, sparse, prev=None):
     return module.refresh_residuals if module is not None and module.supports(full, sparse, prev) else None
 
 
+_int8_rows_failure: Optional[str] = None  # why the int8 rows kernel stopped being used in this process
+
+
+def int8_rows(x: torch.Tensor, sparse: Optional[torch.Tensor] = None, prev_codes: Optional[torch.Tensor] = None,
+              prev_scale: Optional[torch.Tensor] = None):
+    """(codes int8, row scale fp32 [..., 1], D2 fp32 or None): the gpu-int8 cache's form of D = x - sparse (x alone
+    without sparse), and D's drift from a previous entry; kernels/residual.int8_residuals in one pass where the
+    mode picks Triton and it takes the tensors, else its reference (the same numbers). A kernel that fails (a
+    Triton that cannot compile it here) is said once and left for the reference: a refresh must not end a run."""
+    global _int8_rows_failure
+    module = _kernel("residual", x.device)
+    if module is not None and _int8_rows_failure is None and module.supports_int8(x, sparse, prev_codes):
+        try:
+            return module.int8_residuals(x, sparse, prev_codes, prev_scale)
+        except Exception as e:  # Triton's CompilationError is no RuntimeError
+            if isinstance(e, torch.OutOfMemoryError) or "CUDA error" in str(e):
+                raise  # out of memory or a device fault is no compile failure: the reference would meet it too
+            _int8_rows_failure = f"{type(e).__name__}: {str(e)[:300]}"
+            log.warning("QuantSparse: the int8 residual kernel failed on %s (%s); the SSAR cache's int8 rows come "
+                        "from the PyTorch version from now on (the same numbers, slower refresh steps). Please report "
+                        "it with the output of `python -m quantsparse_core.dispatch`.", x.device, _int8_rows_failure)
+    return _module("residual_ref").int8_residuals_ref(x, sparse, prev_codes, prev_scale)
+
+
 def head_gram_kernel(x: torch.Tensor, heads: int):
     """kernels.gram.head_gram for an fp32 [B, L, H*D] residual where the mode picks Triton and the
     kernel takes it (bf16 hi/lo products on the tensor cores, ~1e-5 relative), else None: the

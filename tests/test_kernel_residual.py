@@ -89,3 +89,103 @@ def test_without_the_kernel_the_refresh_keeps_the_multi_pass_path(monkeypatch):
     with dispatch.forced("torch"):
         x = torch.zeros(1, 4, 8)
         assert dispatch.residual_kernel(x, x, x) is None
+
+
+@interpreted
+@pytest.mark.parametrize("with_sparse,with_prev", [(True, True), (True, False), (False, False)])
+def test_int8_rows_kernel_equals_reference_bit_for_bit(rng, with_sparse, with_prev):
+    """kernels.residual.int8_residuals (the gpu-int8 cache's D and D2 in one pass) against its reference: the
+    same codes, scales and drift, on rows of mixed magnitude (a row of zeros too: its scale is the tiny floor)
+    and at a width that is not a power of two (a masked tail in the row's program)."""
+    from quantsparse_kernels.residual import int8_residuals
+    from quantsparse_kernels.residual_ref import int8_residuals_ref
+    shape = (2, 5, 96)
+    mag = torch.logspace(-4, 2, 5).view(1, 5, 1)
+    full = (torch.randn(shape, generator=rng) * mag).to(torch.bfloat16)
+    full[1, 2] = 0
+    sparse = (full.float() + torch.randn(shape, generator=rng) * mag * 0.1).to(torch.bfloat16) if with_sparse else None
+    if with_sparse:
+        sparse[1, 2] = 0
+    prev = None
+    if with_prev:
+        prev = int8_residuals_ref(torch.randn(shape, generator=rng) * mag)[:2]
+    got = int8_residuals(full, sparse, *(prev or (None, None)))
+    ref = int8_residuals_ref(full, sparse, *(prev or (None, None)))
+    assert got[0].dtype == torch.int8 and torch.equal(got[0], ref[0])
+    assert got[1].shape == (2, 5, 1) and torch.equal(got[1], ref[1])
+    assert (got[2] is None) == (not with_prev)
+    if with_prev:
+        assert torch.equal(got[2], ref[2])
+    # and the reference is what its words say: absmax x fp32(1/127), round half to even, clamp
+    d = full.float() - (sparse.float() if with_sparse else 0)
+    inv = torch.tensor(1.0, dtype=torch.float32) / torch.tensor(127.0, dtype=torch.float32)
+    scale = d.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) * inv
+    assert torch.equal(ref[1], scale) and torch.equal(ref[0], torch.round(d / scale).clamp(-127, 127).to(torch.int8))
+    err = (ref[0].float() * ref[1] - d).abs().amax(-1, keepdim=True)
+    assert bool((err <= scale * (0.5 + 1e-5)).all())   # within half a step of each row's grid (+ fp32 rounding)
+
+
+def test_int8_rows_refuses_what_it_cannot_hold(rng):
+    from quantsparse_kernels.residual import MAX_ROW, int8_residuals
+    x = torch.randn(2, 8, generator=rng)
+    with pytest.raises(ValueError, match="contiguous float rows"):
+        int8_residuals(x.t())
+    with pytest.raises(ValueError, match="contiguous float rows"):
+        int8_residuals(torch.randn(1, MAX_ROW + 1, generator=rng))
+    with pytest.raises(ValueError, match="contiguous float rows"):
+        int8_residuals(x, None, torch.zeros(2, 8, dtype=torch.int8))   # codes without their scale
+
+
+@interpreted
+def test_int8_placement_refresh_is_the_same_with_the_kernel_and_with_the_reference(monkeypatch):
+    """The gpu-int8 placement's refreshes (D as int8 rows and D2 against the cached codes, one pass) give the
+    same outputs at every step with the kernel (Triton's interpreter) as with its PyTorch reference (tested
+    above), and the kernel ran with and without a previous D."""
+    import quantsparse_kernels.residual as kernel
+    calls = []
+    real = kernel.int8_residuals
+
+    def spy(x, sparse=None, prev_codes=None, prev_scale=None):
+        calls.append((sparse is not None, prev_codes is not None))
+        return real(x, sparse, prev_codes, prev_scale)
+
+    monkeypatch.setattr(kernel, "int8_residuals", spy)
+    with dispatch.forced("triton"):
+        fused, att = run("gpu-int8")
+        assert att.stats["refresh"] == 8 and att.stats["mask_changed"] <= 2
+        assert (True, True) in calls and (True, False) in calls   # refreshes with D_prev and (first) without
+        n = len(calls)
+        monkeypatch.setattr(kernel, "supports_int8", lambda *a: False)   # dispatch.int8_rows: the reference
+        plain, _ = run("gpu-int8")
+        assert len(calls) == n
+    for i, (a, b) in enumerate(zip(fused, plain)):
+        assert torch.equal(a, b), i
+
+
+def test_an_int8_rows_kernel_that_fails_is_said_once_and_the_reference_serves(rng, monkeypatch, caplog):
+    """dispatch.int8_rows: a kernel that raises (a Triton that cannot compile it) is logged once and the reference
+    gives the numbers from then on (not a failed refresh); out-of-memory still ends the call."""
+    import quantsparse_kernels.residual as kernel
+    from quantsparse_kernels.residual_ref import int8_residuals_ref
+    calls = []
+
+    def broken(*a):
+        calls.append(1)
+        raise RuntimeError("cannot compile _int8_residuals here")
+
+    monkeypatch.setattr(kernel, "int8_residuals", broken)
+    monkeypatch.setattr(dispatch, "_int8_rows_failure", None)
+    x, s = (torch.randn(3, 40, generator=rng) for _ in range(2))
+    with dispatch.forced("triton"), caplog.at_level("WARNING", logger="quantsparse"):
+        for _ in range(2):
+            got = dispatch.int8_rows(x, s)
+            assert all(torch.equal(a, b) for a, b in zip(got[:2], int8_residuals_ref(x, s)[:2])) and got[2] is None
+    assert len(calls) == 1 and sum("int8 residual kernel failed" in r.message for r in caplog.records) == 1
+
+    def oom(*a):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(kernel, "int8_residuals", oom)
+    monkeypatch.setattr(dispatch, "_int8_rows_failure", None)
+    with dispatch.forced("triton"), pytest.raises(torch.OutOfMemoryError):
+        dispatch.int8_rows(x, s)

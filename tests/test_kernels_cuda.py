@@ -375,3 +375,16 @@ def test_refresh_residuals_on_gpu_equal_reference_bit_for_bit(rng):
     d, d2 = refresh_residuals(full, sparse, prev)
     rd, rd2 = refresh_residuals_ref(full, sparse, prev)
     assert torch.equal(d, rd) and torch.equal(d2, rd2)
+
+
+def test_int8_rows_on_gpu_equal_reference_bit_for_bit(rng):
+    """kernels.residual.int8_residuals compiled on the GPU at HunyuanVideo's row width (3072): the codes, row
+    scales and drift equal the PyTorch reference exactly (IEEE division, no contracted multiply-adds)."""
+    from quantsparse_kernels.residual import int8_residuals
+    from quantsparse_kernels.residual_ref import int8_residuals_ref
+    shape = (1, 4099, 3072)
+    full, sparse = (torch.randn(shape, generator=rng).to(torch.bfloat16).to(DEV) for _ in range(2))
+    codes, scale, _ = int8_residuals_ref((torch.randn(shape, generator=rng) * 0.1).to(DEV))
+    got = int8_residuals(full, sparse, codes, scale)
+    ref = int8_residuals_ref(full, sparse, codes, scale)
+    assert all(torch.equal(a, b) for a, b in zip(got, ref))

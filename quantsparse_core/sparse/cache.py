@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from .. import dispatch
 from .host_slabs import HostEntry, HostSlabs
 from .low_rank import from_factors, truncated_factors
 
@@ -171,8 +172,14 @@ class CacheStore:
         low-rank factors)."""
         return torch.bfloat16 if self.policy in ("gpu-bf16", "cpu-pinned") else None
 
-    def put(self, key, x: torch.Tensor, heads: int) -> None:
-        x = x.detach()
+    def put(self, key, x, heads: int) -> None:
+        """Keep `x` [B, L, H*D] under `key` in this placement's form; gpu-int8 also takes the (codes, scale, _)
+        that dispatch.int8_rows made of it (the refresh's one-pass residual)."""
+        if isinstance(x, tuple):
+            if self.policy != "gpu-int8":
+                raise ValueError(f"pre-quantised int8 rows go to the gpu-int8 placement only, not {self.policy!r}")
+        else:
+            x = x.detach()
         if self.policy == "exact":
             entry = ("raw", x.float().clone())
         elif self.policy == "gpu-bf16":
@@ -182,9 +189,8 @@ class CacheStore:
             old = self._data.get(key)
             entry = ("host", self._host(x, old[1] if old is not None and old[0] == "host" else None))
         elif self.policy == "gpu-int8":
-            x = x.float()
-            scale = x.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) / 127.0
-            entry = ("int8", torch.round(x / scale).clamp(-127, 127).to(torch.int8), scale)
+            codes, scale, _ = x if isinstance(x, tuple) else dispatch.int8_rows(x)  # a tuple: int8_rows' own
+            entry = ("int8", codes, scale)
         else:
             us, vh = truncated_factors(x, heads, self.rank)
             entry = ("lowrank", us.to(torch.bfloat16), vh.to(torch.bfloat16))

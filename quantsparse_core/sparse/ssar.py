@@ -24,7 +24,7 @@ from typing import Dict, Optional
 
 import torch
 
-from ..dispatch import (PRECISIONS, Correction, block_sparse_attention, int8_dense_attention,
+from ..dispatch import (PRECISIONS, Correction, block_sparse_attention, int8_dense_attention, int8_rows,
                         quantized_dense_attention, refresh_attention, residual_kernel)
 from ..hostmem import pinnable_host_bytes
 from ..models.attention import AttentionCall, allowed_keys, dense_attention, without_padded_keys
@@ -485,7 +485,8 @@ class SSARAttention:
         the cached D. Where the cache keeps D in bf16 (gpu-bf16, cpu-pinned) D and D2 come from one pass over
         O_full, O_sparse and D_prev (kernels/residual.py where Triton runs: D computed in fp32 and stored in
         bf16, as the cache would round it; ~10 -> ~2.5 GB of memory traffic per layer at 544p, computed), at a
-        lower peak."""
+        lower peak. Where it keeps D as int8 rows (gpu-int8) D comes back as the (codes, scale, None) put() takes
+        and D2 against the cached codes, from one pass too (dispatch.int8_rows)."""
         def drift(d):  # d - D_prev in the fp32 tensor get() returned (one [B, L, H*D] fp32 temporary fewer at
             # the peak; with the "exact" placement that is the stored D itself, replaced by the caller)
             return self._store.get((key, "D"), q.device).neg_().add_(d) if second else None
@@ -499,6 +500,12 @@ class SSARAttention:
         sparse = block_sparse_attention(q, k, v, mask, block_mask, call.txt_len, call.grid,
                                         precision=self.settings.attention_precision)
         store = self._store  # None until the first refresh resolves "auto" (from free memory, after D exists)
+        if store is not None and store.policy == "gpu-int8":
+            # D as the cache's int8 rows and D2 against the cached codes, in one pass (dispatch.int8_rows)
+            prev = store.get_parts((key, "D"), q.device) if second else {}
+            if "codes" in prev or not second:
+                codes, scale, d2 = int8_rows(full, sparse, prev.get("codes"), prev.get("scale"))
+                return full, (codes, scale, None), d2
         if store is not None and store.dense_dtype is not None:
             prev = store.get_parts((key, "D"), q.device).get("dense") if second else None
             one_pass = residual_kernel(full, sparse, prev) if (prev is not None or not second) else None

@@ -16,7 +16,7 @@ refresh step on an H100 (comfy_product --profile-steps, 2026-12-08). `int8_resid
 per row (the row's absmax needs the whole row: one program holds it), with the reference's arithmetic bit
 for bit: scale = absmax x fp32(1/127) (a product, as PyTorch's CUDA division by a scalar computes it), codes by
 IEEE division and round half to even, clamped to +-127, and D2 = D - codes_prev * scale_prev without fused
-multiply-adds.
+multiply-adds. A row holding a NaN gets a NaN scale, as in the reference (its codes are not defined).
 """
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ _TINY = torch.finfo(torch.float32).tiny
 _ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (y + M) - M rounds y to an integer, half to even, for |y| < 2**22
 
 
-@triton.jit(do_not_specialize=["W"])
+@triton.jit  # W specialised (divisible by 16: vector loads and stores); BLOCK_W compiles per width anyway
 def _int8_residuals(F, S, PC, PS, C, SC, D2, W, TINY, INV127, HAS_S: tl.constexpr, HAS_PREV: tl.constexpr,
                     BLOCK_W: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -88,6 +88,8 @@ def _int8_residuals(F, S, PC, PS, C, SC, D2, W, TINY, INV127, HAS_S: tl.constexp
     if HAS_S:
         d = d - tl.load(S + base + cols, mask=ok, other=0.0).to(tl.float32)
     scale = tl.maximum(tl.max(tl.abs(d), axis=0), TINY) * INV127
+    nan = tl.sum((d != d).to(tl.int32), axis=0) > 0   # tl.max skips NaN: a row holding one gets a NaN scale,
+    scale = tl.where(nan, float("nan"), scale)        # as the reference's amax gives, so it shows downstream
     y = tl.math.div_rn(d, scale)
     y = (y + _ROUND_MAGIC) - _ROUND_MAGIC   # |y| <= 127 here
     y = tl.minimum(tl.maximum(y, -127.0), 127.0)

@@ -362,8 +362,10 @@ def int8_rows(x: torch.Tensor, sparse: Optional[torch.Tensor] = None, prev_codes
     if module is not None and _int8_rows_failure is None and module.supports_int8(x, sparse, prev_codes):
         try:
             return module.int8_residuals(x, sparse, prev_codes, prev_scale)
+        except ValueError:
+            raise  # the caller's tensors are wrong: the reference would refuse them too
         except Exception as e:  # Triton's CompilationError is no RuntimeError
-            if isinstance(e, torch.OutOfMemoryError) or "CUDA error" in str(e):
+            if isinstance(e, torch.OutOfMemoryError) or "CUDA error" in str(e) or "Triton Error [CUDA]" in str(e):
                 raise  # out of memory or a device fault is no compile failure: the reference would meet it too
             _int8_rows_failure = f"{type(e).__name__}: {str(e)[:300]}"
             log.warning("QuantSparse: the int8 residual kernel failed on %s (%s); the SSAR cache's int8 rows come "

@@ -103,9 +103,16 @@ def test_int8_rows_kernel_equals_reference_bit_for_bit(rng, with_sparse, with_pr
     mag = torch.logspace(-4, 2, 5).view(1, 5, 1)
     full = (torch.randn(shape, generator=rng) * mag).to(torch.bfloat16)
     full[1, 2] = 0
+    # fixed rows: absmax 127 (scale exactly 1: exact half steps, where half-to-even and half-away differ) and
+    # absmax 9 (where max / 127 and max x fp32(1/127) are different floats)
+    halves = torch.tensor([2.5, -2.5, 3.5, 0.5, -0.5, 1.5, 126.5, -126.5])
+    full[0, 0] = torch.cat((torch.tensor([127.0]), halves.repeat(12)[:95])).to(torch.bfloat16)
+    full[0, 1] = (torch.rand(96, generator=rng) * 16 - 8).to(torch.bfloat16)
+    full[0, 1, 5] = 9.0
     sparse = (full.float() + torch.randn(shape, generator=rng) * mag * 0.1).to(torch.bfloat16) if with_sparse else None
     if with_sparse:
         sparse[1, 2] = 0
+        sparse[0, :2] = 0   # the fixed rows reach D as they are
     prev = None
     if with_prev:
         prev = int8_residuals_ref(torch.randn(shape, generator=rng) * mag)[:2]
@@ -122,7 +129,25 @@ def test_int8_rows_kernel_equals_reference_bit_for_bit(rng, with_sparse, with_pr
     scale = d.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) * inv
     assert torch.equal(ref[1], scale) and torch.equal(ref[0], torch.round(d / scale).clamp(-127, 127).to(torch.int8))
     err = (ref[0].float() * ref[1] - d).abs().amax(-1, keepdim=True)
-    assert bool((err <= scale * (0.5 + 1e-5)).all())   # within half a step of each row's grid (+ fp32 rounding)
+    assert bool((err <= scale * (0.5 + 1e-4)).all())   # within half a step of each row's grid (+ fp32 rounding)
+    assert float(ref[1][0, 0]) == 1.0 and ref[0][0, 0, 1:5].tolist() == [2, -2, 4, 0]   # half to even
+    nine = torch.tensor(9.0)
+    assert float(nine * inv) != float(nine / torch.tensor(127.0))   # the row tells the two apart
+    assert float(ref[1][0, 1]) == float(nine * inv)
+
+
+@interpreted
+def test_int8_rows_give_a_row_holding_nan_a_nan_scale_as_the_reference(rng):
+    """A NaN in D (a NaN attention output) is not hidden in the cache: its row's scale is NaN in the kernel as in
+    the reference (tl.max skips NaN, amax does not); the other rows are unchanged."""
+    from quantsparse_kernels.residual import int8_residuals
+    from quantsparse_kernels.residual_ref import int8_residuals_ref
+    x = torch.randn(3, 40, generator=rng)
+    x[1, 7] = float("nan")
+    got, ref = int8_residuals(x), int8_residuals_ref(x)
+    assert torch.isnan(got[1][1]).all() and torch.isnan(ref[1][1]).all()
+    keep = [0, 2]
+    assert torch.equal(got[0][keep], ref[0][keep]) and torch.equal(got[1][keep], ref[1][keep])
 
 
 def test_int8_rows_refuses_what_it_cannot_hold(rng):
@@ -168,6 +193,7 @@ def test_an_int8_rows_kernel_that_fails_is_said_once_and_the_reference_serves(rn
     import quantsparse_kernels.residual as kernel
     from quantsparse_kernels.residual_ref import int8_residuals_ref
     calls = []
+    real_kernel = kernel.int8_residuals
 
     def broken(*a):
         calls.append(1)
@@ -189,3 +215,9 @@ def test_an_int8_rows_kernel_that_fails_is_said_once_and_the_reference_serves(rn
     monkeypatch.setattr(dispatch, "_int8_rows_failure", None)
     with dispatch.forced("triton"), pytest.raises(torch.OutOfMemoryError):
         dispatch.int8_rows(x, s)
+    # a caller's wrong tensors are refused, not taken for a kernel that cannot compile
+    monkeypatch.setattr(kernel, "int8_residuals", real_kernel)
+    monkeypatch.setattr(dispatch, "_int8_rows_failure", None)
+    with dispatch.forced("triton"), pytest.raises(ValueError, match="prev_scale"):
+        dispatch.int8_rows(x, s, torch.zeros(3, 40, dtype=torch.int8), torch.ones(2))
+    assert dispatch._int8_rows_failure is None

@@ -384,6 +384,8 @@ def test_int8_rows_on_gpu_equal_reference_bit_for_bit(rng):
     from quantsparse_kernels.residual_ref import int8_residuals_ref
     shape = (1, 4099, 3072)
     full, sparse = (torch.randn(shape, generator=rng).to(torch.bfloat16).to(DEV) for _ in range(2))
+    sparse[0, 7] = full[0, 7]                 # a zero row: the tiny floor, a subnormal scale (no flush to zero)
+    full[0, 8], sparse[0, 8] = torch.tensor([127.0, 2.5, -2.5, 3.5] * 768, dtype=torch.bfloat16), 0  # exact halves
     codes, scale, _ = int8_residuals_ref((torch.randn(shape, generator=rng) * 0.1).to(DEV))
     got = int8_residuals(full, sparse, codes, scale)
     ref = int8_residuals_ref(full, sparse, codes, scale)

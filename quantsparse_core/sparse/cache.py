@@ -190,7 +190,7 @@ class CacheStore:
             entry = ("host", self._host(x, old[1] if old is not None and old[0] == "host" else None))
         elif self.policy == "gpu-int8":
             codes, scale, _ = x if isinstance(x, tuple) else dispatch.int8_rows(x)  # a tuple: int8_rows' own
-            entry = ("int8", codes, scale)
+            entry = ("int8", codes.detach(), scale.detach())
         else:
             us, vh = truncated_factors(x, heads, self.rank)
             entry = ("lowrank", us.to(torch.bfloat16), vh.to(torch.bfloat16))

@@ -11,8 +11,8 @@ even: under the CPU interpreter, whose bf16 cast truncates, by bits first).
 
 The gpu-int8 placement (what `auto` picks at 720p on an 80 GB card) keeps D as int8 codes with one absmax
 scale per token row. There the refresh was an fp32 copy and subtraction, a dequantisation of D_prev, the
-drift, and then abs / amax / divide / round / clamp / int8 copy in PyTorch: about 1.1 s of a 25-s 720p
-refresh step on an H100 (comfy_product --profile-steps, 2026-12-08). `int8_residuals` does it in one pass
+drift, and then abs / amax / divide / round / clamp / int8 copy in PyTorch: in a 25-s 720p refresh step on
+an H100 those kinds of kernel hold 0.87 s of the profile's top 20 (comfy_product --profile-steps, 2026-12-08). `int8_residuals` does it in one pass
 per row (the row's absmax needs the whole row: one program holds it), with the reference's arithmetic bit
 for bit: scale = absmax x fp32(1/127) (a product, as PyTorch's CUDA division by a scalar computes it), codes by
 IEEE division and round half to even, clamped to +-127, and D2 = D - codes_prev * scale_prev without fused

@@ -173,7 +173,7 @@ class CacheStore:
         return torch.bfloat16 if self.policy in ("gpu-bf16", "cpu-pinned") else None
 
     def put(self, key, x, heads: int) -> None:
-        """Keep `x` [B, L, H*D] under `key` in this placement's form; gpu-int8 also takes the (codes, scale, _)
+        """Keep `x` [B, L, H*D] under `key` in this placement's form; gpu-int8 also takes the (codes, scale)
         that dispatch.int8_rows made of it (the refresh's one-pass residual)."""
         if isinstance(x, tuple):
             if self.policy != "gpu-int8":
@@ -189,7 +189,7 @@ class CacheStore:
             old = self._data.get(key)
             entry = ("host", self._host(x, old[1] if old is not None and old[0] == "host" else None))
         elif self.policy == "gpu-int8":
-            codes, scale, _ = x if isinstance(x, tuple) else dispatch.int8_rows(x)  # a tuple: int8_rows' own
+            codes, scale = x if isinstance(x, tuple) else dispatch.int8_rows(x)[:2]
             entry = ("int8", codes.detach(), scale.detach())
         else:
             us, vh = truncated_factors(x, heads, self.rank)

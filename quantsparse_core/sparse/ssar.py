@@ -485,7 +485,7 @@ class SSARAttention:
         the cached D. Where the cache keeps D in bf16 (gpu-bf16, cpu-pinned) D and D2 come from one pass over
         O_full, O_sparse and D_prev (kernels/residual.py where Triton runs: D computed in fp32 and stored in
         bf16, as the cache would round it; ~10 -> ~2.5 GB of memory traffic per layer at 544p, computed), at a
-        lower peak. Where it keeps D as int8 rows (gpu-int8) D comes back as the (codes, scale, None) put() takes
+        lower peak. Where it keeps D as int8 rows (gpu-int8) D comes back as the (codes, scale) put() takes
         and D2 against the cached codes, from one pass too (dispatch.int8_rows)."""
         def drift(d):  # d - D_prev in the fp32 tensor get() returned (one [B, L, H*D] fp32 temporary fewer at
             # the peak; with the "exact" placement that is the stored D itself, replaced by the caller)
@@ -503,9 +503,8 @@ class SSARAttention:
         if store is not None and store.policy == "gpu-int8":
             # D as the cache's int8 rows and D2 against the cached codes, in one pass (dispatch.int8_rows)
             prev = store.get_parts((key, "D"), q.device) if second else {}
-            if "codes" in prev or not second:
-                codes, scale, d2 = int8_rows(full, sparse, prev.get("codes"), prev.get("scale"))
-                return full, (codes, scale, None), d2
+            codes, scale, d2 = int8_rows(full, sparse, prev.get("codes"), prev.get("scale"))
+            return full, (codes, scale), d2
         if store is not None and store.dense_dtype is not None:
             prev = store.get_parts((key, "D"), q.device).get("dense") if second else None
             one_pass = residual_kernel(full, sparse, prev) if (prev is not None or not second) else None

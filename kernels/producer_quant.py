@@ -22,7 +22,7 @@ import triton.language as tl
 from .act_quant import _codes, _scale_inv, merged_config
 from .interpreter import interpreting
 
-MAX_ONEPASS_K = 4096
+MAX_ONEPASS_K = 8192  # Wan2.1-14B's 5120 fits (a block of 8192 columns); HunyuanVideo's 3072 takes 4096
 _FLOAT = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -208,8 +208,10 @@ def norm_modulate_quant(x, shift, scale, inv_smooth, clip, bits: int, residual=N
     block = max(16, triton.next_power_of_2(C))
     # C = 3072 (block 4096): 2 rows with 4 warps; two H200 sweeps (2026-12-01): 0.78 and 0.88 ms against
     # 0.88 and 1.00 ms for the earlier 1 row with 8 warps (with the gated residual 1.03 / 1.01 vs 1.14 / 1.12)
-    cfg = merged_config(dict(ROWS=2 if block == 4096 else max(1, min(4, 4096 // block)), num_warps=4), config,
-                        "norm_modulate_quant")
+    # C = 5120 (block 8192, Wan2.1-14B): one row over 16 warps, 16 columns a thread (not yet timed on a GPU)
+    default = dict(ROWS=1, num_warps=16) if block == 8192 else \
+        dict(ROWS=2 if block == 4096 else max(1, min(4, 4096 // block)), num_warps=4)
+    cfg = merged_config(default, config, "norm_modulate_quant")
     rows = cfg["ROWS"]
     if not isinstance(rows, int) or rows < 1 or rows & (rows - 1):
         raise ValueError(f"ROWS must be a power of two, got {rows}")

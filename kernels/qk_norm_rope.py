@@ -31,6 +31,14 @@ def _norm_rope(x, w0, w1, t00, t01, t10, t11, eps, HALF: tl.constexpr, BLOCK_L: 
     """[BLOCK_L, 2 HALF] rows -> RMSNorm (weight w0 / w1 on even / odd channels) -> RoPE, fp32 out."""
     xf = x.to(tl.float32)
     rstd = tl.math.rsqrt(tl.sum(xf * xf, axis=1) / (2 * HALF) + eps)
+    return scaled_rope(xf, rstd, w0, w1, t00, t01, t10, t11, HALF, BLOCK_L, ROUND)
+
+
+@triton.jit
+def scaled_rope(xf, rstd, w0, w1, t00, t01, t10, t11, HALF: tl.constexpr, BLOCK_L: tl.constexpr,
+                ROUND: tl.constexpr):
+    """fp32 rows [BLOCK_L, 2 HALF] times their rstd and the weight (rounded once to the model dtype, as
+    F.rms_norm), then RoPE (rounded again); fp32 out. Shared with kernels.wan_qk_norm_rope."""
     x0, x1 = tl.split(tl.reshape(xf, (BLOCK_L, HALF, 2)))
     n0 = _round_to_model_dtype(x0 * rstd[:, None] * w0[None, :], ROUND)
     n1 = _round_to_model_dtype(x1 * rstd[:, None] * w1[None, :], ROUND)

@@ -34,7 +34,8 @@ from quantsparse_core.models import fusion
 from .model_family import FUSED, classify, require_supported
 
 KEY = "quantsparse_fused_blocks"        # wrapper key, and the patch functions' marker
-_DIT = "quantsparse_fused_dit"          # transformer_options entry: the executing HunyuanVideo module
+_DIT = "quantsparse_fused_dit"          # transformer_options entry: the executing model's diffusion module
+WAN_IMAGE_TOKENS = "quantsparse_wan_image_tokens"  # ... and a Wan call's CLIP image tokens (None: none)
 ENV = "QUANTSPARSE_FUSED_BLOCKS"
 _FLOAT = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -69,9 +70,14 @@ def _check_gelu(act) -> None:
 
 
 def _norm_weight(norm, like: torch.Tensor) -> torch.Tensor:
-    """The RMSNorm weight as ComfyUI's forward would use it for an input like `like`."""
+    """The RMSNorm weight as ComfyUI's forward would use it for an input like `like` (HunyuanVideo: eps None)."""
     if not isinstance(norm, torch.nn.RMSNorm) or norm.eps is not None or norm.weight is None:
         raise _Fallback("q/k norm is not RMSNorm(eps=None) with a weight")
+    return rms_weight(norm, like)
+
+
+def rms_weight(norm, like: torch.Tensor) -> torch.Tensor:
+    """An RMSNorm's weight as ComfyUI's forward casts it for an input like `like`."""
     if getattr(norm, "comfy_cast_weights", False) or getattr(norm, "weight_function", None) \
             or getattr(norm, "bias_function", None):
         # As ComfyUI's RMSNorm forward casts it (offload streams, dynamic VRAM, LoRA weight functions);
@@ -177,18 +183,20 @@ def _attention_fn(to: dict):
     return attention
 
 
-def _ops_for(x: torch.Tensor, compile: Optional[bool]):
+def ops_for(x: torch.Tensor, compile: Optional[bool]):
     return fusion.small_ops(x.is_cuda if compile is None else (compile and x.is_cuda))
 
 
-def _why(kind: str, reason: str) -> None:
+def why(kind: str, reason: str) -> None:
     counts[f"fallback: {reason}"] += 1
     if (kind, reason) not in _logged:
         _logged.add((kind, reason))
         log.info("QuantSparse fused %s blocks: running ComfyUI's block (%s)", kind, reason)
 
 
-def _block(kind: str, index: int, args: dict):
+def block_for(kind: str, index: int, args: dict, attr: str = ""):
+    """(ComfyUI's block `index` of the executing model's `attr` list (default "<kind>_blocks"), this call's
+    transformer_options); _Fallback where the fused form does not apply to the model or the call."""
     to = args.get("transformer_options") or {}
     dit = to.get(_DIT)
     if dit is None:
@@ -196,7 +204,7 @@ def _block(kind: str, index: int, args: dict):
     variant = classify(dit)
     if variant not in FUSED:
         raise _Fallback(f"the model is {variant}")
-    blocks = getattr(dit, f"{kind}_blocks", None)
+    blocks = getattr(dit, attr or f"{kind}_blocks", None)
     if blocks is None or index >= len(blocks):
         raise _Fallback(f"the model has no {kind} block {index}")
     patches = to.get("patches") or {}
@@ -207,12 +215,12 @@ def _block(kind: str, index: int, args: dict):
 
 def run_double(index: int, args: dict, compile: Optional[bool] = None) -> dict:
     """ComfyUI's double block `index` in fused form; raises _Fallback when it does not apply."""
-    block, to = _block("double", index, args)
+    block, to = block_for("double", index, args)
     if args.get("modulation_dims_img") is not None or args.get("modulation_dims_txt") is not None:
         raise _Fallback("per-token modulation (modulation_dims)")
     img, txt, vec, pe = args["img"], args["txt"], args["vec"], args["pe"]
     _check_inputs((img, txt), vec, pe, img.shape[1] + txt.shape[1])
-    view = double_view(block, _ops_for(img, compile), img)
+    view = double_view(block, ops_for(img, compile), img)
     img, txt = fusion.double_block_fused(view, img, txt, vec, pe, args.get("attention_mask"), _attention_fn(to), None)
     counts["double"] += 1
     return {"img": img, "txt": txt}
@@ -220,25 +228,33 @@ def run_double(index: int, args: dict, compile: Optional[bool] = None) -> dict:
 
 def run_single(index: int, args: dict, compile: Optional[bool] = None) -> dict:
     """ComfyUI's single block `index` in fused form; raises _Fallback when it does not apply."""
-    block, to = _block("single", index, args)
+    block, to = block_for("single", index, args)
     if args.get("modulation_dims") is not None:
         raise _Fallback("per-token modulation (modulation_dims)")
     x, vec, pe = args["img"], args["vec"], args["pe"]
     _check_inputs((x,), vec, pe, x.shape[1])
-    view = single_view(block, _ops_for(x, compile), x)
+    view = single_view(block, ops_for(x, compile), x)
     x = fusion.single_block_fused(view, x, vec, pe, args.get("attention_mask"), _attention_fn(to), None)
     counts["single"] += 1
     return {"img": x}
 
 
-_RUN = {"double": run_double, "single": run_single}
+def _runner(kind: str):
+    if kind == "wan":
+        from .fused_wan import run_wan  # it builds on this module's checks
+        return run_wan
+    return {"double": run_double, "single": run_single}[kind]
+
+
+# The block kinds' keys in transformer_options["patches_replace"]["dit"] (WanModel calls its blocks "double").
+REPLACE_KEY = {"double": "double_block", "single": "single_block", "wan": "double_block"}
 
 
 def make_replacement(kind: str, index: int, previous=None, compile: Optional[bool] = None):
-    """The patches_replace function for ComfyUI's `kind` ("double"/"single") block `index`. A
+    """The patches_replace function for ComfyUI's `kind` ("double"/"single"/"wan") block `index`. A
     replacement that was there before (`previous`) is called first, with our fused block as its
     original_block; ours falls back to ComfyUI's block for any call it does not handle."""
-    run = _RUN[kind]
+    run = _runner(kind)
 
     def fused_or_original(original):
         def block_fn(args):
@@ -246,7 +262,7 @@ def make_replacement(kind: str, index: int, previous=None, compile: Optional[boo
                 try:
                     return run(index, args, compile)
                 except _Fallback as e:
-                    _why(kind, str(e))
+                    why(kind, str(e))
             return original(args)
         return block_fn
 
@@ -262,22 +278,29 @@ def make_replacement(kind: str, index: int, previous=None, compile: Optional[boo
 
 
 def diffusion_model_wrapper(executor, *args, **kwargs):
-    """Names the executing HunyuanVideo module in this call's transformer_options for the replacements."""
+    """Names the executing model in this call's transformer_options for the replacements (and, for Wan, how
+    many CLIP image tokens lead its context: WanModel hands its blocks that length, not their replacements)."""
     to = kwargs.get("transformer_options")
     if not isinstance(to, dict):
         to = next((a for a in reversed(args) if isinstance(a, dict)), None)
     if to is None:
         return executor(*args, **kwargs)
+    entries = {_DIT: executor.class_obj}
+    if type(executor.class_obj).__name__ == "WanModel":
+        from .sparse_patch import _argument
+        clip = _argument(executor, args, kwargs, "clip_fea")
+        entries[WAN_IMAGE_TOKENS] = clip.shape[-2] if torch.is_tensor(clip) else None
     missing = object()
-    old = to.get(_DIT, missing)
-    to[_DIT] = executor.class_obj
+    old = {key: to.get(key, missing) for key in entries}
+    to.update(entries)
     try:
         return executor(*args, **kwargs)
     finally:
-        if old is missing:
-            to.pop(_DIT, None)
-        else:
-            to[_DIT] = old
+        for key, value in old.items():
+            if value is missing:
+                to.pop(key, None)
+            else:
+                to[key] = value
 
 
 # ---- on a ModelPatcher ----------------------------------------------------------------------------------
@@ -287,6 +310,8 @@ def _replacements(patcher) -> dict:
 
 def _block_counts(patcher):
     dit = patcher.model.diffusion_model
+    if type(dit).__name__ == "WanModel":
+        return {"wan": len(dit.blocks)}
     return {"double": len(getattr(dit, "double_blocks", [])), "single": len(getattr(dit, "single_blocks", []))}
 
 
@@ -303,9 +328,9 @@ def install_fused_blocks(patcher, compile: Optional[bool] = None) -> None:
     existing = _replacements(patcher)
     for kind, n in _block_counts(patcher).items():
         for i in range(n):
-            previous = existing.get((f"{kind}_block", i))
+            previous = existing.get((REPLACE_KEY[kind], i))
             previous = getattr(previous, "quantsparse_previous", previous) if hasattr(previous, KEY) else previous
-            patcher.set_model_patch_replace(make_replacement(kind, i, previous, compile), "dit", f"{kind}_block", i)
+            patcher.set_model_patch_replace(make_replacement(kind, i, previous, compile), "dit", REPLACE_KEY[kind], i)
     kind = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
     patcher.remove_wrappers_with_key(kind, KEY)
     patcher.add_wrapper_with_key(kind, KEY, diffusion_model_wrapper)

@@ -27,11 +27,12 @@ IMAGE21_REFINER = "HunyuanImage 2.1 refiner"
 # which 1.0 I2V shares (image channels concatenated to the latent, or the first frame replaced). 1.5
 # (T2V and I2V: one model) joins [image tokens, byT5 tokens, text tokens, video tokens]: the sparse
 # patch counts everything before the video grid as text (always-dense rows and columns), so it is
-# sparse-patched too, but runs ComfyUI's blocks (the fused blocks are written for 1.0's). A
+# sparse-patched too; its double blocks are 1.0's, so the fused form runs them too. A
 # compressed checkpoint (RTN or calibrated) of 1.0 I2V or 1.5 loads as ComfyUI's own model for it.
 # Wan: every plain Wan transformer's self-attention covers the video tokens only (sparse patch), and a
 # compressed Wan checkpoint loads as ComfyUI's WanModel; the fused blocks cover HunyuanVideo's double/single blocks
-# (1.5's double blocks are 1.0's: = ComfyUI's to 1.8e-7, tests/test_comfy_v15_sparse.py).
+# (1.5's double blocks are 1.0's: = ComfyUI's to 1.8e-7, tests/test_comfy_v15_sparse.py) and Wan's attention blocks
+# (fused_wan.py).
 WAN = (WAN_T2V, WAN21_I2V, WAN22_I2V, WAN22_TI2V)
 # QuantSparse Calibrate: every method (MSAD, streamed block by block) where the calibration captures the whole
 # conditioning; the others round-to-nearest only (method rtn, one linear at a time): TI2V's per-frame timesteps
@@ -39,7 +40,7 @@ WAN = (WAN_T2V, WAN21_I2V, WAN22_I2V, WAN22_TI2V)
 COMPRESS = (T2V, I2V, V15, WAN_T2V, WAN21_I2V, WAN22_I2V)  # image channels / byT5 / CLIP tokens: ComfyUI's conds
 RTN_ONLY = (WAN22_TI2V,)
 SPARSE = (T2V, I2V, *WAN, V15)
-FUSED = (T2V, I2V, V15)
+FUSED = (T2V, I2V, V15, *WAN)  # Wan 2.2 TI2V (per-frame timesteps) falls back to ComfyUI's block at run time
 LOAD = (T2V, I2V, V15, *WAN)
 
 # DiTConfig.variant (the core's name for a checkpoint header's model) -> the name classify() gives it here.

@@ -482,8 +482,8 @@ class LoadCompressedDiT(io.ComfyNode):
                              f"{described}: this ComfyUI detects these models differently; update ComfyUI "
                              "or QuantSparse")
         if variant in FUSED:
-            # Fused blocks on: any sampler then runs the producer-quantized fast path (fused_blocks.py);
-            # Wan runs ComfyUI's own blocks (with the quantized linears).
+            # Fused blocks on: any sampler then runs the producer-quantized fast path (fused_blocks.py,
+            # fused_wan.py).
             patcher = apply_fused_blocks(patcher)
         # cfg > 1 with a negative prompt of other padding, and batches: one [1, L] text mask per call.
         add_text_mask_batching(patcher)

@@ -424,9 +424,8 @@ def outer_sample_wrapper(executor, *args, **kwargs):
 def apply_sparse(model, settings: SparseSettings, fused: bool = True, node_name: str = "QuantSparse Sparse Attention"):
     """A clone of `model` (a ComfyUI ModelPatcher) whose sampling runs use sparse attention + SSAR.
     fused: its double/single blocks also run QuantSparse's fused forms (nodes/fused_blocks.py: grouped
-    small ops, producer-quantized activations, q/k norm + RoPE kernel); False runs ComfyUI's blocks
-    (and removes fused blocks a loader had turned on). Wan models have no fused blocks: they run
-    ComfyUI's blocks whatever `fused` says."""
+    small ops, producer-quantized activations, q/k norm + RoPE kernel; Wan's in nodes/fused_wan.py); False
+    runs ComfyUI's blocks (and removes fused blocks a loader had turned on)."""
     import comfy.patcher_extension
 
     from .fused_blocks import install_fused_blocks, remove_fused_blocks
@@ -452,7 +451,7 @@ def apply_sparse(model, settings: SparseSettings, fused: bool = True, node_name:
         patched.add_wrapper_with_key(kind, KEY, wrapper)
     add_text_mask_batching(patched)
     if fused and variant not in FUSED:
-        log.info("QuantSparse: fused blocks cover HunyuanVideo only; %s runs ComfyUI's blocks", variant)
+        log.info("QuantSparse: no fused blocks for %s; it runs ComfyUI's blocks", variant)
         fused = False
     (install_fused_blocks if fused else remove_fused_blocks)(patched)
     log.info("QuantSparse sparse attention on %s: %s (fused blocks %s)", variant, asdict(settings),

@@ -404,9 +404,16 @@ def qk_norm_rope_kernel(qkvs, weights, table, heads: int) -> Optional[ModuleType
     return module if module is not None and module.applicable(qkvs, weights, table, heads) else None
 
 
+def wan_qk_kernel(q, k, heads: int, wq, wk, table) -> Optional[ModuleType]:
+    """kernels.wan_qk_norm_rope (Wan's whole-width q/k RMSNorm + RoPE) where the mode picks Triton and the
+    kernel takes these inputs as they are, else None: the caller's PyTorch group."""
+    module = _kernel("wan_qk_norm_rope", q.device)
+    return module if module is not None and module.applicable(q, k, heads, wq, wk, table) else None
+
+
 # ---- the report ---------------------------------------------------------------------------------------
 OPERATIONS = ("sparse_attention", "refresh_attention", "int8_attention", "svg_profile", "gram", "residual", "act_quant",
-              "int_gemm", "producer_quant", "qk_norm_rope")
+              "int_gemm", "producer_quant", "qk_norm_rope", "wan_qk_norm_rope")
 
 
 def report(device: torch.device | str | None = None) -> Dict[str, str]:

@@ -131,7 +131,7 @@ def test_targets_from_runs():
 
 def test_wan_cpu_run_through_comfyuis_wanmodel(tmp_path):
     """--preset wan-test: ComfyUI's WanModel dense (A) and through Load Compressed DiT + the sparse patch (Q);
-    Wan has no fused blocks, every self-attention call is counted by SSAR, and Wan's own target rows apply."""
+    (Q) runs the fused Wan blocks, every self-attention call is counted by SSAR, and Wan's own target rows apply."""
     root = require_comfyui()
     out = tmp_path / "wan.json"
     env = dict(os.environ, COMFYUI_PATH=str(root), CUDA_VISIBLE_DEVICES="")
@@ -144,7 +144,7 @@ def test_wan_cpu_run_through_comfyuis_wanmodel(tmp_path):
     runs = {r["config"]: r for r in data["runs"]}
     assert set(runs) == {"A", "Q"} and all(r["completed"] and r["output_finite"] for r in runs.values())
     q = runs["Q"]
-    assert q["fused_blocks"] is False and q["tokens"] == 2 * 8 * 8  # video tokens only: Wan's self-attention
+    assert q["fused_blocks"] is True and q["tokens"] == 2 * 8 * 8  # video tokens only: Wan's self-attention
     from quantsparse_core.sparse.ssar import SparseSettings
     coarse, _ = _module().step_kinds(SparseSettings(), STEPS)
     assert [s["observed"] for s in q["per_step"]] == coarse and q["kinds_match_schedule"]

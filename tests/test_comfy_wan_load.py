@@ -51,7 +51,7 @@ def test_compressed_wan_loads_as_comfyuis_wanmodel_and_equals_the_core(pack, rng
     compress_rtn(random_sd(preset, rng), path, 4, a_bits)
     patcher = _load(nodes, f"quantsparse/{path.name}")
     assert type(patcher.model).__name__ == comfy_class and family.classify(patcher) == variant
-    assert type(patcher.model.diffusion_model).__name__ == "WanModel" and not fused.is_fused(patcher)
+    assert type(patcher.model.diffusion_model).__name__ == "WanModel" and fused.is_fused(patcher)
     core, header = load_compressed(path)
     quant = [m for m in patcher.model.diffusion_model.modules() if getattr(m, "quant", None) is not None]
     assert len(quant) == len(header["policy"]) > 0

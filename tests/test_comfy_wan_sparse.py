@@ -215,14 +215,15 @@ def test_only_self_attention_reaches_ssar(rng, ssar_calls, case):
     assert {r[1] for r in record} == {VIDEO} and keys == ({VIDEO, 7} if cfg > 1 else {VIDEO})
 
 
-def test_auto_cache_placement_counts_wan_blocks_and_fused_is_off(rng):
+def test_auto_cache_placement_counts_wan_blocks_and_fused_follows_the_setting(rng):
     sp = _sp()
     fb = importlib.import_module(f"{PACK}.nodes.fused_blocks")
     base = _patcher(_random_wan(rng, "t2v").state_dict())
     patched = sp.apply_sparse(base, SparseSettings(warmup_blocks=1), fused=True)
     run = patched.model_options["transformer_options"][sp.KEY]
     assert run.wan and run.settings.layers == 2 - 1
-    assert not fb.is_fused(patched)
+    assert fb.is_fused(patched)  # the fused Wan blocks (nodes/fused_wan.py)
+    assert not fb.is_fused(sp.apply_sparse(patched, SparseSettings(warmup_blocks=1), fused=False))
     assert "quantsparse_sparse" not in base.model_options.get("transformer_options", {})  # the input stays dense
 
 

@@ -44,6 +44,18 @@ def test_norm_modulate_quant(rng, dtype, frac, bits, config):
 
 
 @interpreted
+def test_norm_modulate_quant_at_wan14b_width(rng):
+    """Wan2.1-14B's 5120 channels: the one-row, 8192-column default launch, with the gated residual."""
+    b, l, c = 1, 3, 5120
+    x, y = ((torch.randn(b, l, c, generator=rng) * 3 + 1).to(torch.bfloat16) for _ in range(2))
+    shift, scale, gate = ((torch.randn(b, 1, c, generator=rng) * 0.5).to(torch.bfloat16) for _ in range(3))
+    xo, *got = norm_modulate_quant(x, shift, scale, None, 0.9, 8, residual=y, gate=gate)
+    xr, *ref = norm_modulate_quant_ref(x, shift, scale, None, 0.9, 8, residual=y, gate=gate)
+    torch.testing.assert_close(xo, xr, rtol=1e-2, atol=1e-5)
+    agree(got, ref, 2e-2)
+
+
+@interpreted
 @pytest.mark.parametrize("dtype,frac", [(torch.float32, 2e-3), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("config", [None, dict(ROWS=4, CHUNK=512)], ids=["default", "4 rows x 512"])
 def test_gelu_quant_with_and_without_prefix(rng, dtype, frac, config):
@@ -84,8 +96,8 @@ def test_bad_input_gets_clear_errors(rng):
         norm_modulate_quant(x, v, v, None, 1.0, 8, residual=x)
     with pytest.raises(ValueError, match="shift must be"):
         norm_modulate_quant(x, torch.randn(1, 1, 32), v, None, 1.0, 8)
-    with pytest.raises(ValueError, match="C <= 4096"):
-        norm_modulate_quant(torch.randn(1, 2, 5000), torch.randn(1, 1, 5000), torch.randn(1, 1, 5000), None, 1.0, 8)
+    with pytest.raises(ValueError, match="C <= 8192"):
+        norm_modulate_quant(torch.randn(1, 2, 9000), torch.randn(1, 1, 9000), torch.randn(1, 1, 9000), None, 1.0, 8)
     with pytest.raises(ValueError, match="inv_smooth must have shape"):
         gelu_quant(x, torch.ones(10), 1.0, 8)
     with pytest.raises(ValueError, match="leading dims"):

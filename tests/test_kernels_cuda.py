@@ -263,6 +263,25 @@ def test_producer_quant_on_gpu_equals_reference(rng):
         assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
 
 
+def test_norm_modulate_quant_on_gpu_at_wan14b_width(rng):
+    """The LayerNorm producer at Wan2.1-14B's 5120 channels (one row of an 8192-column block per program), bf16,
+    with and without the gated residual: codes at most one step from the reference on at most 0.1% of entries."""
+    from quantsparse_kernels.producer_quant import norm_modulate_quant
+    from quantsparse_kernels.producer_quant_ref import norm_modulate_quant_ref
+    m, c = 2051, 5120
+    bf = dict(device=DEV, dtype=torch.bfloat16)
+    x, y = ((torch.randn(1, m, c, generator=rng) * 2).to(**bf) for _ in range(2))
+    shift, scale, gate = ((torch.randn(1, 1, c, generator=rng) * 0.3).to(**bf) for _ in range(3))
+    xo, *a = norm_modulate_quant(x, shift, scale, None, 0.9, 8, residual=y, gate=gate)
+    xr, *ar = norm_modulate_quant_ref(x, shift, scale, None, 0.9, 8, residual=y, gate=gate)
+    assert rel(xo, xr) < 1e-3
+    for (codes, s), (rc, rs) in ((a, ar), (norm_modulate_quant(x, shift, scale, None, 1.0, 8)[1:],
+                                           norm_modulate_quant_ref(x, shift, scale, None, 1.0, 8)[1:])):
+        diff = (codes.int() - rc.int()).abs()
+        assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
+        assert rel(s, rs) < 2e-4
+
+
 def test_qk_norm_rope_on_gpu_equals_reference(rng):
     """kernels.qk_norm_rope at HunyuanVideo's widths (24 heads x 128, a 720p-length video stream and
     256 text tokens, batch 2), bf16: within one bf16 unit of the reference (test_kernel_qk_norm_rope.unit_bound).
@@ -289,6 +308,34 @@ def test_qk_norm_rope_on_gpu_equals_reference(rng):
         for g, r in zip(got, ref):
             off = (g.float() - r.float()).abs()
             bound = unit_bound(r, torch.bfloat16)
+            assert bool(torch.isfinite(g).all())
+            assert bool((off <= bound).all()), float((off / bound).max())
+            assert float((off > 0).float().mean()) < 1e-3
+
+
+def test_wan_qk_norm_rope_on_gpu_equals_reference(rng):
+    """kernels.wan_qk_norm_rope at Wan2.1-14B's width (40 heads x 128, whole-width RMSNorm), a 480p x 81-frame
+    token grid plus a partial block, batch 1, bf16, new outputs and in place: within one bf16 unit of the
+    reference on at most 1e-3 of the entries (rstd may round the other way: a sum over 5120 channels in
+    another order). Each output's memory was NaN just before the call, so a missed element fails."""
+    from quantsparse_kernels import wan_qk_norm_rope as kern
+    from quantsparse_kernels.wan_qk_norm_rope_ref import wan_qk_ref
+    from quantsparse_core.models.wan import wan_rope
+    from test_kernel_qk_norm_rope import unit_bound
+    heads, d, grid = 40, 128, (21, 30, 52)
+    n = grid[0] * grid[1] * grid[2]
+    bf = dict(device=DEV, dtype=torch.bfloat16)
+    q, k = ((torch.randn(1, n, heads * d, generator=rng) * 2).to(**bf) for _ in range(2))
+    wq, wk = ((torch.rand(heads * d, generator=rng) + 0.5).to(**bf) for _ in range(2))
+    table = wan_rope(grid, (d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6)), 10000.0, DEV)
+    ref = wan_qk_ref(q, k, heads, wq, wk, table, 1e-6)
+    poison = torch.full((2, n, heads * d), float("nan"), **bf)
+    del poison
+    for got in (kern.wan_qk(q, k, heads, wq, wk, table, 1e-6), kern.wan_qk(q.clone(), k.clone(), heads, wq, wk, table,
+                                                                             1e-6, inplace=True)):
+        for g, r in zip(got, ref):
+            off = (g.float() - r.float()).abs()
+            bound = unit_bound(r.view(1, n, heads, d), torch.bfloat16).view(r.shape)
             assert bool(torch.isfinite(g).all())
             assert bool((off <= bound).all()), float((off / bound).max())
             assert float((off > 0).float().mean()) < 1e-3

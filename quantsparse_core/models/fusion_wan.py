@@ -1,0 +1,103 @@
+"""A Wan attention block in fused form: the same math as WanBlock (and ComfyUI's WanAttentionBlock) with the
+small ops grouped and the activation quantization moved into the ops that produce the activations.
+
+- The modulated LayerNorm that q, k and v read is computed once, and quantized once per distinct input
+  quantization among them (kernels.producer_quant; a calibrated checkpoint's q/k/v may clip differently,
+  an RTN one does not), instead of three act_quant passes over one bf16 tensor.
+- q/k RMSNorm over the whole width + RoPE: one kernel, in place (kernels.wan_qk_norm_rope), in the [B, L, H*D]
+  layout the attention call takes.
+- The FFN (LayerNorm + modulation -> fc1's codes, GELU -> fc2's codes, gated residual) runs in token chunks
+  (fusion.chunk_tokens()), so its 2.7x-wide hidden state exists for one chunk at a time.
+- Cross-attention runs as the caller gives it (the block's own module: text and, for I2V, image tokens).
+
+`block` is a view (see wan_view for our WanBlock; nodes/fused_wan.py for ComfyUI's) with: ops (fusion.SmallOps),
+quantize_inputs, heads, eps, q / k / v / o (linears), wq / wk (the q/k RMSNorm weights), norm3 (module),
+fc1 / act / fc2 (the FFN)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import dispatch
+from .fusion import _as_input, _chunks, _spec, chunk_tokens, gelu_q, norm_modulate_q
+from .layers import apply_rope
+
+
+def wan_qk_torch(q, k, heads: int, wq, wk, table, eps: float):
+    """What kernels.wan_qk_norm_rope computes, in PyTorch ops (F.rms_norm over the width, RoPE per head)."""
+    def one(x, w):
+        n = F.rms_norm(x, x.shape[-1:], w, eps).unflatten(-1, (heads, -1)).transpose(1, 2)
+        return apply_rope(n, table).transpose(1, 2).flatten(2)
+    return one(q, wq), one(k, wk)
+
+
+def wan_qk(q, k, heads: int, wq, wk, table, eps: float):
+    """q/k RMSNorm + RoPE, [B, L, H*D] in and out: the kernel in place where it applies, else PyTorch."""
+    kern = dispatch.wan_qk_kernel(q, k, heads, wq, wk, table)
+    if kern is not None:
+        return kern.wan_qk(q, k, heads, wq, wk, table, eps, inplace=True)
+    return wan_qk_torch(q, k, heads, wq, wk, table, eps)
+
+
+def _qkv(block, x, shift, scale):
+    """The q, k, v linears' outputs on the modulated LayerNorm of x, made once per distinct input."""
+    inputs = {}
+    outs = []
+    for linear in (block.q, block.k, block.v):
+        spec = _spec(linear, x, row_limit=True) if block.quantize_inputs else None
+        key = None if spec is None else (id(spec[0]) if spec[0] is not None else None, spec[1], spec[2])
+        if key not in inputs:
+            inputs[key] = block.ops.norm_modulate(x, shift, scale) if spec is None else \
+                _as_input(norm_modulate_q(x, shift, scale, *spec), x)
+        outs.append(linear(inputs[key]))
+    return outs
+
+
+def _ffn_tail(block, x, shift, scale, gate):
+    """x + FFN(norm-modulate(x)) * gate on the tokens given."""
+    ops = block.ops
+    spec = _spec(block.fc1, x, row_limit=True) if block.quantize_inputs else None
+    h = ops.norm_modulate(x, shift, scale) if spec is None else _as_input(norm_modulate_q(x, shift, scale, *spec), x)
+    hid = block.fc1(h)
+    del h
+    spec = _spec(block.fc2, hid) if block.quantize_inputs else None
+    z = block.act(hid) if spec is None else _as_input(gelu_q(hid, *spec), hid)
+    del hid
+    return ops.gated_residual(x, block.fc2(z), gate)
+
+
+def wan_block_fused(block, x, mods, table, cross, attention):
+    """One Wan block. x [B, L, C]; mods: (shift1, scale1, gate1, shift2, scale2, gate2), each [B, 1, C] in x's
+    dtype (the block's table plus the time projection); table: RoPE [B|1, 1, L, D/2, 2, 2] fp32;
+    cross(h) -> the cross-attention's output (after its o) for the norm3'd stream h; attention(q, k, v) on
+    [B, L, H*D] tensors -> [B, L, H*D]."""
+    shift1, scale1, gate1, shift2, scale2, gate2 = mods
+    x = x.contiguous()  # one layout for every block: the compiled groups never recompile mid-step
+    q, k, v = _qkv(block, x, shift1, scale1)
+    q, k = wan_qk(q, k, block.heads, block.wq, block.wk, table, block.eps)
+    out = attention(q, k, v)
+    del q, k, v
+    x = block.ops.gated_residual(x, block.o(out), gate1)
+    del out
+    x = x + cross(block.norm3(x))
+    chunks = _chunks(x.shape[1], chunk_tokens())
+    if len(chunks) == 1:
+        return _ffn_tail(block, x, shift2, scale2, gate2)
+    res = torch.empty_like(x)
+    for s, e in chunks:
+        res[:, s:e] = _ffn_tail(block, x[:, s:e], shift2, scale2, gate2)
+    return res
+
+
+class _View:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def wan_view(block, ops, quantize_inputs: bool = True):
+    """Our WanBlock (models/wan.py) as wan_block_fused takes it."""
+    sa = block.self_attn
+    fc1, act, fc2 = block.ffn
+    return _View(ops=ops, quantize_inputs=quantize_inputs, heads=sa.heads, eps=sa.norm_q.eps, q=sa.q, k=sa.k,
+                 v=sa.v, o=sa.o, wq=sa.norm_q.weight, wk=sa.norm_k.weight, norm3=block.norm3, fc1=fc1, act=act,
+                 fc2=fc2)

@@ -1397,6 +1397,8 @@ class Bench:
 
         if steps_profiled is not None:
             steps_profiled.begin(0)
+        fused = getattr(self.comfy.fused_blocks, "counts", None) if self.comfy is not None else None
+        fused_before = dict(fused) if fused is not None else None
         try:
             timer, total_s, finite = self._sample(patcher, shape, timed, on_step, timer_ref)
             run["completed"] = True
@@ -1408,6 +1410,9 @@ class Bench:
             run["error"] = f"{type(e).__name__}: {str(e)[:400]}"
         finally:
             captured.close()
+            if fused is not None:  # block calls of the timed run: fused per kind, and why any ran ComfyUI's code
+                run["fused_block_calls"] = {k: v - fused_before.get(k, 0) for k, v in fused.items()
+                                            if v != fused_before.get(k, 0)}
             if steps_profiled is not None:
                 steps_profiled.close()
                 run["step_profiles"] = steps_profiled.summaries()

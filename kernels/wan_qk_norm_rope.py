@@ -44,7 +44,7 @@ def _wan_qk_kernel(Q, K, WQ, WK, T, QO, KO, L, H, eps, sqb, sql, skb, skl, stb, 
         ssq += tl.sum(q * q, axis=1)
         k = tl.load(in_k + h * (2 * HALF), mask=m, other=0.0).to(tl.float32)
         ssk += tl.sum(k * k, axis=1)
-    width = (H * 2 * HALF).to(tl.float32)
+    width = H * (2 * HALF)  # an int: H is a constexpr when it is 1 (Triton specialises 1), a runtime int else
     rq = tl.math.rsqrt(ssq / width + eps)
     rk = tl.math.rsqrt(ssk / width + eps)
     trow = T + b * stb + offs_l[:, None] * stl + offs_p[None, :] * 4

@@ -95,6 +95,14 @@ def rms_weight(norm, like: torch.Tensor) -> torch.Tensor:
     return w
 
 
+def check_unpatched(*modules) -> None:
+    """_Fallback where another node replaced the forward of one of these modules on the instance (ComfyUI's object
+    patches): the fused form computes what their class's forward does without calling it."""
+    for m in modules:
+        if "forward" in vars(m):
+            raise _Fallback(f"{type(m).__name__}.forward is patched on the instance")
+
+
 class _NS:
     def __init__(self, **kw):
         self.__dict__.update(kw)
@@ -132,6 +140,8 @@ def double_view(block, ops, like):
     """ComfyUI's DoubleStreamBlock seen as fusion.double_block_fused expects our blocks."""
     if type(block) is not _layers().DoubleStreamBlock:
         raise _Fallback(f"double block class {type(block).__name__}")
+    check_unpatched(block, block.img_norm1, block.img_norm2, block.txt_norm1, block.txt_norm2,
+                    *(m for a in (block.img_attn, block.txt_attn) for m in (a.norm, a.norm.query_norm, a.norm.key_norm)))
     if not block.modulation:
         raise _Fallback("double block without modulation")
     for s in ("img", "txt"):
@@ -147,6 +157,7 @@ def single_view(block, ops, like):
     """ComfyUI's SingleStreamBlock seen as fusion.single_block_fused expects our blocks."""
     if type(block) is not _layers().SingleStreamBlock:
         raise _Fallback(f"single block class {type(block).__name__}")
+    check_unpatched(block, block.pre_norm, block.norm, block.norm.query_norm, block.norm.key_norm)
     if block.modulation is None:
         raise _Fallback("single block without modulation")
     if block.yak_mlp or block.mlp_hidden_dim_first != block.mlp_hidden_dim:

@@ -6,7 +6,8 @@ go through `comfy.ops.cast_bias_weight`, the modulation table through `comfy.mod
 self-attention through `comfy.ldm.wan.model.optimized_attention` with this call's transformer_options, so the
 sparse patch (and any optimized_attention_override) sees the call exactly as ComfyUI's block makes it.
 Falls back to ComfyUI's block for anything else: per-frame timesteps (Wan 2.2 TI2V), attn1/attn2 patches,
-subclasses (VACE, ...), other norms or activations, a RoPE table that does not match the tokens."""
+subclasses (VACE, ...), a forward another node replaced on an instance (object patches) of a module the fused form
+does not call, other norms or activations, a RoPE table that does not match the tokens."""
 from __future__ import annotations
 
 import sys
@@ -16,8 +17,8 @@ import torch
 
 from quantsparse_core.models import fusion_wan
 
-from .fused_blocks import (WAN_IMAGE_TOKENS, _FLOAT, _Fallback, _NS, _check_ln, _mlp, block_for, counts, ops_for,
-                           rms_weight)
+from .fused_blocks import (WAN_IMAGE_TOKENS, _FLOAT, _Fallback, _NS, _check_ln, _mlp, block_for, check_unpatched,
+                           counts, ops_for, rms_weight)
 
 
 def _wan():
@@ -42,6 +43,7 @@ def wan_block_view(block, ops, like):
     sa = block.self_attn
     if type(sa) is not wan.WanSelfAttention:
         raise _Fallback(f"Wan self-attention class {type(sa).__name__}")
+    check_unpatched(block, sa, block.norm1, block.norm2, sa.norm_q, sa.norm_k)
     wq, wk = _qk_weight(sa.norm_q, like), _qk_weight(sa.norm_k, like)
     if sa.norm_q.eps != sa.norm_k.eps:
         raise _Fallback("q and k norms with different eps")

@@ -26,7 +26,7 @@ import os
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
@@ -349,6 +349,31 @@ def residual_kernel(full, sparse, prev=None):
 
 
 _int8_rows_failure: Optional[str] = None  # why the int8 rows kernel stopped being used in this process
+kernel_failures: Dict[str, str] = {}     # guarded(): kernels that failed in this process, and why
+
+
+def device_fault(e: BaseException) -> bool:
+    """Out of memory or a CUDA fault: no compile failure, so a fallback would meet it too."""
+    return isinstance(e, torch.OutOfMemoryError) or "CUDA error" in str(e) or "Triton Error [CUDA]" in str(e)
+
+
+def guarded(name: str, fast: Callable, slow: Callable, consequence: str):
+    """fast() (a Triton kernel's path) unless kernel `name` already failed in this process, else slow() (the same
+    math in PyTorch). A kernel that fails to compile or launch here is said once, with `consequence`, and left:
+    a new kernel must not end a user's run. A ValueError (the caller's tensors are wrong), out of memory and
+    device faults still raise."""
+    if name not in kernel_failures:
+        try:
+            return fast()
+        except ValueError:
+            raise
+        except Exception as e:  # Triton's CompilationError is no RuntimeError
+            if device_fault(e):
+                raise
+            kernel_failures[name] = f"{type(e).__name__}: {str(e)[:300]}"
+            log.warning("QuantSparse: the %s kernel failed (%s); %s from now on. Please report it with the output of "
+                        "`python -m quantsparse_core.dispatch`.", name, kernel_failures[name], consequence)
+    return slow()
 
 
 def int8_rows(x: torch.Tensor, sparse: Optional[torch.Tensor] = None, prev_codes: Optional[torch.Tensor] = None,
@@ -365,7 +390,7 @@ def int8_rows(x: torch.Tensor, sparse: Optional[torch.Tensor] = None, prev_codes
         except ValueError:
             raise  # the caller's tensors are wrong: the reference would refuse them too
         except Exception as e:  # Triton's CompilationError is no RuntimeError
-            if isinstance(e, torch.OutOfMemoryError) or "CUDA error" in str(e) or "Triton Error [CUDA]" in str(e):
+            if device_fault(e):
                 raise  # out of memory or a device fault is no compile failure: the reference would meet it too
             _int8_rows_failure = f"{type(e).__name__}: {str(e)[:300]}"
             log.warning("QuantSparse: the int8 residual kernel failed on %s (%s); the SSAR cache's int8 rows come "

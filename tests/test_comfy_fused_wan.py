@@ -133,3 +133,21 @@ def test_composes_with_sparse_sampling(pack, rng):
     rel = _rel(runs[True], runs[False])
     print(f"Wan sparse sampling, fused vs ComfyUI's blocks: relative error {rel:.2e}")
     assert torch.isfinite(runs[True]).all() and rel <= 1e-5, rel
+
+
+def test_a_forward_patched_on_an_instance_falls_back(pack, rng, monkeypatch):
+    """Another node's object patch on a module the fused form does not call (a block's self-attention here) is
+    honoured: that block runs ComfyUI's code, with the patched forward."""
+    fb = pack["fused_blocks"]
+    base = _patcher(_random_wan(rng))
+    fused = fb.apply_fused_blocks(base)
+    x, t, ctx, _ = _inputs(get_wan_preset("wan-test"), rng)
+    sa = base.model.diffusion_model.blocks[0].self_attn
+    original = type(sa).forward
+    seen = []
+    monkeypatch.setattr(sa, "forward", lambda *a, **k: seen.append(1) or original(sa, *a, **k), raising=False)
+    before = dict(fb.counts)
+    got = _forward(fused, x, t, ctx)
+    assert seen == [1]
+    assert _fused_calls(fb, before) == {"wan": 1, "fallback: WanSelfAttention.forward is patched on the instance": 1}
+    assert _rel(got, _forward(base, x, t, ctx)) <= 1e-5

@@ -145,6 +145,7 @@ def test_wan_cpu_run_through_comfyuis_wanmodel(tmp_path):
     assert set(runs) == {"A", "Q"} and all(r["completed"] and r["output_finite"] for r in runs.values())
     q = runs["Q"]
     assert q["fused_blocks"] is True and q["tokens"] == 2 * 8 * 8  # video tokens only: Wan's self-attention
+    assert q["fused_block_calls"] == {"wan": 2 * STEPS}  # both blocks fused at every timed step, no fallback
     from quantsparse_core.sparse.ssar import SparseSettings
     coarse, _ = _module().step_kinds(SparseSettings(), STEPS)
     assert [s["observed"] for s in q["per_step"]] == coarse and q["kinds_match_schedule"]

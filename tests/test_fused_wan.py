@@ -89,3 +89,32 @@ def test_producer_quantized_wan_block_equals_separate_quantization(rng, monkeypa
     torch.testing.assert_close(separate, eager, atol=1e-4, rtol=1e-4)  # the kernel q/k path: the model's math
     # As test_fused_small_ops: the producers' LayerNorm / GELU may move a rare code by one step (<~1e-2).
     assert float((fused - separate).norm() / separate.norm()) < 2e-2
+
+
+@interpreted
+def test_a_failing_kernel_is_left_for_pytorch_once(rng, monkeypatch, caplog):
+    """A fused-path kernel that fails here (a Triton that cannot compile it) is said once and left for PyTorch:
+    the block still gives the eager output; the caller's ValueError and device faults still raise."""
+    from quantsparse_kernels import wan_qk_norm_rope
+    cfg = get_wan_preset("wan-test")
+    model = randomize(WanDiT(cfg), rng).eval()
+    x, e0, text, table = _inputs(cfg, rng)
+    monkeypatch.setattr(dispatch, "kernel_failures", {})
+    calls = []
+
+    def broken(*a, **k):
+        calls.append(1)
+        raise RuntimeError("PassManager::run failed")  # what a Triton compile failure looks like
+
+    monkeypatch.setattr(wan_qk_norm_rope, "wan_qk", broken)
+    with torch.no_grad(), dispatch.forced("triton"):
+        for _ in range(2):
+            eager, fused = _run_both(model.blocks[0], x, e0, text, table, fusion.small_ops(False))
+            torch.testing.assert_close(fused, eager, atol=1e-5, rtol=1e-5)
+    assert len(calls) == 1 and "wan_qk_norm_rope" in dispatch.kernel_failures
+    assert sum("wan_qk_norm_rope kernel failed" in r.getMessage() for r in caplog.records) == 1
+    for error in (ValueError("bad tensors"), RuntimeError("CUDA error: an illegal memory access")):
+        def failing():
+            raise error
+        with pytest.raises(type(error)):
+            dispatch.guarded("other", failing, lambda: None, "-")

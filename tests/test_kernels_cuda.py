@@ -314,31 +314,36 @@ def test_qk_norm_rope_on_gpu_equals_reference(rng):
 
 
 def test_wan_qk_norm_rope_on_gpu_equals_reference(rng):
-    """kernels.wan_qk_norm_rope at Wan2.1-14B's width (40 heads x 128, whole-width RMSNorm), a 480p x 81-frame
-    token grid plus a partial block, batch 1, bf16, new outputs and in place: within one bf16 unit of the
-    reference on at most 1e-3 of the entries (rstd may round the other way: a sum over 5120 channels in
-    another order). Each output's memory was NaN just before the call, so a missed element fails."""
+    """kernels.wan_qk_norm_rope at Wan2.1-14B's width (40 heads x 128, whole-width RMSNorm): a 480p x 81-frame token
+    grid, batch 1, bf16; and batch 2 with a table per batch entry, fp16, a partial token block. New outputs and in
+    place: within one unit of the model dtype of the reference on at most 1e-3 of the entries (rstd may round the
+    other way: a sum over 5120 channels in another order). The new outputs' memory was NaN just before the call and
+    the in-place ones held the inputs, so a missed element fails either way."""
     from quantsparse_kernels import wan_qk_norm_rope as kern
     from quantsparse_kernels.wan_qk_norm_rope_ref import wan_qk_ref
     from quantsparse_core.models.wan import wan_rope
     from test_kernel_qk_norm_rope import unit_bound
-    heads, d, grid = 40, 128, (21, 30, 52)
-    n = grid[0] * grid[1] * grid[2]
-    bf = dict(device=DEV, dtype=torch.bfloat16)
-    q, k = ((torch.randn(1, n, heads * d, generator=rng) * 2).to(**bf) for _ in range(2))
-    wq, wk = ((torch.rand(heads * d, generator=rng) + 0.5).to(**bf) for _ in range(2))
-    table = wan_rope(grid, (d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6)), 10000.0, DEV)
-    ref = wan_qk_ref(q, k, heads, wq, wk, table, 1e-6)
-    poison = torch.full((2, n, heads * d), float("nan"), **bf)
-    del poison
-    for got in (kern.wan_qk(q, k, heads, wq, wk, table, 1e-6), kern.wan_qk(q.clone(), k.clone(), heads, wq, wk, table,
-                                                                             1e-6, inplace=True)):
-        for g, r in zip(got, ref):
-            off = (g.float() - r.float()).abs()
-            bound = unit_bound(r.view(1, n, heads, d), torch.bfloat16).view(r.shape)
-            assert bool(torch.isfinite(g).all())
-            assert bool((off <= bound).all()), float((off / bound).max())
-            assert float((off > 0).float().mean()) < 1e-3
+    heads, d = 40, 128
+    axes = (d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6))
+    for b, grid, dtype in ((1, (21, 30, 52), torch.bfloat16), (2, (5, 9, 13), torch.float16)):
+        n = grid[0] * grid[1] * grid[2]
+        kw = dict(device=DEV, dtype=dtype)
+        q, k = ((torch.randn(b, n, heads * d, generator=rng) * 2).to(**kw) for _ in range(2))
+        wq, wk = ((torch.rand(heads * d, generator=rng) + 0.5).to(**kw) for _ in range(2))
+        table = wan_rope(grid, axes, 10000.0, DEV)
+        if b > 1:
+            table = torch.cat((table, table.flip(2)))  # another rotation per batch entry
+        ref = wan_qk_ref(q, k, heads, wq, wk, table, 1e-6)
+        poison = torch.full((2, b, n, heads * d), float("nan"), **kw)
+        del poison
+        for got in (kern.wan_qk(q, k, heads, wq, wk, table, 1e-6),
+                    kern.wan_qk(q.clone(), k.clone(), heads, wq, wk, table, 1e-6, inplace=True)):
+            for g, r in zip(got, ref):
+                off = (g.float() - r.float()).abs()
+                bound = unit_bound(r, dtype)
+                assert bool(torch.isfinite(g).all())
+                assert bool((off <= bound).all()), float((off / bound).max())
+                assert float((off > 0).float().mean()) < 1e-3
 
 
 @pytest.mark.parametrize("precision,tol", [("int8", 1.5e-2), ("int8-fp8", 5e-2)])

@@ -34,36 +34,59 @@ def wan_qk_torch(q, k, heads: int, wq, wk, table, eps: float):
 def wan_qk(q, k, heads: int, wq, wk, table, eps: float):
     """q/k RMSNorm + RoPE, [B, L, H*D] in and out: the kernel in place where it applies, else PyTorch."""
     kern = dispatch.wan_qk_kernel(q, k, heads, wq, wk, table)
-    if kern is not None:
-        return kern.wan_qk(q, k, heads, wq, wk, table, eps, inplace=True)
-    return wan_qk_torch(q, k, heads, wq, wk, table, eps)
+    if kern is None:
+        return wan_qk_torch(q, k, heads, wq, wk, table, eps)
+    return dispatch.guarded("wan_qk_norm_rope", lambda: kern.wan_qk(q, k, heads, wq, wk, table, eps, inplace=True),
+                            lambda: wan_qk_torch(q, k, heads, wq, wk, table, eps),
+                            "Wan's q/k norm + RoPE runs as PyTorch ops")
+
+
+def _quantized(ops, x, shift, scale, spec):
+    """The modulated LayerNorm of x quantized for a consumer with `spec` (its producer kernel), or None where that
+    kernel failed here before (the consumer then quantizes the bf16 activation itself: same codes, one more pass)."""
+    return dispatch.guarded("producer_quant (Wan)", lambda: _as_input(norm_modulate_q(x, shift, scale, *spec), x),
+                            lambda: None, "Wan blocks quantize each linear's input in the linear")
+
+
+def _same(a, b) -> bool:
+    """Two consumers take the same input: both bf16 (None), or the same quantization (inv_smooth, clip, bits)."""
+    if a is None or b is None:
+        return a is b
+    return a[0] is b[0] and a[1:] == b[1:]
+
+
+def _modulated_input(block, x, shift, scale, spec):
+    """The modulated LayerNorm of x as a consumer with `spec` takes it: quantized by its producer, else bf16."""
+    h = None if spec is None else _quantized(block.ops, x, shift, scale, spec)
+    return block.ops.norm_modulate(x, shift, scale) if h is None else h
 
 
 def _qkv(block, x, shift, scale):
-    """The q, k, v linears' outputs on the modulated LayerNorm of x, made once per distinct input."""
-    inputs = {}
-    outs = []
-    for linear in (block.q, block.k, block.v):
-        spec = _spec(linear, x, row_limit=True) if block.quantize_inputs else None
-        key = None if spec is None else (id(spec[0]) if spec[0] is not None else None, spec[1], spec[2])
-        if key not in inputs:
-            inputs[key] = block.ops.norm_modulate(x, shift, scale) if spec is None else \
-                _as_input(norm_modulate_q(x, shift, scale, *spec), x)
-        outs.append(linear(inputs[key]))
+    """The q, k, v linears' outputs on the modulated LayerNorm of x, made once per distinct input (a calibrated
+    checkpoint's q/k/v may clip differently, an RTN one does not), each dropped after its last consumer."""
+    linears = (block.q, block.k, block.v)
+    specs = [_spec(lin, x, row_limit=True) if block.quantize_inputs else None for lin in linears]
+    owner = [next(j for j in range(i + 1) if _same(specs[j], specs[i])) for i in range(3)]
+    last = {j: max(i for i in range(3) if owner[i] == j) for j in set(owner)}
+    made, outs = {}, []
+    for i, linear in enumerate(linears):
+        j = owner[i]
+        if j not in made:
+            made[j] = _modulated_input(block, x, shift, scale, specs[j])
+        outs.append(linear(made[j]))
+        if last[j] == i:
+            del made[j]
     return outs
 
 
 def _ffn_tail(block, x, shift, scale, gate):
     """x + FFN(norm-modulate(x)) * gate on the tokens given."""
-    ops = block.ops
     spec = _spec(block.fc1, x, row_limit=True) if block.quantize_inputs else None
-    h = ops.norm_modulate(x, shift, scale) if spec is None else _as_input(norm_modulate_q(x, shift, scale, *spec), x)
-    hid = block.fc1(h)
-    del h
+    hid = block.fc1(_modulated_input(block, x, shift, scale, spec))
     spec = _spec(block.fc2, hid) if block.quantize_inputs else None
     z = block.act(hid) if spec is None else _as_input(gelu_q(hid, *spec), hid)
     del hid
-    return ops.gated_residual(x, block.fc2(z), gate)
+    return torch.addcmul(x, block.fc2(z), gate)  # one rounding, as ComfyUI's block
 
 
 def wan_block_fused(block, x, mods, table, cross, attention):
@@ -77,7 +100,7 @@ def wan_block_fused(block, x, mods, table, cross, attention):
     q, k = wan_qk(q, k, block.heads, block.wq, block.wk, table, block.eps)
     out = attention(q, k, v)
     del q, k, v
-    x = block.ops.gated_residual(x, block.o(out), gate1)
+    x = torch.addcmul(x, block.o(out), gate1)
     del out
     x = x + cross(block.norm3(x))
     chunks = _chunks(x.shape[1], chunk_tokens())

@@ -5,7 +5,7 @@ called as ComfyUI modules (casting, offloading, LoRA weight functions as in its 
 go through `comfy.ops.cast_bias_weight`, the modulation table through `comfy.model_management.cast_to`, and the
 self-attention through `comfy.ldm.wan.model.optimized_attention` with this call's transformer_options, so the
 sparse patch (and any optimized_attention_override) sees the call exactly as ComfyUI's block makes it.
-Falls back to ComfyUI's block for anything else: per-frame timesteps (Wan 2.2 TI2V), attn1/attn2 patches,
+Falls back to ComfyUI's block for anything else: attn1/attn2 patches,
 subclasses (VACE, ...), a forward another node replaced on an instance (object patches) of a module the fused form
 does not call, other norms or activations, a RoPE table that does not match the tokens."""
 from __future__ import annotations
@@ -61,12 +61,14 @@ def _rope_table(freqs, x) -> torch.Tensor:
 
 
 def _modulation(block, e0, x):
-    """The six [B, 1, C] modulation vectors as ComfyUI's block makes them (its table cast to x, plus e0)."""
+    """The six [B, R, C] modulation vectors as ComfyUI's block makes them (its table cast to x, plus e0): R = 1, or
+    one row per latent frame (Wan 2.2 TI2V's per-frame timesteps), which ComfyUI repeats over each frame's tokens
+    (repeat_e); a token count that is not a whole number of rows (repeat_e's other branch) falls back."""
     import comfy.model_management
     if not torch.is_tensor(e0) or e0.ndim != 4 or e0.shape[0] != x.shape[0] or e0.shape[2] != 6:
-        raise _Fallback("vec is not the [B, 1, 6, C] time projection")
-    if e0.shape[1] != 1:
-        raise _Fallback("per-frame timesteps (Wan 2.2 TI2V)")
+        raise _Fallback("vec is not the [B, R, 6, C] time projection")
+    if x.shape[1] % e0.shape[1]:
+        raise _Fallback("per-frame timesteps that do not split the tokens evenly")
     table = comfy.model_management.cast_to(block.modulation, dtype=x.dtype, device=x.device)
     return (table.unsqueeze(0) + e0).unbind(2)
 

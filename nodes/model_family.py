@@ -40,7 +40,7 @@ WAN = (WAN_T2V, WAN21_I2V, WAN22_I2V, WAN22_TI2V)
 COMPRESS = (T2V, I2V, V15, WAN_T2V, WAN21_I2V, WAN22_I2V)  # image channels / byT5 / CLIP tokens: ComfyUI's conds
 RTN_ONLY = (WAN22_TI2V,)
 SPARSE = (T2V, I2V, *WAN, V15)
-FUSED = (T2V, I2V, V15, *WAN)  # Wan 2.2 TI2V (per-frame timesteps) falls back to ComfyUI's block at run time
+FUSED = (T2V, I2V, V15, *WAN)
 LOAD = (T2V, I2V, V15, *WAN)
 
 # DiTConfig.variant (the core's name for a checkpoint header's model) -> the name classify() gives it here.

@@ -44,7 +44,7 @@ def sparse_inputs() -> list:
                          tooltip="Run QuantSparse's fused blocks (grouped small ops, activations quantized by the op "
                                  "that produces them, one q/k norm + RoPE kernel) on this model's weights instead of "
                                  "ComfyUI's block code: same math, faster on NVIDIA GPUs. Off = ComfyUI's blocks. "
-                                 "HunyuanVideo and Wan (Wan 2.2 TI2V-5B runs ComfyUI's blocks)."),
+                                 "HunyuanVideo and Wan."),
         # optional and last: saved prompts and workflows from before it load unchanged (schedule auto)
         io.Combo.Input("schedule", options=list(SCHEDULES), default=d.schedule, optional=True,
                        tooltip=f"Which steps get full attention. auto: few-step for runs of at most {d.few_step_max} "

@@ -14,10 +14,11 @@ from kernel_marks import interpreted
 GRID = (3, 2, 5)  # 30 video tokens
 
 
-def _inputs(cfg, rng, b=2):
+def _inputs(cfg, rng, b=2, rows=1):
+    """x, e0 [B, rows, 6, C] (rows = GRID[0]: one modulation per frame, as Wan 2.2 TI2V), text, RoPE table."""
     n = GRID[0] * GRID[1] * GRID[2]
     x = torch.randn(b, n, cfg.dim, generator=rng)
-    e0 = torch.randn(b, 1, 6, cfg.dim, generator=rng) * 0.3
+    e0 = torch.randn(b, rows, 6, cfg.dim, generator=rng) * 0.3
     text = torch.randn(b, 7, cfg.dim, generator=rng)
     return x, e0, text, wan_rope(GRID, cfg.rope_axes, cfg.rope_theta, "cpu")
 
@@ -27,7 +28,7 @@ def _run_both(block, x, e0, text, table, ops, quantize_inputs=True):
     call = AttentionCall("double", 0, 1, 0, GRID)
     heads = block.self_attn.heads
     eager = block(x, e0, table, text, None, dense_attention, call)
-    mods = [m.unsqueeze(1) for m in (block.modulation.to(x.dtype) + e0[:, 0]).unbind(1)]
+    mods = (block.modulation.to(x.dtype).unsqueeze(0) + e0).unbind(2)  # six [B, R, C]
     fused = fusion_wan.wan_block_fused(
         fusion_wan.wan_view(block, ops, quantize_inputs), x, mods, table,
         cross=lambda h: block.cross_attn(h, text, None),
@@ -36,11 +37,13 @@ def _run_both(block, x, e0, text, table, ops, quantize_inputs=True):
     return eager, fused
 
 
-@pytest.mark.parametrize("chunk", ["0", "8"], ids=["whole", "chunks-of-8"])
-def test_fused_wan_block_equals_eager_fp32(rng, monkeypatch, chunk):
+@pytest.mark.parametrize("rows", [1, GRID[0]], ids=["one-timestep", "per-frame-timesteps"])
+@pytest.mark.parametrize("chunk", ["0", "8", "25"], ids=["whole", "chunks-of-8", "chunks-of-25"])
+def test_fused_wan_block_equals_eager_fp32(rng, monkeypatch, chunk, rows):
+    """Chunks of 8 split each frame (10 tokens) and batch entry; of 25, they take whole frames together."""
     cfg = get_wan_preset("wan-test")
     model = randomize(WanDiT(cfg), rng).eval()
-    x, e0, text, table = _inputs(cfg, rng)
+    x, e0, text, table = _inputs(cfg, rng, rows=rows)
     monkeypatch.setenv(fusion.CHUNK_TOKENS_ENV, chunk)
     with torch.no_grad(), dispatch.forced("torch"):
         eager, fused = _run_both(model.blocks[0], x, e0, text, table, fusion.small_ops(False))

@@ -8,6 +8,7 @@ small ops grouped and the activation quantization moved into the ops that produc
   layout the attention call takes.
 - The FFN (LayerNorm + modulation -> fc1's codes, GELU -> fc2's codes, gated residual) runs in token chunks
   (fusion.chunk_tokens()), so its 2.7x-wide hidden state exists for one chunk at a time.
+- Per-frame modulation (Wan 2.2 TI2V's per-frame timesteps) by seeing the tokens as one row per frame.
 - Cross-attention runs as the caller gives it (the block's own module: text and, for I2V, image tokens).
 
 `block` is a view (see wan_view for our WanBlock; nodes/fused_wan.py for ComfyUI's) with: ops (fusion.SmallOps),
@@ -90,25 +91,42 @@ def _ffn_tail(block, x, shift, scale, gate):
 
 
 def wan_block_fused(block, x, mods, table, cross, attention):
-    """One Wan block. x [B, L, C]; mods: (shift1, scale1, gate1, shift2, scale2, gate2), each [B, 1, C] in x's
-    dtype (the block's table plus the time projection); table: RoPE [B|1, 1, L, D/2, 2, 2] fp32;
-    cross(h) -> the cross-attention's output (after its o) for the norm3'd stream h; attention(q, k, v) on
-    [B, L, H*D] tensors -> [B, L, H*D]."""
-    shift1, scale1, gate1, shift2, scale2, gate2 = mods
+    """One Wan block. x [B, L, C]; mods: (shift1, scale1, gate1, shift2, scale2, gate2), each [B, R, C] in x's dtype
+    (the block's table plus the time projection; R = 1, or one row per latent frame as Wan 2.2 TI2V's per-frame
+    timesteps give, L a multiple of R); table: RoPE [B|1, 1, L, D/2, 2, 2] fp32; cross(h) -> the cross-attention's
+    output (after its o) for the norm3'd stream h [B, L, C]; attention(q, k, v) on [B, L, H*D] tensors ->
+    [B, L, H*D]. The per-token work runs on x seen as [B*R, L/R, C], so a frame's modulation row [B*R, 1, C]
+    broadcasts over its tokens (and the producers index it per row as they index a batch's)."""
+    b, length, c = x.shape
+    rows = mods[0].shape[1]
+    if length % rows:
+        raise ValueError(f"{rows} modulation rows (frames) do not split {length} tokens evenly")
+    framed = (b * rows, length // rows, c)
+    shift1, scale1, gate1, shift2, scale2, gate2 = (m.reshape(b * rows, 1, c) for m in mods)
     x = x.contiguous()  # one layout for every block: the compiled groups never recompile mid-step
-    q, k, v = _qkv(block, x, shift1, scale1)
+    q, k, v = (t.reshape(b, length, -1) for t in _qkv(block, x.view(framed), shift1, scale1))
     q, k = wan_qk(q, k, block.heads, block.wq, block.wk, table, block.eps)
     out = attention(q, k, v)
     del q, k, v
-    x = torch.addcmul(x, block.o(out), gate1)
+    x = torch.addcmul(x.view(framed), block.o(out).view(framed), gate1).view(b, length, c)
     del out
-    x = x + cross(block.norm3(x))
-    chunks = _chunks(x.shape[1], chunk_tokens())
-    if len(chunks) == 1:
-        return _ffn_tail(block, x, shift2, scale2, gate2)
+    x = (x + cross(block.norm3(x))).view(framed)
+    return _ffn(block, x, shift2, scale2, gate2).view(b, length, c)
+
+
+def _ffn(block, x, shift, scale, gate):
+    """_ffn_tail over x [N, T, C] (N = batch x frames, each row with its modulation [N, 1, C]) in pieces of about
+    chunk_tokens() tokens: whole rows together where they are short, a row in token chunks where it is long."""
+    n, t, _ = x.shape
+    size = chunk_tokens()
+    if size <= 0 or n * t <= size:
+        return _ffn_tail(block, x, shift, scale, gate)
     res = torch.empty_like(x)
-    for s, e in chunks:
-        res[:, s:e] = _ffn_tail(block, x[:, s:e], shift2, scale2, gate2)
+    per = max(1, size // t)
+    for i in range(0, n, per):
+        j = min(n, i + per)
+        for s, e in _chunks(t, size):
+            res[i:j, s:e] = _ffn_tail(block, x[i:j, s:e], shift[i:j], scale[i:j], gate[i:j])
     return res
 
 

@@ -70,14 +70,15 @@ def _frozen_w4a8_block(rng, same_clip: bool):
 
 
 @interpreted
-@pytest.mark.parametrize("same_clip", [True, False], ids=["rtn-like", "calibrated-like"])
-def test_producer_quantized_wan_block_equals_separate_quantization(rng, monkeypatch, same_clip):
+@pytest.mark.parametrize("same_clip,rows", [(True, 1), (False, 1), (True, GRID[0])],
+                         ids=["rtn-like", "calibrated-like", "rtn-like-per-frame-timesteps"])
+def test_producer_quantized_wan_block_equals_separate_quantization(rng, monkeypatch, same_clip, rows):
     """W4A8 on the Triton path (interpreter, fp32): q/k/v, fc1 and fc2 take producer codes (one LayerNorm +
     quantization shared by q/k/v when their clips agree, one each when not), q/k go through the Wan q/k kernel,
     and the block output is the one the layers give quantizing their own inputs."""
     from quantsparse_kernels import producer_quant, wan_qk_norm_rope
     cfg, block = _frozen_w4a8_block(rng, same_clip)
-    x, e0, text, table = _inputs(cfg, rng, b=1)
+    x, e0, text, table = _inputs(cfg, rng, b=1, rows=rows)
     norms, qk = [], []
     real_norm, real_qk = producer_quant.norm_modulate_quant, wan_qk_norm_rope.wan_qk
     monkeypatch.setattr(producer_quant, "norm_modulate_quant", lambda *a, **k: norms.append(1) or real_norm(*a, **k))

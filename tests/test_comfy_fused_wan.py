@@ -155,3 +155,38 @@ def test_a_forward_patched_on_an_instance_falls_back(pack, rng, monkeypatch):
     assert seen == [1]
     assert _fused_calls(fb, before) == {"wan": 1, "fallback: WanSelfAttention.forward is patched on the instance": 1}
     assert _rel(got, _forward(base, x, t, ctx)) <= 1e-5
+
+
+def test_loras_on_the_compressed_wan_model_run_in_the_fused_blocks(pack, rng, tmp_path):
+    """A LoRA loaded by ComfyUI's own loader (LoraLoaderModelOnly's call) on a compressed Wan model: the fused
+    blocks run its side paths on the quantized layers (self-attention, cross-attention, FFN) as ComfyUI's blocks do."""
+    import comfy.model_management
+    import comfy.sd
+    from quantsparse_core.io.rtn import compress_rtn
+    fb, ops = pack["fused_blocks"], pack["comfy_ops"]
+    model = _random_wan(rng)
+    path = tmp_path / "wan.safetensors"
+    compress_rtn({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}, path, 4, 16)
+    base = ops.load_compressed_patcher(path)
+    named = dict(model.named_modules())
+    sd = {}
+    for name in ("blocks.0.self_attn.q", "blocks.0.cross_attn.q", "blocks.1.ffn.0", "blocks.1.self_attn.v"):
+        out_f, in_f = named[name].weight.shape
+        sd[f"diffusion_model.{name}.lora_A.weight"] = torch.randn(4, in_f, generator=rng) / in_f ** 0.5
+        sd[f"diffusion_model.{name}.lora_B.weight"] = torch.randn(out_f, 4, generator=rng)
+        sd[f"diffusion_model.{name}.alpha"] = torch.tensor(2.0)
+    with_lora = comfy.sd.load_lora_for_models(base, None, sd, 0.8, 0.0)[0]
+    x, t, ctx, _ = _inputs(model.config, rng)
+    outs = {}
+    try:
+        for label, patcher in (("base", base), ("lora", with_lora), ("fused lora", fb.apply_fused_blocks(with_lora))):
+            comfy.model_management.load_models_gpu([patcher])
+            before = dict(fb.counts)
+            outs[label] = _forward(patcher, x, t, ctx).clone()
+            assert _fused_calls(fb, before) == ({"wan": LAYERS} if label == "fused lora" else {})
+    finally:
+        comfy.model_management.unload_all_models()
+    assert _rel(outs["lora"], outs["base"]) > 1e-3  # the LoRA changes the output
+    rel = _rel(outs["fused lora"], outs["lora"])
+    print(f"compressed Wan + LoRA: fused vs ComfyUI's blocks, relative error {rel:.2e}")
+    assert rel <= 1e-5, rel

@@ -31,6 +31,7 @@ from quantsparse_core.models.family import family_of
 from quantsparse_core.quant.linear import QuantizedInput, QuantLinear
 
 from . import lora_side
+from .instance_patches import forward_patched
 from .lora_side import SidePaths
 
 SUBFOLDER = "quantsparse"  # inside ComfyUI's diffusion_models folder
@@ -142,7 +143,7 @@ def make_operations(layers: dict):
                 None: pass x as it is, also where ComfyUI's bypass LoRA replaced forward on the instance
                 (it needs the float input)."""
                 q = self.quant
-                if q is None or "forward" in self.__dict__ or q.w_packed.device != x.device \
+                if q is None or forward_patched(self) or q.w_packed.device != x.device \
                         or (self.lora is not None and lora_on_float_input()):
                     return None
                 return q.input_quant_spec(x)
@@ -161,7 +162,7 @@ def make_operations(layers: dict):
                 (fusion.single_block_fused: linear1's q/k/v before attention, its MLP part per token
                 chunk after it), or None where that would cost the whole output: a plain layer, or
                 one whose forward ComfyUI replaced (bypass LoRA)."""
-                if self.quant is None or "forward" in self.__dict__:
+                if self.quant is None or forward_patched(self):
                     return None
                 return self._forward_rows
 

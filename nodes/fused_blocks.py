@@ -31,6 +31,7 @@ import torch
 
 from quantsparse_core.models import fusion
 
+from .instance_patches import call_changed
 from .model_family import FUSED, classify, require_supported
 
 KEY = "quantsparse_fused_blocks"        # wrapper key, and the patch functions' marker
@@ -96,11 +97,12 @@ def rms_weight(norm, like: torch.Tensor) -> torch.Tensor:
 
 
 def check_unpatched(*modules) -> None:
-    """_Fallback where another node replaced the forward of one of these modules on the instance (ComfyUI's object
-    patches): the fused form computes what their class's forward does without calling it."""
+    """_Fallback where another node changed what calling one of these modules does (a forward patched on the
+    instance, forward hooks: instance_patches.call_changed): the fused form computes what their class's forward
+    does without calling it."""
     for m in modules:
-        if "forward" in vars(m):
-            raise _Fallback(f"{type(m).__name__}.forward is patched on the instance")
+        if call_changed(m):
+            raise _Fallback(f"{type(m).__name__}'s forward is patched or hooked on the instance")
 
 
 class _NS:
@@ -119,6 +121,7 @@ def _mlp(seq):
     if not isinstance(seq, torch.nn.Sequential) or len(seq) != 3:
         raise _Fallback("MLP is not Linear, GELU, Linear")
     _check_gelu(seq[1])
+    check_unpatched(seq, seq[1])  # its linears are called as modules: their patches apply
     return seq
 
 
@@ -157,7 +160,7 @@ def single_view(block, ops, like):
     """ComfyUI's SingleStreamBlock seen as fusion.single_block_fused expects our blocks."""
     if type(block) is not _layers().SingleStreamBlock:
         raise _Fallback(f"single block class {type(block).__name__}")
-    check_unpatched(block, block.pre_norm, block.norm, block.norm.query_norm, block.norm.key_norm)
+    check_unpatched(block, block.pre_norm, block.norm, block.norm.query_norm, block.norm.key_norm, block.mlp_act)
     if block.modulation is None:
         raise _Fallback("single block without modulation")
     if block.yak_mlp or block.mlp_hidden_dim_first != block.mlp_hidden_dim:

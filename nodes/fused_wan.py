@@ -43,7 +43,8 @@ def wan_block_view(block, ops, like):
     sa = block.self_attn
     if type(sa) is not wan.WanSelfAttention:
         raise _Fallback(f"Wan self-attention class {type(sa).__name__}")
-    check_unpatched(block, sa, block.norm1, block.norm2, sa.norm_q, sa.norm_k)
+    check_unpatched(block, sa, block.norm1, block.norm2, sa.norm_q, sa.norm_k)  # the linears, norm3, the FFN's
+    # linears and the cross-attention are called as modules: their patches apply (the FFN itself: _mlp)
     wq, wk = _qk_weight(sa.norm_q, like), _qk_weight(sa.norm_k, like)
     if sa.norm_q.eps != sa.norm_k.eps:
         raise _Fallback("q and k norms with different eps")

@@ -43,8 +43,8 @@ def sparse_inputs() -> list:
         io.Boolean.Input("fused_blocks", default=True, optional=True,  # optional: older saved prompts lack it
                          tooltip="Run QuantSparse's fused blocks (grouped small ops, activations quantized by the op "
                                  "that produces them, one q/k norm + RoPE kernel) on this model's weights instead of "
-                                 "ComfyUI's block code: same math, faster on NVIDIA GPUs. Off = ComfyUI's blocks. "
-                                 "HunyuanVideo and Wan."),
+                                 "ComfyUI's block code: same math, faster on NVIDIA GPUs (measured on HunyuanVideo; "
+                                 "Wan's are new). Off = ComfyUI's blocks."),
         # optional and last: saved prompts and workflows from before it load unchanged (schedule auto)
         io.Combo.Input("schedule", options=list(SCHEDULES), default=d.schedule, optional=True,
                        tooltip=f"Which steps get full attention. auto: few-step for runs of at most {d.few_step_max} "

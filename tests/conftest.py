@@ -10,6 +10,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# A fused-path kernel that raises is left for PyTorch in users' runs (dispatch.guarded); in the tests it raises,
+# so a bug in a fast path fails them instead of hiding behind the fallback.
+os.environ.setdefault("QUANTSPARSE_STRICT_KERNELS", "1")
+
 ROOT = Path(__file__).resolve().parents[1]
 # QS_TEST_INSTALLED=1 tests the pip-installed packages (run `pytest`, not `python -m pytest`, from
 # outside the checkout's root so that nothing puts the checkout on sys.path).

@@ -153,7 +153,8 @@ def test_a_forward_patched_on_an_instance_falls_back(pack, rng, monkeypatch):
     before = dict(fb.counts)
     got = _forward(fused, x, t, ctx)
     assert seen == [1]
-    assert _fused_calls(fb, before) == {"wan": 1, "fallback: WanSelfAttention.forward is patched on the instance": 1}
+    assert _fused_calls(fb, before) == {"wan": 1,
+                                        "fallback: WanSelfAttention's forward is patched or hooked on the instance": 1}
     assert _rel(got, _forward(base, x, t, ctx)) <= 1e-5
 
 
@@ -190,3 +191,29 @@ def test_loras_on_the_compressed_wan_model_run_in_the_fused_blocks(pack, rng, tm
     rel = _rel(outs["fused lora"], outs["lora"])
     print(f"compressed Wan + LoRA: fused vs ComfyUI's blocks, relative error {rel:.2e}")
     assert rel <= 1e-5, rel
+
+
+def test_a_forward_patch_undone_as_comfyui_undoes_it_is_no_patch(pack, rng):
+    """ComfyUI undoes an object patch by setting the saved attribute back (comfy.utils.set_attr): the instance
+    then holds its class's own forward, bound to it, and the block runs fused again. A forward hook is a patch."""
+    import comfy.utils
+    fb = pack["fused_blocks"]
+    base = _patcher(_random_wan(rng))
+    fused = fb.apply_fused_blocks(base)
+    x, t, ctx, _ = _inputs(get_wan_preset("wan-test"), rng)
+    dm = base.model.diffusion_model
+    key = "blocks.1.norm1.forward"
+    saved = comfy.utils.set_attr(dm, key, lambda h: torch.nn.functional.layer_norm(h, h.shape[-1:], eps=1e-6))
+    comfy.utils.set_attr(dm, key, saved)
+    assert "forward" in vars(dm.blocks[1].norm1)
+    before = dict(fb.counts)
+    _forward(fused, x, t, ctx)
+    assert _fused_calls(fb, before) == {"wan": LAYERS}
+    handle = dm.blocks[0].ffn.register_forward_hook(lambda m, i, o: o)
+    try:
+        before = dict(fb.counts)
+        _forward(fused, x, t, ctx)
+        assert _fused_calls(fb, before) == {"wan": 1,
+                                            "fallback: Sequential's forward is patched or hooked on the instance": 1}
+    finally:
+        handle.remove()

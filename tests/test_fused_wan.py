@@ -40,7 +40,8 @@ def _run_both(block, x, e0, text, table, ops, quantize_inputs=True):
 @pytest.mark.parametrize("rows", [1, GRID[0]], ids=["one-timestep", "per-frame-timesteps"])
 @pytest.mark.parametrize("chunk", ["0", "8", "25"], ids=["whole", "chunks-of-8", "chunks-of-25"])
 def test_fused_wan_block_equals_eager_fp32(rng, monkeypatch, chunk, rows):
-    """Chunks of 8 split each frame (10 tokens) and batch entry; of 25, they take whole frames together."""
+    """One timestep: chunks of 8 or 25 of the 30 tokens across both batch entries. Per frame (10 tokens a row):
+    chunks of 8 split every frame, chunks of 25 take two whole frames together."""
     cfg = get_wan_preset("wan-test")
     model = randomize(WanDiT(cfg), rng).eval()
     x, e0, text, table = _inputs(cfg, rng, rows=rows)
@@ -70,15 +71,15 @@ def _frozen_w4a8_block(rng, same_clip: bool):
 
 
 @interpreted
-@pytest.mark.parametrize("same_clip,rows", [(True, 1), (False, 1), (True, GRID[0])],
-                         ids=["rtn-like", "calibrated-like", "rtn-like-per-frame-timesteps"])
-def test_producer_quantized_wan_block_equals_separate_quantization(rng, monkeypatch, same_clip, rows):
+@pytest.mark.parametrize("same_clip,rows,batch", [(True, 1, 1), (False, 1, 1), (True, GRID[0], 2)],
+                         ids=["rtn-like", "calibrated-like", "rtn-like-per-frame-timesteps-batch-2"])
+def test_producer_quantized_wan_block_equals_separate_quantization(rng, monkeypatch, same_clip, rows, batch):
     """W4A8 on the Triton path (interpreter, fp32): q/k/v, fc1 and fc2 take producer codes (one LayerNorm +
     quantization shared by q/k/v when their clips agree, one each when not), q/k go through the Wan q/k kernel,
     and the block output is the one the layers give quantizing their own inputs."""
     from quantsparse_kernels import producer_quant, wan_qk_norm_rope
     cfg, block = _frozen_w4a8_block(rng, same_clip)
-    x, e0, text, table = _inputs(cfg, rng, b=1, rows=rows)
+    x, e0, text, table = _inputs(cfg, rng, b=batch, rows=rows)
     norms, qk = [], []
     real_norm, real_qk = producer_quant.norm_modulate_quant, wan_qk_norm_rope.wan_qk
     monkeypatch.setattr(producer_quant, "norm_modulate_quant", lambda *a, **k: norms.append(1) or real_norm(*a, **k))
@@ -111,6 +112,11 @@ def test_a_failing_kernel_is_left_for_pytorch_once(rng, monkeypatch, caplog):
         raise RuntimeError("PassManager::run failed")  # what a Triton compile failure looks like
 
     monkeypatch.setattr(wan_qk_norm_rope, "wan_qk", broken)
+    with torch.no_grad(), dispatch.forced("triton"), pytest.raises(RuntimeError, match="PassManager"):
+        _run_both(model.blocks[0], x, e0, text, table, fusion.small_ops(False))  # the tests' strict mode raises
+    assert not dispatch.kernel_failures
+    calls.clear()
+    monkeypatch.delenv(dispatch.STRICT_ENV)  # what a user's run does
     with torch.no_grad(), dispatch.forced("triton"):
         for _ in range(2):
             eager, fused = _run_both(model.blocks[0], x, e0, text, table, fusion.small_ops(False))

@@ -108,7 +108,7 @@ def wan_block_fused(block, x, mods, table, cross, attention):
     q, k = wan_qk(q, k, block.heads, block.wq, block.wk, table, block.eps)
     out = attention(q, k, v)
     del q, k, v
-    x = torch.addcmul(x.view(framed), block.o(out).view(framed), gate1).view(b, length, c)
+    x = torch.addcmul(x.view(framed), block.o(out).reshape(framed), gate1).view(b, length, c)
     del out
     x = (x + cross(block.norm3(x))).view(framed)
     return _ffn(block, x, shift2, scale2, gate2).view(b, length, c)
@@ -116,17 +116,21 @@ def wan_block_fused(block, x, mods, table, cross, attention):
 
 def _ffn(block, x, shift, scale, gate):
     """_ffn_tail over x [N, T, C] (N = batch x frames, each row with its modulation [N, 1, C]) in pieces of about
-    chunk_tokens() tokens: whole rows together where they are short, a row in token chunks where it is long."""
+    chunk_tokens() tokens a row: long rows (one timestep: T = all tokens) in token chunks across every row, as
+    HunyuanVideo's blocks; short ones (a frame each) whole, as many together as fit a chunk."""
     n, t, _ = x.shape
     size = chunk_tokens()
     if size <= 0 or n * t <= size:
         return _ffn_tail(block, x, shift, scale, gate)
     res = torch.empty_like(x)
+    if t > size:
+        for s, e in _chunks(t, size):
+            res[:, s:e] = _ffn_tail(block, x[:, s:e], shift, scale, gate)
+        return res
     per = max(1, size // t)
     for i in range(0, n, per):
         j = min(n, i + per)
-        for s, e in _chunks(t, size):
-            res[i:j, s:e] = _ffn_tail(block, x[i:j, s:e], shift[i:j], scale[i:j], gate[i:j])
+        res[i:j] = _ffn_tail(block, x[i:j], shift[i:j], scale[i:j], gate[i:j])
     return res
 
 

@@ -57,21 +57,23 @@ def run(size: str, reps: int, device) -> dict:
         print(f"  {name:58s} unfused {base_ms:8.3f} ms  fused {fused_ms:8.3f} ms  {r['speedup']:5.2f}x  "
               f"{'agree' if agree else 'DISAGREE'}", flush=True)
 
-    # (a) q/k RMSNorm over the width + RoPE per head
-    q, k = randn(1, n, c, s=2.0), randn(1, n, c, s=2.0)
-    wq, wk = (torch.rand(c, device=device, generator=g).to(dt) + 0.5 for _ in range(2))
-    d = HEAD_DIM
-    table = wan_rope(grid, (d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6)), 10000.0, device)
-    ref = wan_qk_torch(q, k, heads, wq, wk, table, EPS)
-    got = wan_qk(q, k, heads, wq, wk, table, EPS)
-    unit = torch.finfo(dt).eps * 4  # a rounding flip, relative to the pair's size (test_kernel_wan_qk_norm_rope)
-    agree = all(float((a.float() - b.float()).abs().max() / b.float().abs().max()) <= unit for a, b in zip(got, ref))
-    del got, ref
-    qi, ki = q.clone(), k.clone()
-    row("q/k RMSNorm + RoPE (PyTorch ops -> one kernel, in place)",
-        lambda: wan_qk_torch(q, k, heads, wq, wk, table, EPS),
-        lambda: wan_qk(qi, ki, heads, wq, wk, table, EPS, inplace=True), agree)
-    del q, k, qi, ki
+    def qk_norm_rope():  # (a) q/k RMSNorm over the width + RoPE per head; its tensors go when it returns
+        q, k = randn(1, n, c, s=2.0), randn(1, n, c, s=2.0)
+        wq, wk = (torch.rand(c, device=device, generator=g).to(dt) + 0.5 for _ in range(2))
+        d = HEAD_DIM
+        table = wan_rope(grid, (d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6)), 10000.0, device)
+        ref = wan_qk_torch(q, k, heads, wq, wk, table, EPS)
+        got = wan_qk(q, k, heads, wq, wk, table, EPS)
+        unit = torch.finfo(dt).eps * 4  # a rounding flip, relative to the pair's size (test_kernel_wan_qk_norm_rope)
+        agree = all(float((a.float() - b.float()).abs().max() / b.float().abs().max()) <= unit
+                    for a, b in zip(got, ref))
+        del got, ref
+        qi, ki = q.clone(), k.clone()
+        row("q/k RMSNorm + RoPE (PyTorch ops -> one kernel, in place)",
+            lambda: wan_qk_torch(q, k, heads, wq, wk, table, EPS),
+            lambda: wan_qk(qi, ki, heads, wq, wk, table, EPS, inplace=True), agree)
+
+    qk_norm_rope()
 
     # (b) the q/k/v input: LayerNorm + modulation, then per-token int8 quantization for each consumer
     x = randn(1, n, c, s=3.0)

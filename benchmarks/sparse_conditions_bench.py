@@ -165,13 +165,22 @@ def main(argv=None) -> int:
     res = run(a.size, a.reps, device, only)
     print(f"cuDNN dense {res['dense_ms']:.1f} ms (single-block v view: {res['dense_single_v_ms']:.1f} ms); "
           f"density {res['density']:.3f}")
-    res.update(command=" ".join(["python3", "benchmarks/sparse_conditions_bench.py"] + (argv or sys.argv[1:])),
+    write_result(res, "sparse_conditions_bench.py", argv, a.out, device)
+    return 0
+
+
+def write_result(res: dict, script: str, argv, out, device) -> None:
+    """res with the command, time, torch and device, written as JSON to `out` (a temporary name, then renamed)."""
+    import torch
+    res.update(command=" ".join(["python3", f"benchmarks/{script}"] + list(sys.argv[1:] if argv is None else argv)),
                time_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
                torch=torch.__version__, device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu")
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(res, indent=1))
-    print(f"wrote {a.out}")
-    return 0
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(res, indent=1))
+    tmp.replace(path)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

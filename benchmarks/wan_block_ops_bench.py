@@ -14,8 +14,6 @@ Prints ms and ratios, writes JSON. --size small runs under the Triton interprete
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
 import sys
 from pathlib import Path
@@ -24,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from int8_attention_bench import _timer  # noqa: E402  (median of CUDA-event timings; wall clock on the CPU)
+from sparse_conditions_bench import write_result  # noqa: E402
 
 # Wan2.1-14B: 40 heads x 128; 720p x 81 frames = 21 x 45 x 80 tokens, 480p = 21 x 30 x 52. small: interpreter checks.
 SIZES = {"720p": ((21, 45, 80), 40), "480p": ((21, 30, 52), 40), "small": ((2, 3, 4), 2)}
@@ -108,13 +107,7 @@ def main(argv=None) -> int:
         sys.exit("no CUDA device: --size small runs the kernels under the interpreter (checks only)")
     print(f"{a.size}: {device} {torch.cuda.get_device_name() if device.type == 'cuda' else ''}", flush=True)
     res = run(a.size, a.reps, device)
-    res.update(command=" ".join(["python3", "benchmarks/wan_block_ops_bench.py"] + (argv if argv is not None
-                                                                                  else sys.argv[1:])),
-               time_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
-               torch=torch.__version__, device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu")
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(res, indent=1))
-    print(f"wrote {a.out}")
+    write_result(res, "wan_block_ops_bench.py", argv, a.out, device)
     return 0 if all(r["agree"] for r in res["rows"]) else 1
 
 

@@ -48,22 +48,31 @@ def scaled_rope(xf, rstd, w0, w1, t00, t01, t10, t11, HALF: tl.constexpr, BLOCK_
 
 
 @triton.jit
+def token_block(L, HALF: tl.constexpr, BLOCK_L: tl.constexpr):
+    """This program's batch (program_id(1)) and tokens [pid * BLOCK_L, +BLOCK_L): (b, token offsets as int64,
+    their in-range mask, pair offsets [HALF], channel offsets [2 HALF]). Shared with kernels.wan_qk_norm_rope."""
+    b = tl.program_id(1).to(tl.int64)
+    offs_l = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    l_ok = offs_l < L
+    return b, offs_l.to(tl.int64), l_ok, tl.arange(0, HALF), tl.arange(0, 2 * HALF)
+
+
+@triton.jit
+def rope_rows(T, rows, stl, offs_p, m):
+    """The four [rows, HALF] entries of the fp32 [.., L, D/2, 2, 2] table at these rows (T: this batch's table)."""
+    trow = T + rows[:, None] * stl + offs_p[None, :] * 4
+    return (tl.load(trow, mask=m, other=0.0), tl.load(trow + 1, mask=m, other=0.0),
+            tl.load(trow + 2, mask=m, other=0.0), tl.load(trow + 3, mask=m, other=0.0))
+
+
+@triton.jit
 def _qk_norm_rope_kernel(Q, K, V, WQ, WK, T, QO, KO, VO, L, row0, H, eps,
                          sqb, sql, sqh, skb, skl, skh, svb, svl, svh, stb, stl, sob, soh, sol,
                          HALF: tl.constexpr, BLOCK_L: tl.constexpr, HAS_V: tl.constexpr, ROUND: tl.constexpr):
     """Tokens [pid * BLOCK_L, +BLOCK_L) of one stream (batch program_id(1)), written at rows row0 + l
     of the [B, H, L_out, D] outputs; the table is indexed by that joint row."""
-    b = tl.program_id(1).to(tl.int64)
-    offs_l = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
-    l_ok = offs_l < L
-    offs_l = offs_l.to(tl.int64)
-    offs_p = tl.arange(0, HALF)
-    offs_d = tl.arange(0, 2 * HALF)
-    trow = T + b * stb + (row0 + offs_l)[:, None] * stl + offs_p[None, :] * 4
-    t00 = tl.load(trow, mask=l_ok[:, None], other=0.0)
-    t01 = tl.load(trow + 1, mask=l_ok[:, None], other=0.0)
-    t10 = tl.load(trow + 2, mask=l_ok[:, None], other=0.0)
-    t11 = tl.load(trow + 3, mask=l_ok[:, None], other=0.0)
+    b, offs_l, l_ok, offs_p, offs_d = token_block(L, HALF, BLOCK_L)
+    t00, t01, t10, t11 = rope_rows(T + b * stb, row0 + offs_l, stl, offs_p, l_ok[:, None])
     wq0 = tl.load(WQ + 2 * offs_p).to(tl.float32)
     wq1 = tl.load(WQ + 2 * offs_p + 1).to(tl.float32)
     wk0 = tl.load(WK + 2 * offs_p).to(tl.float32)

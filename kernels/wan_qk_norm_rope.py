@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .producer_quant import _round_code
-from .qk_norm_rope import _check_table, _table_ok, scaled_rope
+from .qk_norm_rope import _check_table, _table_ok, rope_rows, scaled_rope, token_block
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -28,12 +28,7 @@ _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 def _wan_qk_kernel(Q, K, WQ, WK, T, QO, KO, L, H, eps, sqb, sql, skb, skl, stb, stl, sob, sol, sokb, sokl,
                    HALF: tl.constexpr, BLOCK_L: tl.constexpr, ROUND: tl.constexpr):
     """Tokens [pid * BLOCK_L, +BLOCK_L) of batch program_id(1): both passes over the H heads of q and k."""
-    b = tl.program_id(1).to(tl.int64)
-    offs_l = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
-    l_ok = offs_l < L
-    offs_l = offs_l.to(tl.int64)
-    offs_p = tl.arange(0, HALF)
-    offs_d = tl.arange(0, 2 * HALF)
+    b, offs_l, l_ok, offs_p, offs_d = token_block(L, HALF, BLOCK_L)
     m = l_ok[:, None]
     in_q = Q + b * sqb + offs_l[:, None] * sql + offs_d[None, :]
     in_k = K + b * skb + offs_l[:, None] * skl + offs_d[None, :]
@@ -47,11 +42,7 @@ def _wan_qk_kernel(Q, K, WQ, WK, T, QO, KO, L, H, eps, sqb, sql, skb, skl, stb, 
     width = H * (2 * HALF)  # an int: H is a constexpr when it is 1 (Triton specialises 1), a runtime int else
     rq = tl.math.rsqrt(ssq / width + eps)
     rk = tl.math.rsqrt(ssk / width + eps)
-    trow = T + b * stb + offs_l[:, None] * stl + offs_p[None, :] * 4
-    t00 = tl.load(trow, mask=m, other=0.0)
-    t01 = tl.load(trow + 1, mask=m, other=0.0)
-    t10 = tl.load(trow + 2, mask=m, other=0.0)
-    t11 = tl.load(trow + 3, mask=m, other=0.0)
+    t00, t01, t10, t11 = rope_rows(T + b * stb, offs_l, stl, offs_p, m)
     dt = QO.dtype.element_ty
     out_q = QO + b * sob + offs_l[:, None] * sol + offs_d[None, :]
     out_k = KO + b * sokb + offs_l[:, None] * sokl + offs_d[None, :]

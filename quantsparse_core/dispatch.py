@@ -348,7 +348,6 @@ def residual_kernel(full, sparse, prev=None):
     return module.refresh_residuals if module is not None and module.supports(full, sparse, prev) else None
 
 
-_int8_rows_failure: Optional[str] = None  # why the int8 rows kernel stopped being used in this process
 kernel_failures: Dict[str, str] = {}     # guarded(): kernels that failed in this process, and why
 STRICT_ENV = "QUANTSPARSE_STRICT_KERNELS"
 
@@ -382,23 +381,16 @@ def int8_rows(x: torch.Tensor, sparse: Optional[torch.Tensor] = None, prev_codes
               prev_scale: Optional[torch.Tensor] = None):
     """(codes int8, row scale fp32 [..., 1], D2 fp32 or None): the gpu-int8 cache's form of D = x - sparse (x alone
     without sparse), and D's drift from a previous entry; kernels/residual.int8_residuals in one pass where the
-    mode picks Triton and it takes the tensors, else its reference (the same numbers). A kernel that fails (a
-    Triton that cannot compile it here) is said once and left for the reference: a refresh must not end a run."""
-    global _int8_rows_failure
+    mode picks Triton and it takes the tensors, else its reference (the same numbers). A kernel that fails to
+    compile here is left for the reference (guarded): a refresh must not end a run."""
+    def reference():
+        return _module("residual_ref").int8_residuals_ref(x, sparse, prev_codes, prev_scale)
+
     module = _kernel("residual", x.device)
-    if module is not None and _int8_rows_failure is None and module.supports_int8(x, sparse, prev_codes):
-        try:
-            return module.int8_residuals(x, sparse, prev_codes, prev_scale)
-        except ValueError:
-            raise  # the caller's tensors are wrong: the reference would refuse them too
-        except Exception as e:  # Triton's CompilationError is no RuntimeError
-            if device_fault(e):
-                raise  # out of memory or a device fault is no compile failure: the reference would meet it too
-            _int8_rows_failure = f"{type(e).__name__}: {str(e)[:300]}"
-            log.warning("QuantSparse: the int8 residual kernel failed on %s (%s); the SSAR cache's int8 rows come "
-                        "from the PyTorch version from now on (the same numbers, slower refresh steps). Please report "
-                        "it with the output of `python -m quantsparse_core.dispatch`.", x.device, _int8_rows_failure)
-    return _module("residual_ref").int8_residuals_ref(x, sparse, prev_codes, prev_scale)
+    if module is None or not module.supports_int8(x, sparse, prev_codes):
+        return reference()
+    return guarded("int8 residual", lambda: module.int8_residuals(x, sparse, prev_codes, prev_scale), reference,
+                   "the SSAR cache's int8 rows come from the PyTorch version (the same numbers, slower refresh steps)")
 
 
 def head_gram_kernel(x: torch.Tensor, heads: int):

@@ -200,7 +200,8 @@ def test_an_int8_rows_kernel_that_fails_is_said_once_and_the_reference_serves(rn
         raise RuntimeError("cannot compile _int8_residuals here")
 
     monkeypatch.setattr(kernel, "int8_residuals", broken)
-    monkeypatch.setattr(dispatch, "_int8_rows_failure", None)
+    monkeypatch.setattr(dispatch, "kernel_failures", {})
+    monkeypatch.delenv(dispatch.STRICT_ENV)  # a user's run: the tests' strict mode would raise
     x, s = (torch.randn(3, 40, generator=rng) for _ in range(2))
     with dispatch.forced("triton"), caplog.at_level("WARNING", logger="quantsparse"):
         for _ in range(2):
@@ -212,12 +213,12 @@ def test_an_int8_rows_kernel_that_fails_is_said_once_and_the_reference_serves(rn
         raise torch.OutOfMemoryError("CUDA out of memory")
 
     monkeypatch.setattr(kernel, "int8_residuals", oom)
-    monkeypatch.setattr(dispatch, "_int8_rows_failure", None)
+    monkeypatch.setattr(dispatch, "kernel_failures", {})
     with dispatch.forced("triton"), pytest.raises(torch.OutOfMemoryError):
         dispatch.int8_rows(x, s)
     # a caller's wrong tensors are refused, not taken for a kernel that cannot compile
     monkeypatch.setattr(kernel, "int8_residuals", real_kernel)
-    monkeypatch.setattr(dispatch, "_int8_rows_failure", None)
+    monkeypatch.setattr(dispatch, "kernel_failures", {})
     with dispatch.forced("triton"), pytest.raises(ValueError, match="prev_scale"):
         dispatch.int8_rows(x, s, torch.zeros(3, 40, dtype=torch.int8), torch.ones(2))
-    assert dispatch._int8_rows_failure is None
+    assert not dispatch.kernel_failures
